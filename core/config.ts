@@ -1,0 +1,83 @@
+import { z } from "zod";
+
+// The only reader of process.env. Entry points call loadConfig() once and pass the
+// values on; a bad value stops the process with the variable's name and what it wanted.
+
+const flag = z
+  .enum(["true", "false", "1", "0", "yes", "no"], {
+    error: "expected true or false",
+  })
+  .transform((v) => v === "true" || v === "1" || v === "yes");
+
+const int = (min: number, max = Number.MAX_SAFE_INTEGER) =>
+  z.coerce
+    .number({ error: "expected an integer" })
+    .int({ error: "expected an integer" })
+    .min(min, { error: `expected an integer >= ${min}` })
+    .max(max, { error: `expected an integer <= ${max}` });
+
+const url = z.url({ error: "expected a URL such as http://127.0.0.1:9000" });
+
+const schema = z.object({
+  PORT: int(0, 65535).default(8080),
+  HOST: z.string().min(1).default("127.0.0.1"),
+  REDIS_URL: z
+    .string()
+    .regex(/^rediss?:\/\//, { error: "expected redis://host:port or rediss://..." })
+    .optional(),
+  QUEUE_PREFIX: z
+    .string()
+    .regex(/^[A-Za-z0-9_{}.-]+$/, { error: "expected letters, digits, _ . - { } only" })
+    .default("dj"),
+  S3_ENDPOINT: url.optional(),
+  S3_PUBLIC_ENDPOINT: url.optional(),
+  S3_REGION: z.string().min(1).default("us-east-1"),
+  S3_ACCESS_KEY_ID: z.string().min(1).optional(),
+  S3_SECRET_ACCESS_KEY: z.string().min(1).optional(),
+  S3_FORCE_PATH_STYLE: flag.default(true),
+  SOURCE_BUCKET: z.string().min(3, { error: "bucket names have at least 3 characters" }).default("download-sources"),
+  SOURCE_PREFIX: z.string().default("files/"),
+  RESULT_BUCKET: z.string().min(3, { error: "bucket names have at least 3 characters" }).default("download-results"),
+  RESULT_PREFIX: z.string().default("bundles/"),
+  PRESIGN_EXPIRY_SECONDS: int(1, 7 * 24 * 3600).default(900),
+  JOB_RECORD_TTL_SECONDS: int(60).default(7 * 24 * 3600),
+  MAX_FILES_PER_JOB: int(1, 100_000).default(100),
+  MAX_REQUEST_BYTES: int(1024).default(65_536),
+  WATCH_HEARTBEAT_MS: int(100).default(15_000),
+  WORKER_CONCURRENCY: int(1, 1000).default(4),
+  JOB_ATTEMPTS: int(1, 100).default(3),
+  JOB_BACKOFF_MS: int(0).default(1000),
+  JOB_LOCK_MS: int(1000).default(10_000),
+  JOB_STALLED_INTERVAL_MS: int(500).default(5000),
+  JOB_MAX_STALLED: int(0, 100).default(3),
+  PROGRESS_INTERVAL_MS: int(0).default(200),
+  UPLOAD_PART_BYTES: int(5 * 1024 * 1024).default(8 * 1024 * 1024),
+  UPLOAD_QUEUE_SIZE: int(1, 64).default(4),
+  ZIP_LEVEL: int(0, 9).default(0),
+  THROTTLE_BYTES_PER_SECOND: int(0).default(0),
+  SHUTDOWN_GRACE_MS: int(0, 60_000).default(8000),
+  LOG_LEVEL: z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info"),
+  DATA_DIR: z.string().min(1).default(".data"),
+  SEED_SAMPLES: flag.default(true),
+});
+
+export type Config = z.infer<typeof schema>;
+
+export class ConfigError extends Error {
+  override name = "ConfigError";
+}
+
+/** Parses the environment once; throws ConfigError naming every bad variable. */
+export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
+  const input = Object.fromEntries(Object.entries(env).filter(([, v]) => v !== undefined && v !== ""));
+  const parsed = schema.safeParse(input);
+  if (!parsed.success) {
+    const lines = parsed.error.issues.map((i) => `  ${i.path.join(".")}: ${i.message}`);
+    throw new ConfigError(`invalid configuration:\n${lines.join("\n")}`);
+  }
+  const cfg = parsed.data;
+  if (cfg.S3_ENDPOINT !== undefined && (cfg.S3_ACCESS_KEY_ID === undefined || cfg.S3_SECRET_ACCESS_KEY === undefined)) {
+    throw new ConfigError("invalid configuration:\n  S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY: required when S3_ENDPOINT is set");
+  }
+  return cfg;
+}

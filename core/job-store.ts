@@ -1,0 +1,152 @@
+import type { Redis } from "ioredis";
+import {
+  type JobRecord,
+  type JobStateName,
+  JobNotFoundError,
+  JobStateError,
+  isTerminal,
+  newJobRecord,
+} from "./jobs.js";
+
+// Job records live in Redis as hashes of string fields; structured parts are JSON.
+// Every change goes through one Lua script that checks the state precondition, bumps
+// `version`, writes, and publishes the whole record on the job's channel, atomically.
+// So a watcher's versions are gap-free in order, and a terminal state can never be
+// overwritten by a late progress write from a worker.
+
+type Flat = Record<string, string>;
+
+const JSON_FIELDS = ["fileIds", "progress", "files", "result", "error"] as const;
+const NUMBER_FIELDS = ["version", "attempts", "createdAt", "updatedAt", "startedAt", "endedAt"] as const;
+
+/** Record -> hash fields (JSON for structured parts). `version` is owned by the script. */
+function flatten(patch: Partial<JobRecord>): Flat {
+  const out: Flat = {};
+  for (const [k, v] of Object.entries(patch)) {
+    if (v === undefined || k === "version") continue;
+    out[k] = (JSON_FIELDS as readonly string[]).includes(k) ? JSON.stringify(v) : String(v);
+  }
+  return out;
+}
+
+/** Hash fields -> record. Accepts what HGETALL returns and what the script publishes. */
+export function decodeJob(flat: Flat): JobRecord {
+  const rec: Record<string, unknown> = { ...flat };
+  for (const k of JSON_FIELDS) if (flat[k] !== undefined) rec[k] = JSON.parse(flat[k]);
+  for (const k of NUMBER_FIELDS) if (flat[k] !== undefined) rec[k] = Number(flat[k]);
+  return rec as unknown as JobRecord;
+}
+
+// KEYS[1] job hash. ARGV[1] channel, ARGV[2] comma-separated allowed states ("" = any),
+// ARGV[3] attempts increment, ARGV[4] TTL seconds applied when the new state is terminal,
+// ARGV[5] "1" if the new state is terminal, ARGV[6..] field/value pairs.
+// Returns {1, json} on success, {0} when the job does not exist, {2, state} when the
+// job's state is not one of the allowed ones.
+const UPDATE_SCRIPT = `
+local state = redis.call('HGET', KEYS[1], 'state')
+if not state then return {0} end
+if ARGV[2] ~= '' then
+  local ok = false
+  for s in string.gmatch(ARGV[2], '[^,]+') do
+    if s == state then ok = true end
+  end
+  if not ok then return {2, state} end
+end
+if #ARGV >= 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[3]) end
+if ARGV[5] == '1' and tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+local flat = redis.call('HGETALL', KEYS[1])
+local obj = {}
+for i = 1, #flat, 2 do obj[flat[i]] = flat[i + 1] end
+local json = cjson.encode(obj)
+redis.call('PUBLISH', ARGV[1], json)
+return {1, json}
+`;
+
+export interface UpdateOptions {
+  /** The update applies only if the job is in one of these states. */
+  from?: readonly JobStateName[];
+  /** Adds to `attempts` (a worker starting a run). */
+  addAttempts?: number;
+}
+
+export interface JobStoreOptions {
+  /** Key prefix shared by every process of one deployment (QUEUE_PREFIX). */
+  prefix: string;
+  /** How long a finished job's record is kept, in seconds. */
+  recordTtlSeconds: number;
+}
+
+export class JobStore {
+  private readonly prefix: string;
+  private readonly ttl: number;
+
+  constructor(
+    private readonly redis: Redis,
+    opts: JobStoreOptions,
+  ) {
+    this.prefix = opts.prefix;
+    this.ttl = opts.recordTtlSeconds;
+    redis.defineCommand("djUpdateJob", { numberOfKeys: 1, lua: UPDATE_SCRIPT });
+  }
+
+  key(id: string): string {
+    return `${this.prefix}:job:${id}`;
+  }
+
+  /** The pub/sub channel on which every change of the job is published. */
+  channel(id: string): string {
+    return `${this.prefix}:job:${id}:events`;
+  }
+
+  /** The channel on which API processes ask workers to stop a running job. */
+  get cancelChannel(): string {
+    return `${this.prefix}:cancel`;
+  }
+
+  async create(id: string, fileIds: number[], now = Date.now()): Promise<JobRecord> {
+    const rec = newJobRecord(id, fileIds, now);
+    const created = await this.redis.hsetnx(this.key(id), "id", id);
+    if (created === 0) throw new Error(`job id collision: ${id}`);
+    await this.redis.hset(this.key(id), { ...flatten(rec), version: String(rec.version) });
+    return rec;
+  }
+
+  async get(id: string): Promise<JobRecord> {
+    const flat = await this.redis.hgetall(this.key(id));
+    if (flat.state === undefined) throw new JobNotFoundError(id);
+    return decodeJob(flat);
+  }
+
+  /**
+   * Applies `patch` atomically if the job is in an allowed state, bumps the version and
+   * publishes the new record. Throws JobNotFoundError or JobStateError.
+   */
+  async update(id: string, patch: Partial<JobRecord>, opts: UpdateOptions = {}): Promise<JobRecord> {
+    const fields = flatten({ ...patch, updatedAt: patch.updatedAt ?? Date.now() });
+    const terminal = patch.state !== undefined && isTerminal(patch.state);
+    const args = [
+      this.channel(id),
+      (opts.from ?? []).join(","),
+      String(opts.addAttempts ?? 0),
+      String(this.ttl),
+      terminal ? "1" : "0",
+      ...Object.entries(fields).flat(),
+    ];
+    const reply = (await (this.redis as unknown as UpdateCommand).djUpdateJob(this.key(id), ...args)) as [
+      number,
+      string?,
+    ];
+    if (reply[0] === 0) throw new JobNotFoundError(id);
+    if (reply[0] === 2) {
+      const state = reply[1] as JobStateName;
+      throw new JobStateError(id, state, `job ${id} is ${state.toLowerCase()}`);
+    }
+    return decodeJob(JSON.parse(reply[1] as string) as Flat);
+  }
+}
+
+interface UpdateCommand {
+  djUpdateJob(key: string, ...args: string[]): Promise<unknown>;
+}

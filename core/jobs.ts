@@ -1,0 +1,163 @@
+import { randomUUID } from "node:crypto";
+
+// The job model shared by the API and the worker. A job lives in Redis as a hash of
+// string fields (see job-store.ts); this file owns its shape, the legal states and the
+// domain errors, and knows nothing of Redis, BullMQ, S3 or protobuf.
+
+export const JOB_STATES = ["QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"] as const;
+export type JobStateName = (typeof JOB_STATES)[number];
+export const TERMINAL_STATES: readonly JobStateName[] = ["COMPLETED", "FAILED", "CANCELLED"];
+export const ACTIVE_STATES: readonly JobStateName[] = ["QUEUED", "PROCESSING"];
+
+export function isTerminal(state: JobStateName): boolean {
+  return TERMINAL_STATES.includes(state);
+}
+
+export type FileStateName = "PENDING" | "IN_PROGRESS" | "DONE" | "FAILED";
+
+export interface FileProgress {
+  fileId: number;
+  state: FileStateName;
+  sizeBytes: number;
+  bytesDone: number;
+  entryName: string;
+}
+
+export interface JobProgress {
+  filesDone: number;
+  filesTotal: number;
+  bytesDone: number;
+  bytesTotal: number;
+  bytesPerSecond: number;
+  etaSeconds?: number;
+}
+
+/** What a completed job produced. The object key is stored, never a URL. */
+export interface JobResultRecord {
+  key: string;
+  fileName: string;
+  sizeBytes: number;
+  sha256: string;
+}
+
+export interface JobErrorRecord {
+  /** A Connect code name in snake case, e.g. "not_found". */
+  code: string;
+  message: string;
+  retryable: boolean;
+  missingFileIds?: number[];
+}
+
+export interface JobRecord {
+  id: string;
+  state: JobStateName;
+  fileIds: number[];
+  version: number;
+  attempts: number;
+  createdAt: number;
+  updatedAt: number;
+  startedAt?: number;
+  endedAt?: number;
+  progress: JobProgress;
+  files: FileProgress[];
+  result?: JobResultRecord;
+  error?: JobErrorRecord;
+}
+
+// Domain errors: handlers map them to Connect codes in one place (server/errors.ts).
+export class InvalidInputError extends Error {
+  override name = "InvalidInputError";
+}
+export class JobNotFoundError extends Error {
+  override name = "JobNotFoundError";
+  constructor(readonly jobId: string) {
+    super(`job ${jobId} not found`);
+  }
+}
+export class JobStateError extends Error {
+  override name = "JobStateError";
+  constructor(
+    readonly jobId: string,
+    readonly state: JobStateName,
+    message: string,
+  ) {
+    super(message);
+  }
+}
+/** Redis or S3 could not be reached; the caller may retry. */
+export class BackendUnavailableError extends Error {
+  override name = "BackendUnavailableError";
+}
+
+// UUID v4: 122 random bits, never all digits and never a ':' (BullMQ rejects both).
+const JOB_ID = /^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$/;
+
+export function newJobId(): string {
+  return randomUUID();
+}
+
+/** Validates a job id from a request; throws InvalidInputError saying what is wrong. */
+export function parseJobId(raw: string): string {
+  if (raw === "") {
+    throw new InvalidInputError("job_id is required: pass the job_id returned by Initiate");
+  }
+  const id = raw.toLowerCase();
+  if (!JOB_ID.test(id)) {
+    const shown = raw.length > 60 ? `${raw.slice(0, 60)}…` : raw;
+    throw new InvalidInputError(`job_id "${shown}" is malformed: expected the UUID returned by Initiate`);
+  }
+  return id;
+}
+
+/** Validates the file ids of an Initiate request against the configured limit. */
+export function parseFileIds(ids: readonly number[], maxFiles: number): number[] {
+  if (ids.length === 0) {
+    throw new InvalidInputError("file_ids is empty: pass at least one file id");
+  }
+  if (ids.length > maxFiles) {
+    throw new InvalidInputError(
+      `file_ids has ${ids.length} entries: at most ${maxFiles} files fit in one job, split the request`,
+    );
+  }
+  const seen = new Set<number>();
+  for (const [i, id] of ids.entries()) {
+    if (!Number.isInteger(id) || id <= 0) {
+      throw new InvalidInputError(`file_ids[${i}] is ${id}: file ids are positive integers`);
+    }
+    if (seen.has(id)) {
+      throw new InvalidInputError(`file_ids[${i}] repeats file id ${id}: list each file once`);
+    }
+    seen.add(id);
+  }
+  return [...ids];
+}
+
+export function entryNameFor(fileId: number): string {
+  return `file-${fileId}`;
+}
+
+export function newJobRecord(id: string, fileIds: number[], now: number): JobRecord {
+  return {
+    id,
+    state: "QUEUED",
+    fileIds,
+    version: 1,
+    attempts: 0,
+    createdAt: now,
+    updatedAt: now,
+    progress: { filesDone: 0, filesTotal: fileIds.length, bytesDone: 0, bytesTotal: 0, bytesPerSecond: 0 },
+    files: fileIds.map((fileId) => ({
+      fileId,
+      state: "PENDING",
+      sizeBytes: 0,
+      bytesDone: 0,
+      entryName: entryNameFor(fileId),
+    })),
+  };
+}
+
+export function percentOf(p: JobProgress): number {
+  if (p.bytesTotal > 0) return Math.min(100, Math.floor((p.bytesDone * 100) / p.bytesTotal));
+  if (p.filesTotal > 0) return Math.floor((p.filesDone * 100) / p.filesTotal);
+  return 0;
+}

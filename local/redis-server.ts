@@ -1,0 +1,139 @@
+import { type ChildProcess, execFileSync, spawn } from "node:child_process";
+import { mkdirSync } from "node:fs";
+import { connect } from "node:net";
+import { resolve } from "node:path";
+import { freePort, waitUntil } from "./ports.js";
+
+// Starts Debian's redis-server as a child process on a loopback port, for the embedded
+// default and the tests. Stopped by pid, never by name.
+
+export interface LocalRedis {
+  url: string;
+  port: number;
+  pid: number;
+  stop(): Promise<void>;
+  /** SIGKILL, for fault tests. */
+  kill(): void;
+}
+
+export interface LocalRedisOptions {
+  port?: number;
+  /** Data folder; with `appendonly` a restart on the same folder keeps every job. */
+  dir?: string;
+  appendonly?: boolean;
+  /** Install Debian's redis-server when missing and running as root. */
+  install?: boolean;
+  log?: (line: string) => void;
+}
+
+function findBinary(): string | undefined {
+  for (const p of ["/usr/bin/redis-server", "/usr/local/bin/redis-server"]) {
+    try {
+      execFileSync(p, ["--version"], { stdio: "ignore" });
+      return p;
+    } catch {
+      // not at this path
+    }
+  }
+  try {
+    execFileSync("redis-server", ["--version"], { stdio: "ignore" });
+    return "redis-server";
+  } catch {
+    return undefined;
+  }
+}
+
+export function ensureRedisBinary(opts: { install: boolean; log?: (line: string) => void }): string {
+  const found = findBinary();
+  if (found !== undefined) return found;
+  const isRoot = process.getuid?.() === 0;
+  if (!opts.install || !isRoot) {
+    throw new Error(
+      "redis-server is not installed. Install it with: sudo apt-get install -y redis-server (or set REDIS_URL)",
+    );
+  }
+  opts.log?.("redis-server is missing: installing Debian's redis-server (apt-get)");
+  execFileSync("apt-get", ["update", "-qq"], { stdio: "inherit" });
+  execFileSync("apt-get", ["install", "-y", "-qq", "redis-server"], {
+    stdio: "inherit",
+    env: { ...process.env, DEBIAN_FRONTEND: "noninteractive" },
+  });
+  const again = findBinary();
+  if (again === undefined) throw new Error("apt-get installed redis-server but it cannot be run");
+  return again;
+}
+
+function ping(port: number): Promise<boolean> {
+  return new Promise((resolveP) => {
+    const sock = connect({ port, host: "127.0.0.1" });
+    let buf = "";
+    sock.setTimeout(1000, () => {
+      sock.destroy();
+      resolveP(false);
+    });
+    sock.once("connect", () => sock.write("PING\r\n"));
+    sock.on("data", (d) => {
+      buf += d.toString();
+      if (buf.includes("\r\n")) {
+        sock.destroy();
+        resolveP(buf.startsWith("+PONG"));
+      }
+    });
+    sock.once("error", () => resolveP(false));
+  });
+}
+
+export async function startRedis(opts: LocalRedisOptions = {}): Promise<LocalRedis> {
+  const bin = ensureRedisBinary({ install: opts.install ?? false, ...(opts.log ? { log: opts.log } : {}) });
+  const port = opts.port ?? (await freePort());
+  const args = [
+    "--port", String(port),
+    "--bind", "127.0.0.1",
+    "--save", "",
+    "--appendonly", opts.appendonly ? "yes" : "no",
+    // BullMQ loses jobs if Redis evicts keys under memory pressure.
+    "--maxmemory-policy", "noeviction",
+    "--daemonize", "no",
+    "--protected-mode", "yes",
+    "--loglevel", "warning",
+  ];
+  if (opts.dir !== undefined) {
+    const dir = resolve(opts.dir);
+    mkdirSync(dir, { recursive: true });
+    args.push("--dir", dir);
+  } else {
+    // No folder: nothing may be written to the current directory.
+    args.push("--dir", "/tmp", "--appendonly", "no");
+  }
+  const child: ChildProcess = spawn(bin, args, { stdio: ["ignore", "ignore", "pipe"] });
+  let stderr = "";
+  child.stderr?.on("data", (d: Buffer) => {
+    stderr += d.toString();
+  });
+  const exited = new Promise<void>((r) => child.once("exit", () => r()));
+  try {
+    await waitUntil(`redis-server on port ${port}`, async () => {
+      if (child.exitCode !== null) throw new Error(`redis-server exited: ${stderr.trim()}`);
+      return ping(port);
+    });
+  } catch (err) {
+    child.kill("SIGKILL");
+    throw err;
+  }
+  const pid = child.pid ?? 0;
+  return {
+    url: `redis://127.0.0.1:${port}`,
+    port,
+    pid,
+    async stop() {
+      if (child.exitCode !== null || child.signalCode !== null) return;
+      child.kill("SIGTERM");
+      const timer = setTimeout(() => child.kill("SIGKILL"), 5000);
+      await exited;
+      clearTimeout(timer);
+    },
+    kill() {
+      child.kill("SIGKILL");
+    },
+  };
+}

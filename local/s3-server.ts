@@ -1,0 +1,40 @@
+import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import S3rver from "s3rver";
+import { freePort } from "./ports.js";
+
+// The embedded S3 server (s3rver) for the local default and the tests. It speaks the S3
+// protocol over HTTP, so the service code is the same as against MinIO or AWS. Its
+// credentials are fixed by s3rver itself.
+
+export const LOCAL_S3_CREDENTIALS = { accessKeyId: "S3RVER", secretAccessKey: "S3RVER" } as const;
+
+export interface LocalS3 {
+  endpoint: string;
+  port: number;
+  stop(): Promise<void>;
+}
+
+export async function startS3(opts: { port?: number; dir?: string; buckets?: string[] } = {}): Promise<LocalS3> {
+  const port = opts.port ?? (await freePort());
+  const temp = opts.dir === undefined;
+  const directory = temp ? mkdtempSync(join(tmpdir(), "dj-s3-")) : resolve(opts.dir as string);
+  mkdirSync(directory, { recursive: true });
+  const server = new S3rver({
+    port,
+    address: "127.0.0.1",
+    silent: true,
+    directory,
+    configureBuckets: (opts.buckets ?? []).map((name) => ({ name, configs: [] })),
+  });
+  await server.run();
+  return {
+    endpoint: `http://127.0.0.1:${port}`,
+    port,
+    async stop() {
+      await server.close();
+      if (temp) rmSync(directory, { recursive: true, force: true });
+    },
+  };
+}

@@ -1,0 +1,75 @@
+import { PutObjectCommand } from "@aws-sdk/client-s3";
+import { randomBytes } from "node:crypto";
+import { type Config, loadConfig } from "../../core/config.js";
+import { Storage, storageOptionsFrom } from "../../core/storage.js";
+import { startRedis, type LocalRedis } from "../../local/redis-server.js";
+import { LOCAL_S3_CREDENTIALS, startS3, type LocalS3 } from "../../local/s3-server.js";
+
+// Real Redis and a real S3 server on free loopback ports, one set per test file.
+// Each caller gets its own QUEUE_PREFIX so tests never see each other's keys.
+
+export interface Services {
+  redis: LocalRedis;
+  s3: LocalS3;
+  /** Environment for child processes (API, worker) pointing at these services. */
+  env: Record<string, string>;
+  /** A config for in-process use, with optional overrides. */
+  config(overrides?: Record<string, string>): Config;
+  storage: Storage;
+  /** Puts a source object for `fileId` and returns its bytes. */
+  putSource(fileId: number, bytes: Buffer | number, fileName?: string): Promise<Buffer>;
+  stop(): Promise<void>;
+}
+
+let prefixCounter = 0;
+
+export function uniquePrefix(name = "t"): string {
+  prefixCounter += 1;
+  return `${name}${process.pid}x${prefixCounter}x${randomBytes(3).toString("hex")}`;
+}
+
+export async function startServices(opts: { appendonlyDir?: string } = {}): Promise<Services> {
+  const redis = await startRedis(
+    opts.appendonlyDir !== undefined ? { dir: opts.appendonlyDir, appendonly: true } : {},
+  );
+  let s3: LocalS3;
+  try {
+    s3 = await startS3({ buckets: ["download-sources", "download-results"] });
+  } catch (err) {
+    await redis.stop();
+    throw err;
+  }
+  const env: Record<string, string> = {
+    REDIS_URL: redis.url,
+    S3_ENDPOINT: s3.endpoint,
+    S3_ACCESS_KEY_ID: LOCAL_S3_CREDENTIALS.accessKeyId,
+    S3_SECRET_ACCESS_KEY: LOCAL_S3_CREDENTIALS.secretAccessKey,
+    LOG_LEVEL: "warn",
+  };
+  const config = (overrides: Record<string, string> = {}) =>
+    loadConfig({ QUEUE_PREFIX: uniquePrefix(), ...env, ...overrides });
+  const storage = new Storage(storageOptionsFrom(config()));
+  return {
+    redis,
+    s3,
+    env,
+    config,
+    storage,
+    async putSource(fileId, bytes, fileName) {
+      const body = typeof bytes === "number" ? randomBytes(bytes) : bytes;
+      await storage.client.send(
+        new PutObjectCommand({
+          Bucket: storage.opts.sourceBucket,
+          Key: storage.sourceKey(fileId),
+          Body: body,
+          ...(fileName !== undefined ? { Metadata: { filename: fileName } } : {}),
+        }),
+      );
+      return body;
+    },
+    async stop() {
+      storage.destroy();
+      await Promise.allSettled([redis.stop(), s3.stop()]);
+    },
+  };
+}

@@ -1,0 +1,43 @@
+import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { JobStore, decodeJob } from "../core/job-store.js";
+import { JobNotFoundError, JobStateError, newJobId } from "../core/jobs.js";
+import { createRedis } from "../core/redis.js";
+import { startServices, uniquePrefix, type Services } from "./helpers/services.js";
+
+let svc: Services;
+beforeAll(async () => {
+  svc = await startServices();
+});
+afterAll(async () => {
+  await svc?.stop();
+});
+
+describe("JobStore", () => {
+  test("every update bumps the version and is published whole on the job's channel", async () => {
+    const redis = createRedis(svc.redis.url, { role: "api" });
+    const sub = createRedis(svc.redis.url, { role: "subscriber" });
+    try {
+      const store = new JobStore(redis, { prefix: uniquePrefix(), recordTtlSeconds: 60 });
+      const id = newJobId();
+      const created = await store.create(id, [1, 2]);
+      expect(created.version).toBe(1);
+      const seen: number[] = [];
+      await sub.subscribe(store.channel(id));
+      sub.on("message", (_ch: string, msg: string) => seen.push(decodeJob(JSON.parse(msg)).version));
+      const started = await store.update(id, { state: "PROCESSING" }, { from: ["QUEUED"], addAttempts: 1 });
+      expect(started).toMatchObject({ state: "PROCESSING", version: 2, attempts: 1, fileIds: [1, 2] });
+      const done = await store.update(id, { state: "COMPLETED" }, { from: ["PROCESSING"] });
+      expect(done.version).toBe(3);
+      await expect(store.update(id, { state: "CANCELLED" }, { from: ["QUEUED", "PROCESSING"] })).rejects.toBeInstanceOf(
+        JobStateError,
+      );
+      expect((await store.get(id)).state).toBe("COMPLETED");
+      expect(await redis.ttl(store.key(id))).toBeGreaterThan(0);
+      await expect.poll(() => seen).toEqual([2, 3]);
+      await expect(store.get(newJobId())).rejects.toBeInstanceOf(JobNotFoundError);
+    } finally {
+      redis.disconnect();
+      sub.disconnect();
+    }
+  });
+});
