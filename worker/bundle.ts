@@ -1,0 +1,160 @@
+import { createHash } from "node:crypto";
+import { once } from "node:events";
+import { PassThrough, type Readable, Transform, type TransformCallback } from "node:stream";
+import { setTimeout as sleep } from "node:timers/promises";
+import { ZipArchive } from "archiver";
+import type { SourceInfo, Storage } from "../core/storage.js";
+
+// Sources -> streaming ZIP -> multipart upload, never holding a whole file in memory:
+// memory is bounded by the upload's part size times its queue size, whatever the
+// bundle size. The ZIP bytes are hashed and counted on their way to the upload.
+
+export interface BundleEntry extends SourceInfo {
+  entryName: string;
+}
+
+export interface BundleOptions {
+  /** 0 stores files as they are (fastest; most downloads are already compressed). */
+  zipLevel: number;
+  /** Demo throttle on source reads; 0 = off. */
+  throttleBytesPerSecond: number;
+  signal: AbortSignal;
+  onFileStart(index: number): void;
+  onBytes(index: number, bytes: number): void;
+  onFileDone(index: number): void;
+}
+
+export interface BundleResult {
+  sizeBytes: number;
+  sha256: string;
+}
+
+/** Counts and (optionally) paces the bytes of one source on their way into the ZIP. */
+class Meter extends Transform {
+  private readonly started = Date.now();
+  private seen = 0;
+
+  constructor(
+    private readonly onBytes: (n: number) => void,
+    private readonly bytesPerSecond: number,
+    private readonly signal: AbortSignal,
+  ) {
+    super();
+  }
+
+  override _transform(chunk: Buffer, _enc: BufferEncoding, cb: TransformCallback): void {
+    this.seen += chunk.length;
+    this.onBytes(chunk.length);
+    if (this.bytesPerSecond <= 0) {
+      cb(null, chunk);
+      return;
+    }
+    const dueMs = (this.seen / this.bytesPerSecond) * 1000 - (Date.now() - this.started);
+    if (dueMs <= 1) {
+      cb(null, chunk);
+      return;
+    }
+    sleep(dueMs, undefined, { signal: this.signal }).then(
+      () => cb(null, chunk),
+      (err: unknown) => cb(err as Error),
+    );
+  }
+}
+
+/** Hashes and counts the ZIP bytes; a real Readable for lib-storage (archiver's is not). */
+class Digest extends PassThrough {
+  readonly hash = createHash("sha256");
+  size = 0;
+
+  override _transform(chunk: Buffer, enc: BufferEncoding, cb: TransformCallback): void {
+    this.hash.update(chunk);
+    this.size += chunk.length;
+    super._transform(chunk, enc, cb);
+  }
+}
+
+export function abortError(signal: AbortSignal): Error {
+  const reason: unknown = signal.reason;
+  return reason instanceof Error ? reason : new Error(String(reason ?? "aborted"));
+}
+
+export async function bundleToS3(
+  storage: Storage,
+  entries: readonly BundleEntry[],
+  target: { key: string; fileName: string },
+  opts: BundleOptions,
+): Promise<BundleResult> {
+  const { signal } = opts;
+  signal.throwIfAborted();
+  const zip = new ZipArchive(opts.zipLevel === 0 ? { store: true } : { zlib: { level: opts.zipLevel } });
+  const digest = new Digest();
+  zip.pipe(digest);
+  const upload = storage.uploadResult(target.key, digest, target.fileName);
+  // Start the upload before the ZIP is finalized, and observe its failure at once: an
+  // abort otherwise surfaces as an unhandled rejection that kills the worker.
+  const uploaded = upload.done();
+  let uploadError: unknown;
+  uploaded.catch((err: unknown) => {
+    uploadError ??= err;
+  });
+
+  let zipError: Error | undefined;
+  const zipFailed = rejectOnError(zip);
+  zipFailed.catch((err: unknown) => {
+    zipError ??= err as Error;
+  });
+  zip.on("warning", (err: Error) => {
+    zipError ??= err;
+  });
+
+  let current: Readable | undefined;
+  const onAbort = () => {
+    current?.destroy(abortError(signal));
+    zip.abort();
+    digest.destroy(abortError(signal));
+    upload.abort().catch(() => undefined);
+  };
+  signal.addEventListener("abort", onAbort, { once: true });
+
+  try {
+    for (const [index, entry] of entries.entries()) {
+      signal.throwIfAborted();
+      opts.onFileStart(index);
+      const body = await storage.openSource(entry.key, signal);
+      const meter = new Meter((n) => opts.onBytes(index, n), opts.throttleBytesPerSecond, signal);
+      current = body;
+      body.on("error", (err: Error) => meter.destroy(err));
+      body.pipe(meter);
+      const finished = once(meter, "end");
+      finished.catch(() => undefined);
+      // archiver writes entries one at a time; waiting for each keeps exactly one source
+      // stream open, whatever the number of files.
+      const entered = once(zip, "entry");
+      entered.catch(() => undefined);
+      zip.append(meter, { name: entry.entryName });
+      await Promise.race([entered, rejectOnError(meter), zipFailed]);
+      await finished.catch(() => undefined);
+      if (zipError) throw zipError;
+      if (uploadError) throw uploadError;
+      opts.onFileDone(index);
+    }
+    current = undefined;
+    await zip.finalize();
+    await uploaded;
+    if (zipError) throw zipError;
+    return { sizeBytes: digest.size, sha256: digest.hash.digest("hex") };
+  } catch (err) {
+    if (!signal.aborted) onAbort();
+    await uploaded.catch(() => undefined);
+    if (signal.aborted) throw abortError(signal);
+    throw uploadError ?? err;
+  } finally {
+    signal.removeEventListener("abort", onAbort);
+  }
+}
+
+function rejectOnError(emitter: NodeJS.EventEmitter): Promise<never> {
+  return new Promise((_resolve, reject) => {
+    emitter.once("error", reject);
+  });
+}

@@ -1,0 +1,46 @@
+import { ConfigError, loadConfig } from "../core/config.js";
+import { createLogger } from "../core/logger.js";
+import { startWorker } from "./worker.js";
+
+// Worker process entry: config, the BullMQ worker, signals.
+
+async function main(): Promise<void> {
+  let cfg;
+  try {
+    cfg = loadConfig();
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      process.stderr.write(`${err.message}\n`);
+      process.exit(2);
+    }
+    throw err;
+  }
+  const log = createLogger(cfg.LOG_LEVEL, "worker");
+  if (cfg.REDIS_URL === undefined || cfg.S3_ENDPOINT === undefined) {
+    log.fatal("REDIS_URL and S3_ENDPOINT must be set for a worker (npm start sets them for you)");
+    process.exit(2);
+  }
+  process.on("unhandledRejection", (err) => log.error({ err }, "unhandled rejection"));
+  const worker = await startWorker(cfg, log);
+  let stopping = false;
+  const stop = (signal: string) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal, running: worker.running() }, "shutting down");
+    // Jobs still running at the deadline are picked up again by another worker through
+    // stall detection, so exiting is safe.
+    const hard = setTimeout(() => process.exit(0), cfg.SHUTDOWN_GRACE_MS);
+    hard.unref();
+    worker.close().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        log.error({ err }, "shutdown failed");
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGTERM", () => stop("SIGTERM"));
+  process.on("SIGINT", () => stop("SIGINT"));
+}
+
+void main();

@@ -1,0 +1,350 @@
+import { type Job, UnrecoverableError } from "bullmq";
+import type { JobStore } from "../core/job-store.js";
+import {
+  type FileProgress,
+  type JobProgress,
+  type JobRecord,
+  JobNotFoundError,
+  JobStateError,
+  entryNameFor,
+} from "../core/jobs.js";
+import type { Logger } from "../core/logger.js";
+import type { BundleJobData } from "../core/queue.js";
+import type { SourceInfo, Storage } from "../core/storage.js";
+import { type BundleEntry, bundleToS3 } from "./bundle.js";
+
+// One BullMQ job = one bundle. The job record (core/job-store.ts) is the truth: the
+// processor moves it QUEUED/PROCESSING -> PROCESSING -> COMPLETED/FAILED, and every write
+// it makes is conditional on the job still running, so a Cancel from any API process
+// wins over a late write from here.
+
+export interface ProcessorDeps {
+  store: JobStore;
+  storage: Storage;
+  log: Logger;
+  /** Abort controllers of the jobs running in this process, by job id (for Cancel). */
+  running: Map<string, AbortController>;
+  zipLevel: number;
+  throttleBytesPerSecond: number;
+  progressIntervalMs: number;
+  headConcurrency?: number;
+}
+
+export class CancelledError extends Error {
+  override name = "CancelledError";
+}
+
+export type ProcessOutcome = "completed" | "cancelled" | "skipped";
+
+export function createProcessor(deps: ProcessorDeps) {
+  // BullMQ makes the AbortSignal only for processors that declare all three parameters.
+  return async (job: Job<BundleJobData>, _token?: string, signal?: AbortSignal): Promise<ProcessOutcome> => {
+    const { jobId } = job.data;
+    const log = deps.log.child({ jobId, attempt: job.attemptsMade + 1 });
+    const cancel = new AbortController();
+    deps.running.set(jobId, cancel);
+    const abort = signal ? AbortSignal.any([cancel.signal, signal]) : cancel.signal;
+    try {
+      return await run(deps, job, abort, cancel, log);
+    } finally {
+      deps.running.delete(jobId);
+    }
+  };
+}
+
+async function run(
+  deps: ProcessorDeps,
+  job: Job<BundleJobData>,
+  signal: AbortSignal,
+  cancel: AbortController,
+  log: Logger,
+): Promise<ProcessOutcome> {
+  const { store, storage } = deps;
+  const { jobId } = job.data;
+  const attempts = job.opts.attempts ?? 1;
+  const lastAttempt = job.attemptsMade + 1 >= attempts;
+
+  let rec: JobRecord;
+  try {
+    const before = await store.get(jobId);
+    const now = Date.now();
+    rec = await store.update(
+      jobId,
+      {
+        state: "PROCESSING",
+        startedAt: before.startedAt ?? now,
+        progress: { ...before.progress, bytesDone: 0, filesDone: 0, bytesPerSecond: 0 },
+        files: before.files.map((f) => ({ ...f, state: "PENDING", bytesDone: 0 })),
+      },
+      // PROCESSING too: a job whose worker died comes back here through stall detection.
+      { from: ["QUEUED", "PROCESSING"], addAttempts: 1 },
+    );
+  } catch (err) {
+    if (err instanceof JobStateError || err instanceof JobNotFoundError) {
+      log.info({ reason: err.message }, "job skipped");
+      return "skipped";
+    }
+    throw err;
+  }
+  log.info({ files: rec.fileIds.length }, "job started");
+  const startedAt = Date.now();
+
+  const progress = new ProgressTracker(rec, deps.progressIntervalMs, async (patch) => {
+    try {
+      await store.update(jobId, patch, { from: ["PROCESSING"] });
+    } catch (err) {
+      if (err instanceof JobStateError || err instanceof JobNotFoundError) {
+        // Cancelled (or gone) under us: stop, even if the cancel message was missed.
+        cancel.abort(new CancelledError(`job ${jobId} is no longer running`));
+        return;
+      }
+      log.warn({ err }, "progress write failed");
+    }
+  });
+
+  try {
+    const sources = await headAll(storage, rec.fileIds, deps.headConcurrency ?? 8, signal);
+    const missing = rec.fileIds.filter((_, i) => sources[i] === undefined);
+    if (missing.length > 0) {
+      await failJob(store, jobId, rec, {
+        code: "not_found",
+        message: `source files not found: ${missing.join(", ")}. Check the file ids and initiate again.`,
+        retryable: false,
+        missingFileIds: missing,
+      });
+      log.warn({ missing }, "job failed: missing source files");
+      throw new UnrecoverableError(`missing source files: ${missing.join(", ")}`);
+    }
+    const entries = toEntries(sources as SourceInfo[]);
+    progress.setSources(entries);
+    await progress.flush();
+
+    const key = storage.resultKey(jobId);
+    const fileName = resultFileName(rec);
+    const result = await bundleToS3(storage, entries, { key, fileName }, {
+      zipLevel: deps.zipLevel,
+      throttleBytesPerSecond: deps.throttleBytesPerSecond,
+      signal,
+      onFileStart: (i) => progress.fileStarted(i),
+      onBytes: (i, n) => progress.addBytes(i, n),
+      onFileDone: (i) => progress.fileDone(i),
+    });
+    await progress.stop();
+    try {
+      await store.update(
+        jobId,
+        {
+          state: "COMPLETED",
+          endedAt: Date.now(),
+          progress: progress.final(),
+          files: progress.files,
+          result: { key, fileName, sizeBytes: result.sizeBytes, sha256: result.sha256 },
+        },
+        { from: ["PROCESSING"] },
+      );
+    } catch (err) {
+      if (err instanceof JobStateError) {
+        // Cancelled while the last part was being written: leave nothing behind.
+        await storage.deleteResult(key).catch((e: unknown) => log.warn({ err: e }, "could not delete result"));
+        log.info("job cancelled after upload; result deleted");
+        return "cancelled";
+      }
+      throw err;
+    }
+    log.info({ ms: Date.now() - startedAt, bytes: result.sizeBytes }, "job completed");
+    return "completed";
+  } catch (err) {
+    await progress.stop();
+    if (cancel.signal.aborted) {
+      await storage.deleteResult(storage.resultKey(jobId)).catch(() => undefined);
+      log.info({ ms: Date.now() - startedAt }, "job cancelled");
+      // Unrecoverable: a retry would start the cancelled job again.
+      throw new UnrecoverableError("cancelled");
+    }
+    if (err instanceof UnrecoverableError) throw err;
+    if (signal.aborted) {
+      // BullMQ took the job from us (lock lost or shutting down): it will run again.
+      log.warn({ err }, "job interrupted");
+      throw err;
+    }
+    if (lastAttempt) {
+      await failJob(store, jobId, rec, {
+        code: "unavailable",
+        message: `storage or queue unavailable after ${job.attemptsMade + 1} attempts: ${(err as Error).message}`,
+        retryable: true,
+      }).catch((e: unknown) => log.error({ err: e }, "could not record failure"));
+      log.error({ err }, "job failed after last attempt");
+    } else {
+      log.warn({ err }, "job attempt failed; will retry");
+    }
+    throw err;
+  }
+}
+
+async function failJob(
+  store: JobStore,
+  jobId: string,
+  rec: JobRecord,
+  error: NonNullable<JobRecord["error"]>,
+): Promise<void> {
+  const missing = new Set(error.missingFileIds ?? []);
+  await store.update(
+    jobId,
+    {
+      state: "FAILED",
+      endedAt: Date.now(),
+      error,
+      files: rec.files.map((f) => (missing.has(f.fileId) ? { ...f, state: "FAILED" } : f)),
+    },
+    { from: ["PROCESSING"] },
+  );
+}
+
+/** HEADs every source with bounded concurrency; undefined marks a missing file. */
+async function headAll(
+  storage: Storage,
+  fileIds: readonly number[],
+  concurrency: number,
+  signal: AbortSignal,
+): Promise<(SourceInfo | undefined)[]> {
+  const out: (SourceInfo | undefined)[] = new Array<SourceInfo | undefined>(fileIds.length);
+  let next = 0;
+  const lanes = Array.from({ length: Math.min(concurrency, fileIds.length) }, async () => {
+    while (next < fileIds.length) {
+      const i = next++;
+      out[i] = await storage.headSource(fileIds[i] as number, signal);
+    }
+  });
+  await Promise.all(lanes);
+  return out;
+}
+
+/** ZIP entry names: the source's `filename` metadata when safe and unique, else file-<id>. */
+function toEntries(sources: readonly SourceInfo[]): BundleEntry[] {
+  const used = new Set<string>();
+  return sources.map((s) => {
+    const wanted = s.fileName?.replace(/[\\/\x00-\x1f]/g, "_").replace(/^\.+/, "_").slice(0, 200);
+    let name = wanted !== undefined && wanted !== "" ? wanted : entryNameFor(s.fileId);
+    if (used.has(name)) name = `${s.fileId}-${name}`;
+    used.add(name);
+    return { ...s, entryName: name };
+  });
+}
+
+function resultFileName(rec: JobRecord): string {
+  const day = new Date(rec.createdAt).toISOString().slice(0, 10);
+  return `download-${day}-${rec.id.slice(0, 8)}.zip`;
+}
+
+/**
+ * Keeps the job's progress and writes it to Redis at most once per interval (and once
+ * at each file boundary that the interval allows), never two writes at a time.
+ */
+class ProgressTracker {
+  files: FileProgress[];
+  private progress: JobProgress;
+  private timer: NodeJS.Timeout | undefined;
+  private inFlight: Promise<void> | undefined;
+  private dirty = false;
+  private lastWrite = 0;
+  private rateWindowStart = Date.now();
+  private rateWindowBytes = 0;
+  private stopped = false;
+
+  constructor(
+    rec: JobRecord,
+    private readonly intervalMs: number,
+    private readonly write: (patch: Partial<JobRecord>) => Promise<void>,
+  ) {
+    this.files = rec.files.map((f) => ({ ...f, state: "PENDING", bytesDone: 0 }));
+    this.progress = { ...rec.progress, filesDone: 0, bytesDone: 0, bytesPerSecond: 0 };
+  }
+
+  setSources(entries: readonly BundleEntry[]): void {
+    this.files = entries.map((e) => ({
+      fileId: e.fileId,
+      state: "PENDING",
+      sizeBytes: e.sizeBytes,
+      bytesDone: 0,
+      entryName: e.entryName,
+    }));
+    this.progress.bytesTotal = entries.reduce((n, e) => n + e.sizeBytes, 0);
+    this.progress.filesTotal = entries.length;
+    this.dirty = true;
+  }
+
+  fileStarted(i: number): void {
+    const f = this.files[i];
+    if (f) f.state = "IN_PROGRESS";
+    this.touch();
+  }
+
+  addBytes(i: number, n: number): void {
+    const f = this.files[i];
+    if (f) f.bytesDone += n;
+    this.progress.bytesDone += n;
+    this.rateWindowBytes += n;
+    this.touch();
+  }
+
+  fileDone(i: number): void {
+    const f = this.files[i];
+    if (f) f.state = "DONE";
+    this.progress.filesDone += 1;
+    this.touch();
+  }
+
+  final(): JobProgress {
+    const { etaSeconds: _eta, ...rest } = this.progress;
+    return { ...rest, etaSeconds: 0 };
+  }
+
+  private touch(): void {
+    this.dirty = true;
+    if (this.timer !== undefined || this.stopped) return;
+    const wait = Math.max(0, this.lastWrite + this.intervalMs - Date.now());
+    this.timer = setTimeout(() => {
+      this.timer = undefined;
+      void this.flush();
+    }, wait);
+  }
+
+  private snapshot(): Partial<JobRecord> {
+    const now = Date.now();
+    const elapsed = (now - this.rateWindowStart) / 1000;
+    if (elapsed >= 0.5) {
+      const rate = this.rateWindowBytes / elapsed;
+      // Smooth the rate so the ETA does not jump with every chunk.
+      this.progress.bytesPerSecond = Math.round(
+        this.progress.bytesPerSecond === 0 ? rate : this.progress.bytesPerSecond * 0.6 + rate * 0.4,
+      );
+      this.rateWindowStart = now;
+      this.rateWindowBytes = 0;
+    }
+    const left = this.progress.bytesTotal - this.progress.bytesDone;
+    const { etaSeconds: _eta, ...rest } = this.progress;
+    this.progress =
+      this.progress.bytesPerSecond > 0 && this.progress.bytesTotal > 0
+        ? { ...rest, etaSeconds: Math.ceil(left / this.progress.bytesPerSecond) }
+        : rest;
+    return { progress: { ...this.progress }, files: this.files.map((f) => ({ ...f })) };
+  }
+
+  async flush(): Promise<void> {
+    if (this.inFlight) await this.inFlight;
+    if (!this.dirty) return;
+    this.dirty = false;
+    this.lastWrite = Date.now();
+    this.inFlight = this.write(this.snapshot()).finally(() => {
+      this.inFlight = undefined;
+    });
+    await this.inFlight;
+  }
+
+  async stop(): Promise<void> {
+    this.stopped = true;
+    if (this.timer !== undefined) clearTimeout(this.timer);
+    this.timer = undefined;
+    if (this.inFlight) await this.inFlight;
+  }
+}

@@ -1,0 +1,96 @@
+import { Worker } from "bullmq";
+import type { Config } from "../core/config.js";
+import { JobStore } from "../core/job-store.js";
+import { isTerminal } from "../core/jobs.js";
+import type { Logger } from "../core/logger.js";
+import { type BundleJobData, QUEUE_NAME } from "../core/queue.js";
+import { createRedis, waitForRedis } from "../core/redis.js";
+import { Storage, storageOptionsFrom } from "../core/storage.js";
+import { createProcessor } from "./processor.js";
+
+export interface RunningWorker {
+  /** Stops taking jobs, lets running ones finish (up to the grace) and closes Redis. */
+  close(): Promise<void>;
+  /** Job ids running in this process right now. */
+  running(): string[];
+}
+
+export async function startWorker(cfg: Config, log: Logger): Promise<RunningWorker> {
+  if (cfg.REDIS_URL === undefined) throw new Error("REDIS_URL is required for the worker");
+  const redis = createRedis(cfg.REDIS_URL, { role: "worker", name: "download-jobs:worker" });
+  const sub = createRedis(cfg.REDIS_URL, { role: "subscriber", name: "download-jobs:worker-cancel" });
+  await Promise.all([waitForRedis(redis), waitForRedis(sub)]);
+  const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS });
+  const storage = new Storage(storageOptionsFrom(cfg));
+  const running = new Map<string, AbortController>();
+
+  // Cancel reaches the process that runs the job through Redis pub/sub: every worker
+  // hears every cancel and acts on the ones it runs.
+  await sub.subscribe(store.cancelChannel);
+  sub.on("message", (channel: string, jobId: string) => {
+    if (channel !== store.cancelChannel) return;
+    const ctl = running.get(jobId);
+    if (ctl !== undefined) {
+      log.info({ jobId }, "cancel received");
+      ctl.abort(new Error("cancelled"));
+    }
+  });
+
+  const processor = createProcessor({
+    store,
+    storage,
+    log,
+    running,
+    zipLevel: cfg.ZIP_LEVEL,
+    throttleBytesPerSecond: cfg.THROTTLE_BYTES_PER_SECOND,
+    progressIntervalMs: cfg.PROGRESS_INTERVAL_MS,
+  });
+
+  const worker = new Worker<BundleJobData>(QUEUE_NAME, processor, {
+    connection: redis,
+    prefix: cfg.QUEUE_PREFIX,
+    concurrency: cfg.WORKER_CONCURRENCY,
+    // BullMQ's defaults hand a dead worker's job to another only after ~60 s; a 6 s lock
+    // checked every 3 s brings that to 6-9 s (the issue asks for 15 s, result included).
+    lockDuration: cfg.JOB_LOCK_MS,
+    stalledInterval: cfg.JOB_STALLED_INTERVAL_MS,
+    maxStalledCount: cfg.JOB_MAX_STALLED,
+  });
+  worker.on("error", (err) => log.error({ err }, "worker error"));
+  // A job BullMQ fails without our processor deciding (stalled too often) still needs
+  // a terminal state in its record, or its watchers would wait forever.
+  // BullMQ emits "failed" for every failed attempt, retried or not: act only on the final.
+  worker.on("failed", (job, err) => {
+    if (job === undefined) return;
+    const jobId = job.data.jobId;
+    job
+      .getState()
+      .then(async (state) => {
+        if (state !== "failed") return;
+        const rec = await store.get(jobId);
+        if (isTerminal(rec.state)) return;
+        await store.update(
+          jobId,
+          {
+            state: "FAILED",
+            endedAt: Date.now(),
+            error: { code: "unavailable", message: `processing failed: ${err.message}`, retryable: true },
+          },
+          { from: ["QUEUED", "PROCESSING"] },
+        );
+      })
+      .catch((e: unknown) => log.warn({ err: e, jobId }, "could not record failure"));
+  });
+  await worker.waitUntilReady();
+  log.info({ queue: QUEUE_NAME, concurrency: cfg.WORKER_CONCURRENCY }, "worker ready");
+
+  return {
+    running: () => [...running.keys()],
+    async close() {
+      await worker.close();
+      await sub.quit().catch(() => undefined);
+      await redis.quit().catch(() => undefined);
+      storage.destroy();
+    },
+  };
+}
