@@ -61,14 +61,17 @@ class Meter extends Transform {
   }
 }
 
-/** Hashes and counts the ZIP bytes; a real Readable for lib-storage (archiver's is not). */
+/**
+ * Hashes and counts the ZIP bytes; a real Readable for lib-storage (archiver's is not).
+ * The counter must not be called `size`: lib-storage reads `Body.size` as the length.
+ */
 class Digest extends PassThrough {
   readonly hash = createHash("sha256");
-  size = 0;
+  bytesWritten = 0;
 
   override _transform(chunk: Buffer, enc: BufferEncoding, cb: TransformCallback): void {
     this.hash.update(chunk);
-    this.size += chunk.length;
+    this.bytesWritten += chunk.length;
     super._transform(chunk, enc, cb);
   }
 }
@@ -142,7 +145,7 @@ export async function bundleToS3(
     await zip.finalize();
     await uploaded;
     if (zipError) throw zipError;
-    return { sizeBytes: digest.size, sha256: digest.hash.digest("hex") };
+    return { sizeBytes: digest.bytesWritten, sha256: digest.hash.digest("hex") };
   } catch (err) {
     if (!signal.aborted) onAbort();
     await uploaded.catch(() => undefined);

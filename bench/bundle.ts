@@ -1,0 +1,120 @@
+import { execFile } from "node:child_process";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { loadConfig } from "../core/config.js";
+import { JobService } from "../core/job-service.js";
+import { JobStore } from "../core/job-store.js";
+import { createBundleQueue } from "../core/queue.js";
+import { createRedis } from "../core/redis.js";
+import { Storage, storageOptionsFrom } from "../core/storage.js";
+import { startRedis } from "../local/redis-server.js";
+import { LOCAL_S3_CREDENTIALS, startS3 } from "../local/s3-server.js";
+import { seedSamples } from "../local/samples.js";
+import { spawnWorker } from "../test/helpers/worker-process.js";
+import { MB, fmt, procMemory, type Row } from "./lib.js";
+
+// Bundling: a worker process turns N MB of sources into one ZIP in the S3 server. We
+// record its throughput against a raw object-by-object copy of the same bytes, and its
+// peak RSS (VmHWM) for a small and a large bundle: memory must not grow with the bundle.
+
+const run = promisify(execFile);
+
+interface Case {
+  name: string;
+  files: number;
+  fileBytes: number;
+}
+
+export async function benchBundle(opts: { quick?: boolean } = {}): Promise<{ rows: Row[]; data: unknown }> {
+  const cases: Case[] = opts.quick
+    ? [
+        { name: "20 MB", files: 4, fileBytes: 5 * MB },
+        { name: "200 MB", files: 4, fileBytes: 50 * MB },
+      ]
+    : [
+        { name: "100 MB", files: 10, fileBytes: 10 * MB },
+        { name: "1 GB", files: 10, fileBytes: 100 * MB },
+      ];
+  const dir = mkdtempSync(join(tmpdir(), "dj-bench-bundle-"));
+  const redis = await startRedis();
+  const s3 = await startS3({ dir: join(dir, "s3"), buckets: ["download-sources", "download-results"] });
+  const env = {
+    REDIS_URL: redis.url,
+    S3_ENDPOINT: s3.endpoint,
+    S3_ACCESS_KEY_ID: LOCAL_S3_CREDENTIALS.accessKeyId,
+    S3_SECRET_ACCESS_KEY: LOCAL_S3_CREDENTIALS.secretAccessKey,
+    LOG_LEVEL: "warn",
+  };
+  const cfg = loadConfig({ ...env, QUEUE_PREFIX: "benchbundle" });
+  const storage = new Storage(storageOptionsFrom(cfg));
+  const conn = createRedis(redis.url, { role: "api" });
+  const store = new JobStore(conn, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: 3600 });
+  const queue = createBundleQueue(conn, { prefix: cfg.QUEUE_PREFIX, attempts: 1, backoffMs: 100 });
+  const jobs = new JobService({ store, queue, redis: conn, maxFilesPerJob: 1000 });
+  const rows: Row[] = [];
+  const results: Record<string, unknown>[] = [];
+  try {
+    let nextId = 1;
+    for (const c of cases) {
+      const ids = Array.from({ length: c.files }, () => nextId++);
+      await seedSamples(storage, {
+        files: ids.map((fileId) => ({ fileId, sizeBytes: c.fileBytes, fileName: `bench-${fileId}.bin` })),
+      });
+      const bytes = c.files * c.fileBytes;
+
+      const raw = await run(process.execPath, ["--import", "tsx", "bench/raw-copy.ts", ...ids.map(String)], {
+        env: { ...process.env, ...env },
+        maxBuffer: 1 << 20,
+      });
+      const rawOut = JSON.parse(raw.stdout.trim().split("\n").at(-1) ?? "{}") as { ms: number; peakRss: number };
+
+      const worker = spawnWorker({ ...env, QUEUE_PREFIX: cfg.QUEUE_PREFIX, WORKER_CONCURRENCY: "1" });
+      let peak = 0;
+      try {
+        // Let the worker reach its idle state before the clock starts.
+        await new Promise((r) => setTimeout(r, 1500));
+        const started = performance.now();
+        const job = await jobs.initiate(ids);
+        let state = "QUEUED";
+        while (state === "QUEUED" || state === "PROCESSING") {
+          await new Promise((r) => setTimeout(r, 50));
+          state = (await store.get(job.id)).state;
+          peak = Math.max(peak, procMemory(worker.child.pid as number).peak);
+        }
+        const ms = performance.now() - started;
+        if (state !== "COMPLETED") throw new Error(`bundle job ended ${state}: ${worker.output()}`);
+        const zipMBps = bytes / MB / (ms / 1000);
+        const rawMBps = bytes / MB / (rawOut.ms / 1000);
+        results.push({ case: c.name, bytes, zipMs: ms, rawMs: rawOut.ms, zipMBps, rawMBps, workerPeakRss: peak, rawPeakRss: rawOut.peakRss });
+        rows.push(
+          { scenario: `bundle ${c.name}`, metric: "zip throughput MB/s", value: fmt(zipMBps) },
+          { scenario: `bundle ${c.name}`, metric: "raw copy MB/s", value: fmt(rawMBps) },
+          { scenario: `bundle ${c.name}`, metric: "zip / raw", value: fmt(zipMBps / rawMBps, 2), target: ">= 0.8", ok: zipMBps / rawMBps >= 0.8 },
+          { scenario: `bundle ${c.name}`, metric: "worker peak RSS MB", value: fmt(peak / MB) },
+        );
+      } finally {
+        await worker.kill("SIGTERM");
+      }
+    }
+    const small = results[0]?.workerPeakRss as number;
+    const large = results[1]?.workerPeakRss as number;
+    rows.push({
+      scenario: "bundle",
+      metric: `peak RSS ${cases[1]?.name} / ${cases[0]?.name}`,
+      value: fmt(large / small, 2),
+      target: "<= 1.2",
+      ok: large / small <= 1.2,
+    });
+    return { rows, data: results };
+  } finally {
+    await queue.close();
+    conn.disconnect();
+    storage.destroy();
+    await s3.stop();
+    await redis.stop();
+    rmSync(dir, { recursive: true, force: true });
+  }
+}
+

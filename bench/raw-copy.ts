@@ -1,0 +1,24 @@
+import { loadConfig } from "../core/config.js";
+import { procMemory } from "./lib.js";
+import { Storage, storageOptionsFrom } from "../core/storage.js";
+
+// Baseline for the bundling benchmark: the same bytes copied object by object from the
+// source bucket to the result bucket (GetObject -> multipart Upload), no ZIP. Run as its
+// own process so its peak RSS is comparable with a worker's. Prints one JSON line.
+
+const [, , ...ids] = process.argv;
+const cfg = loadConfig();
+const storage = new Storage(storageOptionsFrom(cfg));
+const started = performance.now();
+let bytes = 0;
+for (const id of ids) {
+  const fileId = Number(id);
+  const head = await storage.headSource(fileId);
+  if (head === undefined) throw new Error(`missing source ${fileId}`);
+  const body = await storage.openSource(head.key);
+  await storage.uploadResult(`raw-copy/${fileId}`, body, `${fileId}.bin`).done();
+  bytes += head.sizeBytes;
+}
+const ms = performance.now() - started;
+process.stdout.write(`${JSON.stringify({ bytes, ms, peakRss: procMemory(process.pid).peak })}\n`);
+storage.destroy();

@@ -1,0 +1,31 @@
+import { benchBundle } from "./bundle.js";
+import { type Row, printTable, writeResults } from "./lib.js";
+
+// npm run bench [-- scenario...] [--quick]. Each scenario runs alone or all in order;
+// ratios are measured side by side in one run, since absolute figures drift.
+
+type Scenario = (opts: { quick: boolean }) => Promise<{ rows: Row[]; data: unknown }>;
+
+const scenarios: Record<string, Scenario> = {
+  bundle: benchBundle,
+};
+
+const args = process.argv.slice(2);
+const quick = args.includes("--quick");
+const names = args.filter((a) => !a.startsWith("--"));
+const chosen = names.length > 0 ? names : Object.keys(scenarios);
+const unknown = chosen.filter((n) => !(n in scenarios));
+if (unknown.length > 0) {
+  process.stderr.write(`unknown scenario(s): ${unknown.join(", ")}; choose from: ${Object.keys(scenarios).join(", ")}\n`);
+  process.exit(2);
+}
+
+const all: Row[] = [];
+for (const name of chosen) {
+  process.stderr.write(`running ${name}${quick ? " (quick)" : ""}...\n`);
+  const { rows, data } = await (scenarios[name] as Scenario)({ quick });
+  const file = writeResults(name, data);
+  process.stderr.write(`  results: ${file}\n`);
+  all.push(...rows);
+}
+printTable(all);
