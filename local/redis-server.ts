@@ -23,6 +23,11 @@ export interface LocalRedisOptions {
   appendonly?: boolean;
   /** Install Debian's redis-server when missing and running as root. */
   install?: boolean;
+  /**
+   * Own process group: a terminal's Ctrl-C then reaches only the parent, which stops
+   * Redis last, after the processes that still need it.
+   */
+  detached?: boolean;
   log?: (line: string) => void;
 }
 
@@ -105,7 +110,10 @@ export async function startRedis(opts: LocalRedisOptions = {}): Promise<LocalRed
     // No folder: nothing may be written to the current directory.
     args.push("--dir", "/tmp", "--appendonly", "no");
   }
-  const child: ChildProcess = spawn(bin, args, { stdio: ["ignore", "ignore", "pipe"] });
+  const child: ChildProcess = spawn(bin, args, {
+    stdio: ["ignore", "ignore", "pipe"],
+    detached: opts.detached ?? false,
+  });
   let stderr = "";
   child.stderr?.on("data", (d: Buffer) => {
     stderr += d.toString();

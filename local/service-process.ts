@@ -1,0 +1,79 @@
+import { spawn } from "node:child_process";
+import { createInterface } from "node:readline";
+
+// Runs one of our entry points (server/main.ts, worker/main.ts) as a child process under
+// the same Node, for `npm start`, tests and benchmarks. Stopped by pid: SIGTERM first,
+// SIGKILL after a grace period.
+
+export interface ProcessExit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
+
+export interface ServiceProcess {
+  readonly name: string;
+  readonly pid: number;
+  /** Resolves when the process has exited, however that happened. */
+  readonly exited: Promise<ProcessExit>;
+  running(): boolean;
+  /** SIGTERM, then SIGKILL if it is still running after `graceMs`. */
+  stop(graceMs: number): Promise<ProcessExit & { forced: boolean }>;
+  /** SIGKILL now (fault tests, or a second Ctrl-C). */
+  kill(): void;
+}
+
+export interface ServiceProcessOptions {
+  name: string;
+  /** Path of the TypeScript entry point, relative to `cwd`. */
+  entry: string;
+  cwd: string;
+  env: NodeJS.ProcessEnv;
+  /** Each line of the child's stdout and stderr; without it the lines are dropped. */
+  onLine?: (line: string, stream: "stdout" | "stderr") => void;
+  /**
+   * Own process group, so a terminal's Ctrl-C reaches only the parent, which then stops
+   * the children in order (API and workers before the Redis they still need).
+   */
+  detached?: boolean;
+}
+
+export function startServiceProcess(opts: ServiceProcessOptions): ServiceProcess {
+  const child = spawn(process.execPath, ["--import", "tsx", opts.entry], {
+    cwd: opts.cwd,
+    env: opts.env,
+    stdio: ["ignore", "pipe", "pipe"],
+    detached: opts.detached ?? false,
+  });
+  const exited = new Promise<ProcessExit>((resolve) => {
+    // "close", not "exit": by then the last lines of its output have been read.
+    child.once("close", (code, signal) => resolve({ code, signal }));
+    // A spawn failure (no such binary) emits only "error".
+    child.once("error", () => resolve({ code: 127, signal: null }));
+  });
+  for (const stream of ["stdout", "stderr"] as const) {
+    const rl = createInterface({ input: child[stream], crlfDelay: Infinity });
+    rl.on("line", (line) => opts.onLine?.(line, stream));
+  }
+  const running = () => child.exitCode === null && child.signalCode === null;
+  return {
+    name: opts.name,
+    pid: child.pid ?? -1,
+    exited,
+    running,
+    async stop(graceMs) {
+      if (!running()) return { ...(await exited), forced: false };
+      child.kill("SIGTERM");
+      let forced = false;
+      const timer = setTimeout(() => {
+        forced = true;
+        child.kill("SIGKILL");
+      }, graceMs);
+      const exit = await exited;
+      clearTimeout(timer);
+      return { ...exit, forced };
+    },
+    kill() {
+      if (running()) child.kill("SIGKILL");
+    },
+  };
+}
