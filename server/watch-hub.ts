@@ -1,0 +1,275 @@
+import type { Redis } from "ioredis";
+import type { Logger } from "pino";
+import { decodeJob, type JobStore } from "../core/job-store.js";
+import { BackendUnavailableError, type JobRecord, isTerminal } from "../core/jobs.js";
+
+// One Redis subscriber connection per API process, fanned out in memory to every
+// WatchJob stream. A connection (or a BullMQ QueueEvents) per stream does not survive
+// ten thousand watchers; here a stream costs one small object and a Set entry.
+//
+// Per-job channels are subscribed with reference counting: the first watcher of a job
+// subscribes, the last one to leave unsubscribes. Each published record is decoded once
+// and the same object is handed to every stream of that job.
+
+export type WatchEvent =
+  | { job: JobRecord; heartbeat?: undefined }
+  | { heartbeat: { time: number; version: number }; job?: undefined };
+
+export interface WatchHubOptions {
+  /** A heartbeat is sent on a stream after this long without a message. */
+  heartbeatMs: number;
+  /** How long a new watch waits for its channel subscription before UNAVAILABLE. */
+  subscribeTimeoutMs?: number;
+  log: Logger;
+}
+
+/** The state of one stream; kept small on purpose, there may be tens of thousands. */
+interface Watcher {
+  /** Highest version sent on this stream (or the caller's after_version). */
+  last: number;
+  /** The job's version as this stream knows it, reported in heartbeats. */
+  version: number;
+  /** Records not yet sent, oldest first; consecutive ones in one state are coalesced. */
+  pending: JobRecord[];
+  sentAt: number;
+  heartbeatDue: boolean;
+  failure: unknown;
+  wake: (() => void) | undefined;
+}
+
+interface Topic {
+  jobId: string;
+  watchers: Set<Watcher>;
+  /** Resolves to undefined once subscribed, or to the error that prevented it. */
+  subscribed: Promise<Error | undefined>;
+}
+
+function wake(w: Watcher): void {
+  const resolve = w.wake;
+  w.wake = undefined;
+  resolve?.();
+}
+
+/** Queues a record for a stream. Never drops a state change; within one state only the latest matters. */
+function offer(w: Watcher, rec: JobRecord): void {
+  if (rec.version <= w.last) return;
+  const n = w.pending.length;
+  const tail = n > 0 ? w.pending[n - 1] : undefined;
+  if (tail !== undefined) {
+    if (rec.version <= tail.version) return;
+    if (tail.state === rec.state) {
+      w.pending[n - 1] = rec;
+      wake(w);
+      return;
+    }
+  }
+  w.pending.push(rec);
+  wake(w);
+}
+
+export class WatchHub {
+  private readonly topics = new Map<string, Topic>();
+  private readonly watchers = new Set<Watcher>();
+  private readonly subscribeTimeoutMs: number;
+  private readonly tickMs: number;
+  private ticker: NodeJS.Timeout | undefined;
+  private closedWith: unknown;
+  private wasReady: boolean;
+
+  constructor(
+    private readonly sub: Redis,
+    private readonly store: JobStore,
+    private readonly opts: WatchHubOptions,
+  ) {
+    this.subscribeTimeoutMs = opts.subscribeTimeoutMs ?? 3000;
+    // One shared ticker instead of a timer per stream; a heartbeat is late by at most
+    // one tick (a fifth of the interval, never more than a second).
+    this.tickMs = Math.max(10, Math.min(1000, Math.floor(opts.heartbeatMs / 5)));
+    this.wasReady = sub.status === "ready";
+    sub.on("message", (channel: string, message: string) => this.onMessage(channel, message));
+    sub.on("ready", () => {
+      // ioredis resubscribes by itself after a reconnect, but what was published while
+      // the connection was down is gone: read every watched job again.
+      if (this.wasReady) this.resync();
+      this.wasReady = true;
+    });
+  }
+
+  /** Streams currently open and jobs currently subscribed, for tests and metrics. */
+  get size(): { watchers: number; jobs: number } {
+    return { watchers: this.watchers.size, jobs: this.topics.size };
+  }
+
+  /**
+   * The snapshot (unless the caller has already seen its version, then a heartbeat at
+   * once), then every change, then nothing after a terminal state. Throws
+   * JobNotFoundError before the first event for an unknown job. Ends when `signal`
+   * aborts (the client hung up) and releases everything it held.
+   */
+  async *watch(jobId: string, afterVersion: number, signal: AbortSignal): AsyncGenerator<WatchEvent> {
+    if (this.closedWith !== undefined) throw this.closedWith;
+    const w: Watcher = {
+      last: afterVersion,
+      version: 0,
+      pending: [],
+      sentAt: Date.now(),
+      heartbeatDue: false,
+      failure: undefined,
+      wake: undefined,
+    };
+    const onAbort = () => wake(w);
+    signal.addEventListener("abort", onAbort, { once: true });
+    const channel = this.store.channel(jobId);
+    const topic = this.join(channel, jobId, w);
+    try {
+      // Subscribe before reading the snapshot, or a change between the two is lost.
+      await this.awaitSubscribed(topic);
+      const snapshot = await this.store.get(jobId);
+      if (w.failure !== undefined) throw w.failure;
+      if (signal.aborted) return;
+      w.version = snapshot.version;
+      if (snapshot.version > w.last) {
+        w.last = snapshot.version;
+        yield this.sent(w, { job: snapshot });
+      } else {
+        // The caller has seen this version: tell it at once that the stream is alive.
+        yield this.sent(w, { heartbeat: { time: Date.now(), version: snapshot.version } });
+      }
+      if (isTerminal(snapshot.state)) return;
+      for (;;) {
+        if (w.failure !== undefined) throw w.failure;
+        if (signal.aborted) return;
+        const rec = w.pending.shift();
+        if (rec !== undefined) {
+          if (rec.version <= w.last) continue;
+          w.last = rec.version;
+          w.version = rec.version;
+          yield this.sent(w, { job: rec });
+          if (isTerminal(rec.state)) return;
+          continue;
+        }
+        if (w.heartbeatDue) {
+          yield this.sent(w, { heartbeat: { time: Date.now(), version: w.version } });
+          continue;
+        }
+        await new Promise<void>((resolve) => {
+          w.wake = resolve;
+        });
+      }
+    } finally {
+      signal.removeEventListener("abort", onAbort);
+      this.leave(channel, topic, w);
+    }
+  }
+
+  /**
+   * Ends every open stream with `reason` (the server passes UNAVAILABLE so clients
+   * reconnect elsewhere) and refuses new ones. The caller closes the connection.
+   */
+  close(reason: unknown): void {
+    this.closedWith = reason;
+    for (const w of this.watchers) {
+      w.failure = reason;
+      wake(w);
+    }
+    this.stopTicker();
+  }
+
+  private sent(w: Watcher, event: WatchEvent): WatchEvent {
+    w.sentAt = Date.now();
+    w.heartbeatDue = false;
+    return event;
+  }
+
+  private join(channel: string, jobId: string, w: Watcher): Topic {
+    let topic = this.topics.get(channel);
+    if (topic === undefined) {
+      const created: Topic = { jobId, watchers: new Set(), subscribed: Promise.resolve(undefined) };
+      created.subscribed = this.sub.subscribe(channel).then(
+        () => undefined,
+        (err: unknown) => {
+          // Let the next watcher try again rather than inherit a failed subscription.
+          if (this.topics.get(channel) === created) this.topics.delete(channel);
+          return err instanceof Error ? err : new Error(String(err));
+        },
+      );
+      this.topics.set(channel, created);
+      topic = created;
+    }
+    topic.watchers.add(w);
+    this.watchers.add(w);
+    if (this.ticker === undefined) {
+      this.ticker = setInterval(() => this.tick(), this.tickMs);
+      this.ticker.unref();
+    }
+    return topic;
+  }
+
+  private leave(channel: string, topic: Topic, w: Watcher): void {
+    topic.watchers.delete(w);
+    this.watchers.delete(w);
+    if (topic.watchers.size === 0 && this.topics.get(channel) === topic) {
+      this.topics.delete(channel);
+      if (this.closedWith === undefined) {
+        // Commands on one connection run in order, so a watcher that re-subscribes the
+        // same channel right after this still ends up subscribed.
+        this.sub.unsubscribe(channel).catch((err: unknown) => this.opts.log.debug({ err }, "unsubscribe failed"));
+      }
+    }
+    if (this.watchers.size === 0) this.stopTicker();
+  }
+
+  private async awaitSubscribed(topic: Topic): Promise<void> {
+    let timer: NodeJS.Timeout | undefined;
+    const timeout = new Promise<Error>((resolve) => {
+      timer = setTimeout(() => resolve(new Error(`no subscription after ${this.subscribeTimeoutMs} ms`)), this.subscribeTimeoutMs);
+    });
+    try {
+      const err = await Promise.race([topic.subscribed, timeout]);
+      if (err !== undefined) {
+        throw new BackendUnavailableError(`cannot follow job events: ${err.message}`, { cause: err });
+      }
+    } finally {
+      clearTimeout(timer);
+    }
+  }
+
+  private onMessage(channel: string, message: string): void {
+    const topic = this.topics.get(channel);
+    if (topic === undefined) return;
+    let rec: JobRecord;
+    try {
+      rec = decodeJob(JSON.parse(message) as Record<string, string>);
+    } catch (err) {
+      this.opts.log.warn({ err, channel }, "undecodable job event");
+      return;
+    }
+    for (const w of topic.watchers) offer(w, rec);
+  }
+
+  private resync(): void {
+    for (const topic of this.topics.values()) {
+      this.store.get(topic.jobId).then(
+        (rec) => {
+          for (const w of topic.watchers) offer(w, rec);
+        },
+        (err: unknown) => this.opts.log.debug({ err, jobId: topic.jobId }, "resync failed"),
+      );
+    }
+  }
+
+  private tick(): void {
+    const due = Date.now() - this.opts.heartbeatMs;
+    for (const w of this.watchers) {
+      if (!w.heartbeatDue && w.sentAt <= due && w.pending.length === 0) {
+        w.heartbeatDue = true;
+        wake(w);
+      }
+    }
+  }
+
+  private stopTicker(): void {
+    if (this.ticker !== undefined) clearInterval(this.ticker);
+    this.ticker = undefined;
+  }
+}
