@@ -1,0 +1,57 @@
+import { ConfigError, loadConfig } from "../core/config.js";
+import { createLogger } from "../core/logger.js";
+import { startApiServer } from "./server.js";
+
+// The API process: config, listen, and a graceful stop on SIGTERM/SIGINT. Open watches
+// end with UNAVAILABLE so clients reconnect to another instance; if anything hangs the
+// process still exits before the orchestrator's kill (SHUTDOWN_GRACE_MS, under 10 s).
+
+async function main(): Promise<void> {
+  let cfg;
+  try {
+    cfg = loadConfig();
+  } catch (err) {
+    if (err instanceof ConfigError) {
+      console.error(err.message);
+      process.exit(2);
+    }
+    throw err;
+  }
+  const missing = (["REDIS_URL", "S3_ENDPOINT"] as const).filter((k) => cfg[k] === undefined);
+  if (missing.length > 0) {
+    console.error(
+      `${missing.join(" and ")} must be set to run the API on its own ` +
+        "(e.g. REDIS_URL=redis://127.0.0.1:6379 S3_ENDPOINT=http://127.0.0.1:9000), " +
+        "or run `npm start` to bring up the whole stack with embedded Redis and S3.",
+    );
+    process.exit(2);
+  }
+  const log = createLogger(cfg.LOG_LEVEL, "api");
+  const server = await startApiServer(cfg, log);
+
+  let stopping = false;
+  const stop = (signal: NodeJS.Signals) => {
+    if (stopping) return;
+    stopping = true;
+    log.info({ signal }, "stopping");
+    const hardExit = setTimeout(() => {
+      log.error({ graceMs: cfg.SHUTDOWN_GRACE_MS }, "shutdown took too long, exiting");
+      process.exit(1);
+    }, Math.min(cfg.SHUTDOWN_GRACE_MS, 9_500));
+    hardExit.unref();
+    server.close().then(
+      () => process.exit(0),
+      (err: unknown) => {
+        log.error({ err }, "shutdown failed");
+        process.exit(1);
+      },
+    );
+  };
+  process.on("SIGTERM", stop);
+  process.on("SIGINT", stop);
+}
+
+main().catch((err: unknown) => {
+  console.error("api failed to start:", err instanceof Error ? err.message : err);
+  process.exit(1);
+});

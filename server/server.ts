@@ -1,0 +1,150 @@
+import { Code, ConnectError } from "@connectrpc/connect";
+import { connectNodeAdapter } from "@connectrpc/connect-node";
+import type { Redis } from "ioredis";
+import type { Logger } from "pino";
+import type { Config } from "../core/config.js";
+import { JobService } from "../core/job-service.js";
+import { JobStore } from "../core/job-store.js";
+import { createBundleQueue } from "../core/queue.js";
+import { createRedis, waitForRedis } from "../core/redis.js";
+import { Storage, storageOptionsFrom } from "../core/storage.js";
+import { createDualProtocolListener } from "./dual-protocol-listener.js";
+import { routes } from "./routes.js";
+import { rpcInterceptor } from "./rpc-interceptor.js";
+import { rpcContextValues, withRpcLog, type NodeHandler } from "./rpc-log.js";
+import { WatchHub } from "./watch-hub.js";
+
+export interface ApiServer {
+  port: number;
+  /** http://host:port, for clients. */
+  url: string;
+  /** Graceful stop: see startApiServer. Safe to call more than once. */
+  close(): Promise<void>;
+}
+
+export interface ApiServerOptions {
+  /** HTTP/1.1 request-head deadline (slow-loris); default 10 s. */
+  headersTimeoutMs?: number;
+  /** HTTP/1.1 whole-request deadline; default 30 s. */
+  requestTimeoutMs?: number;
+  /** How often HTTP/1.1 connections are checked against those deadlines; default 1 s. */
+  connectionsCheckingIntervalMs?: number;
+  /** How long close() lets in-flight calls finish before cutting connections. */
+  drainTimeoutMs?: number;
+}
+
+/** The message open WatchJob streams end with when the server stops. */
+export const SHUTDOWN_MESSAGE = "server shutting down, reconnect";
+
+/**
+ * Starts the API on one port (cfg.HOST, cfg.PORT; 0 picks a free port): Connect, gRPC
+ * and gRPC-Web over HTTP/1.1 and h2c. Needs cfg.REDIS_URL; S3 is only used to presign.
+ *
+ * close() stops accepting, ends every open WatchJob stream with UNAVAILABLE so clients
+ * reconnect elsewhere, lets in-flight calls finish (up to drainTimeoutMs), closes the
+ * connections, then the queue and Redis.
+ */
+export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOptions = {}): Promise<ApiServer> {
+  if (cfg.REDIS_URL === undefined) throw new Error("REDIS_URL is required to start the API server");
+  const redis = createRedis(cfg.REDIS_URL, { role: "api", name: "download-jobs:api" });
+  // Exactly one subscriber connection per process, whatever the number of watchers.
+  const sub = createRedis(cfg.REDIS_URL, { role: "subscriber", name: "download-jobs:api-events" });
+  for (const [name, conn] of [["redis", redis], ["redis-subscriber", sub]] as const) {
+    conn.on("error", (err: Error) => log.warn({ err: err.message, conn: name }, "redis connection error"));
+  }
+  const storage = new Storage(storageOptionsFrom(cfg));
+  const queue = createBundleQueue(redis, {
+    prefix: cfg.QUEUE_PREFIX,
+    attempts: cfg.JOB_ATTEMPTS,
+    backoffMs: cfg.JOB_BACKOFF_MS,
+  });
+  queue.on("error", (err) => log.warn({ err: err.message }, "queue error"));
+
+  const closeBackends = async () => {
+    await queue.close().catch((err: unknown) => log.warn({ err }, "queue close failed"));
+    storage.destroy();
+    await Promise.all([quit(redis), quit(sub)]);
+  };
+
+  try {
+    await Promise.all([waitForRedis(redis), waitForRedis(sub)]);
+  } catch (err) {
+    await closeBackends();
+    throw err;
+  }
+
+  const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS });
+  const jobs = new JobService({ store, queue, redis, maxFilesPerJob: cfg.MAX_FILES_PER_JOB });
+  const hub = new WatchHub(sub, store, { heartbeatMs: cfg.WATCH_HEARTBEAT_MS, log: log.child({ part: "watch-hub" }) });
+
+  const rpcLog = log.child({ part: "rpc" });
+  const adapter = connectNodeAdapter({
+    routes: routes({ jobs, hub, presigner: storage }),
+    readMaxBytes: cfg.MAX_REQUEST_BYTES,
+    // connect-es ignores unknown JSON fields by default; protobuf's own default (and
+    // what a caller with a typo wants) is an error naming the field.
+    jsonOptions: { ignoreUnknownFields: false },
+    interceptors: [rpcInterceptor(rpcLog)],
+    contextValues: rpcContextValues,
+    fallback: (req, res) => {
+      // A liveness probe for load balancers; everything else is not ours.
+      if (req.url === "/healthz" && (req.method === "GET" || req.method === "HEAD")) {
+        res.writeHead(listener.closing ? 503 : 200, { "content-type": "text/plain" });
+        res.end(listener.closing ? "shutting down\n" : "ok\n");
+        return;
+      }
+      res.writeHead(404);
+      res.end();
+    },
+  });
+
+  const listener = createDualProtocolListener(withRpcLog(adapter as NodeHandler, rpcLog), {
+    headersTimeoutMs: opts.headersTimeoutMs ?? 10_000,
+    requestTimeoutMs: opts.requestTimeoutMs ?? 30_000,
+    keepAliveTimeoutMs: 5_000,
+    connectionsCheckingIntervalMs: opts.connectionsCheckingIntervalMs ?? 1_000,
+    log: log.child({ part: "listener" }),
+  });
+
+  let port: number;
+  try {
+    port = await listener.listen(cfg.PORT, cfg.HOST);
+  } catch (err) {
+    await closeBackends();
+    throw err;
+  }
+  const host = cfg.HOST.includes(":") ? `[${cfg.HOST}]` : cfg.HOST;
+  const url = `http://${host}:${port}`;
+  log.info({ url }, "api listening (HTTP/1.1 and h2c)");
+
+  const drainTimeoutMs = opts.drainTimeoutMs ?? Math.max(500, Math.min(5_000, cfg.SHUTDOWN_GRACE_MS - 2_000));
+  let closed: Promise<void> | undefined;
+  const close = () => {
+    closed ??= (async () => {
+      log.info("api shutting down");
+      hub.close(new ConnectError(SHUTDOWN_MESSAGE, Code.Unavailable));
+      await listener.close(drainTimeoutMs);
+      await closeBackends();
+      log.info("api stopped");
+    })();
+    return closed;
+  };
+  return { port, url, close };
+}
+
+/** QUIT lets pending replies arrive; a dead connection is simply dropped. */
+async function quit(conn: Redis): Promise<void> {
+  if (conn.status === "end") return;
+  if (conn.status !== "ready") {
+    conn.disconnect();
+    return;
+  }
+  const timer = setTimeout(() => conn.disconnect(), 1000);
+  try {
+    await conn.quit();
+  } catch {
+    conn.disconnect();
+  } finally {
+    clearTimeout(timer);
+  }
+}
