@@ -1,0 +1,222 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { createHash } from "node:crypto";
+import { mkdtempSync, rmSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join, resolve } from "node:path";
+import { afterEach, describe, expect, test } from "vitest";
+import { loadConfig } from "../core/config.js";
+import { Storage, storageOptionsFrom } from "../core/storage.js";
+import { canConnect, freePort, waitUntil } from "../local/ports.js";
+import { LOCAL_S3_CREDENTIALS } from "../local/s3-server.js";
+import { SAMPLE_FILES } from "../local/samples.js";
+
+// `npm start` as a user runs it: a real process tree (redis-server, s3rver, API, worker),
+// driven through its printed address with plain JSON like curl, stopped with Ctrl-C.
+
+const ROOT = resolve(import.meta.dirname, "..");
+
+// What the caller's environment could set that would change what npm start does.
+const STRIPPED = [
+  "REDIS_URL",
+  "S3_ENDPOINT",
+  "S3_PUBLIC_ENDPOINT",
+  "S3_ACCESS_KEY_ID",
+  "S3_SECRET_ACCESS_KEY",
+  "PORT",
+  "HOST",
+  "DATA_DIR",
+  "SEED_SAMPLES",
+  "THROTTLE_BYTES_PER_SECOND",
+  "QUEUE_PREFIX",
+];
+
+interface Stack {
+  proc: ChildProcess;
+  base: string;
+  port: number;
+  s3Endpoint: string;
+  redisPid: number;
+  apiPid: number;
+  workerPid: number;
+  output(): string;
+  exit: Promise<{ code: number | null; signal: NodeJS.Signals | null }>;
+}
+
+const started: Stack[] = [];
+const dirs: string[] = [];
+
+function alive(pid: number): boolean {
+  try {
+    process.kill(pid, 0);
+    return true;
+  } catch (err) {
+    return (err as NodeJS.ErrnoException).code === "EPERM";
+  }
+}
+
+function tempDir(): string {
+  const dir = mkdtempSync(join(tmpdir(), "dj-start-"));
+  dirs.push(dir);
+  return dir;
+}
+
+async function startStack(env: Record<string, string>): Promise<Stack> {
+  const childEnv: NodeJS.ProcessEnv = { ...process.env, LOG_LEVEL: "warn", ...env };
+  for (const k of STRIPPED) if (!(k in env)) delete childEnv[k];
+  const proc = spawn(process.execPath, ["--import", "tsx", "scripts/start.ts"], {
+    cwd: ROOT,
+    env: childEnv,
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  let out = "";
+  proc.stdout?.on("data", (d: Buffer) => (out += d.toString()));
+  proc.stderr?.on("data", (d: Buffer) => (out += d.toString()));
+  const exit = new Promise<{ code: number | null; signal: NodeJS.Signals | null }>((r) =>
+    proc.once("exit", (code, signal) => r({ code, signal })),
+  );
+  const pidOf = (re: RegExp) => Number(re.exec(out)?.[1] ?? -1);
+  const stack: Stack = {
+    proc,
+    base: "",
+    port: Number(env.PORT),
+    s3Endpoint: "",
+    redisPid: -1,
+    apiPid: -1,
+    workerPid: -1,
+    output: () => out,
+    exit,
+  };
+  started.push(stack);
+  try {
+    await waitUntil(
+      "npm start",
+      async () => {
+        if (proc.exitCode !== null) throw new Error("exited");
+        return /download-jobs is ready at /.test(out);
+      },
+      90_000,
+    );
+  } finally {
+    // Record the pids even on failure, so afterEach can stop whatever did start.
+    stack.redisPid = pidOf(/redis-server pid (\d+)/);
+    stack.apiPid = pidOf(/api pid (\d+)/);
+    stack.workerPid = pidOf(/worker pid (\d+)/);
+  }
+  if (proc.exitCode !== null) throw new Error(`npm start exited early:\n${out}`);
+  stack.base = /download-jobs is ready at (http:\/\/\S+)/.exec(out)?.[1] ?? "";
+  stack.s3Endpoint = /S3\s+(http:\/\/\S+)/.exec(out)?.[1] ?? "";
+  return stack;
+}
+
+async function rpc(base: string, method: string, body: unknown): Promise<Record<string, any>> {
+  const res = await fetch(`${base}/downloads.v1.DownloadService/${method}`, {
+    method: "POST",
+    headers: { "Content-Type": "application/json" },
+    body: JSON.stringify(body),
+  });
+  const json = (await res.json()) as Record<string, any>;
+  if (!res.ok) throw new Error(`${method} answered ${res.status}: ${JSON.stringify(json)}`);
+  return json;
+}
+
+async function waitForState(base: string, jobId: string, state: string): Promise<Record<string, any>> {
+  let job: Record<string, any> = {};
+  await waitUntil(
+    `job ${jobId} ${state}`,
+    async () => {
+      job = (await rpc(base, "GetStatus", { jobId })).job;
+      return job.state === state;
+    },
+    60_000,
+  );
+  return job;
+}
+
+async function expectAllStopped(stack: Stack): Promise<void> {
+  for (const pid of [stack.redisPid, stack.apiPid, stack.workerPid]) {
+    expect(pid).toBeGreaterThan(0);
+    expect(alive(pid), `pid ${pid} still running`).toBe(false);
+  }
+  expect(await canConnect(stack.port)).toBe(false);
+  expect(await canConnect(Number(new URL(stack.s3Endpoint).port))).toBe(false);
+}
+
+afterEach(async () => {
+  // Whatever a failed test left running, stopped by pid.
+  for (const s of started.splice(0)) {
+    if (s.proc.exitCode === null && s.proc.signalCode === null) s.proc.kill("SIGKILL");
+    for (const pid of [s.apiPid, s.workerPid, s.redisPid]) if (pid > 0 && alive(pid)) process.kill(pid, "SIGKILL");
+  }
+  for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
+});
+
+describe("npm start", () => {
+  test("brings up Redis, S3 with the samples, the API and a worker; Ctrl-C stops all of it with code 0", async () => {
+    const stack = await startStack({
+      PORT: String(await freePort()),
+      DATA_DIR: tempDir(),
+      THROTTLE_BYTES_PER_SECOND: String(1024 * 1024 * 1024),
+    });
+    expect(stack.base).toBe(`http://127.0.0.1:${stack.port}`);
+    expect(stack.output()).toContain(`curl -s -X POST ${stack.base}/downloads.v1.DownloadService/Initiate`);
+    expect(stack.output()).toContain("npx buf curl --schema proto");
+    expect(stack.output()).toContain("createConnectTransport");
+
+    const storage = new Storage(
+      storageOptionsFrom(
+        loadConfig({
+          S3_ENDPOINT: stack.s3Endpoint,
+          S3_ACCESS_KEY_ID: LOCAL_S3_CREDENTIALS.accessKeyId,
+          S3_SECRET_ACCESS_KEY: LOCAL_S3_CREDENTIALS.secretAccessKey,
+        }),
+      ),
+    );
+    try {
+      for (const f of SAMPLE_FILES) {
+        expect(await storage.headSource(f.fileId)).toMatchObject({ sizeBytes: f.sizeBytes, fileName: f.fileName });
+      }
+    } finally {
+      storage.destroy();
+    }
+
+    const { job } = await rpc(stack.base, "Initiate", { fileIds: [70000] });
+    expect(job.state).toBe("JOB_STATE_QUEUED");
+    const done = await waitForState(stack.base, job.jobId, "JOB_STATE_COMPLETED");
+    const zip = Buffer.from(await (await fetch(done.result.downloadUrl)).arrayBuffer());
+    expect(zip.length).toBe(Number(done.result.sizeBytes));
+    expect(createHash("sha256").update(zip).digest("hex")).toBe(done.result.sha256);
+
+    stack.proc.kill("SIGINT");
+    expect(await stack.exit).toEqual({ code: 0, signal: null });
+    await expectAllStopped(stack);
+  }, 180_000);
+
+  test("a restart on the same data folder keeps every job and seeds nothing again", async () => {
+    const dataDir = tempDir();
+    const env = { DATA_DIR: dataDir, THROTTLE_BYTES_PER_SECOND: String(1024 * 1024 * 1024) };
+    const first = await startStack({ ...env, PORT: String(await freePort()) });
+    const { job } = await rpc(first.base, "Initiate", { fileIds: [70001, 70000] });
+    const done = await waitForState(first.base, job.jobId, "JOB_STATE_COMPLETED");
+    first.proc.kill("SIGTERM");
+    expect(await first.exit).toEqual({ code: 0, signal: null });
+    await expectAllStopped(first);
+
+    const second = await startStack({ ...env, PORT: String(await freePort()) });
+    expect(second.output()).toMatch(/0 uploaded, 10 already there/);
+    const again = (await rpc(second.base, "GetStatus", { jobId: job.jobId })).job;
+    expect(again).toMatchObject({ state: "JOB_STATE_COMPLETED", fileIds: [70001, 70000], version: done.version });
+    expect(again.result.sha256).toBe(done.result.sha256);
+    second.proc.kill("SIGINT");
+    expect(await second.exit).toEqual({ code: 0, signal: null });
+    await expectAllStopped(second);
+  }, 240_000);
+
+  test("when the worker dies it stops everything else and exits non-zero", async () => {
+    const stack = await startStack({ PORT: String(await freePort()), DATA_DIR: tempDir(), SEED_SAMPLES: "false" });
+    process.kill(stack.workerPid, "SIGKILL");
+    const exit = await stack.exit;
+    expect(exit.code).not.toBe(0);
+    expect(stack.output()).toMatch(/worker exited unexpectedly/);
+    await expectAllStopped(stack);
+  }, 120_000);
+});
