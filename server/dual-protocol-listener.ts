@@ -70,15 +70,16 @@ export function createDualProtocolListener(handler: NodeHandler, opts: DualProto
     socket.setTimeout(0);
     socket.pause();
     if (isHttp2) {
-      // The http2 session reads what is already buffered on the socket.
+      // The http2 session takes over the handle and first reads what is buffered on the
+      // socket; resuming the JS stream here would race it for those bytes.
       socket.unshift(head);
       h2.emit("connection", socket);
-    } else {
-      // The http parser consumes the socket's handle directly from now on, so the bytes
-      // already read are fed to it first, through its own data listener.
-      h1.emit("connection", socket);
-      socket.emit("data", head);
+      return;
     }
+    // The http parser consumes the socket's handle directly from now on: bytes put back
+    // with unshift() would reach it after newer ones. Feed them through its data listener.
+    h1.emit("connection", socket);
+    socket.emit("data", head);
     socket.resume();
   };
 
