@@ -1,0 +1,119 @@
+import { createHash } from "node:crypto";
+import { PutObjectCommand } from "@aws-sdk/client-s3";
+import type { Queue } from "bullmq";
+import type { Redis } from "ioredis";
+import type { Config } from "../../core/config.js";
+import { JobStore } from "../../core/job-store.js";
+import type { JobRecord } from "../../core/jobs.js";
+import { createLogger } from "../../core/logger.js";
+import { type BundleJobData, createBundleQueue } from "../../core/queue.js";
+import { createRedis, waitForRedis } from "../../core/redis.js";
+import { type ApiServer, type ApiServerOptions, startApiServer } from "../../server/server.js";
+import { startServices, type Services } from "./services.js";
+
+// A real API server on port 0 over real Redis and S3, plus what a worker would do to a
+// job (the worker lives in another process in production): the tests drive state
+// changes through JobStore.update exactly as the worker does.
+
+/** Connections the tests open themselves carry this name, so CLIENT LIST can tell them apart. */
+export const TEST_CONNECTION_NAME = "test-driver";
+
+export interface ApiStack {
+  svc: Services;
+  cfg: Config;
+  server: ApiServer;
+  /** The test's own Redis connection (not the server's). */
+  redis: Redis;
+  store: JobStore;
+  queue: Queue<BundleJobData>;
+  /** QUEUED -> PROCESSING, as a worker starting the job. */
+  startJob(id: string): Promise<JobRecord>;
+  /** A progress write, as the worker's throttled updates. */
+  progress(id: string, bytesDone: number, bytesTotal: number): Promise<JobRecord>;
+  /** Uploads `zip` as the job's result object and marks the job COMPLETED. */
+  complete(id: string, zip: Buffer, fileName?: string): Promise<JobRecord>;
+  fail(id: string): Promise<JobRecord>;
+  stop(): Promise<void>;
+}
+
+export async function startApiStack(
+  overrides: Record<string, string> = {},
+  opts: ApiServerOptions & { services?: Services } = {},
+): Promise<ApiStack> {
+  const svc = opts.services ?? (await startServices());
+  const cfg = svc.config({ PORT: "0", HOST: "127.0.0.1", ...overrides });
+  const log = createLogger(process.env.TEST_LOG_LEVEL ?? "warn", "api-test");
+  const redis = createRedis(svc.redis.url, { role: "api", name: TEST_CONNECTION_NAME });
+  await waitForRedis(redis);
+  const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS });
+  const queue = createBundleQueue(redis, { prefix: cfg.QUEUE_PREFIX, attempts: 1, backoffMs: 0 });
+  let server: ApiServer;
+  try {
+    server = await startApiServer(cfg, log, opts);
+  } catch (err) {
+    await queue.close();
+    redis.disconnect();
+    if (opts.services === undefined) await svc.stop();
+    throw err;
+  }
+
+  const startJob = (id: string) =>
+    store.update(id, { state: "PROCESSING", startedAt: Date.now() }, { from: ["QUEUED"], addAttempts: 1 });
+
+  const progress = async (id: string, bytesDone: number, bytesTotal: number) => {
+    const rec = await store.get(id);
+    return store.update(
+      id,
+      { progress: { ...rec.progress, bytesDone, bytesTotal, bytesPerSecond: 1000 } },
+      { from: ["PROCESSING"] },
+    );
+  };
+
+  const complete = async (id: string, zip: Buffer, fileName = `download-${id.slice(0, 8)}.zip`) => {
+    const key = svc.storage.resultKey(id);
+    await svc.storage.client.send(
+      new PutObjectCommand({ Bucket: cfg.RESULT_BUCKET, Key: key, Body: zip, ContentType: "application/zip" }),
+    );
+    const rec = await store.get(id);
+    return store.update(
+      id,
+      {
+        state: "COMPLETED",
+        endedAt: Date.now(),
+        progress: { ...rec.progress, filesDone: rec.fileIds.length, bytesDone: zip.length, bytesTotal: zip.length },
+        result: { key, fileName, sizeBytes: zip.length, sha256: createHash("sha256").update(zip).digest("hex") },
+      },
+      { from: ["PROCESSING"] },
+    );
+  };
+
+  const fail = (id: string) =>
+    store.update(
+      id,
+      {
+        state: "FAILED",
+        endedAt: Date.now(),
+        error: { code: "not_found", message: "source files 9 do not exist", retryable: false, missingFileIds: [9] },
+      },
+      { from: ["QUEUED", "PROCESSING"] },
+    );
+
+  return {
+    svc,
+    cfg,
+    server,
+    redis,
+    store,
+    queue,
+    startJob,
+    progress,
+    complete,
+    fail,
+    async stop() {
+      await server.close();
+      await queue.close();
+      redis.disconnect();
+      if (opts.services === undefined) await svc.stop();
+    },
+  };
+}
