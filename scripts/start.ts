@@ -187,6 +187,13 @@ async function main(): Promise<number> {
     }
     abort.signal.throwIfAborted();
 
+    const base = `http://${hostForUrl(resolved.HOST)}:${resolved.PORT}`;
+    const probeHost = hostForUrl(resolved.HOST).replace(/^\[|\]$/g, "");
+    // Readiness is "the port accepts connections": someone else's server there would pass.
+    if (await canConnect(resolved.PORT, probeHost)) {
+      throw new Error(`${base} is already in use: stop what listens there, or choose another PORT`);
+    }
+
     for (const [name, entry] of [
       ["api", "server/main.ts"],
       ["worker", "worker/main.ts"],
@@ -211,8 +218,6 @@ async function main(): Promise<number> {
       });
     }
 
-    const base = `http://${hostForUrl(resolved.HOST)}:${resolved.PORT}`;
-    const probeHost = hostForUrl(resolved.HOST).replace(/^\[|\]$/g, "");
     await Promise.race([
       waitUntil(`the API on ${base}`, () => canConnect(resolved.PORT, probeHost), 60_000),
       rejectOnAbort(abort.signal),
