@@ -19,7 +19,10 @@ export function rpcInterceptor(log: Logger): Interceptor {
         record(outcome, Code.Internal);
         return err;
       }
-      if (mapped.code === Code.Unavailable) log.warn({ rpc: procedure, err: mapped.cause ?? mapped }, "backend unavailable");
+      // A ConnectError thrown on purpose (the shutdown's UNAVAILABLE) is not news.
+      if (mapped.code === Code.Unavailable && mapped !== err) {
+        log.warn({ rpc: procedure, err: mapped.cause }, "backend unavailable");
+      }
       record(outcome, mapped.code);
       return mapped;
     };

@@ -58,7 +58,8 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     attempts: cfg.JOB_ATTEMPTS,
     backoffMs: cfg.JOB_BACKOFF_MS,
   });
-  queue.on("error", (err) => log.warn({ err: err.message }, "queue error"));
+  // The queue shares the command connection, whose errors are logged above.
+  queue.on("error", (err) => log.debug({ err: err.message }, "queue error"));
 
   const closeBackends = async () => {
     await queue.close().catch((err: unknown) => log.warn({ err }, "queue close failed"));

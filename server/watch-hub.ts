@@ -220,6 +220,11 @@ export class WatchHub {
   }
 
   private async awaitSubscribed(topic: Topic): Promise<void> {
+    // While the events connection is down a new watch would see no change until it is
+    // back: better UNAVAILABLE now, so the client retries (perhaps on another instance).
+    if (this.sub.status !== "ready") {
+      throw new BackendUnavailableError(`job events connection is ${this.sub.status}`);
+    }
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<Error>((resolve) => {
       timer = setTimeout(() => resolve(new Error(`no subscription after ${this.subscribeTimeoutMs} ms`)), this.subscribeTimeoutMs);

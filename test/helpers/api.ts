@@ -44,9 +44,12 @@ export async function startApiStack(
   const cfg = svc.config({ PORT: "0", HOST: "127.0.0.1", ...overrides });
   const log = createLogger(process.env.TEST_LOG_LEVEL ?? "warn", "api-test");
   const redis = createRedis(svc.redis.url, { role: "api", name: TEST_CONNECTION_NAME });
+  // Tests stop Redis on purpose; its reconnect errors are expected, not news.
+  redis.on("error", () => undefined);
   await waitForRedis(redis);
   const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS });
   const queue = createBundleQueue(redis, { prefix: cfg.QUEUE_PREFIX, attempts: 1, backoffMs: 0 });
+  queue.on("error", () => undefined);
   let server: ApiServer;
   try {
     server = await startApiServer(cfg, log, opts);
