@@ -51,7 +51,10 @@ const pause = (ms: number) => new Promise((r) => setTimeout(r, ms));
 describe("one port, two protocols", () => {
   let st: ApiStack;
   beforeAll(async () => {
-    st = await startApiStack({}, { services: svc, headersTimeoutMs: 600, connectionsCheckingIntervalMs: 100 });
+    st = await startApiStack(
+      { WATCH_HEARTBEAT_MS: "200" },
+      { services: svc, headersTimeoutMs: 600, requestTimeoutMs: 800, connectionsCheckingIntervalMs: 100 },
+    );
   });
   afterAll(async () => {
     await st?.stop();
@@ -121,6 +124,22 @@ describe("one port, two protocols", () => {
     }
     expect(open).toBe(false);
     expect(c.received()).toMatch(/^(HTTP\/1\.1 408 |$)/);
+  });
+
+  test("a WatchJob over HTTP/1.1 outlives the request timeout (it only bounds receiving the request)", async () => {
+    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+    const jobId = (await client.initiate({ fileIds: [1] })).job?.jobId ?? "";
+    const abort = new AbortController();
+    let beats = 0;
+    const done = (async () => {
+      for await (const msg of client.watchJob({ jobId }, { signal: abort.signal })) if (msg.event.case === "heartbeat") beats++;
+    })().catch((e: unknown) => ConnectError.from(e));
+    const started = Date.now();
+    // 2 s of heartbeats, well past the 800 ms request timeout.
+    await expect.poll(() => beats, { timeout: 10_000 }).toBeGreaterThanOrEqual(8);
+    expect(Date.now() - started).toBeGreaterThan(1500);
+    abort.abort();
+    expect((await done)?.code).toBe(Code.Canceled);
   });
 
   test("a connection that never shows its protocol is cut off", async () => {
