@@ -1,9 +1,9 @@
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import type { JobService } from "../core/job-service.js";
 import { type JobRecord, parseJobId } from "../core/jobs.js";
 import type { PresignedResult } from "../core/storage.js";
-import { type DownloadService, type Job } from "../gen/downloads/v1/download_service_pb.js";
-import { timestampFromMs } from "@bufbuild/protobuf/wkt";
+import type { DownloadService, Job } from "../gen/downloads/v1/download_service_pb.js";
 import { toProtoJob } from "./job-to-proto.js";
 import type { WatchHub } from "./watch-hub.js";
 
