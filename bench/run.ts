@@ -1,4 +1,5 @@
 import { benchBundle } from "./bundle.js";
+import { benchWatch } from "./watch.js";
 import { type Row, printTable, writeResults } from "./lib.js";
 
 // npm run bench [-- scenario...] [--quick]. Each scenario runs alone or all in order;
@@ -7,6 +8,7 @@ import { type Row, printTable, writeResults } from "./lib.js";
 type Scenario = (opts: { quick: boolean }) => Promise<{ rows: Row[]; data: unknown }>;
 
 const scenarios: Record<string, Scenario> = {
+  watch: benchWatch,
   bundle: benchBundle,
 };
 
