@@ -18,6 +18,46 @@ const int = (min: number, max = Number.MAX_SAFE_INTEGER) =>
 
 const url = z.url({ error: "expected a URL such as http://127.0.0.1:9000" });
 
+/** One AUTH_TOKENS entry: the owner a token acts for and the SHA-256 of the token. */
+export interface AuthToken {
+  owner: string;
+  /** Lower-case hex SHA-256 of the token, as `printf %s "$TOKEN" | sha256sum` prints it. */
+  sha256: string;
+}
+
+const OWNER = /^[A-Za-z0-9_.@-]{1,64}$/;
+
+// `owner:sha256hex` pairs separated by commas or white space. Clear tokens are refused
+// on purpose: the configuration must never hold a credential.
+const authTokens = z.string().transform((raw, ctx): AuthToken[] => {
+  const out: AuthToken[] = [];
+  const seen = new Set<string>();
+  for (const item of raw.split(/[\s,]+/).filter((s) => s !== "")) {
+    const i = item.lastIndexOf(":");
+    const owner = item.slice(0, i);
+    const sha256 = item.slice(i + 1).toLowerCase();
+    if (i <= 0 || !OWNER.test(owner) || !/^[0-9a-f]{64}$/.test(sha256)) {
+      ctx.addIssue({
+        code: "custom",
+        message:
+          "expected owner:sha256hex pairs separated by commas (owner: letters, digits, _ . @ -; " +
+          'the hash of the token, from: printf %s "$TOKEN" | sha256sum)',
+      });
+      return z.NEVER;
+    }
+    if (seen.has(sha256)) {
+      ctx.addIssue({ code: "custom", message: `the same token hash is listed twice (owner ${owner})` });
+      return z.NEVER;
+    }
+    seen.add(sha256);
+    out.push({ owner, sha256 });
+  }
+  return out;
+});
+
+// Host names or CIDR ranges a webhook may reach although they are private.
+const hostList = z.string().transform((raw) => raw.split(/[\s,]+/).filter((s) => s !== ""));
+
 const schema = z.object({
   PORT: int(0, 65535).default(8080),
   HOST: z.string().min(1).default("127.0.0.1"),
@@ -59,6 +99,23 @@ const schema = z.object({
   LOG_LEVEL: z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info"),
   DATA_DIR: z.string().min(1).default(".data"),
   SEED_SAMPLES: flag.default(true),
+  AUTH_TOKENS: authTokens.optional(),
+  AUTH_DISABLED: flag.default(false),
+  IDEMPOTENCY_TTL_SECONDS: int(60).default(24 * 3600),
+  DEDUP_IN_FLIGHT: flag.default(true),
+  REUSE_RESULTS: flag.default(true),
+  MAX_ACTIVE_JOBS_PER_OWNER: int(0).default(5),
+  INITIATE_RATE_PER_MINUTE: int(0).default(60),
+  MAX_QUEUE_DEPTH: int(0).default(10_000),
+  MAX_JOB_BYTES: int(0).default(10 * 1024 * 1024 * 1024),
+  RESULT_TTL_SECONDS: int(1).default(24 * 3600),
+  RETENTION_INTERVAL_MS: int(100).default(60_000),
+  WEBHOOK_SECRET: z.string().min(16, { error: "expected at least 16 characters" }).optional(),
+  WEBHOOK_ALLOW_PRIVATE: flag.default(false),
+  WEBHOOK_ALLOWED_HOSTS: hostList.optional(),
+  WEBHOOK_TIMEOUT_MS: int(100).default(10_000),
+  WEBHOOK_ATTEMPTS: int(1, 100).default(8),
+  WEBHOOK_BACKOFF_MS: int(0).default(2000),
 });
 
 export type Config = z.infer<typeof schema>;
