@@ -84,6 +84,8 @@ const schema = z.object({
   MAX_FILES_PER_JOB: int(1, 100_000).default(100),
   MAX_REQUEST_BYTES: int(1024).default(65_536),
   WATCH_HEARTBEAT_MS: int(100).default(15_000),
+  // 0 is off; otherwise at least a second, or clients would spend their time reconnecting.
+  WATCH_MAX_STREAM_MS: int(0).refine((v) => v === 0 || v >= 1000, { error: "expected 0 (off) or at least 1000" }).default(0),
   WORKER_CONCURRENCY: int(1, 1000).default(4),
   JOB_ATTEMPTS: int(1, 100).default(3),
   JOB_BACKOFF_MS: int(0).default(1000),

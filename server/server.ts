@@ -76,7 +76,11 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
 
   const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS });
   const jobs = new JobService({ store, queue, redis, maxFilesPerJob: cfg.MAX_FILES_PER_JOB });
-  const hub = new WatchHub(sub, store, { heartbeatMs: cfg.WATCH_HEARTBEAT_MS, log: log.child({ part: "watch-hub" }) });
+  const hub = new WatchHub(sub, store, {
+    heartbeatMs: cfg.WATCH_HEARTBEAT_MS,
+    maxStreamMs: cfg.WATCH_MAX_STREAM_MS,
+    log: log.child({ part: "watch-hub" }),
+  });
 
   const rpcLog = log.child({ part: "rpc" });
   const adapter = connectNodeAdapter({

@@ -18,6 +18,12 @@ export type WatchEvent =
 export interface WatchHubOptions {
   /** A heartbeat is sent on a stream after this long without a message. */
   heartbeatMs: number;
+  /**
+   * A stream older than this ends cleanly (OK) right after a message, so the client
+   * reconnects with the latest version before a proxy's hard request limit cuts it;
+   * 0 (the default) is off.
+   */
+  maxStreamMs?: number;
   /** How long a new watch waits for its channel subscription before UNAVAILABLE. */
   subscribeTimeoutMs?: number;
   log: Logger;
@@ -32,6 +38,8 @@ interface Watcher {
   /** Records not yet sent, oldest first; consecutive ones in one state are coalesced. */
   pending: JobRecord[];
   sentAt: number;
+  /** When the stream is to end (WATCH_MAX_STREAM_MS); Infinity when it never does. */
+  endAt: number;
   heartbeatDue: boolean;
   failure: unknown;
   wake: (() => void) | undefined;
@@ -71,6 +79,7 @@ export class WatchHub {
   private readonly topics = new Map<string, Topic>();
   private readonly watchers = new Set<Watcher>();
   private readonly subscribeTimeoutMs: number;
+  private readonly maxStreamMs: number;
   private readonly tickMs: number;
   private ticker: NodeJS.Timeout | undefined;
   private closedWith: unknown;
@@ -82,9 +91,12 @@ export class WatchHub {
     private readonly opts: WatchHubOptions,
   ) {
     this.subscribeTimeoutMs = opts.subscribeTimeoutMs ?? 3000;
-    // One shared ticker instead of a timer per stream; a heartbeat is late by at most
-    // one tick (a fifth of the interval, never more than a second).
-    this.tickMs = Math.max(10, Math.min(1000, Math.floor(opts.heartbeatMs / 5)));
+    this.maxStreamMs = opts.maxStreamMs ?? 0;
+    // One shared ticker instead of a timer per stream; a heartbeat (or the end of an
+    // expired stream) is late by at most one tick (a fifth of the shorter interval,
+    // never more than a second).
+    const shortest = this.maxStreamMs > 0 ? Math.min(opts.heartbeatMs, this.maxStreamMs) : opts.heartbeatMs;
+    this.tickMs = Math.max(10, Math.min(1000, Math.floor(shortest / 5)));
     this.wasReady = sub.status === "ready";
     sub.on("message", (channel: string, message: string) => this.onMessage(channel, message));
     sub.on("ready", () => {
@@ -108,11 +120,13 @@ export class WatchHub {
    */
   async *watch(jobId: string, afterVersion: number, signal: AbortSignal): AsyncGenerator<WatchEvent> {
     if (this.closedWith !== undefined) throw this.closedWith;
+    const now = Date.now();
     const w: Watcher = {
       last: afterVersion,
       version: 0,
       pending: [],
-      sentAt: Date.now(),
+      sentAt: now,
+      endAt: this.maxStreamMs > 0 ? now + this.maxStreamMs : Number.POSITIVE_INFINITY,
       heartbeatDue: false,
       failure: undefined,
       wake: undefined,
@@ -135,7 +149,7 @@ export class WatchHub {
         // The caller has seen this version: tell it at once that the stream is alive.
         yield this.sent(w, { heartbeat: { time: Date.now(), version: snapshot.version } });
       }
-      if (isTerminal(snapshot.state)) return;
+      if (isTerminal(snapshot.state) || this.expired(w)) return;
       for (;;) {
         if (w.failure !== undefined) throw w.failure;
         if (signal.aborted) return;
@@ -145,11 +159,13 @@ export class WatchHub {
           w.last = rec.version;
           w.version = rec.version;
           yield this.sent(w, { job: rec });
-          if (isTerminal(rec.state)) return;
+          if (isTerminal(rec.state) || this.expired(w)) return;
           continue;
         }
         if (w.heartbeatDue) {
           yield this.sent(w, { heartbeat: { time: Date.now(), version: w.version } });
+          // Ending right after a message: the client holds the latest version to resume from.
+          if (this.expired(w)) return;
           continue;
         }
         await new Promise<void>((resolve) => {
@@ -173,6 +189,10 @@ export class WatchHub {
       wake(w);
     }
     this.stopTicker();
+  }
+
+  private expired(w: Watcher): boolean {
+    return Date.now() >= w.endAt;
   }
 
   private sent(w: Watcher, event: WatchEvent): WatchEvent {
@@ -264,9 +284,11 @@ export class WatchHub {
   }
 
   private tick(): void {
-    const due = Date.now() - this.opts.heartbeatMs;
+    const now = Date.now();
+    const due = now - this.opts.heartbeatMs;
     for (const w of this.watchers) {
-      if (!w.heartbeatDue && w.sentAt <= due && w.pending.length === 0) {
+      // An expired stream idle right now gets a heartbeat, after which it ends.
+      if (!w.heartbeatDue && (w.sentAt <= due || now >= w.endAt) && w.pending.length === 0) {
         w.heartbeatDue = true;
         wake(w);
       }

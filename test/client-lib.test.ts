@@ -214,3 +214,38 @@ describe("watchJob", () => {
     expect(events.filter((e) => e.type === "reconnecting").length).toBeGreaterThan(1);
   });
 });
+
+describe("WATCH_MAX_STREAM_MS", () => {
+  test("a stream older than the limit ends cleanly right after a message, and watchJob resumes with no gap", async () => {
+    const short = await startApiStack({ WATCH_HEARTBEAT_MS: "400", WATCH_MAX_STREAM_MS: "1000" }, { services: st.svc });
+    try {
+      const c = createNodeClient({ baseUrl: short.server.url });
+      const { job } = await c.initiate({ fileIds: [1] });
+      const jobId = job?.jobId ?? "";
+
+      // The raw stream: it ends OK (no error) although the job is still queued.
+      const started = Date.now();
+      const kinds: string[] = [];
+      for await (const msg of c.watchJob({ jobId, afterVersion: 0 })) kinds.push(msg.event.case ?? "");
+      expect(Date.now() - started).toBeGreaterThanOrEqual(1000);
+      expect(kinds[0]).toBe("job");
+      expect(kinds.length).toBeGreaterThan(1);
+
+      const w = collect(c, jobId);
+      await expect.poll(() => w.jobs.length).toBe(1);
+      await short.startJob(jobId);
+      await expect.poll(() => w.count("reconnecting"), { timeout: 15_000 }).toBeGreaterThanOrEqual(2);
+      await short.progress(jobId, 500, 1000);
+      await expect.poll(() => w.count("reconnecting"), { timeout: 15_000 }).toBeGreaterThanOrEqual(4);
+      await short.complete(jobId, Buffer.from("zip"));
+      expect(await w.done).toBeUndefined();
+      expect(w.jobs.map((j) => j.version)).toEqual([1, 2, 3, 4]);
+      expectCleanSequence(w.jobs);
+      // Clean ends carry no error: nothing went wrong, the server asked for a fresh stream.
+      expect(w.events.filter((e) => e.type === "reconnecting").every((e) => e.error === undefined)).toBe(true);
+      expect(w.count("polling")).toBe(0);
+    } finally {
+      await short.stop();
+    }
+  });
+});
