@@ -118,7 +118,11 @@ const schema = z.object({
   WEBHOOK_TIMEOUT_MS: int(100).default(10_000),
   WEBHOOK_ATTEMPTS: int(1, 100).default(8),
   WEBHOOK_BACKOFF_MS: int(0).default(2000),
+  WEB_ROOT: z.string().default("clients/web/dist"),
 });
+
+// Variables whose empty value means "off" rather than "use the default".
+const EMPTY_MEANS_OFF = new Set(["WEB_ROOT"]);
 
 export type Config = z.infer<typeof schema>;
 
@@ -128,7 +132,9 @@ export class ConfigError extends Error {
 
 /** Parses the environment once; throws ConfigError naming every bad variable. */
 export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
-  const input = Object.fromEntries(Object.entries(env).filter(([, v]) => v !== undefined && v !== ""));
+  const input = Object.fromEntries(
+    Object.entries(env).filter(([k, v]) => v !== undefined && (v !== "" || EMPTY_MEANS_OFF.has(k))),
+  );
   const parsed = schema.safeParse(input);
   if (!parsed.success) {
     const lines = parsed.error.issues.map((i) => `  ${i.path.join(".")}: ${i.message}`);

@@ -2,27 +2,14 @@ import { PutObjectCommand } from "@aws-sdk/client-s3";
 import { createCipheriv, createHash } from "node:crypto";
 import { Readable } from "node:stream";
 import type { Storage } from "../core/storage.js";
+import { SAMPLE_FILES, type SampleFile } from "./sample-files.js";
 
 // Sample source files for the embedded default, tests and benchmarks: ten file ids with
 // sizes from 1 MB to 50 MB. The bytes are a pure function of (file id, size), so a test
 // can recompute any of them, and they are made as a stream: a 50 MB sample never sits in
 // memory, neither here nor in the upload.
 
-export interface SampleFile {
-  fileId: number;
-  sizeBytes: number;
-  /** The object's `filename` metadata, the name the ZIP entry gets. */
-  fileName: string;
-}
-
-const SAMPLE_MEGABYTES = [1, 2, 3, 5, 8, 13, 21, 30, 40, 50] as const;
-
-export const SAMPLE_FILES: readonly SampleFile[] = SAMPLE_MEGABYTES.map((mb, i) => {
-  const fileId = 70_000 + i;
-  return { fileId, sizeBytes: mb * 1_000_000, fileName: `sample-${fileId}.bin` };
-});
-
-export const SAMPLE_FILE_IDS: readonly number[] = SAMPLE_FILES.map((f) => f.fileId);
+export { SAMPLE_FILE_IDS, SAMPLE_FILES, type SampleFile } from "./sample-files.js";
 
 const CHUNK_BYTES = 64 * 1024;
 

@@ -12,6 +12,7 @@ import { createDualProtocolListener } from "./dual-protocol-listener.js";
 import { routes } from "./routes.js";
 import { rpcInterceptor } from "./rpc-interceptor.js";
 import { rpcContextValues, withRpcLog, type NodeHandler } from "./rpc-log.js";
+import { createStaticSite } from "./static-site.js";
 import { WatchHub } from "./watch-hub.js";
 
 export interface ApiServer {
@@ -83,6 +84,7 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
   });
 
   const rpcLog = log.child({ part: "rpc" });
+  const site = cfg.WEB_ROOT === "" ? undefined : createStaticSite(cfg.WEB_ROOT, { onError: (err) => log.warn({ err }, "page") });
   const adapter = connectNodeAdapter({
     routes: routes({ jobs, hub, presigner: storage }),
     readMaxBytes: cfg.MAX_REQUEST_BYTES,
@@ -98,6 +100,8 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
         res.end(listener.closing ? "shutting down\n" : "ok\n");
         return;
       }
+      // The browser page (clients/web), on the same origin as the API it calls.
+      if (site?.handle(req, res) === true) return;
       res.writeHead(404);
       res.end();
     },
