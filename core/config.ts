@@ -101,6 +101,8 @@ const schema = z.object({
   LOG_LEVEL: z.enum(["fatal", "error", "warn", "info", "debug", "trace", "silent"]).default("info"),
   DATA_DIR: z.string().min(1).default(".data"),
   SEED_SAMPLES: flag.default(true),
+  READY_TIMEOUT_MS: int(50, 30_000).default(2000),
+  WORKER_HEALTH_PORT: int(0, 65535).default(0),
   AUTH_TOKENS: authTokens.optional(),
   AUTH_DISABLED: flag.default(false),
   IDEMPOTENCY_TTL_SECONDS: int(60).default(24 * 3600),

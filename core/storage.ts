@@ -180,9 +180,12 @@ export class Storage {
     }
   }
 
-  /** Cheap reachability check for readiness. */
-  async ping(): Promise<void> {
-    await this.client.send(new HeadBucketCommand({ Bucket: this.opts.resultBucket }));
+  /** Cheap reachability check for readiness; `signal` bounds it. */
+  async ping(signal?: AbortSignal): Promise<void> {
+    await this.client.send(
+      new HeadBucketCommand({ Bucket: this.opts.resultBucket }),
+      signal ? { abortSignal: signal } : {},
+    );
   }
 
   destroy(): void {

@@ -3,6 +3,7 @@ import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import type { Config } from "../core/config.js";
+import { Readiness, redisCheck, s3Check, serveHealth } from "../core/health.js";
 import { JobService } from "../core/job-service.js";
 import { JobStore } from "../core/job-store.js";
 import { createBundleQueue } from "../core/queue.js";
@@ -83,10 +84,17 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     log: log.child({ part: "watch-hub" }),
   });
 
+  // /readyz and grpc.health.v1 report the same checks; from close() on, both say no.
+  const stopping = new AbortController();
+  const readiness = new Readiness(
+    [redisCheck("redis", redis), redisCheck("redis-events", sub, { ping: false }), s3Check(storage)],
+    cfg.READY_TIMEOUT_MS,
+  );
+
   const rpcLog = log.child({ part: "rpc" });
   const site = cfg.WEB_ROOT === "" ? undefined : createStaticSite(cfg.WEB_ROOT, { onError: (err) => log.warn({ err }, "page") });
   const adapter = connectNodeAdapter({
-    routes: routes({ jobs, hub, presigner: storage }),
+    routes: routes({ jobs, hub, presigner: storage }, { health: { readiness, stopping: stopping.signal } }),
     readMaxBytes: cfg.MAX_REQUEST_BYTES,
     // connect-es ignores unknown JSON fields by default; protobuf's own default (and
     // what a caller with a typo wants) is an error naming the field.
@@ -94,12 +102,8 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     interceptors: [rpcInterceptor(rpcLog)],
     contextValues: rpcContextValues,
     fallback: (req, res) => {
-      // A liveness probe for load balancers; everything else is not ours.
-      if (req.url === "/healthz" && (req.method === "GET" || req.method === "HEAD")) {
-        res.writeHead(listener.closing ? 503 : 200, { "content-type": "text/plain" });
-        res.end(listener.closing ? "shutting down\n" : "ok\n");
-        return;
-      }
+      // Liveness (/healthz) and readiness (/readyz) probes; everything else is not ours.
+      if (serveHealth(req, res, { closing: () => listener.closing, readiness })) return;
       // The browser page (clients/web), on the same origin as the API it calls.
       if (site?.handle(req, res) === true) return;
       res.writeHead(404);
@@ -131,6 +135,7 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
   const close = () => {
     closed ??= (async () => {
       log.info("api shutting down");
+      stopping.abort();
       hub.close(new ConnectError(SHUTDOWN_MESSAGE, Code.Unavailable));
       await listener.close(drainTimeoutMs);
       await closeBackends();

@@ -1,5 +1,7 @@
 import { ConfigError, loadConfig } from "../core/config.js";
+import { Readiness } from "../core/health.js";
 import { createLogger } from "../core/logger.js";
+import { startWorkerHealthServer } from "./health.js";
 import { startWorker } from "./worker.js";
 
 // Worker process entry: config, the BullMQ worker, signals.
@@ -23,6 +25,10 @@ async function main(): Promise<void> {
   process.on("unhandledRejection", (err) => log.error({ err }, "unhandled rejection"));
   const worker = await startWorker(cfg, log);
   let stopping = false;
+  if (cfg.WORKER_HEALTH_PORT !== 0) {
+    const readiness = new Readiness(worker.readinessChecks, cfg.READY_TIMEOUT_MS);
+    await startWorkerHealthServer({ host: cfg.HOST, port: cfg.WORKER_HEALTH_PORT, readiness, closing: () => stopping, log });
+  }
   const stop = (signal: string) => {
     if (stopping) return;
     stopping = true;

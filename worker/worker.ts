@@ -1,5 +1,6 @@
 import { Worker } from "bullmq";
 import type { Config } from "../core/config.js";
+import { type ReadinessCheck, redisCheck, s3Check } from "../core/health.js";
 import { JobStore } from "../core/job-store.js";
 import { isTerminal } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
@@ -13,6 +14,8 @@ export interface RunningWorker {
   close(): Promise<void>;
   /** Job ids running in this process right now. */
   running(): string[];
+  /** What the worker's /readyz checks: its own Redis connections, S3, the BullMQ loop. */
+  readinessChecks: ReadinessCheck[];
 }
 
 export async function startWorker(cfg: Config, log: Logger): Promise<RunningWorker> {
@@ -86,6 +89,17 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
 
   return {
     running: () => [...running.keys()],
+    readinessChecks: [
+      redisCheck("redis", redis),
+      redisCheck("redis-events", sub, { ping: false }),
+      s3Check(storage),
+      {
+        name: "worker",
+        run: async () => {
+          if (!worker.isRunning()) throw new Error("worker is not taking jobs");
+        },
+      },
+    ],
     async close() {
       await worker.close();
       await sub.quit().catch(() => undefined);
