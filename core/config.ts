@@ -58,6 +58,17 @@ const authTokens = z.string().transform((raw, ctx): AuthToken[] => {
 // Host names or CIDR ranges a webhook may reach although they are private.
 const hostList = z.string().transform((raw) => raw.split(/[\s,]+/).filter((s) => s !== ""));
 
+// Seed nodes of a Redis Cluster: host:port or redis:// URLs, separated by commas.
+const clusterNodes = z.string().transform((raw, ctx): string[] => {
+  const nodes = raw.split(/[\s,]+/).filter((s) => s !== "");
+  const bad = nodes.filter((n) => !/^rediss?:\/\/./.test(n) && !/^[^\s:/]+:\d{1,5}$/.test(n));
+  if (nodes.length === 0 || bad.length > 0) {
+    ctx.addIssue({ code: "custom", message: "expected host:port (or redis://host:port) seed nodes separated by commas" });
+    return z.NEVER;
+  }
+  return nodes;
+});
+
 const schema = z.object({
   PORT: int(0, 65535).default(8080),
   HOST: z.string().min(1).default("127.0.0.1"),
@@ -121,6 +132,18 @@ const schema = z.object({
   WEBHOOK_ATTEMPTS: int(1, 100).default(8),
   WEBHOOK_BACKOFF_MS: int(0).default(2000),
   WEB_ROOT: z.string().default("clients/web/dist"),
+  REDIS_CLUSTER_NODES: clusterNodes.optional(),
+  LOG_FORMAT: z.enum(["pretty", "json"]).optional(),
+  NODE_ENV: z.string().optional(),
+  ADMIN_TOKEN_SHA256: z
+    .string()
+    .regex(/^[0-9a-fA-F]{64}$/, { error: 'expected the hex SHA-256 of the admin token, from: printf %s "$TOKEN" | sha256sum' })
+    .transform((v) => v.toLowerCase())
+    .optional(),
+  OTEL_TRACES_EXPORTER: z.enum(["otlp", "console", "none"], { error: "expected otlp, console or none" }).optional(),
+  OTEL_EXPORTER_OTLP_ENDPOINT: url.optional(),
+  OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: url.optional(),
+  OTEL_BSP_SCHEDULE_DELAY: int(1).default(5000),
 });
 
 // Variables whose empty value means "off" rather than "use the default".
@@ -146,5 +169,25 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
   if (cfg.S3_ENDPOINT !== undefined && (cfg.S3_ACCESS_KEY_ID === undefined || cfg.S3_SECRET_ACCESS_KEY === undefined)) {
     throw new ConfigError("invalid configuration:\n  S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY: required when S3_ENDPOINT is set");
   }
+  if (cfg.REDIS_CLUSTER_NODES !== undefined) {
+    if (cfg.REDIS_URL !== undefined) {
+      throw new ConfigError("invalid configuration:\n  REDIS_URL, REDIS_CLUSTER_NODES: set one of them, not both");
+    }
+    // BullMQ's Lua scripts touch several keys of a queue at once, which a cluster allows
+    // only within one hash slot: the `{tag}` in the prefix puts every key in the same one.
+    if (!hasHashTag(cfg.QUEUE_PREFIX)) {
+      throw new ConfigError(
+        `invalid configuration:\n  QUEUE_PREFIX: with REDIS_CLUSTER_NODES the prefix needs a hash tag such as {dj} (got ${cfg.QUEUE_PREFIX})`,
+      );
+    }
+  }
   return cfg;
+}
+
+/** Redis Cluster hashes only the part between the first `{` and the next `}`, if not empty. */
+export function hasHashTag(key: string): boolean {
+  const open = key.indexOf("{");
+  if (open === -1) return false;
+  const close = key.indexOf("}", open + 1);
+  return close > open + 1;
 }
