@@ -5,11 +5,13 @@ import type { Logger } from "pino";
 import type { Config } from "../core/config.js";
 import { Readiness, redisCheck, s3Check, serveHealth } from "../core/health.js";
 import { JobService } from "../core/job-service.js";
+import { parseJobId } from "../core/jobs.js";
 import { JobStore } from "../core/job-store.js";
 import { createBundleQueue } from "../core/queue.js";
 import { createRedis, waitForRedis } from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { createDualProtocolListener } from "./dual-protocol-listener.js";
+import { createFastPath } from "./fast-path.js";
 import { routes } from "./routes.js";
 import { rpcInterceptor } from "./rpc-interceptor.js";
 import { rpcContextValues, withRpcLog, type NodeHandler } from "./rpc-log.js";
@@ -33,6 +35,11 @@ export interface ApiServerOptions {
   connectionsCheckingIntervalMs?: number;
   /** How long close() lets in-flight calls finish before cutting connections. */
   drainTimeoutMs?: number;
+  /**
+   * Serve Connect GetStatus and WatchJob through the lean handlers (fast-path.ts); default
+   * true. False leaves every call to connect-node, for comparisons.
+   */
+  fastPaths?: boolean;
 }
 
 /** The message open WatchJob streams end with when the server stops. */
@@ -111,7 +118,28 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     },
   });
 
-  const listener = createDualProtocolListener(withRpcLog(adapter as NodeHandler, rpcLog), {
+  const fast =
+    opts.fastPaths === false
+      ? undefined
+      : createFastPath({
+          // The hook for bearer-token auth: replace with the authenticator's
+          // authenticate(headers) once it exists, and pass the owner on below.
+          authenticate: () => "",
+          getJob: (_owner, jobId) => jobs.get(jobId),
+          watch: (_owner, jobId, afterVersion, signal) => hub.watch(parseJobId(jobId), afterVersion, signal),
+          presigner: storage,
+          readMaxBytes: cfg.MAX_REQUEST_BYTES,
+          presignExpirySeconds: cfg.PRESIGN_EXPIRY_SECONDS,
+          log: rpcLog,
+        });
+  const handler: NodeHandler =
+    fast === undefined
+      ? (adapter as NodeHandler)
+      : (req, res) => {
+          if (!fast(req, res)) adapter(req as never, res as never);
+        };
+
+  const listener = createDualProtocolListener(withRpcLog(handler, rpcLog), {
     headersTimeoutMs: opts.headersTimeoutMs ?? 10_000,
     requestTimeoutMs: opts.requestTimeoutMs ?? 30_000,
     keepAliveTimeoutMs: 5_000,

@@ -1,0 +1,65 @@
+import { contentTypeStreamRegExp, contentTypeUnaryRegExp } from "@connectrpc/connect/protocol-connect";
+import { type FastPathDeps, type NodeRequest, type NodeResponse, isIdentity } from "./fast-connect.js";
+import { createFastStatus } from "./fast-status.js";
+import { createFastWatch } from "./fast-watch.js";
+
+// Routes the two hot calls to their lean handlers, in front of connectNodeAdapter:
+// GetStatus over Connect unary (polling) and WatchJob over Connect streaming (fan-out).
+// Only requests the lean handlers serve exactly as connect-node would are taken: plain
+// Connect JSON or binary, uncompressed. gRPC, gRPC-Web, compressed requests, unknown
+// content types and methods go to connect-node, which answers them as before.
+
+export type { FastPathDeps } from "./fast-connect.js";
+
+const SERVICE = "/downloads.v1.DownloadService/";
+const GET_STATUS = `${SERVICE}GetStatus`;
+const WATCH_JOB = `${SERVICE}WatchJob`;
+
+/** Returns true when it has taken the request; false leaves it to connect-node. */
+export type FastPath = (req: NodeRequest, res: NodeResponse) => boolean;
+
+export function createFastPath(deps: FastPathDeps): FastPath {
+  const getStatus = createFastStatus(deps);
+  const watchJob = createFastWatch(deps);
+
+  return (req, res) => {
+    const url = req.url ?? "";
+    if (!url.startsWith(SERVICE)) return false;
+    const q = url.indexOf("?");
+    const path = q === -1 ? url : url.slice(0, q);
+    const headers = req.headers;
+
+    if (path === GET_STATUS) {
+      if (req.method === "POST") {
+        const type = headers["content-type"];
+        if (type === undefined || !contentTypeUnaryRegExp.test(type) || !isIdentity(headers["content-encoding"])) {
+          return false;
+        }
+        void getStatus(req, res, { method: "POST", binary: isProto(type) });
+        return true;
+      }
+      if (req.method === "GET" && q !== -1) {
+        const params = new URLSearchParams(url.slice(q + 1));
+        const encoding = params.get("encoding");
+        if ((encoding !== "json" && encoding !== "proto") || params.has("compression")) return false;
+        void getStatus(req, res, { method: "GET", binary: encoding === "proto", params });
+        return true;
+      }
+      return false;
+    }
+
+    if (path === WATCH_JOB && req.method === "POST") {
+      const type = headers["content-type"];
+      if (type === undefined || !contentTypeStreamRegExp.test(type) || !isIdentity(headers["connect-content-encoding"])) {
+        return false;
+      }
+      void watchJob(req, res, isProto(type));
+      return true;
+    }
+    return false;
+  };
+}
+
+function isProto(contentType: string): boolean {
+  return contentType.toLowerCase().endsWith("proto");
+}

@@ -1,0 +1,316 @@
+import http2 from "node:http2";
+import { fromBinary, toBinary, create } from "@bufbuild/protobuf";
+import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { newJobId } from "../core/jobs.js";
+import {
+  GetStatusRequestSchema,
+  GetStatusResponseSchema,
+  WatchJobRequestSchema,
+  WatchJobResponseSchema,
+} from "../gen/downloads/v1/download_service_pb.js";
+import { type ApiStack, startApiStack } from "./helpers/api.js";
+import { type Services, startServices } from "./helpers/services.js";
+
+// The lean GetStatus and WatchJob handlers (server/fast-*.ts), called the way a client
+// without a Connect library would: raw envelopes over fetch and node:http2. Every odd
+// request is also sent to a server without the fast paths (connect-node alone): both
+// must answer with the same HTTP status and the same Connect code.
+
+const MAX_BYTES = 1024;
+const SERVICE = "/downloads.v1.DownloadService";
+
+let svc: Services;
+let fast: ApiStack;
+let plain: ApiStack;
+
+beforeAll(async () => {
+  svc = await startServices();
+  const env = { MAX_REQUEST_BYTES: String(MAX_BYTES), WATCH_HEARTBEAT_MS: "60000", PRESIGN_EXPIRY_SECONDS: "300" };
+  fast = await startApiStack(env, { services: svc });
+  plain = await startApiStack(env, { services: svc, fastPaths: false });
+});
+afterAll(async () => {
+  await fast?.stop();
+  await plain?.stop();
+  await svc?.stop();
+});
+
+/** One Connect envelope: flags, big-endian length, payload. */
+function envelope(flags: number, data: string | Uint8Array): Buffer {
+  const payload = Buffer.from(data);
+  const head = Buffer.alloc(5);
+  head[0] = flags;
+  head.writeUInt32BE(payload.length, 1);
+  return Buffer.concat([head, payload]);
+}
+
+interface Frame {
+  flags: number;
+  data: Buffer;
+}
+
+function frames(body: Buffer): Frame[] {
+  const out: Frame[] = [];
+  for (let at = 0; at + 5 <= body.length; ) {
+    const length = body.readUInt32BE(at + 1);
+    out.push({ flags: body[at] as number, data: body.subarray(at + 5, at + 5 + length) });
+    at += 5 + length;
+  }
+  return out;
+}
+
+/** The JSON messages of a stream and its end-of-stream object. */
+function decodeJsonStream(body: Buffer): { messages: Record<string, any>[]; end: { error?: { code: string; message?: string } } } {
+  const all = frames(body);
+  const last = all.at(-1);
+  expect(last?.flags).toBe(2);
+  return {
+    messages: all.slice(0, -1).map((f) => JSON.parse(f.data.toString()) as Record<string, any>),
+    end: JSON.parse(last?.data.toString() ?? "{}") as { error?: { code: string } },
+  };
+}
+
+const watchRequest = (jobId: string, afterVersion = 0) => envelope(0, JSON.stringify({ jobId, afterVersion }));
+
+async function watchRaw(stack: ApiStack, body: Buffer, headers: Record<string, string> = {}) {
+  const res = await fetch(`${stack.server.url}${SERVICE}/WatchJob`, {
+    method: "POST",
+    headers: { "content-type": "application/connect+json", ...headers },
+    body: new Uint8Array(body),
+  });
+  return { status: res.status, type: res.headers.get("content-type"), body: Buffer.from(await res.arrayBuffer()) };
+}
+
+/** Reads a stream as it arrives; `messages` fills up, `done` resolves at its end. */
+function follow(stack: ApiStack, jobId: string) {
+  const messages: Record<string, any>[] = [];
+  let end: { error?: { code: string } } | undefined;
+  const done = (async () => {
+    const res = await fetch(`${stack.server.url}${SERVICE}/WatchJob`, {
+      method: "POST",
+      headers: { "content-type": "application/connect+json" },
+      body: new Uint8Array(watchRequest(jobId)),
+    });
+    let buf = Buffer.alloc(0);
+    for await (const chunk of res.body as unknown as AsyncIterable<Uint8Array>) {
+      buf = Buffer.concat([buf, chunk]);
+      for (;;) {
+        if (buf.length < 5) break;
+        const length = buf.readUInt32BE(1);
+        if (buf.length < 5 + length) break;
+        const frame = JSON.parse(buf.subarray(5, 5 + length).toString()) as Record<string, any>;
+        if (buf[0] === 2) end = frame;
+        else messages.push(frame);
+        buf = buf.subarray(5 + length);
+      }
+    }
+    return end;
+  })();
+  return { messages, done };
+}
+
+describe("WatchJob over raw Connect envelopes", () => {
+  test("JSON: the snapshot, each change, the completed job with a download URL, then {}", async () => {
+    const jobId = (await fast.store.create(newJobId(), [1, 2])).id;
+    const w = follow(fast, jobId);
+    await expect.poll(() => w.messages.length).toBe(1);
+    await fast.startJob(jobId);
+    await fast.progress(jobId, 30, 100);
+    await expect.poll(() => w.messages.at(-1)?.job?.progress?.percent).toBe(30);
+    await fast.complete(jobId, Buffer.from("zip bytes"));
+    const end = await w.done;
+    expect(end).toEqual({});
+    const jobs = w.messages.map((m) => m.job as { state: string; version: number; result?: { downloadUrl: string } });
+    expect(jobs.map((j) => j.state)).toEqual([
+      "JOB_STATE_QUEUED",
+      "JOB_STATE_PROCESSING",
+      "JOB_STATE_PROCESSING",
+      "JOB_STATE_COMPLETED",
+    ]);
+    expect(jobs.map((j) => j.version)).toEqual([1, 2, 3, 4]);
+    const download = await fetch(jobs.at(-1)?.result?.downloadUrl ?? "");
+    expect(Buffer.from(await download.arrayBuffer()).toString()).toBe("zip bytes");
+  });
+
+  test("binary over HTTP/2: the same messages as protobuf, ended by {}", async () => {
+    const jobId = (await fast.store.create(newJobId(), [3])).id;
+    await fast.startJob(jobId);
+    await fast.fail(jobId);
+    const session = http2.connect(fast.server.url);
+    try {
+      const stream = session.request({
+        ":method": "POST",
+        ":path": `${SERVICE}/WatchJob`,
+        "content-type": "application/connect+proto",
+      });
+      stream.end(envelope(0, toBinary(WatchJobRequestSchema, create(WatchJobRequestSchema, { jobId }))));
+      const [headers, body] = await new Promise<[http2.IncomingHttpHeaders, Buffer]>((ok, fail) => {
+        const chunks: Buffer[] = [];
+        let head: http2.IncomingHttpHeaders = {};
+        stream.on("response", (h) => (head = h));
+        stream.on("data", (d: Buffer) => chunks.push(d));
+        stream.on("end", () => ok([head, Buffer.concat(chunks)]));
+        stream.on("error", fail);
+      });
+      expect(headers[":status"]).toBe(200);
+      expect(headers["content-type"]).toBe("application/connect+proto");
+      const all = frames(body);
+      expect(all.map((f) => f.flags)).toEqual([0, 2]);
+      const msg = fromBinary(WatchJobResponseSchema, all[0]?.data ?? new Uint8Array());
+      expect(msg.event.case).toBe("job");
+      expect(msg.event.case === "job" ? [msg.event.value.version, msg.event.value.error?.code] : []).toEqual([3, "not_found"]);
+      expect(all[1]?.data.toString()).toBe("{}");
+    } finally {
+      session.close();
+    }
+  });
+
+  test("a resumed watch of an unchanged job gets a heartbeat at once", async () => {
+    const jobId = (await fast.store.create(newJobId(), [4])).id;
+    const res = await watchRaw(fast, watchRequest(jobId, 1), { "connect-timeout-ms": "500" });
+    const { messages, end } = decodeJsonStream(res.body);
+    expect(messages).toHaveLength(1);
+    expect(messages[0]?.heartbeat?.version).toBe(1);
+    expect(end.error?.code).toBe("deadline_exceeded");
+  });
+
+  test("connect-timeout-ms ends an open stream with deadline_exceeded", async () => {
+    const jobId = (await fast.store.create(newJobId(), [5])).id;
+    const res = await watchRaw(fast, watchRequest(jobId), { "connect-timeout-ms": "300" });
+    expect(res.status).toBe(200);
+    const { messages, end } = decodeJsonStream(res.body);
+    expect(messages.map((m) => m.job?.version)).toEqual([1]);
+    expect(end.error?.code).toBe("deadline_exceeded");
+  });
+
+  const unknownJob = newJobId();
+  test.each([
+    ["a malformed job id", () => watchRequest("../etc/passwd"), {}],
+    ["an unknown job", () => watchRequest(unknownJob), {}],
+    ["a cut-off envelope", () => watchRequest(unknownJob).subarray(0, 9), {}],
+    ["a message over the size limit", () => envelope(0, JSON.stringify({ jobId: "x".repeat(MAX_BYTES * 2) })), {}],
+    ["a compressed flag without an encoding", () => envelope(1, JSON.stringify({ jobId: unknownJob })), {}],
+    ["an encoding the server does not know", () => watchRequest(unknownJob), { "connect-content-encoding": "snappy" }],
+    ["no message at all", () => Buffer.alloc(0), {}],
+    ["two messages", () => Buffer.concat([watchRequest(unknownJob), watchRequest(unknownJob)]), {}],
+    ["malformed JSON", () => envelope(0, '{"jobId":'), {}],
+    ["an unknown field", () => envelope(0, '{"jobIdd":"x"}'), {}],
+    ["a malformed timeout", () => watchRequest(unknownJob), { "connect-timeout-ms": "soon" }],
+  ])("%s gets the same answer as from connect-node", async (_what, body, headers) => {
+    const [a, b] = await Promise.all([watchRaw(fast, body(), headers), watchRaw(plain, body(), headers)]);
+    expect(a.status).toBe(b.status);
+    const fastEnd = decodeJsonStream(a.body);
+    const plainEnd = decodeJsonStream(b.body);
+    expect(fastEnd.messages).toEqual([]);
+    expect(fastEnd.end.error?.code).toBeDefined();
+    expect(fastEnd.end.error?.code).toBe(plainEnd.end.error?.code);
+  });
+
+  test("a binary message that does not parse gets the same answer as from connect-node", async () => {
+    const body = envelope(0, Buffer.from([0xff, 0xff, 0xff]));
+    const headers = { "content-type": "application/connect+proto" };
+    const [a, b] = await Promise.all([watchRaw(fast, body, headers), watchRaw(plain, body, headers)]);
+    expect([a.status, a.type]).toEqual([b.status, b.type]);
+    expect(frames(a.body).at(-1)?.data.toString()).toBe(frames(b.body).at(-1)?.data.toString());
+  });
+});
+
+describe("GetStatus, polled", () => {
+  const post = (stack: ApiStack, body: string | Uint8Array, type = "application/json", headers: Record<string, string> = {}) =>
+    fetch(`${stack.server.url}${SERVICE}/GetStatus`, {
+      method: "POST",
+      headers: { "content-type": type, ...headers },
+      body: typeof body === "string" ? body : new Uint8Array(body),
+    });
+  const get = (stack: ApiStack, query: string) => fetch(`${stack.server.url}${SERVICE}/GetStatus?${query}`);
+  const jsonQuery = (jobId: string) => `connect=v1&encoding=json&message=${encodeURIComponent(JSON.stringify({ jobId }))}`;
+
+  test("JSON POST, binary POST, GET and base64 GET all return the job", async () => {
+    const jobId = (await fast.store.create(newJobId(), [7, 8])).id;
+    await fast.startJob(jobId);
+    await fast.progress(jobId, 25, 100);
+    const binaryRequest = toBinary(GetStatusRequestSchema, create(GetStatusRequestSchema, { jobId }));
+
+    const viaJson = (await (await post(fast, JSON.stringify({ jobId }))).json()) as { job: { version: number; progress: object } };
+    expect(viaJson.job).toMatchObject({ jobId, state: "JOB_STATE_PROCESSING", version: 3, progress: { percent: 25 } });
+
+    const viaBinary = await post(fast, binaryRequest, "application/proto");
+    expect(viaBinary.headers.get("content-type")).toBe("application/proto");
+    const decoded = fromBinary(GetStatusResponseSchema, new Uint8Array(await viaBinary.arrayBuffer()));
+    expect([decoded.job?.jobId, decoded.job?.version, decoded.job?.progress?.percent]).toEqual([jobId, 3, 25]);
+
+    const viaGet = await get(fast, jsonQuery(jobId));
+    expect(((await viaGet.json()) as { job: { version: number } }).job.version).toBe(3);
+
+    const b64 = Buffer.from(binaryRequest).toString("base64url");
+    const viaB64 = await get(fast, `encoding=proto&base64=1&message=${b64}&connect=v1`);
+    expect(fromBinary(GetStatusResponseSchema, new Uint8Array(await viaB64.arrayBuffer())).job?.jobId).toBe(jobId);
+    const jsonB64 = Buffer.from(JSON.stringify({ jobId })).toString("base64url");
+    const viaJsonB64 = await get(fast, `encoding=json&base64=1&message=${jsonB64}`);
+    expect(((await viaJsonB64.json()) as { job: { jobId: string } }).job.jobId).toBe(jobId);
+  });
+
+  test("GET answers may be reused briefly, privately, and never an error", async () => {
+    const running = (await fast.store.create(newJobId(), [1])).id;
+    expect((await get(fast, jsonQuery(running))).headers.get("cache-control")).toBe("private, max-age=1");
+
+    const failed = (await fast.store.create(newJobId(), [1])).id;
+    await fast.fail(failed);
+    expect((await get(fast, jsonQuery(failed))).headers.get("cache-control")).toBe("private, max-age=60");
+
+    // The URL in a completed job expires: the answer may live a tenth of its lifetime.
+    const done = (await fast.store.create(newJobId(), [1])).id;
+    await fast.startJob(done);
+    await fast.complete(done, Buffer.from("zip"));
+    const res = await get(fast, jsonQuery(done));
+    expect(res.headers.get("cache-control")).toBe("private, max-age=30");
+    const body = (await res.json()) as { job: { result: { downloadUrl: string; expireTime: string } } };
+    const maxAge = 30_000;
+    expect(Date.parse(body.job.result.expireTime) - Date.now()).toBeGreaterThan(maxAge * 5);
+
+    const missing = await get(fast, jsonQuery(newJobId()));
+    expect(missing.status).toBe(404);
+    expect(missing.headers.get("cache-control")).toBe("no-store");
+
+    // A POST answer is not for caches at all.
+    expect((await post(fast, JSON.stringify({ jobId: running }))).headers.get("cache-control")).toBeNull();
+  });
+
+  test("connect-timeout-ms is honoured: a malformed one is invalid_argument", async () => {
+    const res = await post(fast, JSON.stringify({ jobId: newJobId() }), "application/json", { "connect-timeout-ms": "x" });
+    expect(res.status).toBe(400);
+    expect(((await res.json()) as { code: string }).code).toBe("invalid_argument");
+    const jobId = (await fast.store.create(newJobId(), [1])).id;
+    const ok = await post(fast, JSON.stringify({ jobId }), "application/json", { "connect-timeout-ms": "10000" });
+    expect(ok.status).toBe(200);
+  });
+
+  const unknownJob = newJobId();
+  const oversized = JSON.stringify({ jobId: "x".repeat(MAX_BYTES * 2) });
+  test.each([
+    ["POST an unknown job", (s: ApiStack) => post(s, JSON.stringify({ jobId: unknownJob }))],
+    ["POST a malformed id", (s: ApiStack) => post(s, JSON.stringify({ jobId: "42" }))],
+    ["POST malformed JSON", (s: ApiStack) => post(s, '{"jobId":')],
+    ["POST an unknown field", (s: ApiStack) => post(s, '{"job_idd":"x"}')],
+    ["POST an oversized body", (s: ApiStack) => post(s, oversized)],
+    ["POST an unparsable binary body", (s: ApiStack) => post(s, new Uint8Array([0xff, 0xff]), "application/proto")],
+    ["POST a wrong content type", (s: ApiStack) => post(s, "{}", "text/plain")],
+    ["POST a gzip body that is not gzip", (s: ApiStack) => post(s, "{}", "application/json", { "content-encoding": "gzip" })],
+    ["GET without a message", (s: ApiStack) => get(s, "encoding=json")],
+    ["GET without an encoding", (s: ApiStack) => get(s, `message=${encodeURIComponent(JSON.stringify({ jobId: unknownJob }))}`)],
+    ["GET an unknown job", (s: ApiStack) => get(s, jsonQuery(unknownJob))],
+    ["GET a malformed id", (s: ApiStack) => get(s, jsonQuery("not-a-uuid"))],
+  ])("%s gets the same status and code as from connect-node", async (_what, call) => {
+    const [a, b] = await Promise.all([call(fast), call(plain)]);
+    expect(a.status).toBe(b.status);
+    const [ta, tb] = [await a.text(), await b.text()];
+    const code = (text: string) => (text === "" ? undefined : (JSON.parse(text) as { code?: string }).code);
+    expect(code(ta)).toBe(code(tb));
+  });
+
+  test("the server keeps serving after every odd request", async () => {
+    const jobId = (await fast.store.create(newJobId(), [1])).id;
+    const res = await get(fast, jsonQuery(jobId));
+    expect(res.status).toBe(200);
+  });
+});
