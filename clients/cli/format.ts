@@ -1,0 +1,62 @@
+import { toJson } from "@bufbuild/protobuf";
+import { type Job, JobSchema, JobState } from "../../gen/downloads/v1/download_service_pb.js";
+
+// How the CLI writes jobs for people and for scripts.
+
+export function stateName(state: JobState): string {
+  return JobState[state] ?? String(state);
+}
+
+/** 1234567 → "1.2 MB" (decimal units, as download sizes are usually quoted). */
+export function formatBytes(n: bigint | number): string {
+  const v = Number(n);
+  const units = ["B", "kB", "MB", "GB", "TB"];
+  let i = 0;
+  let x = v;
+  while (x >= 1000 && i < units.length - 1) {
+    x /= 1000;
+    i += 1;
+  }
+  return i === 0 ? `${v} B` : `${x.toFixed(1)} ${units[i]}`;
+}
+
+export function formatSeconds(s: number): string {
+  if (s < 60) return `${s}s`;
+  const m = Math.floor(s / 60);
+  if (m < 60) return `${m}m${String(s % 60).padStart(2, "0")}s`;
+  return `${Math.floor(m / 60)}h${String(m % 60).padStart(2, "0")}m`;
+}
+
+/** One line: state, percent, files, bytes, rate, ETA. */
+export function progressLine(job: Job): string {
+  const p = job.progress;
+  const parts = [stateName(job.state).padEnd(10), `${String(p?.percent ?? 0).padStart(3)}%`];
+  parts.push(`${p?.filesDone ?? 0}/${p?.filesTotal ?? job.fileIds.length} files`);
+  if (p !== undefined && p.bytesTotal > 0n) parts.push(`${formatBytes(p.bytesDone)}/${formatBytes(p.bytesTotal)}`);
+  if (job.state === JobState.PROCESSING && p !== undefined && p.bytesPerSecond > 0n) {
+    parts.push(`${formatBytes(p.bytesPerSecond)}/s`);
+  }
+  if (job.state === JobState.PROCESSING && p?.etaSeconds !== undefined) parts.push(`ETA ${formatSeconds(p.etaSeconds)}`);
+  return parts.join("  ");
+}
+
+/** The job in the proto's JSON form, the same that curl sees. */
+export function jobJson(job: Job): string {
+  return JSON.stringify(toJson(JobSchema, job));
+}
+
+/** What a person needs to know about a job that is over (or where it stands). */
+export function summary(job: Job): string[] {
+  const lines = [`job ${job.jobId}: ${stateName(job.state)}`];
+  if (job.state === JobState.COMPLETED && job.result !== undefined) {
+    const r = job.result;
+    lines.push(`  file:     ${r.fileName} (${formatBytes(r.sizeBytes)})`, `  sha256:   ${r.sha256}`);
+    lines.push(`  url:      ${r.downloadUrl}`, `  download: download-jobs download ${job.jobId}`);
+  } else if (job.state === JobState.FAILED && job.error !== undefined) {
+    const e = job.error;
+    lines.push(`  error:    ${e.message} (${e.code}${e.retryable ? ", retryable: initiate again" : ""})`);
+  } else if (job.state === JobState.QUEUED || job.state === JobState.PROCESSING) {
+    lines.push(`  ${progressLine(job).trim()}`, `  follow:   download-jobs watch ${job.jobId}`);
+  }
+  return lines;
+}

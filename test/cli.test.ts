@@ -1,0 +1,241 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { createHash } from "node:crypto";
+import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { createServer } from "node:net";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { createDownloadClient } from "../clients/lib/node.js";
+import { newJobId } from "../core/jobs.js";
+import { createLogger } from "../core/logger.js";
+import { JobState } from "../gen/downloads/v1/download_service_pb.js";
+import { type RunningWorker, startWorker } from "../worker/worker.js";
+import { type ApiStack, startApiStack } from "./helpers/api.js";
+import { readZip } from "./helpers/zip.js";
+
+// The download-jobs CLI as a user runs it: a child process against the real API, a
+// real worker and real S3, judged by its output, its exit code and the file it saves.
+
+const CLI = join(import.meta.dirname, "..", "bin", "download-jobs.js");
+/** Small files finish in a blink; the big one takes ~10 s at this rate, long enough to interrupt. */
+const THROTTLE = 2_000_000;
+const SMALL = [
+  [81, 150_000, "alpha.bin"],
+  [82, 250_000, "beta.bin"],
+] as const;
+const BIG = 83;
+
+let st: ApiStack;
+let worker: RunningWorker;
+let dir: string;
+const sources = new Map<number, Buffer>();
+const children = new Set<ChildProcess>();
+
+beforeAll(async () => {
+  st = await startApiStack({ WATCH_HEARTBEAT_MS: "1000", AUTH_DISABLED: "true" });
+  worker = await startWorker({ ...st.cfg, THROTTLE_BYTES_PER_SECOND: THROTTLE }, createLogger("silent", "worker"));
+  for (const [id, size, name] of SMALL) sources.set(id, await st.svc.putSource(id, size, name));
+  await st.svc.putSource(BIG, 20_000_000, "big.bin");
+  dir = await mkdtemp(join(tmpdir(), "dj-cli-"));
+});
+afterAll(async () => {
+  for (const c of children) c.kill("SIGKILL");
+  await worker?.close();
+  await st?.stop();
+  if (dir !== undefined) await rm(dir, { recursive: true, force: true });
+});
+
+interface Run {
+  child: ChildProcess;
+  stdout: () => string;
+  stderr: () => string;
+  exit: Promise<number | null>;
+}
+
+function start(args: string[], env: Record<string, string> = {}): Run {
+  const child = spawn(process.execPath, [CLI, ...args], {
+    cwd: dir,
+    env: { ...process.env, DOWNLOAD_JOBS_URL: st.server.url, ...env },
+    stdio: ["ignore", "pipe", "pipe"],
+  });
+  children.add(child);
+  let out = "";
+  let err = "";
+  child.stdout?.on("data", (d: Buffer) => (out += d.toString()));
+  child.stderr?.on("data", (d: Buffer) => (err += d.toString()));
+  const exit = new Promise<number | null>((resolve) =>
+    child.once("close", (code) => {
+      children.delete(child);
+      resolve(code);
+    }),
+  );
+  return { child, stdout: () => out, stderr: () => err, exit };
+}
+
+async function cli(...args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const run = start(args);
+  const code = await run.exit;
+  return { code, stdout: run.stdout(), stderr: run.stderr() };
+}
+
+const jobIdIn = (text: string) => /job ([0-9a-f-]{36})/.exec(text)?.[1] ?? "";
+const api = () => createDownloadClient({ baseUrl: st.server.url });
+
+async function freePort(): Promise<number> {
+  const srv = createServer();
+  await new Promise<void>((resolve) => srv.listen(0, "127.0.0.1", resolve));
+  const { port } = srv.address() as { port: number };
+  await new Promise<void>((resolve) => srv.close(() => resolve()));
+  return port;
+}
+
+describe("download-jobs CLI", () => {
+  test("initiate --watch prints each state in plain lines, exits 0, and download saves the verified ZIP", async () => {
+    const run = await cli("initiate", "81", "82", "--watch");
+    expect(run.code).toBe(0);
+    const jobId = jobIdIn(run.stderr + run.stdout);
+    expect(jobId).not.toBe("");
+    const states = run.stdout
+      .split("\n")
+      .map((l) => /^(QUEUED|PROCESSING|COMPLETED)\b/.exec(l)?.[1])
+      .filter((s) => s !== undefined);
+    expect(states[0]).toBe("QUEUED");
+    expect(states.at(-1)).toBe("COMPLETED");
+    expect(states).toContain("PROCESSING");
+    expect(run.stdout).toContain(`download-jobs download ${jobId}`);
+    const sha = /sha256:\s+([0-9a-f]{64})/.exec(run.stdout)?.[1];
+
+    const dl = await cli("download", jobId, "-o", "out.zip");
+    expect(dl.code).toBe(0);
+    const bytes = await readFile(join(dir, "out.zip"));
+    expect(createHash("sha256").update(bytes).digest("hex")).toBe(sha);
+    const entries = await readZip(bytes);
+    expect([...entries.keys()].sort()).toEqual(["alpha.bin", "beta.bin"]);
+    expect(entries.get("alpha.bin")?.equals(sources.get(81) ?? Buffer.alloc(0))).toBe(true);
+    expect(entries.get("beta.bin")?.equals(sources.get(82) ?? Buffer.alloc(0))).toBe(true);
+
+    // An existing file is never overwritten without --force.
+    await writeFile(join(dir, "taken.zip"), "mine");
+    const refused = await cli("download", jobId, "-o", "taken.zip");
+    expect(refused.code).toBe(2);
+    expect(refused.stderr).toContain("--force");
+    expect(await readFile(join(dir, "taken.zip"), "utf8")).toBe("mine");
+    const forced = await cli("download", jobId, "-o", "taken.zip", "--force");
+    expect(forced.code).toBe(0);
+    expect((await readFile(join(dir, "taken.zip"))).equals(bytes)).toBe(true);
+  });
+
+  test("--json writes one job per line with increasing versions, ending COMPLETED; status --json too, over gRPC", async () => {
+    const run = await cli("--json", "initiate", "81", "--watch");
+    expect(run.code).toBe(0);
+    const jobs = run.stdout
+      .trim()
+      .split("\n")
+      .map((l) => JSON.parse(l) as { jobId: string; state: string; version: number; result?: { sha256: string } });
+    const versions = jobs.map((j) => j.version);
+    expect(versions).toEqual([...versions].sort((a, b) => a - b));
+    expect(new Set(versions).size).toBe(versions.length);
+    expect(jobs[0]?.state).toBe("JOB_STATE_QUEUED");
+    expect(jobs.at(-1)?.state).toBe("JOB_STATE_COMPLETED");
+    expect(jobs.at(-1)?.result?.sha256).toMatch(/^[0-9a-f]{64}$/);
+
+    const jobId = jobs[0]?.jobId ?? "";
+    for (const protocol of ["grpc", "grpc-web", "connect"]) {
+      const status = await cli("--json", "--protocol", protocol, "status", jobId);
+      expect(status.code).toBe(0);
+      expect(JSON.parse(status.stdout)).toMatchObject({ jobId, state: "JOB_STATE_COMPLETED" });
+    }
+
+    const dl = await cli("--json", "download", jobId, "-o", "json.zip");
+    expect(dl.code).toBe(0);
+    expect(JSON.parse(dl.stdout)).toMatchObject({ jobId, sha256: jobs.at(-1)?.result?.sha256 });
+  });
+
+  test("usage errors exit 2 and say what to fix; unknown jobs and refused cancels exit 1", async () => {
+    const [badId, dup, malformed, unknownCommand, missingArg, badProtocol, unknown] = await Promise.all([
+      cli("initiate", "81", "abc"),
+      cli("initiate", "81", "81"),
+      cli("status", "not-a-job-id"),
+      cli("frobnicate"),
+      cli("status"),
+      cli("--protocol", "carrier-pigeon", "status", newJobId()),
+      cli("status", newJobId()),
+    ]);
+    expect(badId.code).toBe(2);
+    expect(badId.stderr).toContain('"abc"');
+    expect(dup.code).toBe(2);
+    expect(dup.stderr).toMatch(/error: .+/);
+    expect(malformed.code).toBe(2);
+    expect(unknownCommand.code).toBe(2);
+    expect(missingArg.code).toBe(2);
+    expect(badProtocol.code).toBe(2);
+    expect(unknown.code).toBe(1);
+    expect(unknown.stderr).toContain("not found");
+
+    const done = await cli("--json", "initiate", "81", "--watch");
+    const jobId = (JSON.parse(done.stdout.trim().split("\n")[0] ?? "{}") as { jobId: string }).jobId;
+    const cancel = await cli("cancel", jobId);
+    expect(cancel.code).toBe(1);
+  });
+
+  test("says clearly when the API cannot be reached, naming the URL", async () => {
+    const url = `http://127.0.0.1:${await freePort()}`;
+    const run = await cli("--url", url, "watch", newJobId());
+    expect(run.code).toBe(1);
+    expect(run.stderr).toContain(`cannot reach the download-jobs API at ${url}`);
+  });
+
+  test("a failed job exits 1 with its error; a cancelled one exits 3", async () => {
+    const failed = await cli("initiate", "81", "99999", "--watch");
+    expect(failed.code).toBe(1);
+    expect(failed.stdout).toContain("FAILED");
+    expect(failed.stdout).toMatch(/error: .*99999/);
+
+    const { job } = await api().initiate({ fileIds: [BIG] });
+    const jobId = job?.jobId ?? "";
+    const watching = start(["watch", jobId]);
+    await expect.poll(() => watching.stdout(), { timeout: 20_000 }).toContain("PROCESSING");
+    const cancel = await cli("cancel", jobId);
+    expect(cancel.code).toBe(0);
+    expect(await watching.exit).toBe(3);
+    expect(watching.stdout()).toContain("CANCELLED");
+  });
+
+  test("Ctrl-C detaches and says how to resume while the job keeps running; --cancel-on-interrupt cancels it", async () => {
+    const { job } = await api().initiate({ fileIds: [BIG] });
+    const jobId = job?.jobId ?? "";
+    const first = start(["watch", jobId]);
+    await expect.poll(() => first.stdout(), { timeout: 20_000 }).toContain("PROCESSING");
+    first.child.kill("SIGINT");
+    expect(await first.exit).toBe(130);
+    expect(first.stderr()).toContain(`download-jobs watch ${jobId}`);
+    const after = (await api().getStatus({ jobId })).job;
+    expect(after?.state).toBe(JobState.PROCESSING);
+
+    const second = start(["watch", jobId, "--cancel-on-interrupt"]);
+    await expect.poll(() => second.stdout(), { timeout: 20_000 }).toContain("PROCESSING");
+    second.child.kill("SIGINT");
+    expect(await second.exit).toBe(3);
+    expect((await api().getStatus({ jobId })).job?.state).toBe(JobState.CANCELLED);
+  });
+
+  test("on a terminal it draws live progress bars (overall and per file)", async () => {
+    // script(1) gives the CLI a pseudo-terminal, as an interactive shell would.
+    const { job } = await api().initiate({ fileIds: [81, 82] });
+    const jobId = job?.jobId ?? "";
+    const child = spawn("script", ["-q", "-e", "-c", `'${process.execPath}' '${CLI}' watch ${jobId}`, "/dev/null"], {
+      cwd: dir,
+      env: { ...process.env, DOWNLOAD_JOBS_URL: st.server.url, COLUMNS: "160" },
+      stdio: ["ignore", "pipe", "pipe"],
+    });
+    children.add(child);
+    let out = "";
+    child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+    const code = await new Promise<number | null>((resolve) => child.once("close", resolve));
+    expect(code).toBe(0);
+    expect(out).toMatch(/100% \| COMPLETED \| 2\/2 files/);
+    expect(out).toContain("alpha.bin");
+    expect(out).toContain("beta.bin");
+    expect(out).toContain(`job ${jobId}: COMPLETED`);
+  });
+});
