@@ -1,4 +1,4 @@
-import type { Redis } from "ioredis";
+import type { RedisClient } from "./redis.js";
 
 // Liveness and readiness, shared by the API and the worker. Liveness (/healthz) says
 // only that the process answers; readiness (/readyz) says that what it needs to do its
@@ -86,7 +86,7 @@ function reason(err: unknown, signal: AbortSignal): string {
 }
 
 /** A Redis connection is ready and answers PING (or, for a subscriber, is connected). */
-export function redisCheck(name: string, conn: Redis, opts: { ping?: boolean } = {}): ReadinessCheck {
+export function redisCheck(name: string, conn: RedisClient, opts: { ping?: boolean } = {}): ReadinessCheck {
   return {
     name,
     async run() {

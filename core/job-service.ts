@@ -1,5 +1,5 @@
 import type { Queue } from "bullmq";
-import type { Redis } from "ioredis";
+import type { RedisClient } from "./redis.js";
 import type { JobStore } from "./job-store.js";
 import {
   type JobRecord,
@@ -17,7 +17,7 @@ export interface JobServiceDeps {
   store: JobStore;
   queue: Queue<BundleJobData>;
   /** Command connection used to publish cancel requests to workers. */
-  redis: Redis;
+  redis: RedisClient;
   maxFilesPerJob: number;
 }
 

@@ -1,4 +1,4 @@
-import type { Redis } from "ioredis";
+import type { RedisClient } from "./redis.js";
 import {
   type JobRecord,
   type JobStateName,
@@ -83,7 +83,7 @@ export class JobStore {
   private readonly ttl: number;
 
   constructor(
-    private readonly redis: Redis,
+    private readonly redis: RedisClient,
     opts: JobStoreOptions,
   ) {
     this.prefix = opts.prefix;

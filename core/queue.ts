@@ -1,5 +1,5 @@
 import { Queue } from "bullmq";
-import type { Redis } from "ioredis";
+import type { RedisClient } from "./redis.js";
 
 // The BullMQ queue that carries job ids from the API to the workers. The job record in
 // Redis (job-store.ts) is the source of truth for state; BullMQ only schedules work,
@@ -18,7 +18,7 @@ export interface QueueOptions {
   backoffMs: number;
 }
 
-export function createBundleQueue(connection: Redis, opts: QueueOptions): Queue<BundleJobData> {
+export function createBundleQueue(connection: RedisClient, opts: QueueOptions): Queue<BundleJobData> {
   return new Queue<BundleJobData>(QUEUE_NAME, {
     connection,
     prefix: opts.prefix,

@@ -1,24 +1,83 @@
-import { Redis, type RedisOptions } from "ioredis";
+import { Cluster, type ClusterNode, type ClusterOptions, Redis, type RedisOptions } from "ioredis";
+
+/** One Redis server or a Redis Cluster: the commands we use behave the same on both. */
+export type RedisClient = Redis | Cluster;
+
+/** Where Redis is: a `redis://` URL, or the seed nodes of a cluster (REDIS_CLUSTER_NODES). */
+export type RedisTarget = string | { clusterNodes: readonly string[] };
+
+type Role = "api" | "worker" | "subscriber";
+
+/** The target the configuration names; REDIS_CLUSTER_NODES wins over REDIS_URL. */
+export function redisTargetFrom(cfg: {
+  REDIS_URL?: string | undefined;
+  REDIS_CLUSTER_NODES?: readonly string[] | undefined;
+}): RedisTarget | undefined {
+  if (cfg.REDIS_CLUSTER_NODES !== undefined && cfg.REDIS_CLUSTER_NODES.length > 0) {
+    return { clusterNodes: cfg.REDIS_CLUSTER_NODES };
+  }
+  return cfg.REDIS_URL;
+}
+
+/**
+ * A seed node is `host:port` or a `redis://` / `rediss://` URL; a URL's user, password
+ * and TLS apply to every node of the cluster (they share them in every managed offering).
+ */
+function seed(entry: string): { node: ClusterNode; options: RedisOptions } {
+  if (!/^rediss?:\/\//.test(entry)) {
+    const i = entry.lastIndexOf(":");
+    return { node: { host: entry.slice(0, i), port: Number(entry.slice(i + 1)) }, options: {} };
+  }
+  const u = new URL(entry);
+  const options: RedisOptions = {};
+  if (u.username !== "") options.username = decodeURIComponent(u.username);
+  if (u.password !== "") options.password = decodeURIComponent(u.password);
+  if (u.protocol === "rediss:") options.tls = {};
+  return { node: { host: u.hostname, port: Number(u.port || 6379) }, options };
+}
 
 /**
  * A Redis connection for commands. `maxRetriesPerRequest: null` is what BullMQ wants on
- * worker connections; API connections instead fail fast (`enableOfflineQueue: false`)
- * so a caller gets UNAVAILABLE while Redis is down rather than a hung request.
+ * worker connections; API connections give up on a command after one retry, so a
+ * caller gets UNAVAILABLE while Redis is down rather than a hung request.
+ *
+ * With a cluster target the connection is an ioredis `Cluster`: BullMQ accepts it, and
+ * pub/sub and the job store's Lua script work on it as long as every key of one call
+ * shares a hash slot (QUEUE_PREFIX carries a hash tag, checked by the configuration).
  */
-export function createRedis(url: string, opts: { role: "api" | "worker" | "subscriber"; name?: string }): Redis {
-  const base: RedisOptions = {
-    connectionName: opts.name ?? `download-jobs:${opts.role}`,
-    lazyConnect: false,
-    retryStrategy: (times) => Math.min(50 * 2 ** times, 2000),
-  };
-  if (opts.role === "api") {
-    return new Redis(url, { ...base, maxRetriesPerRequest: 1, enableOfflineQueue: true, connectTimeout: 2000 });
+export function createRedis(url: string, opts: { role: Role; name?: string }): Redis;
+export function createRedis(target: RedisTarget, opts: { role: Role; name?: string }): RedisClient;
+export function createRedis(target: RedisTarget, opts: { role: Role; name?: string }): RedisClient {
+  const connectionName = opts.name ?? `download-jobs:${opts.role}`;
+  const retry = (times: number) => Math.min(50 * 2 ** times, 2000);
+  const roleOptions: RedisOptions =
+    opts.role === "api" ? { maxRetriesPerRequest: 1, connectTimeout: 2000 } : { maxRetriesPerRequest: null };
+  if (typeof target === "string") {
+    return new Redis(target, {
+      connectionName,
+      lazyConnect: false,
+      retryStrategy: retry,
+      ...roleOptions,
+      ...(opts.role === "api" ? { enableOfflineQueue: true } : {}),
+    });
   }
-  return new Redis(url, { ...base, maxRetriesPerRequest: null });
+  const seeds = target.clusterNodes.map(seed);
+  const shared = seeds.find((s) => Object.keys(s.options).length > 0)?.options ?? {};
+  const clusterOptions: ClusterOptions = {
+    clusterRetryStrategy: retry,
+    enableOfflineQueue: true,
+    redisOptions: { connectionName, ...shared, ...roleOptions },
+    // A slot map refresh that hangs would stall every command routed by it.
+    slotsRefreshTimeout: 2000,
+  };
+  return new Cluster(
+    seeds.map((s) => s.node),
+    clusterOptions,
+  );
 }
 
 /** Resolves once the connection is ready, or rejects after `timeoutMs`. */
-export async function waitForRedis(redis: Redis, timeoutMs = 10_000): Promise<void> {
+export async function waitForRedis(redis: RedisClient, timeoutMs = 10_000): Promise<void> {
   if (redis.status === "ready") return;
   await new Promise<void>((resolve, reject) => {
     const timer = setTimeout(() => {

@@ -142,14 +142,14 @@ async function main(): Promise<number> {
   try {
     const childEnv: NodeJS.ProcessEnv = { ...inherited, PORT: String(cfg.PORT) };
 
-    if (cfg.REDIS_URL === undefined) {
+    if (cfg.REDIS_URL === undefined && cfg.REDIS_CLUSTER_NODES === undefined) {
       const dir = resolve(cfg.DATA_DIR, "redis");
       const redis = await startRedis({ dir, appendonly: true, install: true, detached: true, log: say });
       services.push({ name: "redis-server", stop: () => redis.stop() });
       childEnv.REDIS_URL = redis.url;
       say(`Redis  ${redis.url}  (redis-server pid ${redis.pid}, append-only data in ${dir})`);
     } else {
-      say(`Redis  from REDIS_URL`);
+      say(cfg.REDIS_URL !== undefined ? "Redis  from REDIS_URL" : "Redis  Cluster from REDIS_CLUSTER_NODES");
     }
     abort.signal.throwIfAborted();
 

@@ -17,7 +17,10 @@ async function main(): Promise<void> {
     }
     throw err;
   }
-  const missing = (["REDIS_URL", "S3_ENDPOINT"] as const).filter((k) => cfg[k] === undefined);
+  const missing = [
+    ...(cfg.REDIS_URL === undefined && cfg.REDIS_CLUSTER_NODES === undefined ? ["REDIS_URL"] : []),
+    ...(cfg.S3_ENDPOINT === undefined ? ["S3_ENDPOINT"] : []),
+  ];
   if (missing.length > 0) {
     console.error(
       `${missing.join(" and ")} must be set to run the API on its own ` +

@@ -1,6 +1,5 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
-import type { Redis } from "ioredis";
 import type { Logger } from "pino";
 import type { Config } from "../core/config.js";
 import { Readiness, redisCheck, s3Check, serveHealth } from "../core/health.js";
@@ -8,7 +7,7 @@ import { JobService } from "../core/job-service.js";
 import { parseJobId } from "../core/jobs.js";
 import { JobStore } from "../core/job-store.js";
 import { createBundleQueue } from "../core/queue.js";
-import { createRedis, waitForRedis } from "../core/redis.js";
+import { createRedis, type RedisClient, redisTargetFrom, waitForRedis } from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { createDualProtocolListener } from "./dual-protocol-listener.js";
 import { createFastPath } from "./fast-path.js";
@@ -47,17 +46,18 @@ export const SHUTDOWN_MESSAGE = "server shutting down, reconnect";
 
 /**
  * Starts the API on one port (cfg.HOST, cfg.PORT; 0 picks a free port): Connect, gRPC
- * and gRPC-Web over HTTP/1.1 and h2c. Needs cfg.REDIS_URL; S3 is only used to presign.
+ * and gRPC-Web over HTTP/1.1 and h2c. Needs cfg.REDIS_URL (or REDIS_CLUSTER_NODES); S3 is only used to presign.
  *
  * close() stops accepting, ends every open WatchJob stream with UNAVAILABLE so clients
  * reconnect elsewhere, lets in-flight calls finish (up to drainTimeoutMs), closes the
  * connections, then the queue and Redis.
  */
 export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOptions = {}): Promise<ApiServer> {
-  if (cfg.REDIS_URL === undefined) throw new Error("REDIS_URL is required to start the API server");
-  const redis = createRedis(cfg.REDIS_URL, { role: "api", name: "download-jobs:api" });
+  const target = redisTargetFrom(cfg);
+  if (target === undefined) throw new Error("REDIS_URL or REDIS_CLUSTER_NODES is required to start the API server");
+  const redis = createRedis(target, { role: "api", name: "download-jobs:api" });
   // Exactly one subscriber connection per process, whatever the number of watchers.
-  const sub = createRedis(cfg.REDIS_URL, { role: "subscriber", name: "download-jobs:api-events" });
+  const sub = createRedis(target, { role: "subscriber", name: "download-jobs:api-events" });
   for (const [name, conn] of [["redis", redis], ["redis-subscriber", sub]] as const) {
     conn.on("error", (err: Error) => log.warn({ err: err.message, conn: name }, "redis connection error"));
   }
@@ -175,7 +175,7 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
 }
 
 /** QUIT lets pending replies arrive; a dead connection is simply dropped. */
-async function quit(conn: Redis): Promise<void> {
+async function quit(conn: RedisClient): Promise<void> {
   if (conn.status === "end") return;
   if (conn.status !== "ready") {
     conn.disconnect();

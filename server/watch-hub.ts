@@ -1,4 +1,4 @@
-import type { Redis } from "ioredis";
+import type { RedisClient } from "../core/redis.js";
 import type { Logger } from "pino";
 import { decodeJob, type JobStore } from "../core/job-store.js";
 import { BackendUnavailableError, type JobRecord, isTerminal } from "../core/jobs.js";
@@ -86,7 +86,7 @@ export class WatchHub {
   private wasReady: boolean;
 
   constructor(
-    private readonly sub: Redis,
+    private readonly sub: RedisClient,
     private readonly store: JobStore,
     private readonly opts: WatchHubOptions,
   ) {

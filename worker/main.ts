@@ -18,8 +18,8 @@ async function main(): Promise<void> {
     throw err;
   }
   const log = createLogger(cfg.LOG_LEVEL, "worker");
-  if (cfg.REDIS_URL === undefined || cfg.S3_ENDPOINT === undefined) {
-    log.fatal("REDIS_URL and S3_ENDPOINT must be set for a worker (npm start sets them for you)");
+  if ((cfg.REDIS_URL === undefined && cfg.REDIS_CLUSTER_NODES === undefined) || cfg.S3_ENDPOINT === undefined) {
+    log.fatal("REDIS_URL (or REDIS_CLUSTER_NODES) and S3_ENDPOINT must be set for a worker (npm start sets them for you)");
     process.exit(2);
   }
   process.on("unhandledRejection", (err) => log.error({ err }, "unhandled rejection"));

@@ -5,7 +5,7 @@ import { JobStore } from "../core/job-store.js";
 import { isTerminal } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
 import { type BundleJobData, QUEUE_NAME } from "../core/queue.js";
-import { createRedis, waitForRedis } from "../core/redis.js";
+import { createRedis, redisTargetFrom, waitForRedis } from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { createProcessor } from "./processor.js";
 
@@ -19,9 +19,10 @@ export interface RunningWorker {
 }
 
 export async function startWorker(cfg: Config, log: Logger): Promise<RunningWorker> {
-  if (cfg.REDIS_URL === undefined) throw new Error("REDIS_URL is required for the worker");
-  const redis = createRedis(cfg.REDIS_URL, { role: "worker", name: "download-jobs:worker" });
-  const sub = createRedis(cfg.REDIS_URL, { role: "subscriber", name: "download-jobs:worker-cancel" });
+  const target = redisTargetFrom(cfg);
+  if (target === undefined) throw new Error("REDIS_URL or REDIS_CLUSTER_NODES is required for the worker");
+  const redis = createRedis(target, { role: "worker", name: "download-jobs:worker" });
+  const sub = createRedis(target, { role: "subscriber", name: "download-jobs:worker-cancel" });
   await Promise.all([waitForRedis(redis), waitForRedis(sub)]);
   const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS });
   const storage = new Storage(storageOptionsFrom(cfg));
