@@ -15,8 +15,11 @@ const ASSETS_MARKER = "<!-- assets -->";
 export interface BuildWebOptions {
   /** Output folder; default clients/web/dist. */
   outDir?: string;
-  /** Default true; false keeps names readable when debugging. */
-  minify?: boolean;
+  /**
+   * React's development build, unminified: StrictMode then mounts every component
+   * twice, as in an app's dev server (the browser test checks the hook survives that).
+   */
+  development?: boolean;
 }
 
 export interface BuildWebResult {
@@ -39,13 +42,13 @@ export async function buildWeb(opts: BuildWebOptions = {}): Promise<BuildWebResu
     // Browsers whose fetch streams responses (Connect-Web's server streams need it).
     target: ["es2022", "chrome111", "firefox115", "safari16.4"],
     jsx: "automatic",
-    minify: opts.minify ?? true,
+    minify: opts.development !== true,
     sourcemap: "linked",
     outdir: assetsDir,
     entryNames: "[name]-[hash]",
     assetNames: "[name]-[hash]",
     // React picks its production build from this; without it the page ships dev checks.
-    define: { "process.env.NODE_ENV": '"production"' },
+    define: { "process.env.NODE_ENV": opts.development === true ? '"development"' : '"production"' },
     legalComments: "linked",
     metafile: true,
     logLevel: "warning",
