@@ -76,7 +76,7 @@ export async function benchBundle(opts: { quick?: boolean } = {}): Promise<{ row
         // Let the worker reach its idle state before the clock starts.
         await new Promise((r) => setTimeout(r, 1500));
         const started = performance.now();
-        const job = await jobs.initiate(ids);
+        const { job } = await jobs.initiate("bench", { fileIds: ids });
         let state = "QUEUED";
         while (state === "QUEUED" || state === "PROCESSING") {
           await new Promise((r) => setTimeout(r, 50));

@@ -89,6 +89,8 @@ export async function benchWatch(opts: { quick?: boolean } = {}): Promise<{ rows
     S3_ACCESS_KEY_ID: LOCAL_S3_CREDENTIALS.accessKeyId,
     S3_SECRET_ACCESS_KEY: LOCAL_S3_CREDENTIALS.secretAccessKey,
     LOG_LEVEL: "warn",
+    // Measures streams, not auth: every caller is the anonymous owner.
+    AUTH_DISABLED: "true",
     QUEUE_PREFIX: "benchwatch",
     WATCH_HEARTBEAT_MS: "15000",
   };
@@ -143,7 +145,7 @@ export async function benchWatch(opts: { quick?: boolean } = {}): Promise<{ rows
 
     // Fan-out: 1,000 watchers of one job, progress writes as a worker would make them.
     const jobId = newJobId();
-    await store.create(jobId, [1]);
+    await store.create(jobId, [1], "anonymous");
     const client = createClient(DownloadService, createConnectTransport({ baseUrl: `http://127.0.0.1:${apiPort}`, httpVersion: "1.1" }));
     const sentAt = new Map<number, number>();
     const receipts = new Map<number, number[]>();

@@ -1,7 +1,10 @@
 import type { Queue } from "bullmq";
 import type { RedisClient } from "./redis.js";
+import { Admission, type AdmissionOutcome, type AdmissionPolicy, parseIdempotencyKey } from "./admission.js";
 import type { JobStore } from "./job-store.js";
 import {
+  InvalidInputError,
+  JobNotFoundError,
   type JobRecord,
   JobStateError,
   newJobId,
@@ -11,7 +14,8 @@ import {
 import type { BundleJobData } from "./queue.js";
 
 // The domain operations behind the RPCs. Handlers parse nothing and know no Redis:
-// they call these and map the domain errors to Connect codes.
+// they call these and map the domain errors to Connect codes. Every operation acts for
+// an owner, and another owner's job is reported exactly like a job that does not exist.
 
 export interface JobServiceDeps {
   store: JobStore;
@@ -19,25 +23,94 @@ export interface JobServiceDeps {
   /** Command connection used to publish cancel requests to workers. */
   redis: RedisClient;
   maxFilesPerJob: number;
+  /** Idempotency, dedup and per-owner limits; the defaults apply none of the limits. */
+  policy?: Partial<AdmissionPolicy>;
+  /** Jobs waiting in the queue past which Initiate answers "come back later"; 0 = no limit. */
+  maxQueueDepth?: number;
+  /**
+   * Checks a callback_url (scheme, resolved addresses) and returns it normalized;
+   * undefined when webhooks are not configured, so callback_url is refused.
+   */
+  checkCallbackUrl?: ((url: string) => Promise<string>) | undefined;
 }
 
+export interface InitiateInput {
+  fileIds: readonly number[];
+  /** InitiateRequest.request_id ("" when absent). */
+  requestId?: string;
+  /** The Idempotency-Key header, if any. */
+  idempotencyKey?: string | null | undefined;
+  /** InitiateRequest.callback_url ("" when absent). */
+  callbackUrl?: string;
+}
+
+export interface Initiated {
+  job: JobRecord;
+  outcome: AdmissionOutcome;
+}
+
+const DEFAULT_POLICY: AdmissionPolicy = {
+  idempotencyTtlSeconds: 24 * 3600,
+  dedupInFlight: true,
+  reuseResults: true,
+  dedupTtlSeconds: 2 * 24 * 3600,
+  maxActivePerOwner: 0,
+  ratePerMinute: 0,
+};
+
+/** How long a queue depth reading is trusted; a soft limit needs no exact count. */
+const DEPTH_CACHE_MS = 250;
+/** The retry hint of a full queue: long enough for workers to make headway. */
+const QUEUE_FULL_RETRY_MS = 10_000;
+
 export class JobService {
-  constructor(private readonly deps: JobServiceDeps) {}
+  private readonly admission: Admission;
+  private depth: { at: number; value: Promise<number> } | undefined;
+
+  constructor(private readonly deps: JobServiceDeps) {
+    this.admission = new Admission(deps.redis, deps.store, { ...DEFAULT_POLICY, ...deps.policy });
+  }
 
   get store(): JobStore {
     return this.deps.store;
   }
 
-  async initiate(rawFileIds: readonly number[]): Promise<JobRecord> {
-    const fileIds = parseFileIds(rawFileIds, this.deps.maxFilesPerJob);
-    const id = newJobId();
-    const rec = await this.deps.store.create(id, fileIds);
-    await this.deps.queue.add("bundle", { jobId: id, fileIds }, { jobId: id });
-    return rec;
+  async initiate(owner: string, input: InitiateInput): Promise<Initiated> {
+    const fileIds = parseFileIds(input.fileIds, this.deps.maxFilesPerJob);
+    const idempotencyKey = parseIdempotencyKey(input.requestId ?? "", input.idempotencyKey);
+    let callbackUrl: string | undefined;
+    if (input.callbackUrl !== undefined && input.callbackUrl !== "") {
+      if (this.deps.checkCallbackUrl === undefined) {
+        throw new InvalidInputError("callback_url is not accepted: this server has no webhook secret configured");
+      }
+      callbackUrl = await this.deps.checkCallbackUrl(input.callbackUrl);
+    }
+    const req = { owner, fileIds, callbackUrl, idempotencyKey, queueFull: await this.queueFull(), queueFullRetryMs: QUEUE_FULL_RETRY_MS };
+    const admitted = await this.admission.admit(req, newJobId());
+    if (admitted.created !== undefined) {
+      try {
+        await this.enqueue(admitted.created);
+      } catch (err) {
+        // Without its queue entry the job would wait forever: undo it, so that the
+        // caller's retry (it got an error) starts clean.
+        await this.admission.forget(req, admitted.jobId).catch(() => undefined);
+        throw err;
+      }
+      return { job: admitted.created, outcome: admitted.outcome };
+    }
+    const job = await this.deps.store.get(admitted.jobId);
+    // An earlier Initiate may have stored the job and then lost its queue entry to a
+    // Redis failure; adding it again is a no-op when it is there (same BullMQ id).
+    if (job.state === "QUEUED") await this.enqueue(job);
+    return { job, outcome: admitted.outcome };
   }
 
-  async get(rawJobId: string): Promise<JobRecord> {
-    return this.deps.store.get(parseJobId(rawJobId));
+  /** The job if it exists and belongs to `owner`; JobNotFoundError otherwise. */
+  async get(owner: string, rawJobId: string): Promise<JobRecord> {
+    const id = parseJobId(rawJobId);
+    const rec = await this.deps.store.get(id);
+    if (rec.owner !== owner) throw new JobNotFoundError(id);
+    return rec;
   }
 
   /**
@@ -45,8 +118,8 @@ export class JobService {
    * worker that races to it sees the state and skips it); a running one is told to stop
    * through Redis, whichever process runs it. Idempotent on a cancelled job.
    */
-  async cancel(rawJobId: string): Promise<JobRecord> {
-    const id = parseJobId(rawJobId);
+  async cancel(owner: string, rawJobId: string): Promise<JobRecord> {
+    const id = (await this.get(owner, rawJobId)).id;
     let rec: JobRecord;
     try {
       rec = await this.deps.store.update(
@@ -66,5 +139,24 @@ export class JobService {
     // handles that case through the cancel message and the state check).
     await this.deps.queue.remove(id).catch(() => 0);
     return rec;
+  }
+
+  private async enqueue(rec: JobRecord): Promise<void> {
+    await this.deps.queue.add("bundle", { jobId: rec.id, fileIds: rec.fileIds }, { jobId: rec.id });
+  }
+
+  private async queueFull(): Promise<boolean> {
+    const max = this.deps.maxQueueDepth ?? 0;
+    if (max <= 0) return false;
+    const now = Date.now();
+    if (this.depth === undefined || now - this.depth.at > DEPTH_CACHE_MS) {
+      const value = this.deps.queue.getJobCountByTypes("waiting", "prioritized");
+      // A failed reading is not cached: the next call asks again.
+      value.catch(() => {
+        if (this.depth?.value === value) this.depth = undefined;
+      });
+      this.depth = { at: now, value };
+    }
+    return (await this.depth.value) >= max;
   }
 }

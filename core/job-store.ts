@@ -16,11 +16,11 @@ import {
 
 type Flat = Record<string, string>;
 
-const JSON_FIELDS = ["fileIds", "progress", "files", "result", "error"] as const;
+const JSON_FIELDS = ["fileIds", "progress", "files", "result", "error", "webhook"] as const;
 const NUMBER_FIELDS = ["version", "attempts", "createdAt", "updatedAt", "startedAt", "endedAt"] as const;
 
 /** Record -> hash fields (JSON for structured parts). `version` is owned by the script. */
-function flatten(patch: Partial<JobRecord>): Flat {
+export function flatten(patch: Partial<JobRecord>): Flat {
   const out: Flat = {};
   for (const [k, v] of Object.entries(patch)) {
     if (v === undefined || k === "version") continue;
@@ -37,7 +37,8 @@ export function decodeJob(flat: Flat): JobRecord {
   return rec as unknown as JobRecord;
 }
 
-// KEYS[1] job hash. ARGV[1] channel, ARGV[2] comma-separated allowed states ("" = any),
+// KEYS[1] job hash, KEYS[2] the webhook outbox (a sorted set of job ids by due time,
+// which the worker drains). ARGV[1] channel, ARGV[2] comma-separated allowed states ("" = any),
 // ARGV[3] attempts increment, ARGV[4] TTL seconds applied when the new state is terminal,
 // ARGV[5] "1" if the new state is terminal, ARGV[6..] field/value pairs.
 // Returns {1, json} on success, {0} when the job does not exist, {2, state} when the
@@ -56,6 +57,12 @@ if #ARGV >= 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[3]) end
 if ARGV[5] == '1' and tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
+-- The callback is owed from the moment the job ends, in the same step: a crash right
+-- after this script cannot lose it.
+if ARGV[5] == '1' and redis.call('HEXISTS', KEYS[1], 'callbackUrl') == 1 then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], t[1] * 1000 + math.floor(t[2] / 1000), string.match(KEYS[1], '[^:]+$'))
+end
 local flat = redis.call('HGETALL', KEYS[1])
 local obj = {}
 for i = 1, #flat, 2 do obj[flat[i]] = flat[i + 1] end
@@ -79,7 +86,7 @@ export interface JobStoreOptions {
 }
 
 export class JobStore {
-  private readonly prefix: string;
+  readonly prefix: string;
   private readonly ttl: number;
 
   constructor(
@@ -88,7 +95,7 @@ export class JobStore {
   ) {
     this.prefix = opts.prefix;
     this.ttl = opts.recordTtlSeconds;
-    redis.defineCommand("djUpdateJob", { numberOfKeys: 1, lua: UPDATE_SCRIPT });
+    redis.defineCommand("djUpdateJob", { numberOfKeys: 2, lua: UPDATE_SCRIPT });
   }
 
   key(id: string): string {
@@ -100,13 +107,43 @@ export class JobStore {
     return `${this.prefix}:job:${id}:events`;
   }
 
+  /** Job ids whose terminal-state webhook is owed, scored by when it became due. */
+  get webhookOutboxKey(): string {
+    return `${this.prefix}:webhooks:outbox`;
+  }
+
+  /** Completed jobs by the time their result object is to be deleted (retention). */
+  get resultExpiryKey(): string {
+    return `${this.prefix}:results:expiry`;
+  }
+
+  /** Removes a job's callback from the outbox once its delivery is settled. */
+  async settleWebhook(id: string): Promise<void> {
+    await this.redis.zrem(this.webhookOutboxKey, id);
+  }
+
+  /** Registers a result object for deletion at `at` (ms); done before the job completes. */
+  async scheduleResultExpiry(id: string, at: number): Promise<void> {
+    await this.redis.zadd(this.resultExpiryKey, at, id);
+  }
+
+  /** Job ids whose result is due for deletion at `now`, oldest first. */
+  async dueResultExpiries(now: number, limit: number): Promise<string[]> {
+    return this.redis.zrangebyscore(this.resultExpiryKey, "-inf", now, "LIMIT", 0, limit);
+  }
+
+  async forgetResultExpiry(id: string): Promise<void> {
+    await this.redis.zrem(this.resultExpiryKey, id);
+  }
+
   /** The channel on which API processes ask workers to stop a running job. */
   get cancelChannel(): string {
     return `${this.prefix}:cancel`;
   }
 
-  async create(id: string, fileIds: number[], now = Date.now()): Promise<JobRecord> {
-    const rec = newJobRecord(id, fileIds, now);
+  /** Stores a new QUEUED job (tests and tools; Initiate goes through core/admission.ts). */
+  async create(id: string, fileIds: number[], owner: string, now = Date.now()): Promise<JobRecord> {
+    const rec = newJobRecord(id, owner, fileIds, now);
     const created = await this.redis.hsetnx(this.key(id), "id", id);
     if (created === 0) throw new Error(`job id collision: ${id}`);
     await this.redis.hset(this.key(id), { ...flatten(rec), version: String(rec.version) });
@@ -134,7 +171,7 @@ export class JobStore {
       terminal ? "1" : "0",
       ...Object.entries(fields).flat(),
     ];
-    const reply = (await (this.redis as unknown as UpdateCommand).djUpdateJob(this.key(id), ...args)) as [
+    const reply = (await (this.redis as unknown as UpdateCommand).djUpdateJob(this.key(id), this.webhookOutboxKey, ...args)) as [
       number,
       string?,
     ];
@@ -148,5 +185,5 @@ export class JobStore {
 }
 
 interface UpdateCommand {
-  djUpdateJob(key: string, ...args: string[]): Promise<unknown>;
+  djUpdateJob(key: string, outbox: string, ...args: string[]): Promise<unknown>;
 }

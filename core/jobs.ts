@@ -38,6 +38,24 @@ export interface JobResultRecord {
   fileName: string;
   sizeBytes: number;
   sha256: string;
+  /** When retention deletes the object (ms since the epoch). */
+  expiresAt?: number;
+  /** Set once retention has deleted the object: the job keeps its record, not its ZIP. */
+  expired?: boolean;
+}
+
+export type WebhookStateName = "PENDING" | "DELIVERED" | "FAILED";
+
+/** Delivery of the terminal-state callback, as the job shows it. */
+export interface WebhookRecord {
+  state: WebhookStateName;
+  attempts: number;
+  /** HTTP status of the last attempt; 0 when it got no answer. */
+  lastStatus: number;
+  /** Why the last attempt failed, if it did. */
+  lastError?: string;
+  lastAttemptAt?: number;
+  deliveredAt?: number;
 }
 
 export interface JobErrorRecord {
@@ -50,6 +68,8 @@ export interface JobErrorRecord {
 
 export interface JobRecord {
   id: string;
+  /** Who initiated the job; everyone else is told it does not exist. */
+  owner: string;
   state: JobStateName;
   fileIds: number[];
   version: number;
@@ -62,6 +82,9 @@ export interface JobRecord {
   files: FileProgress[];
   result?: JobResultRecord;
   error?: JobErrorRecord;
+  /** Where the terminal state is POSTed, if the caller asked for it. */
+  callbackUrl?: string;
+  webhook?: WebhookRecord;
 }
 
 // Domain errors: handlers map them to Connect codes in one place (server/errors.ts).
@@ -87,6 +110,31 @@ export class JobStateError extends Error {
 /** Redis or S3 could not be reached; the caller may retry. */
 export class BackendUnavailableError extends Error {
   override name = "BackendUnavailableError";
+}
+/** The same idempotency key came back with other parameters. */
+export class IdempotencyMismatchError extends InvalidInputError {
+  override name = "IdempotencyMismatchError";
+}
+/** An owner's quota (active jobs, Initiate rate) is used up for now. */
+export class QuotaExceededError extends Error {
+  override name = "QuotaExceededError";
+  constructor(
+    message: string,
+    /** When trying again may succeed. */
+    readonly retryAfterMs: number,
+  ) {
+    super(message);
+  }
+}
+/** The service as a whole is past its capacity (queue depth): come back later. */
+export class OverloadedError extends Error {
+  override name = "OverloadedError";
+  constructor(
+    message: string,
+    readonly retryAfterMs: number,
+  ) {
+    super(message);
+  }
 }
 
 // UUID v4: 122 random bits, never all digits and never a ':' (BullMQ rejects both).
@@ -136,9 +184,17 @@ export function entryNameFor(fileId: number): string {
   return `file-${fileId}`;
 }
 
-export function newJobRecord(id: string, fileIds: number[], now: number): JobRecord {
+export function newJobRecord(
+  id: string,
+  owner: string,
+  fileIds: number[],
+  now: number,
+  callbackUrl?: string,
+): JobRecord {
   return {
     id,
+    owner,
+    ...(callbackUrl !== undefined ? { callbackUrl, webhook: { state: "PENDING", attempts: 0, lastStatus: 0 } } : {}),
     state: "QUEUED",
     fileIds,
     version: 1,

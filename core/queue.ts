@@ -31,3 +31,36 @@ export function createBundleQueue(connection: RedisClient, opts: QueueOptions): 
     },
   });
 }
+
+/** Terminal-state callbacks, delivered by the workers with retries and backoff. */
+export const WEBHOOK_QUEUE_NAME = "webhooks";
+
+export interface WebhookJobData {
+  jobId: string;
+}
+
+export function createWebhookQueue(connection: RedisClient, opts: QueueOptions): Queue<WebhookJobData> {
+  return new Queue<WebhookJobData>(WEBHOOK_QUEUE_NAME, {
+    connection,
+    prefix: opts.prefix,
+    defaultJobOptions: {
+      attempts: opts.attempts,
+      backoff: { type: "exponential", delay: opts.backoffMs, jitter: 0.2 },
+      // Gone once settled, so that a callback owed again (the outbox lease ran out
+      // before its entry was removed) is a new delivery, not a silently ignored re-add.
+      removeOnComplete: true,
+      removeOnFail: true,
+    },
+  });
+}
+
+/** Housekeeping run by a BullMQ job scheduler in the workers: result retention. */
+export const MAINTENANCE_QUEUE_NAME = "maintenance";
+
+export function createMaintenanceQueue(connection: RedisClient, prefix: string): Queue {
+  return new Queue(MAINTENANCE_QUEUE_NAME, {
+    connection,
+    prefix,
+    defaultJobOptions: { removeOnComplete: { count: 10 }, removeOnFail: { count: 50 } },
+  });
+}

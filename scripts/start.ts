@@ -1,3 +1,4 @@
+import { createHash, randomBytes } from "node:crypto";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { type Config, ConfigError, loadConfig } from "../core/config.js";
@@ -42,17 +43,30 @@ function hostForUrl(host: string): string {
   return host.includes(":") ? `[${host}]` : host;
 }
 
-function examples(base: string): string {
+/**
+ * The token the API accepts when AUTH_TOKENS is unset: made afresh at every start and
+ * only ever printed here; the API gets its SHA-256. Jobs belong to the owner "dev", so a
+ * restart's new token still sees the jobs of the last run.
+ */
+function developmentToken(): { token: string; authTokens: string } {
+  const token = `dj_dev_${randomBytes(24).toString("base64url")}`;
+  return { token, authTokens: `dev:${createHash("sha256").update(token).digest("hex")}` };
+}
+
+function examples(base: string, token: string | undefined, authDisabled: boolean): string {
   const svc = `${base}/downloads.v1.DownloadService`;
+  const bearer = `Bearer ${token ?? "<your token>"}`;
+  const auth = authDisabled ? "" : ` -H 'Authorization: ${bearer}'`;
+  const callOptions = authDisabled ? "" : `, { headers: { authorization: "${bearer}" } }`;
   return `
 Try it (sample file ids ${SAMPLE_FILE_RANGE}):
 
   # 1. curl: start a job, then poll it with the jobId the first call returns
-  curl -s -X POST ${svc}/Initiate -H 'Content-Type: application/json' -d '{"fileIds":[70000,70001]}'
-  curl -s -X POST ${svc}/GetStatus -H 'Content-Type: application/json' -d '{"jobId":"<jobId>"}'
+  curl -s -X POST ${svc}/Initiate${auth} -H 'Content-Type: application/json' -d '{"fileIds":[70000,70001]}'
+  curl -s -X POST ${svc}/GetStatus${auth} -H 'Content-Type: application/json' -d '{"jobId":"<jobId>"}'
 
   # 2. buf curl: stream every change until the job ends
-  npx buf curl --schema proto --data '{"jobId":"<jobId>"}' ${svc}/WatchJob
+  npx buf curl --schema proto${auth} --data '{"jobId":"<jobId>"}' ${svc}/WatchJob
 
   # 3. the generated TypeScript client (save as watch.ts here, run: npx tsx watch.ts)
   import { createClient } from "@connectrpc/connect";
@@ -60,8 +74,8 @@ Try it (sample file ids ${SAMPLE_FILE_RANGE}):
   import { DownloadService, JobState } from "./gen/downloads/v1/download_service_pb.js";
 
   const client = createClient(DownloadService, createConnectTransport({ baseUrl: "${base}", httpVersion: "1.1" }));
-  const { job } = await client.initiate({ fileIds: [70000, 70001] });
-  for await (const msg of client.watchJob({ jobId: job?.jobId ?? "" })) {
+  const { job } = await client.initiate({ fileIds: [70000, 70001] }${callOptions});
+  for await (const msg of client.watchJob({ jobId: job?.jobId ?? "" }${callOptions})) {
     if (msg.event.case === "job") console.log(JobState[msg.event.value.state], msg.event.value.progress?.percent, msg.event.value.result?.downloadUrl ?? "");
   }
 
@@ -141,6 +155,14 @@ async function main(): Promise<number> {
 
   try {
     const childEnv: NodeJS.ProcessEnv = { ...inherited, PORT: String(cfg.PORT) };
+    let token: string | undefined;
+    if (cfg.AUTH_TOKENS === undefined && !cfg.AUTH_DISABLED) {
+      const dev = developmentToken();
+      token = dev.token;
+      childEnv.AUTH_TOKENS = dev.authTokens;
+      say(`auth   development token (owner "dev", new at every start): ${token}`);
+      say(`       send it as  Authorization: Bearer <token>; set AUTH_TOKENS for your own (see README, Security)`);
+    }
 
     if (cfg.REDIS_URL === undefined && cfg.REDIS_CLUSTER_NODES === undefined) {
       const dir = resolve(cfg.DATA_DIR, "redis");
@@ -223,7 +245,7 @@ async function main(): Promise<number> {
       rejectOnAbort(abort.signal),
     ]);
     say(`download-jobs is ready at ${base}  (Connect and gRPC-Web over HTTP/1.1, gRPC and Connect over h2c)`);
-    process.stdout.write(examples(base));
+    process.stdout.write(examples(base, token, resolved.AUTH_DISABLED));
   } catch (err) {
     if (stopping === undefined) {
       warn(`start failed: ${err instanceof Error ? err.message : String(err)}`);

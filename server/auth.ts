@@ -95,9 +95,9 @@ export function ownerOf(ctx: HandlerContext): Owner {
  * handlers read the owner with ownerOf(ctx). Place it inside rpcInterceptor, so that
  * the RPC log line records UNAUTHENTICATED like any other code.
  */
-export function authInterceptor(auth: Authenticator): Interceptor {
+export function authInterceptor(auth: Authenticator, protects: (serviceTypeName: string) => boolean = () => true): Interceptor {
   return (next) => async (req) => {
-    req.contextValues.set(ownerKey, auth.authenticate(req.header));
+    if (protects(req.service.typeName)) req.contextValues.set(ownerKey, auth.authenticate(req.header));
     return next(req);
   };
 }

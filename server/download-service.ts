@@ -1,11 +1,20 @@
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
+import type { AdmissionOutcome } from "../core/admission.js";
 import type { JobService } from "../core/job-service.js";
+import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
 import { type JobRecord, parseJobId } from "../core/jobs.js";
 import type { PresignedResult } from "../core/storage.js";
-import type { DownloadService, Job } from "../gen/downloads/v1/download_service_pb.js";
-import { toProtoJob } from "./job-to-proto.js";
+import { type DownloadService, InitiateOutcome, type Job } from "../gen/downloads/v1/download_service_pb.js";
+import { ownerOf } from "./auth.js";
 import type { WatchHub } from "./watch-hub.js";
+
+const OUTCOME: Record<AdmissionOutcome, InitiateOutcome> = {
+  created: InitiateOutcome.CREATED,
+  replayed: InitiateOutcome.REPLAYED,
+  in_flight: InitiateOutcome.IN_FLIGHT,
+  reused_result: InitiateOutcome.REUSED_RESULT,
+};
 
 // The handlers: parse nothing, know no Redis, BullMQ or S3. Domain errors propagate and
 // the interceptor (rpc-interceptor.ts) turns them into Connect codes.
@@ -20,7 +29,7 @@ export interface DownloadServiceDeps {
 export function createDownloadService(deps: DownloadServiceDeps): ServiceImpl<typeof DownloadService> {
   /** A completed job's URL is presigned on every read: stored URLs expire. */
   const present = async (rec: JobRecord): Promise<Job> => {
-    if (rec.state !== "COMPLETED" || rec.result === undefined) return toProtoJob(rec);
+    if (!hasLiveResult(rec)) return toProtoJob(rec);
     return toProtoJob(rec, await deps.presigner.presignResult(rec.result.key, rec.result.fileName));
   };
 
@@ -37,16 +46,22 @@ export function createDownloadService(deps: DownloadServiceDeps): ServiceImpl<ty
   };
 
   return {
-    async initiate(req) {
-      return { job: await present(await deps.jobs.initiate(req.fileIds)) };
+    async initiate(req, ctx) {
+      const { job, outcome } = await deps.jobs.initiate(ownerOf(ctx), {
+        fileIds: req.fileIds,
+        requestId: req.requestId,
+        idempotencyKey: ctx.requestHeader.get("idempotency-key"),
+        callbackUrl: req.callbackUrl,
+      });
+      return { job: await present(job), outcome: OUTCOME[outcome] };
     },
 
-    async getStatus(req) {
-      return { job: await present(await deps.jobs.get(req.jobId)) };
+    async getStatus(req, ctx) {
+      return { job: await present(await deps.jobs.get(ownerOf(ctx), req.jobId)) };
     },
 
     async *watchJob(req, ctx) {
-      const events = deps.hub.watch(parseJobId(req.jobId), req.afterVersion, ctx.signal);
+      const events = deps.hub.watch(parseJobId(req.jobId), req.afterVersion, ctx.signal, ownerOf(ctx));
       for await (const ev of events) {
         if (ev.job !== undefined) {
           yield { event: { case: "job", value: await presentShared(ev.job) } };
@@ -61,8 +76,8 @@ export function createDownloadService(deps: DownloadServiceDeps): ServiceImpl<ty
       }
     },
 
-    async cancel(req) {
-      return { job: await present(await deps.jobs.cancel(req.jobId)) };
+    async cancel(req, ctx) {
+      return { job: await present(await deps.jobs.cancel(ownerOf(ctx), req.jobId)) };
     },
   };
 }

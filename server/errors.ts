@@ -1,5 +1,14 @@
+import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { BackendUnavailableError, InvalidInputError, JobNotFoundError, JobStateError } from "../core/jobs.js";
+import {
+  BackendUnavailableError,
+  InvalidInputError,
+  JobNotFoundError,
+  JobStateError,
+  OverloadedError,
+  QuotaExceededError,
+} from "../core/jobs.js";
+import { RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 
 // Domain error -> Connect code, in one place. connect-node's connectErrorFromNodeReason
 // is the model: look at what the error is, never at its message where a type or code
@@ -42,6 +51,26 @@ function isBackendDown(err: unknown, depth = 0): boolean {
 }
 
 /**
+ * An error that tells the caller when to come back: a google.rpc.RetryInfo detail for
+ * gRPC and Connect clients, and Retry-After (whole seconds, rounded up) for plain HTTP
+ * callers, who see it on the 429 or 503 answer.
+ */
+function retryLater(message: string, code: Code, retryAfterMs: number, cause: unknown): ConnectError {
+  const seconds = Math.max(1, Math.ceil(retryAfterMs / 1000));
+  const ms = Math.max(0, Math.round(retryAfterMs));
+  const detail = create(RetryInfoSchema, {
+    retryDelay: { seconds: BigInt(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1_000_000 },
+  });
+  return new ConnectError(
+    message,
+    code,
+    new Headers({ "retry-after": String(seconds) }),
+    [{ desc: RetryInfoSchema, value: detail }],
+    cause,
+  );
+}
+
+/**
  * Maps a domain error to the ConnectError the caller sees. Returns undefined for
  * anything unexpected: the caller rethrows it, Connect answers `internal error`, and the
  * cause stays in the server log.
@@ -55,6 +84,10 @@ export function toConnectError(err: unknown): ConnectError | undefined {
   // The job exists but its state forbids the call (cancel of a finished job): retrying
   // the same call cannot help, so not ABORTED or UNAVAILABLE.
   if (err instanceof JobStateError) return new ConnectError(err.message, Code.FailedPrecondition, undefined, undefined, err);
+  // This owner's quota: the same call succeeds later, at the time RetryInfo says.
+  if (err instanceof QuotaExceededError) return retryLater(err.message, Code.ResourceExhausted, err.retryAfterMs, err);
+  // The whole service is past capacity: not the caller's fault, and not for long.
+  if (err instanceof OverloadedError) return retryLater(err.message, Code.Unavailable, err.retryAfterMs, err);
   // Redis or S3 is unreachable: the call may succeed later or on another instance.
   if (isBackendDown(err)) {
     return new ConnectError("storage is unavailable, retry shortly", Code.Unavailable, undefined, undefined, err);

@@ -4,11 +4,14 @@ import type { Logger } from "pino";
 import type { Config } from "../core/config.js";
 import { Readiness, redisCheck, s3Check, serveHealth } from "../core/health.js";
 import { JobService } from "../core/job-service.js";
+import { checkWebhookUrl } from "../core/webhook-target.js";
 import { parseJobId } from "../core/jobs.js";
 import { JobStore } from "../core/job-store.js";
 import { createBundleQueue } from "../core/queue.js";
 import { createRedis, type RedisClient, redisTargetFrom, waitForRedis } from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
+import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
+import { authInterceptor, createAuthenticator } from "./auth.js";
 import { createDualProtocolListener } from "./dual-protocol-listener.js";
 import { createFastPath } from "./fast-path.js";
 import { routes } from "./routes.js";
@@ -55,6 +58,8 @@ export const SHUTDOWN_MESSAGE = "server shutting down, reconnect";
 export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOptions = {}): Promise<ApiServer> {
   const target = redisTargetFrom(cfg);
   if (target === undefined) throw new Error("REDIS_URL or REDIS_CLUSTER_NODES is required to start the API server");
+  // Before any connection: a server without tokens (and not explicitly open) must not start.
+  const auth = createAuthenticator({ tokens: cfg.AUTH_TOKENS ?? [], disabled: cfg.AUTH_DISABLED, log });
   const redis = createRedis(target, { role: "api", name: "download-jobs:api" });
   // Exactly one subscriber connection per process, whatever the number of watchers.
   const sub = createRedis(target, { role: "subscriber", name: "download-jobs:api-events" });
@@ -84,7 +89,25 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
   }
 
   const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS });
-  const jobs = new JobService({ store, queue, redis, maxFilesPerJob: cfg.MAX_FILES_PER_JOB });
+  const webhookPolicy = { allowPrivate: cfg.WEBHOOK_ALLOW_PRIVATE, allowedHosts: cfg.WEBHOOK_ALLOWED_HOSTS ?? [] };
+  const jobs = new JobService({
+    store,
+    queue,
+    redis,
+    maxFilesPerJob: cfg.MAX_FILES_PER_JOB,
+    policy: {
+      idempotencyTtlSeconds: cfg.IDEMPOTENCY_TTL_SECONDS,
+      dedupInFlight: cfg.DEDUP_IN_FLIGHT,
+      reuseResults: cfg.REUSE_RESULTS,
+      // The dedup index must outlive a completed job's result, or reuse would miss it.
+      dedupTtlSeconds: cfg.RESULT_TTL_SECONDS + 24 * 3600,
+      maxActivePerOwner: cfg.MAX_ACTIVE_JOBS_PER_OWNER,
+      ratePerMinute: cfg.INITIATE_RATE_PER_MINUTE,
+    },
+    maxQueueDepth: cfg.MAX_QUEUE_DEPTH,
+    checkCallbackUrl:
+      cfg.WEBHOOK_SECRET === undefined ? undefined : async (url) => (await checkWebhookUrl(url, webhookPolicy)).url.href,
+  });
   const hub = new WatchHub(sub, store, {
     heartbeatMs: cfg.WATCH_HEARTBEAT_MS,
     maxStreamMs: cfg.WATCH_MAX_STREAM_MS,
@@ -106,7 +129,9 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     // connect-es ignores unknown JSON fields by default; protobuf's own default (and
     // what a caller with a typo wants) is an error naming the field.
     jsonOptions: { ignoreUnknownFields: false },
-    interceptors: [rpcInterceptor(rpcLog)],
+    // Auth inside the error interceptor, so UNAUTHENTICATED is logged like any code;
+    // only our own service is protected (health checks and reflection stay open).
+    interceptors: [rpcInterceptor(rpcLog), authInterceptor(auth, (service) => service === DownloadService.typeName)],
     contextValues: rpcContextValues,
     fallback: (req, res) => {
       // Liveness (/healthz) and readiness (/readyz) probes; everything else is not ours.
@@ -122,11 +147,10 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     opts.fastPaths === false
       ? undefined
       : createFastPath({
-          // The hook for bearer-token auth: replace with the authenticator's
-          // authenticate(headers) once it exists, and pass the owner on below.
-          authenticate: () => "",
-          getJob: (_owner, jobId) => jobs.get(jobId),
-          watch: (_owner, jobId, afterVersion, signal) => hub.watch(parseJobId(jobId), afterVersion, signal),
+          // The same bearer-token check as authInterceptor, before anything is read.
+          authenticate: (headers) => auth.authenticate(headers),
+          getJob: (owner, jobId) => jobs.get(owner, jobId),
+          watch: (owner, jobId, afterVersion, signal) => hub.watch(parseJobId(jobId), afterVersion, signal, owner),
           presigner: storage,
           readMaxBytes: cfg.MAX_REQUEST_BYTES,
           presignExpirySeconds: cfg.PRESIGN_EXPIRY_SECONDS,

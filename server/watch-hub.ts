@@ -1,7 +1,7 @@
 import type { RedisClient } from "../core/redis.js";
 import type { Logger } from "pino";
 import { decodeJob, type JobStore } from "../core/job-store.js";
-import { BackendUnavailableError, type JobRecord, isTerminal } from "../core/jobs.js";
+import { BackendUnavailableError, type JobRecord, JobNotFoundError, isTerminal } from "../core/jobs.js";
 
 // One Redis subscriber connection per API process, fanned out in memory to every
 // WatchJob stream. A connection (or a BullMQ QueueEvents) per stream does not survive
@@ -115,10 +115,11 @@ export class WatchHub {
   /**
    * The snapshot (unless the caller has already seen its version, then a heartbeat at
    * once), then every change, then nothing after a terminal state. Throws
-   * JobNotFoundError before the first event for an unknown job. Ends when `signal`
-   * aborts (the client hung up) and releases everything it held.
+   * JobNotFoundError before the first event for an unknown job, or one that belongs to
+   * someone other than `owner` (when given). Ends when `signal` aborts (the client hung
+   * up) and releases everything it held.
    */
-  async *watch(jobId: string, afterVersion: number, signal: AbortSignal): AsyncGenerator<WatchEvent> {
+  async *watch(jobId: string, afterVersion: number, signal: AbortSignal, owner?: string): AsyncGenerator<WatchEvent> {
     if (this.closedWith !== undefined) throw this.closedWith;
     const now = Date.now();
     const w: Watcher = {
@@ -139,6 +140,8 @@ export class WatchHub {
       // Subscribe before reading the snapshot, or a change between the two is lost.
       await this.awaitSubscribed(topic);
       const snapshot = await this.store.get(jobId);
+      // Someone else's job looks exactly like a missing one.
+      if (owner !== undefined && snapshot.owner !== owner) throw new JobNotFoundError(jobId);
       if (w.failure !== undefined) throw w.failure;
       if (signal.aborted) return;
       w.version = snapshot.version;

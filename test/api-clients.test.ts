@@ -15,12 +15,13 @@ import * as protoLoader from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { newJobId } from "../core/jobs.js";
 import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
-import { type ApiStack, startApiStack } from "./helpers/api.js";
+import { type ApiStack, startApiStack, TEST_AUTH_HEADER, TEST_TOKEN, withTestToken } from "./helpers/api.js";
 
 // Every kind of client the README promises, against one real server on one port:
 // the generated Connect client (HTTP/1.1 and h2c), gRPC over h2c, gRPC-Web over
 // HTTP/1.1, @grpc/grpc-js (a client nobody here wrote), plain fetch like curl,
-// Connect GET, and buf curl from the npm package.
+// Connect GET, and buf curl from the npm package. Each sends the test owner's bearer
+// token the way that client kind sends headers.
 
 const run = promisify(execFile);
 const ROOT = resolve(import.meta.dirname, "..");
@@ -45,7 +46,7 @@ function h2(url: string): Http2SessionManager {
 }
 
 const transports: [string, () => Transport][] = [
-  ["Connect JSON over HTTP/1.1", () => createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" })],
+  ["Connect JSON over HTTP/1.1", () => createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] })],
   [
     "Connect binary over h2c",
     () =>
@@ -54,10 +55,11 @@ const transports: [string, () => Transport][] = [
         httpVersion: "2",
         useBinaryFormat: true,
         sessionManager: h2(st.server.url),
+        interceptors: [withTestToken],
       }),
   ],
-  ["gRPC over h2c", () => createGrpcTransport({ baseUrl: st.server.url, sessionManager: h2(st.server.url) })],
-  ["gRPC-Web over HTTP/1.1", () => createGrpcWebTransport({ baseUrl: st.server.url, httpVersion: "1.1" })],
+  ["gRPC over h2c", () => createGrpcTransport({ baseUrl: st.server.url, sessionManager: h2(st.server.url), interceptors: [withTestToken] })],
+  ["gRPC-Web over HTTP/1.1", () => createGrpcWebTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] })],
 ];
 
 describe.each(transports)("generated client, %s", (_name, makeTransport) => {
@@ -92,7 +94,7 @@ describe("a completed job", () => {
   let zip: Buffer;
 
   beforeAll(async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
     jobId = (await client.initiate({ fileIds: [7, 8] })).job?.jobId ?? "";
     zip = Buffer.from(`PK fake zip for ${jobId} ${"x".repeat(5000)}`);
     await st.startJob(jobId);
@@ -100,7 +102,7 @@ describe("a completed job", () => {
   });
 
   test("GetStatus gives a download_url that fetches the exact bytes as a .zip attachment", async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
     const before = Date.now();
     const { job } = await client.getStatus({ jobId });
     expect(job?.state).toBe(JobState.COMPLETED);
@@ -123,7 +125,7 @@ describe("a completed job", () => {
   });
 
   test("the download URL is presigned afresh on every read", async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
     const first = (await client.getStatus({ jobId })).job?.result;
     // SigV4 dates have one-second resolution: a later read must carry a later expiry.
     await expect
@@ -132,7 +134,7 @@ describe("a completed job", () => {
   });
 
   test("a watch of a completed job sends it once and ends", async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
     const got = [];
     for await (const msg of client.watchJob({ jobId })) got.push(msg);
     expect(got).toHaveLength(1);
@@ -150,7 +152,7 @@ describe("plain HTTP clients", () => {
     const post = (method: string, body: unknown) =>
       fetch(`${st.server.url}${path}/${method}`, {
         method: "POST",
-        headers: { "Content-Type": "application/json" },
+        headers: { "Content-Type": "application/json", ...TEST_AUTH_HEADER },
         body: JSON.stringify(body),
       });
     const created = await post("Initiate", { fileIds: [3, 4] });
@@ -171,14 +173,15 @@ describe("plain HTTP clients", () => {
   });
 
   test("Connect GET serves GetStatus, and only the side-effect-free RPC", async () => {
-    const jobId = (await st.store.create(newJobId(), [11])).id;
+    const jobId = (await st.store.create(newJobId(), [11], st.owner)).id;
     const message = encodeURIComponent(JSON.stringify({ jobId }));
-    const res = await fetch(`${st.server.url}${path}/GetStatus?encoding=json&message=${message}`);
+    const res = await fetch(`${st.server.url}${path}/GetStatus?encoding=json&message=${message}`, { headers: TEST_AUTH_HEADER });
     expect(res.status).toBe(200);
     expect(((await res.json()) as { job: { jobId: string } }).job.jobId).toBe(jobId);
 
     const initiate = await fetch(
       `${st.server.url}${path}/Initiate?encoding=json&message=${encodeURIComponent(JSON.stringify({ fileIds: [1] }))}`,
+      { headers: TEST_AUTH_HEADER },
     );
     expect(initiate.status).toBe(405);
   });
@@ -193,6 +196,8 @@ describe("buf curl (from the npm package, schema from proto/)", () => {
         "--schema",
         "proto",
         ...protocol,
+        "-H",
+        `Authorization: Bearer ${TEST_TOKEN}`,
         "--data",
         JSON.stringify(body),
         `${st.server.url}/downloads.v1.DownloadService/${method}`,
@@ -204,7 +209,7 @@ describe("buf curl (from the npm package, schema from proto/)", () => {
     ["connect", ["--protocol", "connect"]],
     ["grpc over h2c", ["--protocol", "grpc", "--http2-prior-knowledge"]],
   ])("reads a job with --protocol %s", async (_name, protocol) => {
-    const jobId = (await st.store.create(newJobId(), [5, 6])).id;
+    const jobId = (await st.store.create(newJobId(), [5, 6], st.owner)).id;
     const { stdout } = await call(protocol, "GetStatus", { jobId });
     const out = JSON.parse(stdout) as { job: { jobId: string; state: string; fileIds: number[] } };
     expect(out.job).toMatchObject({ jobId, state: "JOB_STATE_QUEUED", fileIds: [5, 6] });
@@ -226,11 +231,15 @@ describe("@grpc/grpc-js with @grpc/proto-loader", () => {
     version: number;
     result?: { downloadUrl: string } | null;
   }
-  type Unary<Req, Res> = (req: Req, cb: (err: grpc.ServiceError | null, res?: Res) => void) => void;
+  type Unary<Req, Res> = (
+    req: Req,
+    metadata: grpc.Metadata,
+    cb: (err: grpc.ServiceError | null, res?: Res) => void,
+  ) => void;
   interface GrpcClient extends grpc.Client {
     initiate: Unary<{ fileIds: number[] }, { job: GrpcJob }>;
     getStatus: Unary<{ jobId: string }, { job: GrpcJob }>;
-    watchJob(req: { jobId: string; afterVersion?: number }): grpc.ClientReadableStream<{
+    watchJob(req: { jobId: string; afterVersion?: number }, metadata: grpc.Metadata): grpc.ClientReadableStream<{
       job?: GrpcJob | null;
       heartbeat?: { version: number } | null;
       event?: string;
@@ -250,8 +259,14 @@ describe("@grpc/grpc-js with @grpc/proto-loader", () => {
   });
   afterAll(() => client?.close());
 
+  // grpc-js sends metadata as HTTP/2 headers: the same `authorization` header.
+  const metadata = () => {
+    const m = new grpc.Metadata();
+    m.set("authorization", TEST_AUTH_HEADER.authorization);
+    return m;
+  };
   const unary = <Req, Res>(fn: Unary<Req, Res>, req: Req) =>
-    new Promise<Res>((ok, fail) => fn.call(client, req, (err, res) => (err ? fail(err) : ok(res as Res))));
+    new Promise<Res>((ok, fail) => fn.call(client, req, metadata(), (err, res) => (err ? fail(err) : ok(res as Res))));
 
   test("unary calls work and errors carry gRPC status codes", async () => {
     const { job } = await unary(client.initiate, { fileIds: [21, 22] });
@@ -267,7 +282,7 @@ describe("@grpc/grpc-js with @grpc/proto-loader", () => {
 
   test("WatchJob streams the snapshot, each change, and ends with OK after the terminal state", async () => {
     const { job } = await unary(client.initiate, { fileIds: [23] });
-    const stream = client.watchJob({ jobId: job.jobId });
+    const stream = client.watchJob({ jobId: job.jobId }, metadata());
     const seen: GrpcJob[] = [];
     const ended = new Promise<grpc.StatusObject>((ok) => stream.on("status", ok));
     stream.on("data", (msg) => {

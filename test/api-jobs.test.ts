@@ -5,7 +5,7 @@ import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { newJobId } from "../core/jobs.js";
 import { createRedis, waitForRedis } from "../core/redis.js";
 import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
-import { type ApiStack, TEST_CONNECTION_NAME, startApiStack } from "./helpers/api.js";
+import { type ApiStack, TEST_AUTH_HEADER, TEST_CONNECTION_NAME, startApiStack, withTestToken } from "./helpers/api.js";
 
 // Initiate, GetStatus and Cancel as a caller sees them, and every kind of bad input:
 // each is a 4xx-class Connect error, and the server keeps serving afterwards.
@@ -18,7 +18,7 @@ let client: Client<typeof DownloadService>;
 
 beforeAll(async () => {
   st = await startApiStack({ MAX_FILES_PER_JOB: String(MAX_FILES), MAX_REQUEST_BYTES: String(MAX_BYTES) });
-  client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+  client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
 });
 afterAll(async () => {
   await st?.stop();
@@ -114,7 +114,7 @@ describe("bad input gets a clear 4xx error and loses nothing", () => {
   const post = (method: string, body: string, contentType = "application/json") =>
     fetch(`${st.server.url}/downloads.v1.DownloadService/${method}`, {
       method: "POST",
-      headers: { "Content-Type": contentType },
+      headers: { "Content-Type": contentType, ...TEST_AUTH_HEADER },
       body,
     });
 
@@ -162,7 +162,7 @@ describe("bad input gets a clear 4xx error and loses nothing", () => {
     const chunked = await new Promise<{ status: number; body: string }>((ok, fail) => {
       const req = request(
         `${st.server.url}/downloads.v1.DownloadService/Initiate`,
-        { method: "POST", headers: { "Content-Type": "application/json", "Transfer-Encoding": "chunked" } },
+        { method: "POST", headers: { "Content-Type": "application/json", "Transfer-Encoding": "chunked", ...TEST_AUTH_HEADER } },
         (res) => {
           let body = "";
           res.on("data", (d: Buffer) => (body += d.toString()));
@@ -180,7 +180,7 @@ describe("bad input gets a clear 4xx error and loses nothing", () => {
   test("an oversized binary request from the generated client is RESOURCE_EXHAUSTED", async () => {
     const binary = createClient(
       DownloadService,
-      createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", useBinaryFormat: true }),
+      createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", useBinaryFormat: true, interceptors: [withTestToken] }),
     );
     const ids = Array.from({ length: 2000 }, (_, i) => i + 1);
     expect(await codeOf(binary.initiate({ fileIds: ids }))).toBe(Code.ResourceExhausted);

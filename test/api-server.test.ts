@@ -14,7 +14,7 @@ import * as protoLoader from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { freePort, waitUntil } from "../local/ports.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
-import { type ApiStack, TEST_CONNECTION_NAME, startApiStack } from "./helpers/api.js";
+import { type ApiStack, TEST_AUTH_HEADER, TEST_CONNECTION_NAME, startApiStack, withTestToken } from "./helpers/api.js";
 import { startServices, uniquePrefix, type Services } from "./helpers/services.js";
 
 // The server as a network service: one port for both protocols, robust against
@@ -127,7 +127,7 @@ describe("one port, two protocols", () => {
   });
 
   test("a WatchJob over HTTP/1.1 outlives the request timeout (it only bounds receiving the request)", async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
     const jobId = (await client.initiate({ fileIds: [1] })).job?.jobId ?? "";
     const abort = new AbortController();
     let beats = 0;
@@ -173,19 +173,19 @@ describe("graceful shutdown", () => {
     let grpcClient: grpc.Client | undefined;
     try {
       const clients: [string, Client<typeof DownloadService>][] = [
-        ["connect h1", createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }))],
+        ["connect h1", createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }))],
         [
           "connect h2c",
           createClient(
             DownloadService,
-            createConnectTransport({ baseUrl: st.server.url, httpVersion: "2", sessionManager: sessions[0] as Http2SessionManager }),
+            createConnectTransport({ baseUrl: st.server.url, httpVersion: "2", sessionManager: sessions[0] as Http2SessionManager, interceptors: [withTestToken] }),
           ),
         ],
         [
           "grpc h2c",
-          createClient(DownloadService, createGrpcTransport({ baseUrl: st.server.url, sessionManager: sessions[1] as Http2SessionManager })),
+          createClient(DownloadService, createGrpcTransport({ baseUrl: st.server.url, sessionManager: sessions[1] as Http2SessionManager, interceptors: [withTestToken] })),
         ],
-        ["grpc-web h1", createClient(DownloadService, createGrpcWebTransport({ baseUrl: st.server.url, httpVersion: "1.1" }))],
+        ["grpc-web h1", createClient(DownloadService, createGrpcWebTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }))],
       ];
       const jobId = (await clients[0]?.[1].initiate({ fileIds: [1] }))?.job?.jobId ?? "";
 
@@ -203,9 +203,11 @@ describe("graceful shutdown", () => {
         downloads: { v1: { DownloadService: new (addr: string, c: grpc.ChannelCredentials) => grpc.Client } };
       };
       grpcClient = new pkg.downloads.v1.DownloadService(`127.0.0.1:${st.server.port}`, grpc.credentials.createInsecure());
-      const grpcStream = (grpcClient as unknown as { watchJob(r: object): grpc.ClientReadableStream<object> }).watchJob({
-        jobId,
-      });
+      const metadata = new grpc.Metadata();
+      metadata.set("authorization", TEST_AUTH_HEADER.authorization);
+      const grpcStream = (
+        grpcClient as unknown as { watchJob(r: object, m: grpc.Metadata): grpc.ClientReadableStream<object> }
+      ).watchJob({ jobId }, metadata);
       let grpcMessages = 0;
       grpcStream.on("data", () => grpcMessages++);
       grpcStream.on("error", () => undefined);
@@ -269,7 +271,7 @@ describe("graceful shutdown", () => {
       const url = `http://127.0.0.1:${port}`;
       await waitUntil("API process", async () => (await fetch(`${url}/healthz`)).status === 200, 30_000);
 
-      const client = createClient(DownloadService, createConnectTransport({ baseUrl: url, httpVersion: "1.1" }));
+      const client = createClient(DownloadService, createConnectTransport({ baseUrl: url, httpVersion: "1.1", interceptors: [withTestToken] }));
       const jobId = (await client.initiate({ fileIds: [1, 2] })).job?.jobId ?? "";
       let snapshots = 0;
       const watch = (async () => {
@@ -300,7 +302,7 @@ describe("when Redis goes away", () => {
   test("calls fail with UNAVAILABLE, and close() still completes", async () => {
     const st = await startApiStack({}, { services: svc });
     try {
-      const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+      const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
       const jobId = (await client.initiate({ fileIds: [1] })).job?.jobId ?? "";
       svc.redis.kill();
       const codeOf = async (p: Promise<unknown>) => ConnectError.from(await p.then(() => undefined, (e: unknown) => e)).code;

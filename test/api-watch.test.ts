@@ -13,7 +13,7 @@ import {
   type WatchJobResponse,
 } from "../gen/downloads/v1/download_service_pb.js";
 import { WatchHub, type WatchEvent } from "../server/watch-hub.js";
-import { type ApiStack, TEST_CONNECTION_NAME, startApiStack } from "./helpers/api.js";
+import { type ApiStack, TEST_CONNECTION_NAME, startApiStack, withTestToken } from "./helpers/api.js";
 
 // WatchJob as a client sees it, and the one-subscription fan-out as Redis sees it.
 
@@ -26,10 +26,10 @@ const sessions: Http2SessionManager[] = [];
 
 beforeAll(async () => {
   st = await startApiStack({ WATCH_HEARTBEAT_MS: String(HEARTBEAT_MS) });
-  client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+  client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
   const m = new Http2SessionManager(st.server.url);
   sessions.push(m);
-  h2Client = createClient(DownloadService, createGrpcTransport({ baseUrl: st.server.url, sessionManager: m }));
+  h2Client = createClient(DownloadService, createGrpcTransport({ baseUrl: st.server.url, sessionManager: m, interceptors: [withTestToken] }));
 });
 afterAll(async () => {
   for (const s of sessions) s.abort();
@@ -193,7 +193,7 @@ describe("WatchHub (in process, over real Redis)", () => {
     const abort = new AbortController();
     try {
       const jobId = newJobId();
-      await store.create(jobId, [1]);
+      await store.create(jobId, [1], st.owner);
       const slow = hub.watch(jobId, 0, abort.signal);
       const fast = hub.watch(jobId, 0, abort.signal);
       expect((await slow.next()).value).toMatchObject({ job: { version: 1 } });

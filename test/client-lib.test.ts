@@ -19,7 +19,9 @@ let st: ApiStack;
 let extra: ApiServer | undefined;
 
 beforeAll(async () => {
-  st = await startApiStack({ WATCH_HEARTBEAT_MS: String(HEARTBEAT_MS) });
+  // The server ignores tokens here (AUTH_DISABLED): this file checks what the library
+  // sends; test/trust-*.test.ts checks what the server does with it.
+  st = await startApiStack({ WATCH_HEARTBEAT_MS: String(HEARTBEAT_MS), AUTH_DISABLED: "true" });
 });
 afterAll(async () => {
   await extra?.close();
@@ -217,7 +219,10 @@ describe("watchJob", () => {
 
 describe("WATCH_MAX_STREAM_MS", () => {
   test("a stream older than the limit ends cleanly right after a message, and watchJob resumes with no gap", async () => {
-    const short = await startApiStack({ WATCH_HEARTBEAT_MS: "400", WATCH_MAX_STREAM_MS: "1000" }, { services: st.svc });
+    const short = await startApiStack(
+      { WATCH_HEARTBEAT_MS: "400", WATCH_MAX_STREAM_MS: "1000", AUTH_DISABLED: "true" },
+      { services: st.svc },
+    );
     try {
       const c = createNodeClient({ baseUrl: short.server.url });
       const { job } = await c.initiate({ fileIds: [1] });

@@ -20,7 +20,8 @@ let worker: WorkerProcess;
 const sources = new Map<number, Buffer>();
 
 beforeAll(async () => {
-  st = await startApiStack({ WATCH_HEARTBEAT_MS: "1000" });
+  // Not about auth (test/trust-*.test.ts is): every caller is the anonymous owner.
+  st = await startApiStack({ WATCH_HEARTBEAT_MS: "1000", AUTH_DISABLED: "true" });
   const files: [number, number, string?][] = [
     [501, 2 * 1024 * 1024, "photo.jpg"],
     [502, 777_777, "notes.txt"],

@@ -23,7 +23,8 @@ let st: ApiStack;
 let sessions: Http2SessionManager;
 
 beforeAll(async () => {
-  st = await startApiStack();
+  // About reflection, not auth: every caller is the anonymous owner.
+  st = await startApiStack({ AUTH_DISABLED: "true" });
   sessions = new Http2SessionManager(st.server.url);
 });
 afterAll(async () => {
@@ -63,7 +64,7 @@ describe("buf curl without --schema", () => {
   });
 
   test("streams WatchJob until the terminal state", async () => {
-    const id = (await st.store.create(newJobId(), [1])).id;
+    const id = (await st.store.create(newJobId(), [1], "anonymous")).id;
     const watching = bufCurl(["--data", JSON.stringify({ jobId: id }), `${st.server.url}/downloads.v1.DownloadService/WatchJob`]);
     // The snapshot is sent first; advance the job only once the watch has subscribed.
     await waitForWatchers(id);

@@ -28,7 +28,12 @@ const STRIPPED = [
   "SEED_SAMPLES",
   "THROTTLE_BYTES_PER_SECOND",
   "QUEUE_PREFIX",
+  "AUTH_TOKENS",
+  "AUTH_DISABLED",
 ];
+
+// The development token each `npm start` prints, by the address it serves.
+const tokens = new Map<string, string>();
 
 interface Stack {
   proc: ChildProcess;
@@ -104,6 +109,7 @@ async function startStack(env: Record<string, string>): Promise<Stack> {
   }
   if (proc.exitCode !== null) throw new Error(`npm start exited early:\n${out}`);
   stack.base = /download-jobs is ready at (http:\/\/\S+)/.exec(out)?.[1] ?? "";
+  tokens.set(stack.base, /development token \(.*\): (\S+)/.exec(out)?.[1] ?? "");
   stack.s3Endpoint = /S3\s+(http:\/\/\S+)/.exec(out)?.[1] ?? "";
   return stack;
 }
@@ -111,7 +117,7 @@ async function startStack(env: Record<string, string>): Promise<Stack> {
 async function rpc(base: string, method: string, body: unknown): Promise<Record<string, any>> {
   const res = await fetch(`${base}/downloads.v1.DownloadService/${method}`, {
     method: "POST",
-    headers: { "Content-Type": "application/json" },
+    headers: { "Content-Type": "application/json", Authorization: `Bearer ${tokens.get(base) ?? ""}` },
     body: JSON.stringify(body),
   });
   const json = (await res.json()) as Record<string, any>;
@@ -161,6 +167,10 @@ describe("npm start", () => {
     expect(stack.output()).toContain(`curl -s -X POST ${stack.base}/downloads.v1.DownloadService/Initiate`);
     expect(stack.output()).toContain("npx buf curl --schema proto");
     expect(stack.output()).toContain("createConnectTransport");
+    // Auth is on by default: the printed token is what the examples send.
+    const token = tokens.get(stack.base) ?? "";
+    expect(token).toMatch(/^dj_dev_/);
+    expect(stack.output()).toContain(`-H 'Authorization: Bearer ${token}'`);
 
     const storage = new Storage(
       storageOptionsFrom(

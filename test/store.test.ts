@@ -19,7 +19,7 @@ describe("JobStore", () => {
     try {
       const store = new JobStore(redis, { prefix: uniquePrefix(), recordTtlSeconds: 60 });
       const id = newJobId();
-      const created = await store.create(id, [1, 2]);
+      const created = await store.create(id, [1, 2], "owner-a");
       expect(created.version).toBe(1);
       const seen: number[] = [];
       await sub.subscribe(store.channel(id));

@@ -24,16 +24,29 @@ interface Stack {
   redis: Redis;
   store: JobStore;
   queue: Queue<BundleJobData>;
-  jobs: JobService;
+  /** Initiate and Cancel as one owner, without dedup (each Initiate a new job). */
+  jobs: { initiate(fileIds: number[]): Promise<JobRecord>; cancel(jobId: string): Promise<JobRecord> };
   close(): Promise<void>;
 }
+
+const OWNER = "worker-test";
 
 async function stack(svc: Services, overrides: Record<string, string> = {}): Promise<Stack> {
   const cfg = svc.config({ PROGRESS_INTERVAL_MS: "50", JOB_BACKOFF_MS: "50", ...overrides });
   const redis = createRedis(svc.redis.url, { role: "api" });
   const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: 3600 });
   const queue = createBundleQueue(redis, { prefix: cfg.QUEUE_PREFIX, attempts: cfg.JOB_ATTEMPTS, backoffMs: cfg.JOB_BACKOFF_MS });
-  const jobs = new JobService({ store, queue, redis, maxFilesPerJob: cfg.MAX_FILES_PER_JOB });
+  const service = new JobService({
+    store,
+    queue,
+    redis,
+    maxFilesPerJob: cfg.MAX_FILES_PER_JOB,
+    policy: { dedupInFlight: false, reuseResults: false },
+  });
+  const jobs = {
+    initiate: async (fileIds: number[]) => (await service.initiate(OWNER, { fileIds })).job,
+    cancel: (jobId: string) => service.cancel(OWNER, jobId),
+  };
   return {
     cfg,
     redis,

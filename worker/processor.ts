@@ -28,6 +28,10 @@ export interface ProcessorDeps {
   throttleBytesPerSecond: number;
   progressIntervalMs: number;
   headConcurrency?: number;
+  /** Largest total size of a job's sources; 0 = no limit. */
+  maxJobBytes?: number;
+  /** How long a result object is kept after completion (retention deletes it then). */
+  resultTtlSeconds?: number;
 }
 
 export class CancelledError extends Error {
@@ -115,6 +119,18 @@ async function run(
       log.warn({ missing }, "job failed: missing source files");
       throw new UnrecoverableError(`missing source files: ${missing.join(", ")}`);
     }
+    const totalBytes = (sources as SourceInfo[]).reduce((n, s) => n + s.sizeBytes, 0);
+    const maxBytes = deps.maxJobBytes ?? 0;
+    if (maxBytes > 0 && totalBytes > maxBytes) {
+      // Known from the HEADs alone: refuse before a single byte is read or uploaded.
+      await failJob(store, jobId, rec, {
+        code: "resource_exhausted",
+        message: `the files add up to ${totalBytes} bytes, more than the ${maxBytes} bytes one job may bundle: split the request`,
+        retryable: false,
+      });
+      log.warn({ totalBytes, maxBytes }, "job failed: too many bytes");
+      throw new UnrecoverableError(`job too large: ${totalBytes} > ${maxBytes} bytes`);
+    }
     const entries = toEntries(sources as SourceInfo[]);
     progress.setSources(entries);
     await progress.flush();
@@ -130,15 +146,20 @@ async function run(
       onFileDone: (i) => progress.fileDone(i),
     });
     await progress.stop();
+    const endedAt = Date.now();
+    const expiresAt = endedAt + (deps.resultTtlSeconds ?? 24 * 3600) * 1000;
+    // Registered for deletion before it is announced: a crash in between leaves an
+    // object that retention still removes, never one that nothing will.
+    await store.scheduleResultExpiry(jobId, expiresAt);
     try {
       await store.update(
         jobId,
         {
           state: "COMPLETED",
-          endedAt: Date.now(),
+          endedAt,
           progress: progress.final(),
           files: progress.files,
-          result: { key, fileName, sizeBytes: result.sizeBytes, sha256: result.sha256 },
+          result: { key, fileName, sizeBytes: result.sizeBytes, sha256: result.sha256, expiresAt },
         },
         { from: ["PROCESSING"] },
       );

@@ -4,10 +4,25 @@ import { type ReadinessCheck, redisCheck, s3Check } from "../core/health.js";
 import { JobStore } from "../core/job-store.js";
 import { isTerminal } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
-import { type BundleJobData, QUEUE_NAME } from "../core/queue.js";
+import {
+  type BundleJobData,
+  createMaintenanceQueue,
+  createWebhookQueue,
+  MAINTENANCE_QUEUE_NAME,
+  QUEUE_NAME,
+  WEBHOOK_QUEUE_NAME,
+  type WebhookJobData,
+} from "../core/queue.js";
 import { createRedis, redisTargetFrom, waitForRedis } from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { createProcessor } from "./processor.js";
+import { sweepExpiredResults } from "./retention.js";
+import { createWebhookProcessor, type OutboxDispatcher, startOutboxDispatcher } from "./webhooks.js";
+
+/** How often each worker looks for callbacks that became due. */
+const OUTBOX_INTERVAL_MS = 500;
+/** A callback queued this long ago and still unsettled is queued again. */
+const OUTBOX_LEASE_MS = 60_000;
 
 export interface RunningWorker {
   /** Stops taking jobs, lets running ones finish (up to the grace) and closes Redis. */
@@ -48,6 +63,8 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     zipLevel: cfg.ZIP_LEVEL,
     throttleBytesPerSecond: cfg.THROTTLE_BYTES_PER_SECOND,
     progressIntervalMs: cfg.PROGRESS_INTERVAL_MS,
+    maxJobBytes: cfg.MAX_JOB_BYTES,
+    resultTtlSeconds: cfg.RESULT_TTL_SECONDS,
   });
 
   const worker = new Worker<BundleJobData>(QUEUE_NAME, processor, {
@@ -85,8 +102,53 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
       })
       .catch((e: unknown) => log.warn({ err: e, jobId }, "could not record failure"));
   });
+  // Retention: one scheduler for the whole deployment (every worker upserts the same
+  // one), so a sweep runs in one worker at a time.
+  const maintenanceQueue = createMaintenanceQueue(redis, cfg.QUEUE_PREFIX);
+  await maintenanceQueue.upsertJobScheduler("result-retention", { every: cfg.RETENTION_INTERVAL_MS }, { name: "result-retention" });
+  const maintenance = new Worker(
+    MAINTENANCE_QUEUE_NAME,
+    async () => sweepExpiredResults({ store, storage, log: log.child({ part: "retention" }) }),
+    { connection: redis, prefix: cfg.QUEUE_PREFIX, concurrency: 1 },
+  );
+  maintenance.on("error", (err) => log.error({ err }, "maintenance worker error"));
+  maintenance.on("failed", (_job, err) => log.warn({ err }, "retention sweep failed; the next one retries"));
+
+  // Webhooks only with a signing secret: an unsigned callback could not be trusted.
+  let webhooks: Worker<WebhookJobData> | undefined;
+  let webhookQueue: ReturnType<typeof createWebhookQueue> | undefined;
+  let dispatcher: OutboxDispatcher | undefined;
+  if (cfg.WEBHOOK_SECRET !== undefined) {
+    webhookQueue = createWebhookQueue(redis, {
+      prefix: cfg.QUEUE_PREFIX,
+      attempts: cfg.WEBHOOK_ATTEMPTS,
+      backoffMs: cfg.WEBHOOK_BACKOFF_MS,
+    });
+    webhooks = new Worker<WebhookJobData>(
+      WEBHOOK_QUEUE_NAME,
+      createWebhookProcessor({
+        store,
+        storage,
+        secret: cfg.WEBHOOK_SECRET,
+        policy: { allowPrivate: cfg.WEBHOOK_ALLOW_PRIVATE, allowedHosts: cfg.WEBHOOK_ALLOWED_HOSTS ?? [] },
+        timeoutMs: cfg.WEBHOOK_TIMEOUT_MS,
+        log: log.child({ part: "webhooks" }),
+      }),
+      { connection: redis, prefix: cfg.QUEUE_PREFIX, concurrency: 16 },
+    );
+    webhooks.on("error", (err) => log.error({ err }, "webhook worker error"));
+    dispatcher = startOutboxDispatcher({
+      redis,
+      store,
+      queue: webhookQueue,
+      intervalMs: OUTBOX_INTERVAL_MS,
+      leaseMs: OUTBOX_LEASE_MS,
+      log,
+    });
+  }
+
   await worker.waitUntilReady();
-  log.info({ queue: QUEUE_NAME, concurrency: cfg.WORKER_CONCURRENCY }, "worker ready");
+  log.info({ queue: QUEUE_NAME, concurrency: cfg.WORKER_CONCURRENCY, webhooks: webhooks !== undefined }, "worker ready");
 
   return {
     running: () => [...running.keys()],
@@ -102,7 +164,9 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
       },
     ],
     async close() {
-      await worker.close();
+      dispatcher?.stop();
+      await Promise.all([worker.close(), maintenance.close(), webhooks?.close()]);
+      await Promise.all([maintenanceQueue.close(), webhookQueue?.close()]);
       await sub.quit().catch(() => undefined);
       await redis.quit().catch(() => undefined);
       storage.destroy();

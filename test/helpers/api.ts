@@ -1,5 +1,6 @@
 import { createHash } from "node:crypto";
 import { PutObjectCommand } from "@aws-sdk/client-s3";
+import type { Interceptor } from "@connectrpc/connect";
 import type { Queue } from "bullmq";
 import type { Redis } from "ioredis";
 import type { Config } from "../../core/config.js";
@@ -9,7 +10,18 @@ import { createLogger } from "../../core/logger.js";
 import { type BundleJobData, createBundleQueue } from "../../core/queue.js";
 import { createRedis, waitForRedis } from "../../core/redis.js";
 import { type ApiServer, type ApiServerOptions, startApiServer } from "../../server/server.js";
-import { startServices, type Services } from "./services.js";
+import { startServices, type Services, TEST_OWNER, TEST_TOKEN } from "./services.js";
+
+export { TEST_OWNER, TEST_TOKEN };
+
+/** The header every authorized call carries, for fetch, buf curl and grpc-js metadata. */
+export const TEST_AUTH_HEADER = { authorization: `Bearer ${TEST_TOKEN}` } as const;
+
+/** Adds the test owner's token to every call of a Connect, gRPC or gRPC-Web transport. */
+export const withTestToken: Interceptor = (next) => (req) => {
+  req.header.set("authorization", TEST_AUTH_HEADER.authorization);
+  return next(req);
+};
 
 // A real API server on port 0 over real Redis and S3, plus what a worker would do to a
 // job (the worker lives in another process in production): the tests drive state
@@ -22,6 +34,8 @@ export interface ApiStack {
   svc: Services;
   cfg: Config;
   server: ApiServer;
+  /** The owner TEST_TOKEN authenticates as; jobs made with store.create need it to be visible. */
+  owner: string;
   /** The test's own Redis connection (not the server's). */
   redis: Redis;
   store: JobStore;
@@ -105,6 +119,7 @@ export async function startApiStack(
     svc,
     cfg,
     server,
+    owner: TEST_OWNER,
     redis,
     store,
     queue,

@@ -1,5 +1,5 @@
 import { PutObjectCommand } from "@aws-sdk/client-s3";
-import { randomBytes } from "node:crypto";
+import { createHash, randomBytes } from "node:crypto";
 import { type Config, loadConfig } from "../../core/config.js";
 import { Storage, storageOptionsFrom } from "../../core/storage.js";
 import { startRedis, type LocalRedis } from "../../local/redis-server.js";
@@ -20,6 +20,24 @@ export interface Services {
   putSource(fileId: number, bytes: Buffer | number, fileName?: string): Promise<Buffer>;
   stop(): Promise<void>;
 }
+
+/** The owner every test server knows, and its bearer token (AUTH_TOKENS holds its hash). */
+export const TEST_OWNER = "test-owner";
+export const TEST_TOKEN = "test-token-3f1c9a7e5b2d4c6a8e0f1b3d5a7c9e2f";
+
+/**
+ * What every test server runs with unless a test overrides it: auth on with the test
+ * owner's token, and no per-owner limits or dedup, which only the trust tests are about
+ * (elsewhere they would make unrelated tests depend on each other's jobs).
+ */
+export const TEST_SERVER_ENV: Record<string, string> = {
+  AUTH_TOKENS: `${TEST_OWNER}:${createHash("sha256").update(TEST_TOKEN).digest("hex")}`,
+  DEDUP_IN_FLIGHT: "false",
+  REUSE_RESULTS: "false",
+  MAX_ACTIVE_JOBS_PER_OWNER: "0",
+  INITIATE_RATE_PER_MINUTE: "0",
+  MAX_QUEUE_DEPTH: "0",
+};
 
 let prefixCounter = 0;
 
@@ -45,6 +63,7 @@ export async function startServices(opts: { appendonlyDir?: string } = {}): Prom
     S3_ACCESS_KEY_ID: LOCAL_S3_CREDENTIALS.accessKeyId,
     S3_SECRET_ACCESS_KEY: LOCAL_S3_CREDENTIALS.secretAccessKey,
     LOG_LEVEL: "warn",
+    ...TEST_SERVER_ENV,
   };
   const config = (overrides: Record<string, string> = {}) =>
     loadConfig({ QUEUE_PREFIX: uniquePrefix(), ...env, ...overrides });

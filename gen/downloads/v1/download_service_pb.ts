@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file downloads/v1/download_service.proto.
  */
 export const file_downloads_v1_download_service: GenFile = /*@__PURE__*/
-  fileDesc("CiNkb3dubG9hZHMvdjEvZG93bmxvYWRfc2VydmljZS5wcm90bxIMZG93bmxvYWRzLnYxItQDCgNKb2ISDgoGam9iX2lkGAEgASgJEiUKBXN0YXRlGAIgASgOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEhAKCGZpbGVfaWRzGAMgAygFEigKCHByb2dyZXNzGAQgASgLMhYuZG93bmxvYWRzLnYxLlByb2dyZXNzEicKBWZpbGVzGAUgAygLMhguZG93bmxvYWRzLnYxLkZpbGVTdGF0dXMSDwoHdmVyc2lvbhgGIAEoBRIQCghhdHRlbXB0cxgHIAEoBRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYDCABKAsyFy5kb3dubG9hZHMudjEuSm9iUmVzdWx0EiUKBWVycm9yGA0gASgLMhYuZG93bmxvYWRzLnYxLkpvYkVycm9yIrEBCghQcm9ncmVzcxIPCgdwZXJjZW50GAEgASgFEhIKCmZpbGVzX2RvbmUYAiABKAUSEwoLZmlsZXNfdG90YWwYAyABKAUSEgoKYnl0ZXNfZG9uZRgEIAEoAxITCgtieXRlc190b3RhbBgFIAEoAxIYCgtldGFfc2Vjb25kcxgGIAEoBUgAiAEBEhgKEGJ5dGVzX3Blcl9zZWNvbmQYByABKANCDgoMX2V0YV9zZWNvbmRzIoEBCgpGaWxlU3RhdHVzEg8KB2ZpbGVfaWQYASABKAUSJgoFc3RhdGUYAiABKA4yFy5kb3dubG9hZHMudjEuRmlsZVN0YXRlEhIKCnNpemVfYnl0ZXMYAyABKAMSEgoKYnl0ZXNfZG9uZRgEIAEoAxISCgplbnRyeV9uYW1lGAUgASgJIokBCglKb2JSZXN1bHQSFAoMZG93bmxvYWRfdXJsGAEgASgJEi8KC2V4cGlyZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglmaWxlX25hbWUYAyABKAkSEgoKc2l6ZV9ieXRlcxgEIAEoAxIOCgZzaGEyNTYYBSABKAkiVgoISm9iRXJyb3ISDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEhEKCXJldHJ5YWJsZRgDIAEoCBIYChBtaXNzaW5nX2ZpbGVfaWRzGAQgAygFIiMKD0luaXRpYXRlUmVxdWVzdBIQCghmaWxlX2lkcxgBIAMoBSIyChBJbml0aWF0ZVJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2IiIgoQR2V0U3RhdHVzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiMwoRR2V0U3RhdHVzUmVzcG9uc2USHgoDam9iGAEgASgLMhEuZG93bmxvYWRzLnYxLkpvYiI4Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhUKDWFmdGVyX3ZlcnNpb24YAiABKAUiawoQV2F0Y2hKb2JSZXNwb25zZRIgCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iSAASLAoJaGVhcnRiZWF0GAIgASgLMhcuZG93bmxvYWRzLnYxLkhlYXJ0YmVhdEgAQgcKBWV2ZW50IkYKCUhlYXJ0YmVhdBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgd2ZXJzaW9uGAIgASgFIh8KDUNhbmNlbFJlcXVlc3QSDgoGam9iX2lkGAEgASgJIjAKDkNhbmNlbFJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2IqnQEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIYChRKT0JfU1RBVEVfUFJPQ0VTU0lORxACEhcKE0pPQl9TVEFURV9DT01QTEVURUQQAxIUChBKT0JfU1RBVEVfRkFJTEVEEAQSFwoTSk9CX1NUQVRFX0NBTkNFTExFRBAFKocBCglGaWxlU3RhdGUSGgoWRklMRV9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkZJTEVfU1RBVEVfUEVORElORxABEhoKFkZJTEVfU1RBVEVfSU5fUFJPR1JFU1MQAhITCg9GSUxFX1NUQVRFX0RPTkUQAxIVChFGSUxFX1NUQVRFX0ZBSUxFRBAEMsYCCg9Eb3dubG9hZFNlcnZpY2USSQoISW5pdGlhdGUSHS5kb3dubG9hZHMudjEuSW5pdGlhdGVSZXF1ZXN0Gh4uZG93bmxvYWRzLnYxLkluaXRpYXRlUmVzcG9uc2USUQoJR2V0U3RhdHVzEh4uZG93bmxvYWRzLnYxLkdldFN0YXR1c1JlcXVlc3QaHy5kb3dubG9hZHMudjEuR2V0U3RhdHVzUmVzcG9uc2UiA5ACARJLCghXYXRjaEpvYhIdLmRvd25sb2Fkcy52MS5XYXRjaEpvYlJlcXVlc3QaHi5kb3dubG9hZHMudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKBkNhbmNlbBIbLmRvd25sb2Fkcy52MS5DYW5jZWxSZXF1ZXN0GhwuZG93bmxvYWRzLnYxLkNhbmNlbFJlc3BvbnNlIgOQAgJiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("CiNkb3dubG9hZHMvdjEvZG93bmxvYWRfc2VydmljZS5wcm90bxIMZG93bmxvYWRzLnYxIoQECgNKb2ISDgoGam9iX2lkGAEgASgJEiUKBXN0YXRlGAIgASgOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEhAKCGZpbGVfaWRzGAMgAygFEigKCHByb2dyZXNzGAQgASgLMhYuZG93bmxvYWRzLnYxLlByb2dyZXNzEicKBWZpbGVzGAUgAygLMhguZG93bmxvYWRzLnYxLkZpbGVTdGF0dXMSDwoHdmVyc2lvbhgGIAEoBRIQCghhdHRlbXB0cxgHIAEoBRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYDCABKAsyFy5kb3dubG9hZHMudjEuSm9iUmVzdWx0EiUKBWVycm9yGA0gASgLMhYuZG93bmxvYWRzLnYxLkpvYkVycm9yEi4KB3dlYmhvb2sYDiABKAsyHS5kb3dubG9hZHMudjEuV2ViaG9va0RlbGl2ZXJ5IrEBCghQcm9ncmVzcxIPCgdwZXJjZW50GAEgASgFEhIKCmZpbGVzX2RvbmUYAiABKAUSEwoLZmlsZXNfdG90YWwYAyABKAUSEgoKYnl0ZXNfZG9uZRgEIAEoAxITCgtieXRlc190b3RhbBgFIAEoAxIYCgtldGFfc2Vjb25kcxgGIAEoBUgAiAEBEhgKEGJ5dGVzX3Blcl9zZWNvbmQYByABKANCDgoMX2V0YV9zZWNvbmRzIoEBCgpGaWxlU3RhdHVzEg8KB2ZpbGVfaWQYASABKAUSJgoFc3RhdGUYAiABKA4yFy5kb3dubG9hZHMudjEuRmlsZVN0YXRlEhIKCnNpemVfYnl0ZXMYAyABKAMSEgoKYnl0ZXNfZG9uZRgEIAEoAxISCgplbnRyeV9uYW1lGAUgASgJIsoBCglKb2JSZXN1bHQSFAoMZG93bmxvYWRfdXJsGAEgASgJEi8KC2V4cGlyZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglmaWxlX25hbWUYAyABKAkSEgoKc2l6ZV9ieXRlcxgEIAEoAxIOCgZzaGEyNTYYBSABKAkSDwoHZXhwaXJlZBgGIAEoCBIuCgpwdXJnZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJWCghKb2JFcnJvchIMCgRjb2RlGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSEQoJcmV0cnlhYmxlGAMgASgIEhgKEG1pc3NpbmdfZmlsZV9pZHMYBCADKAUiTQoPSW5pdGlhdGVSZXF1ZXN0EhAKCGZpbGVfaWRzGAEgAygFEhIKCnJlcXVlc3RfaWQYAiABKAkSFAoMY2FsbGJhY2tfdXJsGAMgASgJImIKEEluaXRpYXRlUmVzcG9uc2USHgoDam9iGAEgASgLMhEuZG93bmxvYWRzLnYxLkpvYhIuCgdvdXRjb21lGAIgASgOMh0uZG93bmxvYWRzLnYxLkluaXRpYXRlT3V0Y29tZSIiChBHZXRTdGF0dXNSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIzChFHZXRTdGF0dXNSZXNwb25zZRIeCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iIjgKD1dhdGNoSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSFQoNYWZ0ZXJfdmVyc2lvbhgCIAEoBSJrChBXYXRjaEpvYlJlc3BvbnNlEiAKA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2JIABIsCgloZWFydGJlYXQYAiABKAsyFy5kb3dubG9hZHMudjEuSGVhcnRiZWF0SABCBwoFZXZlbnQiRgoJSGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3ZlcnNpb24YAiABKAUiHwoNQ2FuY2VsUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiMAoOQ2FuY2VsUmVzcG9uc2USHgoDam9iGAEgASgLMhEuZG93bmxvYWRzLnYxLkpvYiL9AQoPV2ViaG9va0RlbGl2ZXJ5EhQKDGNhbGxiYWNrX3VybBgBIAEoCRIpCgVzdGF0ZRgCIAEoDjIaLmRvd25sb2Fkcy52MS5XZWJob29rU3RhdGUSEAoIYXR0ZW1wdHMYAyABKAUSGAoQbGFzdF9zdGF0dXNfY29kZRgEIAEoBRISCgpsYXN0X2Vycm9yGAUgASgJEjUKEWxhc3RfYXR0ZW1wdF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5kZWxpdmVyZWRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqtAEKD0luaXRpYXRlT3V0Y29tZRIgChxJTklUSUFURV9PVVRDT01FX1VOU1BFQ0lGSUVEEAASHAoYSU5JVElBVEVfT1VUQ09NRV9DUkVBVEVEEAESHQoZSU5JVElBVEVfT1VUQ09NRV9SRVBMQVlFRBACEh4KGklOSVRJQVRFX09VVENPTUVfSU5fRkxJR0hUEAMSIgoeSU5JVElBVEVfT1VUQ09NRV9SRVVTRURfUkVTVUxUEAQqfwoMV2ViaG9va1N0YXRlEh0KGVdFQkhPT0tfU1RBVEVfVU5TUEVDSUZJRUQQABIZChVXRUJIT09LX1NUQVRFX1BFTkRJTkcQARIbChdXRUJIT09LX1NUQVRFX0RFTElWRVJFRBACEhgKFFdFQkhPT0tfU1RBVEVfRkFJTEVEEAMqnQEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIYChRKT0JfU1RBVEVfUFJPQ0VTU0lORxACEhcKE0pPQl9TVEFURV9DT01QTEVURUQQAxIUChBKT0JfU1RBVEVfRkFJTEVEEAQSFwoTSk9CX1NUQVRFX0NBTkNFTExFRBAFKocBCglGaWxlU3RhdGUSGgoWRklMRV9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkZJTEVfU1RBVEVfUEVORElORxABEhoKFkZJTEVfU1RBVEVfSU5fUFJPR1JFU1MQAhITCg9GSUxFX1NUQVRFX0RPTkUQAxIVChFGSUxFX1NUQVRFX0ZBSUxFRBAEMsYCCg9Eb3dubG9hZFNlcnZpY2USSQoISW5pdGlhdGUSHS5kb3dubG9hZHMudjEuSW5pdGlhdGVSZXF1ZXN0Gh4uZG93bmxvYWRzLnYxLkluaXRpYXRlUmVzcG9uc2USUQoJR2V0U3RhdHVzEh4uZG93bmxvYWRzLnYxLkdldFN0YXR1c1JlcXVlc3QaHy5kb3dubG9hZHMudjEuR2V0U3RhdHVzUmVzcG9uc2UiA5ACARJLCghXYXRjaEpvYhIdLmRvd25sb2Fkcy52MS5XYXRjaEpvYlJlcXVlc3QaHi5kb3dubG9hZHMudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKBkNhbmNlbBIbLmRvd25sb2Fkcy52MS5DYW5jZWxSZXF1ZXN0GhwuZG93bmxvYWRzLnYxLkNhbmNlbFJlc3BvbnNlIgOQAgJiBnByb3RvMw", [file_google_protobuf_timestamp]);
 
 /**
  * Job is one download being prepared: its state, progress and, at the end, its
@@ -112,6 +112,14 @@ export type Job = Message<"downloads.v1.Job"> & {
    * @generated from field: downloads.v1.JobError error = 13;
    */
   error?: JobError | undefined;
+
+  /**
+   * The delivery of the terminal-state callback; set only when Initiate had a
+   * callback_url.
+   *
+   * @generated from field: downloads.v1.WebhookDelivery webhook = 14;
+   */
+  webhook?: WebhookDelivery | undefined;
 };
 
 /**
@@ -241,6 +249,7 @@ export const FileStatusSchema: GenMessage<FileStatus> = /*@__PURE__*/
 export type JobResult = Message<"downloads.v1.JobResult"> & {
   /**
    * Presigned GET URL for the ZIP, made fresh on every read; valid until expire_time.
+   * Empty once the result has expired.
    *
    * @generated from field: string download_url = 1;
    */
@@ -273,6 +282,21 @@ export type JobResult = Message<"downloads.v1.JobResult"> & {
    * @generated from field: string sha256 = 5;
    */
   sha256: string;
+
+  /**
+   * True once retention has deleted the ZIP (purge_time has passed): the job stays
+   * COMPLETED without download_url. Initiate with the same files makes it again.
+   *
+   * @generated from field: bool expired = 6;
+   */
+  expired: boolean;
+
+  /**
+   * When retention deletes the ZIP (the server's result lifetime after completion).
+   *
+   * @generated from field: google.protobuf.Timestamp purge_time = 7;
+   */
+  purgeTime?: Timestamp | undefined;
 };
 
 /**
@@ -290,6 +314,7 @@ export const JobResultSchema: GenMessage<JobResult> = /*@__PURE__*/
 export type JobError = Message<"downloads.v1.JobError"> & {
   /**
    * A Connect code name in snake case: "not_found" for missing source files,
+   * "resource_exhausted" for files larger in total than the server's per-job limit,
    * "unavailable" for storage or queue trouble that outlasted the retries.
    *
    * @generated from field: string code = 1;
@@ -338,6 +363,27 @@ export type InitiateRequest = Message<"downloads.v1.InitiateRequest"> & {
    * @generated from field: repeated int32 file_ids = 1;
    */
   fileIds: number[];
+
+  /**
+   * Optional idempotency key (AIP-155), a UUID is recommended; 1 to 128 visible ASCII
+   * characters. A retry with the same key and the same parameters returns the same job
+   * for at least 24 hours; the same key with other parameters fails with
+   * INVALID_ARGUMENT. The HTTP header `Idempotency-Key` does the same; if both are
+   * sent they must be equal.
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
+
+  /**
+   * Optional http(s) URL that receives a POST of the job (the JSON of
+   * GetStatusResponse) when it reaches a terminal state, signed in the header
+   * `Download-Jobs-Signature: t=<unix seconds>,v1=<hex HMAC-SHA256 of "<t>.<body>">`.
+   * Its host must resolve to public addresses unless the server allows more.
+   *
+   * @generated from field: string callback_url = 3;
+   */
+  callbackUrl: string;
 };
 
 /**
@@ -348,17 +394,24 @@ export const InitiateRequestSchema: GenMessage<InitiateRequest> = /*@__PURE__*/
   messageDesc(file_downloads_v1_download_service, 5);
 
 /**
- * InitiateResponse carries the new job.
+ * InitiateResponse carries the job.
  *
  * @generated from message downloads.v1.InitiateResponse
  */
 export type InitiateResponse = Message<"downloads.v1.InitiateResponse"> & {
   /**
-   * The job, in state QUEUED.
+   * The new job in state QUEUED, or the existing job that outcome names.
    *
    * @generated from field: downloads.v1.Job job = 1;
    */
   job?: Job | undefined;
+
+  /**
+   * Whether the job is new or an existing one was returned, and why.
+   *
+   * @generated from field: downloads.v1.InitiateOutcome outcome = 2;
+   */
+  outcome: InitiateOutcome;
 };
 
 /**
@@ -547,6 +600,160 @@ export const CancelResponseSchema: GenMessage<CancelResponse> = /*@__PURE__*/
   messageDesc(file_downloads_v1_download_service, 13);
 
 /**
+ * WebhookDelivery is the state of a job's terminal-state callback.
+ *
+ * @generated from message downloads.v1.WebhookDelivery
+ */
+export type WebhookDelivery = Message<"downloads.v1.WebhookDelivery"> & {
+  /**
+   * The callback_url given to Initiate.
+   *
+   * @generated from field: string callback_url = 1;
+   */
+  callbackUrl: string;
+
+  /**
+   * Where the delivery is.
+   *
+   * @generated from field: downloads.v1.WebhookState state = 2;
+   */
+  state: WebhookState;
+
+  /**
+   * Calls made so far.
+   *
+   * @generated from field: int32 attempts = 3;
+   */
+  attempts: number;
+
+  /**
+   * HTTP status of the last call; 0 when it got no answer.
+   *
+   * @generated from field: int32 last_status_code = 4;
+   */
+  lastStatusCode: number;
+
+  /**
+   * Why the last call failed, if it did.
+   *
+   * @generated from field: string last_error = 5;
+   */
+  lastError: string;
+
+  /**
+   * When the last call was made.
+   *
+   * @generated from field: google.protobuf.Timestamp last_attempt_time = 6;
+   */
+  lastAttemptTime?: Timestamp | undefined;
+
+  /**
+   * When a call was answered with a 2xx status.
+   *
+   * @generated from field: google.protobuf.Timestamp delivered_time = 7;
+   */
+  deliveredTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message downloads.v1.WebhookDelivery.
+ * Use `create(WebhookDeliverySchema)` to create a new message.
+ */
+export const WebhookDeliverySchema: GenMessage<WebhookDelivery> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 14);
+
+/**
+ * InitiateOutcome tells how Initiate arrived at the job it returned.
+ *
+ * @generated from enum downloads.v1.InitiateOutcome
+ */
+export enum InitiateOutcome {
+  /**
+   * Never set by the server.
+   *
+   * @generated from enum value: INITIATE_OUTCOME_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * A new job was queued.
+   *
+   * @generated from enum value: INITIATE_OUTCOME_CREATED = 1;
+   */
+  CREATED = 1,
+
+  /**
+   * The request_id was seen before with the same parameters: that call's job.
+   *
+   * @generated from enum value: INITIATE_OUTCOME_REPLAYED = 2;
+   */
+  REPLAYED = 2,
+
+  /**
+   * The caller already had a queued or running job with the same parameters: that job.
+   *
+   * @generated from enum value: INITIATE_OUTCOME_IN_FLIGHT = 3;
+   */
+  IN_FLIGHT = 3,
+
+  /**
+   * The caller already had a completed job with the same parameters whose result
+   * still lives: that job, ready to download.
+   *
+   * @generated from enum value: INITIATE_OUTCOME_REUSED_RESULT = 4;
+   */
+  REUSED_RESULT = 4,
+}
+
+/**
+ * Describes the enum downloads.v1.InitiateOutcome.
+ */
+export const InitiateOutcomeSchema: GenEnum<InitiateOutcome> = /*@__PURE__*/
+  enumDesc(file_downloads_v1_download_service, 0);
+
+/**
+ * WebhookState is the progress of a callback delivery.
+ *
+ * @generated from enum downloads.v1.WebhookState
+ */
+export enum WebhookState {
+  /**
+   * Never set by the server.
+   *
+   * @generated from enum value: WEBHOOK_STATE_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * The job has not ended yet, or calls are still being retried.
+   *
+   * @generated from enum value: WEBHOOK_STATE_PENDING = 1;
+   */
+  PENDING = 1,
+
+  /**
+   * The receiver answered with a 2xx status.
+   *
+   * @generated from enum value: WEBHOOK_STATE_DELIVERED = 2;
+   */
+  DELIVERED = 2,
+
+  /**
+   * Every attempt failed, or the URL became unacceptable (e.g. now resolves to a
+   * private address); no more calls are made.
+   *
+   * @generated from enum value: WEBHOOK_STATE_FAILED = 3;
+   */
+  FAILED = 3,
+}
+
+/**
+ * Describes the enum downloads.v1.WebhookState.
+ */
+export const WebhookStateSchema: GenEnum<WebhookState> = /*@__PURE__*/
+  enumDesc(file_downloads_v1_download_service, 1);
+
+/**
  * JobState is the life cycle of a job: QUEUED -> PROCESSING -> one of COMPLETED,
  * FAILED or CANCELLED. The last three are terminal and never change.
  *
@@ -600,7 +807,7 @@ export enum JobState {
  * Describes the enum downloads.v1.JobState.
  */
 export const JobStateSchema: GenEnum<JobState> = /*@__PURE__*/
-  enumDesc(file_downloads_v1_download_service, 0);
+  enumDesc(file_downloads_v1_download_service, 2);
 
 /**
  * FileState is the progress of one file inside a job.
@@ -648,19 +855,29 @@ export enum FileState {
  * Describes the enum downloads.v1.FileState.
  */
 export const FileStateSchema: GenEnum<FileState> = /*@__PURE__*/
-  enumDesc(file_downloads_v1_download_service, 1);
+  enumDesc(file_downloads_v1_download_service, 3);
 
 /**
  * DownloadService prepares downloads that take too long for one HTTP request.
  * Initiate returns at once with a queued job; GetStatus polls it, WatchJob streams
  * it, Cancel stops it. A completed job carries a presigned download URL.
  *
+ * Every call needs the header `authorization: Bearer <token>` (gRPC metadata of the
+ * same name); without a valid token it fails with UNAUTHENTICATED. A job belongs to the
+ * owner of the token that initiated it: for any other owner it does not exist
+ * (NOT_FOUND, no hint).
+ *
  * @generated from service downloads.v1.DownloadService
  */
 export const DownloadService: GenService<{
   /**
    * Initiate queues a job that bundles the given files into one ZIP. It returns at
-   * once with the job in state QUEUED. Invalid file ids fail with INVALID_ARGUMENT.
+   * once with the job in state QUEUED, or with an existing job of the caller (see
+   * InitiateResponse.outcome). Invalid file ids, a bad callback_url or a request_id
+   * reused with other parameters fail with INVALID_ARGUMENT. Past the caller's limits
+   * (jobs queued or running at once, jobs per minute) it fails with RESOURCE_EXHAUSTED
+   * and, when the whole queue is full, with UNAVAILABLE; both carry a
+   * google.rpc.RetryInfo detail (and plain HTTP callers a Retry-After header).
    *
    * @generated from rpc downloads.v1.DownloadService.Initiate
    */
@@ -670,8 +887,8 @@ export const DownloadService: GenService<{
     output: typeof InitiateResponseSchema;
   },
   /**
-   * GetStatus returns the job as it is now. Unknown job ids fail with NOT_FOUND,
-   * malformed ones with INVALID_ARGUMENT. Served over HTTP GET too.
+   * GetStatus returns the job as it is now. Unknown job ids (and other owners' jobs)
+   * fail with NOT_FOUND, malformed ones with INVALID_ARGUMENT. Served over HTTP GET too.
    *
    * @generated from rpc downloads.v1.DownloadService.GetStatus
    */

@@ -1,12 +1,21 @@
-import { create } from "@bufbuild/protobuf";
+import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
-import type { JobRecord, JobStateName, FileStateName } from "../core/jobs.js";
-import { percentOf } from "../core/jobs.js";
-import type { PresignedResult } from "../core/storage.js";
-import { FileState, type Job, JobSchema, JobState } from "../gen/downloads/v1/download_service_pb.js";
+import {
+  FileState,
+  type Job,
+  JobSchema,
+  JobState,
+  type WebhookDeliverySchema,
+  WebhookState,
+} from "../gen/downloads/v1/download_service_pb.js";
+import type { FileStateName, JobRecord, JobStateName, WebhookStateName } from "./jobs.js";
+import { percentOf } from "./jobs.js";
+import type { PresignedResult } from "./storage.js";
 
 // JobRecord (the domain model) -> the proto Job (the contract). Pure: the download URL
-// is presigned by the caller, freshly on every read, and passed in.
+// is presigned by the caller, freshly on every read, and passed in. The API answers
+// with it and the worker's webhooks post it, so both send the same JSON. The owner is
+// never shown: callers only ever see their own jobs.
 
 const JOB_STATE: Record<JobStateName, JobState> = {
   QUEUED: JobState.QUEUED,
@@ -14,6 +23,12 @@ const JOB_STATE: Record<JobStateName, JobState> = {
   COMPLETED: JobState.COMPLETED,
   FAILED: JobState.FAILED,
   CANCELLED: JobState.CANCELLED,
+};
+
+const WEBHOOK_STATE: Record<WebhookStateName, WebhookState> = {
+  PENDING: WebhookState.PENDING,
+  DELIVERED: WebhookState.DELIVERED,
+  FAILED: WebhookState.FAILED,
 };
 
 const FILE_STATE: Record<FileStateName, FileState> = {
@@ -28,9 +43,29 @@ function int64(n: number | undefined): bigint {
   return n === undefined || !Number.isFinite(n) || n <= 0 ? 0n : BigInt(Math.round(n));
 }
 
+/** Whether a completed job's result can be presigned: retention has not deleted it. */
+export function hasLiveResult(rec: JobRecord): rec is JobRecord & { result: NonNullable<JobRecord["result"]> } {
+  return rec.state === "COMPLETED" && rec.result !== undefined && rec.result.expired !== true;
+}
+
+function webhookOf(rec: JobRecord): MessageInitShape<typeof WebhookDeliverySchema> | undefined {
+  const w = rec.webhook;
+  if (rec.callbackUrl === undefined || w === undefined) return undefined;
+  return {
+    callbackUrl: rec.callbackUrl,
+    state: WEBHOOK_STATE[w.state] ?? WebhookState.UNSPECIFIED,
+    attempts: w.attempts,
+    lastStatusCode: w.lastStatus,
+    lastError: w.lastError ?? "",
+    ...(w.lastAttemptAt !== undefined ? { lastAttemptTime: timestampFromMs(w.lastAttemptAt) } : {}),
+    ...(w.deliveredAt !== undefined ? { deliveredTime: timestampFromMs(w.deliveredAt) } : {}),
+  };
+}
+
 /** `download` is the presigned URL of a completed job's result; omitted otherwise. */
 export function toProtoJob(rec: JobRecord, download?: PresignedResult): Job {
   const p = rec.progress;
+  const webhook = webhookOf(rec);
   return create(JobSchema, {
     jobId: rec.id,
     state: JOB_STATE[rec.state] ?? JobState.UNSPECIFIED,
@@ -65,6 +100,8 @@ export function toProtoJob(rec: JobRecord, download?: PresignedResult): Job {
             fileName: rec.result.fileName,
             sizeBytes: int64(rec.result.sizeBytes),
             sha256: rec.result.sha256,
+            expired: rec.result.expired === true,
+            ...(rec.result.expiresAt !== undefined ? { purgeTime: timestampFromMs(rec.result.expiresAt) } : {}),
           },
         }
       : {}),
@@ -78,5 +115,6 @@ export function toProtoJob(rec: JobRecord, download?: PresignedResult): Job {
           },
         }
       : {}),
+    ...(webhook !== undefined ? { webhook } : {}),
   });
 }
