@@ -19,7 +19,7 @@ import {
   timeoutOf,
   writeUnaryError,
 } from "./fast-connect.js";
-import { toProtoJob } from "./job-to-proto.js";
+import { toProtoJob } from "../core/job-to-proto.js";
 
 // GetStatus over the Connect unary protocol, the call pollers make: a JSON or binary
 // POST, or a GET with the message in the query (`?encoding=json&message=...`,

@@ -24,7 +24,7 @@ import {
   streamBodyLimit,
   timeoutOf,
 } from "./fast-connect.js";
-import { toProtoJob } from "./job-to-proto.js";
+import { toProtoJob } from "../core/job-to-proto.js";
 
 // WatchJob over the Connect streaming protocol (application/connect+json and
 // application/connect+proto, HTTP/1.1 and h2), without connect-node's per-stream
