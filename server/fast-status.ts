@@ -19,7 +19,7 @@ import {
   timeoutOf,
   writeUnaryError,
 } from "./fast-connect.js";
-import { toProtoJob } from "../core/job-to-proto.js";
+import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
 
 // GetStatus over the Connect unary protocol, the call pollers make: a JSON or binary
 // POST, or a GET with the message in the query (`?encoding=json&message=...`,
@@ -70,10 +70,10 @@ export function createFastStatus(deps: FastPathDeps) {
           ? parseQueryMessage(call.params ?? new URLSearchParams(), call.binary)
           : parseBody(await readBody(req, deps.readMaxBytes), call.binary);
         const rec = await deps.getJob(owner, input.jobId);
-        const download =
-          rec.state === "COMPLETED" && rec.result !== undefined
-            ? await deps.presigner.presignResult(rec.result.key, rec.result.fileName)
-            : undefined;
+        // An expired result (retention deleted the ZIP) gets no URL.
+        const download = hasLiveResult(rec)
+          ? await deps.presigner.presignResult(rec.result.key, rec.result.fileName)
+          : undefined;
         return { rec, job: toProtoJob(rec, download) };
       })();
       let answer: Awaited<typeof work>;

@@ -24,7 +24,7 @@ import {
   streamBodyLimit,
   timeoutOf,
 } from "./fast-connect.js";
-import { toProtoJob } from "../core/job-to-proto.js";
+import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
 
 // WatchJob over the Connect streaming protocol (application/connect+json and
 // application/connect+proto, HTTP/1.1 and h2), without connect-node's per-stream
@@ -52,7 +52,7 @@ export function createFastWatch(deps: FastPathDeps) {
 
   /** A completed job's URL is presigned on read (stored URLs expire); once per record here. */
   const present = (rec: JobRecord): Job | Promise<Job> => {
-    if (rec.state !== "COMPLETED" || rec.result === undefined) return toProtoJob(rec);
+    if (!hasLiveResult(rec)) return toProtoJob(rec);
     return deps.presigner.presignResult(rec.result.key, rec.result.fileName).then((url) => toProtoJob(rec, url));
   };
 

@@ -25,7 +25,13 @@ let plain: ApiStack;
 
 beforeAll(async () => {
   svc = await startServices();
-  const env = { MAX_REQUEST_BYTES: String(MAX_BYTES), WATCH_HEARTBEAT_MS: "60000", PRESIGN_EXPIRY_SECONDS: "300" };
+  // Both paths must answer alike; ownership through them is test/trust-auth.test.ts's.
+  const env = {
+    MAX_REQUEST_BYTES: String(MAX_BYTES),
+    WATCH_HEARTBEAT_MS: "60000",
+    PRESIGN_EXPIRY_SECONDS: "300",
+    AUTH_DISABLED: "true",
+  };
   fast = await startApiStack(env, { services: svc });
   plain = await startApiStack(env, { services: svc, fastPaths: false });
 });
@@ -111,7 +117,7 @@ function follow(stack: ApiStack, jobId: string) {
 
 describe("WatchJob over raw Connect envelopes", () => {
   test("JSON: the snapshot, each change, the completed job with a download URL, then {}", async () => {
-    const jobId = (await fast.store.create(newJobId(), [1, 2])).id;
+    const jobId = (await fast.store.create(newJobId(), [1, 2], "anonymous")).id;
     const w = follow(fast, jobId);
     await expect.poll(() => w.messages.length).toBe(1);
     await fast.startJob(jobId);
@@ -133,7 +139,7 @@ describe("WatchJob over raw Connect envelopes", () => {
   });
 
   test("binary over HTTP/2: the same messages as protobuf, ended by {}", async () => {
-    const jobId = (await fast.store.create(newJobId(), [3])).id;
+    const jobId = (await fast.store.create(newJobId(), [3], "anonymous")).id;
     await fast.startJob(jobId);
     await fast.fail(jobId);
     const session = http2.connect(fast.server.url);
@@ -166,7 +172,7 @@ describe("WatchJob over raw Connect envelopes", () => {
   });
 
   test("a resumed watch of an unchanged job gets a heartbeat at once", async () => {
-    const jobId = (await fast.store.create(newJobId(), [4])).id;
+    const jobId = (await fast.store.create(newJobId(), [4], "anonymous")).id;
     const res = await watchRaw(fast, watchRequest(jobId, 1), { "connect-timeout-ms": "500" });
     const { messages, end } = decodeJsonStream(res.body);
     expect(messages).toHaveLength(1);
@@ -175,7 +181,7 @@ describe("WatchJob over raw Connect envelopes", () => {
   });
 
   test("connect-timeout-ms ends an open stream with deadline_exceeded", async () => {
-    const jobId = (await fast.store.create(newJobId(), [5])).id;
+    const jobId = (await fast.store.create(newJobId(), [5], "anonymous")).id;
     const res = await watchRaw(fast, watchRequest(jobId), { "connect-timeout-ms": "300" });
     expect(res.status).toBe(200);
     const { messages, end } = decodeJsonStream(res.body);
@@ -226,7 +232,7 @@ describe("GetStatus, polled", () => {
   const jsonQuery = (jobId: string) => `connect=v1&encoding=json&message=${encodeURIComponent(JSON.stringify({ jobId }))}`;
 
   test("JSON POST, binary POST, GET and base64 GET all return the job", async () => {
-    const jobId = (await fast.store.create(newJobId(), [7, 8])).id;
+    const jobId = (await fast.store.create(newJobId(), [7, 8], "anonymous")).id;
     await fast.startJob(jobId);
     await fast.progress(jobId, 25, 100);
     const binaryRequest = toBinary(GetStatusRequestSchema, create(GetStatusRequestSchema, { jobId }));
@@ -251,15 +257,15 @@ describe("GetStatus, polled", () => {
   });
 
   test("GET answers may be reused briefly, privately, and never an error", async () => {
-    const running = (await fast.store.create(newJobId(), [1])).id;
+    const running = (await fast.store.create(newJobId(), [1], "anonymous")).id;
     expect((await get(fast, jsonQuery(running))).headers.get("cache-control")).toBe("private, max-age=1");
 
-    const failed = (await fast.store.create(newJobId(), [1])).id;
+    const failed = (await fast.store.create(newJobId(), [1], "anonymous")).id;
     await fast.fail(failed);
     expect((await get(fast, jsonQuery(failed))).headers.get("cache-control")).toBe("private, max-age=60");
 
     // The URL in a completed job expires: the answer may live a tenth of its lifetime.
-    const done = (await fast.store.create(newJobId(), [1])).id;
+    const done = (await fast.store.create(newJobId(), [1], "anonymous")).id;
     await fast.startJob(done);
     await fast.complete(done, Buffer.from("zip"));
     const res = await get(fast, jsonQuery(done));
@@ -280,7 +286,7 @@ describe("GetStatus, polled", () => {
     const res = await post(fast, JSON.stringify({ jobId: newJobId() }), "application/json", { "connect-timeout-ms": "x" });
     expect(res.status).toBe(400);
     expect(((await res.json()) as { code: string }).code).toBe("invalid_argument");
-    const jobId = (await fast.store.create(newJobId(), [1])).id;
+    const jobId = (await fast.store.create(newJobId(), [1], "anonymous")).id;
     const ok = await post(fast, JSON.stringify({ jobId }), "application/json", { "connect-timeout-ms": "10000" });
     expect(ok.status).toBe(200);
   });
@@ -309,7 +315,7 @@ describe("GetStatus, polled", () => {
   });
 
   test("the server keeps serving after every odd request", async () => {
-    const jobId = (await fast.store.create(newJobId(), [1])).id;
+    const jobId = (await fast.store.create(newJobId(), [1], "anonymous")).id;
     const res = await get(fast, jsonQuery(jobId));
     expect(res.status).toBe(200);
   });
