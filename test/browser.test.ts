@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
-import { mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, readFileSync, rmSync } from "node:fs";
 import { request } from "node:http";
+import { connect as connectH2 } from "node:http2";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pino } from "pino";
@@ -34,8 +35,9 @@ const CHROMIUM_ARGS = [
 // 1 + 2 + 3 MB of samples at 1 MB/s: the three-file job runs about 6 s.
 const THROTTLE = "1000000";
 const USED = SAMPLE_FILES.slice(0, 3);
-/** 5 MB, for a job that must still be running when the test looks. */
+/** 5 MB and 8 MB, for jobs that must still be running when the test looks. */
 const LONGER = SAMPLE_FILES[3];
+const LONGEST = SAMPLE_FILES[4];
 const silent = pino({ level: "silent" });
 // The API requires a bearer token (AUTH_TOKENS holds its SHA-256); the page asks for it.
 const TOKEN = "browser-test-token";
@@ -64,9 +66,10 @@ beforeAll(async () => {
   devDist = join(tmp, "dev");
   await Promise.all([buildWeb({ outDir: dist }), buildWeb({ outDir: devDist, development: true })]);
   st = await startApiStack({ ...AUTH, WEB_ROOT: dist, THROTTLE_BYTES_PER_SECOND: THROTTLE, PROGRESS_INTERVAL_MS: "100" });
-  await seedSamples(st.svc.storage, { files: SAMPLE_FILES.slice(0, 4) });
+  await seedSamples(st.svc.storage, { files: SAMPLE_FILES.slice(0, 5) });
   for (const f of USED) sources.set(f.fileName, await sampleBytes(f.fileId, f.sizeBytes));
   worker = await startWorker(st.cfg, silent);
+  if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: apt-get install -y chromium (CI's .ci/run does)`);
   browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
   mkdirSync(SHOTS, { recursive: true });
 }, 120_000);
@@ -185,6 +188,24 @@ describe("the page at /", () => {
     }
   });
 
+  test("is served over h2c too, as HTTP/2 clients on the same port see it", async () => {
+    const session = connectH2(st.server.url);
+    try {
+      const head = await new Promise<Record<string, unknown>>((resolveHead, reject) => {
+        const req = session.request({ ":path": "/", ":method": "GET" });
+        req.on("response", (h) => resolveHead(h));
+        req.on("error", reject);
+        req.resume();
+        req.end();
+      });
+      expect(head[":status"]).toBe(200);
+      expect(head["content-type"]).toBe("text/html; charset=utf-8");
+      expect(head.etag).toMatch(/^"[\w-]+"$/);
+    } finally {
+      session.close();
+    }
+  });
+
   test("an empty WEB_ROOT serves no page, the API still answers", async () => {
     const cfg = apiConfig({ WEB_ROOT: "" });
     expect(cfg.WEB_ROOT).toBe("");
@@ -282,7 +303,7 @@ describe("in Chromium", () => {
     await expect.poll(() => stateText(page)).toBe("Ready");
   }, 60_000);
 
-  test("under React StrictMode (development build) one WatchJob stream stays open", async () => {
+  test("under React StrictMode (development build) a reload leaves one WatchJob stream open", async () => {
     const cfg = apiConfig({ WEB_ROOT: devDist });
     const server = await startApiServer(cfg, silent);
     extraServers.push(server);
@@ -290,21 +311,21 @@ describe("in Chromium", () => {
     const page = await ctx.newPage();
     await page.goto(server.url);
     await useToken(page);
+    await startJob(page, [LONGEST?.fileName ?? ""]);
+    await expect.poll(() => valueNow(page), { timeout: 20_000, interval: 100 }).toBeGreaterThan(0);
+
+    // Loading with a job to resume is when StrictMode mounts the hook twice.
     const open = new Set<unknown>();
-    let opened = 0;
     page.on("request", (r) => {
-      if (r.url().endsWith("/WatchJob")) {
-        opened += 1;
-        open.add(r);
-      }
+      if (r.url().endsWith("/WatchJob")) open.add(r);
     });
     page.on("requestfinished", (r) => open.delete(r));
     page.on("requestfailed", (r) => open.delete(r));
-    await startJob(page, [LONGER?.fileName ?? ""]);
+    await page.reload();
     await expect.poll(() => valueNow(page), { timeout: 20_000, interval: 100 }).toBeGreaterThan(0);
-    // StrictMode mounted the hook twice; the first watch was aborted, one remains.
-    expect(opened).toBeGreaterThanOrEqual(1);
     await expect.poll(() => open.size, { timeout: 5_000 }).toBe(1);
+    // Still running, so that 1 is not a second stream ending with the job.
+    expect(await stateText(page)).toBe("Preparing");
     await expect.poll(() => stateText(page), { timeout: 30_000 }).toBe("Ready");
     await expect.poll(() => open.size, { timeout: 5_000 }).toBe(0);
     await ctx.close();
@@ -312,7 +333,7 @@ describe("in Chromium", () => {
 
   test("with the API gone the page says the service is unreachable, then recovers", async () => {
     const { page } = await newPage();
-    const jobId = await startJob(page, [USED[2]?.fileName ?? ""]);
+    const jobId = await startJob(page, [LONGER?.fileName ?? ""]);
     await expect.poll(() => valueNow(page), { timeout: 20_000, interval: 100 }).toBeGreaterThanOrEqual(0);
     const port = st.server.port;
     await st.server.close();
