@@ -1,6 +1,7 @@
 import { Code, type Interceptor } from "@connectrpc/connect";
 import { codeToString } from "@connectrpc/connect/protocol-connect";
 import type { Logger } from "pino";
+import { OverloadedError } from "../core/jobs.js";
 import { toConnectError } from "./errors.js";
 import { type RpcOutcome, rpcOutcomeKey } from "./rpc-log.js";
 
@@ -19,8 +20,9 @@ export function rpcInterceptor(log: Logger): Interceptor {
         record(outcome, Code.Internal);
         return err;
       }
-      // A ConnectError thrown on purpose (the shutdown's UNAVAILABLE) is not news.
-      if (mapped.code === Code.Unavailable && mapped !== err) {
+      // A ConnectError thrown on purpose (the shutdown's UNAVAILABLE) is not news, and
+      // neither is a full queue turning callers away (it would flood the log).
+      if (mapped.code === Code.Unavailable && mapped !== err && !(err instanceof OverloadedError)) {
         log.warn({ rpc: procedure, err: mapped.cause }, "backend unavailable");
       }
       record(outcome, mapped.code);

@@ -98,7 +98,13 @@ export async function startApiStack(
         state: "COMPLETED",
         endedAt: Date.now(),
         progress: { ...rec.progress, filesDone: rec.fileIds.length, bytesDone: zip.length, bytesTotal: zip.length },
-        result: { key, fileName, sizeBytes: zip.length, sha256: createHash("sha256").update(zip).digest("hex") },
+        result: {
+          key,
+          fileName,
+          sizeBytes: zip.length,
+          sha256: createHash("sha256").update(zip).digest("hex"),
+          expiresAt: Date.now() + cfg.RESULT_TTL_SECONDS * 1000,
+        },
       },
       { from: ["PROCESSING"] },
     );
