@@ -12,6 +12,7 @@ import {
   parseJobId,
 } from "./jobs.js";
 import type { BundleJobData } from "./queue.js";
+import { currentTraceparent } from "./tracing.js";
 
 // The domain operations behind the RPCs. Handlers parse nothing and know no Redis:
 // they call these and map the domain errors to Connect codes. Every operation acts for
@@ -142,7 +143,10 @@ export class JobService {
   }
 
   private async enqueue(rec: JobRecord): Promise<void> {
-    await this.deps.queue.add("bundle", { jobId: rec.id, fileIds: rec.fileIds }, { jobId: rec.id });
+    // The worker continues the caller's trace, and logs the owner, from the job's data.
+    const traceparent = currentTraceparent();
+    const data = { jobId: rec.id, fileIds: rec.fileIds, owner: rec.owner, ...(traceparent !== undefined ? { traceparent } : {}) };
+    await this.deps.queue.add("bundle", data, { jobId: rec.id });
   }
 
   private async queueFull(): Promise<boolean> {

@@ -10,6 +10,10 @@ export const QUEUE_NAME = "bundles";
 export interface BundleJobData {
   jobId: string;
   fileIds: number[];
+  /** For the worker's log lines; absent in jobs queued before it was added. */
+  owner?: string;
+  /** W3C trace context of the Initiate call, when tracing is on: the worker's spans join it. */
+  traceparent?: string;
 }
 
 export interface QueueOptions {

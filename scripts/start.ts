@@ -2,6 +2,7 @@ import { createHash, randomBytes } from "node:crypto";
 import { dirname, join, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { type Config, ConfigError, loadConfig } from "../core/config.js";
+import { logFormatFor } from "../core/logger.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { canConnect, waitUntil } from "../local/ports.js";
 import { startRedis } from "../local/redis-server.js";
@@ -163,6 +164,8 @@ async function main(): Promise<number> {
       say(`auth   development token (owner "dev", new at every start): ${token}`);
       say(`       send it as  Authorization: Bearer <token>; set AUTH_TOKENS for your own (see README, Security)`);
     }
+    // The children write to a pipe, not to this terminal: decide the log format here.
+    childEnv.LOG_FORMAT = logFormatFor(cfg);
 
     if (cfg.REDIS_URL === undefined && cfg.REDIS_CLUSTER_NODES === undefined) {
       const dir = resolve(cfg.DATA_DIR, "redis");

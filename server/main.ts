@@ -1,5 +1,6 @@
 import { ConfigError, loadConfig } from "../core/config.js";
-import { createLogger } from "../core/logger.js";
+import { createLogger, logFormatFor } from "../core/logger.js";
+import { startTracing } from "../core/tracing.js";
 import { startApiServer } from "./server.js";
 
 // The API process: config, listen, and a graceful stop on SIGTERM/SIGINT. Open watches
@@ -29,8 +30,10 @@ async function main(): Promise<void> {
     );
     process.exit(2);
   }
-  const log = createLogger(cfg.LOG_LEVEL, "api");
-  const server = await startApiServer(cfg, log);
+  const log = createLogger(cfg.LOG_LEVEL, "api", { format: logFormatFor(cfg) });
+  // Before the server: spans need the provider registered when the first call arrives.
+  const tracing = startTracing(cfg, { serviceName: "download-jobs-api" });
+  const server = await startApiServer(cfg, log, { tracing: tracing.enabled });
 
   let stopping = false;
   const stop = (signal: NodeJS.Signals) => {
@@ -42,13 +45,16 @@ async function main(): Promise<void> {
       process.exit(1);
     }, Math.min(cfg.SHUTDOWN_GRACE_MS, 9_500));
     hardExit.unref();
-    server.close().then(
-      () => process.exit(0),
-      (err: unknown) => {
-        log.error({ err }, "shutdown failed");
-        process.exit(1);
-      },
-    );
+    server
+      .close()
+      .then(() => tracing.shutdown())
+      .then(
+        () => process.exit(0),
+        (err: unknown) => {
+          log.error({ err }, "shutdown failed");
+          process.exit(1);
+        },
+      );
   };
   process.on("SIGTERM", stop);
   process.on("SIGINT", stop);

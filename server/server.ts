@@ -3,14 +3,16 @@ import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
 import type { Config } from "../core/config.js";
 import { Readiness, redisCheck, s3Check, serveHealth } from "../core/health.js";
+import { QUEUE_STATES, createMetricsRegistry, registerApiMetrics, serveMetrics } from "../core/metrics.js";
 import { JobService } from "../core/job-service.js";
-import { checkWebhookUrl } from "../core/webhook-target.js";
 import { parseJobId } from "../core/jobs.js";
+import { checkWebhookUrl } from "../core/webhook-target.js";
 import { JobStore } from "../core/job-store.js";
 import { createBundleQueue } from "../core/queue.js";
 import { createRedis, type RedisClient, redisTargetFrom, waitForRedis } from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
+import { createAdminBoard } from "./admin-board.js";
 import { authInterceptor, createAuthenticator } from "./auth.js";
 import { createDualProtocolListener } from "./dual-protocol-listener.js";
 import { createFastPath } from "./fast-path.js";
@@ -37,6 +39,8 @@ export interface ApiServerOptions {
   connectionsCheckingIntervalMs?: number;
   /** How long close() lets in-flight calls finish before cutting connections. */
   drainTimeoutMs?: number;
+  /** One trace span per RPC (main.ts passes whether startTracing turned tracing on). */
+  tracing?: boolean;
   /**
    * Serve Connect GetStatus and WatchJob through the lean handlers (fast-path.ts); default
    * true. False leaves every call to connect-node, for comparisons.
@@ -113,7 +117,6 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     maxStreamMs: cfg.WATCH_MAX_STREAM_MS,
     log: log.child({ part: "watch-hub" }),
   });
-
   // /readyz and grpc.health.v1 report the same checks; from close() on, both say no.
   const stopping = new AbortController();
   const readiness = new Readiness(
@@ -121,10 +124,26 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     cfg.READY_TIMEOUT_MS,
   );
 
+  const registry = createMetricsRegistry();
+  const metrics = registerApiMetrics(registry, {
+    openStreams: () => hub.size.watchers,
+    queueCounts: () => queue.getJobCounts(...QUEUE_STATES),
+    onError: (err) => log.debug({ err }, "queue counts for /metrics failed"),
+  });
+  const admin =
+    cfg.ADMIN_TOKEN_SHA256 === undefined
+      ? undefined
+      : createAdminBoard({ tokenSha256: cfg.ADMIN_TOKEN_SHA256, bundles: queue, connection: redis, prefix: cfg.QUEUE_PREFIX });
+  // Filled when the adapter builds its router: the paths that count as RPCs in /metrics.
+  const procedures = new Set<string>();
+
   const rpcLog = log.child({ part: "rpc" });
   const site = cfg.WEB_ROOT === "" ? undefined : createStaticSite(cfg.WEB_ROOT, { onError: (err) => log.warn({ err }, "page") });
   const adapter = connectNodeAdapter({
-    routes: routes({ jobs, hub, presigner: storage }, { health: { readiness, stopping: stopping.signal } }),
+    routes: (router) => {
+      routes({ jobs, hub, presigner: storage }, { health: { readiness, stopping: stopping.signal } })(router);
+      for (const h of router.handlers) procedures.add(h.requestPath);
+    },
     readMaxBytes: cfg.MAX_REQUEST_BYTES,
     // connect-es ignores unknown JSON fields by default; protobuf's own default (and
     // what a caller with a typo wants) is an error naming the field.
@@ -136,6 +155,9 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     fallback: (req, res) => {
       // Liveness (/healthz) and readiness (/readyz) probes; everything else is not ours.
       if (serveHealth(req, res, { closing: () => listener.closing, readiness })) return;
+      // Prometheus; the edge proxy routes only the API's own paths, never this one.
+      if (serveMetrics(req, res, registry)) return;
+      if (admin?.handle(req, res) === true) return;
       // The browser page (clients/web), on the same origin as the API it calls.
       if (site?.handle(req, res) === true) return;
       res.writeHead(404);
@@ -163,7 +185,7 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
           if (!fast(req, res)) adapter(req as never, res as never);
         };
 
-  const listener = createDualProtocolListener(withRpcLog(handler, rpcLog), {
+  const listener = createDualProtocolListener(withRpcLog(handler, rpcLog, { procedures, metrics, tracing: opts.tracing ?? false }), {
     headersTimeoutMs: opts.headersTimeoutMs ?? 10_000,
     requestTimeoutMs: opts.requestTimeoutMs ?? 30_000,
     keepAliveTimeoutMs: 5_000,
@@ -190,6 +212,7 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
       stopping.abort();
       hub.close(new ConnectError(SHUTDOWN_MESSAGE, Code.Unavailable));
       await listener.close(drainTimeoutMs);
+      await admin?.close();
       await closeBackends();
       log.info("api stopped");
     })();

@@ -1,6 +1,8 @@
 import { ConfigError, loadConfig } from "../core/config.js";
 import { Readiness } from "../core/health.js";
-import { createLogger } from "../core/logger.js";
+import { createLogger, logFormatFor } from "../core/logger.js";
+import { serveMetrics } from "../core/metrics.js";
+import { startTracing } from "../core/tracing.js";
 import { startWorkerHealthServer } from "./health.js";
 import { startWorker } from "./worker.js";
 
@@ -17,17 +19,25 @@ async function main(): Promise<void> {
     }
     throw err;
   }
-  const log = createLogger(cfg.LOG_LEVEL, "worker");
+  const log = createLogger(cfg.LOG_LEVEL, "worker", { format: logFormatFor(cfg) });
   if ((cfg.REDIS_URL === undefined && cfg.REDIS_CLUSTER_NODES === undefined) || cfg.S3_ENDPOINT === undefined) {
     log.fatal("REDIS_URL (or REDIS_CLUSTER_NODES) and S3_ENDPOINT must be set for a worker (npm start sets them for you)");
     process.exit(2);
   }
   process.on("unhandledRejection", (err) => log.error({ err }, "unhandled rejection"));
+  const tracing = startTracing(cfg, { serviceName: "download-jobs-worker" });
   const worker = await startWorker(cfg, log);
   let stopping = false;
   if (cfg.WORKER_HEALTH_PORT !== 0) {
     const readiness = new Readiness(worker.readinessChecks, cfg.READY_TIMEOUT_MS);
-    await startWorkerHealthServer({ host: cfg.HOST, port: cfg.WORKER_HEALTH_PORT, readiness, closing: () => stopping, log });
+    await startWorkerHealthServer({
+      host: cfg.HOST,
+      port: cfg.WORKER_HEALTH_PORT,
+      readiness,
+      closing: () => stopping,
+      log,
+      extra: (req, res) => serveMetrics(req, res, worker.metrics),
+    });
   }
   const stop = (signal: string) => {
     if (stopping) return;
@@ -37,13 +47,16 @@ async function main(): Promise<void> {
     // stall detection, so exiting is safe.
     const hard = setTimeout(() => process.exit(0), cfg.SHUTDOWN_GRACE_MS);
     hard.unref();
-    worker.close().then(
-      () => process.exit(0),
-      (err: unknown) => {
-        log.error({ err }, "shutdown failed");
-        process.exit(1);
-      },
-    );
+    worker
+      .close()
+      .then(() => tracing.shutdown())
+      .then(
+        () => process.exit(0),
+        (err: unknown) => {
+          log.error({ err }, "shutdown failed");
+          process.exit(1);
+        },
+      );
   };
   process.on("SIGTERM", () => stop("SIGTERM"));
   process.on("SIGINT", () => stop("SIGINT"));

@@ -1,3 +1,4 @@
+import { SpanKind } from "@opentelemetry/api";
 import { type Job, UnrecoverableError } from "bullmq";
 import type { JobStore } from "../core/job-store.js";
 import {
@@ -9,9 +10,12 @@ import {
   entryNameFor,
 } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
+import type { JobMetrics, JobOutcome } from "../core/metrics.js";
 import type { BundleJobData } from "../core/queue.js";
 import type { SourceInfo, Storage } from "../core/storage.js";
+import { extractContext, inSpan } from "../core/tracing.js";
 import { type BundleEntry, bundleToS3 } from "./bundle.js";
+import { BundleSpans } from "./bundle-spans.js";
 
 // One BullMQ job = one bundle. The job record (core/job-store.ts) is the truth: the
 // processor moves it QUEUED/PROCESSING -> PROCESSING -> COMPLETED/FAILED, and every write
@@ -28,6 +32,8 @@ export interface ProcessorDeps {
   throttleBytesPerSecond: number;
   progressIntervalMs: number;
   headConcurrency?: number;
+  /** Prometheus hooks (job_duration_seconds, job_bytes_total, ...); none in some tests. */
+  metrics?: JobMetrics;
   /** Largest total size of a job's sources; 0 = no limit. */
   maxJobBytes?: number;
   /** How long a result object is kept after completion (retention deletes it then). */
@@ -44,12 +50,26 @@ export function createProcessor(deps: ProcessorDeps) {
   // BullMQ makes the AbortSignal only for processors that declare all three parameters.
   return async (job: Job<BundleJobData>, _token?: string, signal?: AbortSignal): Promise<ProcessOutcome> => {
     const { jobId } = job.data;
-    const log = deps.log.child({ jobId, attempt: job.attemptsMade + 1 });
+    const { owner, traceparent } = job.data;
+    const log = deps.log.child({ jobId, attempt: job.attemptsMade + 1, ...(owner !== undefined ? { owner } : {}) });
     const cancel = new AbortController();
     deps.running.set(jobId, cancel);
     const abort = signal ? AbortSignal.any([cancel.signal, signal]) : cancel.signal;
+    const started = performance.now();
     try {
-      return await run(deps, job, abort, cancel, log);
+      // The worker's spans join the trace of the RPC that started the job (a trace of
+      // their own when the job carries none).
+      const span = {
+        kind: SpanKind.CONSUMER,
+        parent: extractContext({ traceparent }),
+        attributes: { "job.id": jobId, "job.attempt": job.attemptsMade + 1 },
+      };
+      const outcome = await inSpan("bundle", span, () => run(deps, job, abort, cancel, log));
+      if (outcome !== "skipped") await observeRun(deps, jobId, outcome, started);
+      return outcome;
+    } catch (err) {
+      await observeRun(deps, jobId, failedRunOutcome(job, err, cancel.signal, abort), started);
+      throw err;
     } finally {
       deps.running.delete(jobId);
     }
@@ -137,14 +157,28 @@ async function run(
 
     const key = storage.resultKey(jobId);
     const fileName = resultFileName(rec);
+    const spans = new BundleSpans(entries);
     const result = await bundleToS3(storage, entries, { key, fileName }, {
       zipLevel: deps.zipLevel,
       throttleBytesPerSecond: deps.throttleBytesPerSecond,
       signal,
-      onFileStart: (i) => progress.fileStarted(i),
-      onBytes: (i, n) => progress.addBytes(i, n),
-      onFileDone: (i) => progress.fileDone(i),
+      onFileStart: (i) => {
+        progress.fileStarted(i);
+        spans.fileStarted(i);
+      },
+      onBytes: (i, n) => {
+        progress.addBytes(i, n);
+        deps.metrics?.bytesRead(n);
+      },
+      onFileDone: (i) => {
+        progress.fileDone(i);
+        spans.fileDone(i);
+      },
+    }).catch((err: unknown) => {
+      spans.failed(err);
+      throw err;
     });
+    spans.done(result.sizeBytes);
     await progress.stop();
     const endedAt = Date.now();
     const expiresAt = endedAt + (deps.resultTtlSeconds ?? 24 * 3600) * 1000;
@@ -200,6 +234,36 @@ async function run(
     }
     throw err;
   }
+}
+
+/** How a run that threw ended, for the metrics; undefined when BullMQ took the job away. */
+function failedRunOutcome(job: Job<BundleJobData>, err: unknown, cancel: AbortSignal, abort: AbortSignal): JobOutcome | undefined {
+  if (cancel.aborted) return "cancelled";
+  if (err instanceof UnrecoverableError) return "failed";
+  // Lock lost or the worker is stopping: another run follows, and nobody decided anything.
+  if (abort.aborted) return undefined;
+  return job.attemptsMade + 1 >= (job.opts.attempts ?? 1) ? "failed" : "retry";
+}
+
+async function observeRun(
+  deps: ProcessorDeps,
+  jobId: string,
+  outcome: JobOutcome | undefined,
+  started: number,
+): Promise<void> {
+  const m = deps.metrics;
+  if (m === undefined || outcome === undefined) return;
+  const stoppedAt = Date.now();
+  m.runEnded(outcome, (performance.now() - started) / 1000);
+  if (outcome === "retry") m.retried();
+  if (outcome !== "cancelled" && outcome !== "failed") return;
+  // The record holds what the run itself does not know: when the API took the cancel,
+  // and the code the failure was recorded with.
+  const rec = await deps.store.get(jobId).catch(() => undefined);
+  if (outcome === "cancelled" && rec?.state === "CANCELLED" && rec.endedAt !== undefined) {
+    m.cancelStopped((stoppedAt - rec.endedAt) / 1000);
+  }
+  if (outcome === "failed" && rec?.state === "FAILED") m.failed(rec.error?.code ?? "unknown");
 }
 
 async function failJob(

@@ -4,6 +4,7 @@ import { type ReadinessCheck, redisCheck, s3Check } from "../core/health.js";
 import { JobStore } from "../core/job-store.js";
 import { isTerminal } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
+import { type Registry, createMetricsRegistry, registerWorkerMetrics } from "../core/metrics.js";
 import {
   type BundleJobData,
   createMaintenanceQueue,
@@ -31,6 +32,8 @@ export interface RunningWorker {
   running(): string[];
   /** What the worker's /readyz checks: its own Redis connections, S3, the BullMQ loop. */
   readinessChecks: ReadinessCheck[];
+  /** This process's Prometheus metrics, served at /metrics on the worker's health port. */
+  metrics: Registry;
 }
 
 export async function startWorker(cfg: Config, log: Logger): Promise<RunningWorker> {
@@ -55,7 +58,10 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     }
   });
 
+  const registry = createMetricsRegistry();
+  const jobMetrics = registerWorkerMetrics(registry);
   const processor = createProcessor({
+    metrics: jobMetrics,
     store,
     storage,
     log,
@@ -99,6 +105,7 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
           },
           { from: ["QUEUED", "PROCESSING"] },
         );
+        jobMetrics.failed("unavailable");
       })
       .catch((e: unknown) => log.warn({ err: e, jobId }, "could not record failure"));
   });
@@ -152,6 +159,7 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
 
   return {
     running: () => [...running.keys()],
+    metrics: registry,
     readinessChecks: [
       redisCheck("redis", redis),
       redisCheck("redis-events", sub, { ping: false }),

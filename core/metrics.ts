@@ -1,0 +1,207 @@
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+
+export type { Registry };
+
+// Prometheus metrics, one registry per process (never prom-client's global one, so that
+// tests can run an API and a worker side by side and scrape each on its own). The names
+// are a contract with the Grafana dashboard in the compose stack: rename nothing here
+// without changing it there.
+//
+// The API registers the RPC, stream and queue metrics; the worker the job metrics. Both
+// add Node's process metrics (CPU, memory, event loop lag, GC).
+
+/** A registry holding Node's default process metrics. */
+export function createMetricsRegistry(): Registry {
+  const registry = new Registry();
+  collectDefaultMetrics({ register: registry });
+  return registry;
+}
+
+// ---- API ----------------------------------------------------------------------------
+
+/** BullMQ's job states, as `queue_jobs{state}` reports them. */
+export const QUEUE_STATES = [
+  "waiting",
+  "prioritized",
+  "active",
+  "delayed",
+  "completed",
+  "failed",
+  "waiting-children",
+] as const;
+
+export interface ApiMetricsSources {
+  /** WatchJob streams open in this process right now. */
+  openStreams(): number;
+  /** Jobs per BullMQ state; called at most once per `queueCountsTtlMs`. */
+  queueCounts(): Promise<Record<string, number>>;
+  /** How long one queue count is reused, so that scrapes do not hammer Redis; default 2 s. */
+  queueCountsTtlMs?: number;
+  /** Told when counting the queue failed (the gauge keeps its last values). */
+  onError?(err: unknown): void;
+}
+
+export interface ApiMetrics {
+  /** One finished RPC: its procedure label, Connect code name and duration. */
+  rpc(method: string, code: string, seconds: number): void;
+}
+
+export function registerApiMetrics(registry: Registry, sources: ApiMetricsSources): ApiMetrics {
+  const requests = new Counter({
+    name: "rpc_requests_total",
+    help: "RPCs served, by procedure and Connect code (ok, not_found, ...).",
+    labelNames: ["method", "code"] as const,
+    registers: [registry],
+  });
+  const duration = new Histogram({
+    name: "rpc_duration_seconds",
+    help: "RPC duration from the request's arrival to the response's end; for WatchJob, the stream's lifetime.",
+    labelNames: ["method"] as const,
+    // Unary calls take milliseconds; the top buckets are there for streams.
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900],
+    registers: [registry],
+  });
+  new Gauge({
+    name: "watch_streams_open",
+    help: "WatchJob streams open in this API process.",
+    registers: [registry],
+    collect() {
+      this.set(sources.openStreams());
+    },
+  });
+  const counts = cached(sources.queueCounts, sources.queueCountsTtlMs ?? 2000);
+  new Gauge({
+    name: "queue_jobs",
+    help: "Jobs in the BullMQ queue by state (the same in every API process: aggregate with max, not sum).",
+    labelNames: ["state"] as const,
+    registers: [registry],
+    async collect() {
+      try {
+        const byState = await counts();
+        for (const state of QUEUE_STATES) this.set({ state }, byState[state] ?? 0);
+      } catch (err) {
+        sources.onError?.(err);
+      }
+    },
+  });
+  return {
+    rpc(method, code, seconds) {
+      requests.inc({ method, code });
+      duration.observe({ method }, seconds);
+    },
+  };
+}
+
+/** The last result while it is younger than `ttlMs`; concurrent callers share one call. */
+function cached<T>(load: () => Promise<T>, ttlMs: number): () => Promise<T> {
+  let value: { at: number; data: T } | undefined;
+  let inFlight: Promise<T> | undefined;
+  return () => {
+    if (value !== undefined && Date.now() - value.at < ttlMs) return Promise.resolve(value.data);
+    inFlight ??= load()
+      .then((data) => {
+        value = { at: Date.now(), data };
+        return data;
+      })
+      .finally(() => {
+        inFlight = undefined;
+      });
+    return inFlight;
+  };
+}
+
+// ---- worker -------------------------------------------------------------------------
+
+/** How one run of a job ended. */
+export type JobOutcome = "completed" | "failed" | "cancelled" | "retry";
+
+/** What the processor reports; every method is cheap and never throws. */
+export interface JobMetrics {
+  /** A run ended (a retried attempt is one run, with outcome "retry"). */
+  runEnded(outcome: JobOutcome, seconds: number): void;
+  /** Bytes read from source files into a ZIP. */
+  bytesRead(bytes: number): void;
+  /** A job reached FAILED with this error code (not_found, unavailable, ...). */
+  failed(code: string): void;
+  /** An attempt failed and BullMQ will run the job again. */
+  retried(): void;
+  /** From the moment the API recorded the cancel to the moment the processor stopped. */
+  cancelStopped(seconds: number): void;
+}
+
+export function registerWorkerMetrics(registry: Registry): JobMetrics {
+  const duration = new Histogram({
+    name: "job_duration_seconds",
+    help: "Duration of one run of a job, by outcome (completed, failed, cancelled, retry).",
+    labelNames: ["outcome"] as const,
+    buckets: [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800],
+    registers: [registry],
+  });
+  const bytes = new Counter({
+    name: "job_bytes_total",
+    help: "Bytes read from source files into ZIPs.",
+    registers: [registry],
+  });
+  const failures = new Counter({
+    name: "job_failures_total",
+    help: "Jobs that ended FAILED, by the error code the job shows.",
+    labelNames: ["code"] as const,
+    registers: [registry],
+  });
+  const cancelLatency = new Histogram({
+    name: "cancel_latency_seconds",
+    help: "From the API recording a cancel to the worker stopping the running job.",
+    buckets: [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10],
+    registers: [registry],
+  });
+  const retries = new Counter({
+    name: "job_retries_total",
+    help: "Failed attempts that BullMQ runs again (after backoff).",
+    registers: [registry],
+  });
+  return {
+    runEnded: (outcome, seconds) => duration.observe({ outcome }, seconds),
+    bytesRead: (n) => bytes.inc(n),
+    failed: (code) => failures.inc({ code }),
+    retried: () => retries.inc(),
+    cancelStopped: (seconds) => cancelLatency.observe(Math.max(0, seconds)),
+  };
+}
+
+// ---- HTTP -----------------------------------------------------------------------------
+
+interface MetricsRequest {
+  url?: string | undefined;
+  method?: string | undefined;
+}
+
+interface MetricsResponse {
+  readonly headersSent: boolean;
+  readonly destroyed: boolean;
+  writeHead(status: number, headers: Record<string, string>): unknown;
+  end(body: string): unknown;
+  end(): unknown;
+}
+
+/**
+ * Answers `GET /metrics` in Prometheus' text format; false for any other request. Not
+ * for the public internet: the edge proxy routes only the API's own paths.
+ */
+export function serveMetrics(req: MetricsRequest, res: MetricsResponse, registry: Registry): boolean {
+  const path = (req.url ?? "").split("?", 1)[0];
+  if (path !== "/metrics" || (req.method !== "GET" && req.method !== "HEAD")) return false;
+  registry.metrics().then(
+    (text) => {
+      if (res.headersSent || res.destroyed) return;
+      res.writeHead(200, { "content-type": registry.contentType, "cache-control": "no-store" });
+      if (req.method === "HEAD") res.end();
+      else res.end(text);
+    },
+    (err: unknown) => {
+      if (res.headersSent || res.destroyed) return;
+      res.writeHead(500, { "content-type": "text/plain" });
+      res.end(`metrics failed: ${err instanceof Error ? err.message : String(err)}\n`);
+    },
+  );
+  return true;
+}

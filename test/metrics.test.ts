@@ -1,0 +1,209 @@
+import { randomUUID } from "node:crypto";
+import { DeleteObjectCommand } from "@aws-sdk/client-s3";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { DownloadService, type Job, JobState } from "../gen/downloads/v1/download_service_pb.js";
+import { freePort, waitUntil } from "../local/ports.js";
+import { type ApiStack, startApiStack, withTestToken } from "./helpers/api.js";
+import { hasMetric, metricValue, type Sample, scrape } from "./helpers/prometheus.js";
+import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
+
+// /metrics as Prometheus scrapes it: the API in this process, a worker in another with
+// its metrics on its health port, real Redis and S3. Every assertion is on a value that
+// moved (and on its labels) because of calls this test made.
+
+const INITIATE = "downloads.v1.DownloadService/Initiate";
+const GET_STATUS = "downloads.v1.DownloadService/GetStatus";
+const CANCEL = "downloads.v1.DownloadService/Cancel";
+
+let st: ApiStack;
+let worker: WorkerProcess;
+let workerMetricsUrl: string;
+let client: ReturnType<typeof createClient<typeof DownloadService>>;
+const sizes = new Map<number, number>();
+
+beforeAll(async () => {
+  // Two attempts, so that a source vanishing mid-job is retried once.
+  const env = { JOB_ATTEMPTS: "2", JOB_BACKOFF_MS: "100" };
+  st = await startApiStack(env);
+  for (const [id, size] of [
+    [801, 8 * 1024 * 1024],
+    [802, 1024 * 1024],
+    [803, 700_000],
+    [804, 3 * 1024 * 1024],
+    [805, 10_000],
+  ] as const) {
+    await st.svc.putSource(id, size);
+    sizes.set(id, size);
+  }
+  const healthPort = await freePort();
+  workerMetricsUrl = `http://127.0.0.1:${healthPort}/metrics`;
+  worker = spawnWorker({
+    ...st.svc.env,
+    ...env,
+    QUEUE_PREFIX: st.cfg.QUEUE_PREFIX,
+    // Slow enough that a cancel and a deletion land while a job runs.
+    THROTTLE_BYTES_PER_SECOND: String(4 * 1024 * 1024),
+    PROGRESS_INTERVAL_MS: "100",
+    WORKER_HEALTH_PORT: String(healthPort),
+  });
+  await waitUntil("the worker's /metrics", () => scrape(workerMetricsUrl).then(() => true), 30_000);
+  client = createClient(
+    DownloadService,
+    createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }),
+  );
+}, 60_000);
+
+afterAll(async () => {
+  await worker?.kill("SIGTERM");
+  await st?.stop();
+});
+
+const apiMetrics = () => scrape(`${st.server.url}/metrics`);
+
+async function settle(jobId: string): Promise<Job> {
+  let job: Job | undefined;
+  await expect
+    .poll(
+      async () => {
+        job = (await client.getStatus({ jobId })).job;
+        return [JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED].includes(job?.state ?? JobState.UNSPECIFIED);
+      },
+      { timeout: 30_000, interval: 100 },
+    )
+    .toBe(true);
+  return job as Job;
+}
+
+async function whenReading(jobId: string, fileIndex: number): Promise<void> {
+  await expect
+    .poll(
+      async () => {
+        const job = (await client.getStatus({ jobId })).job;
+        return job?.state === JobState.PROCESSING && (job.files[fileIndex]?.bytesDone ?? 0n) > 0n;
+      },
+      { timeout: 20_000, interval: 50 },
+    )
+    .toBe(true);
+}
+
+describe("/metrics", () => {
+  test("the API counts RPCs by procedure and code, with a latency histogram, and nothing else as an RPC", async () => {
+    const before = await apiMetrics();
+    const missing = await client.getStatus({ jobId: randomUUID() }).catch((e: unknown) => e);
+    expect(ConnectError.from(missing).code).toBe(Code.NotFound);
+    const invalid = await client.initiate({ fileIds: [] }).catch((e: unknown) => e);
+    expect(ConnectError.from(invalid).code).toBe(Code.InvalidArgument);
+    const { job } = await client.initiate({ fileIds: [803] });
+    await settle(job?.jobId ?? "");
+    expect((await fetch(`${st.server.url}/healthz`)).status).toBe(200);
+    expect((await fetch(`${st.server.url}/downloads.v1.NoSuchService/Nothing`, { method: "POST" })).status).toBe(404);
+
+    const after = await apiMetrics();
+    const delta = (name: string, labels: Record<string, string>) =>
+      metricValue(after, name, labels) - metricValue(before, name, labels);
+    expect(delta("rpc_requests_total", { method: GET_STATUS, code: "not_found" })).toBe(1);
+    expect(delta("rpc_requests_total", { method: INITIATE, code: "invalid_argument" })).toBe(1);
+    expect(delta("rpc_requests_total", { method: INITIATE, code: "ok" })).toBe(1);
+    expect(delta("rpc_requests_total", { method: GET_STATUS, code: "ok" })).toBeGreaterThanOrEqual(1);
+    expect(delta("rpc_requests_total", { method: "unknown" })).toBe(1);
+    expect(delta("rpc_duration_seconds_count", { method: INITIATE })).toBe(2);
+    expect(metricValue(after, "rpc_duration_seconds_bucket", { method: INITIATE, le: "+Inf" })).toBe(
+      metricValue(after, "rpc_duration_seconds_count", { method: INITIATE }),
+    );
+    expect(metricValue(after, "rpc_duration_seconds_sum", { method: INITIATE })).toBeGreaterThan(0);
+    // Probes, pages and /metrics itself are not RPCs: no series carries their paths.
+    const methods = new Set(after.filter((s) => s.name === "rpc_requests_total").map((s) => s.labels.method));
+    expect([...methods].every((m) => m === "unknown" || m?.startsWith("downloads.v1.") || m?.startsWith("grpc."))).toBe(true);
+    // Node's own process metrics come along.
+    expect(metricValue(after, "process_resident_memory_bytes")).toBeGreaterThan(0);
+    expect(hasMetric(after, "nodejs_eventloop_lag_seconds")).toBe(true);
+  });
+
+  test("watch_streams_open follows the WatchJob streams open on this API", async () => {
+    // A job that no worker will take, so the stream stays open until the client leaves.
+    const jobId = randomUUID();
+    await st.store.create(jobId, [1], st.owner);
+    const streams = async () => metricValue(await apiMetrics(), "watch_streams_open");
+    expect(await streams()).toBe(0);
+    const canceled = async () =>
+      metricValue(await apiMetrics(), "rpc_requests_total", { method: "downloads.v1.DownloadService/WatchJob", code: "canceled" });
+    const canceledBefore = await canceled();
+    const ctl = new AbortController();
+    const watching = (async () => {
+      for await (const _ of client.watchJob({ jobId }, { signal: ctl.signal })) {
+        // only holding the stream open
+      }
+    })().catch(() => undefined);
+    await expect.poll(streams, { timeout: 10_000, interval: 50 }).toBe(1);
+    ctl.abort();
+    await watching;
+    await expect.poll(streams, { timeout: 10_000, interval: 50 }).toBe(0);
+    // The client hung up: the call counts as canceled, not ok.
+    expect(await canceled()).toBe(canceledBefore + 1);
+  });
+
+  test("the worker counts completed, cancelled, retried and failed runs, bytes and cancel latency", async () => {
+    const before = await scrape(workerMetricsUrl);
+    const apiBefore = await apiMetrics();
+
+    const done = await client.initiate({ fileIds: [802, 803] });
+    expect((await settle(done.job?.jobId ?? "")).state).toBe(JobState.COMPLETED);
+
+    const running = await client.initiate({ fileIds: [801] });
+    const runningId = running.job?.jobId ?? "";
+    await whenReading(runningId, 0);
+    expect((await client.cancel({ jobId: runningId })).job?.state).toBe(JobState.CANCELLED);
+
+    // The second source disappears while the first is read: the attempt fails on it and
+    // is retried, and the retry finds it missing and fails the job with not_found.
+    const flaky = await client.initiate({ fileIds: [804, 805] });
+    const flakyId = flaky.job?.jobId ?? "";
+    await whenReading(flakyId, 0);
+    await st.svc.storage.client.send(
+      new DeleteObjectCommand({ Bucket: st.cfg.SOURCE_BUCKET, Key: st.svc.storage.sourceKey(805) }),
+    );
+    const failed = await settle(flakyId);
+    expect(failed.state).toBe(JobState.FAILED);
+    expect(failed.error?.code).toBe("not_found");
+    expect(failed.attempts).toBe(2);
+
+    let after: Sample[] = [];
+    const delta = (name: string, labels: Record<string, string> = {}) =>
+      metricValue(after, name, labels) - metricValue(before, name, labels);
+    // The cancelled run reports once the worker has stopped it; poll for that moment.
+    await expect
+      .poll(
+        async () => {
+          after = await scrape(workerMetricsUrl);
+          return delta("job_duration_seconds_count", { outcome: "cancelled" });
+        },
+        { timeout: 10_000, interval: 100 },
+      )
+      .toBe(1);
+    expect(delta("job_duration_seconds_count", { outcome: "completed" })).toBe(1);
+    expect(delta("job_duration_seconds_count", { outcome: "retry" })).toBe(1);
+    expect(delta("job_duration_seconds_count", { outcome: "failed" })).toBe(1);
+    expect(delta("job_retries_total")).toBe(1);
+    expect(delta("job_failures_total", { code: "not_found" })).toBe(1);
+    expect(delta("cancel_latency_seconds_count")).toBe(1);
+    expect(delta("cancel_latency_seconds_sum")).toBeGreaterThan(0);
+    // Everything of the completed job, and some of the cancelled and the retried ones.
+    const completedBytes = (sizes.get(802) ?? 0) + (sizes.get(803) ?? 0);
+    expect(delta("job_bytes_total")).toBeGreaterThan(completedBytes);
+    expect(metricValue(after, "process_resident_memory_bytes")).toBeGreaterThan(0);
+
+    const apiAfter = await apiMetrics();
+    expect(metricValue(apiAfter, "rpc_requests_total", { method: CANCEL, code: "ok" }) -
+      metricValue(apiBefore, "rpc_requests_total", { method: CANCEL, code: "ok" })).toBe(1);
+    // BullMQ keeps the cancelled and the failed job as failed, the completed as completed
+    // (the gauge is read from Redis at most every 2 s).
+    await expect
+      .poll(async () => {
+        const s = await apiMetrics();
+        return [metricValue(s, "queue_jobs", { state: "completed" }) >= 2, metricValue(s, "queue_jobs", { state: "failed" }) >= 2];
+      }, { timeout: 10_000, interval: 200 })
+      .toEqual([true, true]);
+  });
+});
