@@ -1,4 +1,8 @@
+import { execFile } from "node:child_process";
+import { readFileSync } from "node:fs";
 import { createServer, type Server, type Socket } from "node:net";
+import { resolve } from "node:path";
+import { promisify } from "node:util";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
@@ -12,6 +16,8 @@ import { type WorkerProcess, spawnWorker } from "./helpers/worker-process.js";
 // /readyz over HTTP, grpc.health.v1 over gRPC, and the worker's own probe port. The
 // dependencies fail for real: a TCP port that accepts and never answers stands in for
 // a black-holed S3, and Redis is stopped.
+
+const run = promisify(execFile);
 
 let svc: Services;
 let st: ApiStack;
@@ -136,6 +142,21 @@ describe("worker health on WORKER_HEALTH_PORT", () => {
     expect(Object.keys(body.checks).sort()).toEqual(["redis", "redis-events", "s3", "worker"]);
     expect(Object.values(body.checks).every((c) => c.ok)).toBe(true);
     expect((await fetch(`${base}/metrics-or-anything`)).status).toBe(404);
+  });
+
+  test("the image's HEALTHCHECK passes against the API and the worker, and fails when nothing answers", async () => {
+    // The exact command of the Dockerfile's HEALTHCHECK, run as Docker would run it.
+    const dockerfile = readFileSync(resolve(import.meta.dirname, "../Dockerfile"), "utf8");
+    const cmd = /^HEALTHCHECK .*\\\n\s+CMD (\[.*\])$/m.exec(dockerfile)?.[1];
+    const [, flag, script] = JSON.parse(cmd ?? "[]") as string[];
+    const probe = (env: Record<string, string>) =>
+      run(process.execPath, [flag ?? "-e", script ?? ""], { env: { PATH: process.env.PATH ?? "", ...env }, timeout: 10_000 }).then(
+        () => 0,
+        (err: { code?: number }) => err.code ?? -1,
+      );
+    expect(await probe({ PORT: String(st.server.port) })).toBe(0);
+    expect(await probe({ PORT: "1", WORKER_HEALTH_PORT: String(workerPort) })).toBe(0);
+    expect(await probe({ PORT: String(await freePort()) })).toBe(1);
   });
 
   test("without WORKER_HEALTH_PORT the worker opens no port", async () => {
