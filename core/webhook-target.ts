@@ -51,10 +51,11 @@ for (const [net, prefix] of [
 ] as const) {
   NOT_PUBLIC.addSubnet(net, prefix, "ipv4");
 }
+// IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) are judged as the IPv4 address they
+// carry (unmapped() below); a ::ffff:0:0/96 rule here would match every IPv4 address.
 for (const [net, prefix] of [
   ["::", 128],
   ["::1", 128],
-  ["::ffff:0:0", 96], // IPv4-mapped: judged by the IPv4 address instead (see below)
   ["64:ff9b::", 96], // NAT64 can reach private IPv4
   ["100::", 64], // discard
   ["2001:db8::", 32], // documentation
