@@ -229,6 +229,8 @@ describe("docker-compose.yml", () => {
       expect(titles.some((t) => t.includes(want)), want).toBe(true);
     }
     const exprs = dashboard.panels.flatMap((p) => p.targets.map((t) => t.expr)).join("\n");
+    // Every API replica reports the same queue counts: summing them would multiply the depth.
+    expect(exprs).toMatch(/max by \(state\) \(queue_jobs\)/);
     for (const metric of [
       "rpc_requests_total",
       "rpc_duration_seconds_bucket",
