@@ -64,8 +64,9 @@ export interface TracingOptions {
 /**
  * Registers the process-wide tracer provider, the AsyncLocalStorage context manager and
  * the W3C trace-context propagator. Entry points call it once, before anything traced.
- * The OTLP exporter reads its own standard variables (endpoint, headers, timeout,
- * compression, certificates) and sends OTLP/HTTP with JSON bodies.
+ * The endpoint comes from the configuration; the OTLP exporter reads its other standard
+ * variables itself (headers, timeout, compression, certificates). It sends OTLP/HTTP
+ * with JSON bodies, which every OpenTelemetry Collector accepts on its port 4318.
  */
 export function startTracing(cfg: TracingConfig, opts: TracingOptions): Tracing {
   if (opts.exporter === undefined && !tracingEnabled(cfg)) {
@@ -77,7 +78,11 @@ export function startTracing(cfg: TracingConfig, opts: TracingOptions): Tracing 
   } else if (cfg.OTEL_TRACES_EXPORTER === "console") {
     processor = new SimpleSpanProcessor({ exporter: new ConsoleSpanExporter() });
   } else {
-    processor = new BatchSpanProcessor({ exporter: new OTLPTraceExporter(), scheduledDelayMillis: cfg.OTEL_BSP_SCHEDULE_DELAY });
+    const url = tracesUrl(cfg);
+    processor = new BatchSpanProcessor({
+      exporter: new OTLPTraceExporter(url === undefined ? {} : { url }),
+      scheduledDelayMillis: cfg.OTEL_BSP_SCHEDULE_DELAY,
+    });
   }
   // Later resources win: our default name, then what the environment says.
   const resource = defaultResource()
@@ -103,6 +108,13 @@ export function startTracing(cfg: TracingConfig, opts: TracingOptions): Tracing 
       return done;
     },
   };
+}
+
+/** Where spans go, as the OTLP specification derives it from the two endpoint variables. */
+function tracesUrl(cfg: TracingConfig): string | undefined {
+  if (cfg.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT !== undefined) return cfg.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
+  if (cfg.OTEL_EXPORTER_OTLP_ENDPOINT === undefined) return undefined;
+  return `${cfg.OTEL_EXPORTER_OTLP_ENDPOINT.replace(/\/+$/, "")}/v1/traces`;
 }
 
 /** The W3C traceparent of the active span, to hand to another process; undefined when off. */

@@ -2,6 +2,7 @@ import { Code, type Interceptor } from "@connectrpc/connect";
 import { codeToString } from "@connectrpc/connect/protocol-connect";
 import type { Logger } from "pino";
 import { OverloadedError } from "../core/jobs.js";
+import { ownerKey } from "./auth.js";
 import { toConnectError } from "./errors.js";
 import { type RpcOutcome, rpcOutcomeKey } from "./rpc-log.js";
 
@@ -29,7 +30,11 @@ export function rpcInterceptor(log: Logger): Interceptor {
       return mapped;
     };
     try {
-      const res = await next(req);
+      const res = await next(req).finally(() => {
+        // Set by the auth interceptor inside this one; the log line names the owner.
+        const owner = req.contextValues.get(ownerKey);
+        if (outcome !== undefined && owner !== undefined) outcome.owner = owner;
+      });
       if (!res.stream) {
         record(outcome, undefined);
         return res;

@@ -73,6 +73,8 @@ export function withRpcLog(handler: NodeHandler, log: Logger, observers: RpcObse
         http: req.httpVersion,
         code: outcome.code ?? (grpcStatus !== undefined ? `grpc-status ${String(grpcStatus)}` : undefined),
         ...(outcome.owner !== undefined ? { owner: outcome.owner } : {}),
+        // Written after the span's context is gone, so the logger cannot add it itself.
+        ...(span !== undefined ? { traceId: span.spanContext().traceId } : {}),
         status: res.statusCode,
         ms: Math.round(seconds * 1000),
       };
