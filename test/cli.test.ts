@@ -11,6 +11,7 @@ import { createLogger } from "../core/logger.js";
 import { JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { type RunningWorker, startWorker } from "../worker/worker.js";
 import { type ApiStack, startApiStack } from "./helpers/api.js";
+import { TEST_TOKEN } from "./helpers/services.js";
 import { readZip } from "./helpers/zip.js";
 
 // The download-jobs CLI as a user runs it: a child process against the real API, a
@@ -32,7 +33,7 @@ const sources = new Map<number, Buffer>();
 const children = new Set<ChildProcess>();
 
 beforeAll(async () => {
-  st = await startApiStack({ WATCH_HEARTBEAT_MS: "1000", AUTH_DISABLED: "true" });
+  st = await startApiStack({ WATCH_HEARTBEAT_MS: "1000" });
   worker = await startWorker({ ...st.cfg, THROTTLE_BYTES_PER_SECOND: THROTTLE }, createLogger("silent", "worker"));
   for (const [id, size, name] of SMALL) sources.set(id, await st.svc.putSource(id, size, name));
   await st.svc.putSource(BIG, 20_000_000, "big.bin");
@@ -55,7 +56,7 @@ interface Run {
 function start(args: string[], env: Record<string, string> = {}): Run {
   const child = spawn(process.execPath, [CLI, ...args], {
     cwd: dir,
-    env: { ...process.env, DOWNLOAD_JOBS_URL: st.server.url, ...env },
+    env: { ...process.env, DOWNLOAD_JOBS_URL: st.server.url, DOWNLOAD_JOBS_TOKEN: TEST_TOKEN, ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
   children.add(child);
@@ -73,13 +74,17 @@ function start(args: string[], env: Record<string, string> = {}): Run {
 }
 
 async function cli(...args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
-  const run = start(args);
+  return cliWith({}, ...args);
+}
+
+async function cliWith(env: Record<string, string>, ...args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+  const run = start(args, env);
   const code = await run.exit;
   return { code, stdout: run.stdout(), stderr: run.stderr() };
 }
 
 const jobIdIn = (text: string) => /job ([0-9a-f-]{36})/.exec(text)?.[1] ?? "";
-const api = () => createDownloadClient({ baseUrl: st.server.url });
+const api = () => createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN });
 
 async function freePort(): Promise<number> {
   const srv = createServer();
@@ -178,6 +183,21 @@ describe("download-jobs CLI", () => {
     expect(cancel.code).toBe(1);
   });
 
+  test("sends the token from --token or DOWNLOAD_JOBS_TOKEN, and says which to set when it is missing", async () => {
+    const noToken = { DOWNLOAD_JOBS_TOKEN: "" };
+    const [missing, flag, wrong] = await Promise.all([
+      cliWith(noToken, "status", newJobId()),
+      cliWith(noToken, "--token", TEST_TOKEN, "initiate", "81"),
+      cliWith({ DOWNLOAD_JOBS_TOKEN: "not-the-token" }, "status", newJobId()),
+    ]);
+    expect(missing.code).toBe(1);
+    expect(missing.stderr).toContain("--token or set DOWNLOAD_JOBS_TOKEN");
+    expect(wrong.code).toBe(1);
+    expect(wrong.stderr).toContain("DOWNLOAD_JOBS_TOKEN");
+    expect(flag.code).toBe(0);
+    expect(flag.stdout).toMatch(/job [0-9a-f-]{36}: QUEUED/);
+  });
+
   test("says clearly when the API cannot be reached, naming the URL", async () => {
     const url = `http://127.0.0.1:${await freePort()}`;
     const run = await cli("--url", url, "watch", newJobId());
@@ -225,7 +245,7 @@ describe("download-jobs CLI", () => {
     const jobId = job?.jobId ?? "";
     const child = spawn("script", ["-q", "-e", "-c", `'${process.execPath}' '${CLI}' watch ${jobId}`, "/dev/null"], {
       cwd: dir,
-      env: { ...process.env, DOWNLOAD_JOBS_URL: st.server.url, COLUMNS: "160" },
+      env: { ...process.env, DOWNLOAD_JOBS_URL: st.server.url, DOWNLOAD_JOBS_TOKEN: TEST_TOKEN },
       stdio: ["ignore", "pipe", "pipe"],
     });
     children.add(child);

@@ -8,6 +8,7 @@ import { createLogger } from "../core/logger.js";
 import { type Job, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { type ApiServer, startApiServer } from "../server/server.js";
 import { type ApiStack, startApiStack } from "./helpers/api.js";
+import { TEST_TOKEN } from "./helpers/services.js";
 
 // The client library against the real API: every transport it offers, resume without
 // duplicates, the polling fallback, a server restart, and the errors a caller acts on.
@@ -19,9 +20,7 @@ let st: ApiStack;
 let extra: ApiServer | undefined;
 
 beforeAll(async () => {
-  // The server ignores tokens here (AUTH_DISABLED): this file checks what the library
-  // sends; test/trust-*.test.ts checks what the server does with it.
-  st = await startApiStack({ WATCH_HEARTBEAT_MS: String(HEARTBEAT_MS), AUTH_DISABLED: "true" });
+  st = await startApiStack({ WATCH_HEARTBEAT_MS: String(HEARTBEAT_MS) });
 });
 afterAll(async () => {
   await extra?.close();
@@ -64,12 +63,12 @@ function expectCleanSequence(jobs: Job[]): void {
 
 describe("createDownloadClient", () => {
   const kinds: [string, () => DownloadClient][] = [
-    ["connect-web Connect JSON (fetch)", () => createDownloadClient({ baseUrl: st.server.url })],
-    ["connect-web Connect binary", () => createDownloadClient({ baseUrl: st.server.url, useBinaryFormat: true })],
-    ["connect-web gRPC-Web", () => createDownloadClient({ baseUrl: st.server.url, protocol: "grpc-web" })],
-    ["connect-node Connect", () => createNodeClient({ baseUrl: st.server.url })],
-    ["connect-node gRPC-Web", () => createNodeClient({ baseUrl: st.server.url, protocol: "grpc-web" })],
-    ["connect-node gRPC over h2c", () => createNodeClient({ baseUrl: st.server.url, protocol: "grpc" })],
+    ["connect-web Connect JSON (fetch)", () => createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN })],
+    ["connect-web Connect binary", () => createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN, useBinaryFormat: true })],
+    ["connect-web gRPC-Web", () => createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN, protocol: "grpc-web" })],
+    ["connect-node Connect", () => createNodeClient({ baseUrl: st.server.url, token: TEST_TOKEN })],
+    ["connect-node gRPC-Web", () => createNodeClient({ baseUrl: st.server.url, token: TEST_TOKEN, protocol: "grpc-web" })],
+    ["connect-node gRPC over h2c", () => createNodeClient({ baseUrl: st.server.url, token: TEST_TOKEN, protocol: "grpc" })],
   ];
   test.each(kinds)("%s: watchJob follows a job from QUEUED to COMPLETED with every state", async (_, make) => {
     const client = make();
@@ -88,7 +87,7 @@ describe("createDownloadClient", () => {
     const seen: { method: string; path: string; auth: string | null }[] = [];
     const client = createDownloadClient({
       baseUrl: st.server.url,
-      token: "s3cret-token",
+      token: TEST_TOKEN,
       fetch: (input, init) => {
         const req = new Request(input, init);
         seen.push({ method: req.method, path: new URL(req.url).pathname, auth: req.headers.get("authorization") });
@@ -98,14 +97,14 @@ describe("createDownloadClient", () => {
     const jobId = await newJob(client);
     await client.getStatus({ jobId });
     expect(seen).toEqual([
-      { method: "POST", path: "/downloads.v1.DownloadService/Initiate", auth: "Bearer s3cret-token" },
-      { method: "GET", path: "/downloads.v1.DownloadService/GetStatus", auth: "Bearer s3cret-token" },
+      { method: "POST", path: "/downloads.v1.DownloadService/Initiate", auth: `Bearer ${TEST_TOKEN}` },
+      { method: "GET", path: "/downloads.v1.DownloadService/GetStatus", auth: `Bearer ${TEST_TOKEN}` },
     ]);
   });
 });
 
 describe("watchJob", () => {
-  const client = () => createDownloadClient({ baseUrl: st.server.url });
+  const client = () => createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN });
 
   test("resumes after afterVersion with no duplicate, and a finished job yields its terminal snapshot once", async () => {
     const c = client();
@@ -125,7 +124,7 @@ describe("watchJob", () => {
     expect(final.version).toBe(4);
   });
 
-  test("throws NotFound and InvalidArgument at once, without retrying", async () => {
+  test("throws NotFound, InvalidArgument and Unauthenticated at once, without retrying", async () => {
     const c = client();
     const events: WatchEvent[] = [];
     const unknown = await waitForJob(c, newJobId(), { onEvent: (e) => events.push(e) }).catch((e: unknown) => ConnectError.from(e));
@@ -133,6 +132,14 @@ describe("watchJob", () => {
     expect((unknown as ConnectError).code).toBe(Code.NotFound);
     const malformed = await waitForJob(c, "not-a-job-id").catch((e: unknown) => ConnectError.from(e));
     expect((malformed as ConnectError).code).toBe(Code.InvalidArgument);
+    expect(events.filter((e) => e.type === "reconnecting" || e.type === "polling")).toEqual([]);
+
+    // Without the token (or with a wrong one) the caller has to act: no retrying either.
+    const jobId = await newJob(c);
+    for (const anonymous of [createDownloadClient({ baseUrl: st.server.url }), createNodeClient({ baseUrl: st.server.url, token: "wrong", protocol: "grpc" })]) {
+      const denied = await waitForJob(anonymous, jobId, { onEvent: (e) => events.push(e) }).catch((e: unknown) => ConnectError.from(e));
+      expect((denied as ConnectError).code).toBe(Code.Unauthenticated);
+    }
     expect(events.filter((e) => e.type === "reconnecting" || e.type === "polling")).toEqual([]);
   });
 
@@ -151,6 +158,7 @@ describe("watchJob", () => {
     // What a proxy that routes only unary paths does to a stream: 404.
     const c = createDownloadClient({
       baseUrl: st.server.url,
+      token: TEST_TOKEN,
       fetch: (input, init) => {
         const req = new Request(input, init);
         if (req.url.endsWith("/WatchJob")) return Promise.resolve(new Response("no route", { status: 404 }));
@@ -176,7 +184,7 @@ describe("watchJob", () => {
 
   test("survives the API restarting mid-job: resumes on the new process with no gap", async () => {
     const port = st.server.port;
-    const c = createNodeClient({ baseUrl: st.server.url });
+    const c = createNodeClient({ baseUrl: st.server.url, token: TEST_TOKEN });
     const jobId = await newJob(c);
     const w = collect(c, jobId, { baseBackoffMs: 100, maxBackoffMs: 500 });
     await expect.poll(() => w.jobs.length).toBe(1);
@@ -220,11 +228,11 @@ describe("watchJob", () => {
 describe("WATCH_MAX_STREAM_MS", () => {
   test("a stream older than the limit ends cleanly right after a message, and watchJob resumes with no gap", async () => {
     const short = await startApiStack(
-      { WATCH_HEARTBEAT_MS: "400", WATCH_MAX_STREAM_MS: "1000", AUTH_DISABLED: "true" },
+      { WATCH_HEARTBEAT_MS: "400", WATCH_MAX_STREAM_MS: "1000" },
       { services: st.svc },
     );
     try {
-      const c = createNodeClient({ baseUrl: short.server.url });
+      const c = createNodeClient({ baseUrl: short.server.url, token: TEST_TOKEN });
       const { job } = await c.initiate({ fileIds: [1] });
       const jobId = job?.jobId ?? "";
 
