@@ -13,8 +13,8 @@ export interface DownloadClientOptions {
   baseUrl: string;
   /** "connect" (default) or "grpc-web". */
   protocol?: "connect" | "grpc-web";
-  /** Sent as `authorization: Bearer <token>` on every call. */
-  token?: string;
+  /** Sent as `authorization: Bearer <token>` on every call; unset or "" sends none. */
+  token?: string | undefined;
   /** Protobuf binary instead of JSON on the wire (smaller, not readable in devtools). */
   useBinaryFormat?: boolean;
   /** A fetch of your own (tests, instrumented fetch, a polyfill). */
