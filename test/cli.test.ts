@@ -1,6 +1,7 @@
+import { PutObjectCommand } from "@aws-sdk/client-s3";
 import { type ChildProcess, spawn } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readFile, readdir, rm, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
@@ -128,6 +129,31 @@ describe("download-jobs CLI", () => {
     const forced = await cli("download", jobId, "-o", "taken.zip", "--force");
     expect(forced.code).toBe(0);
     expect((await readFile(join(dir, "taken.zip"))).equals(bytes)).toBe(true);
+  });
+
+  test("download of a job still running waits for it, then saves the ZIP", async () => {
+    const { job } = await api().initiate({ fileIds: [82] });
+    const jobId = job?.jobId ?? "";
+    const dl = await cli("download", jobId, "-o", "waited.zip");
+    expect(dl.code).toBe(0);
+    expect(dl.stdout).toContain("sha256");
+    const done = (await api().getStatus({ jobId })).job;
+    const bytes = await readFile(join(dir, "waited.zip"));
+    expect(createHash("sha256").update(bytes).digest("hex")).toBe(done?.result?.sha256);
+    expect((await readZip(bytes)).get("beta.bin")?.equals(sources.get(82) ?? Buffer.alloc(0))).toBe(true);
+  });
+
+  test("a ZIP whose bytes do not match the job's SHA-256 is refused and leaves no file", async () => {
+    const run = await cli("--json", "initiate", "81", "--watch");
+    const jobId = (JSON.parse(run.stdout.trim().split("\n")[0] ?? "{}") as { jobId: string }).jobId;
+    // Someone (or a broken disk) changed the object after the job finished.
+    await st.svc.storage.client.send(
+      new PutObjectCommand({ Bucket: st.cfg.RESULT_BUCKET, Key: st.svc.storage.resultKey(jobId), Body: Buffer.from("not the zip") }),
+    );
+    const dl = await cli("download", jobId, "-o", "corrupt.zip");
+    expect(dl.code).toBe(1);
+    expect(dl.stderr).toContain("checksum mismatch");
+    expect((await readdir(dir)).filter((f) => f.startsWith("corrupt.zip"))).toEqual([]);
   });
 
   test("--json writes one job per line with increasing versions, ending COMPLETED; status --json too, over gRPC", async () => {
