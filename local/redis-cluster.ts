@@ -17,6 +17,8 @@ export interface LocalRedisCluster {
   nodes: string[];
   pids: number[];
   stop(): Promise<void>;
+  /** SIGKILL every node, for fault tests. */
+  kill(): void;
 }
 
 interface Node {
@@ -105,5 +107,8 @@ export async function startRedisCluster(opts: { masters?: number } = {}): Promis
     nodes: nodes.map((n) => `127.0.0.1:${n.port}`),
     pids: nodes.map((n) => n.child.pid ?? 0),
     stop,
+    kill() {
+      for (const n of nodes) if (n.child.exitCode === null && n.child.signalCode === null) n.child.kill("SIGKILL");
+    },
   };
 }

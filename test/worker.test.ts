@@ -1,6 +1,5 @@
 import { HeadObjectCommand } from "@aws-sdk/client-s3";
 import type { Queue } from "bullmq";
-import type { Redis } from "ioredis";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import type { Config } from "../core/config.js";
@@ -8,7 +7,7 @@ import { JobService } from "../core/job-service.js";
 import { JobStore } from "../core/job-store.js";
 import type { JobRecord, JobStateName } from "../core/jobs.js";
 import { type BundleJobData, createBundleQueue } from "../core/queue.js";
-import { createRedis } from "../core/redis.js";
+import { createRedis, type RedisClient } from "../core/redis.js";
 import { type RunningWorker, startWorker } from "../worker/worker.js";
 import { startServices, type Services } from "./helpers/services.js";
 import { spawnWorker } from "./helpers/worker-process.js";
@@ -21,7 +20,7 @@ const silent = pino({ level: "silent" });
 
 interface Stack {
   cfg: Config;
-  redis: Redis;
+  redis: RedisClient;
   store: JobStore;
   queue: Queue<BundleJobData>;
   /** Initiate and Cancel as one owner, without dedup (each Initiate a new job). */
@@ -33,7 +32,7 @@ const OWNER = "worker-test";
 
 async function stack(svc: Services, overrides: Record<string, string> = {}): Promise<Stack> {
   const cfg = svc.config({ PROGRESS_INTERVAL_MS: "50", JOB_BACKOFF_MS: "50", ...overrides });
-  const redis = createRedis(svc.redis.url, { role: "api" });
+  const redis = createRedis(svc.redisTarget, { role: "api" });
   const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: 3600 });
   const queue = createBundleQueue(redis, { prefix: cfg.QUEUE_PREFIX, attempts: cfg.JOB_ATTEMPTS, backoffMs: cfg.JOB_BACKOFF_MS });
   const service = new JobService({
@@ -169,7 +168,7 @@ describe("worker", () => {
   test("progress reaches Redis at most about five times a second", async () => {
     const throttled = await stack(svc, { THROTTLE_BYTES_PER_SECOND: String(2 * 1024 * 1024), PROGRESS_INTERVAL_MS: "200" });
     const w = await startWorker(throttled.cfg, silent);
-    const sub = createRedis(svc.redis.url, { role: "subscriber" });
+    const sub = createRedis(svc.redisTarget, { role: "subscriber" });
     try {
       const job = await throttled.jobs.initiate([105]);
       const versions: { at: number; rec: JobRecord }[] = [];

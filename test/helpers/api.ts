@@ -2,13 +2,12 @@ import { createHash } from "node:crypto";
 import { PutObjectCommand } from "@aws-sdk/client-s3";
 import type { Interceptor } from "@connectrpc/connect";
 import type { Queue } from "bullmq";
-import type { Redis } from "ioredis";
 import type { Config } from "../../core/config.js";
 import { JobStore } from "../../core/job-store.js";
 import type { JobRecord } from "../../core/jobs.js";
 import { createLogger } from "../../core/logger.js";
 import { type BundleJobData, createBundleQueue } from "../../core/queue.js";
-import { createRedis, waitForRedis } from "../../core/redis.js";
+import { createRedis, type RedisClient, waitForRedis } from "../../core/redis.js";
 import { type ApiServer, type ApiServerOptions, startApiServer } from "../../server/server.js";
 import { startServices, type Services, TEST_OWNER, TEST_TOKEN } from "./services.js";
 
@@ -37,7 +36,7 @@ export interface ApiStack {
   /** The owner TEST_TOKEN authenticates as; jobs made with store.create need it to be visible. */
   owner: string;
   /** The test's own Redis connection (not the server's). */
-  redis: Redis;
+  redis: RedisClient;
   store: JobStore;
   queue: Queue<BundleJobData>;
   /** QUEUED -> PROCESSING, as a worker starting the job. */
@@ -57,7 +56,7 @@ export async function startApiStack(
   const svc = opts.services ?? (await startServices());
   const cfg = svc.config({ PORT: "0", HOST: "127.0.0.1", ...overrides });
   const log = createLogger(process.env.TEST_LOG_LEVEL ?? "warn", "api-test");
-  const redis = createRedis(svc.redis.url, { role: "api", name: TEST_CONNECTION_NAME });
+  const redis = createRedis(svc.redisTarget, { role: "api", name: TEST_CONNECTION_NAME });
   // Tests stop Redis on purpose; its reconnect errors are expected, not news.
   redis.on("error", () => undefined);
   await waitForRedis(redis);

@@ -1,7 +1,9 @@
 import { PutObjectCommand } from "@aws-sdk/client-s3";
 import { createHash, randomBytes } from "node:crypto";
 import { type Config, loadConfig } from "../../core/config.js";
+import type { RedisTarget } from "../../core/redis.js";
 import { Storage, storageOptionsFrom } from "../../core/storage.js";
+import { startRedisCluster } from "../../local/redis-cluster.js";
 import { startRedis, type LocalRedis } from "../../local/redis-server.js";
 import { LOCAL_S3_CREDENTIALS, startS3, type LocalS3 } from "../../local/s3-server.js";
 
@@ -9,7 +11,10 @@ import { LOCAL_S3_CREDENTIALS, startS3, type LocalS3 } from "../../local/s3-serv
 // Each caller gets its own QUEUE_PREFIX so tests never see each other's keys.
 
 export interface Services {
+  /** With a cluster: its first node (url, pid), and stop()/kill() act on every node. */
   redis: LocalRedis;
+  /** What createRedis takes to reach these services: a URL, or the cluster's nodes. */
+  redisTarget: RedisTarget;
   s3: LocalS3;
   /** Environment for child processes (API, worker) pointing at these services. */
   env: Record<string, string>;
@@ -46,10 +51,27 @@ export function uniquePrefix(name = "t"): string {
   return `${name}${process.pid}x${prefixCounter}x${randomBytes(3).toString("hex")}`;
 }
 
-export async function startServices(opts: { appendonlyDir?: string } = {}): Promise<Services> {
-  const redis = await startRedis(
-    opts.appendonlyDir !== undefined ? { dir: opts.appendonlyDir, appendonly: true } : {},
-  );
+/**
+ * `cluster: true` runs a three-master Redis Cluster instead of one redis-server, hands
+ * out REDIS_CLUSTER_NODES and hash-tagged prefixes; REDIS_CLUSTER=1 in the environment
+ * makes that the default, to run any suite against a cluster.
+ */
+export async function startServices(opts: { appendonlyDir?: string; cluster?: boolean } = {}): Promise<Services> {
+  const cluster = opts.cluster ?? process.env.REDIS_CLUSTER === "1";
+  let redis: LocalRedis;
+  let redisTarget: RedisTarget;
+  let redisEnv: Record<string, string>;
+  if (cluster) {
+    const c = await startRedisCluster();
+    const first = c.nodes[0] ?? "";
+    redis = { url: `redis://${first}`, port: Number(first.split(":")[1]), pid: c.pids[0] ?? 0, stop: c.stop, kill: c.kill };
+    redisTarget = { clusterNodes: c.nodes };
+    redisEnv = { REDIS_CLUSTER_NODES: c.nodes.join(",") };
+  } else {
+    redis = await startRedis(opts.appendonlyDir !== undefined ? { dir: opts.appendonlyDir, appendonly: true } : {});
+    redisTarget = redis.url;
+    redisEnv = { REDIS_URL: redis.url };
+  }
   let s3: LocalS3;
   try {
     s3 = await startS3({ buckets: ["download-sources", "download-results"] });
@@ -58,7 +80,7 @@ export async function startServices(opts: { appendonlyDir?: string } = {}): Prom
     throw err;
   }
   const env: Record<string, string> = {
-    REDIS_URL: redis.url,
+    ...redisEnv,
     S3_ENDPOINT: s3.endpoint,
     S3_ACCESS_KEY_ID: LOCAL_S3_CREDENTIALS.accessKeyId,
     S3_SECRET_ACCESS_KEY: LOCAL_S3_CREDENTIALS.secretAccessKey,
@@ -66,10 +88,12 @@ export async function startServices(opts: { appendonlyDir?: string } = {}): Prom
     ...TEST_SERVER_ENV,
   };
   const config = (overrides: Record<string, string> = {}) =>
-    loadConfig({ QUEUE_PREFIX: uniquePrefix(), ...env, ...overrides });
+    // In a cluster every key of a deployment must share one hash slot: {prefix}.
+    loadConfig({ QUEUE_PREFIX: cluster ? `{${uniquePrefix()}}` : uniquePrefix(), ...env, ...overrides });
   const storage = new Storage(storageOptionsFrom(config()));
   return {
     redis,
+    redisTarget,
     s3,
     env,
     config,

@@ -1,0 +1,124 @@
+import { HeadObjectCommand } from "@aws-sdk/client-s3";
+import { createClient } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { ConfigError, loadConfig } from "../core/config.js";
+import { DownloadService, type Job, JobState } from "../gen/downloads/v1/download_service_pb.js";
+import { waitUntil } from "../local/ports.js";
+import { type ApiStack, startApiStack, withTestToken } from "./helpers/api.js";
+import { startServices } from "./helpers/services.js";
+import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
+import { readZip } from "./helpers/zip.js";
+
+// The core flows on a Redis Cluster of three masters (Debian's redis-server, started
+// here): the API in this process and a worker in another, both given only
+// REDIS_CLUSTER_NODES and a hash-tagged QUEUE_PREFIX, as an operator would.
+
+let st: ApiStack;
+let worker: WorkerProcess;
+const sources = new Map<number, Buffer>();
+
+beforeAll(async () => {
+  const svc = await startServices({ cluster: true });
+  st = await startApiStack({ WATCH_HEARTBEAT_MS: "1000" }, { services: svc });
+  for (const [id, size, name] of [
+    [701, 1024 * 1024, "one.bin"],
+    [702, 333_333, "two.txt"],
+    [703, 6 * 1024 * 1024, "big.bin"],
+  ] as const) {
+    sources.set(id, await svc.putSource(id, size, name));
+  }
+  worker = spawnWorker({
+    ...svc.env,
+    QUEUE_PREFIX: st.cfg.QUEUE_PREFIX,
+    LOG_LEVEL: "info",
+    LOG_FORMAT: "json",
+    THROTTLE_BYTES_PER_SECOND: String(4 * 1024 * 1024),
+    PROGRESS_INTERVAL_MS: "100",
+  });
+  await waitUntil("worker ready", async () => worker.output().includes("worker ready"), 30_000);
+}, 90_000);
+
+afterAll(async () => {
+  await worker?.kill("SIGTERM");
+  await st?.stop();
+  await st?.svc.stop();
+});
+
+const client = () =>
+  createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+
+async function watchToEnd(jobId: string): Promise<Job[]> {
+  const seen: Job[] = [];
+  for await (const msg of client().watchJob({ jobId })) if (msg.event.case === "job") seen.push(msg.event.value);
+  return seen;
+}
+
+describe("on a Redis Cluster", () => {
+  test("runs on three masters, and the prefix puts every key of the deployment in one hash slot", async () => {
+    expect(st.cfg.REDIS_CLUSTER_NODES).toHaveLength(3);
+    expect(st.cfg.REDIS_URL).toBeUndefined();
+    const info = (await st.redis.cluster("INFO")) as string;
+    expect(info).toContain("cluster_state:ok");
+    expect(info).toMatch(/cluster_size:3/);
+    const { job } = await client().initiate({ fileIds: [702] });
+    const jobId = job?.jobId ?? "";
+    const slot = (key: string) => st.redis.cluster("KEYSLOT", key) as Promise<number>;
+    const jobSlot = await slot(st.store.key(jobId));
+    expect(await slot(`${st.cfg.QUEUE_PREFIX}:bundles:${jobId}`)).toBe(jobSlot);
+    expect(await slot(`${st.cfg.QUEUE_PREFIX}:bundles:wait`)).toBe(jobSlot);
+    await watchToEnd(jobId);
+  });
+
+  test("Initiate, then WatchJob through the cluster's pub/sub to COMPLETED, and the ZIP holds the exact sources", async () => {
+    const { job } = await client().initiate({ fileIds: [701, 702] });
+    const seen = await watchToEnd(job?.jobId ?? "");
+    // Progress reached this API through the cluster's pub/sub, in version order.
+    expect(seen.map((j) => j.state)).toContain(JobState.PROCESSING);
+    const versions = seen.map((j) => j.version);
+    expect(versions).toEqual([...versions].sort((x, y) => x - y));
+    const last = seen.at(-1) as Job;
+    expect(last.state).toBe(JobState.COMPLETED);
+    const zip = await readZip(Buffer.from(await (await fetch(last.result?.downloadUrl ?? "")).arrayBuffer()));
+    expect(zip.get("one.bin")?.equals(sources.get(701) as Buffer)).toBe(true);
+    expect(zip.get("two.txt")?.equals(sources.get(702) as Buffer)).toBe(true);
+  });
+
+  test("Cancel stops the running job in the worker process and leaves no result object", async () => {
+    const c = client();
+    const { job } = await c.initiate({ fileIds: [703] });
+    const jobId = job?.jobId ?? "";
+    await expect
+      .poll(async () => {
+        const j = (await c.getStatus({ jobId })).job;
+        return j?.state === JobState.PROCESSING && (j.progress?.bytesDone ?? 0n) > 0n;
+      }, { timeout: 20_000, interval: 50 })
+      .toBe(true);
+    expect((await c.cancel({ jobId })).job?.state).toBe(JobState.CANCELLED);
+    await expect.poll(() => st.queue.getJobState(jobId), { timeout: 10_000 }).toBe("failed");
+    expect((await st.queue.getJob(jobId))?.failedReason).toBe("cancelled");
+    expect(worker.output()).toMatch(new RegExp(`"jobId":"${jobId}"[^\\n]*"msg":"cancel received"`));
+    const head = await st.svc.storage.client
+      .send(new HeadObjectCommand({ Bucket: st.cfg.RESULT_BUCKET, Key: st.svc.storage.resultKey(jobId) }))
+      .then(() => "exists", (err: { name?: string }) => err.name);
+    expect(head).toBe("NotFound");
+  });
+
+  test("a missing source file fails the job with not_found", async () => {
+    const { job } = await client().initiate({ fileIds: [702, 799_999] });
+    const last = (await watchToEnd(job?.jobId ?? "")).at(-1);
+    expect(last?.state).toBe(JobState.FAILED);
+    expect(last?.error).toMatchObject({ code: "not_found", retryable: false, missingFileIds: [799_999] });
+  });
+
+  test("a QUEUE_PREFIX without a hash tag is refused at start, naming the variable", async () => {
+    const nodes = (st.cfg.REDIS_CLUSTER_NODES ?? []).join(",");
+    expect(() => loadConfig({ REDIS_CLUSTER_NODES: nodes, QUEUE_PREFIX: "dj" })).toThrow(ConfigError);
+    expect(() => loadConfig({ REDIS_CLUSTER_NODES: nodes, QUEUE_PREFIX: "{}dj" })).toThrow(/QUEUE_PREFIX/);
+    expect(loadConfig({ REDIS_CLUSTER_NODES: nodes, QUEUE_PREFIX: "{dj}" }).QUEUE_PREFIX).toBe("{dj}");
+    const bad = spawnWorker({ ...st.svc.env, QUEUE_PREFIX: "dj" });
+    const code = await new Promise<number | null>((resolve) => bad.child.once("exit", (c) => resolve(c)));
+    expect(code).toBe(2);
+    expect(bad.output()).toContain("QUEUE_PREFIX");
+  });
+});
