@@ -17,6 +17,7 @@ import { authInterceptor, createAuthenticator } from "./auth.js";
 import { createDualProtocolListener } from "./dual-protocol-listener.js";
 import { createFastPath } from "./fast-path.js";
 import { routes } from "./routes.js";
+import { strictBinary } from "./strict-binary.js";
 import { rpcInterceptor } from "./rpc-interceptor.js";
 import { rpcContextValues, withRpcLog, type NodeHandler } from "./rpc-log.js";
 import { createStaticSite } from "./static-site.js";
@@ -141,7 +142,11 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
   const site = cfg.WEB_ROOT === "" ? undefined : createStaticSite(cfg.WEB_ROOT, { onError: (err) => log.warn({ err }, "page") });
   const adapter = connectNodeAdapter({
     routes: (router) => {
-      routes({ jobs, hub, presigner: storage }, { health: { readiness, stopping: stopping.signal } })(router);
+      // Undecodable protobuf is the caller's error (INVALID_ARGUMENT), not ours (INTERNAL).
+      strictBinary(
+        routes({ jobs, hub, presigner: storage }, { health: { readiness, stopping: stopping.signal } }),
+        cfg.MAX_REQUEST_BYTES + 64,
+      )(router);
       for (const h of router.handlers) procedures.add(h.requestPath);
     },
     readMaxBytes: cfg.MAX_REQUEST_BYTES,
