@@ -38,11 +38,27 @@ import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
 const PROCEDURE = "/downloads.v1.DownloadService/WatchJob";
 const CONTENT_TYPE = { json: "application/connect+json", proto: "application/connect+proto" } as const;
 
-/** A record as this process sends it: the proto Job and its enveloped encodings. */
+/** One message as it goes out: the Connect envelope, and (lazily) the same as an HTTP/1.1 chunk. */
+interface Frame {
+  envelope: Buffer;
+  chunk?: Buffer;
+}
+
+/** A record as this process sends it: the proto Job and its framed encodings. */
 interface Encoded {
   job: Job | Promise<Job>;
-  json?: Buffer | Promise<Buffer>;
-  proto?: Buffer | Promise<Buffer>;
+  json?: Frame | Promise<Frame>;
+  proto?: Frame | Promise<Frame>;
+}
+
+/** `<size in hex>CRLF<data>CRLF`: what Node writes for one res.write() of a chunked response. */
+function chunkOf(frame: Frame): Buffer {
+  frame.chunk ??= Buffer.concat([
+    Buffer.from(`${frame.envelope.length.toString(16)}\r\n`, "latin1"),
+    frame.envelope,
+    Buffer.from("\r\n", "latin1"),
+  ]);
+  return frame.chunk;
 }
 
 export function createFastWatch(deps: FastPathDeps) {
@@ -56,13 +72,14 @@ export function createFastWatch(deps: FastPathDeps) {
     return deps.presigner.presignResult(rec.result.key, rec.result.fileName).then((url) => toProtoJob(rec, url));
   };
 
-  const encode = (job: Job, binary: boolean): Buffer => {
+  const encode = (job: Job, binary: boolean): Frame => {
     const msg = create(WatchJobResponseSchema, { event: { case: "job", value: job } });
-    return envelope(0, binary ? toBinary(WatchJobResponseSchema, msg) : Buffer.from(toJsonString(WatchJobResponseSchema, msg)));
+    const data = binary ? toBinary(WatchJobResponseSchema, msg) : Buffer.from(toJsonString(WatchJobResponseSchema, msg));
+    return { envelope: envelope(0, data) };
   };
 
   /** The enveloped message for a record: converted, presigned and serialized once per encoding. */
-  const jobEnvelope = (rec: JobRecord, binary: boolean): Buffer | Promise<Buffer> => {
+  const jobFrame = (rec: JobRecord, binary: boolean): Frame | Promise<Frame> => {
     let entry = encoded.get(rec);
     if (entry === undefined) {
       entry = { job: present(rec) };
@@ -85,14 +102,23 @@ export function createFastWatch(deps: FastPathDeps) {
     let deadline: NodeJS.Timeout | undefined;
     let timedOut = false;
     let headersSent = false;
-    const write = (chunk: Buffer): boolean => {
+    // HTTP/1.1 only: after the head, a shared message goes straight to the socket as a
+    // ready-made chunk (the bytes res.write() would produce), one buffer and one write
+    // for every stream of the job instead of a chunk header built per stream.
+    const h1 = req.httpVersionMajor === 1 ? out(res) : undefined;
+    let waitOn: NodeJS.EventEmitter = res;
+    const write = (frame: Frame, shared: boolean): boolean => {
       if (!headersSent) {
         headersSent = true;
         // As connect-node: headers go out with the first message, so an error before
         // it is still a 200 with the error in the end-of-stream envelope.
         out(res).writeHead(200, { "content-type": binary ? CONTENT_TYPE.proto : CONTENT_TYPE.json });
+      } else if (shared && h1 !== undefined && h1.chunkedEncoding && h1.socket !== null) {
+        waitOn = h1.socket;
+        return h1.socket.write(chunkOf(frame));
       }
-      return out(res).write(chunk);
+      waitOn = res;
+      return out(res).write(frame.envelope);
     };
     /** Ends the stream with `{}` or the error; a client that hung up gets nothing more. */
     const finish = (err: ConnectError | undefined) => {
@@ -102,8 +128,11 @@ export function createFastWatch(deps: FastPathDeps) {
       }
       const end = timedOut ? deadlineExceeded() : err;
       recordOutcome(req, end?.code);
-      write(endStream(end));
-      res.end();
+      if (!headersSent) {
+        headersSent = true;
+        out(res).writeHead(200, { "content-type": binary ? CONTENT_TYPE.proto : CONTENT_TYPE.json });
+      }
+      out(res).end(endStream(end));
     };
 
     try {
@@ -120,12 +149,12 @@ export function createFastWatch(deps: FastPathDeps) {
       const request = parseRequest(singleRequestMessage(body, deps.readMaxBytes), binary);
 
       for await (const ev of deps.watch(owner, request.jobId, request.afterVersion, abort.signal)) {
-        let chunk = ev.job !== undefined ? jobEnvelope(ev.job, binary) : heartbeatEnvelope(ev.heartbeat, binary);
-        if (chunk instanceof Promise) chunk = await chunk;
+        let frame = ev.job !== undefined ? jobFrame(ev.job, binary) : { envelope: heartbeatEnvelope(ev.heartbeat, binary) };
+        if (frame instanceof Promise) frame = await frame;
         if (abort.signal.aborted) break;
         // A client that reads slowly is sent nothing more until it catches up; meanwhile
         // the hub keeps only the latest record of each state for it.
-        if (!write(chunk)) await drained(res, abort.signal);
+        if (!write(frame, ev.job !== undefined)) await drained(waitOn, abort.signal);
       }
       finish(undefined);
     } catch (err) {
@@ -151,8 +180,8 @@ function parseRequest(data: Uint8Array, binary: boolean): WatchJobRequest {
     try {
       return fromBinary(WatchJobRequestSchema, data);
     } catch (err) {
-      // connect-node's words; the code is the caller's error, as strict-binary.ts makes it there.
-      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+      // connect-node's words and code for an unreadable binary message.
+      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.Internal);
     }
   }
   try {
@@ -162,6 +191,6 @@ function parseRequest(data: Uint8Array, binary: boolean): WatchJobRequest {
   }
 }
 
-async function drained(res: NodeResponse, signal: AbortSignal): Promise<void> {
-  await once(res as NodeJS.EventEmitter, "drain", { signal }).catch(() => undefined);
+async function drained(target: NodeJS.EventEmitter, signal: AbortSignal): Promise<void> {
+  await once(target, "drain", { signal }).catch(() => undefined);
 }
