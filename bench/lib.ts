@@ -1,3 +1,5 @@
+import { type ChildProcess, spawn } from "node:child_process";
+import { once } from "node:events";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { join } from "node:path";
@@ -49,4 +51,73 @@ export function writeResults(name: string, data: unknown): string {
   const machine = { cpus: cpus().length, cpuModel: cpus()[0]?.model, memBytes: totalmem(), node: process.version };
   writeFileSync(file, `${JSON.stringify({ name, at: new Date().toISOString(), machine, data }, null, 2)}\n`);
   return file;
+}
+
+/** A TypeScript entry in its own Node process; resolves once it prints "listening <port>". */
+export async function startNodeServer(
+  script: string,
+  env: Record<string, string>,
+  opts: { args?: string[]; timeoutMs?: number } = {},
+): Promise<{ child: ChildProcess; port: number; stop(): Promise<void> }> {
+  const child = spawn(process.execPath, [...(opts.args ?? []), "--import", "tsx", script], {
+    env: { ...process.env, ...env },
+    stdio: ["ignore", "pipe", "inherit"],
+  });
+  const port = await new Promise<number>((resolve, reject) => {
+    let out = "";
+    const timer = setTimeout(() => reject(new Error(`${script} did not start`)), opts.timeoutMs ?? 30_000);
+    child.stdout?.on("data", (d: Buffer) => {
+      out += d.toString();
+      const m = /listening (\d+)/.exec(out);
+      if (m !== null) {
+        clearTimeout(timer);
+        resolve(Number(m[1]));
+      }
+    });
+    child.once("exit", (code) => {
+      clearTimeout(timer);
+      reject(new Error(`${script} exited with ${code}`));
+    });
+  });
+  child.stdout?.resume();
+  return { child, port, stop: () => stopChild(child) };
+}
+
+export async function stopChild(child: ChildProcess): Promise<void> {
+  if (child.exitCode !== null || child.signalCode !== null) return;
+  const exited = once(child, "exit");
+  child.kill("SIGTERM");
+  const timer = setTimeout(() => child.kill("SIGKILL"), 10_000);
+  await exited;
+  clearTimeout(timer);
+}
+
+/** Environment every benchmark process of the service gets. */
+export function serviceEnv(redisUrl: string, s3Endpoint: string, prefix: string): Record<string, string> {
+  return {
+    REDIS_URL: redisUrl,
+    S3_ENDPOINT: s3Endpoint,
+    S3_ACCESS_KEY_ID: "S3RVER",
+    S3_SECRET_ACCESS_KEY: "S3RVER",
+    QUEUE_PREFIX: prefix,
+    // One log line per RPC at info would be the loudest thing measured; the
+    // alternatives log nothing.
+    LOG_LEVEL: "warn",
+    // Benchmarks call without tokens, and start far more jobs than an owner's quota.
+    AUTH_DISABLED: "true",
+    MAX_ACTIVE_JOBS_PER_OWNER: "1000000",
+    INITIATE_RATE_PER_MINUTE: "100000000",
+    MAX_QUEUE_DEPTH: "10000000",
+    // Each benchmark job must be a job of its own, not a reused or joined one.
+    DEDUP_IN_FLIGHT: "false",
+    REUSE_RESULTS: "false",
+  };
+}
+
+/** CPU time (user + system) a process has used so far, in ms, from /proc (10 ms ticks). */
+export function procCpuMs(pid: number): number {
+  const stat = readFileSync(`/proc/${pid}/stat`, "utf8");
+  // Fields after the command name (which may contain spaces) start after the last ')'.
+  const fields = stat.slice(stat.lastIndexOf(")") + 2).split(" ");
+  return (Number(fields[11]) + Number(fields[12])) * 10;
 }

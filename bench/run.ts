@@ -1,4 +1,5 @@
 import { benchBundle } from "./bundle.js";
+import { benchPolling } from "./polling.js";
 import { benchWatch } from "./watch.js";
 import { type Row, printTable, writeResults } from "./lib.js";
 
@@ -8,6 +9,7 @@ import { type Row, printTable, writeResults } from "./lib.js";
 type Scenario = (opts: { quick: boolean }) => Promise<{ rows: Row[]; data: unknown }>;
 
 const scenarios: Record<string, Scenario> = {
+  polling: benchPolling,
   watch: benchWatch,
   bundle: benchBundle,
 };

@@ -1,0 +1,156 @@
+import { create, toBinary } from "@bufbuild/protobuf";
+import { createClient } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import autocannon from "autocannon";
+import { Worker } from "bullmq";
+import { JobStore } from "../core/job-store.js";
+import { QUEUE_NAME } from "../core/queue.js";
+import { createRedis } from "../core/redis.js";
+import { DownloadService, GetStatusRequestSchema } from "../gen/downloads/v1/download_service_pb.js";
+import { startRedis } from "../local/redis-server.js";
+import { startS3 } from "../local/s3-server.js";
+import { grpcLoad } from "./grpc-load.js";
+import { fmt, percentile, type Row, serviceEnv, startNodeServer } from "./lib.js";
+
+// Polling: GetStatus on a running job, at 50 and 200 connections, the way each kind of
+// client polls (Connect JSON POST, Connect GET, gRPC over h2c), against
+//  - bare: node:http + one HGETALL + the hash as JSON (the limit of this stack),
+//  - hono: a Hono REST endpoint reading BullMQ getJob + getState (the seeds' design),
+//  - connect-node: the same API with the lean paths off (for reference).
+// Each server runs alone in its own process; the load generator (autocannon for
+// HTTP/1.1, grpc-load.ts for h2c) runs in this one. Requests/s and p50/p99 in ms.
+
+interface Measured {
+  server: string;
+  client: string;
+  connections: number;
+  rps: number;
+  p50: number;
+  p99: number;
+  errors: number;
+}
+
+type Init = { method?: string; headers?: Record<string, string>; body?: string };
+
+export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ rows: Row[]; data: unknown }> {
+  // Every configuration runs in short slices, round after round, and reports its median:
+  // on a shared machine the load drifts, and interleaving spreads the drift evenly.
+  const rounds = opts.quick ? 2 : 5;
+  const slice = opts.quick ? 2 : 3;
+  const levels = [50, 200];
+  const redis = await startRedis();
+  const s3 = await startS3({ buckets: ["download-sources", "download-results"] });
+  const prefix = "benchpoll";
+  const env = serviceEnv(redis.url, s3.endpoint, prefix);
+  const conn = createRedis(redis.url, { role: "api", name: "bench" });
+  const workerConn = createRedis(redis.url, { role: "worker", name: "bench-worker" });
+  for (const c of [conn, workerConn]) c.on("error", () => undefined);
+  const store = new JobStore(conn, { prefix, recordTtlSeconds: 3600 });
+  let release: () => void = () => undefined;
+  const held = new Promise<void>((r) => (release = r));
+  let worker: Worker | undefined;
+  const servers: { stop(): Promise<void> }[] = [];
+
+  try {
+    const [api, plain, bare, hono] = await Promise.all([
+      startNodeServer("bench/api-server.ts", { ...env, PORT: "0" }),
+      startNodeServer("bench/api-server.ts", { ...env, PORT: "0", BENCH_FAST_PATHS: "0" }),
+      startNodeServer("bench/bare-status-server.ts", { REDIS_URL: redis.url, KEY_PREFIX: prefix, PORT: "0" }),
+      startNodeServer("bench/hono-status-server.ts", { REDIS_URL: redis.url, QUEUE_PREFIX: prefix, QUEUE_NAME, PORT: "0" }),
+    ]);
+    servers.push(api, plain, bare, hono);
+
+    // The job: initiated through the API, taken by a BullMQ worker that holds it (active
+    // for BullMQ), and PROCESSING with progress in our record.
+    const base = `http://127.0.0.1:${api.port}`;
+    const client = createClient(DownloadService, createConnectTransport({ baseUrl: base, httpVersion: "1.1" }));
+    const jobId = (await client.initiate({ fileIds: Array.from({ length: 10 }, (_, i) => 70000 + i) })).job?.jobId ?? "";
+    worker = new Worker(QUEUE_NAME, () => held, { connection: workerConn, prefix });
+    await store.update(jobId, { state: "PROCESSING", startedAt: Date.now() }, { from: ["QUEUED"], addAttempts: 1 });
+    const rec = await store.get(jobId);
+    await store.update(jobId, {
+      progress: { ...rec.progress, bytesDone: 123_456_789, bytesTotal: 300_000_000, bytesPerSecond: 8_000_000, etaSeconds: 22 },
+    });
+
+    const post: Init = { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ jobId }) };
+    const path = "/downloads.v1.DownloadService/GetStatus";
+    const query = `?connect=v1&encoding=json&message=${encodeURIComponent(JSON.stringify({ jobId }))}`;
+    const grpcMessage = toBinary(GetStatusRequestSchema, create(GetStatusRequestSchema, { jobId }));
+    const at = (port: number) => `http://127.0.0.1:${port}`;
+
+    const configs: { server: string; client: string; run(connections: number, seconds: number): Promise<Omit<Measured, "server" | "client" | "connections">> }[] = [
+      { server: "api (fast path)", client: "Connect JSON POST", run: (c, s) => http(`${at(api.port)}${path}`, c, s, post) },
+      { server: "api (fast path)", client: "Connect GET", run: (c, s) => http(`${at(api.port)}${path}${query}`, c, s) },
+      {
+        server: "api (fast path)",
+        client: "gRPC h2c (connect-node)",
+        run: (c, s) => grpcLoad({ url: at(api.port), path, message: grpcMessage, connections: c, durationMs: s * 1000 }),
+      },
+      { server: "api (connect-node)", client: "Connect JSON POST", run: (c, s) => http(`${at(plain.port)}${path}`, c, s, post) },
+      { server: "bare node:http + HGETALL", client: "GET", run: (c, s) => http(`${at(bare.port)}/jobs/${jobId}`, c, s) },
+      { server: "hono + BullMQ getJob", client: "GET", run: (c, s) => http(`${at(hono.port)}/jobs/${jobId}`, c, s) },
+    ];
+
+    // Warm every server's JIT before anything counts.
+    for (const cfg of configs) await cfg.run(50, 1);
+    const samples = new Map<string, Measured[]>();
+    for (let round = 0; round < rounds; round++) {
+      for (const c of levels) {
+        for (const cfg of configs) {
+          const m = { server: cfg.server, client: cfg.client, connections: c, ...(await cfg.run(c, slice)) };
+          const key = `${cfg.server}|${cfg.client}|${c}`;
+          samples.set(key, [...(samples.get(key) ?? []), m]);
+        }
+      }
+    }
+    const results: Measured[] = [...samples.values()].map((list) => ({
+      ...(list[0] as Measured),
+      rps: percentile(list.map((m) => m.rps), 50),
+      p50: percentile(list.map((m) => m.p50), 50),
+      p99: percentile(list.map((m) => m.p99), 50),
+      errors: list.reduce((n, m) => n + m.errors, 0),
+    }));
+
+    const rows: Row[] = [];
+    for (const c of levels) {
+      const here = results.filter((r) => r.connections === c);
+      const honoM = here.find((r) => r.server.startsWith("hono"));
+      const bareM = here.find((r) => r.server.startsWith("bare"));
+      const scenario = `polling ${c} conns`;
+      for (const r of here) {
+        rows.push({
+          scenario,
+          metric: `${r.server}, ${r.client}: req/s (p50 / p99 ms)`,
+          value: `${fmt(r.rps, 0)} (${fmt(r.p50)} / ${fmt(r.p99)})${r.errors > 0 ? ` ${r.errors} errors` : ""}`,
+        });
+        if (r.server === "api (fast path)" && honoM !== undefined && bareM !== undefined) {
+          rows.push(
+            { scenario, metric: `  ${r.client} / hono`, value: fmt(r.rps / honoM.rps, 2), target: ">= 1.0", ok: r.rps / honoM.rps >= 1.0 },
+            { scenario, metric: `  ${r.client} / bare`, value: fmt(r.rps / bareM.rps, 2), target: ">= 0.5", ok: r.rps / bareM.rps >= 0.5 },
+            {
+              scenario,
+              metric: `  ${r.client} p99 vs hono p99 ms`,
+              value: `${fmt(r.p99)} vs ${fmt(honoM.p99)}`,
+              target: "<= hono",
+              ok: r.p99 <= honoM.p99,
+            },
+          );
+        }
+      }
+    }
+    return { rows, data: { rounds, sliceSeconds: slice, medians: results, samples: [...samples.values()].flat() } };
+  } finally {
+    release();
+    await worker?.close(true).catch(() => undefined);
+    for (const s of servers) await s.stop();
+    conn.disconnect();
+    workerConn.disconnect();
+    await s3.stop();
+    await redis.stop();
+  }
+}
+
+async function http(url: string, connections: number, seconds: number, init: Init = {}) {
+  const r = await autocannon({ url, connections, duration: seconds, ...init });
+  return { rps: r.requests.average, p50: r.latency.p50, p99: r.latency.p99, errors: r.errors + r.non2xx + r.timeouts };
+}
