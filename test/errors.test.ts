@@ -11,6 +11,7 @@ import {
 } from "../core/jobs.js";
 import { createLogger } from "../core/logger.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
+import { authInterceptor, createAuthenticator } from "../server/auth.js";
 import { toConnectError } from "../server/errors.js";
 import { routes } from "../server/routes.js";
 import { rpcInterceptor } from "../server/rpc-interceptor.js";
@@ -70,7 +71,13 @@ describe("the interceptor, through an in-memory router", () => {
     return createClient(
       DownloadService,
       createRouterTransport(routes({ jobs, hub: {} as WatchHub, presigner: { presignResult: () => Promise.reject(err) } }), {
-        router: { interceptors: [rpcInterceptor(createLogger("silent", "test"))] },
+        // As the server wires it; every caller is the anonymous owner here.
+        router: {
+          interceptors: [
+            rpcInterceptor(createLogger("silent", "test")),
+            authInterceptor(createAuthenticator({ tokens: [], disabled: true })),
+          ],
+        },
       }),
     );
   };
