@@ -94,18 +94,8 @@ function describeEvent(e: WatchEvent): string | undefined {
  */
 async function follow(client: DownloadClient, initial: Job, g: Globals, cancelOnInterrupt: boolean): Promise<{ code: number; job?: Job }> {
   const jobId = initial.jobId;
-  const view = createView(displayMode(g), process.stdout, process.stderr);
-  // The job as the caller already has it is the first thing shown; the watch resumes
-  // after its version, so a state that passed in between is not lost.
-  view.show(initial);
-  if (isTerminalJob(initial)) {
-    view.stop();
-    if (!g.json) {
-      out();
-      for (const line of summary(initial)) out(line);
-    }
-    return { code: exitFor(initial), job: initial };
-  }
+  // Ctrl-C is ours before anything is shown: a user (or a script) reacting to the first
+  // line must not hit the default handler, which kills the process without a word.
   const abort = new AbortController();
   let interrupted = false;
   const onSigint = () => {
@@ -114,6 +104,19 @@ async function follow(client: DownloadClient, initial: Job, g: Globals, cancelOn
     abort.abort();
   };
   process.on("SIGINT", onSigint);
+  const view = createView(displayMode(g), process.stdout, process.stderr);
+  // The job as the caller already has it is the first thing shown; the watch resumes
+  // after its version, so a state that passed in between is not lost.
+  view.show(initial);
+  if (isTerminalJob(initial)) {
+    process.off("SIGINT", onSigint);
+    view.stop();
+    if (!g.json) {
+      out();
+      for (const line of summary(initial)) out(line);
+    }
+    return { code: exitFor(initial), job: initial };
+  }
   let last: Job = initial;
   let lost = false;
   try {
