@@ -172,22 +172,25 @@ describe("/metrics", () => {
     let after: Sample[] = [];
     const delta = (name: string, labels: Record<string, string> = {}) =>
       metricValue(after, name, labels) - metricValue(before, name, labels);
-    // The cancelled run reports once the worker has stopped it; poll for that moment.
+    // A run is reported once the worker has let go of it, a moment after the job's
+    // record shows its end: poll until every run is in.
     await expect
       .poll(
         async () => {
           after = await scrape(workerMetricsUrl);
-          return delta("job_duration_seconds_count", { outcome: "cancelled" });
+          return {
+            completed: delta("job_duration_seconds_count", { outcome: "completed" }),
+            cancelled: delta("job_duration_seconds_count", { outcome: "cancelled" }),
+            retry: delta("job_duration_seconds_count", { outcome: "retry" }),
+            failed: delta("job_duration_seconds_count", { outcome: "failed" }),
+            retries: delta("job_retries_total"),
+            notFound: delta("job_failures_total", { code: "not_found" }),
+            cancelLatencies: delta("cancel_latency_seconds_count"),
+          };
         },
         { timeout: 10_000, interval: 100 },
       )
-      .toBe(1);
-    expect(delta("job_duration_seconds_count", { outcome: "completed" })).toBe(1);
-    expect(delta("job_duration_seconds_count", { outcome: "retry" })).toBe(1);
-    expect(delta("job_duration_seconds_count", { outcome: "failed" })).toBe(1);
-    expect(delta("job_retries_total")).toBe(1);
-    expect(delta("job_failures_total", { code: "not_found" })).toBe(1);
-    expect(delta("cancel_latency_seconds_count")).toBe(1);
+      .toEqual({ completed: 1, cancelled: 1, retry: 1, failed: 1, retries: 1, notFound: 1, cancelLatencies: 1 });
     expect(delta("cancel_latency_seconds_sum")).toBeGreaterThan(0);
     // Everything of the completed job, and some of the cancelled and the retried ones.
     const completedBytes = (sizes.get(802) ?? 0) + (sizes.get(803) ?? 0);

@@ -7,7 +7,7 @@ import { JobService } from "../core/job-service.js";
 import { JobStore } from "../core/job-store.js";
 import type { JobRecord, JobStateName } from "../core/jobs.js";
 import { type BundleJobData, createBundleQueue } from "../core/queue.js";
-import { createRedis, type RedisClient } from "../core/redis.js";
+import { createRedis, type RedisClient, waitForRedis } from "../core/redis.js";
 import { type RunningWorker, startWorker } from "../worker/worker.js";
 import { startServices, type Services } from "./helpers/services.js";
 import { spawnWorker } from "./helpers/worker-process.js";
@@ -170,6 +170,9 @@ describe("worker", () => {
     const w = await startWorker(throttled.cfg, silent);
     const sub = createRedis(svc.redisTarget, { role: "subscriber" });
     try {
+      // SUBSCRIBE sent before ioredis's ready check has finished breaks that check (INFO
+      // is refused in subscriber mode) and the subscription with it.
+      await waitForRedis(sub);
       const job = await throttled.jobs.initiate([105]);
       const versions: { at: number; rec: JobRecord }[] = [];
       await sub.subscribe(throttled.store.channel(job.id));

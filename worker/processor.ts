@@ -65,10 +65,11 @@ export function createProcessor(deps: ProcessorDeps) {
         attributes: { "job.id": jobId, "job.attempt": job.attemptsMade + 1 },
       };
       const outcome = await inSpan("bundle", span, () => run(deps, job, abort, cancel, log));
-      if (outcome !== "skipped") await observeRun(deps, jobId, outcome, started);
+      // Not awaited: the metrics must not delay BullMQ's own bookkeeping of the job.
+      if (outcome !== "skipped") void observeRun(deps, jobId, outcome, started);
       return outcome;
     } catch (err) {
-      await observeRun(deps, jobId, failedRunOutcome(job, err, cancel.signal, abort), started);
+      void observeRun(deps, jobId, failedRunOutcome(job, err, cancel.signal, abort), started);
       throw err;
     } finally {
       deps.running.delete(jobId);
@@ -245,6 +246,7 @@ function failedRunOutcome(job: Job<BundleJobData>, err: unknown, cancel: AbortSi
   return job.attemptsMade + 1 >= (job.opts.attempts ?? 1) ? "failed" : "retry";
 }
 
+/** Reports one run to the metrics; never rejects. */
 async function observeRun(
   deps: ProcessorDeps,
   jobId: string,
