@@ -92,8 +92,8 @@ export function withRpcLog(handler: NodeHandler, log: Logger, observers: RpcObse
         span.end();
       }
     });
-    if (span === undefined) handler(req, res);
-    else context.with(trace.setSpan(parent ?? context.active(), span), () => handler(req, res));
+    if (span === undefined || parent === undefined) handler(req, res);
+    else context.with(trace.setSpan(parent, span), () => handler(req, res));
   };
 }
 
