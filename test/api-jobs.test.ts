@@ -33,7 +33,8 @@ describe("Initiate and GetStatus", () => {
     expect(job?.createTime).toBeDefined();
     expect(job?.startTime).toBeUndefined();
     const queued = await st.queue.getJob(job?.jobId ?? "");
-    expect(queued?.data).toEqual({ jobId: job?.jobId, fileIds: [70003, 70001] });
+    // The job's id and files; the data also carries what the worker logs and traces with.
+    expect(queued?.data).toMatchObject({ jobId: job?.jobId, fileIds: [70003, 70001] });
     expect(await queued?.getState()).toBe("waiting");
   });
 
