@@ -39,6 +39,8 @@ function isBackendDown(err: unknown, depth = 0): boolean {
   // ioredis gave up on a command after its retries (the API fails fast while Redis is down).
   if (err.name === "MaxRetriesPerRequestError") return true;
   if (REDIS_DOWN_MESSAGES.has(err.message)) return true;
+  // Redis restarting from its append-only file answers LOADING until the data is back.
+  if (err.message.startsWith("LOADING ")) return true;
   const code = (err as { code?: unknown }).code;
   if (typeof code === "string" && NETWORK_CODES.has(code)) return true;
   // The AWS SDK: a 5xx or throttling answer from S3, or a socket timeout of its own.
