@@ -4,10 +4,13 @@ import { describe, expect, test } from "vitest";
 import type { JobService } from "../core/job-service.js";
 import {
   BackendUnavailableError,
+  IdempotencyMismatchError,
   InvalidInputError,
   JobNotFoundError,
   JobStateError,
   newJobId,
+  OverloadedError,
+  QuotaExceededError,
 } from "../core/jobs.js";
 import { createLogger } from "../core/logger.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
@@ -33,6 +36,10 @@ describe("toConnectError", () => {
     ["an unreachable backend", new BackendUnavailableError("down"), Code.Unavailable],
     ["ioredis giving up", Object.assign(new Error("Reached the max retries"), { name: "MaxRetriesPerRequestError" }), Code.Unavailable],
     ["a closed ioredis connection", new Error("Connection is closed."), Code.Unavailable],
+    ["Redis still loading its append-only file", new Error("LOADING Redis is loading the dataset in memory"), Code.Unavailable],
+    ["an owner's quota", new QuotaExceededError("too many", 5000), Code.ResourceExhausted],
+    ["a full queue", new OverloadedError("at capacity", 10_000), Code.Unavailable],
+    ["a reused idempotency key", new IdempotencyMismatchError("other parameters"), Code.InvalidArgument],
     ["a refused connection", errno("ECONNREFUSED"), Code.Unavailable],
     ["a reset connection", errno("ECONNRESET"), Code.Unavailable],
     ["happy eyeballs failing on every address", new AggregateError([errno("ECONNREFUSED")], "connect failed"), Code.Unavailable],
