@@ -53,27 +53,35 @@ export function writeResults(name: string, data: unknown): string {
   return file;
 }
 
-/** A TypeScript entry in its own Node process; resolves once it prints "listening <port>". */
+/**
+ * A TypeScript entry in its own Node process; resolves once it prints "listening <port>"
+ * (or, with `ready`, a line containing that text; the port is then 0).
+ */
 export async function startNodeServer(
   script: string,
   env: Record<string, string>,
-  opts: { args?: string[]; timeoutMs?: number } = {},
+  opts: { args?: string[]; timeoutMs?: number; ready?: string } = {},
 ): Promise<{ child: ChildProcess; port: number; stop(): Promise<void> }> {
-  const child = spawn(process.execPath, [...(opts.args ?? []), "--import", "tsx", script], {
+  // BENCH_CPU_PROF_DIR=<dir> writes a V8 CPU profile of every server process there.
+  const prof = process.env.BENCH_CPU_PROF_DIR;
+  const profArgs = prof !== undefined && prof !== "" ? ["--cpu-prof", `--cpu-prof-dir=${prof}`] : [];
+  const child = spawn(process.execPath, [...profArgs, ...(opts.args ?? []), "--import", "tsx", script], {
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "inherit"],
   });
   const port = await new Promise<number>((resolve, reject) => {
     let out = "";
     const timer = setTimeout(() => reject(new Error(`${script} did not start`)), opts.timeoutMs ?? 30_000);
-    child.stdout?.on("data", (d: Buffer) => {
+    const onData = (d: Buffer) => {
       out += d.toString();
       const m = /listening (\d+)/.exec(out);
-      if (m !== null) {
+      if (m !== null || (opts.ready !== undefined && out.includes(opts.ready))) {
         clearTimeout(timer);
-        resolve(Number(m[1]));
+        child.stdout?.off("data", onData);
+        resolve(m !== null ? Number(m[1]) : 0);
       }
-    });
+    };
+    child.stdout?.on("data", onData);
     child.once("exit", (code) => {
       clearTimeout(timer);
       reject(new Error(`${script} exited with ${code}`));

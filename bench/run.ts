@@ -1,4 +1,6 @@
 import { benchBundle } from "./bundle.js";
+import { benchCancel } from "./cancel.js";
+import { benchJobs } from "./jobs.js";
 import { benchPolling } from "./polling.js";
 import { benchWatch } from "./watch.js";
 import { type Row, printTable, writeResults } from "./lib.js";
@@ -11,6 +13,8 @@ type Scenario = (opts: { quick: boolean }) => Promise<{ rows: Row[]; data: unkno
 const scenarios: Record<string, Scenario> = {
   polling: benchPolling,
   watch: benchWatch,
+  jobs: benchJobs,
+  cancel: benchCancel,
   bundle: benchBundle,
 };
 
