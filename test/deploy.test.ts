@@ -321,6 +321,14 @@ describe("envoy/envoy.yaml", () => {
     expect(routeFor(`/${str(envOf("api").RESULT_BUCKET)}/bundles/x.zip`).cluster).toBe("minio");
   });
 
+  test("keeps /metrics and the queue dashboard off the public edge", () => {
+    for (const path of ["/metrics", "/admin/queues"]) {
+      const r = routes.find((x) => path.startsWith(str(obj(x.match).prefix)));
+      expect(obj(r?.direct_response).status, path).toBe(404);
+    }
+    expect(routeFor("/downloads.v1.DownloadService/GetStatus").cluster).toBe("api");
+  });
+
   test("logs every request to stdout as JSON, without query strings", () => {
     const log = obj(arr(hcm.access_log)[0]);
     expect(log.name).toBe("envoy.access_loggers.stdout");
