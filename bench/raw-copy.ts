@@ -10,6 +10,7 @@ const [, , ...ids] = process.argv;
 const cfg = loadConfig();
 const storage = new Storage(storageOptionsFrom(cfg));
 const started = performance.now();
+const cpuStart = process.cpuUsage();
 let bytes = 0;
 for (const id of ids) {
   const fileId = Number(id);
@@ -20,5 +21,7 @@ for (const id of ids) {
   bytes += head.sizeBytes;
 }
 const ms = performance.now() - started;
-process.stdout.write(`${JSON.stringify({ bytes, ms, peakRss: procMemory(process.pid).peak })}\n`);
+const cpu = process.cpuUsage(cpuStart);
+const cpuMs = (cpu.user + cpu.system) / 1000;
+process.stdout.write(`${JSON.stringify({ bytes, ms, cpuMs, peakRss: procMemory(process.pid).peak })}\n`);
 storage.destroy();
