@@ -71,10 +71,12 @@ export function asConnectError(err: unknown, log: Logger, procedure: string): Co
   return mapped;
 }
 
-/** Hands the final code to the RPC log line written by rpc-log.ts. */
-export function recordOutcome(req: NodeRequest, code: Code | undefined): void {
+/** Hands the final code (and the owner, once known) to the RPC log line written by rpc-log.ts. */
+export function recordOutcome(req: NodeRequest, code: Code | undefined, owner?: string): void {
   const outcome = rpcContextValues(req).get(rpcOutcomeKey);
-  if (outcome !== undefined) outcome.code = code === undefined ? "ok" : codeToString(code);
+  if (outcome === undefined) return;
+  outcome.code = code === undefined ? "ok" : codeToString(code);
+  if (owner !== undefined) outcome.owner = owner;
 }
 
 /** The unary error answer: HTTP status from the code, `{"code","message"}` as JSON. */
@@ -203,7 +205,7 @@ export function singleRequestMessage(body: Buffer, maxBytes: number): Uint8Array
     // A client's end-stream envelope carries no message.
     if ((flags & endStreamFlag) === endStreamFlag) continue;
     if ((flags & 0b1) === 0b1) {
-      throw new ConnectError("received compressed envelope, but do not know how to decompress", Code.InvalidArgument);
+      throw new ConnectError("received compressed envelope, but do not know how to decompress", Code.Internal);
     }
     count += 1;
     message = data;

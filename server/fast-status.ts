@@ -4,6 +4,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import type { JobRecord } from "../core/jobs.js";
 import {
   type GetStatusRequest,
+  type Job,
   GetStatusRequestSchema,
   GetStatusResponseSchema,
 } from "../gen/downloads/v1/download_service_pb.js";
@@ -28,6 +29,8 @@ import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
 // conversion and one serialization, with connect-node's status codes and error bodies.
 
 const PROCEDURE = "/downloads.v1.DownloadService/GetStatus";
+/** Jobs whose serialized answer is kept (a few hundred bytes to a few KB each). */
+const ANSWER_CACHE_SIZE = 10_000;
 
 export interface StatusRequest {
   method: "GET" | "POST";
@@ -58,23 +61,51 @@ export function createFastStatus(deps: FastPathDeps) {
     }
   };
 
+  // Pollers read the same job far more often than it changes, and a job's answer is a
+  // pure function of its record, which every change gives a new version (the update
+  // script in job-store.ts): keep the serialized answer per job and version, and skip
+  // conversion and serialization while the version stands. A completed job with a live
+  // result is not kept, its URL is presigned on every read. Oldest entries go first.
+  const answers = new Map<string, { version: number; json?: Buffer; proto?: Buffer }>();
+  const serialize = (rec: JobRecord, job: () => Job, binary: boolean): Buffer => {
+    const cacheable = !hasLiveResult(rec);
+    let entry = cacheable ? answers.get(rec.id) : undefined;
+    if (entry !== undefined && entry.version !== rec.version) entry = undefined;
+    const cached = binary ? entry?.proto : entry?.json;
+    if (cached !== undefined) return cached;
+    const msg = create(GetStatusResponseSchema, { job: job() });
+    const body = binary ? Buffer.from(toBinary(GetStatusResponseSchema, msg)) : Buffer.from(toJsonString(GetStatusResponseSchema, msg));
+    if (cacheable) {
+      if (entry === undefined) {
+        entry = { version: rec.version };
+        answers.delete(rec.id);
+        if (answers.size >= ANSWER_CACHE_SIZE) answers.delete(answers.keys().next().value as string);
+        answers.set(rec.id, entry);
+      }
+      if (binary) entry.proto = body;
+      else entry.json = body;
+    }
+    return body;
+  };
+
   return async function getStatus(req: NodeRequest, res: NodeResponse, call: StatusRequest): Promise<void> {
     const isGet = call.method === "GET";
     let deadline: NodeJS.Timeout | undefined;
+    let owner: string | undefined;
     try {
-      const owner = deps.authenticate(req.headers);
+      owner = deps.authenticate(req.headers);
       const timeout = timeoutOf(req.headers);
       if (timeout.error !== undefined) throw timeout.error;
       const work = (async () => {
         const input = isGet
           ? parseQueryMessage(call.params ?? new URLSearchParams(), call.binary)
           : parseBody(await readBody(req, deps.readMaxBytes), call.binary);
-        const rec = await deps.getJob(owner, input.jobId);
+        const rec = await deps.getJob(owner as string, input.jobId);
         // An expired result (retention deleted the ZIP) gets no URL.
         const download = hasLiveResult(rec)
           ? await deps.presigner.presignResult(rec.result.key, rec.result.fileName)
           : undefined;
-        return { rec, job: toProtoJob(rec, download) };
+        return { rec, job: () => toProtoJob(rec, download) };
       })();
       let answer: Awaited<typeof work>;
       if (timeout.ms === undefined) {
@@ -88,19 +119,18 @@ export function createFastStatus(deps: FastPathDeps) {
           }),
         ]);
       }
-      const msg = create(GetStatusResponseSchema, { job: answer.job });
-      const body = call.binary ? toBinary(GetStatusResponseSchema, msg) : Buffer.from(toJsonString(GetStatusResponseSchema, msg));
+      const body = serialize(answer.rec, answer.job, call.binary);
       const headers: Record<string, string> = {
         "content-type": call.binary ? "application/proto" : "application/json",
         "content-length": String(body.byteLength),
       };
       if (isGet) headers["cache-control"] = cacheControl(answer.rec);
-      recordOutcome(req, undefined);
+      recordOutcome(req, undefined, owner);
       out(res).writeHead(200, headers);
       out(res).end(body);
     } catch (err) {
       const error = asConnectError(err, deps.log, PROCEDURE);
-      recordOutcome(req, error.code);
+      recordOutcome(req, error.code, owner);
       // An error answer must not be reused: the next poll may well succeed.
       writeUnaryError(res, error, isGet ? { "cache-control": "no-store" } : undefined);
     } finally {
@@ -114,19 +144,37 @@ function parseBody(data: Uint8Array, binary: boolean): GetStatusRequest {
     try {
       return fromBinary(GetStatusRequestSchema, data);
     } catch (err) {
-      // connect-node's words; the code is the caller's error, as strict-binary.ts makes it there.
-      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+      // connect-node's words and code for an unreadable binary message.
+      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.Internal);
     }
   }
   return parseJson(Buffer.from(data.buffer, data.byteOffset, data.byteLength).toString("utf8"));
 }
 
 function parseJson(text: string): GetStatusRequest {
+  // The usual poll is exactly {"jobId":"..."}: read it with JSON.parse. Anything else
+  // goes through protobuf-es, which gives the exact errors (unknown fields, wrong types).
+  const plain = plainJobIdRequest(text);
+  if (plain !== undefined) return plain;
   try {
     return fromJsonString(GetStatusRequestSchema, text, { ignoreUnknownFields: false });
   } catch (err) {
     throw ConnectError.from(err, Code.InvalidArgument);
   }
+}
+
+function plainJobIdRequest(text: string): GetStatusRequest | undefined {
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+  if (typeof value !== "object" || value === null || Array.isArray(value)) return undefined;
+  const keys = Object.keys(value);
+  if (keys.length !== 1 || keys[0] !== "jobId") return undefined;
+  const jobId = (value as { jobId: unknown }).jobId;
+  return typeof jobId === "string" ? create(GetStatusRequestSchema, { jobId }) : undefined;
 }
 
 /** Connect GET: `message` holds the request, base64url-encoded when `base64=1`. */

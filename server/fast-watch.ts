@@ -102,6 +102,7 @@ export function createFastWatch(deps: FastPathDeps) {
     let deadline: NodeJS.Timeout | undefined;
     let timedOut = false;
     let headersSent = false;
+    let owner: string | undefined;
     // HTTP/1.1 only: after the head, a shared message goes straight to the socket as a
     // ready-made chunk (the bytes res.write() would produce), one buffer and one write
     // for every stream of the job instead of a chunk header built per stream.
@@ -123,11 +124,11 @@ export function createFastWatch(deps: FastPathDeps) {
     /** Ends the stream with `{}` or the error; a client that hung up gets nothing more. */
     const finish = (err: ConnectError | undefined) => {
       if (abort.signal.aborted && !timedOut) {
-        recordOutcome(req, Code.Canceled);
+        recordOutcome(req, Code.Canceled, owner);
         return;
       }
       const end = timedOut ? deadlineExceeded() : err;
-      recordOutcome(req, end?.code);
+      recordOutcome(req, end?.code, owner);
       if (!headersSent) {
         headersSent = true;
         out(res).writeHead(200, { "content-type": binary ? CONTENT_TYPE.proto : CONTENT_TYPE.json });
@@ -136,7 +137,7 @@ export function createFastWatch(deps: FastPathDeps) {
     };
 
     try {
-      const owner = deps.authenticate(req.headers);
+      owner = deps.authenticate(req.headers);
       const timeout = timeoutOf(req.headers);
       if (timeout.error !== undefined) throw timeout.error;
       if (timeout.ms !== undefined) {

@@ -256,6 +256,24 @@ describe("GetStatus, polled", () => {
     expect(((await viaJsonB64.json()) as { job: { jobId: string } }).job.jobId).toBe(jobId);
   });
 
+  test("every poll sees the job's latest version, in both encodings, however often it is read", async () => {
+    const jobId = (await fast.store.create(newJobId(), [9], "anonymous")).id;
+    const binaryRequest = toBinary(GetStatusRequestSchema, create(GetStatusRequestSchema, { jobId }));
+    const read = async () => {
+      const json = (await (await post(fast, JSON.stringify({ jobId }))).json()) as { job: { version: number; state: string } };
+      const bin = fromBinary(GetStatusResponseSchema, new Uint8Array(await (await post(fast, binaryRequest, "application/proto")).arrayBuffer()));
+      return [json.job.version, json.job.state, bin.job?.version];
+    };
+    expect(await read()).toEqual([1, "JOB_STATE_QUEUED", 1]);
+    expect(await read()).toEqual([1, "JOB_STATE_QUEUED", 1]);
+    await fast.startJob(jobId);
+    expect(await read()).toEqual([2, "JOB_STATE_PROCESSING", 2]);
+    await fast.progress(jobId, 50, 100);
+    expect(await read()).toEqual([3, "JOB_STATE_PROCESSING", 3]);
+    await fast.fail(jobId);
+    expect(await read()).toEqual([4, "JOB_STATE_FAILED", 4]);
+  });
+
   test("GET answers may be reused briefly, privately, and never an error", async () => {
     const running = (await fast.store.create(newJobId(), [1], "anonymous")).id;
     expect((await get(fast, jsonQuery(running))).headers.get("cache-control")).toBe("private, max-age=1");
@@ -298,6 +316,10 @@ describe("GetStatus, polled", () => {
     ["POST a malformed id", (s: ApiStack) => post(s, JSON.stringify({ jobId: "42" }))],
     ["POST malformed JSON", (s: ApiStack) => post(s, '{"jobId":')],
     ["POST an unknown field", (s: ApiStack) => post(s, '{"job_idd":"x"}')],
+    ["POST a job id and an unknown field", (s: ApiStack) => post(s, JSON.stringify({ jobId: unknownJob, extra: 1 }))],
+    ["POST a job id that is a number", (s: ApiStack) => post(s, '{"jobId":42}')],
+    ["POST the job id in its proto name", (s: ApiStack) => post(s, JSON.stringify({ job_id: unknownJob }))],
+    ["POST a JSON array", (s: ApiStack) => post(s, "[1]")],
     ["POST an oversized body", (s: ApiStack) => post(s, oversized)],
     ["POST an unparsable binary body", (s: ApiStack) => post(s, new Uint8Array([0xff, 0xff]), "application/proto")],
     ["POST a wrong content type", (s: ApiStack) => post(s, "{}", "text/plain")],
