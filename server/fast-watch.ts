@@ -181,8 +181,8 @@ function parseRequest(data: Uint8Array, binary: boolean): WatchJobRequest {
     try {
       return fromBinary(WatchJobRequestSchema, data);
     } catch (err) {
-      // connect-node's words and code for an unreadable binary message.
-      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.Internal);
+      // connect-node's words; the code is the caller's error, as strict-binary.ts makes it there.
+      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
     }
   }
   try {
