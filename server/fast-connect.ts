@@ -205,7 +205,7 @@ export function singleRequestMessage(body: Buffer, maxBytes: number): Uint8Array
     // A client's end-stream envelope carries no message.
     if ((flags & endStreamFlag) === endStreamFlag) continue;
     if ((flags & 0b1) === 0b1) {
-      throw new ConnectError("received compressed envelope, but do not know how to decompress", Code.Internal);
+      throw new ConnectError("received compressed envelope, but do not know how to decompress", Code.InvalidArgument);
     }
     count += 1;
     message = data;

@@ -144,8 +144,8 @@ function parseBody(data: Uint8Array, binary: boolean): GetStatusRequest {
     try {
       return fromBinary(GetStatusRequestSchema, data);
     } catch (err) {
-      // connect-node's words and code for an unreadable binary message.
-      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.Internal);
+      // connect-node's words; the code is the caller's error, as strict-binary.ts makes it there.
+      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
     }
   }
   return parseJson(Buffer.from(data.buffer, data.byteOffset, data.byteLength).toString("utf8"));
