@@ -171,6 +171,42 @@ describe("WatchJob over raw Connect envelopes", () => {
     }
   });
 
+  test("a watcher that stops reading gets, once it reads again, every state in order and the latest progress", async () => {
+    // 100 files make each message ~7 KB: HTTP/2's 64 KB window fills after a few, the
+    // server stops writing to this stream, and the hub keeps only the latest record.
+    const files = Array.from({ length: 100 }, (_, i) => i + 1);
+    const jobId = (await fast.store.create(newJobId(), files, "anonymous")).id;
+    const session = http2.connect(fast.server.url);
+    try {
+      const stream = session.request({ ":method": "POST", ":path": `${SERVICE}/WatchJob`, "content-type": "application/connect+json" });
+      stream.end(watchRequest(jobId));
+      stream.pause();
+      await new Promise((ok) => stream.once("response", ok));
+      await fast.startJob(jobId);
+      const updates = 300;
+      for (let i = 1; i <= updates; i++) await fast.progress(jobId, i, updates);
+      await fast.complete(jobId, Buffer.from("zip"));
+      const chunks: Buffer[] = [];
+      stream.on("data", (d: Buffer) => chunks.push(d));
+      stream.resume();
+      await new Promise((ok, fail) => stream.once("end", ok).once("error", fail));
+      const { messages, end } = decodeJsonStream(Buffer.concat(chunks));
+      expect(end).toEqual({});
+      const jobs = messages.map((m) => m.job as { version: number; state: string; progress: { bytesDone?: string } });
+      const versions = jobs.map((j) => j.version);
+      expect(versions).toEqual([...versions].sort((a, b) => a - b));
+      expect(new Set(versions).size).toBe(versions.length);
+      // Fewer messages than changes: the unread ones were coalesced, never a state lost.
+      expect(jobs.length).toBeLessThan(updates);
+      expect(jobs[0]?.state).toBe("JOB_STATE_QUEUED");
+      expect(jobs.some((j) => j.state === "JOB_STATE_PROCESSING")).toBe(true);
+      expect(jobs.at(-1)?.state).toBe("JOB_STATE_COMPLETED");
+      expect(jobs.at(-2)?.progress.bytesDone).toBe(String(updates));
+    } finally {
+      session.close();
+    }
+  });
+
   test("a resumed watch of an unchanged job gets a heartbeat at once", async () => {
     const jobId = (await fast.store.create(newJobId(), [4], "anonymous")).id;
     const res = await watchRaw(fast, watchRequest(jobId, 1), { "connect-timeout-ms": "500" });
