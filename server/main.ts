@@ -1,5 +1,5 @@
-import { ConfigError, loadConfig } from "../core/config.js";
 import { createLogger, logFormatFor } from "../core/logger.js";
+import { exitOnStopSignals, loadConfigOrExit } from "../core/process-entry.js";
 import { startTracing } from "../core/tracing.js";
 import { startApiServer } from "./server.js";
 
@@ -8,16 +8,7 @@ import { startApiServer } from "./server.js";
 // process still exits before the orchestrator's kill (SHUTDOWN_GRACE_MS, under 10 s).
 
 async function main(): Promise<void> {
-  let cfg;
-  try {
-    cfg = loadConfig();
-  } catch (err) {
-    if (err instanceof ConfigError) {
-      console.error(err.message);
-      process.exit(2);
-    }
-    throw err;
-  }
+  const cfg = loadConfigOrExit();
   const missing = [
     ...(cfg.REDIS_URL === undefined && cfg.REDIS_CLUSTER_NODES === undefined ? ["REDIS_URL"] : []),
     ...(cfg.S3_ENDPOINT === undefined ? ["S3_ENDPOINT"] : []),
@@ -35,29 +26,13 @@ async function main(): Promise<void> {
   const tracing = startTracing(cfg, { serviceName: "download-jobs-api" });
   const server = await startApiServer(cfg, log, { tracing: tracing.enabled });
 
-  let stopping = false;
-  const stop = (signal: NodeJS.Signals) => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal }, "stopping");
-    const hardExit = setTimeout(() => {
-      log.error({ graceMs: cfg.SHUTDOWN_GRACE_MS }, "shutdown took too long, exiting");
-      process.exit(1);
-    }, Math.min(cfg.SHUTDOWN_GRACE_MS, 9_500));
-    hardExit.unref();
-    server
-      .close()
-      .then(() => tracing.shutdown())
-      .then(
-        () => process.exit(0),
-        (err: unknown) => {
-          log.error({ err }, "shutdown failed");
-          process.exit(1);
-        },
-      );
-  };
-  process.on("SIGTERM", stop);
-  process.on("SIGINT", stop);
+  exitOnStopSignals(
+    async () => {
+      await server.close();
+      await tracing.shutdown();
+    },
+    { log, graceMs: Math.min(cfg.SHUTDOWN_GRACE_MS, 9_500), timeoutExitCode: 1 },
+  );
 }
 
 main().catch((err: unknown) => {

@@ -1,6 +1,6 @@
-import { ConfigError, loadConfig } from "../core/config.js";
 import { Readiness } from "../core/health.js";
 import { createLogger, logFormatFor } from "../core/logger.js";
+import { exitOnStopSignals, loadConfigOrExit } from "../core/process-entry.js";
 import { serveMetrics } from "../core/metrics.js";
 import { startTracing } from "../core/tracing.js";
 import { startWorkerHealthServer } from "./health.js";
@@ -9,16 +9,7 @@ import { startWorker } from "./worker.js";
 // Worker process entry: config, the BullMQ worker, signals.
 
 async function main(): Promise<void> {
-  let cfg;
-  try {
-    cfg = loadConfig();
-  } catch (err) {
-    if (err instanceof ConfigError) {
-      process.stderr.write(`${err.message}\n`);
-      process.exit(2);
-    }
-    throw err;
-  }
+  const cfg = loadConfigOrExit();
   const log = createLogger(cfg.LOG_LEVEL, "worker", { format: logFormatFor(cfg) });
   if ((cfg.REDIS_URL === undefined && cfg.REDIS_CLUSTER_NODES === undefined) || cfg.S3_ENDPOINT === undefined) {
     log.fatal("REDIS_URL (or REDIS_CLUSTER_NODES) and S3_ENDPOINT must be set for a worker (npm start sets them for you)");
@@ -39,27 +30,21 @@ async function main(): Promise<void> {
       extra: (req, res) => serveMetrics(req, res, worker.metrics),
     });
   }
-  const stop = (signal: string) => {
-    if (stopping) return;
-    stopping = true;
-    log.info({ signal, running: worker.running() }, "shutting down");
-    // Jobs still running at the deadline are picked up again by another worker through
-    // stall detection, so exiting is safe.
-    const hard = setTimeout(() => process.exit(0), cfg.SHUTDOWN_GRACE_MS);
-    hard.unref();
-    worker
-      .close()
-      .then(() => tracing.shutdown())
-      .then(
-        () => process.exit(0),
-        (err: unknown) => {
-          log.error({ err }, "shutdown failed");
-          process.exit(1);
-        },
-      );
-  };
-  process.on("SIGTERM", () => stop("SIGTERM"));
-  process.on("SIGINT", () => stop("SIGINT"));
+  exitOnStopSignals(
+    async () => {
+      stopping = true;
+      await worker.close();
+      await tracing.shutdown();
+    },
+    {
+      log,
+      // Jobs still running at the deadline are picked up again by another worker through
+      // stall detection, so exiting is safe.
+      graceMs: cfg.SHUTDOWN_GRACE_MS,
+      timeoutExitCode: 0,
+      context: () => ({ running: worker.running() }),
+    },
+  );
 }
 
 void main();
