@@ -7,7 +7,6 @@ import { randomUUID } from "node:crypto";
 export const JOB_STATES = ["QUEUED", "PROCESSING", "COMPLETED", "FAILED", "CANCELLED"] as const;
 export type JobStateName = (typeof JOB_STATES)[number];
 export const TERMINAL_STATES: readonly JobStateName[] = ["COMPLETED", "FAILED", "CANCELLED"];
-export const ACTIVE_STATES: readonly JobStateName[] = ["QUEUED", "PROCESSING"];
 
 export function isTerminal(state: JobStateName): boolean {
   return TERMINAL_STATES.includes(state);

@@ -1,6 +1,5 @@
 import type { Readable } from "node:stream";
 import {
-  AbortMultipartUploadCommand,
   CreateBucketCommand,
   DeleteObjectCommand,
   GetObjectCommand,
@@ -128,12 +127,6 @@ export class Storage {
       queueSize: this.opts.uploadQueueSize,
       leavePartsOnError: false,
     });
-  }
-
-  async abortUpload(key: string, uploadId: string): Promise<void> {
-    await this.client.send(
-      new AbortMultipartUploadCommand({ Bucket: this.opts.resultBucket, Key: key, UploadId: uploadId }),
-    );
   }
 
   async deleteResult(key: string): Promise<void> {

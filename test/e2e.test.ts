@@ -1,4 +1,3 @@
-import { HeadObjectCommand } from "@aws-sdk/client-s3";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
@@ -60,13 +59,8 @@ async function expectZipMatches(job: Job, fileIds: number[]): Promise<void> {
   }
 }
 
-async function resultObjectExists(jobId: string): Promise<boolean> {
-  return st.svc.storage.client
-    .send(new HeadObjectCommand({ Bucket: st.cfg.RESULT_BUCKET, Key: st.svc.storage.resultKey(jobId) }))
-    .then(
-      () => true,
-      () => false,
-    );
+function resultObjectExists(jobId: string): Promise<boolean> {
+  return st.svc.storage.resultExists(st.svc.storage.resultKey(jobId));
 }
 
 describe("end to end", () => {

@@ -1,4 +1,3 @@
-import { HeadObjectCommand } from "@aws-sdk/client-s3";
 import type { Queue } from "bullmq";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
@@ -89,15 +88,8 @@ async function download(svc: Services, rec: JobRecord): Promise<Buffer> {
   return Buffer.from(await res.arrayBuffer());
 }
 
-async function resultExists(svc: Services, jobId: string): Promise<boolean> {
-  try {
-    await svc.storage.client.send(
-      new HeadObjectCommand({ Bucket: svc.storage.opts.resultBucket, Key: svc.storage.resultKey(jobId) }),
-    );
-    return true;
-  } catch {
-    return false;
-  }
+function resultExists(svc: Services, jobId: string): Promise<boolean> {
+  return svc.storage.resultExists(svc.storage.resultKey(jobId));
 }
 
 let svc: Services;
