@@ -164,6 +164,8 @@ describe("npm start", () => {
       THROTTLE_BYTES_PER_SECOND: String(1024 * 1024 * 1024),
     });
     expect(stack.base).toBe(`http://127.0.0.1:${stack.port}`);
+    // The examples follow the "ready at" line and may arrive in a later pipe chunk.
+    await expect.poll(() => stack.output(), { timeout: 10_000 }).toContain("Ctrl-C stops everything");
     expect(stack.output()).toContain(`curl -s -X POST ${stack.base}/downloads.v1.DownloadService/Initiate`);
     expect(stack.output()).toContain("npx buf curl --schema proto");
     expect(stack.output()).toContain("createConnectTransport");
