@@ -66,8 +66,13 @@ describe("buf curl without --schema", () => {
   test("streams WatchJob until the terminal state", async () => {
     const id = (await st.store.create(newJobId(), [1], "anonymous")).id;
     const watching = bufCurl(["--data", JSON.stringify({ jobId: id }), `${st.server.url}/downloads.v1.DownloadService/WatchJob`]);
-    // The snapshot is sent first; advance the job only once the watch has subscribed.
+    // The snapshot is the state when the server reads it, after subscribing: advance the
+    // job only once the QUEUED snapshot has reached buf curl (it prints each message as
+    // it arrives).
+    let seen = "";
+    watching.child.stdout?.on("data", (d: Buffer) => (seen += d.toString()));
     await waitForWatchers(id);
+    await expect.poll(() => seen, { timeout: 15_000 }).toContain("JOB_STATE_QUEUED");
     await st.startJob(id);
     await st.fail(id);
     const { stdout } = await watching;
