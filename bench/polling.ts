@@ -1,15 +1,14 @@
 import { create, toBinary } from "@bufbuild/protobuf";
 import { createClient } from "@connectrpc/connect";
-import { createConnectTransport } from "@connectrpc/connect-node";
-import autocannon from "autocannon";
+import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { Worker } from "bullmq";
 import { JobStore } from "../core/job-store.js";
 import { QUEUE_NAME } from "../core/queue.js";
 import { createRedis } from "../core/redis.js";
-import { DownloadService, GetStatusRequestSchema } from "../gen/downloads/v1/download_service_pb.js";
+import { DownloadService, GetStatusRequestSchema, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { startRedis } from "../local/redis-server.js";
 import { startS3 } from "../local/s3-server.js";
-import { grpcLoad } from "./grpc-load.js";
+import { ensureH2load, h2load } from "./h2load.js";
 import { fmt, percentile, type Row, serviceEnv, startNodeServer } from "./lib.js";
 
 // Polling: GetStatus on a running job, at 50 and 200 connections, the way each kind of
@@ -17,8 +16,10 @@ import { fmt, percentile, type Row, serviceEnv, startNodeServer } from "./lib.js
 //  - bare: node:http + one HGETALL + the hash as JSON (the limit of this stack),
 //  - hono: a Hono REST endpoint reading BullMQ getJob + getState (the seeds' design),
 //  - connect-node: the same API with the lean paths off (for reference).
-// Each server runs alone in its own process; the load generator (autocannon for
-// HTTP/1.1, grpc-load.ts for h2c) runs in this one. Requests/s and p50/p99 in ms.
+// Each server runs alone in its own process; one load generator, h2load (C, in a
+// process of its own, see h2load.ts), drives them all: HTTP/1.1 with one request in
+// flight per connection, gRPC over h2c with 25 calls in flight per connection (as gRPC
+// clients multiplex). Requests/s and p50/p99 in ms.
 
 interface Measured {
   server: string;
@@ -30,7 +31,7 @@ interface Measured {
   errors: number;
 }
 
-type Init = { method?: string; headers?: Record<string, string>; body?: string };
+type Init = { headers?: Record<string, string>; body?: Uint8Array };
 
 export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ rows: Row[]; data: unknown }> {
   // Every configuration runs in short slices, round after round, and reports its median:
@@ -38,6 +39,7 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
   const rounds = opts.quick ? 2 : 5;
   const slice = opts.quick ? 2 : 3;
   const levels = [50, 200];
+  ensureH2load((line) => process.stderr.write(`${line}\n`));
   const redis = await startRedis();
   const s3 = await startS3({ buckets: ["download-sources", "download-results"] });
   const prefix = "benchpoll";
@@ -72,21 +74,26 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
       progress: { ...rec.progress, bytesDone: 123_456_789, bytesTotal: 300_000_000, bytesPerSecond: 8_000_000, etaSeconds: 22 },
     });
 
-    const post: Init = { method: "POST", headers: { "content-type": "application/json" }, body: JSON.stringify({ jobId }) };
+    const post: Init = { headers: { "content-type": "application/json" }, body: Buffer.from(JSON.stringify({ jobId })) };
     const path = "/downloads.v1.DownloadService/GetStatus";
     const query = `?connect=v1&encoding=json&message=${encodeURIComponent(JSON.stringify({ jobId }))}`;
     const grpcMessage = toBinary(GetStatusRequestSchema, create(GetStatusRequestSchema, { jobId }));
+    const grpcFrame = Buffer.alloc(5 + grpcMessage.length);
+    grpcFrame.writeUInt32BE(grpcMessage.length, 1);
+    grpcFrame.set(grpcMessage, 5);
+    const grpc: Init = { headers: { "content-type": "application/grpc", te: "trailers" }, body: grpcFrame };
     const at = (port: number) => `http://127.0.0.1:${port}`;
+    // h2load checks the HTTP status only, and a gRPC error is a 200 with grpc-status in
+    // the trailers: make sure the call succeeds before timing it.
+    const grpcClient = createClient(DownloadService, createGrpcTransport({ baseUrl: base }));
+    if ((await grpcClient.getStatus({ jobId })).job?.state !== JobState.PROCESSING) throw new Error("gRPC GetStatus does not see the running job");
 
     const configs: { server: string; client: string; run(connections: number, seconds: number): Promise<Omit<Measured, "server" | "client" | "connections">> }[] = [
       { server: "api (fast path)", client: "Connect JSON POST", run: (c, s) => http(`${at(api.port)}${path}`, c, s, post) },
       { server: "api (fast path)", client: "Connect GET", run: (c, s) => http(`${at(api.port)}${path}${query}`, c, s) },
-      {
-        server: "api (fast path)",
-        client: "gRPC h2c (connect-node)",
-        run: (c, s) => grpcLoad({ url: at(api.port), path, message: grpcMessage, connections: c, durationMs: s * 1000 }),
-      },
+      { server: "api (fast path)", client: "gRPC h2c", run: (c, s) => h2c(`${at(api.port)}${path}`, c, s, grpc) },
       { server: "api (connect-node)", client: "Connect JSON POST", run: (c, s) => http(`${at(plain.port)}${path}`, c, s, post) },
+      { server: "api (connect-node)", client: "gRPC h2c", run: (c, s) => h2c(`${at(plain.port)}${path}`, c, s, grpc) },
       { server: "bare node:http + HGETALL", client: "GET", run: (c, s) => http(`${at(bare.port)}/jobs/${jobId}`, c, s) },
       { server: "hono + BullMQ getJob", client: "GET", run: (c, s) => http(`${at(hono.port)}/jobs/${jobId}`, c, s) },
     ];
@@ -150,7 +157,15 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
   }
 }
 
+/** HTTP/1.1: one connection per request in flight. */
 async function http(url: string, connections: number, seconds: number, init: Init = {}) {
-  const r = await autocannon({ url, connections, duration: seconds, ...init });
-  return { rps: r.requests.average, p50: r.latency.p50, p99: r.latency.p99, errors: r.errors + r.non2xx + r.timeouts };
+  const { rps, p50, p99, errors } = await h2load({ url, connections, seconds, h1: true, ...init });
+  return { rps, p50, p99, errors };
+}
+
+/** h2c: `inFlight` calls over one connection per 25 of them. */
+async function h2c(url: string, inFlight: number, seconds: number, init: Init) {
+  const connections = Math.max(1, Math.ceil(inFlight / 25));
+  const { rps, p50, p99, errors } = await h2load({ url, connections, streams: Math.ceil(inFlight / connections), seconds, ...init });
+  return { rps, p50, p99, errors };
 }

@@ -1,13 +1,15 @@
 import { contentTypeStreamRegExp, contentTypeUnaryRegExp } from "@connectrpc/connect/protocol-connect";
 import { type FastPathDeps, type NodeRequest, type NodeResponse, isIdentity } from "./fast-connect.js";
-import { createFastStatus } from "./fast-status.js";
+import { createFastGrpcStatus } from "./fast-grpc.js";
+import { createFastStatus, createStatusAnswers } from "./fast-status.js";
 import { createFastWatch } from "./fast-watch.js";
 
 // Routes the two hot calls to their lean handlers, in front of connectNodeAdapter:
-// GetStatus over Connect unary (polling) and WatchJob over Connect streaming (fan-out).
-// Only requests the lean handlers serve exactly as connect-node would are taken: plain
-// Connect JSON or binary, uncompressed. gRPC, gRPC-Web, compressed requests, unknown
-// content types and methods go to connect-node, which answers them as before.
+// GetStatus over Connect unary and gRPC (polling) and WatchJob over Connect streaming
+// (fan-out). Only requests the lean handlers serve exactly as connect-node would are
+// taken: plain Connect JSON or binary, gRPC binary, uncompressed. gRPC JSON, gRPC-Web,
+// compressed requests, unknown content types and methods go to connect-node, which
+// answers them as before.
 
 export type { FastPathDeps } from "./fast-connect.js";
 
@@ -19,7 +21,9 @@ const WATCH_JOB = `${SERVICE}WatchJob`;
 export type FastPath = (req: NodeRequest, res: NodeResponse) => boolean;
 
 export function createFastPath(deps: FastPathDeps): FastPath {
-  const getStatus = createFastStatus(deps);
+  const answers = createStatusAnswers(deps);
+  const getStatus = createFastStatus(deps, answers);
+  const grpcGetStatus = createFastGrpcStatus(deps, answers);
   const watchJob = createFastWatch(deps);
 
   return (req, res) => {
@@ -32,6 +36,11 @@ export function createFastPath(deps: FastPathDeps): FastPath {
     if (path === GET_STATUS) {
       if (req.method === "POST") {
         const type = headers["content-type"];
+        if (type === "application/grpc" || type === "application/grpc+proto") {
+          if (req.httpVersionMajor !== 2 || !isIdentity(headers["grpc-encoding"])) return false;
+          void grpcGetStatus(req, res);
+          return true;
+        }
         if (type === undefined || !contentTypeUnaryRegExp.test(type) || !isIdentity(headers["content-encoding"])) {
           return false;
         }

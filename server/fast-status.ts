@@ -4,6 +4,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import type { JobRecord } from "../core/jobs.js";
 import {
   type GetStatusRequest,
+  type GetStatusResponse,
   type Job,
   GetStatusRequestSchema,
   GetStatusResponseSchema,
@@ -39,7 +40,65 @@ export interface StatusRequest {
   params?: URLSearchParams;
 }
 
-export function createFastStatus(deps: FastPathDeps) {
+/** An answer's encodings: Connect JSON, Connect binary, and binary in a gRPC envelope. */
+export type AnswerEncoding = "json" | "proto" | "grpc";
+
+export interface StatusAnswers {
+  /** The job as `owner` may see it, with its result presigned when it has one. */
+  lookup(owner: string, rawJobId: string): Promise<{ rec: JobRecord; job: () => Job }>;
+  /** The serialized GetStatusResponse, reused while the job's version stands. */
+  serialize(rec: JobRecord, job: () => Job, encoding: AnswerEncoding): Buffer;
+}
+
+/** One per server: the Connect and gRPC lean paths share the kept answers. */
+export function createStatusAnswers(deps: Pick<FastPathDeps, "getJob" | "presigner">): StatusAnswers {
+  // Pollers read the same job far more often than it changes, and a job's answer is a
+  // pure function of its record, which every change gives a new version (the update
+  // script in job-store.ts): keep the serialized answer per job and version, and skip
+  // conversion and serialization while the version stands. A completed job with a live
+  // result is not kept, its URL is presigned on every read. Oldest entries go first.
+  const answers = new Map<string, { version: number } & { [E in AnswerEncoding]?: Buffer }>();
+  const encode = (msg: GetStatusResponse, encoding: AnswerEncoding): Buffer => {
+    if (encoding === "json") return Buffer.from(toJsonString(GetStatusResponseSchema, msg));
+    const bytes = toBinary(GetStatusResponseSchema, msg);
+    if (encoding === "proto") return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    const framed = Buffer.allocUnsafe(5 + bytes.byteLength);
+    framed[0] = 0;
+    framed.writeUInt32BE(bytes.byteLength, 1);
+    framed.set(bytes, 5);
+    return framed;
+  };
+  return {
+    async lookup(owner, rawJobId) {
+      const rec = await deps.getJob(owner, rawJobId);
+      // An expired result (retention deleted the ZIP) gets no URL.
+      const download = hasLiveResult(rec)
+        ? await deps.presigner.presignResult(rec.result.key, rec.result.fileName)
+        : undefined;
+      return { rec, job: () => toProtoJob(rec, download) };
+    },
+    serialize(rec, job, encoding) {
+      const cacheable = !hasLiveResult(rec);
+      let entry = cacheable ? answers.get(rec.id) : undefined;
+      if (entry !== undefined && entry.version !== rec.version) entry = undefined;
+      const cached = entry?.[encoding];
+      if (cached !== undefined) return cached;
+      const body = encode(create(GetStatusResponseSchema, { job: job() }), encoding);
+      if (cacheable) {
+        if (entry === undefined) {
+          entry = { version: rec.version };
+          answers.delete(rec.id);
+          if (answers.size >= ANSWER_CACHE_SIZE) answers.delete(answers.keys().next().value as string);
+          answers.set(rec.id, entry);
+        }
+        entry[encoding] = body;
+      }
+      return body;
+    },
+  };
+}
+
+export function createFastStatus(deps: FastPathDeps, answers: StatusAnswers) {
   /**
    * How long a GET answer may be reused. Every answer is `private`: job status belongs
    * to its owner (shared caches must not keep it), and a download URL is a bearer
@@ -61,33 +120,6 @@ export function createFastStatus(deps: FastPathDeps) {
     }
   };
 
-  // Pollers read the same job far more often than it changes, and a job's answer is a
-  // pure function of its record, which every change gives a new version (the update
-  // script in job-store.ts): keep the serialized answer per job and version, and skip
-  // conversion and serialization while the version stands. A completed job with a live
-  // result is not kept, its URL is presigned on every read. Oldest entries go first.
-  const answers = new Map<string, { version: number; json?: Buffer; proto?: Buffer }>();
-  const serialize = (rec: JobRecord, job: () => Job, binary: boolean): Buffer => {
-    const cacheable = !hasLiveResult(rec);
-    let entry = cacheable ? answers.get(rec.id) : undefined;
-    if (entry !== undefined && entry.version !== rec.version) entry = undefined;
-    const cached = binary ? entry?.proto : entry?.json;
-    if (cached !== undefined) return cached;
-    const msg = create(GetStatusResponseSchema, { job: job() });
-    const body = binary ? Buffer.from(toBinary(GetStatusResponseSchema, msg)) : Buffer.from(toJsonString(GetStatusResponseSchema, msg));
-    if (cacheable) {
-      if (entry === undefined) {
-        entry = { version: rec.version };
-        answers.delete(rec.id);
-        if (answers.size >= ANSWER_CACHE_SIZE) answers.delete(answers.keys().next().value as string);
-        answers.set(rec.id, entry);
-      }
-      if (binary) entry.proto = body;
-      else entry.json = body;
-    }
-    return body;
-  };
-
   return async function getStatus(req: NodeRequest, res: NodeResponse, call: StatusRequest): Promise<void> {
     const isGet = call.method === "GET";
     let deadline: NodeJS.Timeout | undefined;
@@ -100,12 +132,7 @@ export function createFastStatus(deps: FastPathDeps) {
         const input = isGet
           ? parseQueryMessage(call.params ?? new URLSearchParams(), call.binary)
           : parseBody(await readBody(req, deps.readMaxBytes), call.binary);
-        const rec = await deps.getJob(owner as string, input.jobId);
-        // An expired result (retention deleted the ZIP) gets no URL.
-        const download = hasLiveResult(rec)
-          ? await deps.presigner.presignResult(rec.result.key, rec.result.fileName)
-          : undefined;
-        return { rec, job: () => toProtoJob(rec, download) };
+        return answers.lookup(owner as string, input.jobId);
       })();
       let answer: Awaited<typeof work>;
       if (timeout.ms === undefined) {
@@ -119,7 +146,7 @@ export function createFastStatus(deps: FastPathDeps) {
           }),
         ]);
       }
-      const body = serialize(answer.rec, answer.job, call.binary);
+      const body = answers.serialize(answer.rec, answer.job, call.binary ? "proto" : "json");
       const headers: Record<string, string> = {
         "content-type": call.binary ? "application/proto" : "application/json",
         "content-length": String(body.byteLength),

@@ -1,20 +1,29 @@
 import http2 from "node:http2";
+import { resolve } from "node:path";
+import { gunzipSync } from "node:zlib";
 import { fromBinary, toBinary, create } from "@bufbuild/protobuf";
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
+import * as grpc from "@grpc/grpc-js";
+import * as protoLoader from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { newJobId } from "../core/jobs.js";
 import {
+  DownloadService,
   GetStatusRequestSchema,
   GetStatusResponseSchema,
+  JobState,
   WatchJobRequestSchema,
   WatchJobResponseSchema,
 } from "../gen/downloads/v1/download_service_pb.js";
-import { type ApiStack, startApiStack } from "./helpers/api.js";
+import { type ApiStack, TEST_AUTH_HEADER, startApiStack, withTestToken } from "./helpers/api.js";
 import { type Services, startServices } from "./helpers/services.js";
 
 // The lean GetStatus and WatchJob handlers (server/fast-*.ts), called the way a client
-// without a Connect library would: raw envelopes over fetch and node:http2. Every odd
-// request is also sent to a server without the fast paths (connect-node alone): both
-// must answer with the same HTTP status and the same Connect code.
+// without a Connect library would: raw envelopes over fetch and node:http2, and for
+// gRPC also with @grpc/grpc-js and connect-node's gRPC client. Every odd request is also
+// sent to a server without the fast paths (connect-node alone): both must answer with
+// the same HTTP status and the same code (for gRPC: the same headers and trailers).
 
 const MAX_BYTES = 1024;
 const SERVICE = "/downloads.v1.DownloadService";
@@ -376,5 +385,172 @@ describe("GetStatus, polled", () => {
     const jobId = (await fast.store.create(newJobId(), [1], "anonymous")).id;
     const res = await get(fast, jsonQuery(jobId));
     expect(res.status).toBe(200);
+  });
+});
+
+describe("GetStatus over gRPC (h2c)", () => {
+  // With bearer-token auth on, as in production: owners and UNAUTHENTICATED matter here.
+  let authed: ApiStack;
+  let authedPlain: ApiStack;
+  const managers: Http2SessionManager[] = [];
+  const grpcJs: grpc.Client[] = [];
+  beforeAll(async () => {
+    const env = { MAX_REQUEST_BYTES: String(MAX_BYTES), PRESIGN_EXPIRY_SECONDS: "300" };
+    authed = await startApiStack(env, { services: svc });
+    // The same jobs (one key prefix), served by connect-node alone.
+    authedPlain = await startApiStack({ ...env, QUEUE_PREFIX: authed.cfg.QUEUE_PREFIX }, { services: svc, fastPaths: false });
+  });
+  afterAll(async () => {
+    for (const m of managers) m.abort();
+    for (const c of grpcJs) c.close();
+    await authed?.stop();
+    await authedPlain?.stop();
+  });
+
+  const grpcFrame = (message: Uint8Array, flags = 0) => envelope(flags, message);
+  const statusRequest = (jobId: string) => toBinary(GetStatusRequestSchema, create(GetStatusRequestSchema, { jobId }));
+
+  /** One raw gRPC call: response headers (without date), trailers and body. */
+  async function rawCall(stack: ApiStack, body: Buffer, headers: Record<string, string> = {}) {
+    const session = http2.connect(stack.server.url);
+    try {
+      return await new Promise<{ headers: Record<string, unknown>; trailers: Record<string, unknown>; body: Buffer }>((ok, fail) => {
+        const req = session.request({
+          ":method": "POST",
+          ":path": `${SERVICE}/GetStatus`,
+          "content-type": "application/grpc",
+          te: "trailers",
+          ...TEST_AUTH_HEADER,
+          ...headers,
+        });
+        let head: Record<string, unknown> = {};
+        let trailers: Record<string, unknown> = {};
+        const chunks: Buffer[] = [];
+        req.on("response", (h) => {
+          const { date: _date, ...rest } = h;
+          head = rest;
+        });
+        req.on("trailers", (t) => {
+          trailers = { ...t };
+        });
+        req.on("data", (d: Buffer) => chunks.push(d));
+        req.on("error", fail);
+        req.on("close", () => ok({ headers: head, trailers, body: Buffer.concat(chunks) }));
+        req.end(body);
+      });
+    } finally {
+      session.close();
+    }
+  }
+
+  function connectGrpc(stack: ApiStack, withToken = true) {
+    const m = new Http2SessionManager(stack.server.url);
+    managers.push(m);
+    return createClient(
+      DownloadService,
+      createGrpcTransport({ baseUrl: stack.server.url, sessionManager: m, interceptors: withToken ? [withTestToken] : [] }),
+    );
+  }
+
+  interface GrpcJsClient extends grpc.Client {
+    getStatus(
+      req: { jobId: string },
+      metadata: grpc.Metadata,
+      cb: (err: grpc.ServiceError | null, res?: { job: Record<string, unknown> }) => void,
+    ): void;
+  }
+  let grpcJsCtor: new (addr: string, creds: grpc.ChannelCredentials) => GrpcJsClient;
+  beforeAll(async () => {
+    const proto = resolve(import.meta.dirname, "../proto/downloads/v1/download_service.proto");
+    const def = await protoLoader.load(proto, { keepCase: false, longs: String, enums: String, defaults: true, oneofs: true });
+    grpcJsCtor = (grpc.loadPackageDefinition(def) as unknown as { downloads: { v1: { DownloadService: typeof grpcJsCtor } } })
+      .downloads.v1.DownloadService;
+  });
+  function grpcJsGetStatus(stack: ApiStack, jobId: string, token: string | undefined = TEST_AUTH_HEADER.authorization) {
+    const client = new grpcJsCtor(`127.0.0.1:${stack.server.port}`, grpc.credentials.createInsecure());
+    grpcJs.push(client);
+    const metadata = new grpc.Metadata();
+    if (token !== undefined) metadata.set("authorization", token);
+    return new Promise<{ job: Record<string, unknown> }>((ok, fail) =>
+      client.getStatus({ jobId }, metadata, (err, res) => (err ? fail(err) : ok(res as { job: Record<string, unknown> }))),
+    );
+  }
+
+  test("grpc-js and connect-node's gRPC client read a running job exactly as from connect-node", async () => {
+    const jobId = (await authed.store.create(newJobId(), [11, 12, 13], authed.owner)).id;
+    await authed.startJob(jobId);
+    await authed.progress(jobId, 40, 100);
+    const [viaFast, viaPlain] = await Promise.all([connectGrpc(authed).getStatus({ jobId }), connectGrpc(authedPlain).getStatus({ jobId })]);
+    expect(viaFast.job?.jobId).toBe(jobId);
+    expect(viaFast.job?.progress?.percent).toBe(40);
+    expect(viaFast).toEqual(viaPlain);
+    const [jsFast, jsPlain] = await Promise.all([grpcJsGetStatus(authed, jobId), grpcJsGetStatus(authedPlain, jobId)]);
+    expect(jsFast.job).toMatchObject({ jobId, state: "JOB_STATE_PROCESSING", version: 3 });
+    expect(jsFast).toEqual(jsPlain);
+  });
+
+  test("every poll sees the job's latest version", async () => {
+    const jobId = (await authed.store.create(newJobId(), [14], authed.owner)).id;
+    const client = connectGrpc(authed);
+    const read = async () => {
+      const { job } = await client.getStatus({ jobId });
+      return [job?.version, job?.state];
+    };
+    expect(await read()).toEqual([1, JobState.QUEUED]);
+    expect(await read()).toEqual([1, JobState.QUEUED]);
+    await authed.startJob(jobId);
+    expect(await read()).toEqual([2, JobState.PROCESSING]);
+    await authed.fail(jobId);
+    expect(await read()).toEqual([3, JobState.FAILED]);
+  });
+
+  test.each([
+    ["an unknown job", async () => newJobId(), true, Code.NotFound],
+    ["another owner's job", async () => (await authed.store.create(newJobId(), [1], "someone-else")).id, true, Code.NotFound],
+    ["a malformed job id", async () => "42", true, Code.InvalidArgument],
+    ["a call without a token", async () => (await authed.store.create(newJobId(), [1], authed.owner)).id, false, Code.Unauthenticated],
+  ])("%s: both clients get the code connect-node gives", async (_what, makeId, withToken, code) => {
+    const jobId = await makeId();
+    for (const stack of [authed, authedPlain]) {
+      const err = await connectGrpc(stack, withToken).getStatus({ jobId }).catch((e: unknown) => e);
+      expect(err).toBeInstanceOf(ConnectError);
+      expect((err as ConnectError).code).toBe(code);
+      const jsErr = (await grpcJsGetStatus(stack, jobId, withToken ? undefined : "Bearer wrong").catch((e: unknown) => e)) as grpc.ServiceError;
+      // gRPC and Connect number their codes alike.
+      expect(jsErr.code).toBe(code as number);
+    }
+  });
+
+  test("a large answer is gzip-compressed for a client that accepts it, as connect-node does", async () => {
+    const files = Array.from({ length: 200 }, (_, i) => 1000 + i);
+    const jobId = (await authed.store.create(newJobId(), files, authed.owner)).id;
+    const headers = { "grpc-accept-encoding": "identity,deflate,gzip" };
+    const [a, b] = await Promise.all([rawCall(authed, grpcFrame(statusRequest(jobId)), headers), rawCall(authedPlain, grpcFrame(statusRequest(jobId)), headers)]);
+    expect(a.headers["grpc-encoding"]).toBe("gzip");
+    expect(a.body[0]).toBe(1);
+    const job = fromBinary(GetStatusResponseSchema, new Uint8Array(gunzipSync(a.body.subarray(5)))).job;
+    expect(job?.fileIds).toEqual(files);
+    expect([a.headers, a.trailers, a.body]).toEqual([b.headers, b.trailers, b.body]);
+  });
+
+  const unknown = newJobId();
+  test.each([
+    ["a call that succeeds", () => grpcFrame(statusRequest(unknown)), {}, "ok"],
+    ["bad request bytes", () => grpcFrame(new Uint8Array([0xff, 0xff])), {}, Code.InvalidArgument],
+    ["a malformed grpc-timeout", () => grpcFrame(statusRequest(unknown)), { "grpc-timeout": "x" }, Code.InvalidArgument],
+    ["a grpc-timeout long enough", () => grpcFrame(statusRequest(unknown)), { "grpc-timeout": "10S" }, Code.NotFound],
+    ["no message", () => Buffer.alloc(0), {}, Code.Unimplemented],
+    ["two messages", () => Buffer.concat([grpcFrame(statusRequest(unknown)), grpcFrame(statusRequest(unknown))]), {}, Code.Unimplemented],
+    ["a message flagged compressed", () => grpcFrame(statusRequest(unknown), 1), {}, Code.InvalidArgument],
+    ["a cut envelope", () => grpcFrame(statusRequest(unknown)).subarray(0, 9), {}, Code.InvalidArgument],
+    ["an oversized message", () => grpcFrame(statusRequest("x".repeat(MAX_BYTES * 2))), {}, Code.ResourceExhausted],
+    ["a wrong token", () => grpcFrame(statusRequest(unknown)), { authorization: "Bearer wrong" }, Code.Unauthenticated],
+    ["a gRPC JSON request", () => grpcFrame(Buffer.from(JSON.stringify({ jobId: unknown }))), { "content-type": "application/grpc+json" }, Code.NotFound],
+  ])("raw: %s gets connect-node's headers, trailers and body", async (_what, body, headers, code) => {
+    const jobId = (await authed.store.create(newJobId(), [5, 6], authed.owner)).id;
+    const bytes = code === "ok" ? grpcFrame(statusRequest(jobId)) : body();
+    const [a, b] = await Promise.all([rawCall(authed, bytes, headers), rawCall(authedPlain, bytes, headers)]);
+    expect(a.trailers["grpc-status"]).toBe(code === "ok" ? "0" : String(code));
+    expect([a.headers, a.trailers, a.body]).toEqual([b.headers, b.trailers, b.body]);
   });
 });
