@@ -57,7 +57,9 @@ export function withRpcLog(handler: NodeHandler, log: Logger, observers: RpcObse
     const started = performance.now();
     const outcome: RpcOutcome = { code: undefined };
     outcomes.set(req, outcome);
-    const path = (req.url ?? "").split("?", 1)[0] ?? "";
+    const url = req.url ?? "";
+    const query = url.indexOf("?");
+    const path = query === -1 ? url : url.slice(0, query);
     const label = procedures?.has(path) === true ? path.slice(1) : RPC_PATH.test(path) ? "unknown" : undefined;
     const parent = tracing && label !== undefined ? extractContext(req.headers) : undefined;
     const span =
@@ -67,19 +69,24 @@ export function withRpcLog(handler: NodeHandler, log: Logger, observers: RpcObse
     res.once("close", () => {
       const seconds = (performance.now() - started) / 1000;
       const grpcStatus = res.getHeader("grpc-status");
-      const line = {
-        rpc: path,
-        method: req.method,
-        http: req.httpVersion,
-        code: outcome.code ?? (grpcStatus !== undefined ? `grpc-status ${String(grpcStatus)}` : undefined),
-        ...(outcome.owner !== undefined ? { owner: outcome.owner } : {}),
-        // Written after the span's context is gone, so the logger cannot add it itself.
-        ...(span !== undefined ? { traceId: span.spanContext().traceId } : {}),
-        status: res.statusCode,
-        ms: Math.round(seconds * 1000),
-      };
-      if (res.statusCode >= 500) log.warn(line, "rpc");
-      else log.info(line, "rpc");
+      // The line is built only when it is written: at `warn` (busy deployments, the
+      // benchmarks) every call would otherwise pay for an object nobody reads.
+      const serverFault = res.statusCode >= 500;
+      if (serverFault || log.isLevelEnabled("info")) {
+        const line = {
+          rpc: path,
+          method: req.method,
+          http: req.httpVersion,
+          code: outcome.code ?? (grpcStatus !== undefined ? `grpc-status ${String(grpcStatus)}` : undefined),
+          ...(outcome.owner !== undefined ? { owner: outcome.owner } : {}),
+          // Written after the span's context is gone, so the logger cannot add it itself.
+          ...(span !== undefined ? { traceId: span.spanContext().traceId } : {}),
+          status: res.statusCode,
+          ms: Math.round(seconds * 1000),
+        };
+        if (serverFault) log.warn(line, "rpc");
+        else log.info(line, "rpc");
+      }
       if (label === undefined) return;
       // A client that hung up before the answer ended closes the response before the
       // handler hears of it (and reports "canceled"): say so now.
