@@ -6,8 +6,10 @@ import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
+import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { newJobId } from "../core/jobs.js";
+import { startApiServer } from "../server/server.js";
 import {
   DownloadService,
   GetStatusRequestSchema,
@@ -552,5 +554,40 @@ describe("GetStatus over gRPC (h2c)", () => {
     const [a, b] = await Promise.all([rawCall(authed, bytes, headers), rawCall(authedPlain, bytes, headers)]);
     expect(a.trailers["grpc-status"]).toBe(code === "ok" ? "0" : String(code));
     expect([a.headers, a.trailers, a.body]).toEqual([b.headers, b.trailers, b.body]);
+  });
+});
+
+describe("the RPC log line of a lean call", () => {
+  test("is the line connect-node's call gets: procedure, code, owner, HTTP status", async () => {
+    const cfg = svc.config({ PORT: "0", HOST: "127.0.0.1" });
+    const lines: Record<string, unknown>[] = [];
+    const log = pino({ level: "info" }, { write: (line: string) => void lines.push(JSON.parse(line) as Record<string, unknown>) });
+    const servers = [await startApiServer(cfg, log), await startApiServer(cfg, log, { fastPaths: false })];
+    try {
+      const rpcLines = () => lines.filter((l) => l.msg === "rpc").map(({ time: _t, pid: _p, hostname: _h, ms: _ms, ...rest }) => rest);
+      const calls = async (url: string) => {
+        const transport = createGrpcTransport({ baseUrl: url, interceptors: [withTestToken] });
+        await createClient(DownloadService, transport).getStatus({ jobId: newJobId() }).catch(() => undefined);
+        await fetch(`${url}${SERVICE}/GetStatus`, {
+          method: "POST",
+          headers: { "content-type": "application/json", ...TEST_AUTH_HEADER },
+          body: JSON.stringify({ jobId: "42" }),
+        });
+      };
+      const seen: unknown[][] = [];
+      for (const server of servers) {
+        lines.length = 0;
+        await calls(server.url);
+        await expect.poll(() => rpcLines().length).toBe(2);
+        seen.push(rpcLines());
+      }
+      expect(seen[0]).toEqual([
+        expect.objectContaining({ rpc: `${SERVICE}/GetStatus`, http: "2.0", code: "not_found", owner: "test-owner", status: 200 }),
+        expect.objectContaining({ rpc: `${SERVICE}/GetStatus`, http: "1.1", code: "invalid_argument", owner: "test-owner", status: 400 }),
+      ]);
+      expect(seen[0]).toEqual(seen[1]);
+    } finally {
+      for (const server of servers) await server.close();
+    }
   });
 });
