@@ -1,6 +1,6 @@
 import { create, toBinary } from "@bufbuild/protobuf";
 import { createClient } from "@connectrpc/connect";
-import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { Http2SessionManager, createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { Worker } from "bullmq";
 import { JobStore } from "../core/job-store.js";
 import { QUEUE_NAME } from "../core/queue.js";
@@ -8,8 +8,8 @@ import { createRedis } from "../core/redis.js";
 import { DownloadService, GetStatusRequestSchema, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { startRedis } from "../local/redis-server.js";
 import { startS3 } from "../local/s3-server.js";
-import { ensureH2load, h2load } from "./h2load.js";
-import { fmt, percentile, type Row, serviceEnv, startNodeServer } from "./lib.js";
+import { type LoadResult, ensureH2load, h2load } from "./h2load.js";
+import { fmt, percentile, procCpuMs, type Row, serviceEnv, startNodeServer } from "./lib.js";
 
 // Polling: GetStatus on a running job, at 50 and 200 connections, the way each kind of
 // client polls (Connect JSON POST, Connect GET, gRPC over h2c), against
@@ -29,6 +29,8 @@ interface Measured {
   p50: number;
   p99: number;
   errors: number;
+  /** The server process's CPU time per answered request, µs (less swayed by the machine's load than req/s). */
+  cpuUs: number;
 }
 
 type Init = { headers?: Record<string, string>; body?: Uint8Array };
@@ -85,17 +87,24 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
     const at = (port: number) => `http://127.0.0.1:${port}`;
     // h2load checks the HTTP status only, and a gRPC error is a 200 with grpc-status in
     // the trailers: make sure the call succeeds before timing it.
-    const grpcClient = createClient(DownloadService, createGrpcTransport({ baseUrl: base }));
-    if ((await grpcClient.getStatus({ jobId })).job?.state !== JobState.PROCESSING) throw new Error("gRPC GetStatus does not see the running job");
+    const session = new Http2SessionManager(base);
+    try {
+      const grpcClient = createClient(DownloadService, createGrpcTransport({ baseUrl: base, sessionManager: session }));
+      const { job } = await grpcClient.getStatus({ jobId });
+      if (job?.state !== JobState.PROCESSING) throw new Error("gRPC GetStatus does not see the running job");
+    } finally {
+      session.abort();
+    }
 
-    const configs: { server: string; client: string; run(connections: number, seconds: number): Promise<Omit<Measured, "server" | "client" | "connections">> }[] = [
-      { server: "api (fast path)", client: "Connect JSON POST", run: (c, s) => http(`${at(api.port)}${path}`, c, s, post) },
-      { server: "api (fast path)", client: "Connect GET", run: (c, s) => http(`${at(api.port)}${path}${query}`, c, s) },
-      { server: "api (fast path)", client: "gRPC h2c", run: (c, s) => h2c(`${at(api.port)}${path}`, c, s, grpc) },
-      { server: "api (connect-node)", client: "Connect JSON POST", run: (c, s) => http(`${at(plain.port)}${path}`, c, s, post) },
-      { server: "api (connect-node)", client: "gRPC h2c", run: (c, s) => h2c(`${at(plain.port)}${path}`, c, s, grpc) },
-      { server: "bare node:http + HGETALL", client: "GET", run: (c, s) => http(`${at(bare.port)}/jobs/${jobId}`, c, s) },
-      { server: "hono + BullMQ getJob", client: "GET", run: (c, s) => http(`${at(hono.port)}/jobs/${jobId}`, c, s) },
+    type Run = (connections: number, seconds: number) => Promise<LoadResult>;
+    const configs: { server: string; client: string; pid: number; run: Run }[] = [
+      { server: "api (fast path)", client: "Connect JSON POST", pid: pidOf(api), run: (c, s) => http(`${at(api.port)}${path}`, c, s, post) },
+      { server: "api (fast path)", client: "Connect GET", pid: pidOf(api), run: (c, s) => http(`${at(api.port)}${path}${query}`, c, s) },
+      { server: "api (fast path)", client: "gRPC h2c", pid: pidOf(api), run: (c, s) => h2c(`${at(api.port)}${path}`, c, s, grpc) },
+      { server: "api (connect-node)", client: "Connect JSON POST", pid: pidOf(plain), run: (c, s) => http(`${at(plain.port)}${path}`, c, s, post) },
+      { server: "api (connect-node)", client: "gRPC h2c", pid: pidOf(plain), run: (c, s) => h2c(`${at(plain.port)}${path}`, c, s, grpc) },
+      { server: "bare node:http + HGETALL", client: "GET", pid: pidOf(bare), run: (c, s) => http(`${at(bare.port)}/jobs/${jobId}`, c, s) },
+      { server: "hono + BullMQ getJob", client: "GET", pid: pidOf(hono), run: (c, s) => http(`${at(hono.port)}/jobs/${jobId}`, c, s) },
     ];
 
     // Warm every server's JIT before anything counts.
@@ -104,7 +113,10 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
     for (let round = 0; round < rounds; round++) {
       for (const c of levels) {
         for (const cfg of configs) {
-          const m = { server: cfg.server, client: cfg.client, connections: c, ...(await cfg.run(c, slice)) };
+          const cpuBefore = procCpuMs(cfg.pid);
+          const { rps, p50, p99, errors, requests } = await cfg.run(c, slice);
+          const cpuUs = ((procCpuMs(cfg.pid) - cpuBefore) * 1000) / Math.max(1, requests);
+          const m = { server: cfg.server, client: cfg.client, connections: c, rps, p50, p99, errors, cpuUs };
           const key = `${cfg.server}|${cfg.client}|${c}`;
           samples.set(key, [...(samples.get(key) ?? []), m]);
         }
@@ -115,6 +127,7 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
       rps: percentile(list.map((m) => m.rps), 50),
       p50: percentile(list.map((m) => m.p50), 50),
       p99: percentile(list.map((m) => m.p99), 50),
+      cpuUs: percentile(list.map((m) => m.cpuUs), 50),
       errors: list.reduce((n, m) => n + m.errors, 0),
     }));
 
@@ -127,8 +140,8 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
       for (const r of here) {
         rows.push({
           scenario,
-          metric: `${r.server}, ${r.client}: req/s (p50 / p99 ms)`,
-          value: `${fmt(r.rps, 0)} (${fmt(r.p50)} / ${fmt(r.p99)})${r.errors > 0 ? ` ${r.errors} errors` : ""}`,
+          metric: `${r.server}, ${r.client}: req/s (p50 / p99 ms) CPU µs/req`,
+          value: `${fmt(r.rps, 0)} (${fmt(r.p50)} / ${fmt(r.p99)}) ${fmt(r.cpuUs, 0)}${r.errors > 0 ? ` ${r.errors} errors` : ""}`,
         });
         if (r.server === "api (fast path)" && honoM !== undefined && bareM !== undefined) {
           rows.push(
@@ -158,14 +171,17 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
 }
 
 /** HTTP/1.1: one connection per request in flight. */
-async function http(url: string, connections: number, seconds: number, init: Init = {}) {
-  const { rps, p50, p99, errors } = await h2load({ url, connections, seconds, h1: true, ...init });
-  return { rps, p50, p99, errors };
+function http(url: string, connections: number, seconds: number, init: Init = {}): Promise<LoadResult> {
+  return h2load({ url, connections, seconds, h1: true, ...init });
 }
 
 /** h2c: `inFlight` calls over one connection per 25 of them. */
-async function h2c(url: string, inFlight: number, seconds: number, init: Init) {
+function h2c(url: string, inFlight: number, seconds: number, init: Init): Promise<LoadResult> {
   const connections = Math.max(1, Math.ceil(inFlight / 25));
-  const { rps, p50, p99, errors } = await h2load({ url, connections, streams: Math.ceil(inFlight / connections), seconds, ...init });
-  return { rps, p50, p99, errors };
+  return h2load({ url, connections, streams: Math.ceil(inFlight / connections), seconds, ...init });
+}
+
+function pidOf(server: { child: { pid?: number | undefined } }): number {
+  if (server.child.pid === undefined) throw new Error("server process has no pid");
+  return server.child.pid;
 }
