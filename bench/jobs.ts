@@ -120,12 +120,18 @@ function lightClient(base: string) {
         req.end(JSON.stringify({ fileIds }));
       });
     },
-    /** Resolves once a job message in `state` arrives, then hangs up. */
+    /**
+     * Resolves once a job message in `state` has arrived and the stream has ended, as
+     * the server ends it right after a terminal state. Reading to the end, as Connect
+     * clients do, keeps the connection for the next call; hanging up instead would cost
+     * both sides a new connection per job.
+     */
     watchUntil(jobId: string, state: string): Promise<void> {
       const payload = Buffer.from(JSON.stringify({ jobId }));
       const head = Buffer.alloc(5);
       head.writeUInt32BE(payload.length, 1);
       return new Promise((resolve, reject) => {
+        let seen = false;
         const req = request(`${service}/WatchJob`, { method: "POST", agent, headers: { "content-type": "application/connect+json" } }, (res) => {
           let buf: Buffer = Buffer.alloc(0);
           res.on("data", (chunk: Buffer) => {
@@ -136,17 +142,14 @@ function lightClient(base: string) {
               const flags = buf[0];
               const text = buf.subarray(5, 5 + length).toString("utf8");
               buf = buf.subarray(5 + length);
-              if (flags === 0 && text.includes(`"state":"${state}"`)) {
-                req.destroy();
-                resolve();
-                return;
-              }
-              if (flags === 2) reject(new Error(`WatchJob ended before ${state}: ${text}`));
+              if (flags === 0 && text.includes(`"state":"${state}"`)) seen = true;
+              if (flags === 2 && (!seen || text !== "{}")) reject(new Error(`WatchJob ended before ${state}: ${text}`));
             }
           });
-          res.on("error", () => undefined);
+          res.on("end", () => (seen ? resolve() : reject(new Error(`WatchJob ended before ${state}`))));
+          res.on("error", reject);
         });
-        req.on("error", () => undefined);
+        req.on("error", reject);
         req.end(Buffer.concat([head, payload]));
       });
     },

@@ -9,7 +9,8 @@ import {
   parseTimeout,
 } from "@connectrpc/connect/protocol-connect";
 import type { Logger } from "pino";
-import type { JobRecord } from "../core/jobs.js";
+import type { Initiated, InitiateInput } from "../core/job-service.js";
+import { type JobRecord, OverloadedError } from "../core/jobs.js";
 import { toConnectError } from "./errors.js";
 import { rpcContextValues, rpcOutcomeKey } from "./rpc-log.js";
 
@@ -39,6 +40,8 @@ export interface FastPathDeps {
   authenticate(headers: IncomingHttpHeaders): string;
   /** The job as `owner` may see it; throws the domain errors JobService.get throws. */
   getJob(owner: string, rawJobId: string): Promise<JobRecord>;
+  /** JobService.initiate for `owner`: validation, admission, the queue entry. */
+  initiate(owner: string, input: InitiateInput): Promise<Initiated>;
   /** WatchHub.watch for `owner`: snapshot, changes, heartbeats, ends after the terminal state. */
   watch(
     owner: string,
@@ -64,8 +67,9 @@ export function asConnectError(err: unknown, log: Logger, procedure: string): Co
     log.error({ rpc: procedure, err }, "unexpected error");
     return new ConnectError("internal error", Code.Internal, undefined, undefined, err);
   }
-  // As in rpc-interceptor.ts: a ConnectError thrown on purpose (the shutdown) is not news.
-  if (mapped.code === Code.Unavailable && mapped !== err) {
+  // As in rpc-interceptor.ts: a ConnectError thrown on purpose (the shutdown) is not
+  // news, and neither is a full queue turning callers away.
+  if (mapped.code === Code.Unavailable && mapped !== err && !(err instanceof OverloadedError)) {
     log.warn({ rpc: procedure, err: mapped.cause }, "backend unavailable");
   }
   return mapped;
@@ -79,10 +83,18 @@ export function recordOutcome(req: NodeRequest, code: Code | undefined, owner?: 
   if (owner !== undefined) outcome.owner = owner;
 }
 
-/** The unary error answer: HTTP status from the code, `{"code","message"}` as JSON. */
+/**
+ * The unary error answer: HTTP status from the code, `{"code","message","details"}` as
+ * JSON, and the error's metadata as headers (Retry-After), as connect-node sends them.
+ */
 export function writeUnaryError(res: NodeResponse, err: ConnectError, extraHeaders?: Record<string, string>): void {
   const body = errorToJsonBytes(err, {});
+  const headers: Record<string, string> = {};
+  err.metadata.forEach((value, name) => {
+    headers[name] = value;
+  });
   out(res).writeHead(codeToHttpStatus(err.code), {
+    ...headers,
     "content-type": "application/json",
     "content-length": String(body.byteLength),
     ...extraHeaders,

@@ -1,21 +1,23 @@
 import { contentTypeStreamRegExp, contentTypeUnaryRegExp } from "@connectrpc/connect/protocol-connect";
 import { type FastPathDeps, type NodeRequest, type NodeResponse, isIdentity } from "./fast-connect.js";
 import { createFastGrpcStatus } from "./fast-grpc.js";
+import { createFastInitiate } from "./fast-initiate.js";
 import { createFastStatus, createStatusAnswers } from "./fast-status.js";
 import { createFastWatch } from "./fast-watch.js";
 
-// Routes the two hot calls to their lean handlers, in front of connectNodeAdapter:
-// GetStatus over Connect unary and gRPC (polling) and WatchJob over Connect streaming
-// (fan-out). Only requests the lean handlers serve exactly as connect-node would are
-// taken: plain Connect JSON or binary, gRPC binary, uncompressed. gRPC JSON, gRPC-Web,
-// compressed requests, unknown content types and methods go to connect-node, which
-// answers them as before.
+// Routes the hot calls to their lean handlers, in front of connectNodeAdapter: GetStatus
+// over Connect unary and gRPC (polling), WatchJob over Connect streaming (fan-out), and
+// Initiate over Connect unary (every job starts with it). Only requests the lean
+// handlers serve exactly as connect-node would are taken: plain Connect JSON or binary,
+// gRPC binary, uncompressed. gRPC JSON, gRPC-Web, compressed requests, unknown content
+// types and methods go to connect-node, which answers them as before.
 
 export type { FastPathDeps } from "./fast-connect.js";
 
 const SERVICE = "/downloads.v1.DownloadService/";
 const GET_STATUS = `${SERVICE}GetStatus`;
 const WATCH_JOB = `${SERVICE}WatchJob`;
+const INITIATE = `${SERVICE}Initiate`;
 
 /** Returns true when it has taken the request; false leaves it to connect-node. */
 export type FastPath = (req: NodeRequest, res: NodeResponse) => boolean;
@@ -25,6 +27,7 @@ export function createFastPath(deps: FastPathDeps): FastPath {
   const getStatus = createFastStatus(deps, answers);
   const grpcGetStatus = createFastGrpcStatus(deps, answers);
   const watchJob = createFastWatch(deps);
+  const initiate = createFastInitiate(deps);
 
   return (req, res) => {
     const url = req.url ?? "";
@@ -55,6 +58,15 @@ export function createFastPath(deps: FastPathDeps): FastPath {
         return true;
       }
       return false;
+    }
+
+    if (path === INITIATE && req.method === "POST") {
+      const type = headers["content-type"];
+      if (type === undefined || !contentTypeUnaryRegExp.test(type) || !isIdentity(headers["content-encoding"])) {
+        return false;
+      }
+      void initiate(req, res, isProto(type));
+      return true;
     }
 
     if (path === WATCH_JOB && req.method === "POST") {

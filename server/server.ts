@@ -43,7 +43,7 @@ export interface ApiServerOptions {
   /** One trace span per RPC (main.ts passes whether startTracing turned tracing on). */
   tracing?: boolean;
   /**
-   * Serve Connect GetStatus and WatchJob through the lean handlers (fast-path.ts); default
+   * Serve Connect Initiate, GetStatus and WatchJob through the lean handlers (fast-path.ts); default
    * true. False leaves every call to connect-node, for comparisons.
    */
   fastPaths?: boolean;
@@ -177,6 +177,7 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
           // The same bearer-token check as authInterceptor, before anything is read.
           authenticate: (headers) => auth.authenticate(headers),
           getJob: (owner, jobId) => jobs.get(owner, jobId),
+          initiate: (owner, input) => jobs.initiate(owner, input),
           watch: (owner, jobId, afterVersion, signal) => hub.watch(parseJobId(jobId), afterVersion, signal, owner),
           presigner: storage,
           readMaxBytes: cfg.MAX_REQUEST_BYTES,

@@ -11,6 +11,9 @@ import { BackendUnavailableError, type JobRecord, JobNotFoundError, isTerminal }
 // subscribes, the last one to leave unsubscribes. Each published record is decoded once
 // and the same object is handed to every stream of that job.
 
+/** How long an unwatched channel may stay subscribed, so that its UNSUBSCRIBE is shared. */
+const UNSUBSCRIBE_BATCH_MS = 100;
+
 export type WatchEvent =
   | { job: JobRecord; heartbeat?: undefined }
   | { heartbeat: { time: number; version: number }; job?: undefined };
@@ -77,6 +80,11 @@ function offer(w: Watcher, rec: JobRecord): void {
 
 export class WatchHub {
   private readonly topics = new Map<string, Topic>();
+  /** Channels to subscribe in this turn of the event loop, and the promise of their SUBSCRIBE. */
+  private subscribing: { channels: string[]; done: Promise<Error | undefined> } | undefined;
+  /** Channels no watcher needs any more, unsubscribed together shortly. */
+  private readonly unsubscribing = new Set<string>();
+  private unsubscribeTimer: NodeJS.Timeout | undefined;
   private readonly watchers = new Set<Watcher>();
   private readonly subscribeTimeoutMs: number;
   private readonly maxStreamMs: number;
@@ -192,6 +200,7 @@ export class WatchHub {
       wake(w);
     }
     this.stopTicker();
+    clearTimeout(this.unsubscribeTimer);
   }
 
   private expired(w: Watcher): boolean {
@@ -208,14 +217,12 @@ export class WatchHub {
     let topic = this.topics.get(channel);
     if (topic === undefined) {
       const created: Topic = { jobId, watchers: new Set(), subscribed: Promise.resolve(undefined) };
-      created.subscribed = this.sub.subscribe(channel).then(
-        () => undefined,
-        (err: unknown) => {
-          // Let the next watcher try again rather than inherit a failed subscription.
-          if (this.topics.get(channel) === created) this.topics.delete(channel);
-          return err instanceof Error ? err : new Error(String(err));
-        },
-      );
+      // Still subscribed from a watcher that left a moment ago: keep that subscription.
+      created.subscribed = this.unsubscribing.delete(channel) ? Promise.resolve(undefined) : this.subscribeSoon(channel);
+      created.subscribed.then((err) => {
+        // Let the next watcher try again rather than inherit a failed subscription.
+        if (err !== undefined && this.topics.get(channel) === created) this.topics.delete(channel);
+      });
       this.topics.set(channel, created);
       topic = created;
     }
@@ -228,18 +235,56 @@ export class WatchHub {
     return topic;
   }
 
+  /**
+   * Subscribes `channel` together with every other channel asked for in the same turn
+   * of the event loop: one SUBSCRIBE (one write, one round trip) for a burst of new
+   * watches instead of one each. Resolves to undefined once subscribed, or to the error.
+   */
+  private subscribeSoon(channel: string): Promise<Error | undefined> {
+    let batch = this.subscribing;
+    if (batch === undefined) {
+      const channels: string[] = [];
+      const done = new Promise<void>((resolve) => setImmediate(resolve)).then(() => {
+        if (this.subscribing === batch) this.subscribing = undefined;
+        return this.sub.subscribe(...channels);
+      });
+      batch = { channels, done: done.then(() => undefined, (err: unknown) => (err instanceof Error ? err : new Error(String(err)))) };
+      this.subscribing = batch;
+    }
+    batch.channels.push(channel);
+    return batch.done;
+  }
+
   private leave(channel: string, topic: Topic, w: Watcher): void {
     topic.watchers.delete(w);
     this.watchers.delete(w);
     if (topic.watchers.size === 0 && this.topics.get(channel) === topic) {
       this.topics.delete(channel);
-      if (this.closedWith === undefined) {
-        // Commands on one connection run in order, so a watcher that re-subscribes the
-        // same channel right after this still ends up subscribed.
-        this.sub.unsubscribe(channel).catch((err: unknown) => this.opts.log.debug({ err }, "unsubscribe failed"));
-      }
+      if (this.closedWith === undefined) this.unsubscribeLater(channel);
     }
     if (this.watchers.size === 0) this.stopTicker();
+  }
+
+  /**
+   * Unsubscribes a channel nobody watches any more, batched with the others of the next
+   * UNSUBSCRIBE_BATCH_MS: a finished job's channel carries nothing more, so there is no
+   * hurry, and one command for a few dozen channels spares a write per job. A watcher
+   * that comes back to the channel meanwhile takes it over (join).
+   */
+  private unsubscribeLater(channel: string): void {
+    this.unsubscribing.add(channel);
+    if (this.unsubscribeTimer !== undefined) return;
+    this.unsubscribeTimer = setTimeout(() => {
+      this.unsubscribeTimer = undefined;
+      const channels = [...this.unsubscribing];
+      this.unsubscribing.clear();
+      // Commands on one connection run in order, so a channel subscribed again after
+      // this still ends up subscribed.
+      if (channels.length > 0 && this.closedWith === undefined) {
+        this.sub.unsubscribe(...channels).catch((err: unknown) => this.opts.log.debug({ err }, "unsubscribe failed"));
+      }
+    }, UNSUBSCRIBE_BATCH_MS);
+    this.unsubscribeTimer.unref();
   }
 
   private async awaitSubscribed(topic: Topic): Promise<void> {

@@ -14,6 +14,9 @@ import {
   DownloadService,
   GetStatusRequestSchema,
   GetStatusResponseSchema,
+  InitiateOutcome,
+  InitiateRequestSchema,
+  InitiateResponseSchema,
   JobState,
   WatchJobRequestSchema,
   WatchJobResponseSchema,
@@ -589,5 +592,76 @@ describe("the RPC log line of a lean call", () => {
     } finally {
       for (const server of servers) await server.close();
     }
+  });
+});
+
+describe("Initiate, the first call of every job", () => {
+  const initiate = (stack: ApiStack, body: string | Uint8Array, type = "application/json", headers: Record<string, string> = {}) =>
+    fetch(`${stack.server.url}${SERVICE}/Initiate`, {
+      method: "POST",
+      headers: { "content-type": type, ...headers },
+      body: typeof body === "string" ? body : new Uint8Array(body),
+    });
+  // Distinct file sets, so that no call is answered with another's in-flight job.
+  let nextFile = 90_000;
+  const files = (n = 1) => Array.from({ length: n }, () => nextFile++);
+
+  test("JSON and binary answers have connect-node's shape, and the job is queued for a worker", async () => {
+    const viaFast = (await (await initiate(fast, JSON.stringify({ fileIds: files(2) }))).json()) as Record<string, any>;
+    const viaPlain = (await (await initiate(plain, JSON.stringify({ fileIds: files(2) }))).json()) as Record<string, any>;
+    expect(viaFast.outcome).toBe("INITIATE_OUTCOME_CREATED");
+    expect(Object.keys(viaFast).sort()).toEqual(Object.keys(viaPlain).sort());
+    expect(Object.keys(viaFast.job as object).sort()).toEqual(Object.keys(viaPlain.job as object).sort());
+    expect(viaFast.job).toMatchObject({ state: "JOB_STATE_QUEUED", version: 1, fileIds: [nextFile - 4, nextFile - 3] });
+    expect(await fast.queue.getJob(viaFast.job.jobId as string)).toBeDefined();
+
+    const request = toBinary(InitiateRequestSchema, create(InitiateRequestSchema, { fileIds: files(1) }));
+    const res = await initiate(fast, request, "application/proto");
+    expect(res.headers.get("content-type")).toBe("application/proto");
+    const decoded = fromBinary(InitiateResponseSchema, new Uint8Array(await res.arrayBuffer()));
+    expect([decoded.outcome, decoded.job?.fileIds]).toEqual([InitiateOutcome.CREATED, [nextFile - 1]]);
+    expect((await fast.store.get(decoded.job?.jobId ?? "")).owner).toBe("anonymous");
+  });
+
+  test("the Idempotency-Key header replays the first answer's job", async () => {
+    const body = JSON.stringify({ fileIds: files(1) });
+    const headers = { "idempotency-key": `key-${newJobId()}` };
+    const first = (await (await initiate(fast, body, "application/json", headers)).json()) as Record<string, any>;
+    const again = (await (await initiate(fast, body, "application/json", headers)).json()) as Record<string, any>;
+    expect(again.outcome).toBe("INITIATE_OUTCOME_REPLAYED");
+    expect(again.job.jobId).toBe(first.job.jobId);
+  });
+
+  const tooMany = JSON.stringify({ fileIds: Array.from({ length: 200 }, (_, i) => i + 1) });
+  test.each([
+    ["malformed JSON", (s: ApiStack) => initiate(s, '{"fileIds":')],
+    ["an unknown field", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1], fileIdz: [2] }))],
+    ["file ids that are strings of letters", (s: ApiStack) => initiate(s, '{"fileIds":["a"]}')],
+    ["no file ids", (s: ApiStack) => initiate(s, "{}")],
+    ["a negative file id", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [-1] }))],
+    ["a repeated file id", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [5, 5] }))],
+    ["an oversized body", (s: ApiStack) => initiate(s, tooMany)],
+    ["an unparsable binary body", (s: ApiStack) => initiate(s, new Uint8Array([0xff, 0xff]), "application/proto")],
+    ["a wrong content type", (s: ApiStack) => initiate(s, "{}", "text/plain")],
+    ["a gzip body that is not gzip", (s: ApiStack) => initiate(s, "{}", "application/json", { "content-encoding": "gzip" })],
+    ["a malformed Idempotency-Key", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1] }), "application/json", { "idempotency-key": "k".repeat(200) })],
+    [
+      "a request_id that differs from the Idempotency-Key",
+      (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1], requestId: "a" }), "application/json", { "idempotency-key": "b" }),
+    ],
+    ["a callback_url on a server without webhooks", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1], callbackUrl: "https://example.com/hook" }))],
+    ["a malformed connect-timeout-ms", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1] }), "application/json", { "connect-timeout-ms": "soon" })],
+  ])("%s gets the same status and code as from connect-node", async (_what, call) => {
+    const [a, b] = await Promise.all([call(fast), call(plain)]);
+    expect(a.status).toBe(b.status);
+    expect(a.status).toBeGreaterThanOrEqual(400);
+    const [ta, tb] = [await a.text(), await b.text()];
+    const code = (text: string) => (text === "" ? undefined : (JSON.parse(text) as { code?: string }).code);
+    expect(code(ta)).toBe(code(tb));
+  });
+
+  test("the server keeps serving after every odd request", async () => {
+    const res = await initiate(fast, JSON.stringify({ fileIds: files(1) }));
+    expect(res.status).toBe(200);
   });
 });

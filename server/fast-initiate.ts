@@ -1,0 +1,113 @@
+import { create, fromBinary, fromJsonString, toBinary, toJsonString } from "@bufbuild/protobuf";
+import { Code, ConnectError } from "@connectrpc/connect";
+import type { AdmissionOutcome } from "../core/admission.js";
+import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
+import {
+  type InitiateRequest,
+  InitiateOutcome,
+  InitiateRequestSchema,
+  InitiateResponseSchema,
+} from "../gen/downloads/v1/download_service_pb.js";
+import {
+  type FastPathDeps,
+  type NodeRequest,
+  type NodeResponse,
+  asConnectError,
+  deadlineExceeded,
+  out,
+  readBody,
+  recordOutcome,
+  timeoutOf,
+  writeUnaryError,
+} from "./fast-connect.js";
+
+// Initiate over the Connect unary protocol (a JSON or binary POST), without connect-node.
+// Every job starts with this call, and connect-node's own machinery around it (abort
+// controllers and their DOMExceptions, header objects, interceptor chain) cost about as
+// much API time as the admission and the queue write together: the job-overhead
+// benchmark's largest share after the socket writes. The call itself is the same one
+// download-service.ts makes: JobService.initiate, with the Idempotency-Key header, and
+// the same error codes, details and Retry-After (errors.ts).
+
+const PROCEDURE = "/downloads.v1.DownloadService/Initiate";
+
+const OUTCOME: Record<AdmissionOutcome, InitiateOutcome> = {
+  created: InitiateOutcome.CREATED,
+  replayed: InitiateOutcome.REPLAYED,
+  in_flight: InitiateOutcome.IN_FLIGHT,
+  reused_result: InitiateOutcome.REUSED_RESULT,
+};
+
+export function createFastInitiate(deps: FastPathDeps) {
+  return async function initiate(req: NodeRequest, res: NodeResponse, binary: boolean): Promise<void> {
+    let deadline: NodeJS.Timeout | undefined;
+    let owner: string | undefined;
+    try {
+      owner = deps.authenticate(req.headers);
+      const timeout = timeoutOf(req.headers);
+      if (timeout.error !== undefined) throw timeout.error;
+      const caller = owner;
+      const work = (async () => {
+        const input = parseBody(await readBody(req, deps.readMaxBytes), binary);
+        const { job, outcome } = await deps.initiate(caller, {
+          fileIds: input.fileIds,
+          requestId: input.requestId,
+          idempotencyKey: headerValue(req.headers["idempotency-key"]),
+          callbackUrl: input.callbackUrl,
+        });
+        // Only a reused result is complete at once; its URL is made now, as on every read.
+        const download = hasLiveResult(job) ? await deps.presigner.presignResult(job.result.key, job.result.fileName) : undefined;
+        return create(InitiateResponseSchema, { job: toProtoJob(job, download), outcome: OUTCOME[outcome] });
+      })();
+      let answer: Awaited<typeof work>;
+      if (timeout.ms === undefined) {
+        answer = await work;
+      } else {
+        // The deadline ends the call, not the admission: a job created meanwhile stays
+        // created, and the caller's retry with its idempotency key finds it.
+        work.catch(() => undefined);
+        answer = await Promise.race([
+          work,
+          new Promise<never>((_resolve, reject) => {
+            deadline = setTimeout(() => reject(deadlineExceeded()), timeout.ms);
+          }),
+        ]);
+      }
+      const body = binary ? Buffer.from(toBinary(InitiateResponseSchema, answer)) : Buffer.from(toJsonString(InitiateResponseSchema, answer));
+      recordOutcome(req, undefined, owner);
+      out(res).writeHead(200, {
+        "content-type": binary ? "application/proto" : "application/json",
+        "content-length": String(body.byteLength),
+      });
+      out(res).end(body);
+    } catch (err) {
+      const error = asConnectError(err, deps.log, PROCEDURE);
+      recordOutcome(req, error.code, owner);
+      writeUnaryError(res, error);
+    } finally {
+      clearTimeout(deadline);
+    }
+  };
+}
+
+/** As Headers.get reads it for connect-node's handler: repeated values joined by ", ". */
+function headerValue(value: string | string[] | undefined): string | null {
+  if (value === undefined) return null;
+  return Array.isArray(value) ? value.join(", ") : value;
+}
+
+function parseBody(data: Buffer, binary: boolean): InitiateRequest {
+  if (binary) {
+    try {
+      return fromBinary(InitiateRequestSchema, data);
+    } catch (err) {
+      // connect-node's words; the code is the caller's error, as strict-binary.ts makes it there.
+      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+    }
+  }
+  try {
+    return fromJsonString(InitiateRequestSchema, data.toString("utf8"), { ignoreUnknownFields: false });
+  } catch (err) {
+    throw ConnectError.from(err, Code.InvalidArgument);
+  }
+}
