@@ -10,6 +10,7 @@ import {
 } from "@aws-sdk/client-s3";
 import { Upload } from "@aws-sdk/lib-storage";
 import { getSignedUrl } from "@aws-sdk/s3-request-presigner";
+import { PathStylePresigner } from "./presign.js";
 
 // Everything the service does with S3. Two clients: one for the endpoint this process
 // reaches, one only for presigning with the endpoint the *browser* reaches, because a
@@ -69,10 +70,22 @@ export function isNotFound(err: unknown): boolean {
 export class Storage {
   readonly client: S3Client;
   private readonly signer: S3Client;
+  /** The lean presigner, where it applies (path-style endpoint, static credentials). */
+  private readonly pathStyle: PathStylePresigner | undefined;
 
   constructor(readonly opts: StorageOptions) {
     this.client = makeClient(opts, opts.endpoint);
-    this.signer = makeClient(opts, opts.publicEndpoint ?? opts.endpoint);
+    const publicEndpoint = opts.publicEndpoint ?? opts.endpoint;
+    this.signer = makeClient(opts, publicEndpoint);
+    this.pathStyle =
+      publicEndpoint !== undefined && opts.forcePathStyle && opts.accessKeyId !== undefined && opts.secretAccessKey !== undefined
+        ? new PathStylePresigner({
+            endpoint: publicEndpoint,
+            region: opts.region,
+            accessKeyId: opts.accessKeyId,
+            secretAccessKey: opts.secretAccessKey,
+          })
+        : undefined;
   }
 
   sourceKey(fileId: number): string {
@@ -149,6 +162,16 @@ export class Storage {
    */
   async presignResult(key: string, fileName: string, now = Date.now()): Promise<PresignedResult> {
     const expiresIn = this.opts.presignExpirySeconds;
+    if (this.pathStyle !== undefined) {
+      const url = this.pathStyle.presignGet({
+        bucket: this.opts.resultBucket,
+        key,
+        expiresInSeconds: expiresIn,
+        responseParams: { "response-content-disposition": contentDisposition(fileName), "response-content-type": "application/zip" },
+        date: new Date(now),
+      });
+      return { url, expiresAt: now + expiresIn * 1000 };
+    }
     const url = await getSignedUrl(
       this.signer,
       new GetObjectCommand({
