@@ -4,9 +4,9 @@ import { type BundleJobData, QUEUE_NAME } from "../core/queue.js";
 import { createRedis } from "../core/redis.js";
 
 // The job-overhead benchmark's worker: takes our jobs from the queue and makes the same
-// record writes the real processor (worker/processor.ts) makes around its work (start
-// with the attempt counted, the sources' totals, the result), with no work in between
-// and no S3. What is left is the cost of a job beyond the work itself.
+// Redis writes the real processor (worker/processor.ts) makes around its work (the
+// start with the attempt and the sources' totals, the result's expiry, the result),
+// with no work in between and no S3. What is left is the cost of a job beyond the work.
 // BENCH_RAW=1 is the baseline instead: a no-op BullMQ processor on a plain queue.
 // REDIS_URL, QUEUE_PREFIX, CONCURRENCY from the environment; prints "listening 0" when ready.
 
@@ -21,16 +21,26 @@ const worker = raw
   : new Worker<BundleJobData>(
       QUEUE_NAME,
       async (job) => {
-        const { jobId } = job.data;
-        const rec = await store.update(jobId, { state: "PROCESSING", startedAt: Date.now() }, { from: ["QUEUED", "PROCESSING"], addAttempts: 1 });
-        await store.update(jobId, { progress: { ...rec.progress, bytesTotal: 0, filesTotal: rec.fileIds.length } }, { from: ["PROCESSING"] });
+        const { jobId, fileIds } = job.data;
+        const startedAt = Date.now();
+        const files = fileIds.map((fileId) => ({ fileId, state: "PENDING" as const, sizeBytes: 0, bytesDone: 0, entryName: `file-${fileId}` }));
+        const progress = { filesDone: 0, filesTotal: fileIds.length, bytesDone: 0, bytesTotal: 0, bytesPerSecond: 0 };
+        await store.update(
+          jobId,
+          { state: "PROCESSING", progress, files },
+          { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt } },
+        );
+        const endedAt = Date.now();
+        const expiresAt = endedAt + 24 * 3600 * 1000;
+        await store.scheduleResultExpiry(jobId, expiresAt);
         await store.update(
           jobId,
           {
             state: "COMPLETED",
-            endedAt: Date.now(),
-            progress: { ...rec.progress, filesDone: rec.fileIds.length, etaSeconds: 0 },
-            result: { key: `bundles/${jobId}.zip`, fileName: `download-${jobId.slice(0, 8)}.zip`, sizeBytes: 22, sha256: "0".repeat(64) },
+            endedAt,
+            progress: { ...progress, filesDone: fileIds.length, etaSeconds: 0 },
+            files: files.map((f) => ({ ...f, state: "DONE" as const })),
+            result: { key: `bundles/${jobId}.zip`, fileName: `download-${jobId.slice(0, 8)}.zip`, sizeBytes: 22, sha256: "0".repeat(64), expiresAt },
           },
           { from: ["PROCESSING"] },
         );

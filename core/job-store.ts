@@ -40,7 +40,9 @@ export function decodeJob(flat: Flat): JobRecord {
 // KEYS[1] job hash, KEYS[2] the webhook outbox (a sorted set of job ids by due time,
 // which the worker drains). ARGV[1] channel, ARGV[2] comma-separated allowed states ("" = any),
 // ARGV[3] attempts increment, ARGV[4] TTL seconds applied when the new state is terminal,
-// ARGV[5] "1" if the new state is terminal, ARGV[6..] field/value pairs.
+// ARGV[5] "1" if the new state is terminal, ARGV[6] how many of the field/value pairs
+// that follow are set only where the field is absent (they come first), ARGV[7..] the
+// field/value pairs.
 // Returns {1, json} on success, {0} when the job does not exist, {2, state} when the
 // job's state is not one of the allowed ones.
 const UPDATE_SCRIPT = `
@@ -53,7 +55,12 @@ if ARGV[2] ~= '' then
   end
   if not ok then return {2, state} end
 end
-if #ARGV >= 6 then redis.call('HSET', KEYS[1], unpack(ARGV, 6)) end
+local at = 7
+for _ = 1, tonumber(ARGV[6]) do
+  redis.call('HSETNX', KEYS[1], ARGV[at], ARGV[at + 1])
+  at = at + 2
+end
+if #ARGV >= at then redis.call('HSET', KEYS[1], unpack(ARGV, at)) end
 redis.call('HINCRBY', KEYS[1], 'version', 1)
 if tonumber(ARGV[3]) > 0 then redis.call('HINCRBY', KEYS[1], 'attempts', ARGV[3]) end
 if ARGV[5] == '1' and tonumber(ARGV[4]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[4]) end
@@ -76,6 +83,8 @@ export interface UpdateOptions {
   from?: readonly JobStateName[];
   /** Adds to `attempts` (a worker starting a run). */
   addAttempts?: number;
+  /** Fields written only where the record has none yet (the first start of a job). */
+  ifAbsent?: Partial<JobRecord>;
 }
 
 export interface JobStoreOptions {
@@ -162,6 +171,7 @@ export class JobStore {
    */
   async update(id: string, patch: Partial<JobRecord>, opts: UpdateOptions = {}): Promise<JobRecord> {
     const fields = flatten({ ...patch, updatedAt: patch.updatedAt ?? Date.now() });
+    const keep = Object.entries(flatten(opts.ifAbsent ?? {}));
     const terminal = patch.state !== undefined && isTerminal(patch.state);
     const args = [
       this.channel(id),
@@ -169,6 +179,8 @@ export class JobStore {
       String(opts.addAttempts ?? 0),
       String(this.ttl),
       terminal ? "1" : "0",
+      String(keep.length),
+      ...keep.flat(),
       ...Object.entries(fields).flat(),
     ];
     const reply = (await (this.redis as unknown as UpdateCommand).djUpdateJob(this.key(id), this.webhookOutboxKey, ...args)) as [

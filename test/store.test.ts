@@ -40,4 +40,19 @@ describe("JobStore", () => {
       sub.disconnect();
     }
   });
+
+  test("ifAbsent fields are written once: a retried start keeps the first start time", async () => {
+    const redis = createRedis(svc.redis.url, { role: "api" });
+    try {
+      const store = new JobStore(redis, { prefix: uniquePrefix(), recordTtlSeconds: 60 });
+      const id = newJobId();
+      await store.create(id, [1], "owner-a");
+      const first = await store.update(id, { state: "PROCESSING" }, { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt: 1000 } });
+      expect(first).toMatchObject({ state: "PROCESSING", startedAt: 1000, attempts: 1, version: 2 });
+      const retry = await store.update(id, { state: "PROCESSING" }, { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt: 2000 } });
+      expect(retry).toMatchObject({ startedAt: 1000, attempts: 2, version: 3 });
+    } finally {
+      redis.disconnect();
+    }
+  });
 });

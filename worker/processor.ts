@@ -85,58 +85,27 @@ async function run(
   log: Logger,
 ): Promise<ProcessOutcome> {
   const { store, storage } = deps;
-  const { jobId } = job.data;
+  const { jobId, fileIds } = job.data;
   const attempts = job.opts.attempts ?? 1;
   const lastAttempt = job.attemptsMade + 1 >= attempts;
-
-  let rec: JobRecord;
-  try {
-    const before = await store.get(jobId);
-    const now = Date.now();
-    rec = await store.update(
-      jobId,
-      {
-        state: "PROCESSING",
-        startedAt: before.startedAt ?? now,
-        progress: { ...before.progress, bytesDone: 0, filesDone: 0, bytesPerSecond: 0 },
-        files: before.files.map((f) => ({ ...f, state: "PENDING", bytesDone: 0 })),
-      },
-      // PROCESSING too: a job whose worker died comes back here through stall detection.
-      { from: ["QUEUED", "PROCESSING"], addAttempts: 1 },
-    );
-  } catch (err) {
-    if (err instanceof JobStateError || err instanceof JobNotFoundError) {
-      log.info({ reason: err.message }, "job skipped");
-      return "skipped";
-    }
-    throw err;
-  }
-  log.info({ files: rec.fileIds.length }, "job started");
   const startedAt = Date.now();
-
-  const progress = new ProgressTracker(rec, deps.progressIntervalMs, async (patch) => {
-    try {
-      await store.update(jobId, patch, { from: ["PROCESSING"] });
-    } catch (err) {
-      if (err instanceof JobStateError || err instanceof JobNotFoundError) {
-        // Cancelled (or gone) under us: stop, even if the cancel message was missed.
-        cancel.abort(new CancelledError(`job ${jobId} is no longer running`));
-        return;
-      }
-      log.warn({ err }, "progress write failed");
-    }
-  });
+  // Until this run's start is recorded, a failure write counts the attempt itself.
+  let started = false;
+  let progress: ProgressTracker | undefined;
 
   try {
-    const sources = await headAll(storage, rec.fileIds, deps.headConcurrency ?? 8, signal);
-    const missing = rec.fileIds.filter((_, i) => sources[i] === undefined);
+    // The sources first, so that the job turns PROCESSING with its totals in one record
+    // write (and one message to every watcher) instead of two. Nothing is written yet:
+    // a job cancelled meanwhile costs a few HEADs and is skipped below.
+    const sources = await headAll(storage, fileIds, deps.headConcurrency ?? 8, signal);
+    const missing = fileIds.filter((_, i) => sources[i] === undefined);
     if (missing.length > 0) {
-      await failJob(store, jobId, rec, {
+      await failJob(store, jobId, started, {
         code: "not_found",
         message: `source files not found: ${missing.join(", ")}. Check the file ids and initiate again.`,
         retryable: false,
         missingFileIds: missing,
-      });
+      }, { files: fileIds, missing });
       log.warn({ missing }, "job failed: missing source files");
       throw new UnrecoverableError(`missing source files: ${missing.join(", ")}`);
     }
@@ -144,7 +113,7 @@ async function run(
     const maxBytes = deps.maxJobBytes ?? 0;
     if (maxBytes > 0 && totalBytes > maxBytes) {
       // Known from the HEADs alone: refuse before a single byte is read or uploaded.
-      await failJob(store, jobId, rec, {
+      await failJob(store, jobId, started, {
         code: "resource_exhausted",
         message: `the files add up to ${totalBytes} bytes, more than the ${maxBytes} bytes one job may bundle: split the request`,
         retryable: false,
@@ -153,8 +122,43 @@ async function run(
       throw new UnrecoverableError(`job too large: ${totalBytes} > ${maxBytes} bytes`);
     }
     const entries = toEntries(sources as SourceInfo[]);
-    progress.setSources(entries);
-    await progress.flush();
+
+    let rec: JobRecord;
+    try {
+      rec = await store.update(
+        jobId,
+        {
+          state: "PROCESSING",
+          progress: { filesDone: 0, filesTotal: entries.length, bytesDone: 0, bytesTotal: totalBytes, bytesPerSecond: 0 },
+          files: entries.map((e) => ({ fileId: e.fileId, state: "PENDING", sizeBytes: e.sizeBytes, bytesDone: 0, entryName: e.entryName })),
+        },
+        // PROCESSING too: a job whose worker died comes back here through stall
+        // detection. A retry keeps the time of the first start.
+        { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt } },
+      );
+    } catch (err) {
+      if (err instanceof JobStateError || err instanceof JobNotFoundError) {
+        log.info({ reason: err.message }, "job skipped");
+        return "skipped";
+      }
+      throw err;
+    }
+    started = true;
+    log.info({ files: rec.fileIds.length, bytes: totalBytes }, "job started");
+
+    progress = new ProgressTracker(rec, deps.progressIntervalMs, async (patch) => {
+      try {
+        await store.update(jobId, patch, { from: ["PROCESSING"] });
+      } catch (err) {
+        if (err instanceof JobStateError || err instanceof JobNotFoundError) {
+          // Cancelled (or gone) under us: stop, even if the cancel message was missed.
+          cancel.abort(new CancelledError(`job ${jobId} is no longer running`));
+          return;
+        }
+        log.warn({ err }, "progress write failed");
+      }
+    });
+    const tracker = progress;
 
     const key = storage.resultKey(jobId);
     const fileName = resultFileName(rec);
@@ -164,15 +168,15 @@ async function run(
       throttleBytesPerSecond: deps.throttleBytesPerSecond,
       signal,
       onFileStart: (i) => {
-        progress.fileStarted(i);
+        tracker.fileStarted(i);
         spans.fileStarted(i);
       },
       onBytes: (i, n) => {
-        progress.addBytes(i, n);
+        tracker.addBytes(i, n);
         deps.metrics?.bytesRead(n);
       },
       onFileDone: (i) => {
-        progress.fileDone(i);
+        tracker.fileDone(i);
         spans.fileDone(i);
       },
     }).catch((err: unknown) => {
@@ -180,7 +184,7 @@ async function run(
       throw err;
     });
     spans.done(result.sizeBytes);
-    await progress.stop();
+    await tracker.stop();
     const endedAt = Date.now();
     const expiresAt = endedAt + (deps.resultTtlSeconds ?? 24 * 3600) * 1000;
     // Registered for deletion before it is announced: a crash in between leaves an
@@ -192,8 +196,8 @@ async function run(
         {
           state: "COMPLETED",
           endedAt,
-          progress: progress.final(),
-          files: progress.files,
+          progress: tracker.final(),
+          files: tracker.files,
           result: { key, fileName, sizeBytes: result.sizeBytes, sha256: result.sha256, expiresAt },
         },
         { from: ["PROCESSING"] },
@@ -210,7 +214,7 @@ async function run(
     log.info({ ms: Date.now() - startedAt, bytes: result.sizeBytes }, "job completed");
     return "completed";
   } catch (err) {
-    await progress.stop();
+    await progress?.stop();
     if (cancel.signal.aborted) {
       await storage.deleteResult(storage.resultKey(jobId)).catch(() => undefined);
       log.info({ ms: Date.now() - startedAt }, "job cancelled");
@@ -224,13 +228,20 @@ async function run(
       throw err;
     }
     if (lastAttempt) {
-      await failJob(store, jobId, rec, {
+      await failJob(store, jobId, started, {
         code: "unavailable",
         message: `storage or queue unavailable after ${job.attemptsMade + 1} attempts: ${(err as Error).message}`,
         retryable: true,
       }).catch((e: unknown) => log.error({ err: e }, "could not record failure"));
       log.error({ err }, "job failed after last attempt");
     } else {
+      // A run that failed before its start was recorded still counts: the record says
+      // how many runs the job has had (a failure path, so the extra write is rare).
+      if (!started) {
+        await store
+          .update(jobId, {}, { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt } })
+          .catch((e: unknown) => log.debug({ err: e }, "could not count the attempt"));
+      }
       log.warn({ err }, "job attempt failed; will retry");
     }
     throw err;
@@ -268,22 +279,39 @@ async function observeRun(
   if (outcome === "failed" && rec?.state === "FAILED") m.failed(rec.error?.code ?? "unknown");
 }
 
+/**
+ * Records the job as FAILED, from QUEUED or PROCESSING. A run that fails before its
+ * start was recorded counts its attempt here (and the start time, if the job has none).
+ * With `missing`, the record's files are those of the request, the missing ones FAILED.
+ */
 async function failJob(
   store: JobStore,
   jobId: string,
-  rec: JobRecord,
+  started: boolean,
   error: NonNullable<JobRecord["error"]>,
+  missing?: { files: readonly number[]; missing: readonly number[] },
 ): Promise<void> {
-  const missing = new Set(error.missingFileIds ?? []);
+  const now = Date.now();
+  const gone = new Set(missing?.missing ?? []);
   await store.update(
     jobId,
     {
       state: "FAILED",
-      endedAt: Date.now(),
+      endedAt: now,
       error,
-      files: rec.files.map((f) => (missing.has(f.fileId) ? { ...f, state: "FAILED" } : f)),
+      ...(missing !== undefined
+        ? {
+            files: missing.files.map((fileId) => ({
+              fileId,
+              state: gone.has(fileId) ? "FAILED" : "PENDING",
+              sizeBytes: 0,
+              bytesDone: 0,
+              entryName: entryNameFor(fileId),
+            })),
+          }
+        : {}),
     },
-    { from: ["PROCESSING"] },
+    { from: ["QUEUED", "PROCESSING"], ...(started ? {} : { addAttempts: 1, ifAbsent: { startedAt: now } }) },
   );
 }
 
@@ -347,19 +375,6 @@ class ProgressTracker {
     this.progress = { ...rec.progress, filesDone: 0, bytesDone: 0, bytesPerSecond: 0 };
   }
 
-  setSources(entries: readonly BundleEntry[]): void {
-    this.files = entries.map((e) => ({
-      fileId: e.fileId,
-      state: "PENDING",
-      sizeBytes: e.sizeBytes,
-      bytesDone: 0,
-      entryName: e.entryName,
-    }));
-    this.progress.bytesTotal = entries.reduce((n, e) => n + e.sizeBytes, 0);
-    this.progress.filesTotal = entries.length;
-    this.dirty = true;
-  }
-
   fileStarted(i: number): void {
     const f = this.files[i];
     if (f) f.state = "IN_PROGRESS";
@@ -417,7 +432,7 @@ class ProgressTracker {
     return { progress: { ...this.progress }, files: this.files.map((f) => ({ ...f })) };
   }
 
-  async flush(): Promise<void> {
+  private async flush(): Promise<void> {
     if (this.inFlight) await this.inFlight;
     if (!this.dirty) return;
     this.dirty = false;
