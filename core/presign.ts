@@ -1,4 +1,4 @@
-import { createHash, createHmac } from "node:crypto";
+import { type KeyObject, createHash, createHmac, createSecretKey } from "node:crypto";
 
 // Presigned GET URLs (AWS Signature Version 4, query-string form) for a path-style S3
 // endpoint with static credentials: what the API makes for every completed job it
@@ -29,8 +29,11 @@ export interface PresignGetInput {
   date?: Date;
 }
 
+const UNRESERVED = /^[A-Za-z0-9\-._~]*$/;
+
 /** RFC 3986 encoding as SigV4 wants it: everything but A-Z a-z 0-9 - . _ ~ is escaped. */
 function uriEncode(value: string): string {
+  if (UNRESERVED.test(value)) return value;
   return encodeURIComponent(value).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
 }
 
@@ -43,7 +46,7 @@ export class PathStylePresigner {
   private readonly host: string;
   private readonly basePath: string;
   /** The derived signing key of one day (yyyymmdd), reused until the date changes. */
-  private signingKey: { day: string; key: Buffer } | undefined;
+  private signingKey: { day: string; key: KeyObject } | undefined;
 
   constructor(private readonly opts: PathStylePresignerOptions) {
     const url = new URL(opts.endpoint);
@@ -85,10 +88,11 @@ export class PathStylePresigner {
     return `${this.origin}${path}?${insertSorted(query, `X-Amz-Signature=${signature}`)}`;
   }
 
-  private keyFor(day: string): Buffer {
+  private keyFor(day: string): KeyObject {
     if (this.signingKey?.day !== day) {
       const dateKey = hmac(`AWS4${this.opts.secretAccessKey}`, day);
-      const key = hmac(hmac(hmac(dateKey, this.opts.region), "s3"), "aws4_request");
+      // A KeyObject: createHmac would otherwise import the raw bytes on every URL.
+      const key = createSecretKey(hmac(hmac(hmac(dateKey, this.opts.region), "s3"), "aws4_request"));
       this.signingKey = { day, key };
     }
     return this.signingKey.key;
