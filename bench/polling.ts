@@ -38,8 +38,8 @@ type Init = { headers?: Record<string, string>; body?: Uint8Array };
 export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ rows: Row[]; data: unknown }> {
   // Every configuration runs in short slices, round after round, and reports its median:
   // on a shared machine the load drifts, and interleaving spreads the drift evenly.
-  const rounds = opts.quick ? 2 : 5;
-  const slice = opts.quick ? 2 : 3;
+  const rounds = opts.quick ? 2 : 7;
+  const slice = 2;
   const levels = [50, 200];
   ensureH2load((line) => process.stderr.write(`${line}\n`));
   const redis = await startRedis();

@@ -63,7 +63,7 @@ export function createFastGrpcStatus(deps: FastPathDeps, answers: StatusAnswers)
           }),
         ]);
       }
-      let frame = answers.serialize(answer.rec, answer.job, "grpc");
+      let frame = answers.serialize(answer, "grpc");
       if (compression !== null && frame.byteLength - 5 >= COMPRESS_MIN_BYTES) {
         const packed = await compression.compress(frame.subarray(5));
         frame = Buffer.allocUnsafe(5 + packed.byteLength);

@@ -2,10 +2,10 @@ import { create, fromBinary, fromJsonString, toBinary, toJsonString } from "@buf
 import { base64Decode } from "@bufbuild/protobuf/wire";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { JobRecord } from "../core/jobs.js";
+import type { PresignedResult } from "../core/storage.js";
 import {
   type GetStatusRequest,
   type GetStatusResponse,
-  type Job,
   GetStatusRequestSchema,
   GetStatusResponseSchema,
 } from "../gen/downloads/v1/download_service_pb.js";
@@ -44,10 +44,15 @@ export interface StatusRequest {
 export type AnswerEncoding = "json" | "proto" | "grpc";
 
 export interface StatusAnswers {
-  /** The job as `owner` may see it, with its result presigned when it has one. */
-  lookup(owner: string, rawJobId: string): Promise<{ rec: JobRecord; job: () => Job }>;
+  /** The job as `owner` may see it, with its result presigned when it has a live one. */
+  lookup(owner: string, rawJobId: string): Promise<Lookup>;
   /** The serialized GetStatusResponse, reused while the job's version stands. */
-  serialize(rec: JobRecord, job: () => Job, encoding: AnswerEncoding): Buffer;
+  serialize(found: Lookup, encoding: AnswerEncoding): Buffer;
+}
+
+export interface Lookup {
+  rec: JobRecord;
+  download: PresignedResult | undefined;
 }
 
 /** One per server: the Connect and gRPC lean paths share the kept answers. */
@@ -75,15 +80,15 @@ export function createStatusAnswers(deps: Pick<FastPathDeps, "getJob" | "presign
       const download = hasLiveResult(rec)
         ? await deps.presigner.presignResult(rec.result.key, rec.result.fileName)
         : undefined;
-      return { rec, job: () => toProtoJob(rec, download) };
+      return { rec, download };
     },
-    serialize(rec, job, encoding) {
+    serialize({ rec, download }, encoding) {
       const cacheable = !hasLiveResult(rec);
       let entry = cacheable ? answers.get(rec.id) : undefined;
       if (entry !== undefined && entry.version !== rec.version) entry = undefined;
       const cached = entry?.[encoding];
       if (cached !== undefined) return cached;
-      const body = encode(create(GetStatusResponseSchema, { job: job() }), encoding);
+      const body = encode(create(GetStatusResponseSchema, { job: toProtoJob(rec, download) }), encoding);
       if (cacheable) {
         if (entry === undefined) {
           entry = { version: rec.version };
@@ -146,7 +151,7 @@ export function createFastStatus(deps: FastPathDeps, answers: StatusAnswers) {
           }),
         ]);
       }
-      const body = answers.serialize(answer.rec, answer.job, call.binary ? "proto" : "json");
+      const body = answers.serialize(answer, call.binary ? "proto" : "json");
       const headers: Record<string, string> = {
         "content-type": call.binary ? "application/proto" : "application/json",
         "content-length": String(body.byteLength),
