@@ -31,6 +31,8 @@ interface Measured {
   errors: number;
   /** The server process's CPU time per answered request, µs (less swayed by the machine's load than req/s). */
   cpuUs: number;
+  /** Redis's CPU time per answered request, µs: the alternatives differ in what they ask of it. */
+  redisUs: number;
 }
 
 type Init = { headers?: Record<string, string>; body?: Uint8Array };
@@ -113,10 +115,12 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
     for (let round = 0; round < rounds; round++) {
       for (const c of levels) {
         for (const cfg of configs) {
-          const cpuBefore = procCpuMs(cfg.pid);
+          const [cpuBefore, redisBefore] = [procCpuMs(cfg.pid), procCpuMs(redis.pid)];
           const { rps, p50, p99, errors, requests } = await cfg.run(c, slice);
-          const cpuUs = ((procCpuMs(cfg.pid) - cpuBefore) * 1000) / Math.max(1, requests);
-          const m = { server: cfg.server, client: cfg.client, connections: c, rps, p50, p99, errors, cpuUs };
+          const perRequest = (ms: number) => (ms * 1000) / Math.max(1, requests);
+          const cpuUs = perRequest(procCpuMs(cfg.pid) - cpuBefore);
+          const redisUs = perRequest(procCpuMs(redis.pid) - redisBefore);
+          const m = { server: cfg.server, client: cfg.client, connections: c, rps, p50, p99, errors, cpuUs, redisUs };
           const key = `${cfg.server}|${cfg.client}|${c}`;
           samples.set(key, [...(samples.get(key) ?? []), m]);
         }
@@ -128,6 +132,7 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
       p50: percentile(list.map((m) => m.p50), 50),
       p99: percentile(list.map((m) => m.p99), 50),
       cpuUs: percentile(list.map((m) => m.cpuUs), 50),
+      redisUs: percentile(list.map((m) => m.redisUs), 50),
       errors: list.reduce((n, m) => n + m.errors, 0),
     }));
 
@@ -140,8 +145,8 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
       for (const r of here) {
         rows.push({
           scenario,
-          metric: `${r.server}, ${r.client}: req/s (p50 / p99 ms) CPU µs/req`,
-          value: `${fmt(r.rps, 0)} (${fmt(r.p50)} / ${fmt(r.p99)}) ${fmt(r.cpuUs, 0)}${r.errors > 0 ? ` ${r.errors} errors` : ""}`,
+          metric: `${r.server}, ${r.client}: req/s (p50 / p99 ms) CPU µs/req server + redis`,
+          value: `${fmt(r.rps, 0)} (${fmt(r.p50)} / ${fmt(r.p99)}) ${fmt(r.cpuUs, 0)} + ${fmt(r.redisUs, 0)}${r.errors > 0 ? ` ${r.errors} errors` : ""}`,
         });
         if (r.server === "api (fast path)" && honoM !== undefined && bareM !== undefined) {
           rows.push(
