@@ -235,3 +235,37 @@ export function singleRequestMessage(body: Buffer, maxBytes: number): Uint8Array
 export function streamBodyLimit(maxBytes: number): number {
   return 2 * (maxBytes + 5);
 }
+
+type PlainKind = "string" | "int32" | "int32[]";
+
+function isInt32(v: unknown): v is number {
+  return typeof v === "number" && Number.isInteger(v) && v >= -2147483648 && v <= 2147483647;
+}
+
+/**
+ * JSON.parse for the usual request: an object whose keys are all among `fields`, with
+ * values of the named kinds (the JSON names protobuf-es writes). Anything else,
+ * including what protobuf JSON also accepts (proto field names, numbers as strings,
+ * null), gives undefined: the caller then parses with protobuf-es, which also gives
+ * the exact error. protobuf-es's reflective reader costs more than the rest of a call.
+ */
+export function plainJson(text: string, fields: Readonly<Record<string, PlainKind>>): Record<string, unknown> | undefined {
+  let value: unknown;
+  try {
+    value = JSON.parse(text);
+  } catch {
+    return undefined;
+  }
+  if (typeof value !== "object" || value === null || Array.isArray(value)) return undefined;
+  for (const [key, v] of Object.entries(value)) {
+    // A key written twice (or escaped) is an error for protobuf JSON; JSON.parse keeps
+    // the last one silently.
+    const at = text.indexOf(`"${key}"`);
+    if (at === -1 || at !== text.lastIndexOf(`"${key}"`)) return undefined;
+    const kind = fields[key];
+    if (kind === "string" ? typeof v !== "string" : kind === "int32" ? !isInt32(v) : kind === "int32[]" ? !(Array.isArray(v) && v.every(isInt32)) : true) {
+      return undefined;
+    }
+  }
+  return value as Record<string, unknown>;
+}

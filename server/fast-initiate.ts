@@ -15,6 +15,7 @@ import {
   asConnectError,
   deadlineExceeded,
   out,
+  plainJson,
   readBody,
   recordOutcome,
   timeoutOf,
@@ -105,8 +106,11 @@ function parseBody(data: Buffer, binary: boolean): InitiateRequest {
       throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
     }
   }
+  const text = data.toString("utf8");
+  const plain = plainJson(text, { fileIds: "int32[]", requestId: "string", callbackUrl: "string" });
+  if (plain !== undefined) return create(InitiateRequestSchema, plain);
   try {
-    return fromJsonString(InitiateRequestSchema, data.toString("utf8"), { ignoreUnknownFields: false });
+    return fromJsonString(InitiateRequestSchema, text, { ignoreUnknownFields: false });
   } catch (err) {
     throw ConnectError.from(err, Code.InvalidArgument);
   }

@@ -18,6 +18,7 @@ import {
   endStream,
   envelope,
   out,
+  plainJson,
   readBody,
   recordOutcome,
   singleRequestMessage,
@@ -205,8 +206,11 @@ function parseRequest(data: Uint8Array, binary: boolean): WatchJobRequest {
       throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
     }
   }
+  const text = Buffer.from(data.buffer, data.byteOffset, data.byteLength).toString("utf8");
+  const plain = plainJson(text, { jobId: "string", afterVersion: "int32" });
+  if (plain !== undefined) return create(WatchJobRequestSchema, plain);
   try {
-    return fromJsonString(WatchJobRequestSchema, Buffer.from(data).toString("utf8"), { ignoreUnknownFields: false });
+    return fromJsonString(WatchJobRequestSchema, text, { ignoreUnknownFields: false });
   } catch (err) {
     throw ConnectError.from(err, Code.InvalidArgument);
   }

@@ -251,6 +251,8 @@ describe("WatchJob over raw Connect envelopes", () => {
     ["two messages", () => Buffer.concat([watchRequest(unknownJob), watchRequest(unknownJob)]), {}],
     ["malformed JSON", () => envelope(0, '{"jobId":'), {}],
     ["an unknown field", () => envelope(0, '{"jobIdd":"x"}'), {}],
+    ["a job id written twice", () => envelope(0, `{"jobId":"${unknownJob}","jobId":"x"}`), {}],
+    ["an after_version beyond int32", () => envelope(0, JSON.stringify({ jobId: unknownJob, afterVersion: 2 ** 31 })), {}],
     ["a malformed timeout", () => watchRequest(unknownJob), { "connect-timeout-ms": "soon" }],
   ])("%s gets the same answer as from connect-node", async (_what, body, headers) => {
     const [a, b] = await Promise.all([watchRaw(fast, body(), headers), watchRaw(plain, body(), headers)]);
@@ -649,6 +651,10 @@ describe("Initiate, the first call of every job", () => {
       "a request_id that differs from the Idempotency-Key",
       (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1], requestId: "a" }), "application/json", { "idempotency-key": "b" }),
     ],
+    ["fileIds written twice", (s: ApiStack) => initiate(s, '{"fileIds":[1],"fileIds":[2]}')],
+    ["a file id beyond int32", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [2 ** 31] }))],
+    ["a fractional file id", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1.5] }))],
+    ["null file ids", (s: ApiStack) => initiate(s, '{"fileIds":null}')],
     ["a callback_url on a server without webhooks", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1], callbackUrl: "https://example.com/hook" }))],
     ["a malformed connect-timeout-ms", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1] }), "application/json", { "connect-timeout-ms": "soon" })],
   ])("%s gets the same status and code as from connect-node", async (_what, call) => {
