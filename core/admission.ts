@@ -109,9 +109,10 @@ end
 
 if ARGV[12] == '1' then return {8} end
 
-if maxActive > 0 then
-  -- The set is pruned here rather than trusted: a job that ended (or whose record
-  -- vanished) no longer counts, whoever forgot to remove it.
+if maxActive > 0 and redis.call('SCARD', KEYS[4]) >= maxActive then
+  -- Ended jobs leave the set only here, when it looks full: a job that ended (or whose
+  -- record vanished) no longer counts, and a set below the limit needs no look at its
+  -- members, so the usual Initiate costs one SCARD, not a read of every job.
   local active = 0
   for _, id in ipairs(redis.call('SMEMBERS', KEYS[4])) do
     local s = redis.call('HGET', jobPrefix .. id, 'state')
