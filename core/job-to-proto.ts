@@ -118,3 +118,104 @@ export function toProtoJob(rec: JobRecord, download?: PresignedResult): Job {
     ...(webhook !== undefined ? { webhook } : {}),
   });
 }
+
+// The same Job as protobuf JSON (what toJsonString(JobSchema, toProtoJob(rec)) writes),
+// built as a plain object for JSON.stringify: fields in declaration order, defaults
+// left out, 64-bit integers as strings, enums by name, timestamps in RFC 3339. The
+// reflective writer of protobuf-es (with create and toProtoJob before it) was the
+// largest share of what a watched job's messages cost the API; test/job-json.test.ts
+// checks both writers agree on every kind of record.
+
+type Json = Record<string, unknown>;
+
+/** Sets `key` unless `value` is its field's default (0, "", false, empty, undefined). */
+function put(out: Json, key: string, value: unknown): void {
+  if (value === undefined || value === 0 || value === "" || value === false) return;
+  if (Array.isArray(value) && value.length === 0) return;
+  out[key] = value;
+}
+
+/** An int64 as protobuf JSON writes it ("123"), or undefined for the default 0. */
+function int64Json(n: number | undefined): string | undefined {
+  const v = int64(n);
+  return v === 0n ? undefined : v.toString();
+}
+
+/** google.protobuf.Timestamp of a time in ms: fractional seconds only when there are any. */
+function timeJson(ms: number): string {
+  const iso = new Date(ms).toISOString();
+  return ms % 1000 === 0 ? `${iso.slice(0, -5)}Z` : iso;
+}
+
+function enumName<T extends string>(prefix: string, value: T | undefined, known: Record<T, unknown>): string | undefined {
+  return value !== undefined && value in known ? `${prefix}${value}` : undefined;
+}
+
+export function toJobJson(rec: JobRecord, download?: PresignedResult): Json {
+  const p = rec.progress;
+  const out: Json = {};
+  put(out, "jobId", rec.id);
+  put(out, "state", enumName("JOB_STATE_", rec.state, JOB_STATE));
+  put(out, "fileIds", rec.fileIds);
+  const progress: Json = {};
+  put(progress, "percent", percentOf(p));
+  put(progress, "filesDone", p.filesDone);
+  put(progress, "filesTotal", p.filesTotal);
+  put(progress, "bytesDone", int64Json(p.bytesDone));
+  put(progress, "bytesTotal", int64Json(p.bytesTotal));
+  // Optional in the contract: written when set, even as 0.
+  if (p.etaSeconds !== undefined) progress.etaSeconds = Math.round(p.etaSeconds);
+  put(progress, "bytesPerSecond", int64Json(p.bytesPerSecond));
+  out.progress = progress;
+  put(
+    out,
+    "files",
+    rec.files.map((f) => {
+      const file: Json = {};
+      put(file, "fileId", f.fileId);
+      put(file, "state", enumName("FILE_STATE_", f.state, FILE_STATE));
+      put(file, "sizeBytes", int64Json(f.sizeBytes));
+      put(file, "bytesDone", int64Json(f.bytesDone));
+      put(file, "entryName", f.entryName);
+      return file;
+    }),
+  );
+  put(out, "version", rec.version);
+  put(out, "attempts", rec.attempts);
+  out.createTime = timeJson(rec.createdAt);
+  out.updateTime = timeJson(rec.updatedAt);
+  if (rec.startedAt !== undefined) out.startTime = timeJson(rec.startedAt);
+  if (rec.endedAt !== undefined) out.endTime = timeJson(rec.endedAt);
+  if (rec.state === "COMPLETED" && rec.result !== undefined) {
+    const result: Json = {};
+    put(result, "downloadUrl", download?.url);
+    if (download !== undefined) result.expireTime = timeJson(download.expiresAt);
+    put(result, "fileName", rec.result.fileName);
+    put(result, "sizeBytes", int64Json(rec.result.sizeBytes));
+    put(result, "sha256", rec.result.sha256);
+    put(result, "expired", rec.result.expired === true);
+    if (rec.result.expiresAt !== undefined) result.purgeTime = timeJson(rec.result.expiresAt);
+    out.result = result;
+  }
+  if (rec.state === "FAILED" && rec.error !== undefined) {
+    const error: Json = {};
+    put(error, "code", rec.error.code);
+    put(error, "message", rec.error.message);
+    put(error, "retryable", rec.error.retryable);
+    put(error, "missingFileIds", rec.error.missingFileIds);
+    out.error = error;
+  }
+  const w = rec.webhook;
+  if (rec.callbackUrl !== undefined && w !== undefined) {
+    const webhook: Json = {};
+    put(webhook, "callbackUrl", rec.callbackUrl);
+    put(webhook, "state", enumName("WEBHOOK_STATE_", w.state, WEBHOOK_STATE));
+    put(webhook, "attempts", w.attempts);
+    put(webhook, "lastStatusCode", w.lastStatus);
+    put(webhook, "lastError", w.lastError);
+    if (w.lastAttemptAt !== undefined) webhook.lastAttemptTime = timeJson(w.lastAttemptAt);
+    if (w.deliveredAt !== undefined) webhook.deliveredTime = timeJson(w.deliveredAt);
+    out.webhook = webhook;
+  }
+  return out;
+}

@@ -1,7 +1,7 @@
-import { create, fromBinary, fromJsonString, toBinary, toJsonString } from "@bufbuild/protobuf";
+import { create, fromBinary, fromJsonString, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { AdmissionOutcome } from "../core/admission.js";
-import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
+import { hasLiveResult, toJobJson, toProtoJob } from "../core/job-to-proto.js";
 import {
   type InitiateRequest,
   InitiateOutcome,
@@ -39,6 +39,13 @@ const OUTCOME: Record<AdmissionOutcome, InitiateOutcome> = {
   reused_result: InitiateOutcome.REUSED_RESULT,
 };
 
+const OUTCOME_NAME: Record<AdmissionOutcome, string> = {
+  created: "INITIATE_OUTCOME_CREATED",
+  replayed: "INITIATE_OUTCOME_REPLAYED",
+  in_flight: "INITIATE_OUTCOME_IN_FLIGHT",
+  reused_result: "INITIATE_OUTCOME_REUSED_RESULT",
+};
+
 export function createFastInitiate(deps: FastPathDeps) {
   return async function initiate(req: NodeRequest, res: NodeResponse, binary: boolean): Promise<void> {
     let deadline: NodeJS.Timeout | undefined;
@@ -58,7 +65,7 @@ export function createFastInitiate(deps: FastPathDeps) {
         });
         // Only a reused result is complete at once; its URL is made now, as on every read.
         const download = hasLiveResult(job) ? await deps.presigner.presignResult(job.result.key, job.result.fileName) : undefined;
-        return create(InitiateResponseSchema, { job: toProtoJob(job, download), outcome: OUTCOME[outcome] });
+        return { job, download, outcome };
       })();
       let answer: Awaited<typeof work>;
       if (timeout.ms === undefined) {
@@ -74,7 +81,12 @@ export function createFastInitiate(deps: FastPathDeps) {
           }),
         ]);
       }
-      const body = binary ? Buffer.from(toBinary(InitiateResponseSchema, answer)) : Buffer.from(toJsonString(InitiateResponseSchema, answer));
+      const body = binary
+        ? Buffer.from(
+            toBinary(InitiateResponseSchema, create(InitiateResponseSchema, { job: toProtoJob(answer.job, answer.download), outcome: OUTCOME[answer.outcome] })),
+          )
+        : // The JSON straight from the record (core/job-to-proto.ts toJobJson); outcome is never the default.
+          Buffer.from(`{"job":${JSON.stringify(toJobJson(answer.job, answer.download))},"outcome":"${OUTCOME_NAME[answer.outcome]}"}`);
       recordOutcome(req, undefined, owner);
       out(res).writeHead(200, {
         "content-type": binary ? "application/proto" : "application/json",

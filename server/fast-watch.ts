@@ -4,7 +4,6 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { type JobRecord, isTerminal } from "../core/jobs.js";
 import {
-  type Job,
   WatchJobRequestSchema,
   type WatchJobRequest,
   WatchJobResponseSchema,
@@ -25,7 +24,8 @@ import {
   streamBodyLimit,
   timeoutOf,
 } from "./fast-connect.js";
-import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
+import { hasLiveResult, toJobJson, toProtoJob } from "../core/job-to-proto.js";
+import type { PresignedResult } from "../core/storage.js";
 
 // WatchJob over the Connect streaming protocol (application/connect+json and
 // application/connect+proto, HTTP/1.1 and h2), without connect-node's per-stream
@@ -51,9 +51,9 @@ interface Frame {
   chunk?: Buffer;
 }
 
-/** A record as this process sends it: the proto Job and its framed encodings. */
+/** A record as this process sends it: its download URL (if any) and its framed encodings. */
 interface Encoded {
-  job: Job | Promise<Job>;
+  download: PresignedResult | undefined | Promise<PresignedResult>;
   json?: Frame | Promise<Frame>;
   proto?: Frame | Promise<Frame>;
 }
@@ -74,29 +74,29 @@ export function createFastWatch(deps: FastPathDeps) {
   const encoded = new WeakMap<JobRecord, Encoded>();
 
   /** A completed job's URL is presigned on read (stored URLs expire); once per record here. */
-  const present = (rec: JobRecord): Job | Promise<Job> => {
-    if (!hasLiveResult(rec)) return toProtoJob(rec);
-    return deps.presigner.presignResult(rec.result.key, rec.result.fileName).then((url) => toProtoJob(rec, url));
-  };
+  const presign = (rec: JobRecord): Promise<PresignedResult> | undefined =>
+    hasLiveResult(rec) ? deps.presigner.presignResult(rec.result.key, rec.result.fileName) : undefined;
 
-  const encode = (job: Job, binary: boolean): Frame => {
-    const msg = create(WatchJobResponseSchema, { event: { case: "job", value: job } });
-    const data = binary ? toBinary(WatchJobResponseSchema, msg) : Buffer.from(toJsonString(WatchJobResponseSchema, msg));
+  // JSON straight from the record (toJobJson), binary through the proto Job.
+  const encode = (rec: JobRecord, download: PresignedResult | undefined, binary: boolean): Frame => {
+    const data = binary
+      ? toBinary(WatchJobResponseSchema, create(WatchJobResponseSchema, { event: { case: "job", value: toProtoJob(rec, download) } }))
+      : Buffer.from(`{"job":${JSON.stringify(toJobJson(rec, download))}}`);
     return { envelope: envelope(0, data) };
   };
 
-  /** The enveloped message for a record: converted, presigned and serialized once per encoding. */
+  /** The enveloped message for a record: presigned and serialized once per encoding. */
   const jobFrame = (rec: JobRecord, binary: boolean): Frame | Promise<Frame> => {
     let entry = encoded.get(rec);
     if (entry === undefined) {
-      entry = { job: present(rec) };
+      entry = { download: presign(rec) };
       encoded.set(rec, entry);
     }
     const key = binary ? "proto" : "json";
     let bytes = entry[key];
     if (bytes === undefined) {
-      const job = entry.job;
-      bytes = job instanceof Promise ? job.then((j) => encode(j, binary)) : encode(job, binary);
+      const download = entry.download;
+      bytes = download instanceof Promise ? download.then((d) => encode(rec, d, binary)) : encode(rec, download, binary);
       entry[key] = bytes;
     }
     return bytes;

@@ -604,6 +604,15 @@ describe("Initiate, the first call of every job", () => {
       headers: { "content-type": type, ...headers },
       body: typeof body === "string" ? body : new Uint8Array(body),
     });
+  // connect-node alone over the same jobs (one key prefix), for byte-for-byte comparisons.
+  let twin: ApiStack;
+  beforeAll(async () => {
+    const env = { MAX_REQUEST_BYTES: String(MAX_BYTES), WATCH_HEARTBEAT_MS: "60000", PRESIGN_EXPIRY_SECONDS: "300", AUTH_DISABLED: "true" };
+    twin = await startApiStack({ ...env, QUEUE_PREFIX: fast.cfg.QUEUE_PREFIX }, { services: svc, fastPaths: false });
+  });
+  afterAll(async () => {
+    await twin?.stop();
+  });
   // Distinct file sets, so that no call is answered with another's in-flight job.
   let nextFile = 90_000;
   const files = (n = 1) => Array.from({ length: n }, () => nextFile++);
@@ -625,13 +634,30 @@ describe("Initiate, the first call of every job", () => {
     expect((await fast.store.get(decoded.job?.jobId ?? "")).owner).toBe("anonymous");
   });
 
-  test("the Idempotency-Key header replays the first answer's job", async () => {
+  test("the Idempotency-Key header replays the first answer's job, in the very JSON connect-node writes", async () => {
     const body = JSON.stringify({ fileIds: files(1) });
     const headers = { "idempotency-key": `key-${newJobId()}` };
     const first = (await (await initiate(fast, body, "application/json", headers)).json()) as Record<string, any>;
-    const again = (await (await initiate(fast, body, "application/json", headers)).json()) as Record<string, any>;
-    expect(again.outcome).toBe("INITIATE_OUTCOME_REPLAYED");
-    expect(again.job.jobId).toBe(first.job.jobId);
+    const again = await (await initiate(fast, body, "application/json", headers)).text();
+    expect(JSON.parse(again)).toMatchObject({ outcome: "INITIATE_OUTCOME_REPLAYED", job: { jobId: first.job.jobId } });
+    // The same job replayed by connect-node (both servers share Redis): byte for byte.
+    expect(again).toBe(await (await initiate(twin, body, "application/json", headers)).text());
+  });
+
+  test("a watched job's messages are the very JSON connect-node writes, in every state", async () => {
+    const jobId = (await fast.store.create(newJobId(), [3, 1], "anonymous")).id;
+    const firstOf = async (stack: ApiStack) => {
+      const res = await watchRaw(stack, watchRequest(jobId));
+      return frames(res.body)[0]?.data.toString();
+    };
+    const fail = (id: string) =>
+      fast.store.update(id, { state: "FAILED", endedAt: Date.now(), error: { code: "not_found", message: "gone", retryable: false, missingFileIds: [3] } });
+    await fast.startJob(jobId);
+    await fast.progress(jobId, 40, 100);
+    await fail(jobId);
+    const [a, b] = await Promise.all([firstOf(fast), firstOf(twin)]);
+    expect(a).toContain('"missingFileIds":[3]');
+    expect(a).toBe(b);
   });
 
   const tooMany = JSON.stringify({ fileIds: Array.from({ length: 200 }, (_, i) => i + 1) });
