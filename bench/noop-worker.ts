@@ -6,7 +6,7 @@ import { createRedis } from "../core/redis.js";
 
 // The job-overhead benchmark's worker: takes our jobs from the queue and makes the same
 // Redis writes the real processor (worker/processor.ts) makes around its work (the
-// start with the attempt and the sources' totals, the result's expiry, the result),
+// start with the attempt and the sources' totals, the result with its expiry),
 // with no work in between and no S3. What is left is the cost of a job beyond the work.
 // BENCH_RAW=1 is the baseline instead: a no-op BullMQ processor on a plain queue.
 // REDIS_URL, QUEUE_PREFIX, CONCURRENCY from the environment; prints "listening 0" when ready.
@@ -36,8 +36,7 @@ const worker = raw
         );
         const endedAt = Date.now();
         const expiresAt = endedAt + 24 * 3600 * 1000;
-        await store.scheduleResultExpiry(jobId, expiresAt);
-        await store.update(
+        await store.write(
           jobId,
           {
             state: "COMPLETED",
@@ -46,7 +45,7 @@ const worker = raw
             files: files.map((f) => ({ ...f, state: "DONE" as const })),
             result: { key: `bundles/${jobId}.zip`, fileName: `download-${jobId.slice(0, 8)}.zip`, sizeBytes: 22, sha256: "0".repeat(64), expiresAt },
           },
-          { from: ["PROCESSING"] },
+          { from: ["PROCESSING"], expireResultAt: expiresAt },
         );
         return "completed";
       },

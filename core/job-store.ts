@@ -38,14 +38,19 @@ export function decodeJob(flat: Flat): JobRecord {
 }
 
 // KEYS[1] job hash, KEYS[2] the webhook outbox (a sorted set of job ids by due time,
-// which the worker drains). ARGV[1] channel, ARGV[2] comma-separated allowed states ("" = any),
-// ARGV[3] attempts increment, ARGV[4] TTL seconds applied when the new state is terminal,
-// ARGV[5] "1" if the new state is terminal, ARGV[6] how many of the field/value pairs
-// that follow are set only where the field is absent (they come first), ARGV[7..] the
-// field/value pairs.
+// which the worker drains), KEYS[3] the result expiry set (retention's sorted set of job
+// ids by when their result is to be deleted). ARGV[1] channel, ARGV[2] comma-separated
+// allowed states ("" = any), ARGV[3] attempts increment, ARGV[4] TTL seconds applied
+// when the new state is terminal, ARGV[5] "1" if the new state is terminal, ARGV[6] when
+// the job's result is to be deleted ("" = no change), ARGV[7] how many of the
+// field/value pairs that follow are set only where the field is absent (they come
+// first), ARGV[8..] the field/value pairs.
 // Returns {1, json} on success, {0} when the job does not exist, {2, state} when the
 // job's state is not one of the allowed ones.
 const UPDATE_SCRIPT = `
+-- The result is registered for deletion whatever the state check below says: an upload
+-- that a cancel overtook is still an object that retention must remove.
+if ARGV[6] ~= '' then redis.call('ZADD', KEYS[3], ARGV[6], string.match(KEYS[1], '[^:]+$')) end
 local state = redis.call('HGET', KEYS[1], 'state')
 if not state then return {0} end
 if ARGV[2] ~= '' then
@@ -55,8 +60,8 @@ if ARGV[2] ~= '' then
   end
   if not ok then return {2, state} end
 end
-local at = 7
-for _ = 1, tonumber(ARGV[6]) do
+local at = 8
+for _ = 1, tonumber(ARGV[7]) do
   redis.call('HSETNX', KEYS[1], ARGV[at], ARGV[at + 1])
   at = at + 2
 end
@@ -85,6 +90,12 @@ export interface UpdateOptions {
   addAttempts?: number;
   /** Fields written only where the record has none yet (the first start of a job). */
   ifAbsent?: Partial<JobRecord>;
+  /**
+   * Registers the job's result for deletion at this time (ms), in the same step and
+   * before the state check: the result is never announced unregistered, and an upload
+   * that lost to a cancel is registered all the same.
+   */
+  expireResultAt?: number;
 }
 
 export interface JobStoreOptions {
@@ -104,7 +115,7 @@ export class JobStore {
   ) {
     this.prefix = opts.prefix;
     this.ttl = opts.recordTtlSeconds;
-    redis.defineCommand("djUpdateJob", { numberOfKeys: 2, lua: UPDATE_SCRIPT });
+    redis.defineCommand("djUpdateJob", { numberOfKeys: 3, lua: UPDATE_SCRIPT });
   }
 
   key(id: string): string {
@@ -129,11 +140,6 @@ export class JobStore {
   /** Removes a job's callback from the outbox once its delivery is settled. */
   async settleWebhook(id: string): Promise<void> {
     await this.redis.zrem(this.webhookOutboxKey, id);
-  }
-
-  /** Registers a result object for deletion at `at` (ms); done before the job completes. */
-  async scheduleResultExpiry(id: string, at: number): Promise<void> {
-    await this.redis.zadd(this.resultExpiryKey, at, id);
   }
 
   /** Job ids whose result is due for deletion at `now`, oldest first. */
@@ -170,6 +176,16 @@ export class JobStore {
    * publishes the new record. Throws JobNotFoundError or JobStateError.
    */
   async update(id: string, patch: Partial<JobRecord>, opts: UpdateOptions = {}): Promise<JobRecord> {
+    return decodeJob(JSON.parse(await this.apply(id, patch, opts)) as Flat);
+  }
+
+  /** update() for a writer that does not need the new record back (progress, the result). */
+  async write(id: string, patch: Partial<JobRecord>, opts: UpdateOptions = {}): Promise<void> {
+    await this.apply(id, patch, opts);
+  }
+
+  /** Runs the update script; resolves to the new record's JSON. */
+  private async apply(id: string, patch: Partial<JobRecord>, opts: UpdateOptions): Promise<string> {
     const fields = flatten({ ...patch, updatedAt: patch.updatedAt ?? Date.now() });
     const keep = Object.entries(flatten(opts.ifAbsent ?? {}));
     const terminal = patch.state !== undefined && isTerminal(patch.state);
@@ -179,23 +195,26 @@ export class JobStore {
       String(opts.addAttempts ?? 0),
       String(this.ttl),
       terminal ? "1" : "0",
+      opts.expireResultAt !== undefined ? String(opts.expireResultAt) : "",
       String(keep.length),
       ...keep.flat(),
       ...Object.entries(fields).flat(),
     ];
-    const reply = (await (this.redis as unknown as UpdateCommand).djUpdateJob(this.key(id), this.webhookOutboxKey, ...args)) as [
-      number,
-      string?,
-    ];
+    const reply = (await (this.redis as unknown as UpdateCommand).djUpdateJob(
+      this.key(id),
+      this.webhookOutboxKey,
+      this.resultExpiryKey,
+      ...args,
+    )) as [number, string?];
     if (reply[0] === 0) throw new JobNotFoundError(id);
     if (reply[0] === 2) {
       const state = reply[1] as JobStateName;
       throw new JobStateError(id, state, `job ${id} is ${state.toLowerCase()}`);
     }
-    return decodeJob(JSON.parse(reply[1] as string) as Flat);
+    return reply[1] as string;
   }
 }
 
 interface UpdateCommand {
-  djUpdateJob(key: string, outbox: string, ...args: string[]): Promise<unknown>;
+  djUpdateJob(key: string, outbox: string, expiry: string, ...args: string[]): Promise<unknown>;
 }

@@ -55,4 +55,23 @@ describe("JobStore", () => {
       redis.disconnect();
     }
   });
+
+  test("expireResultAt registers the result for deletion in the same step, even when the state check refuses", async () => {
+    const redis = createRedis(svc.redis.url, { role: "api" });
+    try {
+      const store = new JobStore(redis, { prefix: uniquePrefix(), recordTtlSeconds: 60 });
+      const done = newJobId();
+      await store.create(done, [1], "owner-a");
+      await store.update(done, { state: "PROCESSING" }, { from: ["QUEUED"] });
+      await store.write(done, { state: "COMPLETED" }, { from: ["PROCESSING"], expireResultAt: 5000 });
+      const cancelled = newJobId();
+      await store.create(cancelled, [1], "owner-a");
+      await store.update(cancelled, { state: "CANCELLED" }, { from: ["QUEUED"] });
+      await expect(store.write(cancelled, { state: "COMPLETED" }, { from: ["PROCESSING"], expireResultAt: 6000 })).rejects.toBeInstanceOf(JobStateError);
+      expect(await store.dueResultExpiries(10_000, 10)).toEqual([done, cancelled]);
+      expect((await store.get(cancelled)).state).toBe("CANCELLED");
+    } finally {
+      redis.disconnect();
+    }
+  });
 });

@@ -148,7 +148,7 @@ async function run(
 
     progress = new ProgressTracker(rec, deps.progressIntervalMs, async (patch) => {
       try {
-        await store.update(jobId, patch, { from: ["PROCESSING"] });
+        await store.write(jobId, patch, { from: ["PROCESSING"] });
       } catch (err) {
         if (err instanceof JobStateError || err instanceof JobNotFoundError) {
           // Cancelled (or gone) under us: stop, even if the cancel message was missed.
@@ -187,11 +187,10 @@ async function run(
     await tracker.stop();
     const endedAt = Date.now();
     const expiresAt = endedAt + (deps.resultTtlSeconds ?? 24 * 3600) * 1000;
-    // Registered for deletion before it is announced: a crash in between leaves an
-    // object that retention still removes, never one that nothing will.
-    await store.scheduleResultExpiry(jobId, expiresAt);
     try {
-      await store.update(
+      // The result is registered for deletion in the same step, whatever the state
+      // check says: retention removes it even if a cancel won (core/job-store.ts).
+      await store.write(
         jobId,
         {
           state: "COMPLETED",
@@ -200,7 +199,7 @@ async function run(
           files: tracker.files,
           result: { key, fileName, sizeBytes: result.sizeBytes, sha256: result.sha256, expiresAt },
         },
-        { from: ["PROCESSING"] },
+        { from: ["PROCESSING"], expireResultAt: expiresAt },
       );
     } catch (err) {
       if (err instanceof JobStateError) {
