@@ -24,8 +24,10 @@ const LANES = 50;
 export async function benchJobs(opts: { quick?: boolean } = {}): Promise<{ rows: Row[]; data: unknown }> {
   // Both sides run in alternating slices, round after round, and report medians: on a
   // shared machine the load drifts, and interleaving spreads the drift evenly over both.
-  const rounds = opts.quick ? 2 : 5;
-  const perSlice = opts.quick ? 500 : 1000;
+  // A slice is 2,000 jobs (about a second): slices of 1,000 (0.4 s for the baseline)
+  // swung by half from one round to the next.
+  const rounds = opts.quick ? 2 : 7;
+  const perSlice = opts.quick ? 500 : 2000;
   const redis = await startRedis();
   const prefix = "benchjobs";
   const env = serviceEnv(redis.url, "http://127.0.0.1:9", prefix);
@@ -77,8 +79,8 @@ export async function benchJobs(opts: { quick?: boolean } = {}): Promise<{ rows:
     };
 
     // Warm both sides' JIT before anything counts.
-    await slice("raw", 200);
-    await slice("ours", 200);
+    await slice("raw", 1000);
+    await slice("ours", 1000);
     cpu.raw = {};
     cpu.ours = {};
     const rates = { raw: [] as number[], ours: [] as number[] };
