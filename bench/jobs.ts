@@ -48,6 +48,8 @@ export async function benchJobs(opts: { quick?: boolean } = {}): Promise<{ rows:
     ]);
     servers.push(rawWorker, api, worker);
     queue = new Queue("raw", { connection: conn, prefix, defaultJobOptions: { removeOnComplete: { count: 1000 } } });
+    // waitUntilFinished listens on the queue too, once per job in flight.
+    queue.setMaxListeners(LANES * 2);
     events = new QueueEvents("raw", { connection: eventsConn, prefix });
     events.setMaxListeners(LANES * 2);
     await events.waitUntilReady();
