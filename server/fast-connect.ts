@@ -138,6 +138,27 @@ export function deadlineExceeded(): ConnectError {
   return new ConnectError("the operation timed out", Code.DeadlineExceeded);
 }
 
+/**
+ * `work`, or DEADLINE_EXCEEDED once `ms` have passed (no deadline when undefined). The
+ * deadline ends the call, not the work: what it was doing (an admission, say) carries
+ * on, and its outcome is what a retry finds.
+ */
+export async function withDeadline<T>(work: Promise<T>, ms: number | undefined): Promise<T> {
+  if (ms === undefined) return work;
+  work.catch(() => undefined);
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([
+      work,
+      new Promise<never>((_resolve, reject) => {
+        timer = setTimeout(() => reject(deadlineExceeded()), ms);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
 /** A header that names no compression: absent or "identity". */
 export function isIdentity(value: string | string[] | undefined): boolean {
   return value === undefined || value === "identity";

@@ -9,11 +9,11 @@ import {
   type NodeRequest,
   type NodeResponse,
   asConnectError,
-  deadlineExceeded,
   out,
   readBody,
   recordOutcome,
   streamBodyLimit,
+  withDeadline,
 } from "./fast-connect.js";
 import type { StatusAnswers } from "./fast-status.js";
 
@@ -40,7 +40,6 @@ export function createFastGrpcStatus(deps: FastPathDeps, answers: StatusAnswers)
     const accept = req.headers["grpc-accept-encoding"];
     const compression = compressionNegotiate(COMPRESSIONS, null, typeof accept === "string" ? accept : null, "grpc-accept-encoding").response;
     if (compression !== null) headers["grpc-encoding"] = compression.name;
-    let deadline: NodeJS.Timeout | undefined;
     let owner: string | undefined;
     try {
       owner = deps.authenticate(req.headers);
@@ -51,18 +50,7 @@ export function createFastGrpcStatus(deps: FastPathDeps, answers: StatusAnswers)
         const input = unaryRequest(await readBody(req, streamBodyLimit(deps.readMaxBytes)), deps.readMaxBytes);
         return answers.lookup(owner as string, input.jobId);
       })();
-      let answer: Awaited<typeof work>;
-      if (timeout.timeoutMs === undefined) {
-        answer = await work;
-      } else {
-        work.catch(() => undefined);
-        answer = await Promise.race([
-          work,
-          new Promise<never>((_resolve, reject) => {
-            deadline = setTimeout(() => reject(deadlineExceeded()), timeout.timeoutMs);
-          }),
-        ]);
-      }
+      const answer = await withDeadline(work, timeout.timeoutMs);
       let frame = answers.serialize(answer, "grpc");
       if (compression !== null && frame.byteLength - 5 >= COMPRESS_MIN_BYTES) {
         const packed = await compression.compress(frame.subarray(5));
@@ -82,8 +70,6 @@ export function createFastGrpcStatus(deps: FastPathDeps, answers: StatusAnswers)
         trailers[name] = value;
       });
       respond(res, headers, undefined, trailers);
-    } finally {
-      clearTimeout(deadline);
     }
   };
 }

@@ -13,13 +13,13 @@ import {
   type NodeRequest,
   type NodeResponse,
   asConnectError,
-  deadlineExceeded,
   out,
   plainJson,
   readBody,
   recordOutcome,
   timeoutOf,
   writeUnaryError,
+  withDeadline,
 } from "./fast-connect.js";
 
 // Initiate over the Connect unary protocol (a JSON or binary POST), without connect-node.
@@ -48,7 +48,6 @@ const OUTCOME_NAME: Record<AdmissionOutcome, string> = {
 
 export function createFastInitiate(deps: FastPathDeps) {
   return async function initiate(req: NodeRequest, res: NodeResponse, binary: boolean): Promise<void> {
-    let deadline: NodeJS.Timeout | undefined;
     let owner: string | undefined;
     try {
       owner = deps.authenticate(req.headers);
@@ -67,20 +66,7 @@ export function createFastInitiate(deps: FastPathDeps) {
         const download = hasLiveResult(job) ? await deps.presigner.presignResult(job.result.key, job.result.fileName) : undefined;
         return { job, download, outcome };
       })();
-      let answer: Awaited<typeof work>;
-      if (timeout.ms === undefined) {
-        answer = await work;
-      } else {
-        // The deadline ends the call, not the admission: a job created meanwhile stays
-        // created, and the caller's retry with its idempotency key finds it.
-        work.catch(() => undefined);
-        answer = await Promise.race([
-          work,
-          new Promise<never>((_resolve, reject) => {
-            deadline = setTimeout(() => reject(deadlineExceeded()), timeout.ms);
-          }),
-        ]);
-      }
+      const answer = await withDeadline(work, timeout.ms);
       const body = binary
         ? Buffer.from(
             toBinary(InitiateResponseSchema, create(InitiateResponseSchema, { job: toProtoJob(answer.job, answer.download), outcome: OUTCOME[answer.outcome] })),
@@ -97,8 +83,6 @@ export function createFastInitiate(deps: FastPathDeps) {
       const error = asConnectError(err, deps.log, PROCEDURE);
       recordOutcome(req, error.code, owner);
       writeUnaryError(res, error);
-    } finally {
-      clearTimeout(deadline);
     }
   };
 }

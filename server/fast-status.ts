@@ -14,12 +14,12 @@ import {
   type NodeRequest,
   type NodeResponse,
   asConnectError,
-  deadlineExceeded,
   out,
   readBody,
   recordOutcome,
   timeoutOf,
   writeUnaryError,
+  withDeadline,
 } from "./fast-connect.js";
 import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
 
@@ -127,7 +127,6 @@ export function createFastStatus(deps: FastPathDeps, answers: StatusAnswers) {
 
   return async function getStatus(req: NodeRequest, res: NodeResponse, call: StatusRequest): Promise<void> {
     const isGet = call.method === "GET";
-    let deadline: NodeJS.Timeout | undefined;
     let owner: string | undefined;
     try {
       owner = deps.authenticate(req.headers);
@@ -139,18 +138,7 @@ export function createFastStatus(deps: FastPathDeps, answers: StatusAnswers) {
           : parseBody(await readBody(req, deps.readMaxBytes), call.binary);
         return answers.lookup(owner as string, input.jobId);
       })();
-      let answer: Awaited<typeof work>;
-      if (timeout.ms === undefined) {
-        answer = await work;
-      } else {
-        work.catch(() => undefined);
-        answer = await Promise.race([
-          work,
-          new Promise<never>((_resolve, reject) => {
-            deadline = setTimeout(() => reject(deadlineExceeded()), timeout.ms);
-          }),
-        ]);
-      }
+      const answer = await withDeadline(work, timeout.ms);
       const body = answers.serialize(answer, call.binary ? "proto" : "json");
       const headers: Record<string, string> = {
         "content-type": call.binary ? "application/proto" : "application/json",
@@ -165,8 +153,6 @@ export function createFastStatus(deps: FastPathDeps, answers: StatusAnswers) {
       recordOutcome(req, error.code, owner);
       // An error answer must not be reused: the next poll may well succeed.
       writeUnaryError(res, error, isGet ? { "cache-control": "no-store" } : undefined);
-    } finally {
-      clearTimeout(deadline);
     }
   };
 }
