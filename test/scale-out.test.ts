@@ -121,7 +121,11 @@ describe("several API and worker processes on one Redis", () => {
     }
     const runner = await workerRunning(jobId);
     expect(runner.proc.pid).not.toBe(apis[0]?.proc.pid);
-    expect(runner.lines.some((l) => l.msg === "job completed" && l.jobId === jobId)).toBe(true);
+    // The worker logs after its completing write returns, so the line may follow the
+    // watcher's COMPLETED by a moment.
+    await waitUntil(`the worker's log of ${jobId} completed`, async () =>
+      runner.lines.some((l) => l.msg === "job completed" && l.jobId === jobId),
+    );
     // Several distinct progress steps arrived through A, though A never ran the job.
     const processing = seen.filter((j) => j.state === JobState.PROCESSING);
     const steps = new Set(processing.map((j) => j.progress?.bytesDone ?? 0n));
