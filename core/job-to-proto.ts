@@ -2,12 +2,14 @@ import { create, type MessageInitShape } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import {
   FileState,
+  InitiateOutcome,
   type Job,
   JobSchema,
   JobState,
   type WebhookDeliverySchema,
   WebhookState,
 } from "../gen/downloads/v1/download_service_pb.js";
+import type { AdmissionOutcome } from "./admission.js";
 import type { FileStateName, JobRecord, JobStateName, WebhookStateName } from "./jobs.js";
 import { percentOf } from "./jobs.js";
 import type { PresignedResult } from "./storage.js";
@@ -24,6 +26,19 @@ const JOB_STATE: Record<JobStateName, JobState> = {
   FAILED: JobState.FAILED,
   CANCELLED: JobState.CANCELLED,
 };
+
+/** How Initiate arrived at its job, as the contract names it. */
+export const INITIATE_OUTCOME: Record<AdmissionOutcome, InitiateOutcome> = {
+  created: InitiateOutcome.CREATED,
+  replayed: InitiateOutcome.REPLAYED,
+  in_flight: InitiateOutcome.IN_FLIGHT,
+  reused_result: InitiateOutcome.REUSED_RESULT,
+};
+
+/** The outcome's name in protobuf JSON ("INITIATE_OUTCOME_CREATED"). */
+export function initiateOutcomeJson(outcome: AdmissionOutcome): string {
+  return `INITIATE_OUTCOME_${InitiateOutcome[INITIATE_OUTCOME[outcome]]}`;
+}
 
 const WEBHOOK_STATE: Record<WebhookStateName, WebhookState> = {
   PENDING: WebhookState.PENDING,

@@ -1,20 +1,12 @@
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
-import type { AdmissionOutcome } from "../core/admission.js";
 import type { JobService } from "../core/job-service.js";
-import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
+import { INITIATE_OUTCOME, hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
 import { type JobRecord, parseJobId } from "../core/jobs.js";
 import type { PresignedResult } from "../core/storage.js";
-import { type DownloadService, InitiateOutcome, type Job } from "../gen/downloads/v1/download_service_pb.js";
+import { type DownloadService, type Job } from "../gen/downloads/v1/download_service_pb.js";
 import { ownerOf } from "./auth.js";
 import type { WatchHub } from "./watch-hub.js";
-
-const OUTCOME: Record<AdmissionOutcome, InitiateOutcome> = {
-  created: InitiateOutcome.CREATED,
-  replayed: InitiateOutcome.REPLAYED,
-  in_flight: InitiateOutcome.IN_FLIGHT,
-  reused_result: InitiateOutcome.REUSED_RESULT,
-};
 
 // The handlers: parse nothing, know no Redis, BullMQ or S3. Domain errors propagate and
 // the interceptor (rpc-interceptor.ts) turns them into Connect codes.
@@ -53,7 +45,7 @@ export function createDownloadService(deps: DownloadServiceDeps): ServiceImpl<ty
         idempotencyKey: ctx.requestHeader.get("idempotency-key"),
         callbackUrl: req.callbackUrl,
       });
-      return { job: await present(job), outcome: OUTCOME[outcome] };
+      return { job: await present(job), outcome: INITIATE_OUTCOME[outcome] };
     },
 
     async getStatus(req, ctx) {

@@ -1,10 +1,8 @@
 import { create, fromBinary, fromJsonString, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import type { AdmissionOutcome } from "../core/admission.js";
-import { hasLiveResult, toJobJson, toProtoJob } from "../core/job-to-proto.js";
+import { INITIATE_OUTCOME, hasLiveResult, initiateOutcomeJson, toJobJson, toProtoJob } from "../core/job-to-proto.js";
 import {
   type InitiateRequest,
-  InitiateOutcome,
   InitiateRequestSchema,
   InitiateResponseSchema,
 } from "../gen/downloads/v1/download_service_pb.js";
@@ -32,20 +30,6 @@ import {
 
 const PROCEDURE = "/downloads.v1.DownloadService/Initiate";
 
-const OUTCOME: Record<AdmissionOutcome, InitiateOutcome> = {
-  created: InitiateOutcome.CREATED,
-  replayed: InitiateOutcome.REPLAYED,
-  in_flight: InitiateOutcome.IN_FLIGHT,
-  reused_result: InitiateOutcome.REUSED_RESULT,
-};
-
-const OUTCOME_NAME: Record<AdmissionOutcome, string> = {
-  created: "INITIATE_OUTCOME_CREATED",
-  replayed: "INITIATE_OUTCOME_REPLAYED",
-  in_flight: "INITIATE_OUTCOME_IN_FLIGHT",
-  reused_result: "INITIATE_OUTCOME_REUSED_RESULT",
-};
-
 export function createFastInitiate(deps: FastPathDeps) {
   return async function initiate(req: NodeRequest, res: NodeResponse, binary: boolean): Promise<void> {
     let owner: string | undefined;
@@ -69,10 +53,10 @@ export function createFastInitiate(deps: FastPathDeps) {
       const answer = await withDeadline(work, timeout.ms);
       const body = binary
         ? Buffer.from(
-            toBinary(InitiateResponseSchema, create(InitiateResponseSchema, { job: toProtoJob(answer.job, answer.download), outcome: OUTCOME[answer.outcome] })),
+            toBinary(InitiateResponseSchema, create(InitiateResponseSchema, { job: toProtoJob(answer.job, answer.download), outcome: INITIATE_OUTCOME[answer.outcome] })),
           )
         : // The JSON straight from the record (core/job-to-proto.ts toJobJson); outcome is never the default.
-          Buffer.from(`{"job":${JSON.stringify(toJobJson(answer.job, answer.download))},"outcome":"${OUTCOME_NAME[answer.outcome]}"}`);
+          Buffer.from(`{"job":${JSON.stringify(toJobJson(answer.job, answer.download))},"outcome":"${initiateOutcomeJson(answer.outcome)}"}`);
       recordOutcome(req, undefined, owner);
       out(res).writeHead(200, {
         "content-type": binary ? "application/proto" : "application/json",
