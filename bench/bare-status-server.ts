@@ -16,7 +16,10 @@ const server = createServer((req, res) => {
         return;
       }
       const body = JSON.stringify(job);
-      res.writeHead(200, { "content-type": "application/json", "content-length": Buffer.byteLength(body) });
+      res.writeHead(200, {
+        "content-type": "application/json",
+        "content-length": Buffer.byteLength(body),
+      });
       res.end(body);
     },
     () => res.writeHead(503).end(),

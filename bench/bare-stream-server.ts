@@ -21,7 +21,9 @@ function routes(router: ConnectRouter): void {
     async *watchJob(_req, ctx) {
       // One empty message, as the real stream sends its snapshot; then nothing.
       yield {};
-      await new Promise<void>((resolve) => ctx.signal.addEventListener("abort", () => resolve(), { once: true }));
+      await new Promise<void>((resolve) =>
+        ctx.signal.addEventListener("abort", () => resolve(), { once: true }),
+      );
     },
   });
 }

@@ -17,7 +17,9 @@ import { fmt, percentile, type Row, serviceEnv, startNodeServer } from "./lib.js
 // API record update + PUBLISH -> the worker's subscriber aborts the job's signal -> the
 // source read and the upload are torn down -> the processor throws.
 
-export async function benchCancel(opts: { quick?: boolean } = {}): Promise<{ rows: Row[]; data: unknown }> {
+export async function benchCancel(
+  opts: { quick?: boolean } = {},
+): Promise<{ rows: Row[]; data: unknown }> {
   const runs = opts.quick ? 10 : 40;
   const redis = await startRedis();
   const s3 = await startS3({ buckets: ["download-sources", "download-results"] });
@@ -30,12 +32,25 @@ export async function benchCancel(opts: { quick?: boolean } = {}): Promise<{ row
   const agent = new Agent({ keepAlive: true });
   try {
     await storage.client.send(
-      new PutObjectCommand({ Bucket: storage.opts.sourceBucket, Key: storage.sourceKey(1), Body: Buffer.alloc(32 * 1024 * 1024, 7) }),
+      new PutObjectCommand({
+        Bucket: storage.opts.sourceBucket,
+        Key: storage.sourceKey(1),
+        Body: Buffer.alloc(32 * 1024 * 1024, 7),
+      }),
     );
     const [api, worker] = await Promise.all([
       startNodeServer("bench/api-server.ts", { ...env, PORT: "0" }),
       // 4 MiB/s: a 32 MiB source keeps the job streaming for 8 s, far longer than we wait.
-      startNodeServer("worker/main.ts", { ...env, LOG_LEVEL: "info", THROTTLE_BYTES_PER_SECOND: "4194304", WORKER_CONCURRENCY: "1" }, { ready: "worker ready" }),
+      startNodeServer(
+        "worker/main.ts",
+        {
+          ...env,
+          LOG_LEVEL: "info",
+          THROTTLE_BYTES_PER_SECOND: "4194304",
+          WORKER_CONCURRENCY: "1",
+        },
+        { ready: "worker ready" },
+      ),
     ]);
     servers.push(api, worker);
     const events = new QueueEvents(QUEUE_NAME, { connection: eventsConn, prefix });
@@ -52,7 +67,11 @@ export async function benchCancel(opts: { quick?: boolean } = {}): Promise<{ row
             let text = "";
             res.setEncoding("utf8");
             res.on("data", (d: string) => (text += d));
-            res.on("end", () => (res.statusCode === 200 ? resolve(JSON.parse(text) as Record<string, any>) : reject(new Error(`${method}: ${text}`))));
+            res.on("end", () =>
+              res.statusCode === 200
+                ? resolve(JSON.parse(text) as Record<string, any>)
+                : reject(new Error(`${method}: ${text}`)),
+            );
           },
         );
         req.on("error", reject);
@@ -72,11 +91,14 @@ export async function benchCancel(opts: { quick?: boolean } = {}): Promise<{ row
       const t0 = performance.now();
       const cancelled = await call("Cancel", { jobId });
       const returned = performance.now();
-      if (cancelled.job.state !== "JOB_STATE_CANCELLED") throw new Error(`Cancel left the job ${cancelled.job.state}`);
+      if (cancelled.job.state !== "JOB_STATE_CANCELLED")
+        throw new Error(`Cancel left the job ${cancelled.job.state}`);
       const deadline = returned + 10_000;
-      while (!failedAt.has(jobId) && performance.now() < deadline) await new Promise((r) => setTimeout(r, 1));
+      while (!failedAt.has(jobId) && performance.now() < deadline)
+        await new Promise((r) => setTimeout(r, 1));
       const stopped = failedAt.get(jobId);
-      if (stopped === undefined) throw new Error(`the processor of ${jobId} did not stop within 10 s`);
+      if (stopped === undefined)
+        throw new Error(`the processor of ${jobId} did not stop within 10 s`);
       cancelCalls.push(returned - t0);
       latencies.push(Math.max(0, stopped - returned));
     }
@@ -84,9 +106,23 @@ export async function benchCancel(opts: { quick?: boolean } = {}): Promise<{ row
     const p50 = percentile(latencies, 50);
     const p99 = percentile(latencies, 99);
     const rows: Row[] = [
-      { scenario: `cancel x${runs}`, metric: "Cancel call ms p50", value: fmt(percentile(cancelCalls, 50)) },
-      { scenario: `cancel x${runs}`, metric: "Cancel returned -> processor stopped p50 ms", value: fmt(p50) },
-      { scenario: `cancel x${runs}`, metric: "Cancel returned -> processor stopped p99 ms", value: fmt(p99), target: "<= 250", ok: p99 <= 250 },
+      {
+        scenario: `cancel x${runs}`,
+        metric: "Cancel call ms p50",
+        value: fmt(percentile(cancelCalls, 50)),
+      },
+      {
+        scenario: `cancel x${runs}`,
+        metric: "Cancel returned -> processor stopped p50 ms",
+        value: fmt(p50),
+      },
+      {
+        scenario: `cancel x${runs}`,
+        metric: "Cancel returned -> processor stopped p99 ms",
+        value: fmt(p99),
+        target: "<= 250",
+        ok: p99 <= 250,
+      },
     ];
     return { rows, data: { runs, latencies, cancelCalls, p50, p99 } };
   } finally {

@@ -50,14 +50,20 @@ export function ensureH2load(log: (line: string) => void = () => undefined): str
   let found = find();
   if (found === undefined) {
     if (process.getuid?.() !== 0) {
-      throw new Error("h2load is not installed. Install it with: sudo apt-get install -y nghttp2-client");
+      throw new Error(
+        "h2load is not installed. Install it with: sudo apt-get install -y nghttp2-client",
+      );
     }
     log("h2load is missing: installing Debian's nghttp2-client (apt-get)");
     const env = { ...process.env, DEBIAN_FRONTEND: "noninteractive" };
     execFileSync("apt-get", ["update", "-qq"], { stdio: "inherit" });
-    execFileSync("apt-get", ["install", "-y", "-qq", "--no-install-recommends", "nghttp2-client"], { stdio: "inherit", env });
+    execFileSync("apt-get", ["install", "-y", "-qq", "--no-install-recommends", "nghttp2-client"], {
+      stdio: "inherit",
+      env,
+    });
     found = find();
-    if (found === undefined) throw new Error("apt-get installed nghttp2-client but h2load cannot be run");
+    if (found === undefined)
+      throw new Error("apt-get installed nghttp2-client but h2load cannot be run");
   }
   binary = found;
   return found;
@@ -80,7 +86,8 @@ export async function h2load(opts: H2loadOptions): Promise<LoadResult> {
       `--log-file=${logFile}`,
     ];
     if (opts.h1 === true) args.push("--h1");
-    for (const [name, value] of Object.entries(opts.headers ?? {})) args.push("-H", `${name}: ${value}`);
+    for (const [name, value] of Object.entries(opts.headers ?? {}))
+      args.push("-H", `${name}: ${value}`);
     if (opts.body !== undefined) {
       const bodyFile = join(dir, "body");
       writeFileSync(bodyFile, opts.body);
@@ -101,15 +108,19 @@ export async function h2load(opts: H2loadOptions): Promise<LoadResult> {
 
 function parse(text: string, log: string): LoadResult {
   const rps = Number(/finished in [\d.]+\w+, ([\d.]+) req\/s/.exec(text)?.[1]);
-  const counts = /requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout/.exec(text);
+  const counts =
+    /requests: (\d+) total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored, (\d+) timeout/.exec(
+      text,
+    );
   const codes = /status codes: (\d+) 2xx, (\d+) 3xx, (\d+) 4xx, (\d+) 5xx/.exec(text);
-  if (!Number.isFinite(rps) || counts === null || codes === null) throw new Error(`unexpected h2load output:\n${text}`);
+  if (!Number.isFinite(rps) || counts === null || codes === null)
+    throw new Error(`unexpected h2load output:\n${text}`);
   const latencies: number[] = [];
   let failed = 0;
   for (const line of log.split("\n")) {
     if (line === "") continue;
     const [, status, elapsed] = line.split("\t");
-    if (status !== undefined && status.startsWith("2")) latencies.push(Number(elapsed) / 1000);
+    if (status?.startsWith("2")) latencies.push(Number(elapsed) / 1000);
     else failed++;
   }
   return {
@@ -119,6 +130,13 @@ function parse(text: string, log: string): LoadResult {
     p99: percentile(latencies, 99),
     // Requests that got no answer or a non-2xx one. Calls that were still in flight when
     // the duration ended are not counted as done by h2load and are not errors.
-    errors: Math.max(failed, Number(counts[4]) + Number(counts[5]) + Number(counts[6]) + Number(codes[3]) + Number(codes[4])),
+    errors: Math.max(
+      failed,
+      Number(counts[4]) +
+        Number(counts[5]) +
+        Number(counts[6]) +
+        Number(codes[3]) +
+        Number(codes[4]),
+    ),
   };
 }

@@ -7,8 +7,13 @@ import { Redis } from "ioredis";
 // the job from BullMQ. GET /jobs/<id> -> { id, state, progress }, 404 when unknown.
 // REDIS_URL, QUEUE_PREFIX, QUEUE_NAME and PORT from the environment.
 
-const connection = new Redis(process.env.REDIS_URL ?? "redis://127.0.0.1:6379", { maxRetriesPerRequest: null });
-const queue = new Queue(process.env.QUEUE_NAME ?? "bundles", { connection, prefix: process.env.QUEUE_PREFIX ?? "bull" });
+const connection = new Redis(process.env.REDIS_URL ?? "redis://127.0.0.1:6379", {
+  maxRetriesPerRequest: null,
+});
+const queue = new Queue(process.env.QUEUE_NAME ?? "bundles", {
+  connection,
+  prefix: process.env.QUEUE_PREFIX ?? "bull",
+});
 const app = new Hono();
 app.get("/jobs/:id", async (c) => {
   const job = await queue.getJob(c.req.param("id"));

@@ -50,8 +50,21 @@ class Connection {
   request(head: string, body: Buffer, onData?: (chunk: Buffer) => void): Promise<Http1Answer> {
     if (this.failure !== undefined) return Promise.reject(this.failure);
     return new Promise((resolve, reject) => {
-      this.current = { resolve, reject, onData, status: 0, left: undefined, chunkLeft: 0, parts: [] };
-      this.socket.write(Buffer.concat([Buffer.from(`${head}Content-Length: ${body.length}\r\n\r\n`, "latin1"), body]));
+      this.current = {
+        resolve,
+        reject,
+        onData,
+        status: 0,
+        left: undefined,
+        chunkLeft: 0,
+        parts: [],
+      };
+      this.socket.write(
+        Buffer.concat([
+          Buffer.from(`${head}Content-Length: ${body.length}\r\n\r\n`, "latin1"),
+          body,
+        ]),
+      );
     });
   }
 
@@ -129,7 +142,9 @@ export class Http1Pool {
     const pool = new Http1Pool(`${host}:${port}`);
     for (let i = 0; i < size; i++) {
       const socket = connect(port, host);
-      await new Promise<void>((resolve, reject) => socket.once("connect", resolve).once("error", reject));
+      await new Promise<void>((resolve, reject) =>
+        socket.once("connect", resolve).once("error", reject),
+      );
       const conn = new Connection(socket);
       pool.free.push(conn);
       pool.all.push(conn);
@@ -138,11 +153,21 @@ export class Http1Pool {
   }
 
   /** POSTs `body`; `onData` receives the body as it arrives (else it is in the answer). */
-  async post(path: string, contentType: string, body: Buffer, onData?: (chunk: Buffer) => void): Promise<Http1Answer> {
+  async post(
+    path: string,
+    contentType: string,
+    body: Buffer,
+    onData?: (chunk: Buffer) => void,
+  ): Promise<Http1Answer> {
     const conn = this.free.pop();
-    if (conn === undefined) throw new Error("no free connection: more requests in flight than connections");
+    if (conn === undefined)
+      throw new Error("no free connection: more requests in flight than connections");
     try {
-      return await conn.request(`POST ${path} HTTP/1.1\r\nHost: ${this.host}\r\nContent-Type: ${contentType}\r\n`, body, onData);
+      return await conn.request(
+        `POST ${path} HTTP/1.1\r\nHost: ${this.host}\r\nContent-Type: ${contentType}\r\n`,
+        body,
+        onData,
+      );
     } finally {
       this.free.push(conn);
     }

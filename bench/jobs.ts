@@ -21,7 +21,9 @@ import { fmt, percentile, procCpuMs, type Row, serviceEnv, startNodeServer } fro
 
 const LANES = 50;
 
-export async function benchJobs(opts: { quick?: boolean } = {}): Promise<{ rows: Row[]; data: unknown }> {
+export async function benchJobs(
+  opts: { quick?: boolean } = {},
+): Promise<{ rows: Row[]; data: unknown }> {
   // Both sides run in alternating slices, round after round, and report medians: on a
   // shared machine the load drifts, and interleaving spreads the drift evenly over both.
   // A slice is 2,000 jobs (about a second): slices of 1,000 (0.4 s for the baseline)
@@ -42,12 +44,20 @@ export async function benchJobs(opts: { quick?: boolean } = {}): Promise<{ rows:
   let client: Awaited<ReturnType<typeof lightClient>> | undefined;
   try {
     const [rawWorker, api, worker] = await Promise.all([
-      startNodeServer("bench/noop-worker.ts", { REDIS_URL: redis.url, QUEUE_PREFIX: prefix, BENCH_RAW: "1" }),
+      startNodeServer("bench/noop-worker.ts", {
+        REDIS_URL: redis.url,
+        QUEUE_PREFIX: prefix,
+        BENCH_RAW: "1",
+      }),
       startNodeServer("bench/api-server.ts", { ...env, PORT: "0" }),
       startNodeServer("bench/noop-worker.ts", { REDIS_URL: redis.url, QUEUE_PREFIX: prefix }),
     ]);
     servers.push(rawWorker, api, worker);
-    queue = new Queue("raw", { connection: conn, prefix, defaultJobOptions: { removeOnComplete: { count: 1000 } } });
+    queue = new Queue("raw", {
+      connection: conn,
+      prefix,
+      defaultJobOptions: { removeOnComplete: { count: 1000 } },
+    });
     // waitUntilFinished listens on the queue too, once per job in flight.
     queue.setMaxListeners(LANES * 2);
     events = new QueueEvents("raw", { connection: eventsConn, prefix });
@@ -70,13 +80,22 @@ export async function benchJobs(opts: { quick?: boolean } = {}): Promise<{ rows:
     // What each side's processes spend per job (ms of CPU), summed over its slices.
     const pids = {
       raw: { worker: rawWorker.child.pid as number, redis: redis.pid, client: process.pid },
-      ours: { api: api.child.pid as number, worker: worker.child.pid as number, redis: redis.pid, client: process.pid },
+      ours: {
+        api: api.child.pid as number,
+        worker: worker.child.pid as number,
+        redis: redis.pid,
+        client: process.pid,
+      },
     };
     const cpu = { raw: {} as Record<string, number>, ours: {} as Record<string, number> };
     const slice = async (side: "raw" | "ours", count: number): Promise<number> => {
       const before = Object.entries(pids[side]).map(([k, pid]) => [k, procCpuMs(pid)] as const);
       const ms = await closedLoop(count, side === "raw" ? rawJob : ourJob);
-      for (const [k, at] of before) cpu[side][k] = (cpu[side][k] ?? 0) + procCpuMs(pids[side][k as keyof (typeof pids)[typeof side]] as number) - at;
+      for (const [k, at] of before)
+        cpu[side][k] =
+          (cpu[side][k] ?? 0) +
+          procCpuMs(pids[side][k as keyof (typeof pids)[typeof side]] as number) -
+          at;
       return count / (ms / 1000);
     };
 
@@ -91,7 +110,8 @@ export async function benchJobs(opts: { quick?: boolean } = {}): Promise<{ rows:
       rates.ours.push(await slice("ours", perSlice));
     }
     const jobs = rounds * perSlice;
-    const perJob = (side: "raw" | "ours") => Object.fromEntries(Object.entries(cpu[side]).map(([k, v]) => [k, v / jobs]));
+    const perJob = (side: "raw" | "ours") =>
+      Object.fromEntries(Object.entries(cpu[side]).map(([k, v]) => [k, v / jobs]));
     const cpuPerJob = { raw: perJob("raw"), ours: perJob("ours") };
     const raw = percentile(rates.raw, 50);
     const ours = percentile(rates.ours, 50);
@@ -101,9 +121,23 @@ export async function benchJobs(opts: { quick?: boolean } = {}): Promise<{ rows:
     const sum = (o: Record<string, number>) => Object.values(o).reduce((a, b) => a + b, 0);
     const rows: Row[] = [
       { scenario, metric: "raw BullMQ add -> completed jobs/s (median)", value: fmt(raw, 0) },
-      { scenario, metric: "ours Initiate -> watcher sees COMPLETED jobs/s (median)", value: fmt(ours, 0) },
-      { scenario, metric: "ours / raw BullMQ (medians)", value: fmt(ours / raw, 2), target: ">= 0.5", ok: ours / raw >= 0.5 },
-      { scenario, metric: "ours / raw per round (min .. max)", value: `${fmt(Math.min(...ratios), 2)} .. ${fmt(Math.max(...ratios), 2)}` },
+      {
+        scenario,
+        metric: "ours Initiate -> watcher sees COMPLETED jobs/s (median)",
+        value: fmt(ours, 0),
+      },
+      {
+        scenario,
+        metric: "ours / raw BullMQ (medians)",
+        value: fmt(ours / raw, 2),
+        target: ">= 0.5",
+        ok: ours / raw >= 0.5,
+      },
+      {
+        scenario,
+        metric: "ours / raw per round (min .. max)",
+        value: `${fmt(Math.min(...ratios), 2)} .. ${fmt(Math.max(...ratios), 2)}`,
+      },
       {
         scenario,
         metric: "ours CPU ms per job: API / worker / Redis / client (sum)",
@@ -115,7 +149,19 @@ export async function benchJobs(opts: { quick?: boolean } = {}): Promise<{ rows:
         value: `${[cpuPerJob.raw.worker, cpuPerJob.raw.redis, cpuPerJob.raw.client].map(ms).join(" / ")} (${ms(sum(cpuPerJob.raw))})`,
       },
     ];
-    return { rows, data: { rounds, perSlice, lanes: LANES, rates, ratios, rawJobsPerSecond: raw, oursJobsPerSecond: ours, cpuPerJob } };
+    return {
+      rows,
+      data: {
+        rounds,
+        perSlice,
+        lanes: LANES,
+        rates,
+        ratios,
+        rawJobsPerSecond: raw,
+        oursJobsPerSecond: ours,
+        cpuPerJob,
+      },
+    };
   } finally {
     client?.close();
     await events?.close().catch(() => undefined);
@@ -153,8 +199,13 @@ async function lightClient(port: number) {
   const service = "/downloads.v1.DownloadService";
   return {
     async initiate(fileIds: number[]): Promise<string> {
-      const res = await pool.post(`${service}/Initiate`, "application/json", Buffer.from(JSON.stringify({ fileIds })));
-      if (res.status !== 200) throw new Error(`Initiate: HTTP ${res.status} ${res.body.toString()}`);
+      const res = await pool.post(
+        `${service}/Initiate`,
+        "application/json",
+        Buffer.from(JSON.stringify({ fileIds })),
+      );
+      if (res.status !== 200)
+        throw new Error(`Initiate: HTTP ${res.status} ${res.body.toString()}`);
       return (JSON.parse(res.body.toString()) as { job: { jobId: string } }).job.jobId;
     },
     /** Resolves once a job message in `state` has arrived and the stream has ended cleanly. */
@@ -165,20 +216,27 @@ async function lightClient(port: number) {
       let buf: Buffer = Buffer.alloc(0);
       let seen = false;
       let end: string | undefined;
-      const res = await pool.post(`${service}/WatchJob`, "application/connect+json", Buffer.concat([head, payload]), (chunk) => {
-        buf = buf.length === 0 ? chunk : Buffer.concat([buf, chunk]);
-        while (buf.length >= 5) {
-          const length = buf.readUInt32BE(1);
-          if (buf.length < 5 + length) break;
-          const flags = buf[0];
-          const text = buf.subarray(5, 5 + length).toString("utf8");
-          buf = buf.subarray(5 + length);
-          if (flags === 0 && text.includes(`"state":"${state}"`)) seen = true;
-          if (flags === 2) end = text;
-        }
-      });
+      const res = await pool.post(
+        `${service}/WatchJob`,
+        "application/connect+json",
+        Buffer.concat([head, payload]),
+        (chunk) => {
+          buf = buf.length === 0 ? chunk : Buffer.concat([buf, chunk]);
+          while (buf.length >= 5) {
+            const length = buf.readUInt32BE(1);
+            if (buf.length < 5 + length) break;
+            const flags = buf[0];
+            const text = buf.subarray(5, 5 + length).toString("utf8");
+            buf = buf.subarray(5 + length);
+            if (flags === 0 && text.includes(`"state":"${state}"`)) seen = true;
+            if (flags === 2) end = text;
+          }
+        },
+      );
       if (res.status !== 200 || !seen || end !== "{}") {
-        throw new Error(`WatchJob ended before ${state}: HTTP ${res.status}, end of stream ${end ?? "missing"}`);
+        throw new Error(
+          `WatchJob ended before ${state}: HTTP ${res.status}, end of stream ${end ?? "missing"}`,
+        );
       }
     },
     close(): void {

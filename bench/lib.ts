@@ -10,7 +10,8 @@ import { join } from "node:path";
 /** Resident and peak resident memory of a process, from /proc (bytes). */
 export function procMemory(pid: number): { rss: number; peak: number } {
   const status = readFileSync(`/proc/${pid}/status`, "utf8");
-  const kb = (field: string) => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status)?.[1] ?? 0) * 1024;
+  const kb = (field: string) =>
+    Number(new RegExp(`^${field}:\\s+(\\d+) kB`, "m").exec(status)?.[1] ?? 0) * 1024;
   return { rss: kb("VmRSS"), peak: kb("VmHWM") };
 }
 
@@ -37,7 +38,13 @@ export interface Row {
 
 export function printTable(rows: readonly Row[]): void {
   const head = ["scenario", "metric", "value", "target", "met"];
-  const cells = rows.map((r) => [r.scenario, r.metric, r.value, r.target ?? "", r.ok === undefined ? "" : r.ok ? "yes" : "NO"]);
+  const cells = rows.map((r) => [
+    r.scenario,
+    r.metric,
+    r.value,
+    r.target ?? "",
+    r.ok === undefined ? "" : r.ok ? "yes" : "NO",
+  ]);
   const widths = head.map((h, i) => Math.max(h.length, ...cells.map((c) => (c[i] ?? "").length)));
   const line = (c: string[]) => `| ${c.map((s, i) => s.padEnd(widths[i] ?? 0)).join(" | ")} |`;
   process.stdout.write(`${line(head)}\n|${widths.map((w) => "-".repeat(w + 2)).join("|")}|\n`);
@@ -48,8 +55,16 @@ export function writeResults(name: string, data: unknown): string {
   const dir = join(process.cwd(), "bench", "results");
   mkdirSync(dir, { recursive: true });
   const file = join(dir, `${name}-${new Date().toISOString().replace(/[:.]/g, "-")}.json`);
-  const machine = { cpus: cpus().length, cpuModel: cpus()[0]?.model, memBytes: totalmem(), node: process.version };
-  writeFileSync(file, `${JSON.stringify({ name, at: new Date().toISOString(), machine, data }, null, 2)}\n`);
+  const machine = {
+    cpus: cpus().length,
+    cpuModel: cpus()[0]?.model,
+    memBytes: totalmem(),
+    node: process.version,
+  };
+  writeFileSync(
+    file,
+    `${JSON.stringify({ name, at: new Date().toISOString(), machine, data }, null, 2)}\n`,
+  );
   return file;
 }
 
@@ -64,14 +79,22 @@ export async function startNodeServer(
 ): Promise<{ child: ChildProcess; port: number; stop(): Promise<void> }> {
   // BENCH_CPU_PROF_DIR=<dir> writes a V8 CPU profile of every server process there.
   const prof = process.env.BENCH_CPU_PROF_DIR;
-  const profArgs = prof !== undefined && prof !== "" ? ["--cpu-prof", `--cpu-prof-dir=${prof}`] : [];
-  const child = spawn(process.execPath, [...profArgs, ...(opts.args ?? []), "--import", "tsx", script], {
-    env: { ...process.env, ...env },
-    stdio: ["ignore", "pipe", "inherit"],
-  });
+  const profArgs =
+    prof !== undefined && prof !== "" ? ["--cpu-prof", `--cpu-prof-dir=${prof}`] : [];
+  const child = spawn(
+    process.execPath,
+    [...profArgs, ...(opts.args ?? []), "--import", "tsx", script],
+    {
+      env: { ...process.env, ...env },
+      stdio: ["ignore", "pipe", "inherit"],
+    },
+  );
   const port = await new Promise<number>((resolve, reject) => {
     let out = "";
-    const timer = setTimeout(() => reject(new Error(`${script} did not start`)), opts.timeoutMs ?? 30_000);
+    const timer = setTimeout(
+      () => reject(new Error(`${script} did not start`)),
+      opts.timeoutMs ?? 30_000,
+    );
     const onData = (d: Buffer) => {
       out += d.toString();
       const m = /listening (\d+)/.exec(out);
@@ -101,7 +124,11 @@ export async function stopChild(child: ChildProcess): Promise<void> {
 }
 
 /** Environment every benchmark process of the service gets. */
-export function serviceEnv(redisUrl: string, s3Endpoint: string, prefix: string): Record<string, string> {
+export function serviceEnv(
+  redisUrl: string,
+  s3Endpoint: string,
+  prefix: string,
+): Record<string, string> {
   return {
     REDIS_URL: redisUrl,
     S3_ENDPOINT: s3Endpoint,

@@ -1,7 +1,7 @@
 import { Worker } from "bullmq";
+import { Redis } from "ioredis";
 import { JobStore } from "../core/job-store.js";
 import { type BundleJobData, QUEUE_NAME } from "../core/queue.js";
-import { Redis } from "ioredis";
 import { createRedis } from "../core/redis.js";
 
 // The job-overhead benchmark's worker: takes our jobs from the queue and makes the same
@@ -17,7 +17,9 @@ const concurrency = Number(process.env.CONCURRENCY ?? 50);
 const raw = process.env.BENCH_RAW === "1";
 // The baseline is BullMQ as anyone would set it up: a plain ioredis connection, without
 // what core/redis.ts adds.
-const redis = raw ? new Redis(url, { maxRetriesPerRequest: null }) : createRedis(url, { role: "worker", name: "bench-noop-worker" });
+const redis = raw
+  ? new Redis(url, { maxRetriesPerRequest: null })
+  : createRedis(url, { role: "worker", name: "bench-noop-worker" });
 const store = new JobStore(redis, { prefix, recordTtlSeconds: 3600 });
 
 const worker = raw
@@ -27,8 +29,20 @@ const worker = raw
       async (job) => {
         const { jobId, fileIds } = job.data;
         const startedAt = Date.now();
-        const files = fileIds.map((fileId) => ({ fileId, state: "PENDING" as const, sizeBytes: 0, bytesDone: 0, entryName: `file-${fileId}` }));
-        const progress = { filesDone: 0, filesTotal: fileIds.length, bytesDone: 0, bytesTotal: 0, bytesPerSecond: 0 };
+        const files = fileIds.map((fileId) => ({
+          fileId,
+          state: "PENDING" as const,
+          sizeBytes: 0,
+          bytesDone: 0,
+          entryName: `file-${fileId}`,
+        }));
+        const progress = {
+          filesDone: 0,
+          filesTotal: fileIds.length,
+          bytesDone: 0,
+          bytesTotal: 0,
+          bytesPerSecond: 0,
+        };
         await store.update(
           jobId,
           { state: "PROCESSING", progress, files },
@@ -43,7 +57,13 @@ const worker = raw
             endedAt,
             progress: { ...progress, filesDone: fileIds.length, etaSeconds: 0 },
             files: files.map((f) => ({ ...f, state: "DONE" as const })),
-            result: { key: `bundles/${jobId}.zip`, fileName: `download-${jobId.slice(0, 8)}.zip`, sizeBytes: 22, sha256: "0".repeat(64), expiresAt },
+            result: {
+              key: `bundles/${jobId}.zip`,
+              fileName: `download-${jobId.slice(0, 8)}.zip`,
+              sizeBytes: 22,
+              sha256: "0".repeat(64),
+              expiresAt,
+            },
           },
           { from: ["PROCESSING"], expireResultAt: expiresAt },
         );

@@ -1,14 +1,22 @@
 import { create, toBinary } from "@bufbuild/protobuf";
 import { createClient } from "@connectrpc/connect";
-import { Http2SessionManager, createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import {
+  createConnectTransport,
+  createGrpcTransport,
+  Http2SessionManager,
+} from "@connectrpc/connect-node";
 import { Worker } from "bullmq";
 import { JobStore } from "../core/job-store.js";
 import { QUEUE_NAME } from "../core/queue.js";
 import { createRedis } from "../core/redis.js";
-import { DownloadService, GetStatusRequestSchema, JobState } from "../gen/downloads/v1/download_service_pb.js";
+import {
+  DownloadService,
+  GetStatusRequestSchema,
+  JobState,
+} from "../gen/downloads/v1/download_service_pb.js";
 import { startRedis } from "../local/redis-server.js";
 import { startS3 } from "../local/s3-server.js";
-import { type LoadResult, ensureH2load, h2load } from "./h2load.js";
+import { ensureH2load, h2load, type LoadResult } from "./h2load.js";
 import { fmt, percentile, procCpuMs, type Row, serviceEnv, startNodeServer } from "./lib.js";
 
 // Polling: GetStatus on a running job, at 50 and 200 connections, the way each kind of
@@ -37,7 +45,9 @@ interface Measured {
 
 type Init = { headers?: Record<string, string>; body?: Uint8Array };
 
-export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ rows: Row[]; data: unknown }> {
+export async function benchPolling(
+  opts: { quick?: boolean } = {},
+): Promise<{ rows: Row[]; data: unknown }> {
   // Every configuration runs in short slices, round after round, and reports its median:
   // on a shared machine the load drifts, and interleaving spreads the drift evenly.
   const rounds = opts.quick ? 2 : 7;
@@ -61,52 +71,121 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
     const [api, plain, bare, hono] = await Promise.all([
       startNodeServer("bench/api-server.ts", { ...env, PORT: "0" }),
       startNodeServer("bench/api-server.ts", { ...env, PORT: "0", BENCH_FAST_PATHS: "0" }),
-      startNodeServer("bench/bare-status-server.ts", { REDIS_URL: redis.url, KEY_PREFIX: prefix, PORT: "0" }),
-      startNodeServer("bench/hono-status-server.ts", { REDIS_URL: redis.url, QUEUE_PREFIX: prefix, QUEUE_NAME, PORT: "0" }),
+      startNodeServer("bench/bare-status-server.ts", {
+        REDIS_URL: redis.url,
+        KEY_PREFIX: prefix,
+        PORT: "0",
+      }),
+      startNodeServer("bench/hono-status-server.ts", {
+        REDIS_URL: redis.url,
+        QUEUE_PREFIX: prefix,
+        QUEUE_NAME,
+        PORT: "0",
+      }),
     ]);
     servers.push(api, plain, bare, hono);
 
     // The job: initiated through the API, taken by a BullMQ worker that holds it (active
     // for BullMQ), and PROCESSING with progress in our record.
     const base = `http://127.0.0.1:${api.port}`;
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: base, httpVersion: "1.1" }));
-    const jobId = (await client.initiate({ fileIds: Array.from({ length: 10 }, (_, i) => 70000 + i) })).job?.jobId ?? "";
+    const client = createClient(
+      DownloadService,
+      createConnectTransport({ baseUrl: base, httpVersion: "1.1" }),
+    );
+    const jobId =
+      (await client.initiate({ fileIds: Array.from({ length: 10 }, (_, i) => 70000 + i) })).job
+        ?.jobId ?? "";
     worker = new Worker(QUEUE_NAME, () => held, { connection: workerConn, prefix });
-    await store.update(jobId, { state: "PROCESSING", startedAt: Date.now() }, { from: ["QUEUED"], addAttempts: 1 });
+    await store.update(
+      jobId,
+      { state: "PROCESSING", startedAt: Date.now() },
+      { from: ["QUEUED"], addAttempts: 1 },
+    );
     const rec = await store.get(jobId);
     await store.update(jobId, {
-      progress: { ...rec.progress, bytesDone: 123_456_789, bytesTotal: 300_000_000, bytesPerSecond: 8_000_000, etaSeconds: 22 },
+      progress: {
+        ...rec.progress,
+        bytesDone: 123_456_789,
+        bytesTotal: 300_000_000,
+        bytesPerSecond: 8_000_000,
+        etaSeconds: 22,
+      },
     });
 
-    const post: Init = { headers: { "content-type": "application/json" }, body: Buffer.from(JSON.stringify({ jobId })) };
+    const post: Init = {
+      headers: { "content-type": "application/json" },
+      body: Buffer.from(JSON.stringify({ jobId })),
+    };
     const path = "/downloads.v1.DownloadService/GetStatus";
     const query = `?connect=v1&encoding=json&message=${encodeURIComponent(JSON.stringify({ jobId }))}`;
     const grpcMessage = toBinary(GetStatusRequestSchema, create(GetStatusRequestSchema, { jobId }));
     const grpcFrame = Buffer.alloc(5 + grpcMessage.length);
     grpcFrame.writeUInt32BE(grpcMessage.length, 1);
     grpcFrame.set(grpcMessage, 5);
-    const grpc: Init = { headers: { "content-type": "application/grpc", te: "trailers" }, body: grpcFrame };
+    const grpc: Init = {
+      headers: { "content-type": "application/grpc", te: "trailers" },
+      body: grpcFrame,
+    };
     const at = (port: number) => `http://127.0.0.1:${port}`;
     // h2load checks the HTTP status only, and a gRPC error is a 200 with grpc-status in
     // the trailers: make sure the call succeeds before timing it.
     const session = new Http2SessionManager(base);
     try {
-      const grpcClient = createClient(DownloadService, createGrpcTransport({ baseUrl: base, sessionManager: session }));
+      const grpcClient = createClient(
+        DownloadService,
+        createGrpcTransport({ baseUrl: base, sessionManager: session }),
+      );
       const { job } = await grpcClient.getStatus({ jobId });
-      if (job?.state !== JobState.PROCESSING) throw new Error("gRPC GetStatus does not see the running job");
+      if (job?.state !== JobState.PROCESSING)
+        throw new Error("gRPC GetStatus does not see the running job");
     } finally {
       session.abort();
     }
 
     type Run = (connections: number, seconds: number) => Promise<LoadResult>;
     const configs: { server: string; client: string; pid: number; run: Run }[] = [
-      { server: "api (fast path)", client: "Connect JSON POST", pid: pidOf(api), run: (c, s) => http(`${at(api.port)}${path}`, c, s, post) },
-      { server: "api (fast path)", client: "Connect GET", pid: pidOf(api), run: (c, s) => http(`${at(api.port)}${path}${query}`, c, s) },
-      { server: "api (fast path)", client: "gRPC h2c", pid: pidOf(api), run: (c, s) => h2c(`${at(api.port)}${path}`, c, s, grpc) },
-      { server: "api (connect-node)", client: "Connect JSON POST", pid: pidOf(plain), run: (c, s) => http(`${at(plain.port)}${path}`, c, s, post) },
-      { server: "api (connect-node)", client: "gRPC h2c", pid: pidOf(plain), run: (c, s) => h2c(`${at(plain.port)}${path}`, c, s, grpc) },
-      { server: "bare node:http + HGETALL", client: "GET", pid: pidOf(bare), run: (c, s) => http(`${at(bare.port)}/jobs/${jobId}`, c, s) },
-      { server: "hono + BullMQ getJob", client: "GET", pid: pidOf(hono), run: (c, s) => http(`${at(hono.port)}/jobs/${jobId}`, c, s) },
+      {
+        server: "api (fast path)",
+        client: "Connect JSON POST",
+        pid: pidOf(api),
+        run: (c, s) => http(`${at(api.port)}${path}`, c, s, post),
+      },
+      {
+        server: "api (fast path)",
+        client: "Connect GET",
+        pid: pidOf(api),
+        run: (c, s) => http(`${at(api.port)}${path}${query}`, c, s),
+      },
+      {
+        server: "api (fast path)",
+        client: "gRPC h2c",
+        pid: pidOf(api),
+        run: (c, s) => h2c(`${at(api.port)}${path}`, c, s, grpc),
+      },
+      {
+        server: "api (connect-node)",
+        client: "Connect JSON POST",
+        pid: pidOf(plain),
+        run: (c, s) => http(`${at(plain.port)}${path}`, c, s, post),
+      },
+      {
+        server: "api (connect-node)",
+        client: "gRPC h2c",
+        pid: pidOf(plain),
+        run: (c, s) => h2c(`${at(plain.port)}${path}`, c, s, grpc),
+      },
+      {
+        server: "bare node:http + HGETALL",
+        client: "GET",
+        pid: pidOf(bare),
+        run: (c, s) => http(`${at(bare.port)}/jobs/${jobId}`, c, s),
+      },
+      {
+        server: "hono + BullMQ getJob",
+        client: "GET",
+        pid: pidOf(hono),
+        run: (c, s) => http(`${at(hono.port)}/jobs/${jobId}`, c, s),
+      },
     ];
 
     // Warm every server's JIT before anything counts.
@@ -120,7 +199,17 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
           const perRequest = (ms: number) => (ms * 1000) / Math.max(1, requests);
           const cpuUs = perRequest(procCpuMs(cfg.pid) - cpuBefore);
           const redisUs = perRequest(procCpuMs(redis.pid) - redisBefore);
-          const m = { server: cfg.server, client: cfg.client, connections: c, rps, p50, p99, errors, cpuUs, redisUs };
+          const m = {
+            server: cfg.server,
+            client: cfg.client,
+            connections: c,
+            rps,
+            p50,
+            p99,
+            errors,
+            cpuUs,
+            redisUs,
+          };
           const key = `${cfg.server}|${cfg.client}|${c}`;
           samples.set(key, [...(samples.get(key) ?? []), m]);
         }
@@ -128,11 +217,26 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
     }
     const results: Measured[] = [...samples.values()].map((list) => ({
       ...(list[0] as Measured),
-      rps: percentile(list.map((m) => m.rps), 50),
-      p50: percentile(list.map((m) => m.p50), 50),
-      p99: percentile(list.map((m) => m.p99), 50),
-      cpuUs: percentile(list.map((m) => m.cpuUs), 50),
-      redisUs: percentile(list.map((m) => m.redisUs), 50),
+      rps: percentile(
+        list.map((m) => m.rps),
+        50,
+      ),
+      p50: percentile(
+        list.map((m) => m.p50),
+        50,
+      ),
+      p99: percentile(
+        list.map((m) => m.p99),
+        50,
+      ),
+      cpuUs: percentile(
+        list.map((m) => m.cpuUs),
+        50,
+      ),
+      redisUs: percentile(
+        list.map((m) => m.redisUs),
+        50,
+      ),
       errors: list.reduce((n, m) => n + m.errors, 0),
     }));
 
@@ -150,8 +254,20 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
         });
         if (r.server === "api (fast path)" && honoM !== undefined && bareM !== undefined) {
           rows.push(
-            { scenario, metric: `  ${r.client} / hono`, value: fmt(r.rps / honoM.rps, 2), target: ">= 1.0", ok: r.rps / honoM.rps >= 1.0 },
-            { scenario, metric: `  ${r.client} / bare`, value: fmt(r.rps / bareM.rps, 2), target: ">= 0.5", ok: r.rps / bareM.rps >= 0.5 },
+            {
+              scenario,
+              metric: `  ${r.client} / hono`,
+              value: fmt(r.rps / honoM.rps, 2),
+              target: ">= 1.0",
+              ok: r.rps / honoM.rps >= 1.0,
+            },
+            {
+              scenario,
+              metric: `  ${r.client} / bare`,
+              value: fmt(r.rps / bareM.rps, 2),
+              target: ">= 0.5",
+              ok: r.rps / bareM.rps >= 0.5,
+            },
             {
               scenario,
               metric: `  ${r.client} p99 vs hono p99 ms`,
@@ -163,7 +279,15 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
         }
       }
     }
-    return { rows, data: { rounds, sliceSeconds: slice, medians: results, samples: [...samples.values()].flat() } };
+    return {
+      rows,
+      data: {
+        rounds,
+        sliceSeconds: slice,
+        medians: results,
+        samples: [...samples.values()].flat(),
+      },
+    };
   } finally {
     release();
     await worker?.close(true).catch(() => undefined);
@@ -176,7 +300,12 @@ export async function benchPolling(opts: { quick?: boolean } = {}): Promise<{ ro
 }
 
 /** HTTP/1.1: one connection per request in flight. */
-function http(url: string, connections: number, seconds: number, init: Init = {}): Promise<LoadResult> {
+function http(
+  url: string,
+  connections: number,
+  seconds: number,
+  init: Init = {},
+): Promise<LoadResult> {
   return h2load({ url, connections, seconds, h1: true, ...init });
 }
 

@@ -1,6 +1,6 @@
 import { loadConfig } from "../core/config.js";
-import { procMemory } from "./lib.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
+import { procMemory } from "./lib.js";
 
 // Baseline for the bundling benchmark: the same bytes copied object by object from the
 // source bucket to the result bucket (GetObject -> multipart Upload), no ZIP. Run as its
@@ -23,5 +23,7 @@ for (const id of ids) {
 const ms = performance.now() - started;
 const cpu = process.cpuUsage(cpuStart);
 const cpuMs = (cpu.user + cpu.system) / 1000;
-process.stdout.write(`${JSON.stringify({ bytes, ms, cpuMs, peakRss: procMemory(process.pid).peak })}\n`);
+process.stdout.write(
+  `${JSON.stringify({ bytes, ms, cpuMs, peakRss: procMemory(process.pid).peak })}\n`,
+);
 storage.destroy();

@@ -1,9 +1,9 @@
 import { benchBundle } from "./bundle.js";
 import { benchCancel } from "./cancel.js";
 import { benchJobs } from "./jobs.js";
+import { printTable, type Row, writeResults } from "./lib.js";
 import { benchPolling } from "./polling.js";
 import { benchWatch } from "./watch.js";
-import { type Row, printTable, writeResults } from "./lib.js";
 
 // npm run bench [-- scenario...] [--quick]. Each scenario runs alone or all in order;
 // ratios are measured side by side in one run, since absolute figures drift.
@@ -24,7 +24,9 @@ const names = args.filter((a) => !a.startsWith("--"));
 const chosen = names.length > 0 ? names : Object.keys(scenarios);
 const unknown = chosen.filter((n) => !(n in scenarios));
 if (unknown.length > 0) {
-  process.stderr.write(`unknown scenario(s): ${unknown.join(", ")}; choose from: ${Object.keys(scenarios).join(", ")}\n`);
+  process.stderr.write(
+    `unknown scenario(s): ${unknown.join(", ")}; choose from: ${Object.keys(scenarios).join(", ")}\n`,
+  );
   process.exit(2);
 }
 

@@ -2,15 +2,25 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
-import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
+import type { Redis } from "ioredis";
 import { JobStore } from "../core/job-store.js";
 import { newJobId } from "../core/jobs.js";
-import type { Redis } from "ioredis";
 import { createRedis } from "../core/redis.js";
+import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
 import { waitUntil } from "../local/ports.js";
 import { startRedis } from "../local/redis-server.js";
 import { startS3 } from "../local/s3-server.js";
-import { MB, fmt, percentile, procCpuMs, procMemory, type Row, serviceEnv, startNodeServer, stopChild } from "./lib.js";
+import {
+  fmt,
+  MB,
+  percentile,
+  procCpuMs,
+  procMemory,
+  type Row,
+  serviceEnv,
+  startNodeServer,
+  stopChild,
+} from "./lib.js";
 
 // Watch fan-out on one API process:
 //  - N idle WatchJob streams (one job each): server RSS per stream against a bare
@@ -32,7 +42,11 @@ async function settle(pid: number): Promise<number> {
 }
 
 /** Opens `n` WatchJob streams, resolves once each has delivered its first message. */
-async function openStreams(port: number, jobIds: readonly string[], signal: AbortSignal): Promise<void> {
+async function openStreams(
+  port: number,
+  jobIds: readonly string[],
+  signal: AbortSignal,
+): Promise<void> {
   const client = createClient(
     DownloadService,
     createConnectTransport({ baseUrl: `http://127.0.0.1:${port}`, httpVersion: "1.1" }),
@@ -81,14 +95,22 @@ async function seedJobs(conn: Redis, store: JobStore, ids: readonly string[]): P
       fileIds: "[1]",
       createdAt: now,
       updatedAt: now,
-      progress: JSON.stringify({ filesDone: 0, filesTotal: 1, bytesDone: 0, bytesTotal: 0, bytesPerSecond: 0 }),
+      progress: JSON.stringify({
+        filesDone: 0,
+        filesTotal: 1,
+        bytesDone: 0,
+        bytesTotal: 0,
+        bytesPerSecond: 0,
+      }),
       files: "[]",
     });
   }
   await pipe.exec();
 }
 
-export async function benchWatch(opts: { quick?: boolean } = {}): Promise<{ rows: Row[]; data: unknown }> {
+export async function benchWatch(
+  opts: { quick?: boolean } = {},
+): Promise<{ rows: Row[]; data: unknown }> {
   const idleStreams = opts.quick ? 1000 : 10_000;
   const fanout = 1000;
   const updates = opts.quick ? 20 : 50;
@@ -109,7 +131,11 @@ export async function benchWatch(opts: { quick?: boolean } = {}): Promise<{ rows
     children.push(bare.child);
     const bareBefore = await settle(bare.child.pid as number);
     const bareAc = new AbortController();
-    await openStreams(bare.port, Array.from({ length: idleStreams }, () => newJobId()), bareAc.signal);
+    await openStreams(
+      bare.port,
+      Array.from({ length: idleStreams }, () => newJobId()),
+      bareAc.signal,
+    );
     const bareAfter = await settle(bare.child.pid as number);
     bareAc.abort();
     await bare.stop();
@@ -125,17 +151,53 @@ export async function benchWatch(opts: { quick?: boolean } = {}): Promise<{ rows
     const openMs = performance.now() - t0;
     const apiAfter = await settle(api.child.pid as number);
     const clients = (await conn.client("LIST")) as string;
-    const apiConnections = clients.split("\n").filter((l) => l.trim() !== "" && !/name=bench\b/.test(l)).length;
+    const apiConnections = clients
+      .split("\n")
+      .filter((l) => l.trim() !== "" && !/name=bench\b/.test(l)).length;
 
     const perStream = (apiAfter - apiBefore) / idleStreams;
     const barePerStream = (bareAfter - bareBefore) / idleStreams;
-    data.idle = { streams: idleStreams, apiBefore, apiAfter, bareBefore, bareAfter, perStream, barePerStream, apiConnections, openMs };
+    data.idle = {
+      streams: idleStreams,
+      apiBefore,
+      apiAfter,
+      bareBefore,
+      bareAfter,
+      perStream,
+      barePerStream,
+      apiConnections,
+      openMs,
+    };
     rows.push(
-      { scenario: `watch ${idleStreams} idle`, metric: "API RSS per stream KB", value: fmt(perStream / 1024) },
-      { scenario: `watch ${idleStreams} idle`, metric: "bare connect RSS per stream KB", value: fmt(barePerStream / 1024) },
-      { scenario: `watch ${idleStreams} idle`, metric: "API / bare per stream", value: fmt(perStream / barePerStream, 2), target: "<= 1.3", ok: perStream / barePerStream <= 1.3 },
-      { scenario: `watch ${idleStreams} idle`, metric: "API total RSS MB", value: fmt(apiAfter / MB) },
-      { scenario: `watch ${idleStreams} idle`, metric: "Redis connections (API)", value: String(apiConnections), target: "<= 4", ok: apiConnections <= 4 },
+      {
+        scenario: `watch ${idleStreams} idle`,
+        metric: "API RSS per stream KB",
+        value: fmt(perStream / 1024),
+      },
+      {
+        scenario: `watch ${idleStreams} idle`,
+        metric: "bare connect RSS per stream KB",
+        value: fmt(barePerStream / 1024),
+      },
+      {
+        scenario: `watch ${idleStreams} idle`,
+        metric: "API / bare per stream",
+        value: fmt(perStream / barePerStream, 2),
+        target: "<= 1.3",
+        ok: perStream / barePerStream <= 1.3,
+      },
+      {
+        scenario: `watch ${idleStreams} idle`,
+        metric: "API total RSS MB",
+        value: fmt(apiAfter / MB),
+      },
+      {
+        scenario: `watch ${idleStreams} idle`,
+        metric: "Redis connections (API)",
+        value: String(apiConnections),
+        target: "<= 4",
+        ok: apiConnections <= 4,
+      },
     );
     ac.abort();
 
@@ -147,9 +209,20 @@ export async function benchWatch(opts: { quick?: boolean } = {}): Promise<{ rows
     await seedJobs(conn, store, [jobId]);
     const perProcess = [Math.ceil(fanout / 2), Math.floor(fanout / 2)];
     const watchers = perProcess.map((n) =>
-      spawn(process.execPath, ["--import", "tsx", "bench/watch-clients.ts", `http://127.0.0.1:${api.port}`, jobId, String(n)], {
-        stdio: ["pipe", "pipe", "inherit"],
-      }),
+      spawn(
+        process.execPath,
+        [
+          "--import",
+          "tsx",
+          "bench/watch-clients.ts",
+          `http://127.0.0.1:${api.port}`,
+          jobId,
+          String(n),
+        ],
+        {
+          stdio: ["pipe", "pipe", "inherit"],
+        },
+      ),
     );
     children.push(...watchers);
     const outputs = watchers.map((w) => {
@@ -157,7 +230,11 @@ export async function benchWatch(opts: { quick?: boolean } = {}): Promise<{ rows
       w.stdout?.on("data", (d: Buffer) => (out += d.toString()));
       return () => out;
     });
-    await waitUntil("watchers ready", async () => outputs.every((o) => o().includes("ready")), 60_000);
+    await waitUntil(
+      "watchers ready",
+      async () => outputs.every((o) => o().includes("ready")),
+      60_000,
+    );
     const sentAt = new Map<number, number>();
     const now = () => performance.timeOrigin + performance.now();
     // The API's own CPU per update: what the fan-out costs the server, whatever else
@@ -167,7 +244,15 @@ export async function benchWatch(opts: { quick?: boolean } = {}): Promise<{ rows
       const before = now();
       const rec = await store.update(
         jobId,
-        { progress: { filesDone: 0, filesTotal: 1, bytesDone: u, bytesTotal: updates, bytesPerSecond: 1 } },
+        {
+          progress: {
+            filesDone: 0,
+            filesTotal: 1,
+            bytesDone: u,
+            bytesTotal: updates,
+            bytesPerSecond: 1,
+          },
+        },
         { from: ["QUEUED"] },
       );
       sentAt.set(rec.version, before);
@@ -197,13 +282,46 @@ export async function benchWatch(opts: { quick?: boolean } = {}): Promise<{ rows
       all.push(...lat);
       if (lat.length > 0) lastPer.push(Math.max(...lat));
     }
-    data.fanout = { watchers: fanout, updates, p50: percentile(all, 50), p99: percentile(all, 99), lastP50: percentile(lastPer, 50), lastP99: percentile(lastPer, 99), missing, cpuPerUpdate };
+    data.fanout = {
+      watchers: fanout,
+      updates,
+      p50: percentile(all, 50),
+      p99: percentile(all, 99),
+      lastP50: percentile(lastPer, 50),
+      lastP99: percentile(lastPer, 99),
+      missing,
+      cpuPerUpdate,
+    };
     rows.push(
-      { scenario: `fan-out ${fanout} watchers`, metric: "update -> receipt p50 ms", value: fmt(percentile(all, 50)) },
-      { scenario: `fan-out ${fanout} watchers`, metric: "update -> receipt p99 ms", value: fmt(percentile(all, 99)), target: "<= 50", ok: percentile(all, 99) <= 50 },
-      { scenario: `fan-out ${fanout} watchers`, metric: "update -> last watcher p99 ms", value: fmt(percentile(lastPer, 99)) },
-      { scenario: `fan-out ${fanout} watchers`, metric: "messages missed", value: String(missing), target: "0", ok: missing === 0 },
-      { scenario: `fan-out ${fanout} watchers`, metric: "API CPU per update ms (1 core)", value: fmt(cpuPerUpdate) },
+      {
+        scenario: `fan-out ${fanout} watchers`,
+        metric: "update -> receipt p50 ms",
+        value: fmt(percentile(all, 50)),
+      },
+      {
+        scenario: `fan-out ${fanout} watchers`,
+        metric: "update -> receipt p99 ms",
+        value: fmt(percentile(all, 99)),
+        target: "<= 50",
+        ok: percentile(all, 99) <= 50,
+      },
+      {
+        scenario: `fan-out ${fanout} watchers`,
+        metric: "update -> last watcher p99 ms",
+        value: fmt(percentile(lastPer, 99)),
+      },
+      {
+        scenario: `fan-out ${fanout} watchers`,
+        metric: "messages missed",
+        value: String(missing),
+        target: "0",
+        ok: missing === 0,
+      },
+      {
+        scenario: `fan-out ${fanout} watchers`,
+        metric: "API CPU per update ms (1 core)",
+        value: fmt(cpuPerUpdate),
+      },
     );
     return { rows, data };
   } finally {

@@ -1,5 +1,4 @@
 import { createHash } from "node:crypto";
-import type { RedisClient } from "./redis.js";
 import { flatten, type JobStore } from "./job-store.js";
 import {
   IdempotencyMismatchError,
@@ -9,6 +8,7 @@ import {
   OverloadedError,
   QuotaExceededError,
 } from "./jobs.js";
+import type { RedisClient } from "./redis.js";
 
 // What Initiate decides before a job exists, in one Lua script so that concurrent
 // calls cannot both pass a check and then both create: the idempotency key (AIP-155),
@@ -152,10 +152,15 @@ const IDEMPOTENCY_KEY = /^[\x21-\x7e]{1,128}$/;
  * The idempotency key of an Initiate call from request_id and/or the Idempotency-Key
  * header (either may be empty). Both set and different is a client bug worth reporting.
  */
-export function parseIdempotencyKey(requestId: string, header: string | null | undefined): string | undefined {
+export function parseIdempotencyKey(
+  requestId: string,
+  header: string | null | undefined,
+): string | undefined {
   const h = header?.trim() ?? "";
   if (requestId !== "" && h !== "" && requestId !== h) {
-    throw new InvalidInputError("request_id and the Idempotency-Key header differ: send one key, or the same in both");
+    throw new InvalidInputError(
+      "request_id and the Idempotency-Key header differ: send one key, or the same in both",
+    );
   }
   const key = requestId !== "" ? requestId : h;
   if (key === "") return undefined;
@@ -184,7 +189,9 @@ export class Admission {
     const p = this.policy;
     const params = paramsHash(req.fileIds, req.callbackUrl);
     const keyDigest =
-      req.idempotencyKey !== undefined ? createHash("sha256").update(req.idempotencyKey).digest("hex") : "-";
+      req.idempotencyKey !== undefined
+        ? createHash("sha256").update(req.idempotencyKey).digest("hex")
+        : "-";
     const rec = newJobRecord(newId, req.owner, req.fileIds, now, req.callbackUrl);
     const fields = { ...flatten(rec), version: String(rec.version) };
     const reply = (await (this.redis as unknown as AdmitCommand).djAdmit(
@@ -232,7 +239,10 @@ export class Admission {
           Math.max(1, Number(value)),
         );
       case 8:
-        throw new OverloadedError("the service is at capacity: retry later", req.queueFullRetryMs ?? 10_000);
+        throw new OverloadedError(
+          "the service is at capacity: retry later",
+          req.queueFullRetryMs ?? 10_000,
+        );
       default:
         throw new Error(`job id collision: ${newId}`);
     }
@@ -243,7 +253,9 @@ export class Admission {
     const params = paramsHash(req.fileIds, req.callbackUrl);
     const keys = [this.store.key(jobId), `${this.store.prefix}:dedup:${req.owner}:${params}`];
     if (req.idempotencyKey !== undefined) {
-      keys.push(`${this.store.prefix}:idem:${req.owner}:${createHash("sha256").update(req.idempotencyKey).digest("hex")}`);
+      keys.push(
+        `${this.store.prefix}:idem:${req.owner}:${createHash("sha256").update(req.idempotencyKey).digest("hex")}`,
+      );
     }
     await this.redis.del(...keys);
     await this.redis.srem(this.ownerKey(req.owner, "active"), jobId);

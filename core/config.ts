@@ -46,7 +46,10 @@ const authTokens = z.string().transform((raw, ctx): AuthToken[] => {
       return z.NEVER;
     }
     if (seen.has(sha256)) {
-      ctx.addIssue({ code: "custom", message: `the same token hash is listed twice (owner ${owner})` });
+      ctx.addIssue({
+        code: "custom",
+        message: `the same token hash is listed twice (owner ${owner})`,
+      });
       return z.NEVER;
     }
     seen.add(sha256);
@@ -63,7 +66,10 @@ const clusterNodes = z.string().transform((raw, ctx): string[] => {
   const nodes = raw.split(/[\s,]+/).filter((s) => s !== "");
   const bad = nodes.filter((n) => !/^rediss?:\/\/./.test(n) && !/^[^\s:/]+:\d{1,5}$/.test(n));
   if (nodes.length === 0 || bad.length > 0) {
-    ctx.addIssue({ code: "custom", message: "expected host:port (or redis://host:port) seed nodes separated by commas" });
+    ctx.addIssue({
+      code: "custom",
+      message: "expected host:port (or redis://host:port) seed nodes separated by commas",
+    });
     return z.NEVER;
   }
   return nodes;
@@ -86,9 +92,15 @@ const schema = z.object({
   S3_ACCESS_KEY_ID: z.string().min(1).optional(),
   S3_SECRET_ACCESS_KEY: z.string().min(1).optional(),
   S3_FORCE_PATH_STYLE: flag.default(true),
-  SOURCE_BUCKET: z.string().min(3, { error: "bucket names have at least 3 characters" }).default("download-sources"),
+  SOURCE_BUCKET: z
+    .string()
+    .min(3, { error: "bucket names have at least 3 characters" })
+    .default("download-sources"),
   SOURCE_PREFIX: z.string().default("files/"),
-  RESULT_BUCKET: z.string().min(3, { error: "bucket names have at least 3 characters" }).default("download-results"),
+  RESULT_BUCKET: z
+    .string()
+    .min(3, { error: "bucket names have at least 3 characters" })
+    .default("download-results"),
   RESULT_PREFIX: z.string().default("bundles/"),
   PRESIGN_EXPIRY_SECONDS: int(1, 7 * 24 * 3600).default(900),
   JOB_RECORD_TTL_SECONDS: int(60).default(7 * 24 * 3600),
@@ -96,7 +108,9 @@ const schema = z.object({
   MAX_REQUEST_BYTES: int(1024).default(65_536),
   WATCH_HEARTBEAT_MS: int(100).default(15_000),
   // 0 is off; otherwise at least a second, or clients would spend their time reconnecting.
-  WATCH_MAX_STREAM_MS: int(0).refine((v) => v === 0 || v >= 1000, { error: "expected 0 (off) or at least 1000" }).default(0),
+  WATCH_MAX_STREAM_MS: int(0)
+    .refine((v) => v === 0 || v >= 1000, { error: "expected 0 (off) or at least 1000" })
+    .default(0),
   WORKER_CONCURRENCY: int(1, 1000).default(4),
   JOB_ATTEMPTS: int(1, 100).default(3),
   JOB_BACKOFF_MS: int(0).default(1000),
@@ -137,10 +151,14 @@ const schema = z.object({
   NODE_ENV: z.string().optional(),
   ADMIN_TOKEN_SHA256: z
     .string()
-    .regex(/^[0-9a-fA-F]{64}$/, { error: 'expected the hex SHA-256 of the admin token, from: printf %s "$TOKEN" | sha256sum' })
+    .regex(/^[0-9a-fA-F]{64}$/, {
+      error: 'expected the hex SHA-256 of the admin token, from: printf %s "$TOKEN" | sha256sum',
+    })
     .transform((v) => v.toLowerCase())
     .optional(),
-  OTEL_TRACES_EXPORTER: z.enum(["otlp", "console", "none"], { error: "expected otlp, console or none" }).optional(),
+  OTEL_TRACES_EXPORTER: z
+    .enum(["otlp", "console", "none"], { error: "expected otlp, console or none" })
+    .optional(),
   OTEL_EXPORTER_OTLP_ENDPOINT: url.optional(),
   OTEL_EXPORTER_OTLP_TRACES_ENDPOINT: url.optional(),
   OTEL_BSP_SCHEDULE_DELAY: int(1).default(5000),
@@ -166,12 +184,19 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     throw new ConfigError(`invalid configuration:\n${lines.join("\n")}`);
   }
   const cfg = parsed.data;
-  if (cfg.S3_ENDPOINT !== undefined && (cfg.S3_ACCESS_KEY_ID === undefined || cfg.S3_SECRET_ACCESS_KEY === undefined)) {
-    throw new ConfigError("invalid configuration:\n  S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY: required when S3_ENDPOINT is set");
+  if (
+    cfg.S3_ENDPOINT !== undefined &&
+    (cfg.S3_ACCESS_KEY_ID === undefined || cfg.S3_SECRET_ACCESS_KEY === undefined)
+  ) {
+    throw new ConfigError(
+      "invalid configuration:\n  S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY: required when S3_ENDPOINT is set",
+    );
   }
   if (cfg.REDIS_CLUSTER_NODES !== undefined) {
     if (cfg.REDIS_URL !== undefined) {
-      throw new ConfigError("invalid configuration:\n  REDIS_URL, REDIS_CLUSTER_NODES: set one of them, not both");
+      throw new ConfigError(
+        "invalid configuration:\n  REDIS_URL, REDIS_CLUSTER_NODES: set one of them, not both",
+      );
     }
     // BullMQ's Lua scripts touch several keys of a queue at once, which a cluster allows
     // only within one hash slot: the `{tag}` in the prefix puts every key in the same one.

@@ -69,7 +69,11 @@ async function runOne(check: ReadinessCheck, timeoutMs: number): Promise<CheckRe
     await Promise.race([check.run(ctl.signal), deadline]);
     return { ok: true, ms: Math.round(performance.now() - started) };
   } catch (err) {
-    return { ok: false, ms: Math.round(performance.now() - started), error: reason(err, ctl.signal) };
+    return {
+      ok: false,
+      ms: Math.round(performance.now() - started),
+      error: reason(err, ctl.signal),
+    };
   } finally {
     clearTimeout(timer);
   }
@@ -86,13 +90,18 @@ function reason(err: unknown, signal: AbortSignal): string {
 }
 
 /** A Redis connection is ready and answers PING (or, for a subscriber, is connected). */
-export function redisCheck(name: string, conn: RedisClient, opts: { ping?: boolean } = {}): ReadinessCheck {
+export function redisCheck(
+  name: string,
+  conn: RedisClient,
+  opts: { ping?: boolean } = {},
+): ReadinessCheck {
   return {
     name,
     async run() {
       // While ioredis reconnects it queues commands instead of failing them; a probe
       // must not wait for that.
-      if (conn.status !== "ready") throw Object.assign(new Error("not connected"), { code: conn.status });
+      if (conn.status !== "ready")
+        throw Object.assign(new Error("not connected"), { code: conn.status });
       if (opts.ping !== false) await conn.ping();
     },
   };
@@ -122,12 +131,22 @@ export interface HealthEndpoints {
  * caller can go on. /healthz: 200 "ok" while the process is up and not stopping.
  * /readyz: 200 when every check passed, else 503; the JSON body names each check.
  */
-export function serveHealth(req: HealthRequest, res: HealthResponse, health: HealthEndpoints): boolean {
+export function serveHealth(
+  req: HealthRequest,
+  res: HealthResponse,
+  health: HealthEndpoints,
+): boolean {
   if (req.method !== "GET" && req.method !== "HEAD") return false;
   const path = (req.url ?? "").split("?", 1)[0];
   if (path === "/healthz") {
     const closing = health.closing();
-    send(req, res, closing ? 503 : 200, "text/plain; charset=utf-8", closing ? "shutting down\n" : "ok\n");
+    send(
+      req,
+      res,
+      closing ? 503 : 200,
+      "text/plain; charset=utf-8",
+      closing ? "shutting down\n" : "ok\n",
+    );
     return true;
   }
   if (path === "/readyz") {
@@ -135,7 +154,11 @@ export function serveHealth(req: HealthRequest, res: HealthResponse, health: Hea
       (report) => {
         const closing = health.closing();
         const ready = report.ready && !closing;
-        const body = JSON.stringify({ ready, ...(closing ? { closing: true } : {}), checks: report.checks });
+        const body = JSON.stringify({
+          ready,
+          ...(closing ? { closing: true } : {}),
+          checks: report.checks,
+        });
         send(req, res, ready ? 200 : 503, "application/json", `${body}\n`);
       },
       () => send(req, res, 503, "application/json", '{"ready":false}\n'),
@@ -145,7 +168,13 @@ export function serveHealth(req: HealthRequest, res: HealthResponse, health: Hea
   return false;
 }
 
-function send(req: HealthRequest, res: HealthResponse, status: number, type: string, body: string): void {
+function send(
+  req: HealthRequest,
+  res: HealthResponse,
+  status: number,
+  type: string,
+  body: string,
+): void {
   if (res.headersSent || res.destroyed) return;
   res.writeHead(status, { "content-type": type, "cache-control": "no-store" });
   if (req.method === "HEAD") res.end();

@@ -1,6 +1,10 @@
 import type { Queue } from "bullmq";
-import type { RedisClient } from "./redis.js";
-import { Admission, type AdmissionOutcome, type AdmissionPolicy, parseIdempotencyKey } from "./admission.js";
+import {
+  Admission,
+  type AdmissionOutcome,
+  type AdmissionPolicy,
+  parseIdempotencyKey,
+} from "./admission.js";
 import type { JobStore } from "./job-store.js";
 import {
   InvalidInputError,
@@ -12,6 +16,7 @@ import {
   parseJobId,
 } from "./jobs.js";
 import type { BundleJobData } from "./queue.js";
+import type { RedisClient } from "./redis.js";
 import { currentTraceparent } from "./tracing.js";
 
 // The domain operations behind the RPCs. Handlers parse nothing and know no Redis:
@@ -82,11 +87,20 @@ export class JobService {
     let callbackUrl: string | undefined;
     if (input.callbackUrl !== undefined && input.callbackUrl !== "") {
       if (this.deps.checkCallbackUrl === undefined) {
-        throw new InvalidInputError("callback_url is not accepted: this server has no webhook secret configured");
+        throw new InvalidInputError(
+          "callback_url is not accepted: this server has no webhook secret configured",
+        );
       }
       callbackUrl = await this.deps.checkCallbackUrl(input.callbackUrl);
     }
-    const req = { owner, fileIds, callbackUrl, idempotencyKey, queueFull: await this.queueFull(), queueFullRetryMs: QUEUE_FULL_RETRY_MS };
+    const req = {
+      owner,
+      fileIds,
+      callbackUrl,
+      idempotencyKey,
+      queueFull: await this.queueFull(),
+      queueFullRetryMs: QUEUE_FULL_RETRY_MS,
+    };
     const admitted = await this.admission.admit(req, newJobId());
     if (admitted.created !== undefined) {
       try {
@@ -131,7 +145,11 @@ export class JobService {
     } catch (err) {
       if (err instanceof JobStateError && err.state === "CANCELLED") return this.deps.store.get(id);
       if (err instanceof JobStateError) {
-        throw new JobStateError(id, err.state, `job is already ${err.state.toLowerCase()}: only queued or running jobs can be cancelled`);
+        throw new JobStateError(
+          id,
+          err.state,
+          `job is already ${err.state.toLowerCase()}: only queued or running jobs can be cancelled`,
+        );
       }
       throw err;
     }
@@ -145,7 +163,12 @@ export class JobService {
   private async enqueue(rec: JobRecord): Promise<void> {
     // The worker continues the caller's trace, and logs the owner, from the job's data.
     const traceparent = currentTraceparent();
-    const data = { jobId: rec.id, fileIds: rec.fileIds, owner: rec.owner, ...(traceparent !== undefined ? { traceparent } : {}) };
+    const data = {
+      jobId: rec.id,
+      fileIds: rec.fileIds,
+      owner: rec.owner,
+      ...(traceparent !== undefined ? { traceparent } : {}),
+    };
     await this.deps.queue.add("bundle", data, { jobId: rec.id });
   }
 

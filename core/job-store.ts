@@ -1,12 +1,12 @@
-import type { RedisClient } from "./redis.js";
 import {
-  type JobRecord,
-  type JobStateName,
-  JobNotFoundError,
-  JobStateError,
   isTerminal,
+  JobNotFoundError,
+  type JobRecord,
+  JobStateError,
+  type JobStateName,
   newJobRecord,
 } from "./jobs.js";
+import type { RedisClient } from "./redis.js";
 
 // Job records live in Redis as hashes of string fields; structured parts are JSON.
 // Every change goes through one Lua script that checks the state precondition, bumps
@@ -17,7 +17,14 @@ import {
 type Flat = Record<string, string>;
 
 const JSON_FIELDS = ["fileIds", "progress", "files", "result", "error", "webhook"] as const;
-const NUMBER_FIELDS = ["version", "attempts", "createdAt", "updatedAt", "startedAt", "endedAt"] as const;
+const NUMBER_FIELDS = [
+  "version",
+  "attempts",
+  "createdAt",
+  "updatedAt",
+  "startedAt",
+  "endedAt",
+] as const;
 
 /** Record -> hash fields (JSON for structured parts). `version` is owned by the script. */
 export function flatten(patch: Partial<JobRecord>): Flat {
@@ -175,7 +182,11 @@ export class JobStore {
    * Applies `patch` atomically if the job is in an allowed state, bumps the version and
    * publishes the new record. Throws JobNotFoundError or JobStateError.
    */
-  async update(id: string, patch: Partial<JobRecord>, opts: UpdateOptions = {}): Promise<JobRecord> {
+  async update(
+    id: string,
+    patch: Partial<JobRecord>,
+    opts: UpdateOptions = {},
+  ): Promise<JobRecord> {
     return decodeJob(JSON.parse(await this.apply(id, patch, opts)) as Flat);
   }
 

@@ -59,7 +59,9 @@ function int64(n: number | undefined): bigint {
 }
 
 /** Whether a completed job's result can be presigned: retention has not deleted it. */
-export function hasLiveResult(rec: JobRecord): rec is JobRecord & { result: NonNullable<JobRecord["result"]> } {
+export function hasLiveResult(
+  rec: JobRecord,
+): rec is JobRecord & { result: NonNullable<JobRecord["result"]> } {
   return rec.state === "COMPLETED" && rec.result !== undefined && rec.result.expired !== true;
 }
 
@@ -116,7 +118,9 @@ export function toProtoJob(rec: JobRecord, download?: PresignedResult): Job {
             sizeBytes: int64(rec.result.sizeBytes),
             sha256: rec.result.sha256,
             expired: rec.result.expired === true,
-            ...(rec.result.expiresAt !== undefined ? { purgeTime: timestampFromMs(rec.result.expiresAt) } : {}),
+            ...(rec.result.expiresAt !== undefined
+              ? { purgeTime: timestampFromMs(rec.result.expiresAt) }
+              : {}),
           },
         }
       : {}),
@@ -162,7 +166,11 @@ function timeJson(ms: number): string {
   return ms % 1000 === 0 ? `${iso.slice(0, -5)}Z` : iso;
 }
 
-function enumName<T extends string>(prefix: string, value: T | undefined, known: Record<T, unknown>): string | undefined {
+function enumName<T extends string>(
+  prefix: string,
+  value: T | undefined,
+  known: Record<T, unknown>,
+): string | undefined {
   return value !== undefined && value in known ? `${prefix}${value}` : undefined;
 }
 

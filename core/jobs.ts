@@ -151,7 +151,9 @@ export function parseJobId(raw: string): string {
   const id = raw.toLowerCase();
   if (!JOB_ID.test(id)) {
     const shown = raw.length > 60 ? `${raw.slice(0, 60)}…` : raw;
-    throw new InvalidInputError(`job_id "${shown}" is malformed: expected the UUID returned by Initiate`);
+    throw new InvalidInputError(
+      `job_id "${shown}" is malformed: expected the UUID returned by Initiate`,
+    );
   }
   return id;
 }
@@ -193,14 +195,22 @@ export function newJobRecord(
   return {
     id,
     owner,
-    ...(callbackUrl !== undefined ? { callbackUrl, webhook: { state: "PENDING", attempts: 0, lastStatus: 0 } } : {}),
+    ...(callbackUrl !== undefined
+      ? { callbackUrl, webhook: { state: "PENDING", attempts: 0, lastStatus: 0 } }
+      : {}),
     state: "QUEUED",
     fileIds,
     version: 1,
     attempts: 0,
     createdAt: now,
     updatedAt: now,
-    progress: { filesDone: 0, filesTotal: fileIds.length, bytesDone: 0, bytesTotal: 0, bytesPerSecond: 0 },
+    progress: {
+      filesDone: 0,
+      filesTotal: fileIds.length,
+      bytesDone: 0,
+      bytesTotal: 0,
+      bytesPerSecond: 0,
+    },
     files: fileIds.map((fileId) => ({
       fileId,
       state: "PENDING",

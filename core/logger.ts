@@ -1,5 +1,5 @@
 import { isSpanContextValid, trace } from "@opentelemetry/api";
-import { pino, type Logger } from "pino";
+import { type Logger, pino } from "pino";
 import { PinoPretty } from "pino-pretty";
 
 export type { Logger };
@@ -15,7 +15,10 @@ export interface LoggerOptions {
  * LOG_FORMAT when set; otherwise pretty on a terminal outside production, JSON anywhere
  * else (containers, CI, files, `npm start`'s children, whose output it prefixes).
  */
-export function logFormatFor(cfg: { LOG_FORMAT?: LogFormat | undefined; NODE_ENV?: string | undefined }): LogFormat {
+export function logFormatFor(cfg: {
+  LOG_FORMAT?: LogFormat | undefined;
+  NODE_ENV?: string | undefined;
+}): LogFormat {
   if (cfg.LOG_FORMAT !== undefined) return cfg.LOG_FORMAT;
   return process.stdout.isTTY === true && cfg.NODE_ENV !== "production" ? "pretty" : "json";
 }
@@ -30,13 +33,19 @@ export function createLogger(level: string, name: string, opts: LoggerOptions = 
     name,
     level,
     // Presigned URLs carry credentials in their query string: never log them.
-    redact: { paths: ["*.download_url", "*.downloadUrl", "*.url", "authorization", "*.authorization"], censor: "[redacted]" },
+    redact: {
+      paths: ["*.download_url", "*.downloadUrl", "*.url", "authorization", "*.authorization"],
+      censor: "[redacted]",
+    },
     mixin: traceFields,
   };
   if (opts.format === "pretty") {
     // A synchronous stream in this thread rather than pino's worker-thread transport:
     // nothing is lost when the process exits right after a fatal line.
-    return pino(options, PinoPretty({ sync: true, colorize: process.stdout.isTTY === true, ignore: "pid,hostname" }));
+    return pino(
+      options,
+      PinoPretty({ sync: true, colorize: process.stdout.isTTY === true, ignore: "pid,hostname" }),
+    );
   }
   return pino(options);
 }

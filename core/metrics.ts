@@ -1,4 +1,4 @@
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from "prom-client";
+import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
 
 export type { Registry };
 
@@ -58,7 +58,9 @@ export function registerApiMetrics(registry: Registry, sources: ApiMetricsSource
     help: "RPC duration from the request's arrival to the response's end; for WatchJob, the stream's lifetime.",
     labelNames: ["method"] as const,
     // Unary calls take milliseconds; the top buckets are there for streams.
-    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900],
+    buckets: [
+      0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900,
+    ],
     registers: [registry],
   });
   new Gauge({
@@ -187,7 +189,11 @@ interface MetricsResponse {
  * Answers `GET /metrics` in Prometheus' text format; false for any other request. Not
  * for the public internet: the edge proxy routes only the API's own paths.
  */
-export function serveMetrics(req: MetricsRequest, res: MetricsResponse, registry: Registry): boolean {
+export function serveMetrics(
+  req: MetricsRequest,
+  res: MetricsResponse,
+  registry: Registry,
+): boolean {
   const path = (req.url ?? "").split("?", 1)[0];
   if (path !== "/metrics" || (req.method !== "GET" && req.method !== "HEAD")) return false;
   registry.metrics().then(

@@ -1,4 +1,4 @@
-import { type KeyObject, createHash, createHmac, createSecretKey } from "node:crypto";
+import { createHash, createHmac, createSecretKey, type KeyObject } from "node:crypto";
 
 // Presigned GET URLs (AWS Signature Version 4, query-string form) for a path-style S3
 // endpoint with static credentials: what the API makes for every completed job it
@@ -34,7 +34,10 @@ const UNRESERVED = /^[A-Za-z0-9\-._~]*$/;
 /** RFC 3986 encoding as SigV4 wants it: everything but A-Z a-z 0-9 - . _ ~ is escaped. */
 function uriEncode(value: string): string {
   if (UNRESERVED.test(value)) return value;
-  return encodeURIComponent(value).replace(/[!'()*]/g, (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`);
+  return encodeURIComponent(value).replace(
+    /[!'()*]/g,
+    (c) => `%${c.charCodeAt(0).toString(16).toUpperCase()}`,
+  );
 }
 
 function hmac(key: Buffer | string, data: string): Buffer {
@@ -57,7 +60,10 @@ export class PathStylePresigner {
 
   presignGet(input: PresignGetInput): string {
     const date = input.date ?? new Date();
-    const amzDate = date.toISOString().replace(/[-:]/g, "").replace(/\.\d{3}/, "");
+    const amzDate = date
+      .toISOString()
+      .replace(/[-:]/g, "")
+      .replace(/\.\d{3}/, "");
     const day = amzDate.slice(0, 8);
     const scope = `${day}/${this.opts.region}/s3/aws4_request`;
     const path = `${this.basePath}/${uriEncode(input.bucket)}/${input.key.split("/").map(uriEncode).join("/")}`;
@@ -77,14 +83,24 @@ export class PathStylePresigner {
       .sort(([a], [b]) => (a < b ? -1 : a > b ? 1 : 0))
       .map(([k, v]) => `${k}=${v}`)
       .join("&");
-    const canonicalRequest = ["GET", path, query, `host:${this.host}`, "", "host", "UNSIGNED-PAYLOAD"].join("\n");
+    const canonicalRequest = [
+      "GET",
+      path,
+      query,
+      `host:${this.host}`,
+      "",
+      "host",
+      "UNSIGNED-PAYLOAD",
+    ].join("\n");
     const stringToSign = [
       "AWS4-HMAC-SHA256",
       amzDate,
       scope,
       createHash("sha256").update(canonicalRequest, "utf8").digest("hex"),
     ].join("\n");
-    const signature = createHmac("sha256", this.keyFor(day)).update(stringToSign, "utf8").digest("hex");
+    const signature = createHmac("sha256", this.keyFor(day))
+      .update(stringToSign, "utf8")
+      .digest("hex");
     return `${this.origin}${path}?${insertSorted(query, `X-Amz-Signature=${signature}`)}`;
   }
 
@@ -92,7 +108,9 @@ export class PathStylePresigner {
     if (this.signingKey?.day !== day) {
       const dateKey = hmac(`AWS4${this.opts.secretAccessKey}`, day);
       // A KeyObject: createHmac would otherwise import the raw bytes on every URL.
-      const key = createSecretKey(hmac(hmac(hmac(dateKey, this.opts.region), "s3"), "aws4_request"));
+      const key = createSecretKey(
+        hmac(hmac(hmac(dateKey, this.opts.region), "s3"), "aws4_request"),
+      );
       this.signingKey = { day, key };
     }
     return this.signingKey.key;

@@ -22,7 +22,10 @@ export interface QueueOptions {
   backoffMs: number;
 }
 
-export function createBundleQueue(connection: RedisClient, opts: QueueOptions): Queue<BundleJobData> {
+export function createBundleQueue(
+  connection: RedisClient,
+  opts: QueueOptions,
+): Queue<BundleJobData> {
   return new Queue<BundleJobData>(QUEUE_NAME, {
     connection,
     prefix: opts.prefix,
@@ -43,7 +46,10 @@ export interface WebhookJobData {
   jobId: string;
 }
 
-export function createWebhookQueue(connection: RedisClient, opts: QueueOptions): Queue<WebhookJobData> {
+export function createWebhookQueue(
+  connection: RedisClient,
+  opts: QueueOptions,
+): Queue<WebhookJobData> {
   return new Queue<WebhookJobData>(WEBHOOK_QUEUE_NAME, {
     connection,
     prefix: opts.prefix,

@@ -51,7 +51,9 @@ export function createRedis(target: RedisTarget, opts: { role: Role; name?: stri
   const connectionName = opts.name ?? `download-jobs:${opts.role}`;
   const retry = (times: number) => Math.min(50 * 2 ** times, 2000);
   const roleOptions: RedisOptions =
-    opts.role === "api" ? { maxRetriesPerRequest: 1, connectTimeout: 2000 } : { maxRetriesPerRequest: null };
+    opts.role === "api"
+      ? { maxRetriesPerRequest: 1, connectTimeout: 2000 }
+      : { maxRetriesPerRequest: null };
   if (typeof target === "string") {
     const conn = new Redis(target, {
       connectionName,

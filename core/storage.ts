@@ -62,7 +62,9 @@ function makeClient(opts: StorageOptions, endpoint: string | undefined): S3Clien
 
 export function isNotFound(err: unknown): boolean {
   if (err instanceof S3ServiceException) {
-    return err.$metadata.httpStatusCode === 404 || err.name === "NotFound" || err.name === "NoSuchKey";
+    return (
+      err.$metadata.httpStatusCode === 404 || err.name === "NotFound" || err.name === "NoSuchKey"
+    );
   }
   return false;
 }
@@ -78,7 +80,10 @@ export class Storage {
     const publicEndpoint = opts.publicEndpoint ?? opts.endpoint;
     this.signer = makeClient(opts, publicEndpoint);
     this.pathStyle =
-      publicEndpoint !== undefined && opts.forcePathStyle && opts.accessKeyId !== undefined && opts.secretAccessKey !== undefined
+      publicEndpoint !== undefined &&
+      opts.forcePathStyle &&
+      opts.accessKeyId !== undefined &&
+      opts.secretAccessKey !== undefined
         ? new PathStylePresigner({
             endpoint: publicEndpoint,
             region: opts.region,
@@ -167,7 +172,10 @@ export class Storage {
         bucket: this.opts.resultBucket,
         key,
         expiresInSeconds: expiresIn,
-        responseParams: { "response-content-disposition": contentDisposition(fileName), "response-content-type": "application/zip" },
+        responseParams: {
+          "response-content-disposition": contentDisposition(fileName),
+          "response-content-type": "application/zip",
+        },
         date: new Date(now),
       });
       return { url, expiresAt: now + expiresIn * 1000 };

@@ -1,17 +1,22 @@
 import {
   type Context,
+  context,
+  propagation,
+  ROOT_CONTEXT,
   type Span,
   type SpanOptions,
   SpanStatusCode,
-  ROOT_CONTEXT,
-  context,
-  propagation,
   trace,
 } from "@opentelemetry/api";
 import { AsyncLocalStorageContextManager } from "@opentelemetry/context-async-hooks";
 import { W3CTraceContextPropagator } from "@opentelemetry/core";
 import { OTLPTraceExporter } from "@opentelemetry/exporter-trace-otlp-http";
-import { defaultResource, envDetector, detectResources, resourceFromAttributes } from "@opentelemetry/resources";
+import {
+  defaultResource,
+  detectResources,
+  envDetector,
+  resourceFromAttributes,
+} from "@opentelemetry/resources";
 import {
   BatchSpanProcessor,
   ConsoleSpanExporter,
@@ -112,7 +117,8 @@ export function startTracing(cfg: TracingConfig, opts: TracingOptions): Tracing 
 
 /** Where spans go, as the OTLP specification derives it from the two endpoint variables. */
 function tracesUrl(cfg: TracingConfig): string | undefined {
-  if (cfg.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT !== undefined) return cfg.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
+  if (cfg.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT !== undefined)
+    return cfg.OTEL_EXPORTER_OTLP_TRACES_ENDPOINT;
   if (cfg.OTEL_EXPORTER_OTLP_ENDPOINT === undefined) return undefined;
   return `${cfg.OTEL_EXPORTER_OTLP_ENDPOINT.replace(/\/+$/, "")}/v1/traces`;
 }
@@ -153,11 +159,18 @@ export async function inSpan<T>(
 }
 
 /** A span that the caller ends itself (for work that spans callbacks rather than one call). */
-export function startSpan(name: string, options: SpanOptions = {}, parent: Context = context.active()): Span {
+export function startSpan(
+  name: string,
+  options: SpanOptions = {},
+  parent: Context = context.active(),
+): Span {
   return trace.getTracer(TRACER_NAME).startSpan(name, options, parent);
 }
 
 export function markError(span: Span, err: unknown): void {
   span.recordException(err instanceof Error ? err : new Error(String(err)));
-  span.setStatus({ code: SpanStatusCode.ERROR, message: err instanceof Error ? err.message : String(err) });
+  span.setStatus({
+    code: SpanStatusCode.ERROR,
+    message: err instanceof Error ? err.message : String(err),
+  });
 }

@@ -107,7 +107,8 @@ export async function checkWebhookUrl(
   policy: WebhookTargetPolicy,
   lookup: Lookup = defaultLookup,
 ): Promise<WebhookTarget> {
-  if (raw.length > MAX_URL_LENGTH) throw new InvalidInputError(`callback_url is longer than ${MAX_URL_LENGTH} characters`);
+  if (raw.length > MAX_URL_LENGTH)
+    throw new InvalidInputError(`callback_url is longer than ${MAX_URL_LENGTH} characters`);
   let url: URL;
   try {
     url = new URL(raw);
@@ -115,10 +116,14 @@ export async function checkWebhookUrl(
     throw new InvalidInputError("callback_url is not a valid URL: expected https://host/path");
   }
   if (url.protocol !== "https:" && url.protocol !== "http:") {
-    throw new InvalidInputError(`callback_url must be http or https, not ${url.protocol.replace(/:$/, "")}`);
+    throw new InvalidInputError(
+      `callback_url must be http or https, not ${url.protocol.replace(/:$/, "")}`,
+    );
   }
   if (url.username !== "" || url.password !== "") {
-    throw new InvalidInputError("callback_url must not carry a user name or password: verify the signature instead");
+    throw new InvalidInputError(
+      "callback_url must not carry a user name or password: verify the signature instead",
+    );
   }
   const host = url.hostname.replace(/^\[|\]$/g, "").toLowerCase();
   const allowed = allowList(policy.allowedHosts);
@@ -131,7 +136,8 @@ export async function checkWebhookUrl(
     } catch {
       throw new InvalidInputError(`callback_url host ${host} does not resolve`);
     }
-    if (addresses.length === 0) throw new InvalidInputError(`callback_url host ${host} does not resolve`);
+    if (addresses.length === 0)
+      throw new InvalidInputError(`callback_url host ${host} does not resolve`);
   }
   const nameAllowed = allowed.names.has(host);
   for (const { address } of addresses) {

@@ -1,4 +1,4 @@
-import { createServer, connect } from "node:net";
+import { connect, createServer } from "node:net";
 
 /** A port that was free a moment ago on 127.0.0.1 (the OS picks it). */
 export async function freePort(): Promise<number> {
@@ -15,7 +15,11 @@ export async function freePort(): Promise<number> {
 }
 
 /** Polls until `probe` resolves true or the deadline passes; never sleeps blindly. */
-export async function waitUntil(what: string, probe: () => Promise<boolean>, timeoutMs = 15_000): Promise<void> {
+export async function waitUntil(
+  what: string,
+  probe: () => Promise<boolean>,
+  timeoutMs = 15_000,
+): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let delay = 10;
   while (Date.now() < deadline) {

@@ -28,7 +28,9 @@ interface Node {
   stderr: () => string;
 }
 
-export async function startRedisCluster(opts: { masters?: number } = {}): Promise<LocalRedisCluster> {
+export async function startRedisCluster(
+  opts: { masters?: number } = {},
+): Promise<LocalRedisCluster> {
   const bin = ensureRedisBinary({ install: false });
   const cli = bin.replace(/redis-server$/, "redis-cli");
   const count = opts.masters ?? 3;
@@ -57,19 +59,31 @@ export async function startRedisCluster(opts: { masters?: number } = {}): Promis
       const child = spawn(
         bin,
         [
-          "--port", String(port),
-          "--cluster-port", String(busPort),
-          "--bind", "127.0.0.1",
-          "--cluster-enabled", "yes",
-          "--cluster-config-file", join(dir, `nodes-${port}.conf`),
-          "--cluster-node-timeout", "5000",
-          "--dir", dir,
-          "--save", "",
-          "--appendonly", "no",
+          "--port",
+          String(port),
+          "--cluster-port",
+          String(busPort),
+          "--bind",
+          "127.0.0.1",
+          "--cluster-enabled",
+          "yes",
+          "--cluster-config-file",
+          join(dir, `nodes-${port}.conf`),
+          "--cluster-node-timeout",
+          "5000",
+          "--dir",
+          dir,
+          "--save",
+          "",
+          "--appendonly",
+          "no",
           // BullMQ loses jobs if Redis evicts keys under memory pressure.
-          "--maxmemory-policy", "noeviction",
-          "--daemonize", "no",
-          "--loglevel", "warning",
+          "--maxmemory-policy",
+          "noeviction",
+          "--daemonize",
+          "no",
+          "--loglevel",
+          "warning",
         ],
         { stdio: ["ignore", "ignore", "pipe"] },
       );
@@ -86,16 +100,21 @@ export async function startRedisCluster(opts: { masters?: number } = {}): Promis
       });
     }
     await run(cli, [
-      "--cluster", "create",
+      "--cluster",
+      "create",
       ...nodes.map((n) => `127.0.0.1:${n.port}`),
-      "--cluster-replicas", "0",
+      "--cluster-replicas",
+      "0",
       "--cluster-yes",
     ]);
     // Every node must agree before a client's first slot map is trustworthy.
     for (const n of nodes) {
       await waitUntil(
         `cluster_state:ok on port ${n.port}`,
-        async () => (await run(cli, ["-p", String(n.port), "cluster", "info"])).stdout.includes("cluster_state:ok"),
+        async () =>
+          (await run(cli, ["-p", String(n.port), "cluster", "info"])).stdout.includes(
+            "cluster_state:ok",
+          ),
         30_000,
       );
     }
@@ -108,7 +127,8 @@ export async function startRedisCluster(opts: { masters?: number } = {}): Promis
     pids: nodes.map((n) => n.child.pid ?? 0),
     stop,
     kill() {
-      for (const n of nodes) if (n.child.exitCode === null && n.child.signalCode === null) n.child.kill("SIGKILL");
+      for (const n of nodes)
+        if (n.child.exitCode === null && n.child.signalCode === null) n.child.kill("SIGKILL");
     },
   };
 }

@@ -48,7 +48,10 @@ function findBinary(): string | undefined {
   }
 }
 
-export function ensureRedisBinary(opts: { install: boolean; log?: (line: string) => void }): string {
+export function ensureRedisBinary(opts: {
+  install: boolean;
+  log?: (line: string) => void;
+}): string {
   const found = findBinary();
   if (found !== undefined) return found;
   const isRoot = process.getuid?.() === 0;
@@ -89,18 +92,29 @@ function ping(port: number): Promise<boolean> {
 }
 
 export async function startRedis(opts: LocalRedisOptions = {}): Promise<LocalRedis> {
-  const bin = ensureRedisBinary({ install: opts.install ?? false, ...(opts.log ? { log: opts.log } : {}) });
+  const bin = ensureRedisBinary({
+    install: opts.install ?? false,
+    ...(opts.log ? { log: opts.log } : {}),
+  });
   const port = opts.port ?? (await freePort());
   const args = [
-    "--port", String(port),
-    "--bind", "127.0.0.1",
-    "--save", "",
-    "--appendonly", opts.appendonly ? "yes" : "no",
+    "--port",
+    String(port),
+    "--bind",
+    "127.0.0.1",
+    "--save",
+    "",
+    "--appendonly",
+    opts.appendonly ? "yes" : "no",
     // BullMQ loses jobs if Redis evicts keys under memory pressure.
-    "--maxmemory-policy", "noeviction",
-    "--daemonize", "no",
-    "--protected-mode", "yes",
-    "--loglevel", "warning",
+    "--maxmemory-policy",
+    "noeviction",
+    "--daemonize",
+    "no",
+    "--protected-mode",
+    "yes",
+    "--loglevel",
+    "warning",
   ];
   if (opts.dir !== undefined) {
     const dir = resolve(opts.dir);

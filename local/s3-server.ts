@@ -16,7 +16,9 @@ export interface LocalS3 {
   stop(): Promise<void>;
 }
 
-export async function startS3(opts: { port?: number; dir?: string; buckets?: string[] } = {}): Promise<LocalS3> {
+export async function startS3(
+  opts: { port?: number; dir?: string; buckets?: string[] } = {},
+): Promise<LocalS3> {
   const port = opts.port ?? (await freePort());
   const temp = opts.dir === undefined;
   const directory = temp ? mkdtempSync(join(tmpdir(), "dj-s3-")) : resolve(opts.dir as string);

@@ -1,6 +1,6 @@
-import { PutObjectCommand } from "@aws-sdk/client-s3";
 import { createCipheriv, createHash } from "node:crypto";
 import { Readable } from "node:stream";
+import { PutObjectCommand } from "@aws-sdk/client-s3";
 import type { Storage } from "../core/storage.js";
 import { SAMPLE_FILES, type SampleFile } from "./sample-files.js";
 
@@ -65,7 +65,9 @@ export async function seedSamples(
       result.skipped.push(file.fileId);
       continue;
     }
-    opts.log?.(`seeding file ${file.fileId} (${file.fileName}, ${(file.sizeBytes / 1e6).toFixed(0)} MB)`);
+    opts.log?.(
+      `seeding file ${file.fileId} (${file.fileName}, ${(file.sizeBytes / 1e6).toFixed(0)} MB)`,
+    );
     await storage.client.send(
       new PutObjectCommand({
         Bucket: storage.opts.sourceBucket,

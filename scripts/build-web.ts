@@ -1,7 +1,7 @@
-import { build } from "esbuild";
-import { mkdir, readFile, readdir, rename, rm, writeFile } from "node:fs/promises";
+import { mkdir, readdir, readFile, rename, rm, writeFile } from "node:fs/promises";
 import { basename, dirname, join, relative, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
+import { build } from "esbuild";
 
 // `npm run build:web` (and prestart/pretest): bundles the browser page in clients/web into
 // clients/web/dist with esbuild. Assets get content hashes in their names, so the server
@@ -48,7 +48,9 @@ export async function buildWeb(opts: BuildWebOptions = {}): Promise<BuildWebResu
     entryNames: "[name]-[hash]",
     assetNames: "[name]-[hash]",
     // React picks its production build from this; without it the page ships dev checks.
-    define: { "process.env.NODE_ENV": opts.development === true ? '"development"' : '"production"' },
+    define: {
+      "process.env.NODE_ENV": opts.development === true ? '"development"' : '"production"',
+    },
     legalComments: "linked",
     metafile: true,
     logLevel: "warning",
@@ -64,7 +66,8 @@ export async function buildWeb(opts: BuildWebOptions = {}): Promise<BuildWebResu
   ].join("\n    ");
 
   const template = await readFile(join(SOURCE_DIR, "index.html"), "utf8");
-  if (!template.includes(ASSETS_MARKER)) throw new Error(`clients/web/index.html lacks ${ASSETS_MARKER}`);
+  if (!template.includes(ASSETS_MARKER))
+    throw new Error(`clients/web/index.html lacks ${ASSETS_MARKER}`);
   // Written to a temporary name and renamed, so a server reading it meanwhile never
   // sees half a file or a page naming assets that are not there yet.
   const indexPath = join(outDir, "index.html");
@@ -92,7 +95,9 @@ if (process.argv[1] !== undefined && resolve(process.argv[1]) === fileURLToPath(
       );
     },
     (err: unknown) => {
-      process.stderr.write(`[build:web] failed: ${err instanceof Error ? err.message : String(err)}\n`);
+      process.stderr.write(
+        `[build:web] failed: ${err instanceof Error ? err.message : String(err)}\n`,
+      );
       process.exit(1);
     },
   );

@@ -1,5 +1,5 @@
 import { createHash, randomBytes } from "node:crypto";
-import { dirname, join, resolve } from "node:path";
+import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { type Config, ConfigError, loadConfig } from "../core/config.js";
 import { logFormatFor } from "../core/logger.js";
@@ -116,7 +116,9 @@ async function main(): Promise<number> {
       let exitCode = code;
       // The children get the server's own grace and a little more to close cleanly.
       const graceMs = cfg.SHUTDOWN_GRACE_MS + 2000;
-      const results = await Promise.all(children.map(async (c) => ({ c, exit: await c.stop(graceMs) })));
+      const results = await Promise.all(
+        children.map(async (c) => ({ c, exit: await c.stop(graceMs) })),
+      );
       for (const { c, exit } of results) {
         if (exit.forced) {
           warn(`${c.name} (pid ${c.pid}) did not stop within ${graceMs} ms: killed`);
@@ -162,19 +164,31 @@ async function main(): Promise<number> {
       token = dev.token;
       childEnv.AUTH_TOKENS = dev.authTokens;
       say(`auth   development token (owner "dev", new at every start): ${token}`);
-      say(`       send it as  Authorization: Bearer <token>; set AUTH_TOKENS for your own (see README, Security)`);
+      say(
+        `       send it as  Authorization: Bearer <token>; set AUTH_TOKENS for your own (see README, Security)`,
+      );
     }
     // The children write to a pipe, not to this terminal: decide the log format here.
     childEnv.LOG_FORMAT = logFormatFor(cfg);
 
     if (cfg.REDIS_URL === undefined && cfg.REDIS_CLUSTER_NODES === undefined) {
       const dir = resolve(cfg.DATA_DIR, "redis");
-      const redis = await startRedis({ dir, appendonly: true, install: true, detached: true, log: say });
+      const redis = await startRedis({
+        dir,
+        appendonly: true,
+        install: true,
+        detached: true,
+        log: say,
+      });
       services.push({ name: "redis-server", stop: () => redis.stop() });
       childEnv.REDIS_URL = redis.url;
       say(`Redis  ${redis.url}  (redis-server pid ${redis.pid}, append-only data in ${dir})`);
     } else {
-      say(cfg.REDIS_URL !== undefined ? "Redis  from REDIS_URL" : "Redis  Cluster from REDIS_CLUSTER_NODES");
+      say(
+        cfg.REDIS_URL !== undefined
+          ? "Redis  from REDIS_URL"
+          : "Redis  Cluster from REDIS_CLUSTER_NODES",
+      );
     }
     abort.signal.throwIfAborted();
 
@@ -185,10 +199,14 @@ async function main(): Promise<number> {
       childEnv.S3_ENDPOINT = s3.endpoint;
       childEnv.S3_ACCESS_KEY_ID = LOCAL_S3_CREDENTIALS.accessKeyId;
       childEnv.S3_SECRET_ACCESS_KEY = LOCAL_S3_CREDENTIALS.secretAccessKey;
-      say(`S3     ${s3.endpoint}  (embedded s3rver, data in ${dir}, access key ${LOCAL_S3_CREDENTIALS.accessKeyId})`);
+      say(
+        `S3     ${s3.endpoint}  (embedded s3rver, data in ${dir}, access key ${LOCAL_S3_CREDENTIALS.accessKeyId})`,
+      );
       if ((inherited.THROTTLE_BYTES_PER_SECOND ?? "") === "") {
         childEnv.THROTTLE_BYTES_PER_SECOND = String(DEMO_THROTTLE_BYTES_PER_SECOND);
-        say(`demo throttle THROTTLE_BYTES_PER_SECOND=${DEMO_THROTTLE_BYTES_PER_SECOND} so progress is visible (set it to change, 0 = off)`);
+        say(
+          `demo throttle THROTTLE_BYTES_PER_SECOND=${DEMO_THROTTLE_BYTES_PER_SECOND} so progress is visible (set it to change, 0 = off)`,
+        );
       }
     } else {
       say(`S3     ${cfg.S3_ENDPOINT}  (from S3_ENDPOINT)`);
@@ -238,7 +256,9 @@ async function main(): Promise<number> {
       say(`${name} pid ${child.pid} (${entry})`);
       void child.exited.then((exit) => {
         if (stopping !== undefined) return;
-        warn(`${name} exited unexpectedly (${exit.signal ?? `code ${exit.code}`}): stopping everything`);
+        warn(
+          `${name} exited unexpectedly (${exit.signal ?? `code ${exit.code}`}): stopping everything`,
+        );
         void shutdown(`${name} exited`, 1);
       });
     }
@@ -247,7 +267,9 @@ async function main(): Promise<number> {
       waitUntil(`the API on ${base}`, () => canConnect(resolved.PORT, probeHost), 60_000),
       rejectOnAbort(abort.signal),
     ]);
-    say(`download-jobs is ready at ${base}  (Connect and gRPC-Web over HTTP/1.1, gRPC and Connect over h2c)`);
+    say(
+      `download-jobs is ready at ${base}  (Connect and gRPC-Web over HTTP/1.1, gRPC and Connect over h2c)`,
+    );
     process.stdout.write(examples(base, token, resolved.AUTH_DISABLED));
   } catch (err) {
     if (stopping === undefined) {

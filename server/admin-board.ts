@@ -57,7 +57,11 @@ export function createAdminBoard(opts: AdminBoardOptions): AdminBoard {
   return {
     handle(req, res) {
       const url = req.url ?? "";
-      if (url !== ADMIN_BASE_PATH && !url.startsWith(`${ADMIN_BASE_PATH}/`) && !url.startsWith(`${ADMIN_BASE_PATH}?`)) {
+      if (
+        url !== ADMIN_BASE_PATH &&
+        !url.startsWith(`${ADMIN_BASE_PATH}/`) &&
+        !url.startsWith(`${ADMIN_BASE_PATH}?`)
+      ) {
         return false;
       }
       // Both response kinds have these methods; TypeScript cannot call them on the union.

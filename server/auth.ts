@@ -1,6 +1,12 @@
 import { createHash, timingSafeEqual } from "node:crypto";
 import type { IncomingHttpHeaders } from "node:http2";
-import { Code, ConnectError, createContextKey, type HandlerContext, type Interceptor } from "@connectrpc/connect";
+import {
+  Code,
+  ConnectError,
+  createContextKey,
+  type HandlerContext,
+  type Interceptor,
+} from "@connectrpc/connect";
 import type { Logger } from "pino";
 import type { AuthToken } from "../core/config.js";
 
@@ -29,13 +35,15 @@ export interface Authenticator {
   authenticate(headers: Headers | IncomingHttpHeaders): Owner;
 }
 
-const UNAUTHENTICATED_MESSAGE = "missing or invalid bearer token: send the header `Authorization: Bearer <token>`";
+const UNAUTHENTICATED_MESSAGE =
+  "missing or invalid bearer token: send the header `Authorization: Bearer <token>`";
 // Tokens longer than this are not ours; hashing them anyway would let a caller make us
 // hash megabytes per request.
 const MAX_TOKEN_LENGTH = 512;
 
 function headerValue(headers: Headers | IncomingHttpHeaders): string | undefined {
-  if (typeof (headers as Headers).get === "function") return (headers as Headers).get("authorization") ?? undefined;
+  if (typeof (headers as Headers).get === "function")
+    return (headers as Headers).get("authorization") ?? undefined;
   const raw = (headers as IncomingHttpHeaders).authorization;
   return Array.isArray(raw) ? raw[0] : raw;
 }
@@ -53,20 +61,32 @@ export function tokenDigest(token: string): Buffer {
   return createHash("sha256").update(token, "utf8").digest();
 }
 
-export function createAuthenticator(opts: { tokens: readonly AuthToken[]; disabled: boolean; log?: Logger }): Authenticator {
+export function createAuthenticator(opts: {
+  tokens: readonly AuthToken[];
+  disabled: boolean;
+  log?: Logger;
+}): Authenticator {
   if (opts.disabled) {
-    opts.log?.warn("AUTH_DISABLED=true: every caller is the anonymous owner and can read every job");
+    opts.log?.warn(
+      "AUTH_DISABLED=true: every caller is the anonymous owner and can read every job",
+    );
     return { disabled: true, authenticate: () => ANONYMOUS_OWNER };
   }
   if (opts.tokens.length === 0) {
-    throw new Error("AUTH_TOKENS is empty: configure at least one owner:sha256 pair, or set AUTH_DISABLED=true");
+    throw new Error(
+      "AUTH_TOKENS is empty: configure at least one owner:sha256 pair, or set AUTH_DISABLED=true",
+    );
   }
-  const entries = opts.tokens.map((t) => ({ owner: t.owner, digest: Buffer.from(t.sha256, "hex") }));
+  const entries = opts.tokens.map((t) => ({
+    owner: t.owner,
+    digest: Buffer.from(t.sha256, "hex"),
+  }));
   return {
     disabled: false,
     authenticate(headers) {
       const token = bearerToken(headerValue(headers));
-      if (token === undefined) throw new ConnectError(UNAUTHENTICATED_MESSAGE, Code.Unauthenticated);
+      if (token === undefined)
+        throw new ConnectError(UNAUTHENTICATED_MESSAGE, Code.Unauthenticated);
       const digest = tokenDigest(token);
       let owner: Owner | undefined;
       // Compare with every entry, matched or not, so the time taken does not depend on
@@ -74,19 +94,23 @@ export function createAuthenticator(opts: { tokens: readonly AuthToken[]; disabl
       for (const e of entries) {
         if (timingSafeEqual(digest, e.digest) && owner === undefined) owner = e.owner;
       }
-      if (owner === undefined) throw new ConnectError(UNAUTHENTICATED_MESSAGE, Code.Unauthenticated);
+      if (owner === undefined)
+        throw new ConnectError(UNAUTHENTICATED_MESSAGE, Code.Unauthenticated);
       return owner;
     },
   };
 }
 
 /** Where the auth interceptor leaves the owner for the handlers. */
-export const ownerKey = createContextKey<Owner | undefined>(undefined, { description: "authenticated owner" });
+export const ownerKey = createContextKey<Owner | undefined>(undefined, {
+  description: "authenticated owner",
+});
 
 /** The owner the auth interceptor found; a handler reached without it is a wiring bug. */
 export function ownerOf(ctx: HandlerContext): Owner {
   const owner = ctx.values.get(ownerKey);
-  if (owner === undefined) throw new Error("no owner in the handler context: the auth interceptor did not run");
+  if (owner === undefined)
+    throw new Error("no owner in the handler context: the auth interceptor did not run");
   return owner;
 }
 
@@ -95,9 +119,13 @@ export function ownerOf(ctx: HandlerContext): Owner {
  * handlers read the owner with ownerOf(ctx). Place it inside rpcInterceptor, so that
  * the RPC log line records UNAUTHENTICATED like any other code.
  */
-export function authInterceptor(auth: Authenticator, protects: (serviceTypeName: string) => boolean = () => true): Interceptor {
+export function authInterceptor(
+  auth: Authenticator,
+  protects: (serviceTypeName: string) => boolean = () => true,
+): Interceptor {
   return (next) => async (req) => {
-    if (protects(req.service.typeName)) req.contextValues.set(ownerKey, auth.authenticate(req.header));
+    if (protects(req.service.typeName))
+      req.contextValues.set(ownerKey, auth.authenticate(req.header));
     return next(req);
   };
 }

@@ -1,10 +1,10 @@
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { ServiceImpl } from "@connectrpc/connect";
 import type { JobService } from "../core/job-service.js";
-import { INITIATE_OUTCOME, hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
+import { hasLiveResult, INITIATE_OUTCOME, toProtoJob } from "../core/job-to-proto.js";
 import { type JobRecord, parseJobId } from "../core/jobs.js";
 import type { PresignedResult } from "../core/storage.js";
-import { type DownloadService, type Job } from "../gen/downloads/v1/download_service_pb.js";
+import type { DownloadService, Job } from "../gen/downloads/v1/download_service_pb.js";
 import { ownerOf } from "./auth.js";
 import type { WatchHub } from "./watch-hub.js";
 
@@ -18,7 +18,9 @@ export interface DownloadServiceDeps {
   presigner: { presignResult(key: string, fileName: string): Promise<PresignedResult> };
 }
 
-export function createDownloadService(deps: DownloadServiceDeps): ServiceImpl<typeof DownloadService> {
+export function createDownloadService(
+  deps: DownloadServiceDeps,
+): ServiceImpl<typeof DownloadService> {
   /** A completed job's URL is presigned on every read: stored URLs expire. */
   const present = async (rec: JobRecord): Promise<Job> => {
     if (!hasLiveResult(rec)) return toProtoJob(rec);
@@ -53,7 +55,12 @@ export function createDownloadService(deps: DownloadServiceDeps): ServiceImpl<ty
     },
 
     async *watchJob(req, ctx) {
-      const events = deps.hub.watch(parseJobId(req.jobId), req.afterVersion, ctx.signal, ownerOf(ctx));
+      const events = deps.hub.watch(
+        parseJobId(req.jobId),
+        req.afterVersion,
+        ctx.signal,
+        ownerOf(ctx),
+      );
       for await (const ev of events) {
         if (ev.job !== undefined) {
           yield { event: { case: "job", value: await presentShared(ev.job) } };

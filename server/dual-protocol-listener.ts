@@ -36,7 +36,10 @@ export interface DualProtocolListener {
   close(timeoutMs: number): Promise<void>;
 }
 
-export function createDualProtocolListener(handler: NodeHandler, opts: DualProtocolOptions): DualProtocolListener {
+export function createDualProtocolListener(
+  handler: NodeHandler,
+  opts: DualProtocolOptions,
+): DualProtocolListener {
   const log = opts.log;
   let closing = false;
   const sockets = new Set<net.Socket>();
@@ -44,7 +47,8 @@ export function createDualProtocolListener(handler: NodeHandler, opts: DualProto
 
   const serve: NodeHandler = (req, res) => {
     // While draining, tell HTTP/1.1 clients not to reuse the connection.
-    if (closing && req.httpVersionMajor === 1 && !res.headersSent) res.setHeader("Connection", "close");
+    if (closing && req.httpVersionMajor === 1 && !res.headersSent)
+      res.setHeader("Connection", "close");
     handler(req, res);
   };
 

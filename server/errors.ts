@@ -45,10 +45,15 @@ function isBackendDown(err: unknown, depth = 0): boolean {
   if (typeof code === "string" && NETWORK_CODES.has(code)) return true;
   // The AWS SDK: a 5xx or throttling answer from S3, or a socket timeout of its own.
   const meta = (err as { $metadata?: { httpStatusCode?: number } }).$metadata;
-  if (meta?.httpStatusCode !== undefined && (meta.httpStatusCode >= 500 || meta.httpStatusCode === 429)) return true;
+  if (
+    meta?.httpStatusCode !== undefined &&
+    (meta.httpStatusCode >= 500 || meta.httpStatusCode === 429)
+  )
+    return true;
   if (err.name === "TimeoutError" || err.name === "RequestTimeout") return true;
   // Node wraps a failed happy-eyeballs connect in an AggregateError; libraries wrap causes.
-  if (err instanceof AggregateError && err.errors.some((e) => isBackendDown(e, depth + 1))) return true;
+  if (err instanceof AggregateError && err.errors.some((e) => isBackendDown(e, depth + 1)))
+    return true;
   return isBackendDown(err.cause, depth + 1);
 }
 
@@ -57,7 +62,12 @@ function isBackendDown(err: unknown, depth = 0): boolean {
  * gRPC and Connect clients, and Retry-After (whole seconds, rounded up) for plain HTTP
  * callers, who see it on the 429 or 503 answer.
  */
-function retryLater(message: string, code: Code, retryAfterMs: number, cause: unknown): ConnectError {
+function retryLater(
+  message: string,
+  code: Code,
+  retryAfterMs: number,
+  cause: unknown,
+): ConnectError {
   const seconds = Math.max(1, Math.ceil(retryAfterMs / 1000));
   const ms = Math.max(0, Math.round(retryAfterMs));
   const detail = create(RetryInfoSchema, {
@@ -80,19 +90,30 @@ function retryLater(message: string, code: Code, retryAfterMs: number, cause: un
 export function toConnectError(err: unknown): ConnectError | undefined {
   if (err instanceof ConnectError) return err;
   // The request itself is wrong; the message says what to fix.
-  if (err instanceof InvalidInputError) return new ConnectError(err.message, Code.InvalidArgument, undefined, undefined, err);
+  if (err instanceof InvalidInputError)
+    return new ConnectError(err.message, Code.InvalidArgument, undefined, undefined, err);
   // Unknown, expired or foreign job ids look the same to the caller.
-  if (err instanceof JobNotFoundError) return new ConnectError(err.message, Code.NotFound, undefined, undefined, err);
+  if (err instanceof JobNotFoundError)
+    return new ConnectError(err.message, Code.NotFound, undefined, undefined, err);
   // The job exists but its state forbids the call (cancel of a finished job): retrying
   // the same call cannot help, so not ABORTED or UNAVAILABLE.
-  if (err instanceof JobStateError) return new ConnectError(err.message, Code.FailedPrecondition, undefined, undefined, err);
+  if (err instanceof JobStateError)
+    return new ConnectError(err.message, Code.FailedPrecondition, undefined, undefined, err);
   // This owner's quota: the same call succeeds later, at the time RetryInfo says.
-  if (err instanceof QuotaExceededError) return retryLater(err.message, Code.ResourceExhausted, err.retryAfterMs, err);
+  if (err instanceof QuotaExceededError)
+    return retryLater(err.message, Code.ResourceExhausted, err.retryAfterMs, err);
   // The whole service is past capacity: not the caller's fault, and not for long.
-  if (err instanceof OverloadedError) return retryLater(err.message, Code.Unavailable, err.retryAfterMs, err);
+  if (err instanceof OverloadedError)
+    return retryLater(err.message, Code.Unavailable, err.retryAfterMs, err);
   // Redis or S3 is unreachable: the call may succeed later or on another instance.
   if (isBackendDown(err)) {
-    return new ConnectError("storage is unavailable, retry shortly", Code.Unavailable, undefined, undefined, err);
+    return new ConnectError(
+      "storage is unavailable, retry shortly",
+      Code.Unavailable,
+      undefined,
+      undefined,
+      err,
+    );
   }
   return undefined;
 }

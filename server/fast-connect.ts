@@ -49,10 +49,13 @@ export interface FastPathDeps {
     afterVersion: number,
     signal: AbortSignal,
   ): AsyncIterable<
-    { job: JobRecord; heartbeat?: undefined } | { heartbeat: { time: number; version: number }; job?: undefined }
+    | { job: JobRecord; heartbeat?: undefined }
+    | { heartbeat: { time: number; version: number }; job?: undefined }
   >;
   /** Presigns a completed job's result for the public endpoint (core/storage.ts). */
-  presigner: { presignResult(key: string, fileName: string): Promise<{ url: string; expiresAt: number }> };
+  presigner: {
+    presignResult(key: string, fileName: string): Promise<{ url: string; expiresAt: number }>;
+  };
   /** Largest request message accepted, as connect-node's readMaxBytes. */
   readMaxBytes: number;
   /** Lifetime of a presigned URL, for the Cache-Control of a completed job. */
@@ -87,7 +90,11 @@ export function recordOutcome(req: NodeRequest, code: Code | undefined, owner?: 
  * The unary error answer: HTTP status from the code, `{"code","message","details"}` as
  * JSON, and the error's metadata as headers (Retry-After), as connect-node sends them.
  */
-export function writeUnaryError(res: NodeResponse, err: ConnectError, extraHeaders?: Record<string, string>): void {
+export function writeUnaryError(
+  res: NodeResponse,
+  err: ConnectError,
+  extraHeaders?: Record<string, string>,
+): void {
   const body = errorToJsonBytes(err, {});
   const headers: Record<string, string> = {};
   err.metadata.forEach((value, name) => {
@@ -117,7 +124,10 @@ const END_OK = envelope(endStreamFlag, Buffer.from("{}"));
 export function endStream(err?: ConnectError): Buffer {
   if (err === undefined) return END_OK;
   const error = errorToJsonBytes(err, {});
-  return envelope(endStreamFlag, Buffer.concat([Buffer.from('{"error":'), error, Buffer.from("}")]));
+  return envelope(
+    endStreamFlag,
+    Buffer.concat([Buffer.from('{"error":'), error, Buffer.from("}")]),
+  );
 }
 
 /**
@@ -174,7 +184,10 @@ export function readBody(req: NodeRequest, maxBytes: number): Promise<Buffer> {
   const hint = declared !== undefined && /^\d+$/.test(declared) ? Number(declared) : undefined;
   if (hint !== undefined && hint > maxBytes) {
     return Promise.reject(
-      new ConnectError(`message size ${hint} is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted),
+      new ConnectError(
+        `message size ${hint} is larger than configured readMaxBytes ${maxBytes}`,
+        Code.ResourceExhausted,
+      ),
     );
   }
   return new Promise((resolve, reject) => {
@@ -187,11 +200,21 @@ export function readBody(req: NodeRequest, maxBytes: number): Promise<Buffer> {
     const onData = (chunk: Buffer) => {
       size += chunk.length;
       if (hint !== undefined && size > hint) {
-        fail(new ConnectError(`protocol error: promised ${hint} bytes, received ${size}`, Code.InvalidArgument));
+        fail(
+          new ConnectError(
+            `protocol error: promised ${hint} bytes, received ${size}`,
+            Code.InvalidArgument,
+          ),
+        );
         return;
       }
       if (size > maxBytes) {
-        fail(new ConnectError(`message size is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted));
+        fail(
+          new ConnectError(
+            `message size is larger than configured readMaxBytes ${maxBytes}`,
+            Code.ResourceExhausted,
+          ),
+        );
         return;
       }
       chunks.push(chunk);
@@ -199,7 +222,12 @@ export function readBody(req: NodeRequest, maxBytes: number): Promise<Buffer> {
     const onEnd = () => {
       cleanup();
       if (hint !== undefined && size < hint) {
-        reject(new ConnectError(`protocol error: promised ${hint} bytes, received ${size}`, Code.InvalidArgument));
+        reject(
+          new ConnectError(
+            `protocol error: promised ${hint} bytes, received ${size}`,
+            Code.InvalidArgument,
+          ),
+        );
         return;
       }
       resolve(chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks, size));
@@ -226,28 +254,42 @@ export function singleRequestMessage(body: Buffer, maxBytes: number): Uint8Array
   let count = 0;
   let at = 0;
   while (at < body.length) {
-    if (body.length - at < 5) throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
+    if (body.length - at < 5)
+      throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
     const flags = body[at] as number;
     const length = body.readUInt32BE(at + 1);
     if (length > maxBytes) {
-      throw new ConnectError(`message size ${length} is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted);
+      throw new ConnectError(
+        `message size ${length} is larger than configured readMaxBytes ${maxBytes}`,
+        Code.ResourceExhausted,
+      );
     }
-    if (body.length - at - 5 < length) throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
+    if (body.length - at - 5 < length)
+      throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
     const data = body.subarray(at + 5, at + 5 + length);
     at += 5 + length;
     // A client's end-stream envelope carries no message.
     if ((flags & endStreamFlag) === endStreamFlag) continue;
     if ((flags & 0b1) === 0b1) {
-      throw new ConnectError("received compressed envelope, but do not know how to decompress", Code.InvalidArgument);
+      throw new ConnectError(
+        "received compressed envelope, but do not know how to decompress",
+        Code.InvalidArgument,
+      );
     }
     count += 1;
     message = data;
   }
   if (message === undefined) {
-    throw new ConnectError("protocol error: missing input message for server-streaming method", Code.Unimplemented);
+    throw new ConnectError(
+      "protocol error: missing input message for server-streaming method",
+      Code.Unimplemented,
+    );
   }
   if (count > 1) {
-    throw new ConnectError("protocol error: received extra input message for server-streaming method", Code.Unimplemented);
+    throw new ConnectError(
+      "protocol error: received extra input message for server-streaming method",
+      Code.Unimplemented,
+    );
   }
   return message;
 }
@@ -270,7 +312,10 @@ function isInt32(v: unknown): v is number {
  * null), gives undefined: the caller then parses with protobuf-es, which also gives
  * the exact error. protobuf-es's reflective reader costs more than the rest of a call.
  */
-export function plainJson(text: string, fields: Readonly<Record<string, PlainKind>>): Record<string, unknown> | undefined {
+export function plainJson(
+  text: string,
+  fields: Readonly<Record<string, PlainKind>>,
+): Record<string, unknown> | undefined {
   let value: unknown;
   try {
     value = JSON.parse(text);
@@ -284,7 +329,15 @@ export function plainJson(text: string, fields: Readonly<Record<string, PlainKin
     const at = text.indexOf(`"${key}"`);
     if (at === -1 || at !== text.lastIndexOf(`"${key}"`)) return undefined;
     const kind = fields[key];
-    if (kind === "string" ? typeof v !== "string" : kind === "int32" ? !isInt32(v) : kind === "int32[]" ? !(Array.isArray(v) && v.every(isInt32)) : true) {
+    if (
+      kind === "string"
+        ? typeof v !== "string"
+        : kind === "int32"
+          ? !isInt32(v)
+          : kind === "int32[]"
+            ? !(Array.isArray(v) && v.every(isInt32))
+            : true
+    ) {
       return undefined;
     }
   }

@@ -1,14 +1,17 @@
 import { fromBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { compressionBrotli, compressionGzip } from "@connectrpc/connect-node";
 import { compressedFlag, compressionNegotiate } from "@connectrpc/connect/protocol";
 import { parseTimeout, setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
-import { type GetStatusRequest, GetStatusRequestSchema } from "../gen/downloads/v1/download_service_pb.js";
+import { compressionBrotli, compressionGzip } from "@connectrpc/connect-node";
 import {
+  type GetStatusRequest,
+  GetStatusRequestSchema,
+} from "../gen/downloads/v1/download_service_pb.js";
+import {
+  asConnectError,
   type FastPathDeps,
   type NodeRequest,
   type NodeResponse,
-  asConnectError,
   out,
   readBody,
   recordOutcome,
@@ -38,7 +41,12 @@ export function createFastGrpcStatus(deps: FastPathDeps, answers: StatusAnswers)
     // The response's compression, negotiated as connect-node does: the first encoding in
     // grpc-accept-encoding that it knows. Clients such as grpc-js always offer gzip.
     const accept = req.headers["grpc-accept-encoding"];
-    const compression = compressionNegotiate(COMPRESSIONS, null, typeof accept === "string" ? accept : null, "grpc-accept-encoding").response;
+    const compression = compressionNegotiate(
+      COMPRESSIONS,
+      null,
+      typeof accept === "string" ? accept : null,
+      "grpc-accept-encoding",
+    ).response;
     if (compression !== null) headers["grpc-encoding"] = compression.name;
     let owner: string | undefined;
     try {
@@ -47,7 +55,10 @@ export function createFastGrpcStatus(deps: FastPathDeps, answers: StatusAnswers)
       const timeout = parseTimeout(typeof raw === "string" ? raw : null, Number.MAX_SAFE_INTEGER);
       if (timeout.error !== undefined) throw timeout.error;
       const work = (async () => {
-        const input = unaryRequest(await readBody(req, streamBodyLimit(deps.readMaxBytes)), deps.readMaxBytes);
+        const input = unaryRequest(
+          await readBody(req, streamBodyLimit(deps.readMaxBytes)),
+          deps.readMaxBytes,
+        );
         return answers.lookup(owner as string, input.jobId);
       })();
       const answer = await withDeadline(work, timeout.timeoutMs);
@@ -74,7 +85,12 @@ export function createFastGrpcStatus(deps: FastPathDeps, answers: StatusAnswers)
   };
 }
 
-function respond(res: NodeResponse, headers: Record<string, string>, body: Buffer | undefined, trailers: Record<string, string>) {
+function respond(
+  res: NodeResponse,
+  headers: Record<string, string>,
+  body: Buffer | undefined,
+  trailers: Record<string, string>,
+) {
   // A caller that hung up (or reset the stream) gets nothing more.
   if (res.destroyed || res.writableEnded) return;
   out(res).writeHead(200, headers);
@@ -92,26 +108,45 @@ function unaryRequest(body: Buffer, maxBytes: number): GetStatusRequest {
   let message: Uint8Array | undefined;
   let count = 0;
   for (let at = 0; at < body.length; ) {
-    if (body.length - at < 5) throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
+    if (body.length - at < 5)
+      throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
     const flags = body[at] as number;
     const length = body.readUInt32BE(at + 1);
     if (length > maxBytes) {
-      throw new ConnectError(`message size ${length} is larger than configured readMaxBytes ${maxBytes}`, Code.ResourceExhausted);
+      throw new ConnectError(
+        `message size ${length} is larger than configured readMaxBytes ${maxBytes}`,
+        Code.ResourceExhausted,
+      );
     }
-    if (body.length - at - 5 < length) throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
+    if (body.length - at - 5 < length)
+      throw new ConnectError("protocol error: incomplete envelope", Code.InvalidArgument);
     if ((flags & compressedFlag) === compressedFlag) {
-      throw new ConnectError("received compressed envelope, but do not know how to decompress", Code.InvalidArgument);
+      throw new ConnectError(
+        "received compressed envelope, but do not know how to decompress",
+        Code.InvalidArgument,
+      );
     }
     message = body.subarray(at + 5, at + 5 + length);
     count += 1;
     at += 5 + length;
   }
-  if (message === undefined) throw new ConnectError("protocol error: missing input message for unary method", Code.Unimplemented);
-  if (count > 1) throw new ConnectError("protocol error: received extra input message for unary method", Code.Unimplemented);
+  if (message === undefined)
+    throw new ConnectError(
+      "protocol error: missing input message for unary method",
+      Code.Unimplemented,
+    );
+  if (count > 1)
+    throw new ConnectError(
+      "protocol error: received extra input message for unary method",
+      Code.Unimplemented,
+    );
   try {
     return fromBinary(GetStatusRequestSchema, message);
   } catch (err) {
     // connect-node's words; the code is the caller's error, as strict-binary.ts makes it there.
-    throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+    throw new ConnectError(
+      `parse binary: ${err instanceof Error ? err.message : String(err)}`,
+      Code.InvalidArgument,
+    );
   }
 }

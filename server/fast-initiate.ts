@@ -1,23 +1,29 @@
 import { create, fromBinary, fromJsonString, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { INITIATE_OUTCOME, hasLiveResult, initiateOutcomeJson, toJobJson, toProtoJob } from "../core/job-to-proto.js";
+import {
+  hasLiveResult,
+  INITIATE_OUTCOME,
+  initiateOutcomeJson,
+  toJobJson,
+  toProtoJob,
+} from "../core/job-to-proto.js";
 import {
   type InitiateRequest,
   InitiateRequestSchema,
   InitiateResponseSchema,
 } from "../gen/downloads/v1/download_service_pb.js";
 import {
+  asConnectError,
   type FastPathDeps,
   type NodeRequest,
   type NodeResponse,
-  asConnectError,
   out,
   plainJson,
   readBody,
   recordOutcome,
   timeoutOf,
-  writeUnaryError,
   withDeadline,
+  writeUnaryError,
 } from "./fast-connect.js";
 
 // Initiate over the Connect unary protocol (a JSON or binary POST), without connect-node.
@@ -31,7 +37,11 @@ import {
 const PROCEDURE = "/downloads.v1.DownloadService/Initiate";
 
 export function createFastInitiate(deps: FastPathDeps) {
-  return async function initiate(req: NodeRequest, res: NodeResponse, binary: boolean): Promise<void> {
+  return async function initiate(
+    req: NodeRequest,
+    res: NodeResponse,
+    binary: boolean,
+  ): Promise<void> {
     let owner: string | undefined;
     try {
       owner = deps.authenticate(req.headers);
@@ -47,16 +57,26 @@ export function createFastInitiate(deps: FastPathDeps) {
           callbackUrl: input.callbackUrl,
         });
         // Only a reused result is complete at once; its URL is made now, as on every read.
-        const download = hasLiveResult(job) ? await deps.presigner.presignResult(job.result.key, job.result.fileName) : undefined;
+        const download = hasLiveResult(job)
+          ? await deps.presigner.presignResult(job.result.key, job.result.fileName)
+          : undefined;
         return { job, download, outcome };
       })();
       const answer = await withDeadline(work, timeout.ms);
       const body = binary
         ? Buffer.from(
-            toBinary(InitiateResponseSchema, create(InitiateResponseSchema, { job: toProtoJob(answer.job, answer.download), outcome: INITIATE_OUTCOME[answer.outcome] })),
+            toBinary(
+              InitiateResponseSchema,
+              create(InitiateResponseSchema, {
+                job: toProtoJob(answer.job, answer.download),
+                outcome: INITIATE_OUTCOME[answer.outcome],
+              }),
+            ),
           )
         : // The JSON straight from the record (core/job-to-proto.ts toJobJson); outcome is never the default.
-          Buffer.from(`{"job":${JSON.stringify(toJobJson(answer.job, answer.download))},"outcome":"${initiateOutcomeJson(answer.outcome)}"}`);
+          Buffer.from(
+            `{"job":${JSON.stringify(toJobJson(answer.job, answer.download))},"outcome":"${initiateOutcomeJson(answer.outcome)}"}`,
+          );
       recordOutcome(req, undefined, owner);
       out(res).writeHead(200, {
         "content-type": binary ? "application/proto" : "application/json",
@@ -83,7 +103,10 @@ function parseBody(data: Buffer, binary: boolean): InitiateRequest {
       return fromBinary(InitiateRequestSchema, data);
     } catch (err) {
       // connect-node's words; the code is the caller's error, as strict-binary.ts makes it there.
-      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+      throw new ConnectError(
+        `parse binary: ${err instanceof Error ? err.message : String(err)}`,
+        Code.InvalidArgument,
+      );
     }
   }
   const text = data.toString("utf8");

@@ -1,5 +1,13 @@
-import { contentTypeStreamRegExp, contentTypeUnaryRegExp } from "@connectrpc/connect/protocol-connect";
-import { type FastPathDeps, type NodeRequest, type NodeResponse, isIdentity } from "./fast-connect.js";
+import {
+  contentTypeStreamRegExp,
+  contentTypeUnaryRegExp,
+} from "@connectrpc/connect/protocol-connect";
+import {
+  type FastPathDeps,
+  isIdentity,
+  type NodeRequest,
+  type NodeResponse,
+} from "./fast-connect.js";
 import { createFastGrpcStatus } from "./fast-grpc.js";
 import { createFastInitiate } from "./fast-initiate.js";
 import { createFastStatus, createStatusAnswers } from "./fast-status.js";
@@ -44,7 +52,11 @@ export function createFastPath(deps: FastPathDeps): FastPath {
           void grpcGetStatus(req, res);
           return true;
         }
-        if (type === undefined || !contentTypeUnaryRegExp.test(type) || !isIdentity(headers["content-encoding"])) {
+        if (
+          type === undefined ||
+          !contentTypeUnaryRegExp.test(type) ||
+          !isIdentity(headers["content-encoding"])
+        ) {
           return false;
         }
         void getStatus(req, res, { method: "POST", binary: isProto(type) });
@@ -53,7 +65,8 @@ export function createFastPath(deps: FastPathDeps): FastPath {
       if (req.method === "GET" && q !== -1) {
         const params = new URLSearchParams(url.slice(q + 1));
         const encoding = params.get("encoding");
-        if ((encoding !== "json" && encoding !== "proto") || params.has("compression")) return false;
+        if ((encoding !== "json" && encoding !== "proto") || params.has("compression"))
+          return false;
         void getStatus(req, res, { method: "GET", binary: encoding === "proto", params });
         return true;
       }
@@ -62,7 +75,11 @@ export function createFastPath(deps: FastPathDeps): FastPath {
 
     if (path === INITIATE && req.method === "POST") {
       const type = headers["content-type"];
-      if (type === undefined || !contentTypeUnaryRegExp.test(type) || !isIdentity(headers["content-encoding"])) {
+      if (
+        type === undefined ||
+        !contentTypeUnaryRegExp.test(type) ||
+        !isIdentity(headers["content-encoding"])
+      ) {
         return false;
       }
       void initiate(req, res, isProto(type));
@@ -71,7 +88,11 @@ export function createFastPath(deps: FastPathDeps): FastPath {
 
     if (path === WATCH_JOB && req.method === "POST") {
       const type = headers["content-type"];
-      if (type === undefined || !contentTypeStreamRegExp.test(type) || !isIdentity(headers["connect-content-encoding"])) {
+      if (
+        type === undefined ||
+        !contentTypeStreamRegExp.test(type) ||
+        !isIdentity(headers["connect-content-encoding"])
+      ) {
         return false;
       }
       void watchJob(req, res, isProto(type));

@@ -1,27 +1,27 @@
 import { create, fromBinary, fromJsonString, toBinary, toJsonString } from "@bufbuild/protobuf";
 import { base64Decode } from "@bufbuild/protobuf/wire";
 import { Code, ConnectError } from "@connectrpc/connect";
+import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
 import type { JobRecord } from "../core/jobs.js";
 import type { PresignedResult } from "../core/storage.js";
 import {
   type GetStatusRequest,
-  type GetStatusResponse,
   GetStatusRequestSchema,
+  type GetStatusResponse,
   GetStatusResponseSchema,
 } from "../gen/downloads/v1/download_service_pb.js";
 import {
+  asConnectError,
   type FastPathDeps,
   type NodeRequest,
   type NodeResponse,
-  asConnectError,
   out,
   readBody,
   recordOutcome,
   timeoutOf,
-  writeUnaryError,
   withDeadline,
+  writeUnaryError,
 } from "./fast-connect.js";
-import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
 
 // GetStatus over the Connect unary protocol, the call pollers make: a JSON or binary
 // POST, or a GET with the message in the query (`?encoding=json&message=...`,
@@ -56,7 +56,9 @@ export interface Lookup {
 }
 
 /** One per server: the Connect and gRPC lean paths share the kept answers. */
-export function createStatusAnswers(deps: Pick<FastPathDeps, "getJob" | "presigner">): StatusAnswers {
+export function createStatusAnswers(
+  deps: Pick<FastPathDeps, "getJob" | "presigner">,
+): StatusAnswers {
   // Pollers read the same job far more often than it changes, and a job's answer is a
   // pure function of its record, which every change gives a new version (the update
   // script in job-store.ts): keep the serialized answer per job and version, and skip
@@ -88,12 +90,16 @@ export function createStatusAnswers(deps: Pick<FastPathDeps, "getJob" | "presign
       if (entry !== undefined && entry.version !== rec.version) entry = undefined;
       const cached = entry?.[encoding];
       if (cached !== undefined) return cached;
-      const body = encode(create(GetStatusResponseSchema, { job: toProtoJob(rec, download) }), encoding);
+      const body = encode(
+        create(GetStatusResponseSchema, { job: toProtoJob(rec, download) }),
+        encoding,
+      );
       if (cacheable) {
         if (entry === undefined) {
           entry = { version: rec.version };
           answers.delete(rec.id);
-          if (answers.size >= ANSWER_CACHE_SIZE) answers.delete(answers.keys().next().value as string);
+          if (answers.size >= ANSWER_CACHE_SIZE)
+            answers.delete(answers.keys().next().value as string);
           answers.set(rec.id, entry);
         }
         entry[encoding] = body;
@@ -125,7 +131,11 @@ export function createFastStatus(deps: FastPathDeps, answers: StatusAnswers) {
     }
   };
 
-  return async function getStatus(req: NodeRequest, res: NodeResponse, call: StatusRequest): Promise<void> {
+  return async function getStatus(
+    req: NodeRequest,
+    res: NodeResponse,
+    call: StatusRequest,
+  ): Promise<void> {
     const isGet = call.method === "GET";
     let owner: string | undefined;
     try {
@@ -163,7 +173,10 @@ function parseBody(data: Uint8Array, binary: boolean): GetStatusRequest {
       return fromBinary(GetStatusRequestSchema, data);
     } catch (err) {
       // connect-node's words; the code is the caller's error, as strict-binary.ts makes it there.
-      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+      throw new ConnectError(
+        `parse binary: ${err instanceof Error ? err.message : String(err)}`,
+        Code.InvalidArgument,
+      );
     }
   }
   return parseJson(Buffer.from(data.buffer, data.byteOffset, data.byteLength).toString("utf8"));

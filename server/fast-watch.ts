@@ -2,20 +2,22 @@ import { once } from "node:events";
 import { create, fromBinary, fromJsonString, toBinary, toJsonString } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { type JobRecord, isTerminal } from "../core/jobs.js";
+import { hasLiveResult, toJobJson, toProtoJob } from "../core/job-to-proto.js";
+import { isTerminal, type JobRecord } from "../core/jobs.js";
+import type { PresignedResult } from "../core/storage.js";
 import {
-  WatchJobRequestSchema,
   type WatchJobRequest,
+  WatchJobRequestSchema,
   WatchJobResponseSchema,
 } from "../gen/downloads/v1/download_service_pb.js";
 import {
-  type FastPathDeps,
-  type NodeRequest,
-  type NodeResponse,
   asConnectError,
   deadlineExceeded,
   endStream,
   envelope,
+  type FastPathDeps,
+  type NodeRequest,
+  type NodeResponse,
   out,
   plainJson,
   readBody,
@@ -24,8 +26,6 @@ import {
   streamBodyLimit,
   timeoutOf,
 } from "./fast-connect.js";
-import { hasLiveResult, toJobJson, toProtoJob } from "../core/job-to-proto.js";
-import type { PresignedResult } from "../core/storage.js";
 
 // WatchJob over the Connect streaming protocol (application/connect+json and
 // application/connect+proto, HTTP/1.1 and h2), without connect-node's per-stream
@@ -43,7 +43,10 @@ const PROCEDURE = "/downloads.v1.DownloadService/WatchJob";
  * job-overhead benchmark. Nothing reads the reason.
  */
 const STREAM_OVER = new Error("stream over");
-const CONTENT_TYPE = { json: "application/connect+json", proto: "application/connect+proto" } as const;
+const CONTENT_TYPE = {
+  json: "application/connect+json",
+  proto: "application/connect+proto",
+} as const;
 
 /** One message as it goes out: the Connect envelope, and (lazily) the same as an HTTP/1.1 chunk. */
 interface Frame {
@@ -75,12 +78,23 @@ export function createFastWatch(deps: FastPathDeps) {
 
   /** A completed job's URL is presigned on read (stored URLs expire); once per record here. */
   const presign = (rec: JobRecord): Promise<PresignedResult> | undefined =>
-    hasLiveResult(rec) ? deps.presigner.presignResult(rec.result.key, rec.result.fileName) : undefined;
+    hasLiveResult(rec)
+      ? deps.presigner.presignResult(rec.result.key, rec.result.fileName)
+      : undefined;
 
   // JSON straight from the record (toJobJson), binary through the proto Job.
-  const encode = (rec: JobRecord, download: PresignedResult | undefined, binary: boolean): Frame => {
+  const encode = (
+    rec: JobRecord,
+    download: PresignedResult | undefined,
+    binary: boolean,
+  ): Frame => {
     const data = binary
-      ? toBinary(WatchJobResponseSchema, create(WatchJobResponseSchema, { event: { case: "job", value: toProtoJob(rec, download) } }))
+      ? toBinary(
+          WatchJobResponseSchema,
+          create(WatchJobResponseSchema, {
+            event: { case: "job", value: toProtoJob(rec, download) },
+          }),
+        )
       : Buffer.from(`{"job":${JSON.stringify(toJobJson(rec, download))}}`);
     return { envelope: envelope(0, data) };
   };
@@ -96,13 +110,20 @@ export function createFastWatch(deps: FastPathDeps) {
     let bytes = entry[key];
     if (bytes === undefined) {
       const download = entry.download;
-      bytes = download instanceof Promise ? download.then((d) => encode(rec, d, binary)) : encode(rec, download, binary);
+      bytes =
+        download instanceof Promise
+          ? download.then((d) => encode(rec, d, binary))
+          : encode(rec, download, binary);
       entry[key] = bytes;
     }
     return bytes;
   };
 
-  return async function watchJob(req: NodeRequest, res: NodeResponse, binary: boolean): Promise<void> {
+  return async function watchJob(
+    req: NodeRequest,
+    res: NodeResponse,
+    binary: boolean,
+  ): Promise<void> {
     const abort = new AbortController();
     const onClose = () => abort.abort(STREAM_OVER);
     res.once("close", onClose);
@@ -121,8 +142,10 @@ export function createFastWatch(deps: FastPathDeps) {
         headersSent = true;
         // As connect-node: headers go out with the first message, so an error before
         // it is still a 200 with the error in the end-of-stream envelope.
-        out(res).writeHead(200, { "content-type": binary ? CONTENT_TYPE.proto : CONTENT_TYPE.json });
-      } else if (shared && h1 !== undefined && h1.chunkedEncoding && h1.socket !== null) {
+        out(res).writeHead(200, {
+          "content-type": binary ? CONTENT_TYPE.proto : CONTENT_TYPE.json,
+        });
+      } else if (shared && h1?.chunkedEncoding && h1.socket !== null) {
         waitOn = h1.socket;
         return h1.socket.write(chunkOf(frame));
       }
@@ -139,7 +162,9 @@ export function createFastWatch(deps: FastPathDeps) {
       recordOutcome(req, end?.code, owner);
       if (!headersSent) {
         headersSent = true;
-        out(res).writeHead(200, { "content-type": binary ? CONTENT_TYPE.proto : CONTENT_TYPE.json });
+        out(res).writeHead(200, {
+          "content-type": binary ? CONTENT_TYPE.proto : CONTENT_TYPE.json,
+        });
       }
       out(res).end(endStream(end));
       uncork();
@@ -163,7 +188,10 @@ export function createFastWatch(deps: FastPathDeps) {
       const request = parseRequest(singleRequestMessage(body, deps.readMaxBytes), binary);
 
       for await (const ev of deps.watch(owner, request.jobId, request.afterVersion, abort.signal)) {
-        let frame = ev.job !== undefined ? jobFrame(ev.job, binary) : { envelope: heartbeatEnvelope(ev.heartbeat, binary) };
+        let frame =
+          ev.job !== undefined
+            ? jobFrame(ev.job, binary)
+            : { envelope: heartbeatEnvelope(ev.heartbeat, binary) };
         if (frame instanceof Promise) frame = await frame;
         if (abort.signal.aborted) break;
         const last = ev.job !== undefined && isTerminal(ev.job.state);
@@ -192,9 +220,17 @@ export function createFastWatch(deps: FastPathDeps) {
 
 function heartbeatEnvelope(beat: { time: number; version: number }, binary: boolean): Buffer {
   const msg = create(WatchJobResponseSchema, {
-    event: { case: "heartbeat", value: { time: timestampFromMs(beat.time), version: beat.version } },
+    event: {
+      case: "heartbeat",
+      value: { time: timestampFromMs(beat.time), version: beat.version },
+    },
   });
-  return envelope(0, binary ? toBinary(WatchJobResponseSchema, msg) : Buffer.from(toJsonString(WatchJobResponseSchema, msg)));
+  return envelope(
+    0,
+    binary
+      ? toBinary(WatchJobResponseSchema, msg)
+      : Buffer.from(toJsonString(WatchJobResponseSchema, msg)),
+  );
 }
 
 function parseRequest(data: Uint8Array, binary: boolean): WatchJobRequest {
@@ -203,7 +239,10 @@ function parseRequest(data: Uint8Array, binary: boolean): WatchJobRequest {
       return fromBinary(WatchJobRequestSchema, data);
     } catch (err) {
       // connect-node's words; the code is the caller's error, as strict-binary.ts makes it there.
-      throw new ConnectError(`parse binary: ${err instanceof Error ? err.message : String(err)}`, Code.InvalidArgument);
+      throw new ConnectError(
+        `parse binary: ${err instanceof Error ? err.message : String(err)}`,
+        Code.InvalidArgument,
+      );
     }
   }
   const text = Buffer.from(data.buffer, data.byteOffset, data.byteLength).toString("utf8");

@@ -1,7 +1,10 @@
 import { setTimeout as sleep } from "node:timers/promises";
 import { Code, ConnectError, type ServiceImpl } from "@connectrpc/connect";
 import type { Readiness } from "../core/health.js";
-import { Health, HealthCheckResponse_ServingStatus as Status } from "../gen/grpc/health/v1/health_pb.js";
+import {
+  type Health,
+  HealthCheckResponse_ServingStatus as Status,
+} from "../gen/grpc/health/v1/health_pb.js";
 
 // The standard gRPC health service (grpc.health.v1.Health), for load balancers and
 // orchestrators that probe over gRPC (Envoy's grpc_health_check, Kubernetes' grpc
@@ -29,7 +32,8 @@ export function createHealthService(opts: HealthServiceOptions): ServiceImpl<typ
   return {
     async check(req) {
       // The protocol's answer for a name the server does not serve.
-      if (!known(req.service)) throw new ConnectError(`unknown service ${req.service}`, Code.NotFound);
+      if (!known(req.service))
+        throw new ConnectError(`unknown service ${req.service}`, Code.NotFound);
       return { status: await status() };
     },
 
@@ -38,7 +42,9 @@ export function createHealthService(opts: HealthServiceOptions): ServiceImpl<typ
     async *watch(req, ctx) {
       if (!known(req.service)) {
         yield { status: Status.SERVICE_UNKNOWN };
-        await sleep(2 ** 31 - 1, undefined, { signal: AbortSignal.any([ctx.signal, opts.stopping]) }).catch(() => undefined);
+        await sleep(2 ** 31 - 1, undefined, {
+          signal: AbortSignal.any([ctx.signal, opts.stopping]),
+        }).catch(() => undefined);
         return;
       }
       const until = AbortSignal.any([ctx.signal, opts.stopping]);

@@ -1,9 +1,9 @@
 import {
   createFileRegistry,
-  toBinary,
   type DescFile,
   type DescService,
   type FileRegistry,
+  toBinary,
 } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, type ConnectRouter } from "@connectrpc/connect";
@@ -19,12 +19,17 @@ import * as v1alpha from "../gen/grpc/reflection/v1alpha/reflection_pb.js";
 /** gRPC status code NOT_FOUND, as reflection's ErrorResponse carries it. */
 const NOT_FOUND = 5;
 
-type Question = v1.ServerReflectionRequest["messageRequest"] | v1alpha.ServerReflectionRequest["messageRequest"];
+type Question =
+  | v1.ServerReflectionRequest["messageRequest"]
+  | v1alpha.ServerReflectionRequest["messageRequest"];
 
 /** The reply, shaped like the oneof of both versions' ServerReflectionResponse. */
 type Answer =
   | { case: "fileDescriptorResponse"; value: { fileDescriptorProto: Uint8Array[] } }
-  | { case: "allExtensionNumbersResponse"; value: { baseTypeName: string; extensionNumber: number[] } }
+  | {
+      case: "allExtensionNumbersResponse";
+      value: { baseTypeName: string; extensionNumber: number[] };
+    }
   | { case: "listServicesResponse"; value: { service: { name: string }[] } }
   | { case: "errorResponse"; value: { errorCode: number; errorMessage: string } };
 
@@ -40,7 +45,11 @@ export function addReflection(router: ConnectRouter): void {
     async *serverReflectionInfo(requests) {
       const session = get().session();
       for await (const req of requests) {
-        yield { validHost: req.host, originalRequest: req, messageResponse: session.answer(req.messageRequest) };
+        yield {
+          validHost: req.host,
+          originalRequest: req,
+          messageResponse: session.answer(req.messageRequest),
+        };
       }
     },
   });
@@ -48,7 +57,11 @@ export function addReflection(router: ConnectRouter): void {
     async *serverReflectionInfo(requests) {
       const session = get().session();
       for await (const req of requests) {
-        yield { validHost: req.host, originalRequest: req, messageResponse: session.answer(req.messageRequest) };
+        yield {
+          validHost: req.host,
+          originalRequest: req,
+          messageResponse: session.answer(req.messageRequest),
+        };
       }
     },
   });
@@ -75,9 +88,11 @@ export class Reflector {
       files.set(f.proto.name, f);
       f.dependencies.forEach(visit);
     };
-    services.forEach((s) => visit(s.file));
+    for (const s of services) visit(s.file);
     this.registry = createFileRegistry(
-      ...[...new Set(services.map((s) => s.file))].map((f) => createFileRegistry(f.proto, (name) => files.get(name))),
+      ...[...new Set(services.map((s) => s.file))].map((f) =>
+        createFileRegistry(f.proto, (name) => files.get(name)),
+      ),
     );
   }
 
@@ -93,7 +108,10 @@ export class Reflector {
   private answer(q: Question, sent: Set<string>): Answer {
     switch (q.case) {
       case "listServices":
-        return { case: "listServicesResponse", value: { service: this.serviceNames.map((name) => ({ name })) } };
+        return {
+          case: "listServicesResponse",
+          value: { service: this.serviceNames.map((name) => ({ name })) },
+        };
       case "fileByFilename":
         return this.files(this.registry.getFile(q.value), `file ${q.value}`, sent);
       case "fileContainingSymbol":
@@ -101,14 +119,23 @@ export class Reflector {
       case "fileContainingExtension": {
         const extendee = this.registry.getMessage(q.value.containingType);
         const ext = extendee && this.registry.getExtensionFor(extendee, q.value.extensionNumber);
-        return this.files(ext?.file, `extension ${q.value.extensionNumber} of ${q.value.containingType}`, sent);
+        return this.files(
+          ext?.file,
+          `extension ${q.value.extensionNumber} of ${q.value.containingType}`,
+          sent,
+        );
       }
       case "allExtensionNumbersOfType": {
         const msg = this.registry.getMessage(q.value);
         if (msg === undefined) return notFound(`type ${q.value}`);
         const numbers: number[] = [];
-        for (const t of this.registry) if (t.kind === "extension" && t.extendee.typeName === msg.typeName) numbers.push(t.number);
-        return { case: "allExtensionNumbersResponse", value: { baseTypeName: msg.typeName, extensionNumber: numbers } };
+        for (const t of this.registry)
+          if (t.kind === "extension" && t.extendee.typeName === msg.typeName)
+            numbers.push(t.number);
+        return {
+          case: "allExtensionNumbersResponse",
+          value: { baseTypeName: msg.typeName, extensionNumber: numbers },
+        };
       }
       default:
         throw new ConnectError("reflection request names no question", Code.InvalidArgument);
@@ -145,7 +172,8 @@ export class Reflector {
       case "service":
         return parent.methods.some((m) => m.name === member) ? parent.file : undefined;
       case "message":
-        return parent.fields.some((f) => f.name === member) || parent.oneofs.some((o) => o.name === member)
+        return parent.fields.some((f) => f.name === member) ||
+          parent.oneofs.some((o) => o.name === member)
           ? parent.file
           : undefined;
       case "enum":
@@ -166,5 +194,8 @@ export class Reflector {
 }
 
 function notFound(what: string): Answer {
-  return { case: "errorResponse", value: { errorCode: NOT_FOUND, errorMessage: `${what} not found` } };
+  return {
+    case: "errorResponse",
+    value: { errorCode: NOT_FOUND, errorMessage: `${what} not found` },
+  };
 }

@@ -1,7 +1,7 @@
 import type { IncomingMessage, ServerResponse } from "node:http";
 import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
 import { type ContextValues, createContextKey, createContextValues } from "@connectrpc/connect";
-import { SpanKind, SpanStatusCode, context, trace } from "@opentelemetry/api";
+import { context, SpanKind, SpanStatusCode, trace } from "@opentelemetry/api";
 import type { Logger } from "pino";
 import type { ApiMetrics } from "../core/metrics.js";
 import { extractContext, startSpan } from "../core/tracing.js";
@@ -24,7 +24,9 @@ export interface RpcOutcome {
   owner?: string;
 }
 
-export const rpcOutcomeKey = createContextKey<RpcOutcome | undefined>(undefined, { description: "rpc outcome" });
+export const rpcOutcomeKey = createContextKey<RpcOutcome | undefined>(undefined, {
+  description: "rpc outcome",
+});
 
 const outcomes = new WeakMap<NodeRequest, RpcOutcome>();
 
@@ -51,7 +53,11 @@ const RPC_PATH = /^\/[A-Za-z_][\w]*(?:\.[A-Za-z_][\w]*)+\/[A-Za-z_][\w]*$/;
  * status and duration. Never the body or the URL's query (a Connect GET carries the
  * request message there).
  */
-export function withRpcLog(handler: NodeHandler, log: Logger, observers: RpcObservers = {}): NodeHandler {
+export function withRpcLog(
+  handler: NodeHandler,
+  log: Logger,
+  observers: RpcObservers = {},
+): NodeHandler {
   const { procedures, metrics, tracing = false } = observers;
   return (req, res) => {
     const started = performance.now();
@@ -60,7 +66,8 @@ export function withRpcLog(handler: NodeHandler, log: Logger, observers: RpcObse
     const url = req.url ?? "";
     const query = url.indexOf("?");
     const path = query === -1 ? url : url.slice(0, query);
-    const label = procedures?.has(path) === true ? path.slice(1) : RPC_PATH.test(path) ? "unknown" : undefined;
+    const label =
+      procedures?.has(path) === true ? path.slice(1) : RPC_PATH.test(path) ? "unknown" : undefined;
     const parent = tracing && label !== undefined ? extractContext(req.headers) : undefined;
     const span =
       parent === undefined || label === undefined
@@ -77,7 +84,9 @@ export function withRpcLog(handler: NodeHandler, log: Logger, observers: RpcObse
           rpc: path,
           method: req.method,
           http: req.httpVersion,
-          code: outcome.code ?? (grpcStatus !== undefined ? `grpc-status ${String(grpcStatus)}` : undefined),
+          code:
+            outcome.code ??
+            (grpcStatus !== undefined ? `grpc-status ${String(grpcStatus)}` : undefined),
           ...(outcome.owner !== undefined ? { owner: outcome.owner } : {}),
           // Written after the span's context is gone, so the logger cannot add it itself.
           ...(span !== undefined ? { traceId: span.spanContext().traceId } : {}),
@@ -90,7 +99,8 @@ export function withRpcLog(handler: NodeHandler, log: Logger, observers: RpcObse
       if (label === undefined) return;
       // A client that hung up before the answer ended closes the response before the
       // handler hears of it (and reports "canceled"): say so now.
-      const code = outcome.code ?? (res.writableEnded ? codeOf(grpcStatus, res.statusCode) : "canceled");
+      const code =
+        outcome.code ?? (res.writableEnded ? codeOf(grpcStatus, res.statusCode) : "canceled");
       metrics?.rpc(label, code, seconds);
       if (span !== undefined) {
         span.setAttribute("http.response.status_code", res.statusCode);
@@ -110,12 +120,33 @@ function rpcAttributes(path: string): Record<string, string> {
 }
 
 /** Codes that say the server, not the caller, is at fault: the span is an error. */
-const SERVER_FAULTS = new Set(["unknown", "internal", "unavailable", "data_loss", "deadline_exceeded", "unimplemented"]);
+const SERVER_FAULTS = new Set([
+  "unknown",
+  "internal",
+  "unavailable",
+  "data_loss",
+  "deadline_exceeded",
+  "unimplemented",
+]);
 
 const GRPC_CODES = [
-  "ok", "canceled", "unknown", "invalid_argument", "deadline_exceeded", "not_found", "already_exists",
-  "permission_denied", "resource_exhausted", "failed_precondition", "aborted", "out_of_range",
-  "unimplemented", "internal", "unavailable", "data_loss", "unauthenticated",
+  "ok",
+  "canceled",
+  "unknown",
+  "invalid_argument",
+  "deadline_exceeded",
+  "not_found",
+  "already_exists",
+  "permission_denied",
+  "resource_exhausted",
+  "failed_precondition",
+  "aborted",
+  "out_of_range",
+  "unimplemented",
+  "internal",
+  "unavailable",
+  "data_loss",
+  "unauthenticated",
 ];
 
 /**

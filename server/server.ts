@@ -3,24 +3,29 @@ import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
 import type { Config } from "../core/config.js";
 import { Readiness, redisCheck, s3Check, serveHealth } from "../core/health.js";
-import { QUEUE_STATES, createMetricsRegistry, registerApiMetrics, serveMetrics } from "../core/metrics.js";
 import { JobService } from "../core/job-service.js";
-import { parseJobId } from "../core/jobs.js";
-import { checkWebhookUrl } from "../core/webhook-target.js";
 import { JobStore } from "../core/job-store.js";
+import { parseJobId } from "../core/jobs.js";
+import {
+  createMetricsRegistry,
+  QUEUE_STATES,
+  registerApiMetrics,
+  serveMetrics,
+} from "../core/metrics.js";
 import { createBundleQueue } from "../core/queue.js";
 import { createRedis, type RedisClient, redisTargetFrom, waitForRedis } from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
+import { checkWebhookUrl } from "../core/webhook-target.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
 import { createAdminBoard } from "./admin-board.js";
 import { authInterceptor, createAuthenticator } from "./auth.js";
 import { createDualProtocolListener } from "./dual-protocol-listener.js";
 import { createFastPath } from "./fast-path.js";
 import { routes } from "./routes.js";
-import { strictBinary } from "./strict-binary.js";
 import { rpcInterceptor } from "./rpc-interceptor.js";
-import { rpcContextValues, withRpcLog, type NodeHandler } from "./rpc-log.js";
+import { type NodeHandler, rpcContextValues, withRpcLog } from "./rpc-log.js";
 import { createStaticSite } from "./static-site.js";
+import { strictBinary } from "./strict-binary.js";
 import { WatchHub } from "./watch-hub.js";
 
 export interface ApiServer {
@@ -60,16 +65,30 @@ export const SHUTDOWN_MESSAGE = "server shutting down, reconnect";
  * reconnect elsewhere, lets in-flight calls finish (up to drainTimeoutMs), closes the
  * connections, then the queue and Redis.
  */
-export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOptions = {}): Promise<ApiServer> {
+export async function startApiServer(
+  cfg: Config,
+  log: Logger,
+  opts: ApiServerOptions = {},
+): Promise<ApiServer> {
   const target = redisTargetFrom(cfg);
-  if (target === undefined) throw new Error("REDIS_URL or REDIS_CLUSTER_NODES is required to start the API server");
+  if (target === undefined)
+    throw new Error("REDIS_URL or REDIS_CLUSTER_NODES is required to start the API server");
   // Before any connection: a server without tokens (and not explicitly open) must not start.
-  const auth = createAuthenticator({ tokens: cfg.AUTH_TOKENS ?? [], disabled: cfg.AUTH_DISABLED, log });
+  const auth = createAuthenticator({
+    tokens: cfg.AUTH_TOKENS ?? [],
+    disabled: cfg.AUTH_DISABLED,
+    log,
+  });
   const redis = createRedis(target, { role: "api", name: "download-jobs:api" });
   // Exactly one subscriber connection per process, whatever the number of watchers.
   const sub = createRedis(target, { role: "subscriber", name: "download-jobs:api-events" });
-  for (const [name, conn] of [["redis", redis], ["redis-subscriber", sub]] as const) {
-    conn.on("error", (err: Error) => log.warn({ err: err.message, conn: name }, "redis connection error"));
+  for (const [name, conn] of [
+    ["redis", redis],
+    ["redis-subscriber", sub],
+  ] as const) {
+    conn.on("error", (err: Error) =>
+      log.warn({ err: err.message, conn: name }, "redis connection error"),
+    );
   }
   const storage = new Storage(storageOptionsFrom(cfg));
   const queue = createBundleQueue(redis, {
@@ -93,8 +112,14 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     throw err;
   }
 
-  const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS });
-  const webhookPolicy = { allowPrivate: cfg.WEBHOOK_ALLOW_PRIVATE, allowedHosts: cfg.WEBHOOK_ALLOWED_HOSTS ?? [] };
+  const store = new JobStore(redis, {
+    prefix: cfg.QUEUE_PREFIX,
+    recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS,
+  });
+  const webhookPolicy = {
+    allowPrivate: cfg.WEBHOOK_ALLOW_PRIVATE,
+    allowedHosts: cfg.WEBHOOK_ALLOWED_HOSTS ?? [],
+  };
   const jobs = new JobService({
     store,
     queue,
@@ -111,7 +136,9 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     },
     maxQueueDepth: cfg.MAX_QUEUE_DEPTH,
     checkCallbackUrl:
-      cfg.WEBHOOK_SECRET === undefined ? undefined : async (url) => (await checkWebhookUrl(url, webhookPolicy)).url.href,
+      cfg.WEBHOOK_SECRET === undefined
+        ? undefined
+        : async (url) => (await checkWebhookUrl(url, webhookPolicy)).url.href,
   });
   const hub = new WatchHub(sub, store, {
     heartbeatMs: cfg.WATCH_HEARTBEAT_MS,
@@ -121,7 +148,11 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
   // /readyz and grpc.health.v1 report the same checks; from close() on, both say no.
   const stopping = new AbortController();
   const readiness = new Readiness(
-    [redisCheck("redis", redis), redisCheck("redis-events", sub, { ping: false }), s3Check(storage)],
+    [
+      redisCheck("redis", redis),
+      redisCheck("redis-events", sub, { ping: false }),
+      s3Check(storage),
+    ],
     cfg.READY_TIMEOUT_MS,
   );
 
@@ -134,17 +165,28 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
   const admin =
     cfg.ADMIN_TOKEN_SHA256 === undefined
       ? undefined
-      : createAdminBoard({ tokenSha256: cfg.ADMIN_TOKEN_SHA256, bundles: queue, connection: redis, prefix: cfg.QUEUE_PREFIX });
+      : createAdminBoard({
+          tokenSha256: cfg.ADMIN_TOKEN_SHA256,
+          bundles: queue,
+          connection: redis,
+          prefix: cfg.QUEUE_PREFIX,
+        });
   // Filled when the adapter builds its router: the paths that count as RPCs in /metrics.
   const procedures = new Set<string>();
 
   const rpcLog = log.child({ part: "rpc" });
-  const site = cfg.WEB_ROOT === "" ? undefined : createStaticSite(cfg.WEB_ROOT, { onError: (err) => log.warn({ err }, "page") });
+  const site =
+    cfg.WEB_ROOT === ""
+      ? undefined
+      : createStaticSite(cfg.WEB_ROOT, { onError: (err) => log.warn({ err }, "page") });
   const adapter = connectNodeAdapter({
     routes: (router) => {
       // Undecodable protobuf is the caller's error (INVALID_ARGUMENT), not ours (INTERNAL).
       strictBinary(
-        routes({ jobs, hub, presigner: storage }, { health: { readiness, stopping: stopping.signal } }),
+        routes(
+          { jobs, hub, presigner: storage },
+          { health: { readiness, stopping: stopping.signal } },
+        ),
         cfg.MAX_REQUEST_BYTES + 64,
       )(router);
       for (const h of router.handlers) procedures.add(h.requestPath);
@@ -155,7 +197,10 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
     jsonOptions: { ignoreUnknownFields: false },
     // Auth inside the error interceptor, so UNAUTHENTICATED is logged like any code;
     // only our own service is protected (health checks and reflection stay open).
-    interceptors: [rpcInterceptor(rpcLog), authInterceptor(auth, (service) => service === DownloadService.typeName)],
+    interceptors: [
+      rpcInterceptor(rpcLog),
+      authInterceptor(auth, (service) => service === DownloadService.typeName),
+    ],
     contextValues: rpcContextValues,
     fallback: (req, res) => {
       // Liveness (/healthz) and readiness (/readyz) probes; everything else is not ours.
@@ -178,7 +223,8 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
           authenticate: (headers) => auth.authenticate(headers),
           getJob: (owner, jobId) => jobs.get(owner, jobId),
           initiate: (owner, input) => jobs.initiate(owner, input),
-          watch: (owner, jobId, afterVersion, signal) => hub.watch(parseJobId(jobId), afterVersion, signal, owner),
+          watch: (owner, jobId, afterVersion, signal) =>
+            hub.watch(parseJobId(jobId), afterVersion, signal, owner),
           presigner: storage,
           readMaxBytes: cfg.MAX_REQUEST_BYTES,
           presignExpirySeconds: cfg.PRESIGN_EXPIRY_SECONDS,
@@ -191,13 +237,16 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
           if (!fast(req, res)) adapter(req as never, res as never);
         };
 
-  const listener = createDualProtocolListener(withRpcLog(handler, rpcLog, { procedures, metrics, tracing: opts.tracing ?? false }), {
-    headersTimeoutMs: opts.headersTimeoutMs ?? 10_000,
-    requestTimeoutMs: opts.requestTimeoutMs ?? 30_000,
-    keepAliveTimeoutMs: 5_000,
-    connectionsCheckingIntervalMs: opts.connectionsCheckingIntervalMs ?? 1_000,
-    log: log.child({ part: "listener" }),
-  });
+  const listener = createDualProtocolListener(
+    withRpcLog(handler, rpcLog, { procedures, metrics, tracing: opts.tracing ?? false }),
+    {
+      headersTimeoutMs: opts.headersTimeoutMs ?? 10_000,
+      requestTimeoutMs: opts.requestTimeoutMs ?? 30_000,
+      keepAliveTimeoutMs: 5_000,
+      connectionsCheckingIntervalMs: opts.connectionsCheckingIntervalMs ?? 1_000,
+      log: log.child({ part: "listener" }),
+    },
+  );
 
   let port: number;
   try {
@@ -210,7 +259,8 @@ export async function startApiServer(cfg: Config, log: Logger, opts: ApiServerOp
   const url = `http://${host}:${port}`;
   log.info({ url }, "api listening (HTTP/1.1 and h2c)");
 
-  const drainTimeoutMs = opts.drainTimeoutMs ?? Math.max(500, Math.min(5_000, cfg.SHUTDOWN_GRACE_MS - 2_000));
+  const drainTimeoutMs =
+    opts.drainTimeoutMs ?? Math.max(500, Math.min(5_000, cfg.SHUTDOWN_GRACE_MS - 2_000));
   let closed: Promise<void> | undefined;
   const close = () => {
     closed ??= (async () => {

@@ -1,8 +1,8 @@
-import type { ConnectNodeAdapterOptions } from "@connectrpc/connect-node";
 import { createHash } from "node:crypto";
 import { readFile, stat } from "node:fs/promises";
 import type { ServerResponse } from "node:http";
 import { extname, join, resolve, sep } from "node:path";
+import type { ConnectNodeAdapterOptions } from "@connectrpc/connect-node";
 
 // The browser page built by scripts/build-web.ts, served from the API's own port so it
 // calls the API on the same origin (no CORS). Only two kinds of path exist: the page
@@ -50,12 +50,15 @@ export interface StaticSite {
  * Serves `root` (a build of clients/web). Files are read on demand and kept in memory
  * while their size and mtime stay the same, so a rebuild is picked up without a restart.
  */
-export function createStaticSite(root: string, opts: { onError?: (err: unknown) => void } = {}): StaticSite {
+export function createStaticSite(
+  root: string,
+  opts: { onError?: (err: unknown) => void } = {},
+): StaticSite {
   const base = resolve(root);
   const cache = new Map<string, CachedFile>();
 
   const load = async (file: string): Promise<CachedFile | undefined> => {
-    let st;
+    let st: Awaited<ReturnType<typeof stat>>;
     try {
       st = await stat(file);
     } catch {
@@ -76,7 +79,12 @@ export function createStaticSite(root: string, opts: { onError?: (err: unknown) 
     return entry;
   };
 
-  const serve = async (req: NodeRequest, nodeRes: NodeResponse, file: string, immutable: boolean) => {
+  const serve = async (
+    req: NodeRequest,
+    nodeRes: NodeResponse,
+    file: string,
+    immutable: boolean,
+  ) => {
     // HTTP/1.1 and HTTP/2 responses take writeHead/end alike, but TypeScript cannot call
     // a union of overloaded methods.
     const res = nodeRes as ServerResponse;
@@ -84,8 +92,13 @@ export function createStaticSite(root: string, opts: { onError?: (err: unknown) 
     if (entry === undefined) {
       if (!immutable) {
         // The page is missing: the server runs from a checkout where nobody built it.
-        res.writeHead(404, { "content-type": "text/plain; charset=utf-8", "cache-control": "no-store" });
-        res.end("The browser page is not built: run `npm run build:web` (npm start does it for you).\n");
+        res.writeHead(404, {
+          "content-type": "text/plain; charset=utf-8",
+          "cache-control": "no-store",
+        });
+        res.end(
+          "The browser page is not built: run `npm run build:web` (npm start does it for you).\n",
+        );
       } else {
         res.writeHead(404, { "content-type": "text/plain; charset=utf-8" });
         res.end("not found\n");
@@ -134,7 +147,8 @@ export function createStaticSite(root: string, opts: { onError?: (err: unknown) 
 /** Maps a request URL to a file of the build, or undefined when it names none. */
 function resolvePath(base: string, url: string): { path: string; immutable: boolean } | undefined {
   const pathname = url.split("?", 1)[0] ?? "";
-  if (pathname === "/" || pathname === "/index.html") return { path: join(base, "index.html"), immutable: false };
+  if (pathname === "/" || pathname === "/index.html")
+    return { path: join(base, "index.html"), immutable: false };
   if (!pathname.startsWith("/assets/")) return undefined;
   let name: string;
   try {

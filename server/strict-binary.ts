@@ -30,13 +30,20 @@ function framingOf(contentType: string | null): Framing | undefined {
   ) {
     return "enveloped";
   }
-  if (type === "application/connect+json" || type === "application/grpc+json" || type === "application/grpc-web+json") {
+  if (
+    type === "application/connect+json" ||
+    type === "application/grpc+json" ||
+    type === "application/grpc-web+json"
+  ) {
     return "enveloped-json";
   }
   return undefined;
 }
 
-async function* replay(chunks: Uint8Array[], rest?: AsyncIterator<Uint8Array>): AsyncIterable<Uint8Array> {
+async function* replay(
+  chunks: Uint8Array[],
+  rest?: AsyncIterator<Uint8Array>,
+): AsyncIterable<Uint8Array> {
   yield* chunks;
   if (rest === undefined) return;
   for (;;) {
@@ -47,6 +54,7 @@ async function* replay(chunks: Uint8Array[], rest?: AsyncIterator<Uint8Array>): 
 }
 
 /** A body that fails as soon as the handler starts reading it. */
+// biome-ignore lint/correctness/useYield: it throws before the first chunk, by design
 async function* failing(err: ConnectError): AsyncIterable<Uint8Array> {
   throw err;
 }
@@ -79,8 +87,10 @@ function decodeError(schema: DescMessage, bytes: Uint8Array, framing: Framing): 
     if (at + 5 + length > bytes.length) return undefined;
     // Only called for identity encoding, where a compressed frame cannot be read either
     // (connect-es says so with INTERNAL too).
-    if ((flags & 0b1) !== 0) return "received compressed envelope, but do not know how to decompress";
-    const err = framing === "enveloped" ? tryDecode(bytes.subarray(at + 5, at + 5 + length)) : undefined;
+    if ((flags & 0b1) !== 0)
+      return "received compressed envelope, but do not know how to decompress";
+    const err =
+      framing === "enveloped" ? tryDecode(bytes.subarray(at + 5, at + 5 + length)) : undefined;
     if (err !== undefined) return err;
     at += 5 + length;
   }
@@ -91,8 +101,14 @@ function guard(handler: UniversalHandler, maxBytes: number): UniversalHandler {
   const schema = handler.method.input;
   const guarded = async (req: UniversalServerRequest) => {
     const framing = framingOf(req.header.get("content-type"));
-    const encoding = req.header.get("content-encoding") ?? req.header.get("grpc-encoding") ?? "identity";
-    if (framing === undefined || encoding !== "identity" || req.body === undefined || !(Symbol.asyncIterator in Object(req.body))) {
+    const encoding =
+      req.header.get("content-encoding") ?? req.header.get("grpc-encoding") ?? "identity";
+    if (
+      framing === undefined ||
+      encoding !== "identity" ||
+      req.body === undefined ||
+      !(Symbol.asyncIterator in Object(req.body))
+    ) {
       return handler(req);
     }
     const source = (req.body as AsyncIterable<Uint8Array>)[Symbol.asyncIterator]();
@@ -107,8 +123,10 @@ function guard(handler: UniversalHandler, maxBytes: number): UniversalHandler {
       if (length > maxBytes) return handler({ ...req, body: replay(chunks, source) });
     }
     const err = decodeError(schema, concat(chunks, length), framing);
-    const message = err?.startsWith("received compressed") === true ? err : `parse binary: ${err ?? ""}`;
-    const body = err === undefined ? replay(chunks) : failing(new ConnectError(message, Code.InvalidArgument));
+    const message =
+      err?.startsWith("received compressed") === true ? err : `parse binary: ${err ?? ""}`;
+    const body =
+      err === undefined ? replay(chunks) : failing(new ConnectError(message, Code.InvalidArgument));
     return handler({ ...req, body });
   };
   return Object.assign(guarded, handler);
@@ -119,13 +137,17 @@ function guard(handler: UniversalHandler, maxBytes: number): UniversalHandler {
  * answers undecodable protobuf with INVALID_ARGUMENT instead of INTERNAL. `maxBytes` is
  * the largest body examined (the server's read limit plus framing).
  */
-export function strictBinary(routes: (router: ConnectRouter) => void, maxBytes: number): (router: ConnectRouter) => void {
+export function strictBinary(
+  routes: (router: ConnectRouter) => void,
+  maxBytes: number,
+): (router: ConnectRouter) => void {
   return (router) => {
     routes(router);
     for (const [i, handler] of router.handlers.entries()) {
       const kind = handler.method.methodKind;
       // Client and bidi streams send many messages while reading answers: never buffered.
-      if (kind === "unary" || kind === "server_streaming") router.handlers[i] = guard(handler, maxBytes);
+      if (kind === "unary" || kind === "server_streaming")
+        router.handlers[i] = guard(handler, maxBytes);
     }
   };
 }

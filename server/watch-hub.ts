@@ -1,7 +1,12 @@
-import type { RedisClient } from "../core/redis.js";
 import type { Logger } from "pino";
 import { decodeJob, type JobStore } from "../core/job-store.js";
-import { BackendUnavailableError, type JobRecord, JobNotFoundError, isTerminal } from "../core/jobs.js";
+import {
+  BackendUnavailableError,
+  isTerminal,
+  JobNotFoundError,
+  type JobRecord,
+} from "../core/jobs.js";
+import type { RedisClient } from "../core/redis.js";
 
 // One Redis subscriber connection per API process, fanned out in memory to every
 // WatchJob stream. A connection (or a BullMQ QueueEvents) per stream does not survive
@@ -103,7 +108,8 @@ export class WatchHub {
     // One shared ticker instead of a timer per stream; a heartbeat (or the end of an
     // expired stream) is late by at most one tick (a fifth of the shorter interval,
     // never more than a second).
-    const shortest = this.maxStreamMs > 0 ? Math.min(opts.heartbeatMs, this.maxStreamMs) : opts.heartbeatMs;
+    const shortest =
+      this.maxStreamMs > 0 ? Math.min(opts.heartbeatMs, this.maxStreamMs) : opts.heartbeatMs;
     this.tickMs = Math.max(10, Math.min(1000, Math.floor(shortest / 5)));
     this.wasReady = sub.status === "ready";
     sub.on("message", (channel: string, message: string) => this.onMessage(channel, message));
@@ -127,7 +133,12 @@ export class WatchHub {
    * someone other than `owner` (when given). Ends when `signal` aborts (the client hung
    * up) and releases everything it held.
    */
-  async *watch(jobId: string, afterVersion: number, signal: AbortSignal, owner?: string): AsyncGenerator<WatchEvent> {
+  async *watch(
+    jobId: string,
+    afterVersion: number,
+    signal: AbortSignal,
+    owner?: string,
+  ): AsyncGenerator<WatchEvent> {
     if (this.closedWith !== undefined) throw this.closedWith;
     const now = Date.now();
     const w: Watcher = {
@@ -218,7 +229,9 @@ export class WatchHub {
     if (topic === undefined) {
       const created: Topic = { jobId, watchers: new Set(), subscribed: Promise.resolve(undefined) };
       // Still subscribed from a watcher that left a moment ago: keep that subscription.
-      created.subscribed = this.unsubscribing.delete(channel) ? Promise.resolve(undefined) : this.subscribeSoon(channel);
+      created.subscribed = this.unsubscribing.delete(channel)
+        ? Promise.resolve(undefined)
+        : this.subscribeSoon(channel);
       created.subscribed.then((err) => {
         // Let the next watcher try again rather than inherit a failed subscription.
         if (err !== undefined && this.topics.get(channel) === created) this.topics.delete(channel);
@@ -248,7 +261,13 @@ export class WatchHub {
         if (this.subscribing === batch) this.subscribing = undefined;
         return this.sub.subscribe(...channels);
       });
-      batch = { channels, done: done.then(() => undefined, (err: unknown) => (err instanceof Error ? err : new Error(String(err)))) };
+      batch = {
+        channels,
+        done: done.then(
+          () => undefined,
+          (err: unknown) => (err instanceof Error ? err : new Error(String(err))),
+        ),
+      };
       this.subscribing = batch;
     }
     batch.channels.push(channel);
@@ -281,7 +300,9 @@ export class WatchHub {
       // Commands on one connection run in order, so a channel subscribed again after
       // this still ends up subscribed.
       if (channels.length > 0 && this.closedWith === undefined) {
-        this.sub.unsubscribe(...channels).catch((err: unknown) => this.opts.log.debug({ err }, "unsubscribe failed"));
+        this.sub
+          .unsubscribe(...channels)
+          .catch((err: unknown) => this.opts.log.debug({ err }, "unsubscribe failed"));
       }
     }, UNSUBSCRIBE_BATCH_MS);
     this.unsubscribeTimer.unref();
@@ -295,12 +316,17 @@ export class WatchHub {
     }
     let timer: NodeJS.Timeout | undefined;
     const timeout = new Promise<Error>((resolve) => {
-      timer = setTimeout(() => resolve(new Error(`no subscription after ${this.subscribeTimeoutMs} ms`)), this.subscribeTimeoutMs);
+      timer = setTimeout(
+        () => resolve(new Error(`no subscription after ${this.subscribeTimeoutMs} ms`)),
+        this.subscribeTimeoutMs,
+      );
     });
     try {
       const err = await Promise.race([topic.subscribed, timeout]);
       if (err !== undefined) {
-        throw new BackendUnavailableError(`cannot follow job events: ${err.message}`, { cause: err });
+        throw new BackendUnavailableError(`cannot follow job events: ${err.message}`, {
+          cause: err,
+        });
       }
     } finally {
       clearTimeout(timer);

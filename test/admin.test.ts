@@ -12,7 +12,8 @@ import { type ApiStack, startApiStack } from "./helpers/api.js";
 
 const ADMIN_TOKEN = "admin-token-7d1e0c9b2a4f6e8d";
 const sha256 = (s: string) => createHash("sha256").update(s).digest("hex");
-const basic = (user: string, password: string) => `Basic ${Buffer.from(`${user}:${password}`).toString("base64")}`;
+const basic = (user: string, password: string) =>
+  `Basic ${Buffer.from(`${user}:${password}`).toString("base64")}`;
 
 let st: ApiStack;
 let failedJobId: string;
@@ -23,10 +24,17 @@ beforeAll(async () => {
   const job = await st.queue.add("bundle", { jobId: "x", fileIds: [1] });
   failedJobId = job.id ?? "";
   const conn = createRedis(st.svc.redis.url, { role: "worker" });
-  const worker = new Worker(QUEUE_NAME, async () => {
-    throw new UnrecoverableError("broken on purpose");
-  }, { connection: conn, prefix: st.cfg.QUEUE_PREFIX });
-  await waitUntil("a failed job", async () => (await st.queue.getJobState(failedJobId)) === "failed");
+  const worker = new Worker(
+    QUEUE_NAME,
+    async () => {
+      throw new UnrecoverableError("broken on purpose");
+    },
+    { connection: conn, prefix: st.cfg.QUEUE_PREFIX },
+  );
+  await waitUntil(
+    "a failed job",
+    async () => (await st.queue.getJobState(failedJobId)) === "failed",
+  );
   await worker.close();
   conn.disconnect();
 });
@@ -35,7 +43,8 @@ afterAll(async () => {
   await st?.stop();
 });
 
-const admin = (path: string, init: RequestInit = {}) => fetch(`${st.server.url}/admin/queues${path}`, init);
+const admin = (path: string, init: RequestInit = {}) =>
+  fetch(`${st.server.url}/admin/queues${path}`, init);
 const bearer = { authorization: `Bearer ${ADMIN_TOKEN}` };
 
 describe("the queue dashboard at /admin/queues", () => {
@@ -44,10 +53,20 @@ describe("the queue dashboard at /admin/queues", () => {
     expect(none.status).toBe(401);
     expect(none.headers.get("www-authenticate")).toMatch(/^Basic realm=/);
     expect((await admin("/api/queues")).status).toBe(401);
-    expect((await admin("", { headers: { authorization: "Bearer not-the-token" } })).status).toBe(401);
-    expect((await admin("", { headers: { authorization: basic("admin", "not-the-token") } })).status).toBe(401);
+    expect((await admin("", { headers: { authorization: "Bearer not-the-token" } })).status).toBe(
+      401,
+    );
+    expect(
+      (await admin("", { headers: { authorization: basic("admin", "not-the-token") } })).status,
+    ).toBe(401);
     // The RPC bearer token of an owner is not the admin token.
-    expect((await admin("", { headers: { authorization: `Bearer ${st.cfg.AUTH_TOKENS?.[0]?.sha256 ?? ""}` } })).status).toBe(401);
+    expect(
+      (
+        await admin("", {
+          headers: { authorization: `Bearer ${st.cfg.AUTH_TOKENS?.[0]?.sha256 ?? ""}` },
+        })
+      ).status,
+    ).toBe(401);
   });
 
   test("with the token (bearer or basic-auth password) serves the page and the assets it loads", async () => {
@@ -59,17 +78,26 @@ describe("the queue dashboard at /admin/queues", () => {
       expect(html).toContain("download-jobs queues");
       const script = /<script[^>]+src="([^"]+)"/.exec(html)?.[1];
       expect(script).toBeDefined();
-      const asset = await fetch(new URL(script as string, `${st.server.url}/admin/queues/`), { headers: { authorization } });
+      const asset = await fetch(new URL(script as string, `${st.server.url}/admin/queues/`), {
+        headers: { authorization },
+      });
       expect(asset.status).toBe(200);
       expect((await asset.arrayBuffer()).byteLength).toBeGreaterThan(1000);
     }
   });
 
   test("lists our queues, read-only, with the failed job", async () => {
-    const res = await admin("/api/queues?activeQueue=bundles&status=failed&page=1", { headers: bearer });
+    const res = await admin("/api/queues?activeQueue=bundles&status=failed&page=1", {
+      headers: bearer,
+    });
     expect(res.status).toBe(200);
     const body = (await res.json()) as {
-      queues: { name: string; readOnlyMode: boolean; counts: Record<string, number>; jobs: { id: string }[] }[];
+      queues: {
+        name: string;
+        readOnlyMode: boolean;
+        counts: Record<string, number>;
+        jobs: { id: string }[];
+      }[];
     };
     expect(body.queues.map((q) => q.name).sort()).toEqual(["bundles", "maintenance", "webhooks"]);
     expect(body.queues.every((q) => q.readOnlyMode)).toBe(true);
@@ -102,7 +130,9 @@ describe("the queue dashboard at /admin/queues", () => {
     const other = await startApiStack({}, { services: st.svc });
     try {
       expect((await fetch(`${other.server.url}/admin/queues`)).status).toBe(404);
-      expect((await fetch(`${other.server.url}/admin/queues`, { headers: bearer })).status).toBe(404);
+      expect((await fetch(`${other.server.url}/admin/queues`, { headers: bearer })).status).toBe(
+        404,
+      );
     } finally {
       await other.stop();
     }

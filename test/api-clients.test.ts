@@ -3,19 +3,25 @@ import { createHash } from "node:crypto";
 import { resolve } from "node:path";
 import { promisify } from "node:util";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError, type Transport, createClient } from "@connectrpc/connect";
+import { Code, ConnectError, createClient, type Transport } from "@connectrpc/connect";
 import {
-  Http2SessionManager,
   createConnectTransport,
   createGrpcTransport,
   createGrpcWebTransport,
+  Http2SessionManager,
 } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { newJobId } from "../core/jobs.js";
 import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
-import { type ApiStack, startApiStack, TEST_AUTH_HEADER, TEST_TOKEN, withTestToken } from "./helpers/api.js";
+import {
+  type ApiStack,
+  startApiStack,
+  TEST_AUTH_HEADER,
+  TEST_TOKEN,
+  withTestToken,
+} from "./helpers/api.js";
 
 // Every kind of client the README promises, against one real server on one port:
 // the generated Connect client (HTTP/1.1 and h2c), gRPC over h2c, gRPC-Web over
@@ -46,7 +52,15 @@ function h2(url: string): Http2SessionManager {
 }
 
 const transports: [string, () => Transport][] = [
-  ["Connect JSON over HTTP/1.1", () => createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] })],
+  [
+    "Connect JSON over HTTP/1.1",
+    () =>
+      createConnectTransport({
+        baseUrl: st.server.url,
+        httpVersion: "1.1",
+        interceptors: [withTestToken],
+      }),
+  ],
   [
     "Connect binary over h2c",
     () =>
@@ -58,8 +72,24 @@ const transports: [string, () => Transport][] = [
         interceptors: [withTestToken],
       }),
   ],
-  ["gRPC over h2c", () => createGrpcTransport({ baseUrl: st.server.url, sessionManager: h2(st.server.url), interceptors: [withTestToken] })],
-  ["gRPC-Web over HTTP/1.1", () => createGrpcWebTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] })],
+  [
+    "gRPC over h2c",
+    () =>
+      createGrpcTransport({
+        baseUrl: st.server.url,
+        sessionManager: h2(st.server.url),
+        interceptors: [withTestToken],
+      }),
+  ],
+  [
+    "gRPC-Web over HTTP/1.1",
+    () =>
+      createGrpcWebTransport({
+        baseUrl: st.server.url,
+        httpVersion: "1.1",
+        interceptors: [withTestToken],
+      }),
+  ],
 ];
 
 describe.each(transports)("generated client, %s", (_name, makeTransport) => {
@@ -94,7 +124,14 @@ describe("a completed job", () => {
   let zip: Buffer;
 
   beforeAll(async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+    const client = createClient(
+      DownloadService,
+      createConnectTransport({
+        baseUrl: st.server.url,
+        httpVersion: "1.1",
+        interceptors: [withTestToken],
+      }),
+    );
     jobId = (await client.initiate({ fileIds: [7, 8] })).job?.jobId ?? "";
     zip = Buffer.from(`PK fake zip for ${jobId} ${"x".repeat(5000)}`);
     await st.startJob(jobId);
@@ -102,7 +139,14 @@ describe("a completed job", () => {
   });
 
   test("GetStatus gives a download_url that fetches the exact bytes as a .zip attachment", async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+    const client = createClient(
+      DownloadService,
+      createConnectTransport({
+        baseUrl: st.server.url,
+        httpVersion: "1.1",
+        interceptors: [withTestToken],
+      }),
+    );
     const before = Date.now();
     const { job } = await client.getStatus({ jobId });
     expect(job?.state).toBe(JobState.COMPLETED);
@@ -112,7 +156,7 @@ describe("a completed job", () => {
     expect(result?.sha256).toBe(createHash("sha256").update(zip).digest("hex"));
     expect(result?.fileName).toBe("photos-2026.zip");
     // expire_time is set, in the future, and no later than the configured expiry.
-    const expires = timestampMs(result?.expireTime ?? { seconds: 0n, nanos: 0 } as never);
+    const expires = timestampMs(result?.expireTime ?? ({ seconds: 0n, nanos: 0 } as never));
     expect(expires).toBeGreaterThan(before);
     expect(expires).toBeLessThanOrEqual(Date.now() + 120_000 + 1000);
 
@@ -125,16 +169,33 @@ describe("a completed job", () => {
   });
 
   test("the download URL is presigned afresh on every read", async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+    const client = createClient(
+      DownloadService,
+      createConnectTransport({
+        baseUrl: st.server.url,
+        httpVersion: "1.1",
+        interceptors: [withTestToken],
+      }),
+    );
     const first = (await client.getStatus({ jobId })).job?.result;
     // SigV4 dates have one-second resolution: a later read must carry a later expiry.
     await expect
-      .poll(async () => (await client.getStatus({ jobId })).job?.result?.expireTime?.seconds ?? 0n, { timeout: 5000 })
+      .poll(
+        async () => (await client.getStatus({ jobId })).job?.result?.expireTime?.seconds ?? 0n,
+        { timeout: 5000 },
+      )
       .toBeGreaterThan(first?.expireTime?.seconds ?? 0n);
   });
 
   test("a watch of a completed job sends it once and ends", async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+    const client = createClient(
+      DownloadService,
+      createConnectTransport({
+        baseUrl: st.server.url,
+        httpVersion: "1.1",
+        interceptors: [withTestToken],
+      }),
+    );
     const got = [];
     for await (const msg of client.watchJob({ jobId })) got.push(msg);
     expect(got).toHaveLength(1);
@@ -165,7 +226,11 @@ describe("plain HTTP clients", () => {
     const polled = await post("GetStatus", { jobId: job.jobId });
     expect(polled.status).toBe(200);
     const body = (await polled.json()) as {
-      job: { jobId: string; state: string; progress: { percent: number; bytesDone: string; bytesTotal: string } };
+      job: {
+        jobId: string;
+        state: string;
+        progress: { percent: number; bytesDone: string; bytesTotal: string };
+      };
     };
     expect(body.job.jobId).toBe(job.jobId);
     expect(body.job.state).toBe("JOB_STATE_PROCESSING");
@@ -175,7 +240,9 @@ describe("plain HTTP clients", () => {
   test("Connect GET serves GetStatus, and only the side-effect-free RPC", async () => {
     const jobId = (await st.store.create(newJobId(), [11], st.owner)).id;
     const message = encodeURIComponent(JSON.stringify({ jobId }));
-    const res = await fetch(`${st.server.url}${path}/GetStatus?encoding=json&message=${message}`, { headers: TEST_AUTH_HEADER });
+    const res = await fetch(`${st.server.url}${path}/GetStatus?encoding=json&message=${message}`, {
+      headers: TEST_AUTH_HEADER,
+    });
     expect(res.status).toBe(200);
     expect(((await res.json()) as { job: { jobId: string } }).job.jobId).toBe(jobId);
 
@@ -239,7 +306,10 @@ describe("@grpc/grpc-js with @grpc/proto-loader", () => {
   interface GrpcClient extends grpc.Client {
     initiate: Unary<{ fileIds: number[] }, { job: GrpcJob }>;
     getStatus: Unary<{ jobId: string }, { job: GrpcJob }>;
-    watchJob(req: { jobId: string; afterVersion?: number }, metadata: grpc.Metadata): grpc.ClientReadableStream<{
+    watchJob(
+      req: { jobId: string; afterVersion?: number },
+      metadata: grpc.Metadata,
+    ): grpc.ClientReadableStream<{
       job?: GrpcJob | null;
       heartbeat?: { version: number } | null;
       event?: string;
@@ -248,9 +318,17 @@ describe("@grpc/grpc-js with @grpc/proto-loader", () => {
 
   let client: GrpcClient;
   beforeAll(async () => {
-    const def = await protoLoader.load(PROTO, { keepCase: false, longs: String, enums: String, defaults: true, oneofs: true });
+    const def = await protoLoader.load(PROTO, {
+      keepCase: false,
+      longs: String,
+      enums: String,
+      defaults: true,
+      oneofs: true,
+    });
     const pkg = grpc.loadPackageDefinition(def) as unknown as {
-      downloads: { v1: { DownloadService: new (addr: string, creds: grpc.ChannelCredentials) => GrpcClient } };
+      downloads: {
+        v1: { DownloadService: new (addr: string, creds: grpc.ChannelCredentials) => GrpcClient };
+      };
     };
     client = new pkg.downloads.v1.DownloadService(
       `127.0.0.1:${st.server.port}`,
@@ -266,7 +344,9 @@ describe("@grpc/grpc-js with @grpc/proto-loader", () => {
     return m;
   };
   const unary = <Req, Res>(fn: Unary<Req, Res>, req: Req) =>
-    new Promise<Res>((ok, fail) => fn.call(client, req, metadata(), (err, res) => (err ? fail(err) : ok(res as Res))));
+    new Promise<Res>((ok, fail) =>
+      fn.call(client, req, metadata(), (err, res) => (err ? fail(err) : ok(res as Res))),
+    );
 
   test("unary calls work and errors carry gRPC status codes", async () => {
     const { job } = await unary(client.initiate, { fileIds: [21, 22] });
@@ -274,9 +354,13 @@ describe("@grpc/grpc-js with @grpc/proto-loader", () => {
     const polled = await unary(client.getStatus, { jobId: job.jobId });
     expect(polled.job.jobId).toBe(job.jobId);
 
-    const notFound = (await unary(client.getStatus, { jobId: newJobId() }).catch((e: unknown) => e)) as grpc.ServiceError;
+    const notFound = (await unary(client.getStatus, { jobId: newJobId() }).catch(
+      (e: unknown) => e,
+    )) as grpc.ServiceError;
     expect(notFound.code).toBe(grpc.status.NOT_FOUND);
-    const invalid = (await unary(client.initiate, { fileIds: [] }).catch((e: unknown) => e)) as grpc.ServiceError;
+    const invalid = (await unary(client.initiate, { fileIds: [] }).catch(
+      (e: unknown) => e,
+    )) as grpc.ServiceError;
     expect(invalid.code).toBe(grpc.status.INVALID_ARGUMENT);
   });
 
@@ -294,7 +378,11 @@ describe("@grpc/grpc-js with @grpc/proto-loader", () => {
     await st.complete(job.jobId, Buffer.from("zip"));
     const status = await ended;
     expect(status.code).toBe(grpc.status.OK);
-    expect(seen.map((j) => j.state)).toEqual(["JOB_STATE_QUEUED", "JOB_STATE_PROCESSING", "JOB_STATE_COMPLETED"]);
+    expect(seen.map((j) => j.state)).toEqual([
+      "JOB_STATE_QUEUED",
+      "JOB_STATE_PROCESSING",
+      "JOB_STATE_COMPLETED",
+    ]);
     expect(seen.map((j) => j.version)).toEqual([1, 2, 3]);
     expect(seen[2]?.result?.downloadUrl).toMatch(/^http/);
   });

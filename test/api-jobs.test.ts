@@ -1,11 +1,17 @@
 import { request } from "node:http";
-import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
+import { type Client, Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { newJobId } from "../core/jobs.js";
 import { createRedis, waitForRedis } from "../core/redis.js";
 import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
-import { type ApiStack, TEST_AUTH_HEADER, TEST_CONNECTION_NAME, startApiStack, withTestToken } from "./helpers/api.js";
+import {
+  type ApiStack,
+  startApiStack,
+  TEST_AUTH_HEADER,
+  TEST_CONNECTION_NAME,
+  withTestToken,
+} from "./helpers/api.js";
 
 // Initiate, GetStatus and Cancel as a caller sees them, and every kind of bad input:
 // each is a 4xx-class Connect error, and the server keeps serving afterwards.
@@ -17,19 +23,40 @@ let st: ApiStack;
 let client: Client<typeof DownloadService>;
 
 beforeAll(async () => {
-  st = await startApiStack({ MAX_FILES_PER_JOB: String(MAX_FILES), MAX_REQUEST_BYTES: String(MAX_BYTES) });
-  client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+  st = await startApiStack({
+    MAX_FILES_PER_JOB: String(MAX_FILES),
+    MAX_REQUEST_BYTES: String(MAX_BYTES),
+  });
+  client = createClient(
+    DownloadService,
+    createConnectTransport({
+      baseUrl: st.server.url,
+      httpVersion: "1.1",
+      interceptors: [withTestToken],
+    }),
+  );
 });
 afterAll(async () => {
   await st?.stop();
 });
 
-const codeOf = async (p: Promise<unknown>) => ConnectError.from(await p.then(() => undefined, (e: unknown) => e)).code;
+const codeOf = async (p: Promise<unknown>) =>
+  ConnectError.from(
+    await p.then(
+      () => undefined,
+      (e: unknown) => e,
+    ),
+  ).code;
 
 describe("Initiate and GetStatus", () => {
   test("Initiate queues the job for the workers and returns it at once", async () => {
     const { job } = await client.initiate({ fileIds: [70003, 70001] });
-    expect(job).toMatchObject({ state: JobState.QUEUED, fileIds: [70003, 70001], version: 1, attempts: 0 });
+    expect(job).toMatchObject({
+      state: JobState.QUEUED,
+      fileIds: [70003, 70001],
+      version: 1,
+      attempts: 0,
+    });
     expect(job?.createTime).toBeDefined();
     expect(job?.startTime).toBeUndefined();
     const queued = await st.queue.getJob(job?.jobId ?? "");
@@ -49,7 +76,11 @@ describe("Initiate and GetStatus", () => {
     await st.fail(job?.jobId ?? "");
     const { job: failed } = await client.getStatus({ jobId: job?.jobId ?? "" });
     expect(failed?.state).toBe(JobState.FAILED);
-    expect(failed?.error).toMatchObject({ code: "not_found", retryable: false, missingFileIds: [9] });
+    expect(failed?.error).toMatchObject({
+      code: "not_found",
+      retryable: false,
+      missingFileIds: [9],
+    });
     expect(failed?.result).toBeUndefined();
     expect(failed?.endTime).toBeDefined();
   });
@@ -163,7 +194,14 @@ describe("bad input gets a clear 4xx error and loses nothing", () => {
     const chunked = await new Promise<{ status: number; body: string }>((ok, fail) => {
       const req = request(
         `${st.server.url}/downloads.v1.DownloadService/Initiate`,
-        { method: "POST", headers: { "Content-Type": "application/json", "Transfer-Encoding": "chunked", ...TEST_AUTH_HEADER } },
+        {
+          method: "POST",
+          headers: {
+            "Content-Type": "application/json",
+            "Transfer-Encoding": "chunked",
+            ...TEST_AUTH_HEADER,
+          },
+        },
         (res) => {
           let body = "";
           res.on("data", (d: Buffer) => (body += d.toString()));
@@ -181,11 +219,18 @@ describe("bad input gets a clear 4xx error and loses nothing", () => {
   test("an oversized binary request from the generated client is RESOURCE_EXHAUSTED", async () => {
     const binary = createClient(
       DownloadService,
-      createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", useBinaryFormat: true, interceptors: [withTestToken] }),
+      createConnectTransport({
+        baseUrl: st.server.url,
+        httpVersion: "1.1",
+        useBinaryFormat: true,
+        interceptors: [withTestToken],
+      }),
     );
     const ids = Array.from({ length: 2000 }, (_, i) => i + 1);
     expect(await codeOf(binary.initiate({ fileIds: ids }))).toBe(Code.ResourceExhausted);
-    expect(await codeOf(binary.initiate({ fileIds: [1, 2, 3, 4, 5, 6] }))).toBe(Code.InvalidArgument);
+    expect(await codeOf(binary.initiate({ fileIds: [1, 2, 3, 4, 5, 6] }))).toBe(
+      Code.InvalidArgument,
+    );
   });
 
   test("an unknown procedure is HTTP 404", async () => {
@@ -199,6 +244,9 @@ describe("bad input gets a clear 4xx error and loses nothing", () => {
     await post("Initiate", "x".repeat(MAX_BYTES * 2));
     const { job } = await client.initiate({ fileIds: [12] });
     expect(job?.state).toBe(JobState.QUEUED);
-    expect((await client.getStatus({ jobId: before })).job).toMatchObject({ jobId: before, fileIds: [10, 11] });
+    expect((await client.getStatus({ jobId: before })).job).toMatchObject({
+      jobId: before,
+      fileIds: [10, 11],
+    });
   });
 });

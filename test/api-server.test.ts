@@ -2,20 +2,26 @@ import { type ChildProcess, spawn } from "node:child_process";
 import http2 from "node:http2";
 import net from "node:net";
 import { resolve } from "node:path";
-import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
+import { type Client, Code, ConnectError, createClient } from "@connectrpc/connect";
 import {
-  Http2SessionManager,
   createConnectTransport,
   createGrpcTransport,
   createGrpcWebTransport,
+  Http2SessionManager,
 } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
-import { freePort, waitUntil } from "../local/ports.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
-import { type ApiStack, TEST_AUTH_HEADER, TEST_CONNECTION_NAME, startApiStack, withTestToken } from "./helpers/api.js";
-import { startServices, uniquePrefix, type Services } from "./helpers/services.js";
+import { freePort, waitUntil } from "../local/ports.js";
+import {
+  type ApiStack,
+  startApiStack,
+  TEST_AUTH_HEADER,
+  TEST_CONNECTION_NAME,
+  withTestToken,
+} from "./helpers/api.js";
+import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
 
 // The server as a network service: one port for both protocols, robust against
 // clients that misbehave at the TCP level, and a graceful stop (in process and as the
@@ -53,7 +59,12 @@ describe("one port, two protocols", () => {
   beforeAll(async () => {
     st = await startApiStack(
       { WATCH_HEARTBEAT_MS: "200" },
-      { services: svc, headersTimeoutMs: 600, requestTimeoutMs: 800, connectionsCheckingIntervalMs: 100 },
+      {
+        services: svc,
+        headersTimeoutMs: 600,
+        requestTimeoutMs: 800,
+        connectionsCheckingIntervalMs: 100,
+      },
     );
   });
   afterAll(async () => {
@@ -63,7 +74,8 @@ describe("one port, two protocols", () => {
   test("an HTTP/1.1 request that arrives in tiny pieces is understood", async () => {
     // "P" could start either "POST" or the HTTP/2 preface "PRI": the server must wait.
     const c = rawSocket(st.server.port);
-    const req = "POST /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
+    const req =
+      "POST /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
     for (const piece of ["P", "OS", "T /hea", req.slice(10)]) {
       await send(c.socket, piece);
       await pause(20);
@@ -86,7 +98,10 @@ describe("one port, two protocols", () => {
     const session = http2.connect(st.server.url, {
       createConnection: () => {
         const socket = net.connect(st.server.port, "127.0.0.1");
-        const write = socket.write.bind(socket) as (chunk: Buffer, cb?: (err?: Error | null) => void) => boolean;
+        const write = socket.write.bind(socket) as (
+          chunk: Buffer,
+          cb?: (err?: Error | null) => void,
+        ) => boolean;
         let first = true;
         socket.write = ((chunk: Buffer, ...rest: never[]) => {
           if (!first || chunk.length < 10) return write(chunk, ...rest);
@@ -127,12 +142,20 @@ describe("one port, two protocols", () => {
   });
 
   test("a WatchJob over HTTP/1.1 outlives the request timeout (it only bounds receiving the request)", async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+    const client = createClient(
+      DownloadService,
+      createConnectTransport({
+        baseUrl: st.server.url,
+        httpVersion: "1.1",
+        interceptors: [withTestToken],
+      }),
+    );
     const jobId = (await client.initiate({ fileIds: [1] })).job?.jobId ?? "";
     const abort = new AbortController();
     let beats = 0;
     const done = (async () => {
-      for await (const msg of client.watchJob({ jobId }, { signal: abort.signal })) if (msg.event.case === "heartbeat") beats++;
+      for await (const msg of client.watchJob({ jobId }, { signal: abort.signal }))
+        if (msg.event.case === "heartbeat") beats++;
     })().catch((e: unknown) => ConnectError.from(e));
     const started = Date.now();
     // 2 s of heartbeats, well past the 800 ms request timeout.
@@ -151,7 +174,12 @@ describe("one port, two protocols", () => {
   });
 
   test("connections reset before or right after the hand-off do not hurt the server", async () => {
-    for (const first of ["", "PR", "GET /healthz HTTP/1.1\r\nHo", "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]) {
+    for (const first of [
+      "",
+      "PR",
+      "GET /healthz HTTP/1.1\r\nHo",
+      "PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
+    ]) {
       const c = rawSocket(st.server.port);
       await new Promise<void>((ok) => c.socket.once("connect", () => ok()));
       if (first !== "") await send(c.socket, first);
@@ -169,23 +197,58 @@ describe("graceful shutdown", () => {
       { WATCH_HEARTBEAT_MS: "60000" },
       { services: svc, drainTimeoutMs: 1500 },
     );
-    const sessions = [new Http2SessionManager(st.server.url), new Http2SessionManager(st.server.url)];
+    const sessions = [
+      new Http2SessionManager(st.server.url),
+      new Http2SessionManager(st.server.url),
+    ];
     let grpcClient: grpc.Client | undefined;
     try {
       const clients: [string, Client<typeof DownloadService>][] = [
-        ["connect h1", createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }))],
+        [
+          "connect h1",
+          createClient(
+            DownloadService,
+            createConnectTransport({
+              baseUrl: st.server.url,
+              httpVersion: "1.1",
+              interceptors: [withTestToken],
+            }),
+          ),
+        ],
         [
           "connect h2c",
           createClient(
             DownloadService,
-            createConnectTransport({ baseUrl: st.server.url, httpVersion: "2", sessionManager: sessions[0] as Http2SessionManager, interceptors: [withTestToken] }),
+            createConnectTransport({
+              baseUrl: st.server.url,
+              httpVersion: "2",
+              sessionManager: sessions[0] as Http2SessionManager,
+              interceptors: [withTestToken],
+            }),
           ),
         ],
         [
           "grpc h2c",
-          createClient(DownloadService, createGrpcTransport({ baseUrl: st.server.url, sessionManager: sessions[1] as Http2SessionManager, interceptors: [withTestToken] })),
+          createClient(
+            DownloadService,
+            createGrpcTransport({
+              baseUrl: st.server.url,
+              sessionManager: sessions[1] as Http2SessionManager,
+              interceptors: [withTestToken],
+            }),
+          ),
         ],
-        ["grpc-web h1", createClient(DownloadService, createGrpcWebTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }))],
+        [
+          "grpc-web h1",
+          createClient(
+            DownloadService,
+            createGrpcWebTransport({
+              baseUrl: st.server.url,
+              httpVersion: "1.1",
+              interceptors: [withTestToken],
+            }),
+          ),
+        ],
       ];
       const jobId = (await clients[0]?.[1].initiate({ fileIds: [1] }))?.job?.jobId ?? "";
 
@@ -198,15 +261,27 @@ describe("graceful shutdown", () => {
         return { name, done, snapshots: () => snapshots };
       });
 
-      const def = await protoLoader.load(PROTO, { enums: String, longs: String, defaults: true, oneofs: true });
+      const def = await protoLoader.load(PROTO, {
+        enums: String,
+        longs: String,
+        defaults: true,
+        oneofs: true,
+      });
       const pkg = grpc.loadPackageDefinition(def) as unknown as {
-        downloads: { v1: { DownloadService: new (addr: string, c: grpc.ChannelCredentials) => grpc.Client } };
+        downloads: {
+          v1: { DownloadService: new (addr: string, c: grpc.ChannelCredentials) => grpc.Client };
+        };
       };
-      grpcClient = new pkg.downloads.v1.DownloadService(`127.0.0.1:${st.server.port}`, grpc.credentials.createInsecure());
+      grpcClient = new pkg.downloads.v1.DownloadService(
+        `127.0.0.1:${st.server.port}`,
+        grpc.credentials.createInsecure(),
+      );
       const metadata = new grpc.Metadata();
       metadata.set("authorization", TEST_AUTH_HEADER.authorization);
       const grpcStream = (
-        grpcClient as unknown as { watchJob(r: object, m: grpc.Metadata): grpc.ClientReadableStream<object> }
+        grpcClient as unknown as {
+          watchJob(r: object, m: grpc.Metadata): grpc.ClientReadableStream<object>;
+        }
       ).watchJob({ jobId }, metadata);
       let grpcMessages = 0;
       grpcStream.on("data", () => grpcMessages++);
@@ -215,9 +290,14 @@ describe("graceful shutdown", () => {
 
       // A request stuck half-way (head sent, body never finished) must not hold the stop.
       const stuck = rawSocket(st.server.port);
-      await send(stuck.socket, "POST /downloads.v1.DownloadService/GetStatus HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{");
+      await send(
+        stuck.socket,
+        "POST /downloads.v1.DownloadService/GetStatus HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 100\r\n\r\n{",
+      );
 
-      await expect.poll(() => streams.every((s) => s.snapshots() === 1) && grpcMessages === 1).toBe(true);
+      await expect
+        .poll(() => streams.every((s) => s.snapshots() === 1) && grpcMessages === 1)
+        .toBe(true);
 
       const started = Date.now();
       await st.server.close();
@@ -231,11 +311,12 @@ describe("graceful shutdown", () => {
       // No longer accepting, and the API's Redis connections are gone.
       await expect(fetch(`${st.server.url}/healthz`)).rejects.toThrow();
       await expect
-        .poll(async () =>
-          ((await st.redis.client("LIST")) as string)
-            .trim()
-            .split("\n")
-            .filter((l) => !l.includes(`name=${TEST_CONNECTION_NAME} `)).length,
+        .poll(
+          async () =>
+            ((await st.redis.client("LIST")) as string)
+              .trim()
+              .split("\n")
+              .filter((l) => !l.includes(`name=${TEST_CONNECTION_NAME} `)).length,
         )
         .toBe(0);
     } finally {
@@ -267,15 +348,28 @@ describe("graceful shutdown", () => {
 
     test("exits 0 on SIGTERM within 10 s, ending an open watch with UNAVAILABLE", async () => {
       const port = await freePort();
-      const api = spawnApi({ ...svc.env, PORT: String(port), QUEUE_PREFIX: uniquePrefix("main"), LOG_LEVEL: "info" });
+      const api = spawnApi({
+        ...svc.env,
+        PORT: String(port),
+        QUEUE_PREFIX: uniquePrefix("main"),
+        LOG_LEVEL: "info",
+      });
       const url = `http://127.0.0.1:${port}`;
-      await waitUntil("API process", async () => (await fetch(`${url}/healthz`)).status === 200, 30_000);
+      await waitUntil(
+        "API process",
+        async () => (await fetch(`${url}/healthz`)).status === 200,
+        30_000,
+      );
 
-      const client = createClient(DownloadService, createConnectTransport({ baseUrl: url, httpVersion: "1.1", interceptors: [withTestToken] }));
+      const client = createClient(
+        DownloadService,
+        createConnectTransport({ baseUrl: url, httpVersion: "1.1", interceptors: [withTestToken] }),
+      );
       const jobId = (await client.initiate({ fileIds: [1, 2] })).job?.jobId ?? "";
       let snapshots = 0;
       const watch = (async () => {
-        for await (const msg of client.watchJob({ jobId })) if (msg.event.case === "job") snapshots++;
+        for await (const msg of client.watchJob({ jobId }))
+          if (msg.event.case === "job") snapshots++;
         return undefined;
       })().catch((e: unknown) => ConnectError.from(e));
       await expect.poll(() => snapshots).toBe(1);
@@ -302,11 +396,26 @@ describe("when Redis goes away", () => {
   test("calls fail with UNAVAILABLE, and close() still completes", async () => {
     const st = await startApiStack({}, { services: svc });
     try {
-      const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+      const client = createClient(
+        DownloadService,
+        createConnectTransport({
+          baseUrl: st.server.url,
+          httpVersion: "1.1",
+          interceptors: [withTestToken],
+        }),
+      );
       const jobId = (await client.initiate({ fileIds: [1] })).job?.jobId ?? "";
       svc.redis.kill();
-      const codeOf = async (p: Promise<unknown>) => ConnectError.from(await p.then(() => undefined, (e: unknown) => e)).code;
-      await expect.poll(() => codeOf(client.getStatus({ jobId })), { timeout: 10_000 }).toBe(Code.Unavailable);
+      const codeOf = async (p: Promise<unknown>) =>
+        ConnectError.from(
+          await p.then(
+            () => undefined,
+            (e: unknown) => e,
+          ),
+        ).code;
+      await expect
+        .poll(() => codeOf(client.getStatus({ jobId })), { timeout: 10_000 })
+        .toBe(Code.Unavailable);
       expect(await codeOf(client.initiate({ fileIds: [2] }))).toBe(Code.Unavailable);
       expect(await codeOf(client.cancel({ jobId }))).toBe(Code.Unavailable);
       const watch = (async () => {

@@ -1,6 +1,10 @@
 import { timestampMs } from "@bufbuild/protobuf/wkt";
-import { Code, ConnectError, createClient, type Client } from "@connectrpc/connect";
-import { Http2SessionManager, createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import { type Client, Code, ConnectError, createClient } from "@connectrpc/connect";
+import {
+  createConnectTransport,
+  createGrpcTransport,
+  Http2SessionManager,
+} from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { JobStore } from "../core/job-store.js";
 import { newJobId } from "../core/jobs.js";
@@ -12,8 +16,13 @@ import {
   JobState,
   type WatchJobResponse,
 } from "../gen/downloads/v1/download_service_pb.js";
-import { WatchHub, type WatchEvent } from "../server/watch-hub.js";
-import { type ApiStack, TEST_CONNECTION_NAME, startApiStack, withTestToken } from "./helpers/api.js";
+import { type WatchEvent, WatchHub } from "../server/watch-hub.js";
+import {
+  type ApiStack,
+  startApiStack,
+  TEST_CONNECTION_NAME,
+  withTestToken,
+} from "./helpers/api.js";
 
 // WatchJob as a client sees it, and the one-subscription fan-out as Redis sees it.
 
@@ -26,10 +35,24 @@ const sessions: Http2SessionManager[] = [];
 
 beforeAll(async () => {
   st = await startApiStack({ WATCH_HEARTBEAT_MS: String(HEARTBEAT_MS) });
-  client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+  client = createClient(
+    DownloadService,
+    createConnectTransport({
+      baseUrl: st.server.url,
+      httpVersion: "1.1",
+      interceptors: [withTestToken],
+    }),
+  );
   const m = new Http2SessionManager(st.server.url);
   sessions.push(m);
-  h2Client = createClient(DownloadService, createGrpcTransport({ baseUrl: st.server.url, sessionManager: m, interceptors: [withTestToken] }));
+  h2Client = createClient(
+    DownloadService,
+    createGrpcTransport({
+      baseUrl: st.server.url,
+      sessionManager: m,
+      interceptors: [withTestToken],
+    }),
+  );
 });
 afterAll(async () => {
   for (const s of sessions) s.abort();
@@ -41,7 +64,8 @@ function follow(c: Client<typeof DownloadService>, jobId: string, afterVersion =
   const abort = new AbortController();
   const messages: WatchJobResponse[] = [];
   const done = (async () => {
-    for await (const msg of c.watchJob({ jobId, afterVersion }, { signal: abort.signal })) messages.push(msg);
+    for await (const msg of c.watchJob({ jobId, afterVersion }, { signal: abort.signal }))
+      messages.push(msg);
   })().then(
     () => ({ ended: true as const, error: undefined }),
     (error: unknown) => ({ ended: true as const, error: ConnectError.from(error) }),
@@ -49,7 +73,8 @@ function follow(c: Client<typeof DownloadService>, jobId: string, afterVersion =
   return {
     messages,
     jobs: () => messages.flatMap((m) => (m.event.case === "job" ? [m.event.value] : [])),
-    heartbeats: () => messages.flatMap((m) => (m.event.case === "heartbeat" ? [m.event.value] : [])),
+    heartbeats: () =>
+      messages.flatMap((m) => (m.event.case === "heartbeat" ? [m.event.value] : [])),
     done,
     hangUp: () => abort.abort(),
   };
@@ -97,7 +122,9 @@ describe("WatchJob", () => {
     const jobId = await newJob();
     await st.startJob(jobId);
     const w = follow(h2Client, jobId);
-    await expect.poll(() => w.heartbeats().length, { timeout: 10 * HEARTBEAT_MS }).toBeGreaterThanOrEqual(3);
+    await expect
+      .poll(() => w.heartbeats().length, { timeout: 10 * HEARTBEAT_MS })
+      .toBeGreaterThanOrEqual(3);
     w.hangUp();
     await w.done;
     expect(w.messages[0]?.event.case).toBe("job");
@@ -158,8 +185,12 @@ describe("WatchJob", () => {
 
   test("200 watchers of one job share one Redis subscription, and hung-up clients release it", async () => {
     const jobId = await newJob();
-    const watchers = Array.from({ length: 200 }, (_, i) => follow(i % 2 === 0 ? client : h2Client, jobId));
-    await expect.poll(() => watchers.every((w) => w.jobs().length === 1), { timeout: 15_000 }).toBe(true);
+    const watchers = Array.from({ length: 200 }, (_, i) =>
+      follow(i % 2 === 0 ? client : h2Client, jobId),
+    );
+    await expect
+      .poll(() => watchers.every((w) => w.jobs().length === 1), { timeout: 15_000 })
+      .toBe(true);
 
     // The API process holds at most 4 connections to Redis (here: commands + events).
     const list = (await st.redis.client("LIST")) as string;
@@ -173,7 +204,9 @@ describe("WatchJob", () => {
 
     // One update reaches every stream.
     await st.startJob(jobId);
-    await expect.poll(() => watchers.every((w) => w.jobs().at(-1)?.state === JobState.PROCESSING)).toBe(true);
+    await expect
+      .poll(() => watchers.every((w) => w.jobs().at(-1)?.state === JobState.PROCESSING))
+      .toBe(true);
 
     for (const w of watchers.slice(0, 199)) w.hangUp();
     await Promise.all(watchers.slice(0, 199).map((w) => w.done));
@@ -206,8 +239,12 @@ describe("WatchHub (in process, over real Redis)", () => {
         for await (const ev of fast) if (ev.job) fastVersions.push(ev.job.version);
       })();
       await store.update(jobId, { state: "PROCESSING" });
-      await store.update(jobId, { progress: { filesDone: 0, filesTotal: 1, bytesDone: 1, bytesTotal: 4, bytesPerSecond: 0 } });
-      await store.update(jobId, { progress: { filesDone: 0, filesTotal: 1, bytesDone: 3, bytesTotal: 4, bytesPerSecond: 0 } });
+      await store.update(jobId, {
+        progress: { filesDone: 0, filesTotal: 1, bytesDone: 1, bytesTotal: 4, bytesPerSecond: 0 },
+      });
+      await store.update(jobId, {
+        progress: { filesDone: 0, filesTotal: 1, bytesDone: 3, bytesTotal: 4, bytesPerSecond: 0 },
+      });
       await store.update(jobId, { state: "CANCELLED" });
       await fastDone;
       expect(fastVersions.at(-1)).toBe(5);

@@ -5,10 +5,16 @@ import { connect as connectH2 } from "node:http2";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import { pino } from "pino";
-import { type Browser, type BrowserContext, type Locator, type Page, chromium } from "playwright-core";
+import {
+  type Browser,
+  type BrowserContext,
+  chromium,
+  type Locator,
+  type Page,
+} from "playwright-core";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { loadConfig } from "../core/config.js";
-import { SAMPLE_FILES, seedSamples, sampleStream } from "../local/samples.js";
+import { SAMPLE_FILES, sampleStream, seedSamples } from "../local/samples.js";
 import { buildWeb } from "../scripts/build-web.js";
 import { type ApiServer, startApiServer } from "../server/server.js";
 import { type RunningWorker, startWorker } from "../worker/worker.js";
@@ -67,12 +73,24 @@ beforeAll(async () => {
   dist = join(tmp, "prod");
   devDist = join(tmp, "dev");
   await Promise.all([buildWeb({ outDir: dist }), buildWeb({ outDir: devDist, development: true })]);
-  st = await startApiStack({ ...AUTH, WEB_ROOT: dist, THROTTLE_BYTES_PER_SECOND: THROTTLE, PROGRESS_INTERVAL_MS: "100" });
-  await seedSamples(st.svc.storage, { files: [...USED, LONGER, LONGEST].filter((f) => f !== undefined) });
+  st = await startApiStack({
+    ...AUTH,
+    WEB_ROOT: dist,
+    THROTTLE_BYTES_PER_SECOND: THROTTLE,
+    PROGRESS_INTERVAL_MS: "100",
+  });
+  await seedSamples(st.svc.storage, {
+    files: [...USED, LONGER, LONGEST].filter((f) => f !== undefined),
+  });
   for (const f of USED) sources.set(f.fileName, await sampleBytes(f.fileId, f.sizeBytes));
   worker = await startWorker(st.cfg, silent);
-  if (!existsSync(CHROMIUM)) throw new Error(`${CHROMIUM} is missing: apt-get install -y chromium (CI's .ci/run does)`);
-  browser = await chromium.launch({ executablePath: CHROMIUM, args: CHROMIUM_ARGS, headless: true });
+  if (!existsSync(CHROMIUM))
+    throw new Error(`${CHROMIUM} is missing: apt-get install -y chromium (CI's .ci/run does)`);
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: CHROMIUM_ARGS,
+    headless: true,
+  });
   mkdirSync(SHOTS, { recursive: true });
 }, 120_000);
 
@@ -85,30 +103,43 @@ afterAll(async () => {
 });
 
 /** A fresh browser profile on the page, with the token entered unless `token` is false. */
-async function newPage(base = st.server.url, opts: { token?: boolean } = {}): Promise<{ ctx: BrowserContext; page: Page }> {
+async function newPage(
+  base = st.server.url,
+  opts: { token?: boolean } = {},
+): Promise<{ ctx: BrowserContext; page: Page }> {
   const ctx = await browser.newContext({ acceptDownloads: true });
   const page = await ctx.newPage();
   await page.goto(base);
-  if (opts.token !== false) await useToken(page);
+  if (opts.token !== false) await enterToken(page);
   return { ctx, page };
 }
 
-async function useToken(page: Page): Promise<void> {
+async function enterToken(page: Page): Promise<void> {
   await page.getByLabel("Access token").fill(TOKEN);
   await page.getByRole("button", { name: "Use token" }).click();
-  await expect.poll(() => page.evaluate(() => localStorage.getItem("download-jobs.token")), PATIENCE).toBe(TOKEN);
+  await expect
+    .poll(() => page.evaluate(() => localStorage.getItem("download-jobs.token")), PATIENCE)
+    .toBe(TOKEN);
 }
 
 /** The API's config for another server on the same Redis, S3 and queue prefix. */
 function apiConfig(overrides: Record<string, string>) {
-  return loadConfig({ ...st.svc.env, ...AUTH, QUEUE_PREFIX: st.cfg.QUEUE_PREFIX, PORT: "0", HOST: "127.0.0.1", ...overrides });
+  return loadConfig({
+    ...st.svc.env,
+    ...AUTH,
+    QUEUE_PREFIX: st.cfg.QUEUE_PREFIX,
+    PORT: "0",
+    HOST: "127.0.0.1",
+    ...overrides,
+  });
 }
 
 /** Ticks the files, presses Start and returns the new job's id once the page shows it. */
 async function startJob(page: Page, fileNames: string[]): Promise<string> {
   const id = page.getByTestId("job-id");
   const before = (await id.count()) > 0 ? await id.getAttribute("title") : null;
-  for (const name of fileNames) await page.getByRole("checkbox", { name: new RegExp(`^${name} `) }).check();
+  for (const name of fileNames)
+    await page.getByRole("checkbox", { name: new RegExp(`^${name} `) }).check();
   await page.getByRole("button", { name: "Start download" }).click();
   let now: string | null = null;
   await expect
@@ -128,11 +159,14 @@ const overall = (page: Page) => page.getByRole("progressbar", { name: "Overall p
 // Playwright's own web-first assertions live in @playwright/test; here vitest polls the
 // locators instead, each read bounded so one poll never hangs.
 const text = (loc: Locator) => loc.textContent({ timeout: 1_000 }).catch(() => null);
-const attr = (loc: Locator, name: string) => loc.getAttribute(name, { timeout: 1_000 }).catch(() => null);
+const attr = (loc: Locator, name: string) =>
+  loc.getAttribute(name, { timeout: 1_000 }).catch(() => null);
 const stateText = (page: Page) => text(page.getByRole("status"));
 
 async function valueNow(page: Page): Promise<number> {
-  const v = await overall(page).getAttribute("aria-valuenow", { timeout: 1_000 }).catch(() => null);
+  const v = await overall(page)
+    .getAttribute("aria-valuenow", { timeout: 1_000 })
+    .catch(() => null);
   return v === null ? -1 : Number(v);
 }
 
@@ -141,15 +175,31 @@ function shot(page: Page, name: string): Promise<Buffer> {
 }
 
 /** A raw HTTP/1.1 GET, so paths reach the server exactly as written (fetch would normalise them). */
-function rawGet(path: string, headers: Record<string, string> = {}): Promise<{ status: number; headers: Record<string, string | string[] | undefined>; body: string }> {
+function rawGet(
+  path: string,
+  headers: Record<string, string> = {},
+): Promise<{
+  status: number;
+  headers: Record<string, string | string[] | undefined>;
+  body: string;
+}> {
   const url = new URL(st.server.url);
   return new Promise((resolveGet, reject) => {
-    const req = request({ host: url.hostname, port: url.port, path, method: "GET", headers }, (res) => {
-      const chunks: Buffer[] = [];
-      res.on("data", (c: Buffer) => chunks.push(c));
-      res.on("end", () => resolveGet({ status: res.statusCode ?? 0, headers: res.headers, body: Buffer.concat(chunks).toString() }));
-      res.on("error", reject);
-    });
+    const req = request(
+      { host: url.hostname, port: url.port, path, method: "GET", headers },
+      (res) => {
+        const chunks: Buffer[] = [];
+        res.on("data", (c: Buffer) => chunks.push(c));
+        res.on("end", () =>
+          resolveGet({
+            status: res.statusCode ?? 0,
+            headers: res.headers,
+            body: Buffer.concat(chunks).toString(),
+          }),
+        );
+        res.on("error", reject);
+      },
+    );
     req.on("error", reject);
     req.end();
   });
@@ -235,16 +285,23 @@ describe("in Chromium", () => {
     // Without the token the service refuses, and the page says what to do.
     await page.getByRole("checkbox", { name: new RegExp(`^${USED[0]?.fileName ?? ""} `) }).check();
     await page.getByRole("button", { name: "Start download" }).click();
-    await expect.poll(() => text(page.getByRole("alert")), PATIENCE).toContain("needs an access token");
-    await useToken(page);
+    await expect
+      .poll(() => text(page.getByRole("alert")), PATIENCE)
+      .toContain("needs an access token");
+    await enterToken(page);
 
-    const jobId = await startJob(page, USED.map((f) => f.fileName));
+    const jobId = await startJob(
+      page,
+      USED.map((f) => f.fileName),
+    );
 
     // The bar moves while the job runs: two increasing values seen before the end.
     await expect.poll(() => valueNow(page), { timeout: 20_000, interval: 100 }).toBeGreaterThan(0);
     const first = await valueNow(page);
     expect(first).toBeLessThan(100);
-    await expect.poll(() => valueNow(page), { timeout: 20_000, interval: 100 }).toBeGreaterThan(first);
+    await expect
+      .poll(() => valueNow(page), { timeout: 20_000, interval: 100 })
+      .toBeGreaterThan(first);
     const beforeReload = await valueNow(page);
     expect(beforeReload).toBeLessThan(100);
     await expect.poll(() => stateText(page), PATIENCE).toBe("Preparing");
@@ -254,16 +311,25 @@ describe("in Chromium", () => {
     await page.reload();
     await expect.poll(() => attr(page.getByTestId("job-id"), "title"), PATIENCE).toBe(jobId);
     // Resumed, not restarted: the bar continues from where it was (or the job is done).
-    await expect.poll(() => valueNow(page), { timeout: 10_000, interval: 50 }).toBeGreaterThanOrEqual(beforeReload);
+    await expect
+      .poll(() => valueNow(page), { timeout: 10_000, interval: 50 })
+      .toBeGreaterThanOrEqual(beforeReload);
     await shot(page, "2-after-reload");
 
     await expect.poll(() => stateText(page), { timeout: 30_000 }).toBe("Ready");
     expect(await valueNow(page)).toBe(100);
     for (const f of USED) {
-      expect(await attr(page.getByRole("progressbar", { name: f.fileName }), "aria-valuenow"), f.fileName).toBe("100");
+      expect(
+        await attr(page.getByRole("progressbar", { name: f.fileName }), "aria-valuenow"),
+        f.fileName,
+      ).toBe("100");
     }
-    expect(await page.evaluate(() => localStorage.getItem("download-jobs.current-job"))).toBe(jobId);
-    await expect.poll(() => text(page.getByRole("button", { name: new RegExp(jobId.slice(0, 8)) })), PATIENCE).toContain("Ready");
+    expect(await page.evaluate(() => localStorage.getItem("download-jobs.current-job"))).toBe(
+      jobId,
+    );
+    await expect
+      .poll(() => text(page.getByRole("button", { name: new RegExp(jobId.slice(0, 8)) })), PATIENCE)
+      .toContain("Ready");
     expect((await st.store.get(jobId)).state).toBe("COMPLETED");
     await shot(page, "3-completed");
     completedPage = page;
@@ -276,7 +342,9 @@ describe("in Chromium", () => {
     const page = completedPage as Page;
     const link = page.getByRole("link", { name: /^Download download-.*\.zip$/ });
     const [download] = await Promise.all([page.waitForEvent("download"), link.click()]);
-    expect(download.suggestedFilename()).toMatch(new RegExp(`^download-.*${completedJobId.slice(0, 8)}.*\\.zip$`));
+    expect(download.suggestedFilename()).toMatch(
+      new RegExp(`^download-.*${completedJobId.slice(0, 8)}.*\\.zip$`),
+    );
     const path = await download.path();
     const entries = await readZip(readFileSync(path));
     expect([...entries.keys()].sort()).toEqual([...sources.keys()].sort());
@@ -288,20 +356,28 @@ describe("in Chromium", () => {
     expect(completedCtx).toBeDefined();
     const page = await (completedCtx as BrowserContext).newPage();
     await page.goto(st.server.url);
-    await expect.poll(() => attr(page.getByTestId("job-id"), "title"), PATIENCE).toBe(completedJobId);
+    await expect
+      .poll(() => attr(page.getByTestId("job-id"), "title"), PATIENCE)
+      .toBe(completedJobId);
     const third = USED[2]?.fileName ?? "";
     const jobId = await startJob(page, [third]);
     await expect.poll(() => valueNow(page), { timeout: 20_000, interval: 100 }).toBeGreaterThan(0);
     await page.getByRole("button", { name: "Cancel job" }).click();
     await expect.poll(() => stateText(page), { timeout: 15_000 }).toBe("Cancelled");
     expect(await page.getByRole("button", { name: "Cancel job" }).count()).toBe(0);
-    await expect.poll(async () => (await st.store.get(jobId)).state, { timeout: 15_000 }).toBe("CANCELLED");
-    await expect.poll(() => text(page.getByRole("button", { name: new RegExp(jobId.slice(0, 8)) })), PATIENCE).toContain("Cancelled");
+    await expect
+      .poll(async () => (await st.store.get(jobId)).state, { timeout: 15_000 })
+      .toBe("CANCELLED");
+    await expect
+      .poll(() => text(page.getByRole("button", { name: new RegExp(jobId.slice(0, 8)) })), PATIENCE)
+      .toContain("Cancelled");
     await shot(page, "4-cancelled");
 
     // The earlier, completed job is still listed; choosing it shows it again.
     await page.getByRole("button", { name: new RegExp(completedJobId.slice(0, 8)) }).click();
-    await expect.poll(() => attr(page.getByTestId("job-id"), "title"), PATIENCE).toBe(completedJobId);
+    await expect
+      .poll(() => attr(page.getByTestId("job-id"), "title"), PATIENCE)
+      .toBe(completedJobId);
     await expect.poll(() => stateText(page), PATIENCE).toBe("Ready");
   }, 60_000);
 
@@ -312,7 +388,7 @@ describe("in Chromium", () => {
     const ctx = await browser.newContext();
     const page = await ctx.newPage();
     await page.goto(server.url);
-    await useToken(page);
+    await enterToken(page);
     await startJob(page, [LONGEST?.fileName ?? ""]);
     await expect.poll(() => valueNow(page), { timeout: 20_000, interval: 100 }).toBeGreaterThan(0);
 
@@ -338,10 +414,14 @@ describe("in Chromium", () => {
   test("with the API gone the page says the service is unreachable, then recovers", async () => {
     const { page } = await newPage();
     const jobId = await startJob(page, [LONGER?.fileName ?? ""]);
-    await expect.poll(() => valueNow(page), { timeout: 20_000, interval: 100 }).toBeGreaterThanOrEqual(0);
+    await expect
+      .poll(() => valueNow(page), { timeout: 20_000, interval: 100 })
+      .toBeGreaterThanOrEqual(0);
     const port = st.server.port;
     await st.server.close();
-    await expect.poll(() => text(page.getByRole("alert")), { timeout: 20_000 }).toBe("The service is unreachable; retrying…");
+    await expect
+      .poll(() => text(page.getByRole("alert")), { timeout: 20_000 })
+      .toBe("The service is unreachable; retrying…");
     await shot(page, "5-unreachable");
 
     // The same address comes back: the page resumes the same job by itself.

@@ -1,10 +1,10 @@
-import { PutObjectCommand } from "@aws-sdk/client-s3";
 import { type ChildProcess, spawn } from "node:child_process";
 import { createHash } from "node:crypto";
-import { mkdtemp, readFile, readdir, rm, writeFile } from "node:fs/promises";
+import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
+import { PutObjectCommand } from "@aws-sdk/client-s3";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { createDownloadClient } from "../clients/lib/node.js";
 import { newJobId } from "../core/jobs.js";
@@ -35,7 +35,10 @@ const children = new Set<ChildProcess>();
 
 beforeAll(async () => {
   st = await startApiStack({ WATCH_HEARTBEAT_MS: "1000" });
-  worker = await startWorker({ ...st.cfg, THROTTLE_BYTES_PER_SECOND: THROTTLE }, createLogger("silent", "worker"));
+  worker = await startWorker(
+    { ...st.cfg, THROTTLE_BYTES_PER_SECOND: THROTTLE },
+    createLogger("silent", "worker"),
+  );
   for (const [id, size, name] of SMALL) sources.set(id, await st.svc.putSource(id, size, name));
   await st.svc.putSource(BIG, 20_000_000, "big.bin");
   dir = await mkdtemp(join(tmpdir(), "dj-cli-"));
@@ -57,7 +60,12 @@ interface Run {
 function start(args: string[], env: Record<string, string> = {}): Run {
   const child = spawn(process.execPath, [CLI, ...args], {
     cwd: dir,
-    env: { ...process.env, DOWNLOAD_JOBS_URL: st.server.url, DOWNLOAD_JOBS_TOKEN: TEST_TOKEN, ...env },
+    env: {
+      ...process.env,
+      DOWNLOAD_JOBS_URL: st.server.url,
+      DOWNLOAD_JOBS_TOKEN: TEST_TOKEN,
+      ...env,
+    },
     stdio: ["ignore", "pipe", "pipe"],
   });
   children.add(child);
@@ -74,11 +82,16 @@ function start(args: string[], env: Record<string, string> = {}): Run {
   return { child, stdout: () => out, stderr: () => err, exit };
 }
 
-async function cli(...args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+async function cli(
+  ...args: string[]
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return cliWith({}, ...args);
 }
 
-async function cliWith(env: Record<string, string>, ...args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
+async function cliWith(
+  env: Record<string, string>,
+  ...args: string[]
+): Promise<{ code: number | null; stdout: string; stderr: string }> {
   const run = start(args, env);
   const code = await run.exit;
   return { code, stdout: run.stdout(), stderr: run.stderr() };
@@ -140,7 +153,9 @@ describe("download-jobs CLI", () => {
     const done = (await api().getStatus({ jobId })).job;
     const bytes = await readFile(join(dir, "waited.zip"));
     expect(createHash("sha256").update(bytes).digest("hex")).toBe(done?.result?.sha256);
-    expect((await readZip(bytes)).get("beta.bin")?.equals(sources.get(82) ?? Buffer.alloc(0))).toBe(true);
+    expect((await readZip(bytes)).get("beta.bin")?.equals(sources.get(82) ?? Buffer.alloc(0))).toBe(
+      true,
+    );
   });
 
   test("a ZIP whose bytes do not match the job's SHA-256 is refused and leaves no file", async () => {
@@ -148,7 +163,11 @@ describe("download-jobs CLI", () => {
     const jobId = (JSON.parse(run.stdout.trim().split("\n")[0] ?? "{}") as { jobId: string }).jobId;
     // Someone (or a broken disk) changed the object after the job finished.
     await st.svc.storage.client.send(
-      new PutObjectCommand({ Bucket: st.cfg.RESULT_BUCKET, Key: st.svc.storage.resultKey(jobId), Body: Buffer.from("not the zip") }),
+      new PutObjectCommand({
+        Bucket: st.cfg.RESULT_BUCKET,
+        Key: st.svc.storage.resultKey(jobId),
+        Body: Buffer.from("not the zip"),
+      }),
     );
     const dl = await cli("download", jobId, "-o", "corrupt.zip");
     expect(dl.code).toBe(1);
@@ -162,7 +181,15 @@ describe("download-jobs CLI", () => {
     const jobs = run.stdout
       .trim()
       .split("\n")
-      .map((l) => JSON.parse(l) as { jobId: string; state: string; version: number; result?: { sha256: string } });
+      .map(
+        (l) =>
+          JSON.parse(l) as {
+            jobId: string;
+            state: string;
+            version: number;
+            result?: { sha256: string };
+          },
+      );
     const versions = jobs.map((j) => j.version);
     expect(versions).toEqual([...versions].sort((a, b) => a - b));
     expect(new Set(versions).size).toBe(versions.length);
@@ -183,15 +210,16 @@ describe("download-jobs CLI", () => {
   });
 
   test("usage errors exit 2 and say what to fix; unknown jobs and refused cancels exit 1", async () => {
-    const [badId, dup, malformed, unknownCommand, missingArg, badProtocol, unknown] = await Promise.all([
-      cli("initiate", "81", "abc"),
-      cli("initiate", "81", "81"),
-      cli("status", "not-a-job-id"),
-      cli("frobnicate"),
-      cli("status"),
-      cli("--protocol", "carrier-pigeon", "status", newJobId()),
-      cli("status", newJobId()),
-    ]);
+    const [badId, dup, malformed, unknownCommand, missingArg, badProtocol, unknown] =
+      await Promise.all([
+        cli("initiate", "81", "abc"),
+        cli("initiate", "81", "81"),
+        cli("status", "not-a-job-id"),
+        cli("frobnicate"),
+        cli("status"),
+        cli("--protocol", "carrier-pigeon", "status", newJobId()),
+        cli("status", newJobId()),
+      ]);
     expect(badId.code).toBe(2);
     expect(badId.stderr).toContain('"abc"');
     expect(dup.code).toBe(2);
@@ -204,7 +232,8 @@ describe("download-jobs CLI", () => {
     expect(unknown.stderr).toContain("not found");
 
     const done = await cli("--json", "initiate", "81", "--watch");
-    const jobId = (JSON.parse(done.stdout.trim().split("\n")[0] ?? "{}") as { jobId: string }).jobId;
+    const jobId = (JSON.parse(done.stdout.trim().split("\n")[0] ?? "{}") as { jobId: string })
+      .jobId;
     const cancel = await cli("cancel", jobId);
     expect(cancel.code).toBe(1);
   });
@@ -269,11 +298,15 @@ describe("download-jobs CLI", () => {
     // script(1) gives the CLI a pseudo-terminal, as an interactive shell would.
     const { job } = await api().initiate({ fileIds: [81, 82] });
     const jobId = job?.jobId ?? "";
-    const child = spawn("script", ["-q", "-e", "-c", `'${process.execPath}' '${CLI}' watch ${jobId}`, "/dev/null"], {
-      cwd: dir,
-      env: { ...process.env, DOWNLOAD_JOBS_URL: st.server.url, DOWNLOAD_JOBS_TOKEN: TEST_TOKEN },
-      stdio: ["ignore", "pipe", "pipe"],
-    });
+    const child = spawn(
+      "script",
+      ["-q", "-e", "-c", `'${process.execPath}' '${CLI}' watch ${jobId}`, "/dev/null"],
+      {
+        cwd: dir,
+        env: { ...process.env, DOWNLOAD_JOBS_URL: st.server.url, DOWNLOAD_JOBS_TOKEN: TEST_TOKEN },
+        stdio: ["ignore", "pipe", "pipe"],
+      },
+    );
     children.add(child);
     let out = "";
     child.stdout.on("data", (d: Buffer) => (out += d.toString()));

@@ -37,12 +37,18 @@ function collect(client: DownloadClient, jobId: string, opts: Parameters<typeof 
   const jobs: Job[] = [];
   const events: WatchEvent[] = [];
   const done = (async () => {
-    for await (const job of watchJob(client, jobId, { ...opts, onEvent: (e) => events.push(e) })) jobs.push(job);
+    for await (const job of watchJob(client, jobId, { ...opts, onEvent: (e) => events.push(e) }))
+      jobs.push(job);
   })().then(
     () => undefined,
     (err: unknown) => ConnectError.from(err),
   );
-  return { jobs, events, done, count: (type: WatchEvent["type"]) => events.filter((e) => e.type === type).length };
+  return {
+    jobs,
+    events,
+    done,
+    count: (type: WatchEvent["type"]) => events.filter((e) => e.type === type).length,
+  };
 }
 
 /** QUEUED → PROCESSING → progress → COMPLETED, as a worker would. */
@@ -55,7 +61,8 @@ async function runJob(jobId: string): Promise<void> {
 
 function expectCleanSequence(jobs: Job[]): void {
   const versions = jobs.map((j) => j.version);
-  for (let i = 1; i < versions.length; i++) expect(versions[i]).toBeGreaterThan(versions[i - 1] ?? 0);
+  for (let i = 1; i < versions.length; i++)
+    expect(versions[i]).toBeGreaterThan(versions[i - 1] ?? 0);
   const states = jobs.map((j) => j.state).filter((s, i, all) => i === 0 || all[i - 1] !== s);
   expect(states).toEqual([JobState.QUEUED, JobState.PROCESSING, JobState.COMPLETED]);
   expect(jobs.at(-1)?.result?.sha256).toMatch(/^[0-9a-f]{64}$/);
@@ -63,25 +70,45 @@ function expectCleanSequence(jobs: Job[]): void {
 
 describe("createDownloadClient", () => {
   const kinds: [string, () => DownloadClient][] = [
-    ["connect-web Connect JSON (fetch)", () => createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN })],
-    ["connect-web Connect binary", () => createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN, useBinaryFormat: true })],
-    ["connect-web gRPC-Web", () => createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN, protocol: "grpc-web" })],
+    [
+      "connect-web Connect JSON (fetch)",
+      () => createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN }),
+    ],
+    [
+      "connect-web Connect binary",
+      () =>
+        createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN, useBinaryFormat: true }),
+    ],
+    [
+      "connect-web gRPC-Web",
+      () =>
+        createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN, protocol: "grpc-web" }),
+    ],
     ["connect-node Connect", () => createNodeClient({ baseUrl: st.server.url, token: TEST_TOKEN })],
-    ["connect-node gRPC-Web", () => createNodeClient({ baseUrl: st.server.url, token: TEST_TOKEN, protocol: "grpc-web" })],
-    ["connect-node gRPC over h2c", () => createNodeClient({ baseUrl: st.server.url, token: TEST_TOKEN, protocol: "grpc" })],
+    [
+      "connect-node gRPC-Web",
+      () => createNodeClient({ baseUrl: st.server.url, token: TEST_TOKEN, protocol: "grpc-web" }),
+    ],
+    [
+      "connect-node gRPC over h2c",
+      () => createNodeClient({ baseUrl: st.server.url, token: TEST_TOKEN, protocol: "grpc" }),
+    ],
   ];
-  test.each(kinds)("%s: watchJob follows a job from QUEUED to COMPLETED with every state", async (_, make) => {
-    const client = make();
-    const jobId = await newJob(client);
-    const w = collect(client, jobId);
-    await expect.poll(() => w.jobs.length).toBe(1);
-    await runJob(jobId);
-    expect(await w.done).toBeUndefined();
-    expectCleanSequence(w.jobs);
-    expect(w.jobs.map((j) => j.version)).toEqual([1, 2, 3, 4, 5]);
-    expect(w.count("connected")).toBe(1);
-    expect(w.count("reconnecting")).toBe(0);
-  });
+  test.each(kinds)(
+    "%s: watchJob follows a job from QUEUED to COMPLETED with every state",
+    async (_, make) => {
+      const client = make();
+      const jobId = await newJob(client);
+      const w = collect(client, jobId);
+      await expect.poll(() => w.jobs.length).toBe(1);
+      await runJob(jobId);
+      expect(await w.done).toBeUndefined();
+      expectCleanSequence(w.jobs);
+      expect(w.jobs.map((j) => j.version)).toEqual([1, 2, 3, 4, 5]);
+      expect(w.count("connected")).toBe(1);
+      expect(w.count("reconnecting")).toBe(0);
+    },
+  );
 
   test("sends the bearer token on every call, and polls GetStatus over HTTP GET", async () => {
     const seen: { method: string; path: string; auth: string | null }[] = [];
@@ -90,15 +117,27 @@ describe("createDownloadClient", () => {
       token: TEST_TOKEN,
       fetch: (input, init) => {
         const req = new Request(input, init);
-        seen.push({ method: req.method, path: new URL(req.url).pathname, auth: req.headers.get("authorization") });
+        seen.push({
+          method: req.method,
+          path: new URL(req.url).pathname,
+          auth: req.headers.get("authorization"),
+        });
         return fetch(req);
       },
     });
     const jobId = await newJob(client);
     await client.getStatus({ jobId });
     expect(seen).toEqual([
-      { method: "POST", path: "/downloads.v1.DownloadService/Initiate", auth: `Bearer ${TEST_TOKEN}` },
-      { method: "GET", path: "/downloads.v1.DownloadService/GetStatus", auth: `Bearer ${TEST_TOKEN}` },
+      {
+        method: "POST",
+        path: "/downloads.v1.DownloadService/Initiate",
+        auth: `Bearer ${TEST_TOKEN}`,
+      },
+      {
+        method: "GET",
+        path: "/downloads.v1.DownloadService/GetStatus",
+        auth: `Bearer ${TEST_TOKEN}`,
+      },
     ]);
   });
 });
@@ -127,17 +166,26 @@ describe("watchJob", () => {
   test("throws NotFound, InvalidArgument and Unauthenticated at once, without retrying", async () => {
     const c = client();
     const events: WatchEvent[] = [];
-    const unknown = await waitForJob(c, newJobId(), { onEvent: (e) => events.push(e) }).catch((e: unknown) => ConnectError.from(e));
+    const unknown = await waitForJob(c, newJobId(), { onEvent: (e) => events.push(e) }).catch(
+      (e: unknown) => ConnectError.from(e),
+    );
     expect(unknown).toBeInstanceOf(ConnectError);
     expect((unknown as ConnectError).code).toBe(Code.NotFound);
-    const malformed = await waitForJob(c, "not-a-job-id").catch((e: unknown) => ConnectError.from(e));
+    const malformed = await waitForJob(c, "not-a-job-id").catch((e: unknown) =>
+      ConnectError.from(e),
+    );
     expect((malformed as ConnectError).code).toBe(Code.InvalidArgument);
     expect(events.filter((e) => e.type === "reconnecting" || e.type === "polling")).toEqual([]);
 
     // Without the token (or with a wrong one) the caller has to act: no retrying either.
     const jobId = await newJob(c);
-    for (const anonymous of [createDownloadClient({ baseUrl: st.server.url }), createNodeClient({ baseUrl: st.server.url, token: "wrong", protocol: "grpc" })]) {
-      const denied = await waitForJob(anonymous, jobId, { onEvent: (e) => events.push(e) }).catch((e: unknown) => ConnectError.from(e));
+    for (const anonymous of [
+      createDownloadClient({ baseUrl: st.server.url }),
+      createNodeClient({ baseUrl: st.server.url, token: "wrong", protocol: "grpc" }),
+    ]) {
+      const denied = await waitForJob(anonymous, jobId, { onEvent: (e) => events.push(e) }).catch(
+        (e: unknown) => ConnectError.from(e),
+      );
       expect((denied as ConnectError).code).toBe(Code.Unauthenticated);
     }
     expect(events.filter((e) => e.type === "reconnecting" || e.type === "polling")).toEqual([]);
@@ -161,7 +209,8 @@ describe("watchJob", () => {
       token: TEST_TOKEN,
       fetch: (input, init) => {
         const req = new Request(input, init);
-        if (req.url.endsWith("/WatchJob")) return Promise.resolve(new Response("no route", { status: 404 }));
+        if (req.url.endsWith("/WatchJob"))
+          return Promise.resolve(new Response("no route", { status: 404 }));
         if (req.method === "GET") gets.push(new URL(req.url).pathname);
         return fetch(req);
       },
@@ -177,7 +226,9 @@ describe("watchJob", () => {
     expect(await w.done).toBeUndefined();
     const states = w.jobs.map((j) => j.state);
     expect(states).toEqual([JobState.QUEUED, JobState.PROCESSING, JobState.COMPLETED]);
-    expect(w.events.find((e) => e.type === "polling")).toMatchObject({ reason: { code: Code.Unimplemented } });
+    expect(w.events.find((e) => e.type === "polling")).toMatchObject({
+      reason: { code: Code.Unimplemented },
+    });
     expect(gets.length).toBeGreaterThan(0);
     expect(new Set(gets)).toEqual(new Set(["/downloads.v1.DownloadService/GetStatus"]));
   });
@@ -194,7 +245,10 @@ describe("watchJob", () => {
     await st.server.close();
     // Changes while no API runs reach the watcher after the restart.
     await st.progress(jobId, 500, 1000);
-    extra = await startApiServer({ ...st.cfg, PORT: port }, createLogger("silent", "api-restarted"));
+    extra = await startApiServer(
+      { ...st.cfg, PORT: port },
+      createLogger("silent", "api-restarted"),
+    );
     await expect.poll(() => w.jobs.at(-1)?.progress?.percent, { timeout: 20_000 }).toBe(50);
     await st.complete(jobId, Buffer.from("zip"));
     expect(await w.done).toBeUndefined();
@@ -239,7 +293,8 @@ describe("WATCH_MAX_STREAM_MS", () => {
       // The raw stream: it ends OK (no error) although the job is still queued.
       const started = Date.now();
       const kinds: string[] = [];
-      for await (const msg of c.watchJob({ jobId, afterVersion: 0 })) kinds.push(msg.event.case ?? "");
+      for await (const msg of c.watchJob({ jobId, afterVersion: 0 }))
+        kinds.push(msg.event.case ?? "");
       expect(Date.now() - started).toBeGreaterThanOrEqual(1000);
       expect(kinds[0]).toBe("job");
       expect(kinds.length).toBeGreaterThan(1);
@@ -247,15 +302,21 @@ describe("WATCH_MAX_STREAM_MS", () => {
       const w = collect(c, jobId);
       await expect.poll(() => w.jobs.length).toBe(1);
       await short.startJob(jobId);
-      await expect.poll(() => w.count("reconnecting"), { timeout: 15_000 }).toBeGreaterThanOrEqual(2);
+      await expect
+        .poll(() => w.count("reconnecting"), { timeout: 15_000 })
+        .toBeGreaterThanOrEqual(2);
       await short.progress(jobId, 500, 1000);
-      await expect.poll(() => w.count("reconnecting"), { timeout: 15_000 }).toBeGreaterThanOrEqual(4);
+      await expect
+        .poll(() => w.count("reconnecting"), { timeout: 15_000 })
+        .toBeGreaterThanOrEqual(4);
       await short.complete(jobId, Buffer.from("zip"));
       expect(await w.done).toBeUndefined();
       expect(w.jobs.map((j) => j.version)).toEqual([1, 2, 3, 4]);
       expectCleanSequence(w.jobs);
       // Clean ends carry no error: nothing went wrong, the server asked for a fresh stream.
-      expect(w.events.filter((e) => e.type === "reconnecting").every((e) => e.error === undefined)).toBe(true);
+      expect(
+        w.events.filter((e) => e.type === "reconnecting").every((e) => e.error === undefined),
+      ).toBe(true);
       expect(w.count("polling")).toBe(0);
     } finally {
       await short.stop();

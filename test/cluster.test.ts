@@ -46,11 +46,19 @@ afterAll(async () => {
 });
 
 const client = () =>
-  createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+  createClient(
+    DownloadService,
+    createConnectTransport({
+      baseUrl: st.server.url,
+      httpVersion: "1.1",
+      interceptors: [withTestToken],
+    }),
+  );
 
 async function watchToEnd(jobId: string): Promise<Job[]> {
   const seen: Job[] = [];
-  for await (const msg of client().watchJob({ jobId })) if (msg.event.case === "job") seen.push(msg.event.value);
+  for await (const msg of client().watchJob({ jobId }))
+    if (msg.event.case === "job") seen.push(msg.event.value);
   return seen;
 }
 
@@ -79,7 +87,9 @@ describe("on a Redis Cluster", () => {
     expect(versions).toEqual([...versions].sort((x, y) => x - y));
     const last = seen.at(-1) as Job;
     expect(last.state).toBe(JobState.COMPLETED);
-    const zip = await readZip(Buffer.from(await (await fetch(last.result?.downloadUrl ?? "")).arrayBuffer()));
+    const zip = await readZip(
+      Buffer.from(await (await fetch(last.result?.downloadUrl ?? "")).arrayBuffer()),
+    );
     expect(zip.get("one.bin")?.equals(sources.get(701) as Buffer)).toBe(true);
     expect(zip.get("two.txt")?.equals(sources.get(702) as Buffer)).toBe(true);
   });
@@ -89,18 +99,29 @@ describe("on a Redis Cluster", () => {
     const { job } = await c.initiate({ fileIds: [703] });
     const jobId = job?.jobId ?? "";
     await expect
-      .poll(async () => {
-        const j = (await c.getStatus({ jobId })).job;
-        return j?.state === JobState.PROCESSING && (j.progress?.bytesDone ?? 0n) > 0n;
-      }, { timeout: 20_000, interval: 50 })
+      .poll(
+        async () => {
+          const j = (await c.getStatus({ jobId })).job;
+          return j?.state === JobState.PROCESSING && (j.progress?.bytesDone ?? 0n) > 0n;
+        },
+        { timeout: 20_000, interval: 50 },
+      )
       .toBe(true);
     expect((await c.cancel({ jobId })).job?.state).toBe(JobState.CANCELLED);
     await expect.poll(() => st.queue.getJobState(jobId), { timeout: 10_000 }).toBe("failed");
     expect((await st.queue.getJob(jobId))?.failedReason).toBe("cancelled");
     expect(worker.output()).toMatch(new RegExp(`"jobId":"${jobId}"[^\\n]*"msg":"cancel received"`));
     const head = await st.svc.storage.client
-      .send(new HeadObjectCommand({ Bucket: st.cfg.RESULT_BUCKET, Key: st.svc.storage.resultKey(jobId) }))
-      .then(() => "exists", (err: { name?: string }) => err.name);
+      .send(
+        new HeadObjectCommand({
+          Bucket: st.cfg.RESULT_BUCKET,
+          Key: st.svc.storage.resultKey(jobId),
+        }),
+      )
+      .then(
+        () => "exists",
+        (err: { name?: string }) => err.name,
+      );
     expect(head).toBe("NotFound");
   });
 
@@ -108,16 +129,28 @@ describe("on a Redis Cluster", () => {
     const { job } = await client().initiate({ fileIds: [702, 799_999] });
     const last = (await watchToEnd(job?.jobId ?? "")).at(-1);
     expect(last?.state).toBe(JobState.FAILED);
-    expect(last?.error).toMatchObject({ code: "not_found", retryable: false, missingFileIds: [799_999] });
+    expect(last?.error).toMatchObject({
+      code: "not_found",
+      retryable: false,
+      missingFileIds: [799_999],
+    });
   });
 
   test("a QUEUE_PREFIX without a hash tag is refused at start, naming the variable", async () => {
     const nodes = (st.cfg.REDIS_CLUSTER_NODES ?? []).join(",");
-    expect(() => loadConfig({ REDIS_CLUSTER_NODES: nodes, QUEUE_PREFIX: "dj" })).toThrow(ConfigError);
-    expect(() => loadConfig({ REDIS_CLUSTER_NODES: nodes, QUEUE_PREFIX: "{}dj" })).toThrow(/QUEUE_PREFIX/);
-    expect(loadConfig({ REDIS_CLUSTER_NODES: nodes, QUEUE_PREFIX: "{dj}" }).QUEUE_PREFIX).toBe("{dj}");
+    expect(() => loadConfig({ REDIS_CLUSTER_NODES: nodes, QUEUE_PREFIX: "dj" })).toThrow(
+      ConfigError,
+    );
+    expect(() => loadConfig({ REDIS_CLUSTER_NODES: nodes, QUEUE_PREFIX: "{}dj" })).toThrow(
+      /QUEUE_PREFIX/,
+    );
+    expect(loadConfig({ REDIS_CLUSTER_NODES: nodes, QUEUE_PREFIX: "{dj}" }).QUEUE_PREFIX).toBe(
+      "{dj}",
+    );
     const bad = spawnWorker({ ...st.svc.env, QUEUE_PREFIX: "dj" });
-    const code = await new Promise<number | null>((resolve) => bad.child.once("exit", (c) => resolve(c)));
+    const code = await new Promise<number | null>((resolve) =>
+      bad.child.once("exit", (c) => resolve(c)),
+    );
     expect(code).toBe(2);
     expect(bad.output()).toContain("QUEUE_PREFIX");
   });

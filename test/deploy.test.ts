@@ -1,4 +1,4 @@
-import { existsSync, readFileSync, readdirSync } from "node:fs";
+import { existsSync, readdirSync, readFileSync } from "node:fs";
 import { join, resolve } from "node:path";
 import { cors } from "@connectrpc/connect";
 import { describe, expect, test } from "vitest";
@@ -20,7 +20,8 @@ const read = (path: string) => readFileSync(resolve(ROOT, path), "utf8");
 type Obj = Record<string, unknown>;
 const obj = (v: unknown): Obj => (typeof v === "object" && v !== null ? (v as Obj) : {});
 const arr = (v: unknown): unknown[] => (Array.isArray(v) ? v : []);
-const str = (v: unknown): string => (typeof v === "string" ? v : typeof v === "number" ? String(v) : "");
+const str = (v: unknown): string =>
+  typeof v === "string" ? v : typeof v === "number" ? String(v) : "";
 
 const compose = obj(parse(read("docker-compose.yml"), { merge: true }));
 const services = obj(compose.services);
@@ -28,7 +29,10 @@ const service = (name: string) => obj(services[name]);
 const envOf = (name: string) => obj(service(name).environment);
 const envoy = obj(parse(read("envoy/envoy.yaml")));
 const dockerfile = read("Dockerfile");
-const pkg = JSON.parse(read("package.json")) as { dependencies: Record<string, string>; devDependencies: Record<string, string> };
+const pkg = JSON.parse(read("package.json")) as {
+  dependencies: Record<string, string>;
+  devDependencies: Record<string, string>;
+};
 const defaults = loadConfig({});
 
 /** Envoy durations ("300s", "0.5s") in milliseconds. */
@@ -44,7 +48,10 @@ function withDefaults(value: string): string {
 }
 
 describe("Dockerfile", () => {
-  const froms = [...dockerfile.matchAll(/^FROM\s+(\S+)(?:\s+AS\s+(\S+))?/gim)].map((m) => ({ image: m[1] ?? "", alias: m[2] }));
+  const froms = [...dockerfile.matchAll(/^FROM\s+(\S+)(?:\s+AS\s+(\S+))?/gim)].map((m) => ({
+    image: m[1] ?? "",
+    alias: m[2],
+  }));
   const finalStage = dockerfile.slice(dockerfile.lastIndexOf("\nFROM "));
 
   test("is multi-stage on a pinned Node 24 slim base, the Node the package pins", () => {
@@ -54,7 +61,8 @@ describe("Dockerfile", () => {
     expect(base).toBe(`node:${pkg.dependencies.node}-bookworm-slim`);
     // Every stage starts from that base (or an earlier stage): nothing unpinned.
     const aliases = new Set(froms.map((f) => f.alias));
-    for (const f of froms) expect(f.image === "${NODE_IMAGE}" || aliases.has(f.image), f.image).toBe(true);
+    for (const f of froms)
+      expect(f.image === "${NODE_IMAGE}" || aliases.has(f.image), f.image).toBe(true);
     expect(dockerfile).not.toMatch(/:latest\b/);
   });
 
@@ -73,14 +81,25 @@ describe("Dockerfile", () => {
         if (!file.endsWith(".ts")) continue;
         const src = readFileSync(join(ROOT, dir, file), "utf8");
         // `import type` is erased; everything else is loaded by tsx at run time.
-        for (const m of src.matchAll(/^\s*(?:import|export)\s+(?!type\s)[^;]*?from\s+"([^".][^"]*)"/gm)) {
+        for (const m of src.matchAll(
+          /^\s*(?:import|export)\s+(?!type\s)[^;]*?from\s+"([^".][^"]*)"/gm,
+        )) {
           const spec = m[1] ?? "";
           if (spec.startsWith("node:")) continue;
-          imported.add(spec.startsWith("@") ? spec.split("/").slice(0, 2).join("/") : (spec.split("/")[0] ?? spec));
+          imported.add(
+            spec.startsWith("@")
+              ? spec.split("/").slice(0, 2).join("/")
+              : (spec.split("/")[0] ?? spec),
+          );
         }
         for (const m of src.matchAll(/import\("([^".][^"]*)"\)/g)) {
           const spec = m[1] ?? "";
-          if (!spec.startsWith("node:")) imported.add(spec.startsWith("@") ? spec.split("/").slice(0, 2).join("/") : (spec.split("/")[0] ?? spec));
+          if (!spec.startsWith("node:"))
+            imported.add(
+              spec.startsWith("@")
+                ? spec.split("/").slice(0, 2).join("/")
+                : (spec.split("/")[0] ?? spec),
+            );
         }
       }
     }
@@ -102,8 +121,11 @@ describe("Dockerfile", () => {
   });
 
   test(".dockerignore keeps local state and installed modules out of the build context", () => {
-    const ignored = read(".dockerignore").split("\n").map((l) => l.trim());
-    for (const entry of ["node_modules", ".git", ".data", "clients/web/dist"]) expect(ignored).toContain(entry);
+    const ignored = read(".dockerignore")
+      .split("\n")
+      .map((l) => l.trim());
+    for (const entry of ["node_modules", ".git", ".data", "clients/web/dist"])
+      expect(ignored).toContain(entry);
   });
 });
 
@@ -134,7 +156,9 @@ describe("docker-compose.yml", () => {
       expect(arr(obj(service(name).healthcheck).test).length, name).toBeGreaterThan(1);
     }
     expect(service("minio-setup").restart).toBe("no");
-    expect(obj(service("minio-setup").depends_on)).toEqual({ minio: { condition: "service_healthy" } });
+    expect(obj(service("minio-setup").depends_on)).toEqual({
+      minio: { condition: "service_healthy" },
+    });
     for (const name of ["api", "worker"]) {
       expect(service(name).depends_on, name).toEqual({
         redis: { condition: "service_healthy" },
@@ -158,12 +182,18 @@ describe("docker-compose.yml", () => {
       expect(publicUrl.port, name).toBe(withDefaults(edge).split(":")[0]);
       expect(env.HOST, name).toBe("0.0.0.0");
       // Every value the app reads must be one core/config.ts accepts.
-      const resolved = Object.fromEntries(Object.entries(env).map(([k, v]) => [k, withDefaults(str(v)).replace(/\$\{[^}]*\}/g, "x".repeat(16))]));
+      const resolved = Object.fromEntries(
+        Object.entries(env).map(([k, v]) => [
+          k,
+          withDefaults(str(v)).replace(/\$\{[^}]*\}/g, "x".repeat(16)),
+        ]),
+      );
       expect(() => loadConfig({ ...resolved, AUTH_TOKENS: undefined }), name).not.toThrow();
     }
     // The buckets the setup job creates are the ones the app uses.
     const setup = arr(service("minio-setup").command).map(str).join("\n");
-    for (const bucket of [envOf("api").SOURCE_BUCKET, envOf("api").RESULT_BUCKET]) expect(setup).toContain(`local/${str(bucket)}`);
+    for (const bucket of [envOf("api").SOURCE_BUCKET, envOf("api").RESULT_BUCKET])
+      expect(setup).toContain(`local/${str(bucket)}`);
   });
 
   test("has no default for any secret: compose refuses to start until each is set", () => {
@@ -190,21 +220,35 @@ describe("docker-compose.yml", () => {
     }
     const listener = obj(obj(arr(obj(envoy.static_resources).listeners)[0]).address);
     const envoyPort = String(obj(listener.socket_address).port_value);
-    expect(str(arr(service("envoy").ports)[0]).split(":").at(-1)).toBe(envoyPort);
-    expect(arr(service("envoy").volumes).map(str)).toContain("./envoy/envoy.yaml:/etc/envoy/envoy.yaml:ro");
+    expect(
+      str(arr(service("envoy").ports)[0])
+        .split(":")
+        .at(-1),
+    ).toBe(envoyPort);
+    expect(arr(service("envoy").volumes).map(str)).toContain(
+      "./envoy/envoy.yaml:/etc/envoy/envoy.yaml:ro",
+    );
   });
 
   test("probes the API and worker on the ports they serve /healthz on", () => {
-    const probe = (name: string) => arr(obj(service(name).healthcheck).test).map(str).join(" ");
+    const probe = (name: string) =>
+      arr(obj(service(name).healthcheck).test)
+        .map(str)
+        .join(" ");
     expect(probe("api")).toContain(`http://127.0.0.1:${str(envOf("api").PORT)}/healthz`);
-    expect(probe("worker")).toContain(`http://127.0.0.1:${str(envOf("worker").WORKER_HEALTH_PORT)}/healthz`);
+    expect(probe("worker")).toContain(
+      `http://127.0.0.1:${str(envOf("worker").WORKER_HEALTH_PORT)}/healthz`,
+    );
     expect(Number(envOf("worker").WORKER_HEALTH_PORT)).toBeGreaterThan(0);
   });
 
   test("observability: Prometheus scrapes every API and worker replica, Grafana is provisioned", () => {
-    for (const name of ["prometheus", "grafana"]) expect(service(name).profiles).toEqual(["observability"]);
+    for (const name of ["prometheus", "grafana"])
+      expect(service(name).profiles).toEqual(["observability"]);
     for (const name of ["prometheus", "grafana"]) {
-      for (const v of arr(service(name).volumes).map(str).filter((v) => v.startsWith("./"))) {
+      for (const v of arr(service(name).volumes)
+        .map(str)
+        .filter((v) => v.startsWith("./"))) {
         expect(existsSync(resolve(ROOT, v.split(":")[0] ?? "")), v).toBe(true);
       }
     }
@@ -212,12 +256,17 @@ describe("docker-compose.yml", () => {
     const jobs = new Map(arr(prom.scrape_configs).map((j) => [str(obj(j).job_name), obj(j)]));
     const target = (job: string) => obj(arr(jobs.get(job)?.dns_sd_configs)[0]);
     expect(target("api")).toMatchObject({ names: ["api"], port: Number(envOf("api").PORT) });
-    expect(target("worker")).toMatchObject({ names: ["worker"], port: Number(envOf("worker").WORKER_HEALTH_PORT) });
+    expect(target("worker")).toMatchObject({
+      names: ["worker"],
+      port: Number(envOf("worker").WORKER_HEALTH_PORT),
+    });
     for (const job of ["api", "worker"]) expect(jobs.get(job)?.metrics_path).toBe("/metrics");
 
     const providers = obj(parse(read("deploy/grafana/provisioning/dashboards/download-jobs.yml")));
     const dashboardsPath = str(obj(obj(arr(providers.providers)[0]).options).path);
-    expect(arr(service("grafana").volumes).map(str)).toContain(`./deploy/grafana/dashboards:${dashboardsPath}:ro`);
+    expect(arr(service("grafana").volumes).map(str)).toContain(
+      `./deploy/grafana/dashboards:${dashboardsPath}:ro`,
+    );
   });
 
   test("the Grafana dashboard charts queue depth, jobs, failures, streams and RPC latency", () => {
@@ -225,8 +274,18 @@ describe("docker-compose.yml", () => {
       panels: { title: string; targets: { expr: string }[] }[];
     };
     const titles = dashboard.panels.map((p) => p.title.toLowerCase());
-    for (const want of ["queue depth", "job rate", "job duration", "failures by code", "active watchjob streams", "rpc latency"]) {
-      expect(titles.some((t) => t.includes(want)), want).toBe(true);
+    for (const want of [
+      "queue depth",
+      "job rate",
+      "job duration",
+      "failures by code",
+      "active watchjob streams",
+      "rpc latency",
+    ]) {
+      expect(
+        titles.some((t) => t.includes(want)),
+        want,
+      ).toBe(true);
     }
     const exprs = dashboard.panels.flatMap((p) => p.targets.map((t) => t.expr)).join("\n");
     // Every API replica reports the same queue counts: summing them would multiply the depth.
@@ -249,7 +308,9 @@ describe("docker-compose.yml", () => {
   test("is validated by CI with docker-compose config", () => {
     const ci = read(".ci/run");
     expect(ci).toMatch(/packages\+=\(docker-compose\)/);
-    expect(ci).toMatch(/docker-compose -f docker-compose\.yml (--profile observability )?config -q/);
+    expect(ci).toMatch(
+      /docker-compose -f docker-compose\.yml (--profile observability )?config -q/,
+    );
   });
 });
 
@@ -258,10 +319,13 @@ describe("envoy/envoy.yaml", () => {
   const hcm = obj(obj(arr(obj(arr(listener.filter_chains)[0]).filters)[0]).typed_config);
   const vhost = obj(arr(obj(hcm.route_config).virtual_hosts)[0]);
   const routes = arr(vhost.routes).map(obj);
-  const clusters = new Map(arr(obj(envoy.static_resources).clusters).map((c) => [str(obj(c).name), obj(c)]));
+  const clusters = new Map(
+    arr(obj(envoy.static_resources).clusters).map((c) => [str(obj(c).name), obj(c)]),
+  );
 
   /** The first route whose prefix matches `path`, as Envoy picks it. */
-  const routeFor = (path: string) => obj(routes.find((r) => path.startsWith(str(obj(r.match).prefix)))?.route);
+  const routeFor = (path: string) =>
+    obj(routes.find((r) => path.startsWith(str(obj(r.match).prefix)))?.route);
 
   test("accepts HTTP/1.1 and HTTP/2 on one listener", () => {
     expect(str(hcm["@type"])).toMatch(/HttpConnectionManager$/);
@@ -274,7 +338,9 @@ describe("envoy/envoy.yaml", () => {
     );
     expect(streaming).toContain("/downloads.v1.DownloadService/WatchJob");
     for (const path of streaming) expect(routeFor(path).timeout, path).toBe("0s");
-    expect(routeFor("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo").timeout).toBe("0s");
+    expect(routeFor("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo").timeout).toBe(
+      "0s",
+    );
     // Unary calls keep a bound, well under the proxies' minute.
     for (const m of DownloadService.methods.filter((m) => m.methodKind === "unary")) {
       const t = ms(routeFor(`/${DownloadService.typeName}/${m.name}`).timeout);
@@ -291,13 +357,23 @@ describe("envoy/envoy.yaml", () => {
 
   test("answers CORS with the Connect and gRPC-Web headers, in exactly one place", () => {
     const filters = arr(hcm.http_filters).map((f) => str(obj(f).name));
-    expect(filters).toEqual(["envoy.filters.http.cors", "envoy.filters.http.grpc_web", "envoy.filters.http.router"]);
+    expect(filters).toEqual([
+      "envoy.filters.http.cors",
+      "envoy.filters.http.grpc_web",
+      "envoy.filters.http.router",
+    ]);
     const policy = obj(obj(vhost.typed_per_filter_config)["envoy.filters.http.cors"]);
-    const list = (v: unknown) => str(v).split(",").map((h) => h.trim().toLowerCase());
+    const list = (v: unknown) =>
+      str(v)
+        .split(",")
+        .map((h) => h.trim().toLowerCase());
     const allow = list(policy.allow_headers);
-    for (const h of [...cors.allowedHeaders, "authorization"]) expect(allow, h).toContain(h.toLowerCase());
-    for (const h of cors.exposedHeaders) expect(list(policy.expose_headers), h).toContain(h.toLowerCase());
-    for (const m of cors.allowedMethods) expect(list(policy.allow_methods), m).toContain(m.toLowerCase());
+    for (const h of [...cors.allowedHeaders, "authorization"])
+      expect(allow, h).toContain(h.toLowerCase());
+    for (const h of cors.exposedHeaders)
+      expect(list(policy.expose_headers), h).toContain(h.toLowerCase());
+    for (const m of cors.allowedMethods)
+      expect(list(policy.allow_methods), m).toContain(m.toLowerCase());
     expect(read("envoy/envoy.yaml").match(/CorsPolicy/g)).toHaveLength(1);
     // The API itself sends no CORS headers.
     for (const file of readdirSync(resolve(ROOT, "server"))) {
@@ -308,11 +384,20 @@ describe("envoy/envoy.yaml", () => {
   test("speaks h2c to every API replica, health-checked on /healthz", () => {
     const api = clusters.get("api") ?? {};
     expect(api.type).toBe("STRICT_DNS");
-    const address = obj(obj(obj(obj(arr(obj(arr(obj(api.load_assignment).endpoints)[0]).lb_endpoints)[0]).endpoint).address).socket_address);
+    const address = obj(
+      obj(
+        obj(obj(arr(obj(arr(obj(api.load_assignment).endpoints)[0]).lb_endpoints)[0]).endpoint)
+          .address,
+      ).socket_address,
+    );
     expect(address.address).toBe("api");
     expect(Object.keys(services)).toContain("api");
     expect(String(address.port_value)).toBe(str(envOf("api").PORT));
-    const options = obj(obj(api.typed_extension_protocol_options)["envoy.extensions.upstreams.http.v3.HttpProtocolOptions"]);
+    const options = obj(
+      obj(api.typed_extension_protocol_options)[
+        "envoy.extensions.upstreams.http.v3.HttpProtocolOptions"
+      ],
+    );
     expect(obj(options.explicit_http_config).http2_protocol_options).toBeDefined();
     const check = obj(arr(api.health_checks)[0]);
     expect(obj(check.http_health_check).path).toBe("/healthz");
@@ -333,7 +418,9 @@ describe("envoy/envoy.yaml", () => {
     const log = obj(arr(hcm.access_log)[0]);
     expect(log.name).toBe("envoy.access_loggers.stdout");
     const format = obj(obj(obj(log.typed_config).log_format).json_format);
-    expect(Object.keys(format)).toEqual(expect.arrayContaining(["method", "path", "status", "duration_ms", "upstream"]));
+    expect(Object.keys(format)).toEqual(
+      expect.arrayContaining(["method", "path", "status", "duration_ms", "upstream"]),
+    );
     expect(Object.values(format).join(" ")).not.toMatch(/%REQ\(:PATH\)%|PATH\(WQ/);
   });
 });

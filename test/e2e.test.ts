@@ -55,7 +55,10 @@ async function expectZipMatches(job: Job, fileIds: number[]): Promise<void> {
   expect(entries.size).toBe(fileIds.length);
   for (const [i, id] of fileIds.entries()) {
     const name = job.files[i]?.entryName ?? "";
-    expect(entries.get(name)?.equals(sources.get(id) as Buffer), `entry ${name} of file ${id}`).toBe(true);
+    expect(
+      entries.get(name)?.equals(sources.get(id) as Buffer),
+      `entry ${name} of file ${id}`,
+    ).toBe(true);
   }
 }
 
@@ -65,7 +68,10 @@ function resultObjectExists(jobId: string): Promise<boolean> {
 
 describe("end to end", () => {
   test("Connect over HTTP/1.1: Initiate, WatchJob to COMPLETED, and the ZIP holds the exact sources", async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+    const client = createClient(
+      DownloadService,
+      createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }),
+    );
     const ids = [501, 502, 503];
     const { job } = await client.initiate({ fileIds: ids });
     expect(job?.state).toBe(JobState.QUEUED);
@@ -87,10 +93,7 @@ describe("end to end", () => {
   });
 
   test("gRPC over h2c: polling GetStatus reaches COMPLETED with a fresh presigned URL each read", async () => {
-    const client = createClient(
-      DownloadService,
-      createGrpcTransport({ baseUrl: st.server.url }),
-    );
+    const client = createClient(DownloadService, createGrpcTransport({ baseUrl: st.server.url }));
     const ids = [504, 503];
     const { job } = await client.initiate({ fileIds: ids });
     let current: Job | undefined;
@@ -110,17 +113,35 @@ describe("end to end", () => {
   });
 
   test("@grpc/grpc-js watches a real job to the end and the result downloads", async () => {
-    const def = await protoLoader.load(PROTO, { keepCase: false, longs: String, enums: String, defaults: true, oneofs: true });
+    const def = await protoLoader.load(PROTO, {
+      keepCase: false,
+      longs: String,
+      enums: String,
+      defaults: true,
+      oneofs: true,
+    });
     const pkg = grpc.loadPackageDefinition(def) as unknown as {
-      downloads: { v1: { DownloadService: new (addr: string, creds: grpc.ChannelCredentials) => grpc.Client } };
+      downloads: {
+        v1: { DownloadService: new (addr: string, creds: grpc.ChannelCredentials) => grpc.Client };
+      };
     };
-    const client = new pkg.downloads.v1.DownloadService(`127.0.0.1:${st.server.port}`, grpc.credentials.createInsecure()) as grpc.Client & {
-      initiate(req: unknown, cb: (err: grpc.ServiceError | null, res?: { job: { jobId: string } }) => void): void;
-      watchJob(req: unknown): grpc.ClientReadableStream<{ job?: { state: string; version: number; result?: { downloadUrl: string } | null } | null }>;
+    const client = new pkg.downloads.v1.DownloadService(
+      `127.0.0.1:${st.server.port}`,
+      grpc.credentials.createInsecure(),
+    ) as grpc.Client & {
+      initiate(
+        req: unknown,
+        cb: (err: grpc.ServiceError | null, res?: { job: { jobId: string } }) => void,
+      ): void;
+      watchJob(req: unknown): grpc.ClientReadableStream<{
+        job?: { state: string; version: number; result?: { downloadUrl: string } | null } | null;
+      }>;
     };
     try {
       const started = await new Promise<{ job: { jobId: string } }>((ok, fail) =>
-        client.initiate({ fileIds: [502] }, (err, res) => (err ? fail(err) : ok(res as { job: { jobId: string } }))),
+        client.initiate({ fileIds: [502] }, (err, res) =>
+          err ? fail(err) : ok(res as { job: { jobId: string } }),
+        ),
       );
       const stream = client.watchJob({ jobId: started.job.jobId });
       const states: string[] = [];
@@ -142,7 +163,10 @@ describe("end to end", () => {
   });
 
   test("Cancel through the API stops the job in the worker process and leaves no result object", async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+    const client = createClient(
+      DownloadService,
+      createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }),
+    );
     const { job } = await client.initiate({ fileIds: [505, 504] });
     const jobId = job?.jobId ?? "";
     const seen: Job[] = [];
@@ -152,7 +176,11 @@ describe("end to end", () => {
       }
     })();
     await expect
-      .poll(() => seen.some((j) => j.state === JobState.PROCESSING && (j.progress?.bytesDone ?? 0n) > 0n), { timeout: 20_000 })
+      .poll(
+        () =>
+          seen.some((j) => j.state === JobState.PROCESSING && (j.progress?.bytesDone ?? 0n) > 0n),
+        { timeout: 20_000 },
+      )
       .toBe(true);
     const { job: cancelled } = await client.cancel({ jobId });
     expect(cancelled?.state).toBe(JobState.CANCELLED);
@@ -168,14 +196,21 @@ describe("end to end", () => {
   });
 
   test("a missing source file fails the job with not_found naming the missing ids", async () => {
-    const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }));
+    const client = createClient(
+      DownloadService,
+      createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }),
+    );
     const { job } = await client.initiate({ fileIds: [503, 404_404] });
     let last: Job | undefined;
     for await (const msg of client.watchJob({ jobId: job?.jobId ?? "" })) {
       if (msg.event.case === "job") last = msg.event.value;
     }
     expect(last?.state).toBe(JobState.FAILED);
-    expect(last?.error).toMatchObject({ code: "not_found", retryable: false, missingFileIds: [404_404] });
+    expect(last?.error).toMatchObject({
+      code: "not_found",
+      retryable: false,
+      missingFileIds: [404_404],
+    });
     expect(last?.attempts).toBe(1);
   });
 });

@@ -32,21 +32,50 @@ describe("toConnectError", () => {
   test.each([
     ["bad input", new InvalidInputError("file_ids is empty"), Code.InvalidArgument],
     ["an unknown job", new JobNotFoundError(newJobId()), Code.NotFound],
-    ["a finished job", new JobStateError(newJobId(), "COMPLETED", "job is completed"), Code.FailedPrecondition],
+    [
+      "a finished job",
+      new JobStateError(newJobId(), "COMPLETED", "job is completed"),
+      Code.FailedPrecondition,
+    ],
     ["an unreachable backend", new BackendUnavailableError("down"), Code.Unavailable],
-    ["ioredis giving up", Object.assign(new Error("Reached the max retries"), { name: "MaxRetriesPerRequestError" }), Code.Unavailable],
+    [
+      "ioredis giving up",
+      Object.assign(new Error("Reached the max retries"), { name: "MaxRetriesPerRequestError" }),
+      Code.Unavailable,
+    ],
     ["a closed ioredis connection", new Error("Connection is closed."), Code.Unavailable],
-    ["Redis still loading its append-only file", new Error("LOADING Redis is loading the dataset in memory"), Code.Unavailable],
+    [
+      "Redis still loading its append-only file",
+      new Error("LOADING Redis is loading the dataset in memory"),
+      Code.Unavailable,
+    ],
     ["an owner's quota", new QuotaExceededError("too many", 5000), Code.ResourceExhausted],
     ["a full queue", new OverloadedError("at capacity", 10_000), Code.Unavailable],
-    ["a reused idempotency key", new IdempotencyMismatchError("other parameters"), Code.InvalidArgument],
+    [
+      "a reused idempotency key",
+      new IdempotencyMismatchError("other parameters"),
+      Code.InvalidArgument,
+    ],
     ["a refused connection", errno("ECONNREFUSED"), Code.Unavailable],
     ["a reset connection", errno("ECONNRESET"), Code.Unavailable],
-    ["happy eyeballs failing on every address", new AggregateError([errno("ECONNREFUSED")], "connect failed"), Code.Unavailable],
-    ["a wrapped network cause", new Error("upload failed", { cause: errno("ETIMEDOUT") }), Code.Unavailable],
+    [
+      "happy eyeballs failing on every address",
+      new AggregateError([errno("ECONNREFUSED")], "connect failed"),
+      Code.Unavailable,
+    ],
+    [
+      "a wrapped network cause",
+      new Error("upload failed", { cause: errno("ETIMEDOUT") }),
+      Code.Unavailable,
+    ],
     [
       "S3 answering 503",
-      new S3ServiceException({ name: "SlowDown", $fault: "server", $metadata: { httpStatusCode: 503 }, message: "slow down" }),
+      new S3ServiceException({
+        name: "SlowDown",
+        $fault: "server",
+        $metadata: { httpStatusCode: 503 },
+        message: "slow down",
+      }),
       Code.Unavailable,
     ],
   ])("maps %s", (_what, err, code) => {
@@ -57,7 +86,12 @@ describe("toConnectError", () => {
     expect(toConnectError(new TypeError("x is undefined"))).toBeUndefined();
     expect(
       toConnectError(
-        new S3ServiceException({ name: "AccessDenied", $fault: "client", $metadata: { httpStatusCode: 403 }, message: "no" }),
+        new S3ServiceException({
+          name: "AccessDenied",
+          $fault: "client",
+          $metadata: { httpStatusCode: 403 },
+          message: "no",
+        }),
       ),
     ).toBeUndefined();
   });
@@ -77,27 +111,38 @@ describe("the interceptor, through an in-memory router", () => {
     } as unknown as JobService;
     return createClient(
       DownloadService,
-      createRouterTransport(routes({ jobs, hub: {} as WatchHub, presigner: { presignResult: () => Promise.reject(err) } }), {
-        // As the server wires it; every caller is the anonymous owner here.
-        router: {
-          interceptors: [
-            rpcInterceptor(createLogger("silent", "test")),
-            authInterceptor(createAuthenticator({ tokens: [], disabled: true })),
-          ],
+      createRouterTransport(
+        routes({
+          jobs,
+          hub: {} as WatchHub,
+          presigner: { presignResult: () => Promise.reject(err) },
+        }),
+        {
+          // As the server wires it; every caller is the anonymous owner here.
+          router: {
+            interceptors: [
+              rpcInterceptor(createLogger("silent", "test")),
+              authInterceptor(createAuthenticator({ tokens: [], disabled: true })),
+            ],
+          },
         },
-      }),
+      ),
     );
   };
 
   test("maps domain errors for every handler", async () => {
     const client = failing(new JobNotFoundError("x"));
-    const err = ConnectError.from(await client.getStatus({ jobId: newJobId() }).catch((e: unknown) => e));
+    const err = ConnectError.from(
+      await client.getStatus({ jobId: newJobId() }).catch((e: unknown) => e),
+    );
     expect(err.code).toBe(Code.NotFound);
   });
 
   test("answers an unexpected error with INTERNAL and keeps its detail out of the response", async () => {
     const client = failing(new TypeError("secret internal detail"));
-    const err = ConnectError.from(await client.cancel({ jobId: newJobId() }).catch((e: unknown) => e));
+    const err = ConnectError.from(
+      await client.cancel({ jobId: newJobId() }).catch((e: unknown) => e),
+    );
     expect(err.code).toBe(Code.Internal);
     expect(err.rawMessage).not.toContain("secret");
   });

@@ -1,15 +1,14 @@
 import http2 from "node:http2";
 import { resolve } from "node:path";
 import { gunzipSync } from "node:zlib";
-import { fromBinary, toBinary, create } from "@bufbuild/protobuf";
+import { create, fromBinary, toBinary } from "@bufbuild/protobuf";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { newJobId } from "../core/jobs.js";
-import { startApiServer } from "../server/server.js";
 import {
   DownloadService,
   GetStatusRequestSchema,
@@ -21,7 +20,8 @@ import {
   WatchJobRequestSchema,
   WatchJobResponseSchema,
 } from "../gen/downloads/v1/download_service_pb.js";
-import { type ApiStack, TEST_AUTH_HEADER, startApiStack, withTestToken } from "./helpers/api.js";
+import { startApiServer } from "../server/server.js";
+import { type ApiStack, startApiStack, TEST_AUTH_HEADER, withTestToken } from "./helpers/api.js";
 import { type Services, startServices } from "./helpers/services.js";
 
 // The lean GetStatus and WatchJob handlers (server/fast-*.ts), called the way a client
@@ -80,7 +80,10 @@ function frames(body: Buffer): Frame[] {
 }
 
 /** The JSON messages of a stream and its end-of-stream object. */
-function decodeJsonStream(body: Buffer): { messages: Record<string, any>[]; end: { error?: { code: string; message?: string } } } {
+function decodeJsonStream(body: Buffer): {
+  messages: Record<string, any>[];
+  end: { error?: { code: string; message?: string } };
+} {
   const all = frames(body);
   const last = all.at(-1);
   expect(last?.flags).toBe(2);
@@ -90,7 +93,8 @@ function decodeJsonStream(body: Buffer): { messages: Record<string, any>[]; end:
   };
 }
 
-const watchRequest = (jobId: string, afterVersion = 0) => envelope(0, JSON.stringify({ jobId, afterVersion }));
+const watchRequest = (jobId: string, afterVersion = 0) =>
+  envelope(0, JSON.stringify({ jobId, afterVersion }));
 
 async function watchRaw(stack: ApiStack, body: Buffer, headers: Record<string, string> = {}) {
   const res = await fetch(`${stack.server.url}${SERVICE}/WatchJob`, {
@@ -98,7 +102,11 @@ async function watchRaw(stack: ApiStack, body: Buffer, headers: Record<string, s
     headers: { "content-type": "application/connect+json", ...headers },
     body: new Uint8Array(body),
   });
-  return { status: res.status, type: res.headers.get("content-type"), body: Buffer.from(await res.arrayBuffer()) };
+  return {
+    status: res.status,
+    type: res.headers.get("content-type"),
+    body: Buffer.from(await res.arrayBuffer()),
+  };
 }
 
 /** Reads a stream as it arrives; `messages` fills up, `done` resolves at its end. */
@@ -140,7 +148,9 @@ describe("WatchJob over raw Connect envelopes", () => {
     await fast.complete(jobId, Buffer.from("zip bytes"));
     const end = await w.done;
     expect(end).toEqual({});
-    const jobs = w.messages.map((m) => m.job as { state: string; version: number; result?: { downloadUrl: string } });
+    const jobs = w.messages.map(
+      (m) => m.job as { state: string; version: number; result?: { downloadUrl: string } },
+    );
     expect(jobs.map((j) => j.state)).toEqual([
       "JOB_STATE_QUEUED",
       "JOB_STATE_PROCESSING",
@@ -163,7 +173,9 @@ describe("WatchJob over raw Connect envelopes", () => {
         ":path": `${SERVICE}/WatchJob`,
         "content-type": "application/connect+proto",
       });
-      stream.end(envelope(0, toBinary(WatchJobRequestSchema, create(WatchJobRequestSchema, { jobId }))));
+      stream.end(
+        envelope(0, toBinary(WatchJobRequestSchema, create(WatchJobRequestSchema, { jobId }))),
+      );
       const [headers, body] = await new Promise<[http2.IncomingHttpHeaders, Buffer]>((ok, fail) => {
         const chunks: Buffer[] = [];
         let head: http2.IncomingHttpHeaders = {};
@@ -178,7 +190,9 @@ describe("WatchJob over raw Connect envelopes", () => {
       expect(all.map((f) => f.flags)).toEqual([0, 2]);
       const msg = fromBinary(WatchJobResponseSchema, all[0]?.data ?? new Uint8Array());
       expect(msg.event.case).toBe("job");
-      expect(msg.event.case === "job" ? [msg.event.value.version, msg.event.value.error?.code] : []).toEqual([3, "not_found"]);
+      expect(
+        msg.event.case === "job" ? [msg.event.value.version, msg.event.value.error?.code] : [],
+      ).toEqual([3, "not_found"]);
       expect(all[1]?.data.toString()).toBe("{}");
     } finally {
       session.close();
@@ -192,7 +206,11 @@ describe("WatchJob over raw Connect envelopes", () => {
     const jobId = (await fast.store.create(newJobId(), files, "anonymous")).id;
     const session = http2.connect(fast.server.url);
     try {
-      const stream = session.request({ ":method": "POST", ":path": `${SERVICE}/WatchJob`, "content-type": "application/connect+json" });
+      const stream = session.request({
+        ":method": "POST",
+        ":path": `${SERVICE}/WatchJob`,
+        "content-type": "application/connect+json",
+      });
       stream.end(watchRequest(jobId));
       stream.pause();
       await new Promise((ok) => stream.once("response", ok));
@@ -206,7 +224,9 @@ describe("WatchJob over raw Connect envelopes", () => {
       await new Promise((ok, fail) => stream.once("end", ok).once("error", fail));
       const { messages, end } = decodeJsonStream(Buffer.concat(chunks));
       expect(end).toEqual({});
-      const jobs = messages.map((m) => m.job as { version: number; state: string; progress: { bytesDone?: string } });
+      const jobs = messages.map(
+        (m) => m.job as { version: number; state: string; progress: { bytesDone?: string } },
+      );
       const versions = jobs.map((j) => j.version);
       expect(versions).toEqual([...versions].sort((a, b) => a - b));
       expect(new Set(versions).size).toBe(versions.length);
@@ -244,18 +264,37 @@ describe("WatchJob over raw Connect envelopes", () => {
     ["a malformed job id", () => watchRequest("../etc/passwd"), {}],
     ["an unknown job", () => watchRequest(unknownJob), {}],
     ["a cut-off envelope", () => watchRequest(unknownJob).subarray(0, 9), {}],
-    ["a message over the size limit", () => envelope(0, JSON.stringify({ jobId: "x".repeat(MAX_BYTES * 2) })), {}],
-    ["a compressed flag without an encoding", () => envelope(1, JSON.stringify({ jobId: unknownJob })), {}],
-    ["an encoding the server does not know", () => watchRequest(unknownJob), { "connect-content-encoding": "snappy" }],
+    [
+      "a message over the size limit",
+      () => envelope(0, JSON.stringify({ jobId: "x".repeat(MAX_BYTES * 2) })),
+      {},
+    ],
+    [
+      "a compressed flag without an encoding",
+      () => envelope(1, JSON.stringify({ jobId: unknownJob })),
+      {},
+    ],
+    [
+      "an encoding the server does not know",
+      () => watchRequest(unknownJob),
+      { "connect-content-encoding": "snappy" },
+    ],
     ["no message at all", () => Buffer.alloc(0), {}],
     ["two messages", () => Buffer.concat([watchRequest(unknownJob), watchRequest(unknownJob)]), {}],
     ["malformed JSON", () => envelope(0, '{"jobId":'), {}],
     ["an unknown field", () => envelope(0, '{"jobIdd":"x"}'), {}],
     ["a job id written twice", () => envelope(0, `{"jobId":"${unknownJob}","jobId":"x"}`), {}],
-    ["an after_version beyond int32", () => envelope(0, JSON.stringify({ jobId: unknownJob, afterVersion: 2 ** 31 })), {}],
+    [
+      "an after_version beyond int32",
+      () => envelope(0, JSON.stringify({ jobId: unknownJob, afterVersion: 2 ** 31 })),
+      {},
+    ],
     ["a malformed timeout", () => watchRequest(unknownJob), { "connect-timeout-ms": "soon" }],
   ])("%s gets the same answer as from connect-node", async (_what, body, headers) => {
-    const [a, b] = await Promise.all([watchRaw(fast, body(), headers), watchRaw(plain, body(), headers)]);
+    const [a, b] = await Promise.all([
+      watchRaw(fast, body(), headers),
+      watchRaw(plain, body(), headers),
+    ]);
     expect(a.status).toBe(b.status);
     const fastEnd = decodeJsonStream(a.body);
     const plainEnd = decodeJsonStream(b.body);
@@ -267,42 +306,71 @@ describe("WatchJob over raw Connect envelopes", () => {
   test("a binary message that does not parse gets the same answer as from connect-node", async () => {
     const body = envelope(0, Buffer.from([0xff, 0xff, 0xff]));
     const headers = { "content-type": "application/connect+proto" };
-    const [a, b] = await Promise.all([watchRaw(fast, body, headers), watchRaw(plain, body, headers)]);
+    const [a, b] = await Promise.all([
+      watchRaw(fast, body, headers),
+      watchRaw(plain, body, headers),
+    ]);
     expect([a.status, a.type]).toEqual([b.status, b.type]);
     expect(frames(a.body).at(-1)?.data.toString()).toBe(frames(b.body).at(-1)?.data.toString());
   });
 });
 
 describe("GetStatus, polled", () => {
-  const post = (stack: ApiStack, body: string | Uint8Array, type = "application/json", headers: Record<string, string> = {}) =>
+  const post = (
+    stack: ApiStack,
+    body: string | Uint8Array,
+    type = "application/json",
+    headers: Record<string, string> = {},
+  ) =>
     fetch(`${stack.server.url}${SERVICE}/GetStatus`, {
       method: "POST",
       headers: { "content-type": type, ...headers },
       body: typeof body === "string" ? body : new Uint8Array(body),
     });
-  const get = (stack: ApiStack, query: string) => fetch(`${stack.server.url}${SERVICE}/GetStatus?${query}`);
-  const jsonQuery = (jobId: string) => `connect=v1&encoding=json&message=${encodeURIComponent(JSON.stringify({ jobId }))}`;
+  const get = (stack: ApiStack, query: string) =>
+    fetch(`${stack.server.url}${SERVICE}/GetStatus?${query}`);
+  const jsonQuery = (jobId: string) =>
+    `connect=v1&encoding=json&message=${encodeURIComponent(JSON.stringify({ jobId }))}`;
 
   test("JSON POST, binary POST, GET and base64 GET all return the job", async () => {
     const jobId = (await fast.store.create(newJobId(), [7, 8], "anonymous")).id;
     await fast.startJob(jobId);
     await fast.progress(jobId, 25, 100);
-    const binaryRequest = toBinary(GetStatusRequestSchema, create(GetStatusRequestSchema, { jobId }));
+    const binaryRequest = toBinary(
+      GetStatusRequestSchema,
+      create(GetStatusRequestSchema, { jobId }),
+    );
 
-    const viaJson = (await (await post(fast, JSON.stringify({ jobId }))).json()) as { job: { version: number; progress: object } };
-    expect(viaJson.job).toMatchObject({ jobId, state: "JOB_STATE_PROCESSING", version: 3, progress: { percent: 25 } });
+    const viaJson = (await (await post(fast, JSON.stringify({ jobId }))).json()) as {
+      job: { version: number; progress: object };
+    };
+    expect(viaJson.job).toMatchObject({
+      jobId,
+      state: "JOB_STATE_PROCESSING",
+      version: 3,
+      progress: { percent: 25 },
+    });
 
     const viaBinary = await post(fast, binaryRequest, "application/proto");
     expect(viaBinary.headers.get("content-type")).toBe("application/proto");
-    const decoded = fromBinary(GetStatusResponseSchema, new Uint8Array(await viaBinary.arrayBuffer()));
-    expect([decoded.job?.jobId, decoded.job?.version, decoded.job?.progress?.percent]).toEqual([jobId, 3, 25]);
+    const decoded = fromBinary(
+      GetStatusResponseSchema,
+      new Uint8Array(await viaBinary.arrayBuffer()),
+    );
+    expect([decoded.job?.jobId, decoded.job?.version, decoded.job?.progress?.percent]).toEqual([
+      jobId,
+      3,
+      25,
+    ]);
 
     const viaGet = await get(fast, jsonQuery(jobId));
     expect(((await viaGet.json()) as { job: { version: number } }).job.version).toBe(3);
 
     const b64 = Buffer.from(binaryRequest).toString("base64url");
     const viaB64 = await get(fast, `encoding=proto&base64=1&message=${b64}&connect=v1`);
-    expect(fromBinary(GetStatusResponseSchema, new Uint8Array(await viaB64.arrayBuffer())).job?.jobId).toBe(jobId);
+    expect(
+      fromBinary(GetStatusResponseSchema, new Uint8Array(await viaB64.arrayBuffer())).job?.jobId,
+    ).toBe(jobId);
     const jsonB64 = Buffer.from(JSON.stringify({ jobId })).toString("base64url");
     const viaJsonB64 = await get(fast, `encoding=json&base64=1&message=${jsonB64}`);
     expect(((await viaJsonB64.json()) as { job: { jobId: string } }).job.jobId).toBe(jobId);
@@ -310,10 +378,18 @@ describe("GetStatus, polled", () => {
 
   test("every poll sees the job's latest version, in both encodings, however often it is read", async () => {
     const jobId = (await fast.store.create(newJobId(), [9], "anonymous")).id;
-    const binaryRequest = toBinary(GetStatusRequestSchema, create(GetStatusRequestSchema, { jobId }));
+    const binaryRequest = toBinary(
+      GetStatusRequestSchema,
+      create(GetStatusRequestSchema, { jobId }),
+    );
     const read = async () => {
-      const json = (await (await post(fast, JSON.stringify({ jobId }))).json()) as { job: { version: number; state: string } };
-      const bin = fromBinary(GetStatusResponseSchema, new Uint8Array(await (await post(fast, binaryRequest, "application/proto")).arrayBuffer()));
+      const json = (await (await post(fast, JSON.stringify({ jobId }))).json()) as {
+        job: { version: number; state: string };
+      };
+      const bin = fromBinary(
+        GetStatusResponseSchema,
+        new Uint8Array(await (await post(fast, binaryRequest, "application/proto")).arrayBuffer()),
+      );
       return [json.job.version, json.job.state, bin.job?.version];
     };
     expect(await read()).toEqual([1, "JOB_STATE_QUEUED", 1]);
@@ -328,11 +404,15 @@ describe("GetStatus, polled", () => {
 
   test("GET answers may be reused briefly, privately, and never an error", async () => {
     const running = (await fast.store.create(newJobId(), [1], "anonymous")).id;
-    expect((await get(fast, jsonQuery(running))).headers.get("cache-control")).toBe("private, max-age=1");
+    expect((await get(fast, jsonQuery(running))).headers.get("cache-control")).toBe(
+      "private, max-age=1",
+    );
 
     const failed = (await fast.store.create(newJobId(), [1], "anonymous")).id;
     await fast.fail(failed);
-    expect((await get(fast, jsonQuery(failed))).headers.get("cache-control")).toBe("private, max-age=60");
+    expect((await get(fast, jsonQuery(failed))).headers.get("cache-control")).toBe(
+      "private, max-age=60",
+    );
 
     // The URL in a completed job expires: the answer may live a tenth of its lifetime.
     const done = (await fast.store.create(newJobId(), [1], "anonymous")).id;
@@ -340,7 +420,9 @@ describe("GetStatus, polled", () => {
     await fast.complete(done, Buffer.from("zip"));
     const res = await get(fast, jsonQuery(done));
     expect(res.headers.get("cache-control")).toBe("private, max-age=30");
-    const body = (await res.json()) as { job: { result: { downloadUrl: string; expireTime: string } } };
+    const body = (await res.json()) as {
+      job: { result: { downloadUrl: string; expireTime: string } };
+    };
     const maxAge = 30_000;
     expect(Date.parse(body.job.result.expireTime) - Date.now()).toBeGreaterThan(maxAge * 5);
 
@@ -349,15 +431,21 @@ describe("GetStatus, polled", () => {
     expect(missing.headers.get("cache-control")).toBe("no-store");
 
     // A POST answer is not for caches at all.
-    expect((await post(fast, JSON.stringify({ jobId: running }))).headers.get("cache-control")).toBeNull();
+    expect(
+      (await post(fast, JSON.stringify({ jobId: running }))).headers.get("cache-control"),
+    ).toBeNull();
   });
 
   test("connect-timeout-ms is honoured: a malformed one is invalid_argument", async () => {
-    const res = await post(fast, JSON.stringify({ jobId: newJobId() }), "application/json", { "connect-timeout-ms": "x" });
+    const res = await post(fast, JSON.stringify({ jobId: newJobId() }), "application/json", {
+      "connect-timeout-ms": "x",
+    });
     expect(res.status).toBe(400);
     expect(((await res.json()) as { code: string }).code).toBe("invalid_argument");
     const jobId = (await fast.store.create(newJobId(), [1], "anonymous")).id;
-    const ok = await post(fast, JSON.stringify({ jobId }), "application/json", { "connect-timeout-ms": "10000" });
+    const ok = await post(fast, JSON.stringify({ jobId }), "application/json", {
+      "connect-timeout-ms": "10000",
+    });
     expect(ok.status).toBe(200);
   });
 
@@ -368,23 +456,40 @@ describe("GetStatus, polled", () => {
     ["POST a malformed id", (s: ApiStack) => post(s, JSON.stringify({ jobId: "42" }))],
     ["POST malformed JSON", (s: ApiStack) => post(s, '{"jobId":')],
     ["POST an unknown field", (s: ApiStack) => post(s, '{"job_idd":"x"}')],
-    ["POST a job id and an unknown field", (s: ApiStack) => post(s, JSON.stringify({ jobId: unknownJob, extra: 1 }))],
+    [
+      "POST a job id and an unknown field",
+      (s: ApiStack) => post(s, JSON.stringify({ jobId: unknownJob, extra: 1 })),
+    ],
     ["POST a job id that is a number", (s: ApiStack) => post(s, '{"jobId":42}')],
-    ["POST the job id in its proto name", (s: ApiStack) => post(s, JSON.stringify({ job_id: unknownJob }))],
+    [
+      "POST the job id in its proto name",
+      (s: ApiStack) => post(s, JSON.stringify({ job_id: unknownJob })),
+    ],
     ["POST a JSON array", (s: ApiStack) => post(s, "[1]")],
     ["POST an oversized body", (s: ApiStack) => post(s, oversized)],
-    ["POST an unparsable binary body", (s: ApiStack) => post(s, new Uint8Array([0xff, 0xff]), "application/proto")],
+    [
+      "POST an unparsable binary body",
+      (s: ApiStack) => post(s, new Uint8Array([0xff, 0xff]), "application/proto"),
+    ],
     ["POST a wrong content type", (s: ApiStack) => post(s, "{}", "text/plain")],
-    ["POST a gzip body that is not gzip", (s: ApiStack) => post(s, "{}", "application/json", { "content-encoding": "gzip" })],
+    [
+      "POST a gzip body that is not gzip",
+      (s: ApiStack) => post(s, "{}", "application/json", { "content-encoding": "gzip" }),
+    ],
     ["GET without a message", (s: ApiStack) => get(s, "encoding=json")],
-    ["GET without an encoding", (s: ApiStack) => get(s, `message=${encodeURIComponent(JSON.stringify({ jobId: unknownJob }))}`)],
+    [
+      "GET without an encoding",
+      (s: ApiStack) =>
+        get(s, `message=${encodeURIComponent(JSON.stringify({ jobId: unknownJob }))}`),
+    ],
     ["GET an unknown job", (s: ApiStack) => get(s, jsonQuery(unknownJob))],
     ["GET a malformed id", (s: ApiStack) => get(s, jsonQuery("not-a-uuid"))],
   ])("%s gets the same status and code as from connect-node", async (_what, call) => {
     const [a, b] = await Promise.all([call(fast), call(plain)]);
     expect(a.status).toBe(b.status);
     const [ta, tb] = [await a.text(), await b.text()];
-    const code = (text: string) => (text === "" ? undefined : (JSON.parse(text) as { code?: string }).code);
+    const code = (text: string) =>
+      text === "" ? undefined : (JSON.parse(text) as { code?: string }).code;
     expect(code(ta)).toBe(code(tb));
   });
 
@@ -405,7 +510,10 @@ describe("GetStatus over gRPC (h2c)", () => {
     const env = { MAX_REQUEST_BYTES: String(MAX_BYTES), PRESIGN_EXPIRY_SECONDS: "300" };
     authed = await startApiStack(env, { services: svc });
     // The same jobs (one key prefix), served by connect-node alone.
-    authedPlain = await startApiStack({ ...env, QUEUE_PREFIX: authed.cfg.QUEUE_PREFIX }, { services: svc, fastPaths: false });
+    authedPlain = await startApiStack(
+      { ...env, QUEUE_PREFIX: authed.cfg.QUEUE_PREFIX },
+      { services: svc, fastPaths: false },
+    );
   });
   afterAll(async () => {
     for (const m of managers) m.abort();
@@ -415,13 +523,18 @@ describe("GetStatus over gRPC (h2c)", () => {
   });
 
   const grpcFrame = (message: Uint8Array, flags = 0) => envelope(flags, message);
-  const statusRequest = (jobId: string) => toBinary(GetStatusRequestSchema, create(GetStatusRequestSchema, { jobId }));
+  const statusRequest = (jobId: string) =>
+    toBinary(GetStatusRequestSchema, create(GetStatusRequestSchema, { jobId }));
 
   /** One raw gRPC call: response headers (without date), trailers and body. */
   async function rawCall(stack: ApiStack, body: Buffer, headers: Record<string, string> = {}) {
     const session = http2.connect(stack.server.url);
     try {
-      return await new Promise<{ headers: Record<string, unknown>; trailers: Record<string, unknown>; body: Buffer }>((ok, fail) => {
+      return await new Promise<{
+        headers: Record<string, unknown>;
+        trailers: Record<string, unknown>;
+        body: Buffer;
+      }>((ok, fail) => {
         const req = session.request({
           ":method": "POST",
           ":path": `${SERVICE}/GetStatus`,
@@ -455,7 +568,11 @@ describe("GetStatus over gRPC (h2c)", () => {
     managers.push(m);
     return createClient(
       DownloadService,
-      createGrpcTransport({ baseUrl: stack.server.url, sessionManager: m, interceptors: withToken ? [withTestToken] : [] }),
+      createGrpcTransport({
+        baseUrl: stack.server.url,
+        sessionManager: m,
+        interceptors: withToken ? [withTestToken] : [],
+      }),
     );
   }
 
@@ -469,17 +586,35 @@ describe("GetStatus over gRPC (h2c)", () => {
   let grpcJsCtor: new (addr: string, creds: grpc.ChannelCredentials) => GrpcJsClient;
   beforeAll(async () => {
     const proto = resolve(import.meta.dirname, "../proto/downloads/v1/download_service.proto");
-    const def = await protoLoader.load(proto, { keepCase: false, longs: String, enums: String, defaults: true, oneofs: true });
-    grpcJsCtor = (grpc.loadPackageDefinition(def) as unknown as { downloads: { v1: { DownloadService: typeof grpcJsCtor } } })
-      .downloads.v1.DownloadService;
+    const def = await protoLoader.load(proto, {
+      keepCase: false,
+      longs: String,
+      enums: String,
+      defaults: true,
+      oneofs: true,
+    });
+    grpcJsCtor = (
+      grpc.loadPackageDefinition(def) as unknown as {
+        downloads: { v1: { DownloadService: typeof grpcJsCtor } };
+      }
+    ).downloads.v1.DownloadService;
   });
-  function grpcJsGetStatus(stack: ApiStack, jobId: string, token: string | undefined = TEST_AUTH_HEADER.authorization) {
-    const client = new grpcJsCtor(`127.0.0.1:${stack.server.port}`, grpc.credentials.createInsecure());
+  function grpcJsGetStatus(
+    stack: ApiStack,
+    jobId: string,
+    token: string | undefined = TEST_AUTH_HEADER.authorization,
+  ) {
+    const client = new grpcJsCtor(
+      `127.0.0.1:${stack.server.port}`,
+      grpc.credentials.createInsecure(),
+    );
     grpcJs.push(client);
     const metadata = new grpc.Metadata();
     if (token !== undefined) metadata.set("authorization", token);
     return new Promise<{ job: Record<string, unknown> }>((ok, fail) =>
-      client.getStatus({ jobId }, metadata, (err, res) => (err ? fail(err) : ok(res as { job: Record<string, unknown> }))),
+      client.getStatus({ jobId }, metadata, (err, res) =>
+        err ? fail(err) : ok(res as { job: Record<string, unknown> }),
+      ),
     );
   }
 
@@ -487,11 +622,17 @@ describe("GetStatus over gRPC (h2c)", () => {
     const jobId = (await authed.store.create(newJobId(), [11, 12, 13], authed.owner)).id;
     await authed.startJob(jobId);
     await authed.progress(jobId, 40, 100);
-    const [viaFast, viaPlain] = await Promise.all([connectGrpc(authed).getStatus({ jobId }), connectGrpc(authedPlain).getStatus({ jobId })]);
+    const [viaFast, viaPlain] = await Promise.all([
+      connectGrpc(authed).getStatus({ jobId }),
+      connectGrpc(authedPlain).getStatus({ jobId }),
+    ]);
     expect(viaFast.job?.jobId).toBe(jobId);
     expect(viaFast.job?.progress?.percent).toBe(40);
     expect(viaFast).toEqual(viaPlain);
-    const [jsFast, jsPlain] = await Promise.all([grpcJsGetStatus(authed, jobId), grpcJsGetStatus(authedPlain, jobId)]);
+    const [jsFast, jsPlain] = await Promise.all([
+      grpcJsGetStatus(authed, jobId),
+      grpcJsGetStatus(authedPlain, jobId),
+    ]);
     expect(jsFast.job).toMatchObject({ jobId, state: "JOB_STATE_PROCESSING", version: 3 });
     expect(jsFast).toEqual(jsPlain);
   });
@@ -513,16 +654,32 @@ describe("GetStatus over gRPC (h2c)", () => {
 
   test.each([
     ["an unknown job", async () => newJobId(), true, Code.NotFound],
-    ["another owner's job", async () => (await authed.store.create(newJobId(), [1], "someone-else")).id, true, Code.NotFound],
+    [
+      "another owner's job",
+      async () => (await authed.store.create(newJobId(), [1], "someone-else")).id,
+      true,
+      Code.NotFound,
+    ],
     ["a malformed job id", async () => "42", true, Code.InvalidArgument],
-    ["a call without a token", async () => (await authed.store.create(newJobId(), [1], authed.owner)).id, false, Code.Unauthenticated],
+    [
+      "a call without a token",
+      async () => (await authed.store.create(newJobId(), [1], authed.owner)).id,
+      false,
+      Code.Unauthenticated,
+    ],
   ])("%s: both clients get the code connect-node gives", async (_what, makeId, withToken, code) => {
     const jobId = await makeId();
     for (const stack of [authed, authedPlain]) {
-      const err = await connectGrpc(stack, withToken).getStatus({ jobId }).catch((e: unknown) => e);
+      const err = await connectGrpc(stack, withToken)
+        .getStatus({ jobId })
+        .catch((e: unknown) => e);
       expect(err).toBeInstanceOf(ConnectError);
       expect((err as ConnectError).code).toBe(code);
-      const jsErr = (await grpcJsGetStatus(stack, jobId, withToken ? undefined : "Bearer wrong").catch((e: unknown) => e)) as grpc.ServiceError;
+      const jsErr = (await grpcJsGetStatus(
+        stack,
+        jobId,
+        withToken ? undefined : "Bearer wrong",
+      ).catch((e: unknown) => e)) as grpc.ServiceError;
       // gRPC and Connect number their codes alike.
       expect(jsErr.code).toBe(code as number);
     }
@@ -532,10 +689,16 @@ describe("GetStatus over gRPC (h2c)", () => {
     const files = Array.from({ length: 200 }, (_, i) => 1000 + i);
     const jobId = (await authed.store.create(newJobId(), files, authed.owner)).id;
     const headers = { "grpc-accept-encoding": "identity,deflate,gzip" };
-    const [a, b] = await Promise.all([rawCall(authed, grpcFrame(statusRequest(jobId)), headers), rawCall(authedPlain, grpcFrame(statusRequest(jobId)), headers)]);
+    const [a, b] = await Promise.all([
+      rawCall(authed, grpcFrame(statusRequest(jobId)), headers),
+      rawCall(authedPlain, grpcFrame(statusRequest(jobId)), headers),
+    ]);
     expect(a.headers["grpc-encoding"]).toBe("gzip");
     expect(a.body[0]).toBe(1);
-    const job = fromBinary(GetStatusResponseSchema, new Uint8Array(gunzipSync(a.body.subarray(5)))).job;
+    const job = fromBinary(
+      GetStatusResponseSchema,
+      new Uint8Array(gunzipSync(a.body.subarray(5))),
+    ).job;
     expect(job?.fileIds).toEqual(files);
     expect([a.headers, a.trailers, a.body]).toEqual([b.headers, b.trailers, b.body]);
   });
@@ -544,35 +707,92 @@ describe("GetStatus over gRPC (h2c)", () => {
   test.each([
     ["a call that succeeds", () => grpcFrame(statusRequest(unknown)), {}, "ok"],
     ["bad request bytes", () => grpcFrame(new Uint8Array([0xff, 0xff])), {}, Code.InvalidArgument],
-    ["a malformed grpc-timeout", () => grpcFrame(statusRequest(unknown)), { "grpc-timeout": "x" }, Code.InvalidArgument],
-    ["a grpc-timeout long enough", () => grpcFrame(statusRequest(unknown)), { "grpc-timeout": "10S" }, Code.NotFound],
+    [
+      "a malformed grpc-timeout",
+      () => grpcFrame(statusRequest(unknown)),
+      { "grpc-timeout": "x" },
+      Code.InvalidArgument,
+    ],
+    [
+      "a grpc-timeout long enough",
+      () => grpcFrame(statusRequest(unknown)),
+      { "grpc-timeout": "10S" },
+      Code.NotFound,
+    ],
     ["no message", () => Buffer.alloc(0), {}, Code.Unimplemented],
-    ["two messages", () => Buffer.concat([grpcFrame(statusRequest(unknown)), grpcFrame(statusRequest(unknown))]), {}, Code.Unimplemented],
-    ["a message flagged compressed", () => grpcFrame(statusRequest(unknown), 1), {}, Code.InvalidArgument],
-    ["a cut envelope", () => grpcFrame(statusRequest(unknown)).subarray(0, 9), {}, Code.InvalidArgument],
-    ["an oversized message", () => grpcFrame(statusRequest("x".repeat(MAX_BYTES * 2))), {}, Code.ResourceExhausted],
-    ["a wrong token", () => grpcFrame(statusRequest(unknown)), { authorization: "Bearer wrong" }, Code.Unauthenticated],
-    ["a gRPC JSON request", () => grpcFrame(Buffer.from(JSON.stringify({ jobId: unknown }))), { "content-type": "application/grpc+json" }, Code.NotFound],
-  ])("raw: %s gets connect-node's headers, trailers and body", async (_what, body, headers, code) => {
-    const jobId = (await authed.store.create(newJobId(), [5, 6], authed.owner)).id;
-    const bytes = code === "ok" ? grpcFrame(statusRequest(jobId)) : body();
-    const [a, b] = await Promise.all([rawCall(authed, bytes, headers), rawCall(authedPlain, bytes, headers)]);
-    expect(a.trailers["grpc-status"]).toBe(code === "ok" ? "0" : String(code));
-    expect([a.headers, a.trailers, a.body]).toEqual([b.headers, b.trailers, b.body]);
-  });
+    [
+      "two messages",
+      () => Buffer.concat([grpcFrame(statusRequest(unknown)), grpcFrame(statusRequest(unknown))]),
+      {},
+      Code.Unimplemented,
+    ],
+    [
+      "a message flagged compressed",
+      () => grpcFrame(statusRequest(unknown), 1),
+      {},
+      Code.InvalidArgument,
+    ],
+    [
+      "a cut envelope",
+      () => grpcFrame(statusRequest(unknown)).subarray(0, 9),
+      {},
+      Code.InvalidArgument,
+    ],
+    [
+      "an oversized message",
+      () => grpcFrame(statusRequest("x".repeat(MAX_BYTES * 2))),
+      {},
+      Code.ResourceExhausted,
+    ],
+    [
+      "a wrong token",
+      () => grpcFrame(statusRequest(unknown)),
+      { authorization: "Bearer wrong" },
+      Code.Unauthenticated,
+    ],
+    [
+      "a gRPC JSON request",
+      () => grpcFrame(Buffer.from(JSON.stringify({ jobId: unknown }))),
+      { "content-type": "application/grpc+json" },
+      Code.NotFound,
+    ],
+  ])(
+    "raw: %s gets connect-node's headers, trailers and body",
+    async (_what, body, headers, code) => {
+      const jobId = (await authed.store.create(newJobId(), [5, 6], authed.owner)).id;
+      const bytes = code === "ok" ? grpcFrame(statusRequest(jobId)) : body();
+      const [a, b] = await Promise.all([
+        rawCall(authed, bytes, headers),
+        rawCall(authedPlain, bytes, headers),
+      ]);
+      expect(a.trailers["grpc-status"]).toBe(code === "ok" ? "0" : String(code));
+      expect([a.headers, a.trailers, a.body]).toEqual([b.headers, b.trailers, b.body]);
+    },
+  );
 });
 
 describe("the RPC log line of a lean call", () => {
   test("is the line connect-node's call gets: procedure, code, owner, HTTP status", async () => {
     const cfg = svc.config({ PORT: "0", HOST: "127.0.0.1" });
     const lines: Record<string, unknown>[] = [];
-    const log = pino({ level: "info" }, { write: (line: string) => void lines.push(JSON.parse(line) as Record<string, unknown>) });
-    const servers = [await startApiServer(cfg, log), await startApiServer(cfg, log, { fastPaths: false })];
+    const log = pino(
+      { level: "info" },
+      { write: (line: string) => void lines.push(JSON.parse(line) as Record<string, unknown>) },
+    );
+    const servers = [
+      await startApiServer(cfg, log),
+      await startApiServer(cfg, log, { fastPaths: false }),
+    ];
     try {
-      const rpcLines = () => lines.filter((l) => l.msg === "rpc").map(({ time: _t, pid: _p, hostname: _h, ms: _ms, ...rest }) => rest);
+      const rpcLines = () =>
+        lines
+          .filter((l) => l.msg === "rpc")
+          .map(({ time: _t, pid: _p, hostname: _h, ms: _ms, ...rest }) => rest);
       const calls = async (url: string) => {
         const transport = createGrpcTransport({ baseUrl: url, interceptors: [withTestToken] });
-        await createClient(DownloadService, transport).getStatus({ jobId: newJobId() }).catch(() => undefined);
+        await createClient(DownloadService, transport)
+          .getStatus({ jobId: newJobId() })
+          .catch(() => undefined);
         await fetch(`${url}${SERVICE}/GetStatus`, {
           method: "POST",
           headers: { "content-type": "application/json", ...TEST_AUTH_HEADER },
@@ -587,8 +807,20 @@ describe("the RPC log line of a lean call", () => {
         seen.push(rpcLines());
       }
       expect(seen[0]).toEqual([
-        expect.objectContaining({ rpc: `${SERVICE}/GetStatus`, http: "2.0", code: "not_found", owner: "test-owner", status: 200 }),
-        expect.objectContaining({ rpc: `${SERVICE}/GetStatus`, http: "1.1", code: "invalid_argument", owner: "test-owner", status: 400 }),
+        expect.objectContaining({
+          rpc: `${SERVICE}/GetStatus`,
+          http: "2.0",
+          code: "not_found",
+          owner: "test-owner",
+          status: 200,
+        }),
+        expect.objectContaining({
+          rpc: `${SERVICE}/GetStatus`,
+          http: "1.1",
+          code: "invalid_argument",
+          owner: "test-owner",
+          status: 400,
+        }),
       ]);
       expect(seen[0]).toEqual(seen[1]);
     } finally {
@@ -598,7 +830,12 @@ describe("the RPC log line of a lean call", () => {
 });
 
 describe("Initiate, the first call of every job", () => {
-  const initiate = (stack: ApiStack, body: string | Uint8Array, type = "application/json", headers: Record<string, string> = {}) =>
+  const initiate = (
+    stack: ApiStack,
+    body: string | Uint8Array,
+    type = "application/json",
+    headers: Record<string, string> = {},
+  ) =>
     fetch(`${stack.server.url}${SERVICE}/Initiate`, {
       method: "POST",
       headers: { "content-type": type, ...headers },
@@ -607,8 +844,16 @@ describe("Initiate, the first call of every job", () => {
   // connect-node alone over the same jobs (one key prefix), for byte-for-byte comparisons.
   let twin: ApiStack;
   beforeAll(async () => {
-    const env = { MAX_REQUEST_BYTES: String(MAX_BYTES), WATCH_HEARTBEAT_MS: "60000", PRESIGN_EXPIRY_SECONDS: "300", AUTH_DISABLED: "true" };
-    twin = await startApiStack({ ...env, QUEUE_PREFIX: fast.cfg.QUEUE_PREFIX }, { services: svc, fastPaths: false });
+    const env = {
+      MAX_REQUEST_BYTES: String(MAX_BYTES),
+      WATCH_HEARTBEAT_MS: "60000",
+      PRESIGN_EXPIRY_SECONDS: "300",
+      AUTH_DISABLED: "true",
+    };
+    twin = await startApiStack(
+      { ...env, QUEUE_PREFIX: fast.cfg.QUEUE_PREFIX },
+      { services: svc, fastPaths: false },
+    );
   });
   afterAll(async () => {
     await twin?.stop();
@@ -618,28 +863,49 @@ describe("Initiate, the first call of every job", () => {
   const files = (n = 1) => Array.from({ length: n }, () => nextFile++);
 
   test("JSON and binary answers have connect-node's shape, and the job is queued for a worker", async () => {
-    const viaFast = (await (await initiate(fast, JSON.stringify({ fileIds: files(2) }))).json()) as Record<string, any>;
-    const viaPlain = (await (await initiate(plain, JSON.stringify({ fileIds: files(2) }))).json()) as Record<string, any>;
+    const viaFast = (await (
+      await initiate(fast, JSON.stringify({ fileIds: files(2) }))
+    ).json()) as Record<string, any>;
+    const viaPlain = (await (
+      await initiate(plain, JSON.stringify({ fileIds: files(2) }))
+    ).json()) as Record<string, any>;
     expect(viaFast.outcome).toBe("INITIATE_OUTCOME_CREATED");
     expect(Object.keys(viaFast).sort()).toEqual(Object.keys(viaPlain).sort());
-    expect(Object.keys(viaFast.job as object).sort()).toEqual(Object.keys(viaPlain.job as object).sort());
-    expect(viaFast.job).toMatchObject({ state: "JOB_STATE_QUEUED", version: 1, fileIds: [nextFile - 4, nextFile - 3] });
+    expect(Object.keys(viaFast.job as object).sort()).toEqual(
+      Object.keys(viaPlain.job as object).sort(),
+    );
+    expect(viaFast.job).toMatchObject({
+      state: "JOB_STATE_QUEUED",
+      version: 1,
+      fileIds: [nextFile - 4, nextFile - 3],
+    });
     expect(await fast.queue.getJob(viaFast.job.jobId as string)).toBeDefined();
 
-    const request = toBinary(InitiateRequestSchema, create(InitiateRequestSchema, { fileIds: files(1) }));
+    const request = toBinary(
+      InitiateRequestSchema,
+      create(InitiateRequestSchema, { fileIds: files(1) }),
+    );
     const res = await initiate(fast, request, "application/proto");
     expect(res.headers.get("content-type")).toBe("application/proto");
     const decoded = fromBinary(InitiateResponseSchema, new Uint8Array(await res.arrayBuffer()));
-    expect([decoded.outcome, decoded.job?.fileIds]).toEqual([InitiateOutcome.CREATED, [nextFile - 1]]);
+    expect([decoded.outcome, decoded.job?.fileIds]).toEqual([
+      InitiateOutcome.CREATED,
+      [nextFile - 1],
+    ]);
     expect((await fast.store.get(decoded.job?.jobId ?? "")).owner).toBe("anonymous");
   });
 
   test("the Idempotency-Key header replays the first answer's job, in the very JSON connect-node writes", async () => {
     const body = JSON.stringify({ fileIds: files(1) });
     const headers = { "idempotency-key": `key-${newJobId()}` };
-    const first = (await (await initiate(fast, body, "application/json", headers)).json()) as Record<string, any>;
+    const first = (await (
+      await initiate(fast, body, "application/json", headers)
+    ).json()) as Record<string, any>;
     const again = await (await initiate(fast, body, "application/json", headers)).text();
-    expect(JSON.parse(again)).toMatchObject({ outcome: "INITIATE_OUTCOME_REPLAYED", job: { jobId: first.job.jobId } });
+    expect(JSON.parse(again)).toMatchObject({
+      outcome: "INITIATE_OUTCOME_REPLAYED",
+      job: { jobId: first.job.jobId },
+    });
     // The same job replayed by connect-node (both servers share Redis): byte for byte.
     expect(again).toBe(await (await initiate(twin, body, "application/json", headers)).text());
   });
@@ -651,7 +917,11 @@ describe("Initiate, the first call of every job", () => {
       return frames(res.body)[0]?.data.toString();
     };
     const fail = (id: string) =>
-      fast.store.update(id, { state: "FAILED", endedAt: Date.now(), error: { code: "not_found", message: "gone", retryable: false, missingFileIds: [3] } });
+      fast.store.update(id, {
+        state: "FAILED",
+        endedAt: Date.now(),
+        error: { code: "not_found", message: "gone", retryable: false, missingFileIds: [3] },
+      });
     await fast.startJob(jobId);
     await fast.progress(jobId, 40, 100);
     await fail(jobId);
@@ -663,32 +933,64 @@ describe("Initiate, the first call of every job", () => {
   const tooMany = JSON.stringify({ fileIds: Array.from({ length: 200 }, (_, i) => i + 1) });
   test.each([
     ["malformed JSON", (s: ApiStack) => initiate(s, '{"fileIds":')],
-    ["an unknown field", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1], fileIdz: [2] }))],
+    [
+      "an unknown field",
+      (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1], fileIdz: [2] })),
+    ],
     ["file ids that are strings of letters", (s: ApiStack) => initiate(s, '{"fileIds":["a"]}')],
     ["no file ids", (s: ApiStack) => initiate(s, "{}")],
     ["a negative file id", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [-1] }))],
     ["a repeated file id", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [5, 5] }))],
     ["an oversized body", (s: ApiStack) => initiate(s, tooMany)],
-    ["an unparsable binary body", (s: ApiStack) => initiate(s, new Uint8Array([0xff, 0xff]), "application/proto")],
+    [
+      "an unparsable binary body",
+      (s: ApiStack) => initiate(s, new Uint8Array([0xff, 0xff]), "application/proto"),
+    ],
     ["a wrong content type", (s: ApiStack) => initiate(s, "{}", "text/plain")],
-    ["a gzip body that is not gzip", (s: ApiStack) => initiate(s, "{}", "application/json", { "content-encoding": "gzip" })],
-    ["a malformed Idempotency-Key", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1] }), "application/json", { "idempotency-key": "k".repeat(200) })],
+    [
+      "a gzip body that is not gzip",
+      (s: ApiStack) => initiate(s, "{}", "application/json", { "content-encoding": "gzip" }),
+    ],
+    [
+      "a malformed Idempotency-Key",
+      (s: ApiStack) =>
+        initiate(s, JSON.stringify({ fileIds: [1] }), "application/json", {
+          "idempotency-key": "k".repeat(200),
+        }),
+    ],
     [
       "a request_id that differs from the Idempotency-Key",
-      (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1], requestId: "a" }), "application/json", { "idempotency-key": "b" }),
+      (s: ApiStack) =>
+        initiate(s, JSON.stringify({ fileIds: [1], requestId: "a" }), "application/json", {
+          "idempotency-key": "b",
+        }),
     ],
     ["fileIds written twice", (s: ApiStack) => initiate(s, '{"fileIds":[1],"fileIds":[2]}')],
-    ["a file id beyond int32", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [2 ** 31] }))],
+    [
+      "a file id beyond int32",
+      (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [2 ** 31] })),
+    ],
     ["a fractional file id", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1.5] }))],
     ["null file ids", (s: ApiStack) => initiate(s, '{"fileIds":null}')],
-    ["a callback_url on a server without webhooks", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1], callbackUrl: "https://example.com/hook" }))],
-    ["a malformed connect-timeout-ms", (s: ApiStack) => initiate(s, JSON.stringify({ fileIds: [1] }), "application/json", { "connect-timeout-ms": "soon" })],
+    [
+      "a callback_url on a server without webhooks",
+      (s: ApiStack) =>
+        initiate(s, JSON.stringify({ fileIds: [1], callbackUrl: "https://example.com/hook" })),
+    ],
+    [
+      "a malformed connect-timeout-ms",
+      (s: ApiStack) =>
+        initiate(s, JSON.stringify({ fileIds: [1] }), "application/json", {
+          "connect-timeout-ms": "soon",
+        }),
+    ],
   ])("%s gets the same status and code as from connect-node", async (_what, call) => {
     const [a, b] = await Promise.all([call(fast), call(plain)]);
     expect(a.status).toBe(b.status);
     expect(a.status).toBeGreaterThanOrEqual(400);
     const [ta, tb] = [await a.text(), await b.text()];
-    const code = (text: string) => (text === "" ? undefined : (JSON.parse(text) as { code?: string }).code);
+    const code = (text: string) =>
+      text === "" ? undefined : (JSON.parse(text) as { code?: string }).code;
     expect(code(ta)).toBe(code(tb));
   });
 

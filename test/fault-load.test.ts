@@ -1,11 +1,15 @@
 import { readFileSync } from "node:fs";
 import { resolve } from "node:path";
 import { ConnectError, createClient } from "@connectrpc/connect";
-import { Http2SessionManager, createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
+import {
+  createConnectTransport,
+  createGrpcTransport,
+  Http2SessionManager,
+} from "@connectrpc/connect-node";
 import { afterAll, beforeAll, expect, test } from "vitest";
+import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { freePort, waitUntil } from "../local/ports.js";
 import { type ServiceProcess, startServiceProcess } from "../local/service-process.js";
-import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { TEST_AUTH_HEADER, withTestToken } from "./helpers/api.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
 import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
@@ -41,7 +45,14 @@ beforeAll(async () => {
     name: "api",
     entry: "test/helpers/api-with-gc.ts",
     cwd: ROOT,
-    env: { ...process.env, ...svc.env, NODE_OPTIONS: "--expose-gc", PORT: String(port), QUEUE_PREFIX: prefix, LOG_LEVEL: "error" },
+    env: {
+      ...process.env,
+      ...svc.env,
+      NODE_OPTIONS: "--expose-gc",
+      PORT: String(port),
+      QUEUE_PREFIX: prefix,
+      LOG_LEVEL: "error",
+    },
     onLine: (line) => {
       if (line.startsWith("memory ")) memoryLines.push(line);
     },
@@ -71,115 +82,145 @@ async function heapAfterGc(): Promise<number> {
 }
 
 function rss(): number {
-  return Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${api.pid}/status`, "utf8"))?.[1] ?? 0) * 1024;
+  return (
+    Number(/VmRSS:\s+(\d+) kB/.exec(readFileSync(`/proc/${api.pid}/status`, "utf8"))?.[1] ?? 0) *
+    1024
+  );
 }
 
 const sleep = (ms: number) => new Promise((r) => setTimeout(r, ms));
 
-test(`${POLLERS} pollers and ${WATCHERS} watchers for ${SECONDS} s with jobs flowing: no error, heap flat`, async () => {
-  const h2 = new Http2SessionManager(base);
-  sessions.push(h2);
-  const h1 = createClient(DownloadService, createConnectTransport({ baseUrl: base, httpVersion: "1.1", interceptors: [withTestToken] }));
-  const grpc = createClient(DownloadService, createGrpcTransport({ baseUrl: base, sessionManager: h2, interceptors: [withTestToken] }));
+test(
+  `${POLLERS} pollers and ${WATCHERS} watchers for ${SECONDS} s with jobs flowing: no error, heap flat`,
+  async () => {
+    const h2 = new Http2SessionManager(base);
+    sessions.push(h2);
+    const h1 = createClient(
+      DownloadService,
+      createConnectTransport({ baseUrl: base, httpVersion: "1.1", interceptors: [withTestToken] }),
+    );
+    const grpc = createClient(
+      DownloadService,
+      createGrpcTransport({ baseUrl: base, sessionManager: h2, interceptors: [withTestToken] }),
+    );
 
-  const jobs: string[] = [];
-  const errors: string[] = [];
-  const count = { initiated: 0, polls: 0, watches: 0, watchMessages: 0 };
-  const deadline = Date.now() + SECONDS * 1000;
-  const running = () => Date.now() < deadline;
-  const fail = (what: string, err: unknown) => errors.push(`${what}: ${ConnectError.from(err).message}`);
+    const jobs: string[] = [];
+    const errors: string[] = [];
+    const count = { initiated: 0, polls: 0, watches: 0, watchMessages: 0 };
+    const deadline = Date.now() + SECONDS * 1000;
+    const running = () => Date.now() < deadline;
+    const fail = (what: string, err: unknown) =>
+      errors.push(`${what}: ${ConnectError.from(err).message}`);
 
-  const producer = (async () => {
-    for (let i = 0; running(); i++) {
-      try {
-        const fileIds = [FILES[i % FILES.length] as number, FILES[(i + 3) % FILES.length] as number];
-        const { job } = await (i % 2 === 0 ? h1 : grpc).initiate({ fileIds });
-        jobs.push(job?.jobId ?? "");
-        count.initiated += 1;
-      } catch (err) {
-        fail("initiate", err);
-      }
-      await sleep(250);
-    }
-  })();
-
-  const poller = async (n: number) => {
-    await sleep(Math.random() * 1000);
-    while (running()) {
-      const jobId = jobs[Math.floor(Math.random() * jobs.length)];
-      if (jobId !== undefined) {
+    const producer = (async () => {
+      for (let i = 0; running(); i++) {
         try {
-          if (n % 2 === 0) {
-            const message = encodeURIComponent(JSON.stringify({ jobId }));
-            const res = await fetch(`${base}${SERVICE}/GetStatus?connect=v1&encoding=json&message=${message}`, { headers: TEST_AUTH_HEADER });
-            if (res.status !== 200) throw new Error(`HTTP ${res.status} ${await res.text()}`);
-            await res.arrayBuffer();
-          } else {
-            await h1.getStatus({ jobId });
-          }
-          count.polls += 1;
+          const fileIds = [
+            FILES[i % FILES.length] as number,
+            FILES[(i + 3) % FILES.length] as number,
+          ];
+          const { job } = await (i % 2 === 0 ? h1 : grpc).initiate({ fileIds });
+          jobs.push(job?.jobId ?? "");
+          count.initiated += 1;
         } catch (err) {
-          fail("poll", err);
+          fail("initiate", err);
+        }
+        await sleep(250);
+      }
+    })();
+
+    const poller = async (n: number) => {
+      await sleep(Math.random() * 1000);
+      while (running()) {
+        const jobId = jobs[Math.floor(Math.random() * jobs.length)];
+        if (jobId !== undefined) {
+          try {
+            if (n % 2 === 0) {
+              const message = encodeURIComponent(JSON.stringify({ jobId }));
+              const res = await fetch(
+                `${base}${SERVICE}/GetStatus?connect=v1&encoding=json&message=${message}`,
+                { headers: TEST_AUTH_HEADER },
+              );
+              if (res.status !== 200) throw new Error(`HTTP ${res.status} ${await res.text()}`);
+              await res.arrayBuffer();
+            } else {
+              await h1.getStatus({ jobId });
+            }
+            count.polls += 1;
+          } catch (err) {
+            fail("poll", err);
+          }
+        }
+        await sleep(800 + Math.random() * 400);
+      }
+    };
+
+    const watcher = async (n: number) => {
+      await sleep(Math.random() * 1000);
+      let watched = -1;
+      while (running()) {
+        // The newest job this watcher has not followed yet, as a user would open it.
+        const newest = jobs.length - 1;
+        if (newest <= watched) {
+          await sleep(100);
+          continue;
+        }
+        watched = newest;
+        const jobId = jobs[newest] as string;
+        let last: JobState | undefined;
+        try {
+          for await (const msg of (n % 2 === 0 ? h1 : grpc).watchJob({ jobId })) {
+            count.watchMessages += 1;
+            if (msg.event.case === "job") last = msg.event.value.state;
+          }
+          count.watches += 1;
+          if (last !== JobState.COMPLETED)
+            errors.push(
+              `watch of ${jobId} ended in ${last === undefined ? "nothing" : JobState[last]}`,
+            );
+        } catch (err) {
+          fail("watch", err);
         }
       }
-      await sleep(800 + Math.random() * 400);
-    }
-  };
+    };
 
-  const watcher = async (n: number) => {
-    await sleep(Math.random() * 1000);
-    let watched = -1;
-    while (running()) {
-      // The newest job this watcher has not followed yet, as a user would open it.
-      const newest = jobs.length - 1;
-      if (newest <= watched) {
-        await sleep(100);
-        continue;
-      }
-      watched = newest;
-      const jobId = jobs[newest] as string;
-      let last: JobState | undefined;
-      try {
-        for await (const msg of (n % 2 === 0 ? h1 : grpc).watchJob({ jobId })) {
-          count.watchMessages += 1;
-          if (msg.event.case === "job") last = msg.event.value.state;
-        }
-        count.watches += 1;
-        if (last !== JobState.COMPLETED) errors.push(`watch of ${jobId} ended in ${last === undefined ? "nothing" : JobState[last]}`);
-      } catch (err) {
-        fail("watch", err);
-      }
-    }
-  };
-
-  const heapStart = await heapAfterGc();
-  const load = Promise.all([
-    producer,
-    ...Array.from({ length: POLLERS }, (_, i) => poller(i)),
-    ...Array.from({ length: WATCHERS }, (_, i) => watcher(i)),
-  ]);
-  // The first third warms the server up; the heap from there on must not grow.
-  await sleep((SECONDS * 1000) / 3);
-  const heapWarm = await heapAfterGc();
-  const rssWarm = rss();
-  await load;
-  // Every job initiated must end; the watchers above already saw theirs complete.
-  const states = await Promise.all(jobs.map(async (jobId) => {
-    await expect.poll(async () => (await h1.getStatus({ jobId })).job?.state, { timeout: 60_000, interval: 200 }).toBe(JobState.COMPLETED);
-    return JobState.COMPLETED;
-  }));
-  const heapEnd = await heapAfterGc();
-  const rssEnd = rss();
-  const mb = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MB`;
-  console.log(
-    `fault load: ${SECONDS} s, ${POLLERS} pollers (Connect GET and POST), ${WATCHERS} watchers (HTTP/1.1 and gRPC); ` +
-      `${count.initiated} jobs initiated, ${states.length} completed; ${count.polls} polls, ${count.watches} watches to the end ` +
-      `(${count.watchMessages} messages); errors: ${errors.length}; API heap after GC ${mb(heapStart)} idle, ${mb(heapWarm)} warm, ` +
-      `${mb(heapEnd)} at the end; RSS ${mb(rssWarm)} warm, ${mb(rssEnd)} at the end; lost: 0`,
-  );
-  expect(errors.slice(0, 10)).toEqual([]);
-  // The load really ran (loosely: a busy machine slows the clients, not the verdict).
-  expect(count.polls).toBeGreaterThan(POLLERS * 2);
-  expect(count.watches).toBeGreaterThan(WATCHERS);
-  expect(heapEnd).toBeLessThanOrEqual(heapWarm + 10 * 1024 * 1024);
-}, (SECONDS + 150) * 1000);
+    const heapStart = await heapAfterGc();
+    const load = Promise.all([
+      producer,
+      ...Array.from({ length: POLLERS }, (_, i) => poller(i)),
+      ...Array.from({ length: WATCHERS }, (_, i) => watcher(i)),
+    ]);
+    // The first third warms the server up; the heap from there on must not grow.
+    await sleep((SECONDS * 1000) / 3);
+    const heapWarm = await heapAfterGc();
+    const rssWarm = rss();
+    await load;
+    // Every job initiated must end; the watchers above already saw theirs complete.
+    const states = await Promise.all(
+      jobs.map(async (jobId) => {
+        await expect
+          .poll(async () => (await h1.getStatus({ jobId })).job?.state, {
+            timeout: 60_000,
+            interval: 200,
+          })
+          .toBe(JobState.COMPLETED);
+        return JobState.COMPLETED;
+      }),
+    );
+    const heapEnd = await heapAfterGc();
+    const rssEnd = rss();
+    const mb = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MB`;
+    console.log(
+      `fault load: ${SECONDS} s, ${POLLERS} pollers (Connect GET and POST), ${WATCHERS} watchers (HTTP/1.1 and gRPC); ` +
+        `${count.initiated} jobs initiated, ${states.length} completed; ${count.polls} polls, ${count.watches} watches to the end ` +
+        `(${count.watchMessages} messages); errors: ${errors.length}; API heap after GC ${mb(heapStart)} idle, ${mb(heapWarm)} warm, ` +
+        `${mb(heapEnd)} at the end; RSS ${mb(rssWarm)} warm, ${mb(rssEnd)} at the end; lost: 0`,
+    );
+    expect(errors.slice(0, 10)).toEqual([]);
+    // The load really ran (loosely: a busy machine slows the clients, not the verdict).
+    expect(count.polls).toBeGreaterThan(POLLERS * 2);
+    expect(count.watches).toBeGreaterThan(WATCHERS);
+    expect(heapEnd).toBeLessThanOrEqual(heapWarm + 10 * 1024 * 1024);
+  },
+  (SECONDS + 150) * 1000,
+);

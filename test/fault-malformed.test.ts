@@ -131,7 +131,8 @@ function badJson(method: string): string {
     () => JSON.stringify("string"),
     () => "null",
     () => `{"a":${"[".repeat(5000)}${"]".repeat(5000)}}`,
-    () => (method === "Initiate" ? JSON.stringify({ fileIds: [0] }) : JSON.stringify({ jobId: "" })),
+    () =>
+      method === "Initiate" ? JSON.stringify({ fileIds: [0] }) : JSON.stringify({ jobId: "" }),
   ])();
 }
 
@@ -144,13 +145,21 @@ interface Outcome {
 function judgeHttp(kind: string, status: number, grpcStatus: string | null, body: string): Outcome {
   if (grpcStatus !== null && grpcStatus !== "") {
     const code = Number(grpcStatus);
-    return { kind, ok: status < 500 && CLIENT_GRPC.has(code), detail: `HTTP ${status} grpc-status ${code}` };
+    return {
+      kind,
+      ok: status < 500 && CLIENT_GRPC.has(code),
+      detail: `HTTP ${status} grpc-status ${code}`,
+    };
   }
   if (status >= 400 && status < 500) return { kind, ok: true, detail: `HTTP ${status}` };
   if (status === 200) {
     // A Connect stream answers 200 and puts the error in its end-of-stream message.
     const code = /"code":"([a-z_]+)"/.exec(body)?.[1];
-    return { kind, ok: code !== undefined && CLIENT_CONNECT.has(code), detail: `HTTP 200 ${code ?? body.slice(0, 80)}` };
+    return {
+      kind,
+      ok: code !== undefined && CLIENT_CONNECT.has(code),
+      detail: `HTTP 200 ${code ?? body.slice(0, 80)}`,
+    };
   }
   return { kind, ok: false, detail: `HTTP ${status} ${body.slice(0, 120)}` };
 }
@@ -158,11 +167,17 @@ function judgeHttp(kind: string, status: number, grpcStatus: string | null, body
 async function viaFetch(kind: string, path: string, init: RequestInit): Promise<Outcome> {
   const res = await fetch(`${base}${path}`, init);
   const body = await res.text();
-  const grpcStatus = res.headers.get("grpc-status") ?? /grpc-status:\s*(\d+)/i.exec(body)?.[1] ?? null;
+  const grpcStatus =
+    res.headers.get("grpc-status") ?? /grpc-status:\s*(\d+)/i.exec(body)?.[1] ?? null;
   return judgeHttp(kind, res.status, grpcStatus, body);
 }
 
-function viaH2(kind: string, path: string, headers: Record<string, string>, body: Buffer): Promise<Outcome> {
+function viaH2(
+  kind: string,
+  path: string,
+  headers: Record<string, string>,
+  body: Buffer,
+): Promise<Outcome> {
   return new Promise((ok) => {
     const req = session.request({ ":method": "POST", ":path": path, ...headers });
     let status = 0;
@@ -184,7 +199,10 @@ function viaH2(kind: string, path: string, headers: Record<string, string>, body
   });
 }
 
-function headersWith(auth: string | undefined, extra: Record<string, string>): Record<string, string> {
+function headersWith(
+  auth: string | undefined,
+  extra: Record<string, string>,
+): Record<string, string> {
   return auth === undefined ? extra : { ...extra, authorization: auth };
 }
 
@@ -206,7 +224,9 @@ function malformed(): Promise<Outcome> {
       // Random binary could decode as a valid Initiate: only with a bad token there.
       viaFetch("connect-proto", `${SERVICE}/${unaryMethod}`, {
         method: "POST",
-        headers: headersWith(unaryMethod === "Initiate" ? badAuthorization() : auth, { "content-type": "application/proto" }),
+        headers: headersWith(unaryMethod === "Initiate" ? badAuthorization() : auth, {
+          "content-type": "application/proto",
+        }),
         body: new Uint8Array(randomBytes(int(200))),
       }),
     () => {
@@ -218,12 +238,16 @@ function malformed(): Promise<Outcome> {
         `message=${"%".repeat(int(50) + 1)}`,
         "",
       ]);
-      return viaFetch("connect-get", `${SERVICE}/GetStatus?${q}`, { headers: headersWith(auth, {}) });
+      return viaFetch("connect-get", `${SERVICE}/GetStatus?${q}`, {
+        headers: headersWith(auth, {}),
+      });
     },
     () =>
       viaFetch("connect-stream", `${SERVICE}/WatchJob`, {
         method: "POST",
-        headers: headersWith(auth, { "content-type": pick(["application/connect+json", "application/connect+proto"]) }),
+        headers: headersWith(auth, {
+          "content-type": pick(["application/connect+json", "application/connect+proto"]),
+        }),
         body: new Uint8Array(
           pick([
             () => envelope(0, badJson("WatchJob")),
@@ -237,16 +261,26 @@ function malformed(): Promise<Outcome> {
     () =>
       viaFetch("grpc-web", path, {
         method: "POST",
-        headers: headersWith(auth, { "content-type": "application/grpc-web+proto", "x-grpc-web": "1" }),
-        body: new Uint8Array(pick([() => randomBytes(int(100)), () => Buffer.from([0, 0, 0, 0, 50, 1])])()),
+        headers: headersWith(auth, {
+          "content-type": "application/grpc-web+proto",
+          "x-grpc-web": "1",
+        }),
+        body: new Uint8Array(
+          pick([() => randomBytes(int(100)), () => Buffer.from([0, 0, 0, 0, 50, 1])])(),
+        ),
       }),
     () =>
-      viaH2("grpc-h2c", path, headersWith(auth, { "content-type": "application/grpc", te: "trailers" }), pick([
-        () => randomBytes(int(100)),
-        () => Buffer.from([0, 0, 0, 1, 0]),
-        () => Buffer.concat([Buffer.from([0, 0, 0, 0, 4]), randomBytes(4)]),
-        () => Buffer.from([1, 0, 0, 0, 3, 1, 2, 3]),
-      ])()),
+      viaH2(
+        "grpc-h2c",
+        path,
+        headersWith(auth, { "content-type": "application/grpc", te: "trailers" }),
+        pick([
+          () => randomBytes(int(100)),
+          () => Buffer.from([0, 0, 0, 1, 0]),
+          () => Buffer.concat([Buffer.from([0, 0, 0, 0, 4]), randomBytes(4)]),
+          () => Buffer.from([1, 0, 0, 0, 3, 1, 2, 3]),
+        ])(),
+      ),
     () =>
       viaH2(
         "connect-h2c",
@@ -255,28 +289,56 @@ function malformed(): Promise<Outcome> {
         Buffer.from(badJson(unaryMethod), "latin1"),
       ),
     () =>
-      viaFetch("wrong-route", pick([`${SERVICE}/Delete`, "/downloads.v2.DownloadService/Initiate", `${SERVICE}/`, "/%00"]), {
-        method: pick(["POST", "PUT", "DELETE", "PATCH"]),
-        headers: { "content-type": "application/json" },
-        body: "{}",
-      }),
+      viaFetch(
+        "wrong-route",
+        pick([
+          `${SERVICE}/Delete`,
+          "/downloads.v2.DownloadService/Initiate",
+          `${SERVICE}/`,
+          "/%00",
+        ]),
+        {
+          method: pick(["POST", "PUT", "DELETE", "PATCH"]),
+          headers: { "content-type": "application/json" },
+          body: "{}",
+        },
+      ),
     () =>
       viaFetch("wrong-content-type", path, {
         method: "POST",
-        headers: headersWith(auth, { "content-type": pick(["text/plain", "application/xml", "multipart/form-data", "application/json; charset=latin1"]) }),
+        headers: headersWith(auth, {
+          "content-type": pick([
+            "text/plain",
+            "application/xml",
+            "multipart/form-data",
+            "application/json; charset=latin1",
+          ]),
+        }),
         body: "{}",
       }),
   ];
-  return pick(kinds)().catch((err: unknown) => ({ kind: "transport", ok: false, detail: String(err) }));
+  return pick(kinds)().catch((err: unknown) => ({
+    kind: "transport",
+    ok: false,
+    detail: String(err),
+  }));
 }
 
 async function valid(n: number): Promise<void> {
   const headers = { "content-type": "application/json", ...TEST_AUTH_HEADER };
   const { job } = (await (
-    await fetch(`${base}${SERVICE}/Initiate`, { method: "POST", headers, body: JSON.stringify({ fileIds: [1, 2] }) })
+    await fetch(`${base}${SERVICE}/Initiate`, {
+      method: "POST",
+      headers,
+      body: JSON.stringify({ fileIds: [1, 2] }),
+    })
   ).json()) as { job: { jobId: string } };
   for (let i = 0; i < n; i++) {
-    const res = await fetch(`${base}${SERVICE}/GetStatus`, { method: "POST", headers, body: JSON.stringify({ jobId: job.jobId }) });
+    const res = await fetch(`${base}${SERVICE}/GetStatus`, {
+      method: "POST",
+      headers,
+      body: JSON.stringify({ jobId: job.jobId }),
+    });
     expect(res.status).toBe(200);
     await res.arrayBuffer();
   }
@@ -311,7 +373,8 @@ test("10,000 malformed requests over every protocol: each a clean client error, 
   const bad = outcomes.filter((o) => !o.ok);
   for (const o of outcomes) byKind.set(o.kind, (byKind.get(o.kind) ?? 0) + 1);
   const answers = new Map<string, number>();
-  for (const o of outcomes) answers.set(o.detail.slice(0, 40), (answers.get(o.detail.slice(0, 40)) ?? 0) + 1);
+  for (const o of outcomes)
+    answers.set(o.detail.slice(0, 40), (answers.get(o.detail.slice(0, 40)) ?? 0) + 1);
 
   // Still up and serving.
   expect(api.running()).toBe(true);

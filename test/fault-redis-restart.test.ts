@@ -5,8 +5,8 @@ import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, expect, test } from "vitest";
 import { isTerminal, type JobStateName } from "../core/jobs.js";
-import { type LocalRedis, startRedis } from "../local/redis-server.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
+import { type LocalRedis, startRedis } from "../local/redis-server.js";
 import { type ApiStack, startApiStack, withTestToken } from "./helpers/api.js";
 import { type Services, startServices } from "./helpers/services.js";
 import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
@@ -32,7 +32,12 @@ beforeAll(async () => {
   svc = await startServices({ appendonlyDir: dir });
   for (const id of FILE_IDS) await svc.putSource(id, 20_000 + id);
   st = await startApiStack({}, { services: svc });
-  worker = spawnWorker({ ...svc.env, QUEUE_PREFIX: st.cfg.QUEUE_PREFIX, JOB_ATTEMPTS: "6", JOB_BACKOFF_MS: "300" });
+  worker = spawnWorker({
+    ...svc.env,
+    QUEUE_PREFIX: st.cfg.QUEUE_PREFIX,
+    JOB_ATTEMPTS: "6",
+    JOB_BACKOFF_MS: "300",
+  });
 });
 afterAll(async () => {
   await worker?.kill("SIGTERM");
@@ -44,8 +49,18 @@ afterAll(async () => {
 
 test("Redis stopped and restarted under a stream of Initiate calls: every accepted job ends, nothing is lost", async () => {
   const clients = [
-    createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] })),
-    createClient(DownloadService, createGrpcTransport({ baseUrl: st.server.url, interceptors: [withTestToken] })),
+    createClient(
+      DownloadService,
+      createConnectTransport({
+        baseUrl: st.server.url,
+        httpVersion: "1.1",
+        interceptors: [withTestToken],
+      }),
+    ),
+    createClient(
+      DownloadService,
+      createGrpcTransport({ baseUrl: st.server.url, interceptors: [withTestToken] }),
+    ),
   ];
   const accepted: string[] = [];
   const refused = new Map<string, number>();
@@ -56,9 +71,15 @@ test("Redis stopped and restarted under a stream of Initiate calls: every accept
   const lane = async (lane: number) => {
     for (let i = 0; !stop; i++) {
       const client = clients[(lane + i) % clients.length] ?? clients[0];
-      const fileIds = [FILE_IDS[i % FILE_IDS.length] as number, FILE_IDS[(i + lane + 1) % FILE_IDS.length] as number];
+      const fileIds = [
+        FILE_IDS[i % FILE_IDS.length] as number,
+        FILE_IDS[(i + lane + 1) % FILE_IDS.length] as number,
+      ];
       try {
-        const res = await client?.initiate({ fileIds: [...new Set(fileIds)] }, { timeoutMs: 15_000 });
+        const res = await client?.initiate(
+          { fileIds: [...new Set(fileIds)] },
+          { timeoutMs: 15_000 },
+        );
         accepted.push(res?.job?.jobId ?? "");
         acceptedIn[phase] += 1;
       } catch (err) {
@@ -75,7 +96,9 @@ test("Redis stopped and restarted under a stream of Initiate calls: every accept
   await svc.redis.stop();
   phase = "down";
   const downAt = Date.now();
-  await expect.poll(() => refused.get("Unavailable") ?? 0, { timeout: 20_000 }).toBeGreaterThanOrEqual(10);
+  await expect
+    .poll(() => refused.get("Unavailable") ?? 0, { timeout: 20_000 })
+    .toBeGreaterThanOrEqual(10);
   restarted = await startRedis({ port, dir, appendonly: true });
   const downMs = Date.now() - downAt;
   phase = "after";
@@ -90,8 +113,15 @@ test("Redis stopped and restarted under a stream of Initiate calls: every accept
     .poll(
       async () => {
         for (const id of accepted) {
-          if (states.has(id) && states.get(id) !== "QUEUED" && states.get(id) !== "PROCESSING") continue;
-          states.set(id, await st.store.get(id).then((r) => r.state, () => "missing" as const));
+          if (states.has(id) && states.get(id) !== "QUEUED" && states.get(id) !== "PROCESSING")
+            continue;
+          states.set(
+            id,
+            await st.store.get(id).then(
+              (r) => r.state,
+              () => "missing" as const,
+            ),
+          );
         }
         return [...states.values()].every((s) => s === "missing" || isTerminal(s));
       },

@@ -33,11 +33,17 @@ const sources = new Map<number, Buffer>();
 
 beforeAll(async () => {
   st = await startApiStack({ JOB_ATTEMPTS: "8", JOB_BACKOFF_MS: "100" });
-  for (const id of [601, 602, 603, 604, 605, 606]) sources.set(id, await st.svc.putSource(id, 200_000 + id * 7));
+  for (const id of [601, 602, 603, 604, 605, 606])
+    sources.set(id, await st.svc.putSource(id, 200_000 + id * 7));
   proxy = await startS3FaultProxy(st.svc.s3.endpoint, RATES);
   // The worker talks to S3 only through the proxy; download URLs point at S3 itself.
   worker = await startWorker(
-    { ...st.cfg, S3_ENDPOINT: proxy.endpoint, S3_PUBLIC_ENDPOINT: st.svc.s3.endpoint, WORKER_CONCURRENCY: 4 },
+    {
+      ...st.cfg,
+      S3_ENDPOINT: proxy.endpoint,
+      S3_PUBLIC_ENDPOINT: st.svc.s3.endpoint,
+      WORKER_CONCURRENCY: 4,
+    },
     pino({ level: "silent" }),
   );
 });
@@ -48,7 +54,14 @@ afterAll(async () => {
 });
 
 const client = () =>
-  createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+  createClient(
+    DownloadService,
+    createConnectTransport({
+      baseUrl: st.server.url,
+      httpVersion: "1.1",
+      interceptors: [withTestToken],
+    }),
+  );
 
 async function ended(jobId: string): Promise<JobRecord> {
   let rec: JobRecord | undefined;
@@ -59,7 +72,9 @@ async function ended(jobId: string): Promise<JobRecord> {
 }
 
 test("jobs complete through 503s, connection resets and cut downloads, with the right bytes", async () => {
-  const ids = await Promise.all(JOBS.map(async (fileIds) => (await client().initiate({ fileIds })).job?.jobId ?? ""));
+  const ids = await Promise.all(
+    JOBS.map(async (fileIds) => (await client().initiate({ fileIds })).job?.jobId ?? ""),
+  );
   const done = await Promise.all(ids.map(ended));
   const wrong: string[] = [];
   for (const [i, rec] of done.entries()) {
@@ -68,9 +83,12 @@ test("jobs complete through 503s, connection resets and cut downloads, with the 
       continue;
     }
     const { job } = await client().getStatus({ jobId: rec.id });
-    const entries = await readZip(Buffer.from(await (await fetch(job?.result?.downloadUrl ?? "")).arrayBuffer()));
+    const entries = await readZip(
+      Buffer.from(await (await fetch(job?.result?.downloadUrl ?? "")).arrayBuffer()),
+    );
     for (const fileId of JOBS[i] ?? []) {
-      if (!entries.get(`file-${fileId}`)?.equals(sources.get(fileId) as Buffer)) wrong.push(`${rec.id}: file ${fileId}`);
+      if (!entries.get(`file-${fileId}`)?.equals(sources.get(fileId) as Buffer))
+        wrong.push(`${rec.id}: file ${fileId}`);
     }
   }
   const runs = done.reduce((n, r) => n + r.attempts, 0);
@@ -91,15 +109,22 @@ test("a file that does not exist fails its job at once with not_found, and nothi
   const rec = await ended(jobId);
   const tookMs = Date.now() - started;
   expect(rec.state).toBe("FAILED");
-  expect(rec.error).toMatchObject({ code: "not_found", retryable: false, missingFileIds: [999_601] });
+  expect(rec.error).toMatchObject({
+    code: "not_found",
+    retryable: false,
+    missingFileIds: [999_601],
+  });
   const bull = await st.queue.getJob(jobId);
   await expect.poll(() => bull?.getState()).toBe("failed");
-  const headsBefore = proxy.stats.byKey.get(`HEAD /${st.cfg.SOURCE_BUCKET}/${st.cfg.SOURCE_PREFIX}999601`) ?? 0;
+  const headsBefore =
+    proxy.stats.byKey.get(`HEAD /${st.cfg.SOURCE_BUCKET}/${st.cfg.SOURCE_PREFIX}999601`) ?? 0;
   // Several backoff periods later: no new attempt, no new look at the missing file.
   await new Promise((r) => setTimeout(r, 1500));
   const after = await st.store.get(jobId);
   expect(after.version).toBe(rec.version);
-  expect(proxy.stats.byKey.get(`HEAD /${st.cfg.SOURCE_BUCKET}/${st.cfg.SOURCE_PREFIX}999601`) ?? 0).toBe(headsBefore);
+  expect(
+    proxy.stats.byKey.get(`HEAD /${st.cfg.SOURCE_BUCKET}/${st.cfg.SOURCE_PREFIX}999601`) ?? 0,
+  ).toBe(headsBefore);
   console.log(
     `fault s3: a missing file failed its job in ${tookMs} ms (attempts ${rec.attempts}, ${headsBefore} HEADs of it ` +
       `including the SDK's own retries of injected faults), then nothing retried it`,

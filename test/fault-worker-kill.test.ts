@@ -41,38 +41,62 @@ function worker(): WorkerProcess {
   return w;
 }
 
-async function until(jobId: string, pred: (r: JobRecord) => boolean, what: string): Promise<JobRecord> {
+async function until(
+  jobId: string,
+  pred: (r: JobRecord) => boolean,
+  what: string,
+): Promise<JobRecord> {
   let rec: JobRecord | undefined;
   await expect
-    .poll(async () => pred((rec = await st.store.get(jobId))), { timeout: 60_000, interval: 50, message: what })
+    .poll(async () => pred((rec = await st.store.get(jobId))), {
+      timeout: 60_000,
+      interval: 50,
+      message: what,
+    })
     .toBe(true);
   return rec as JobRecord;
 }
 
 test("a job whose worker is SIGKILLed mid-job twice in a row still completes with the right bytes", async () => {
-  const client = createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+  const client = createClient(
+    DownloadService,
+    createConnectTransport({
+      baseUrl: st.server.url,
+      httpVersion: "1.1",
+      interceptors: [withTestToken],
+    }),
+  );
   const jobId = (await client.initiate({ fileIds: [401, 402] })).job?.jobId ?? "";
   const kills: string[] = [];
   for (const attempt of [1, 2]) {
     const w = worker();
     const rec = await until(
       jobId,
-      (r) => r.state === "PROCESSING" && r.attempts === attempt && r.progress.bytesDone > 512 * 1024,
+      (r) =>
+        r.state === "PROCESSING" && r.attempts === attempt && r.progress.bytesDone > 512 * 1024,
       `attempt ${attempt} under way`,
     );
     await w.kill("SIGKILL");
-    kills.push(`attempt ${attempt} at ${Math.round((rec.progress.bytesDone * 100) / rec.progress.bytesTotal)}%`);
+    kills.push(
+      `attempt ${attempt} at ${Math.round((rec.progress.bytesDone * 100) / rec.progress.bytesTotal)}%`,
+    );
   }
   const started = Date.now();
   worker();
-  const done = await until(jobId, (r) => r.state !== "PROCESSING" && r.state !== "QUEUED", "the job ends");
+  const done = await until(
+    jobId,
+    (r) => r.state !== "PROCESSING" && r.state !== "QUEUED",
+    "the job ends",
+  );
   expect(done.state).toBe("COMPLETED");
   expect(done.attempts).toBe(3);
 
   const { job } = await client.getStatus({ jobId });
   const zip = Buffer.from(await (await fetch(job?.result?.downloadUrl ?? "")).arrayBuffer());
   const entries = await readZip(zip);
-  const lost = [...sources].filter(([name, bytes]) => !entries.get(name)?.equals(bytes)).map(([name]) => name);
+  const lost = [...sources]
+    .filter(([name, bytes]) => !entries.get(name)?.equals(bytes))
+    .map(([name]) => name);
   expect(lost).toEqual([]);
   expect(entries.size).toBe(2);
   console.log(

@@ -4,13 +4,16 @@ import { createServer, type Server, type Socket } from "node:net";
 import { resolve } from "node:path";
 import { promisify } from "node:util";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
-import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
-import { Health, HealthCheckResponse_ServingStatus as Status } from "../gen/grpc/health/v1/health_pb.js";
+import {
+  Health,
+  HealthCheckResponse_ServingStatus as Status,
+} from "../gen/grpc/health/v1/health_pb.js";
 import { freePort } from "../local/ports.js";
 import { type ApiStack, startApiStack } from "./helpers/api.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
-import { type WorkerProcess, spawnWorker } from "./helpers/worker-process.js";
+import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
 
 // What a load balancer, an orchestrator or an operator sees of health: /healthz and
 // /readyz over HTTP, grpc.health.v1 over gRPC, and the worker's own probe port. The
@@ -135,7 +138,14 @@ describe("worker health on WORKER_HEALTH_PORT", () => {
     });
     const base = `http://127.0.0.1:${workerPort}`;
     await expect
-      .poll(() => fetch(`${base}/healthz`).then((r) => r.status, () => 0), { timeout: 30_000, interval: 200 })
+      .poll(
+        () =>
+          fetch(`${base}/healthz`).then(
+            (r) => r.status,
+            () => 0,
+          ),
+        { timeout: 30_000, interval: 200 },
+      )
       .toBe(200);
     const { status, body } = await readyz(base);
     expect(status).toBe(200);
@@ -150,7 +160,10 @@ describe("worker health on WORKER_HEALTH_PORT", () => {
     const cmd = /^HEALTHCHECK .*\\\n\s+CMD (\[.*\])$/m.exec(dockerfile)?.[1];
     const [, flag, script] = JSON.parse(cmd ?? "[]") as string[];
     const probe = (env: Record<string, string>) =>
-      run(process.execPath, [flag ?? "-e", script ?? ""], { env: { PATH: process.env.PATH ?? "", ...env }, timeout: 10_000 }).then(
+      run(process.execPath, [flag ?? "-e", script ?? ""], {
+        env: { PATH: process.env.PATH ?? "", ...env },
+        timeout: 10_000,
+      }).then(
         () => 0,
         (err: { code?: number }) => err.code ?? -1,
       );
@@ -163,9 +176,16 @@ describe("worker health on WORKER_HEALTH_PORT", () => {
     const port = await freePort();
     const quiet = spawnWorker({ ...svc.env, QUEUE_PREFIX: uniquePrefix("wq"), LOG_LEVEL: "info" });
     try {
-      await expect.poll(() => quiet.output(), { timeout: 30_000, interval: 200 }).toMatch(/worker ready/);
+      await expect
+        .poll(() => quiet.output(), { timeout: 30_000, interval: 200 })
+        .toMatch(/worker ready/);
       expect(quiet.output()).not.toMatch(/worker health listening/);
-      expect(await fetch(`http://127.0.0.1:${port}/healthz`).then((r) => r.status, () => 0)).toBe(0);
+      expect(
+        await fetch(`http://127.0.0.1:${port}/healthz`).then(
+          (r) => r.status,
+          () => 0,
+        ),
+      ).toBe(0);
     } finally {
       await quiet.kill();
     }

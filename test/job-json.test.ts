@@ -7,7 +7,12 @@ import { JobSchema } from "../gen/downloads/v1/download_service_pb.js";
 // toJobJson must write exactly what protobuf-es writes for the same record: every
 // state, every optional part, the edge values of each field kind.
 
-const base = newJobRecord("3f0c0d9e-6b1a-4c53-9b9e-2f1d6a0b7c11", "owner-a", [70000, 70001, 5], 1795770000000);
+const base = newJobRecord(
+  "3f0c0d9e-6b1a-4c53-9b9e-2f1d6a0b7c11",
+  "owner-a",
+  [70000, 70001, 5],
+  1795770000000,
+);
 const at = (ms: number) => 1795770000000 + ms;
 
 const records: [string, JobRecord, { url: string; expiresAt: number } | undefined][] = [
@@ -21,10 +26,29 @@ const records: [string, JobRecord, { url: string; expiresAt: number } | undefine
       attempts: 2,
       updatedAt: at(1500),
       startedAt: at(1000),
-      progress: { filesDone: 1, filesTotal: 3, bytesDone: 1234.6, bytesTotal: 300_000_000_123, bytesPerSecond: 8_000_000.4, etaSeconds: 0 },
+      progress: {
+        filesDone: 1,
+        filesTotal: 3,
+        bytesDone: 1234.6,
+        bytesTotal: 300_000_000_123,
+        bytesPerSecond: 8_000_000.4,
+        etaSeconds: 0,
+      },
       files: [
-        { fileId: 70000, state: "DONE", sizeBytes: 1234, bytesDone: 1234, entryName: "report \"Q3\" – ü.pdf" },
-        { fileId: 70001, state: "IN_PROGRESS", sizeBytes: 300_000_000_000, bytesDone: 0, entryName: "file-70001" },
+        {
+          fileId: 70000,
+          state: "DONE",
+          sizeBytes: 1234,
+          bytesDone: 1234,
+          entryName: 'report "Q3" – ü.pdf',
+        },
+        {
+          fileId: 70001,
+          state: "IN_PROGRESS",
+          sizeBytes: 300_000_000_000,
+          bytesDone: 0,
+          entryName: "file-70001",
+        },
         { fileId: 5, state: "PENDING", sizeBytes: 0, bytesDone: 0, entryName: "" },
       ],
     },
@@ -40,14 +64,34 @@ const records: [string, JobRecord, { url: string; expiresAt: number } | undefine
       updatedAt: at(2000),
       startedAt: at(7),
       endedAt: at(2000),
-      progress: { filesDone: 3, filesTotal: 3, bytesDone: 10, bytesTotal: 10, bytesPerSecond: 0, etaSeconds: 3.6 },
-      result: { key: "bundles/x.zip", fileName: "download-2026-11-27-3f0c0d9e.zip", sizeBytes: 22, sha256: "ab".repeat(32), expiresAt: at(86_400_000) },
+      progress: {
+        filesDone: 3,
+        filesTotal: 3,
+        bytesDone: 10,
+        bytesTotal: 10,
+        bytesPerSecond: 0,
+        etaSeconds: 3.6,
+      },
+      result: {
+        key: "bundles/x.zip",
+        fileName: "download-2026-11-27-3f0c0d9e.zip",
+        sizeBytes: 22,
+        sha256: "ab".repeat(32),
+        expiresAt: at(86_400_000),
+      },
     },
-    { url: "http://127.0.0.1:9000/download-results/bundles/x.zip?X-Amz-Signature=00&a=%22", expiresAt: at(3_600_123) },
+    {
+      url: "http://127.0.0.1:9000/download-results/bundles/x.zip?X-Amz-Signature=00&a=%22",
+      expiresAt: at(3_600_123),
+    },
   ],
   [
     "a completed job whose result expired",
-    { ...base, state: "COMPLETED", result: { key: "k", fileName: "f.zip", sizeBytes: 0, sha256: "", expired: true } },
+    {
+      ...base,
+      state: "COMPLETED",
+      result: { key: "k", fileName: "f.zip", sizeBytes: 0, sha256: "", expired: true },
+    },
     undefined,
   ],
   [
@@ -56,7 +100,12 @@ const records: [string, JobRecord, { url: string; expiresAt: number } | undefine
       ...base,
       state: "FAILED",
       endedAt: at(999),
-      error: { code: "not_found", message: "source files not found: 5.\nCheck the ids", retryable: false, missingFileIds: [5] },
+      error: {
+        code: "not_found",
+        message: "source files not found: 5.\nCheck the ids",
+        retryable: false,
+        missingFileIds: [5],
+      },
     },
     undefined,
   ],
@@ -72,20 +121,41 @@ const records: [string, JobRecord, { url: string; expiresAt: number } | undefine
       state: "CANCELLED",
       endedAt: at(10),
       callbackUrl: "https://hooks.example.test/done?x=1",
-      webhook: { state: "DELIVERED", attempts: 2, lastStatus: 200, lastError: "", lastAttemptAt: at(20), deliveredAt: at(20_000) },
+      webhook: {
+        state: "DELIVERED",
+        attempts: 2,
+        lastStatus: 200,
+        lastError: "",
+        lastAttemptAt: at(20),
+        deliveredAt: at(20_000),
+      },
     },
     undefined,
   ],
   [
     "a job with a pending webhook never tried",
-    { ...base, callbackUrl: "https://hooks.example.test/", webhook: { state: "PENDING", attempts: 0, lastStatus: 0 } },
+    {
+      ...base,
+      callbackUrl: "https://hooks.example.test/",
+      webhook: { state: "PENDING", attempts: 0, lastStatus: 0 },
+    },
     undefined,
   ],
-  ["a job whose result is set while not completed", { ...base, state: "PROCESSING", result: { key: "k", fileName: "f", sizeBytes: 1, sha256: "s" } }, undefined],
+  [
+    "a job whose result is set while not completed",
+    {
+      ...base,
+      state: "PROCESSING",
+      result: { key: "k", fileName: "f", sizeBytes: 1, sha256: "s" },
+    },
+    undefined,
+  ],
 ];
 
 describe("toJobJson", () => {
   test.each(records)("%s: the JSON protobuf-es writes", (_what, rec, download) => {
-    expect(JSON.stringify(toJobJson(rec, download))).toBe(toJsonString(JobSchema, toProtoJob(rec, download)));
+    expect(JSON.stringify(toJobJson(rec, download))).toBe(
+      toJsonString(JobSchema, toProtoJob(rec, download)),
+    );
   });
 });

@@ -51,7 +51,11 @@ beforeAll(async () => {
   await waitUntil("the worker's /metrics", () => scrape(workerMetricsUrl).then(() => true), 30_000);
   client = createClient(
     DownloadService,
-    createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }),
+    createConnectTransport({
+      baseUrl: st.server.url,
+      httpVersion: "1.1",
+      interceptors: [withTestToken],
+    }),
   );
 }, 60_000);
 
@@ -68,7 +72,9 @@ async function settle(jobId: string): Promise<Job> {
     .poll(
       async () => {
         job = (await client.getStatus({ jobId })).job;
-        return [JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED].includes(job?.state ?? JobState.UNSPECIFIED);
+        return [JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED].includes(
+          job?.state ?? JobState.UNSPECIFIED,
+        );
       },
       { timeout: 30_000, interval: 100 },
     )
@@ -98,7 +104,10 @@ describe("/metrics", () => {
     const { job } = await client.initiate({ fileIds: [803] });
     await settle(job?.jobId ?? "");
     expect((await fetch(`${st.server.url}/healthz`)).status).toBe(200);
-    expect((await fetch(`${st.server.url}/downloads.v1.NoSuchService/Nothing`, { method: "POST" })).status).toBe(404);
+    expect(
+      (await fetch(`${st.server.url}/downloads.v1.NoSuchService/Nothing`, { method: "POST" }))
+        .status,
+    ).toBe(404);
 
     const after = await apiMetrics();
     const delta = (name: string, labels: Record<string, string>) =>
@@ -106,16 +115,24 @@ describe("/metrics", () => {
     expect(delta("rpc_requests_total", { method: GET_STATUS, code: "not_found" })).toBe(1);
     expect(delta("rpc_requests_total", { method: INITIATE, code: "invalid_argument" })).toBe(1);
     expect(delta("rpc_requests_total", { method: INITIATE, code: "ok" })).toBe(1);
-    expect(delta("rpc_requests_total", { method: GET_STATUS, code: "ok" })).toBeGreaterThanOrEqual(1);
+    expect(delta("rpc_requests_total", { method: GET_STATUS, code: "ok" })).toBeGreaterThanOrEqual(
+      1,
+    );
     expect(delta("rpc_requests_total", { method: "unknown" })).toBe(1);
     expect(delta("rpc_duration_seconds_count", { method: INITIATE })).toBe(2);
-    expect(metricValue(after, "rpc_duration_seconds_bucket", { method: INITIATE, le: "+Inf" })).toBe(
-      metricValue(after, "rpc_duration_seconds_count", { method: INITIATE }),
-    );
+    expect(
+      metricValue(after, "rpc_duration_seconds_bucket", { method: INITIATE, le: "+Inf" }),
+    ).toBe(metricValue(after, "rpc_duration_seconds_count", { method: INITIATE }));
     expect(metricValue(after, "rpc_duration_seconds_sum", { method: INITIATE })).toBeGreaterThan(0);
     // Probes, pages and /metrics itself are not RPCs: no series carries their paths.
-    const methods = new Set(after.filter((s) => s.name === "rpc_requests_total").map((s) => s.labels.method));
-    expect([...methods].every((m) => m === "unknown" || m?.startsWith("downloads.v1.") || m?.startsWith("grpc."))).toBe(true);
+    const methods = new Set(
+      after.filter((s) => s.name === "rpc_requests_total").map((s) => s.labels.method),
+    );
+    expect(
+      [...methods].every(
+        (m) => m === "unknown" || m?.startsWith("downloads.v1.") || m?.startsWith("grpc."),
+      ),
+    ).toBe(true);
     // Node's own process metrics come along.
     expect(metricValue(after, "process_resident_memory_bytes")).toBeGreaterThan(0);
     expect(hasMetric(after, "nodejs_eventloop_lag_seconds")).toBe(true);
@@ -128,7 +145,10 @@ describe("/metrics", () => {
     const streams = async () => metricValue(await apiMetrics(), "watch_streams_open");
     expect(await streams()).toBe(0);
     const canceled = async () =>
-      metricValue(await apiMetrics(), "rpc_requests_total", { method: "downloads.v1.DownloadService/WatchJob", code: "canceled" });
+      metricValue(await apiMetrics(), "rpc_requests_total", {
+        method: "downloads.v1.DownloadService/WatchJob",
+        code: "canceled",
+      });
     const canceledBefore = await canceled();
     const ctl = new AbortController();
     const watching = (async () => {
@@ -190,7 +210,15 @@ describe("/metrics", () => {
         },
         { timeout: 10_000, interval: 100 },
       )
-      .toEqual({ completed: 1, cancelled: 1, retry: 1, failed: 1, retries: 1, notFound: 1, cancelLatencies: 1 });
+      .toEqual({
+        completed: 1,
+        cancelled: 1,
+        retry: 1,
+        failed: 1,
+        retries: 1,
+        notFound: 1,
+        cancelLatencies: 1,
+      });
     expect(delta("cancel_latency_seconds_sum")).toBeGreaterThan(0);
     // Everything of the completed job, and some of the cancelled and the retried ones.
     const completedBytes = (sizes.get(802) ?? 0) + (sizes.get(803) ?? 0);
@@ -198,15 +226,23 @@ describe("/metrics", () => {
     expect(metricValue(after, "process_resident_memory_bytes")).toBeGreaterThan(0);
 
     const apiAfter = await apiMetrics();
-    expect(metricValue(apiAfter, "rpc_requests_total", { method: CANCEL, code: "ok" }) -
-      metricValue(apiBefore, "rpc_requests_total", { method: CANCEL, code: "ok" })).toBe(1);
+    expect(
+      metricValue(apiAfter, "rpc_requests_total", { method: CANCEL, code: "ok" }) -
+        metricValue(apiBefore, "rpc_requests_total", { method: CANCEL, code: "ok" }),
+    ).toBe(1);
     // BullMQ keeps the cancelled and the failed job as failed, the completed as completed
     // (the gauge is read from Redis at most every 2 s).
     await expect
-      .poll(async () => {
-        const s = await apiMetrics();
-        return [metricValue(s, "queue_jobs", { state: "completed" }) >= 2, metricValue(s, "queue_jobs", { state: "failed" }) >= 2];
-      }, { timeout: 10_000, interval: 200 })
+      .poll(
+        async () => {
+          const s = await apiMetrics();
+          return [
+            metricValue(s, "queue_jobs", { state: "completed" }) >= 2,
+            metricValue(s, "queue_jobs", { state: "failed" }) >= 2,
+          ];
+        },
+        { timeout: 10_000, interval: 200 },
+      )
       .toEqual([true, true]);
   });
 });

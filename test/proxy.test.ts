@@ -12,7 +12,7 @@ import { type ServiceProcess, startServiceProcess } from "../local/service-proce
 import { type ApiServer, startApiServer } from "../server/server.js";
 import { type RunningWorker, startWorker } from "../worker/worker.js";
 import { type Nginx, startNginx } from "./helpers/nginx.js";
-import { type Services, TEST_TOKEN, startServices, uniquePrefix } from "./helpers/services.js";
+import { type Services, startServices, TEST_TOKEN, uniquePrefix } from "./helpers/services.js";
 
 // Torture tests: a real nginx between watchJob and the API, configured the ways that
 // cut or hold back long requests in production. Each profile runs a real job of more
@@ -72,7 +72,10 @@ function apiEnv(extra: Record<string, string>): Record<string, string> {
 }
 
 async function inProcessApi(extra: Record<string, string>): Promise<ApiServer> {
-  const api = await startApiServer(svc.config(apiEnv({ PORT: "0", ...extra })), createLogger("silent", "api"));
+  const api = await startApiServer(
+    svc.config(apiEnv({ PORT: "0", ...extra })),
+    createLogger("silent", "api"),
+  );
   cleanups.push(() => api.close());
   return api;
 }
@@ -95,7 +98,12 @@ interface Outcome {
 }
 
 /** Starts a job through `nginx` and watches it to the end with watchJob. */
-async function watchThrough(name: string, nginx: Nginx, opts: WatchOptions = {}, during?: (job: () => Job | undefined) => Promise<void>): Promise<Outcome> {
+async function watchThrough(
+  name: string,
+  nginx: Nginx,
+  opts: WatchOptions = {},
+  during?: (job: () => Job | undefined) => Promise<void>,
+): Promise<Outcome> {
   const client = createDownloadClient({ baseUrl: nginx.url, token: TEST_TOKEN });
   const started = Date.now();
   const { job } = await client.initiate({ fileIds: [FILE_ID] });
@@ -107,15 +115,26 @@ async function watchThrough(name: string, nginx: Nginx, opts: WatchOptions = {},
   let finished = false;
   const side = during?.(() => jobs.at(-1)) ?? Promise.resolve();
   try {
-    for await (const j of watchJob(client, jobId, { ...opts, afterVersion: job?.version ?? 0, onEvent: (e) => events.push(e) })) jobs.push(j);
+    for await (const j of watchJob(client, jobId, {
+      ...opts,
+      afterVersion: job?.version ?? 0,
+      onEvent: (e) => events.push(e),
+    }))
+      jobs.push(j);
   } finally {
     finished = true;
   }
   await side;
   const seconds = (Date.now() - started) / 1000;
   const count = (type: WatchEvent["type"]) => events.filter((e) => e.type === type).length;
-  const reconnectsWithError = events.filter((e) => e.type === "reconnecting" && e.error !== undefined).length;
-  const errors = [...new Set(events.flatMap((e) => (e.type === "reconnecting" && e.error ? [e.error.rawMessage] : [])))];
+  const reconnectsWithError = events.filter(
+    (e) => e.type === "reconnecting" && e.error !== undefined,
+  ).length;
+  const errors = [
+    ...new Set(
+      events.flatMap((e) => (e.type === "reconnecting" && e.error ? [e.error.rawMessage] : [])),
+    ),
+  ];
   console.log(
     `[proxy] ${name}: ${seconds.toFixed(1)} s, ${jobs.length} snapshots (versions ${jobs[0]?.version}..${jobs.at(-1)?.version}), ` +
       `${count("connected")} streams, ${count("reconnecting")} reconnects (${reconnectsWithError} after an error), ` +
@@ -129,12 +148,14 @@ async function watchThrough(name: string, nginx: Nginx, opts: WatchOptions = {},
 /** No duplicate, every state in order, the result at the end, a job of 20 s or more. */
 function expectWholeJob(o: Outcome): void {
   const versions = o.jobs.map((j) => j.version);
-  for (let i = 1; i < versions.length; i++) expect(versions[i]).toBeGreaterThan(versions[i - 1] ?? 0);
+  for (let i = 1; i < versions.length; i++)
+    expect(versions[i]).toBeGreaterThan(versions[i - 1] ?? 0);
   const states = o.jobs.map((j) => j.state).filter((s, i, all) => i === 0 || all[i - 1] !== s);
   expect(states).toEqual([JobState.QUEUED, JobState.PROCESSING, JobState.COMPLETED]);
   const last = o.jobs.at(-1);
   expect(last?.result?.sha256).toMatch(/^[0-9a-f]{64}$/);
-  const ms = (t: { seconds: bigint; nanos: number } | undefined) => Number(t?.seconds ?? 0n) * 1000 + (t?.nanos ?? 0) / 1e6;
+  const ms = (t: { seconds: bigint; nanos: number } | undefined) =>
+    Number(t?.seconds ?? 0n) * 1000 + (t?.nanos ?? 0) / 1e6;
   expect(ms(last?.endTime) - ms(last?.startTime)).toBeGreaterThanOrEqual(20_000);
 }
 
@@ -150,7 +171,9 @@ function expectNoMissedState(o: Outcome): void {
   expect(changes.length).toBeGreaterThanOrEqual(2);
   changes.forEach((c, i) => {
     const until = changes[i + 1]?.version ?? Number.POSITIVE_INFINITY;
-    const seen = o.jobs.some((j) => j.version >= c.version && j.version < until && JobState[j.state] === c.state);
+    const seen = o.jobs.some(
+      (j) => j.version >= c.version && j.version < until && JobState[j.state] === c.state,
+    );
     expect(seen, `state ${c.state} (versions ${c.version} to ${until - 1})`).toBe(true);
   });
   expect(o.jobs.at(-1)?.version).toBe(records.at(-1)?.version);
@@ -173,7 +196,10 @@ describe.concurrent("watchJob through nginx", () => {
     "(a) idle timeout 3 s: 1 s heartbeats keep one stream open for the whole job",
     async () => {
       const api = await inProcessApi({ WATCH_HEARTBEAT_MS: "1000" });
-      const nginx = await proxy({ upstreams: [hostPort(api.url)], location: "proxy_buffering off; proxy_http_version 1.1; proxy_read_timeout 3s;" });
+      const nginx = await proxy({
+        upstreams: [hostPort(api.url)],
+        location: "proxy_buffering off; proxy_http_version 1.1; proxy_read_timeout 3s;",
+      });
       const o = await watchThrough("a idle 3s, heartbeat 1s", nginx);
       expectWholeJob(o);
       expectNoMissedState(o);
@@ -188,7 +214,10 @@ describe.concurrent("watchJob through nginx", () => {
     "(a') idle timeout 3 s with 10 s heartbeats: nginx cuts the stream and the watcher resumes each time",
     async () => {
       const api = await inProcessApi({ WATCH_HEARTBEAT_MS: "10000" });
-      const nginx = await proxy({ upstreams: [hostPort(api.url)], location: "proxy_buffering off; proxy_http_version 1.1; proxy_read_timeout 3s;" });
+      const nginx = await proxy({
+        upstreams: [hostPort(api.url)],
+        location: "proxy_buffering off; proxy_http_version 1.1; proxy_read_timeout 3s;",
+      });
       const o = await watchThrough("a' idle 3s, heartbeat 10s", nginx);
       expectWholeJob(o);
       expectNoMissedState(o);
@@ -231,8 +260,14 @@ describe.concurrent("watchJob through nginx", () => {
     "(c) buffering proxy (HTTP/1.0 upstream): no first message in time, polling GetStatus, terminal state reached",
     async () => {
       const api = await inProcessApi({ WATCH_HEARTBEAT_MS: "1000" });
-      const nginx = await proxy({ upstreams: [hostPort(api.url)], location: "proxy_buffering on; proxy_http_version 1.0;" });
-      const o = await watchThrough("c buffering", nginx, { firstMessageTimeoutMs: 3_000, streamRetryMs: 8_000 });
+      const nginx = await proxy({
+        upstreams: [hostPort(api.url)],
+        location: "proxy_buffering on; proxy_http_version 1.0;",
+      });
+      const o = await watchThrough("c buffering", nginx, {
+        firstMessageTimeoutMs: 3_000,
+        streamRetryMs: 8_000,
+      });
       expectWholeJob(o);
       expect(o.count("connected")).toBe(0);
       expect(o.count("polling")).toBeGreaterThanOrEqual(1);
@@ -254,7 +289,11 @@ describe.concurrent("watchJob through nginx", () => {
           name: `api${i}`,
           entry: "server/main.ts",
           cwd: process.cwd(),
-          env: { ...process.env, ...svc.env, ...apiEnv({ PORT: String(port), HOST: "127.0.0.1", WATCH_HEARTBEAT_MS: "1000" }) },
+          env: {
+            ...process.env,
+            ...svc.env,
+            ...apiEnv({ PORT: String(port), HOST: "127.0.0.1", WATCH_HEARTBEAT_MS: "1000" }),
+          },
         }),
       );
       cleanups.push(async () => {
@@ -267,13 +306,23 @@ describe.concurrent("watchJob through nginx", () => {
       });
       let killed = -1;
       const o = await watchThrough("d kill the serving API", nginx, {}, async (current) => {
-        await waitUntil("a few seconds of processing", async () => (current()?.progress?.bytesDone ?? 0n) > 0n, 60_000);
+        await waitUntil(
+          "a few seconds of processing",
+          async () => (current()?.progress?.bytesDone ?? 0n) > 0n,
+          60_000,
+        );
         // The stream is the only long-lived connection from nginx to an API.
-        await waitUntil("the stream's API", async () => (await establishedOn(ports[0] ?? 0)) + (await establishedOn(ports[1] ?? 0)) === 1);
+        await waitUntil(
+          "the stream's API",
+          async () =>
+            (await establishedOn(ports[0] ?? 0)) + (await establishedOn(ports[1] ?? 0)) === 1,
+        );
         killed = (await establishedOn(ports[0] ?? 0)) === 1 ? 0 : 1;
         procs[killed]?.kill();
       });
-      console.log(`[proxy] d: killed api${killed} (port ${ports[killed]}), api${1 - killed} finished the watch`);
+      console.log(
+        `[proxy] d: killed api${killed} (port ${ports[killed]}), api${1 - killed} finished the watch`,
+      );
       expectWholeJob(o);
       expectNoMissedState(o);
       expect(killed).toBeGreaterThanOrEqual(0);
@@ -289,7 +338,10 @@ describe.concurrent("watchJob through nginx", () => {
     "(e) WATCH_MAX_STREAM_MS 4 s: streams end cleanly and the watcher resumes before any proxy limit",
     async () => {
       const api = await inProcessApi({ WATCH_HEARTBEAT_MS: "1000", WATCH_MAX_STREAM_MS: "4000" });
-      const nginx = await proxy({ upstreams: [hostPort(api.url)], location: "proxy_buffering off; proxy_http_version 1.1; proxy_read_timeout 3s;" });
+      const nginx = await proxy({
+        upstreams: [hostPort(api.url)],
+        location: "proxy_buffering off; proxy_http_version 1.1; proxy_read_timeout 3s;",
+      });
       const o = await watchThrough("e max stream 4s", nginx);
       expectWholeJob(o);
       expectNoMissedState(o);
@@ -302,5 +354,10 @@ describe.concurrent("watchJob through nginx", () => {
 });
 
 function isDone(job: Job | undefined): boolean {
-  return job !== undefined && (job.state === JobState.COMPLETED || job.state === JobState.FAILED || job.state === JobState.CANCELLED);
+  return (
+    job !== undefined &&
+    (job.state === JobState.COMPLETED ||
+      job.state === JobState.FAILED ||
+      job.state === JobState.CANCELLED)
+  );
 }

@@ -4,7 +4,7 @@ import { promisify } from "node:util";
 import { create, createFileRegistry, fromBinary } from "@bufbuild/protobuf";
 import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from "@bufbuild/protobuf/wkt";
 import { createClient } from "@connectrpc/connect";
-import { Http2SessionManager, createGrpcTransport } from "@connectrpc/connect-node";
+import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { newJobId } from "../core/jobs.js";
 import * as v1 from "../gen/grpc/reflection/v1/reflection_pb.js";
@@ -34,38 +34,68 @@ afterAll(async () => {
 
 /** buf curl over gRPC/h2c, run outside the repository so no proto/ can help it. */
 const bufCurl = (args: string[]) =>
-  run(BUF, ["curl", "--protocol", "grpc", "--http2-prior-knowledge", ...args], { cwd: "/", timeout: 30_000 });
-
-describe("buf curl without --schema", () => {
-  test.each([["grpc-v1"], ["grpc-v1alpha"]])("lists every method over reflection %s", async (version) => {
-    const { stdout } = await bufCurl(["--reflect-protocol", version, "--list-methods", st.server.url]);
-    const methods = stdout.trim().split("\n").sort();
-    expect(methods).toEqual([
-      "downloads.v1.DownloadService/Cancel",
-      "downloads.v1.DownloadService/GetStatus",
-      "downloads.v1.DownloadService/Initiate",
-      "downloads.v1.DownloadService/WatchJob",
-      "grpc.health.v1.Health/Check",
-      "grpc.health.v1.Health/Watch",
-      "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
-      "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
-    ]);
+  run(BUF, ["curl", "--protocol", "grpc", "--http2-prior-knowledge", ...args], {
+    cwd: "/",
+    timeout: 30_000,
   });
 
+describe("buf curl without --schema", () => {
+  test.each([["grpc-v1"], ["grpc-v1alpha"]])(
+    "lists every method over reflection %s",
+    async (version) => {
+      const { stdout } = await bufCurl([
+        "--reflect-protocol",
+        version,
+        "--list-methods",
+        st.server.url,
+      ]);
+      const methods = stdout.trim().split("\n").sort();
+      expect(methods).toEqual([
+        "downloads.v1.DownloadService/Cancel",
+        "downloads.v1.DownloadService/GetStatus",
+        "downloads.v1.DownloadService/Initiate",
+        "downloads.v1.DownloadService/WatchJob",
+        "grpc.health.v1.Health/Check",
+        "grpc.health.v1.Health/Watch",
+        "grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+        "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+      ]);
+    },
+  );
+
   test("initiates a job and reads it back, message types learned from the server", async () => {
-    const init = await bufCurl(["--data", '{"fileIds":[70000,70001]}', `${st.server.url}/downloads.v1.DownloadService/Initiate`]);
-    const { job } = JSON.parse(init.stdout) as { job: { jobId: string; state: string; fileIds: number[] } };
+    const init = await bufCurl([
+      "--data",
+      '{"fileIds":[70000,70001]}',
+      `${st.server.url}/downloads.v1.DownloadService/Initiate`,
+    ]);
+    const { job } = JSON.parse(init.stdout) as {
+      job: { jobId: string; state: string; fileIds: number[] };
+    };
     expect(job.state).toBe("JOB_STATE_QUEUED");
     expect(job.fileIds).toEqual([70000, 70001]);
-    expect(await st.store.get(job.jobId)).toMatchObject({ state: "QUEUED", fileIds: [70000, 70001] });
+    expect(await st.store.get(job.jobId)).toMatchObject({
+      state: "QUEUED",
+      fileIds: [70000, 70001],
+    });
 
-    const status = await bufCurl(["--data", JSON.stringify({ jobId: job.jobId }), `${st.server.url}/downloads.v1.DownloadService/GetStatus`]);
-    expect(JSON.parse(status.stdout)).toMatchObject({ job: { jobId: job.jobId, state: "JOB_STATE_QUEUED", version: 1 } });
+    const status = await bufCurl([
+      "--data",
+      JSON.stringify({ jobId: job.jobId }),
+      `${st.server.url}/downloads.v1.DownloadService/GetStatus`,
+    ]);
+    expect(JSON.parse(status.stdout)).toMatchObject({
+      job: { jobId: job.jobId, state: "JOB_STATE_QUEUED", version: 1 },
+    });
   });
 
   test("streams WatchJob until the terminal state", async () => {
     const id = (await st.store.create(newJobId(), [1], "anonymous")).id;
-    const watching = bufCurl(["--data", JSON.stringify({ jobId: id }), `${st.server.url}/downloads.v1.DownloadService/WatchJob`]);
+    const watching = bufCurl([
+      "--data",
+      JSON.stringify({ jobId: id }),
+      `${st.server.url}/downloads.v1.DownloadService/WatchJob`,
+    ]);
     // The snapshot is the state when the server reads it, after subscribing: advance the
     // job only once the QUEUED snapshot has reached buf curl (it prints each message as
     // it arrives).
@@ -85,9 +115,13 @@ describe("buf curl without --schema", () => {
 /** Polls until the API has subscribed to the job's channel, i.e. the watch is in place. */
 async function waitForWatchers(jobId: string): Promise<void> {
   await expect
-    .poll(async () => ((await st.redis.pubsub("NUMSUB", st.store.channel(jobId))) as [string, number])[1], {
-      timeout: 20_000,
-    })
+    .poll(
+      async () =>
+        ((await st.redis.pubsub("NUMSUB", st.store.channel(jobId))) as [string, number])[1],
+      {
+        timeout: 20_000,
+      },
+    )
     .toBe(1);
 }
 
@@ -97,7 +131,10 @@ describe.each([
 ] as const)("the reflection protocol, %s", (_version, service) => {
   /** Sends the questions on one stream and returns the answers in order. */
   async function ask(questions: v1.ServerReflectionRequest["messageRequest"][]) {
-    const client = createClient(service, createGrpcTransport({ baseUrl: st.server.url, sessionManager: sessions }));
+    const client = createClient(
+      service,
+      createGrpcTransport({ baseUrl: st.server.url, sessionManager: sessions }),
+    );
     async function* requests() {
       for (const messageRequest of questions) yield { host: "api", messageRequest } as never;
     }
@@ -120,14 +157,19 @@ describe.each([
     ]);
     expect(first?.validHost).toBe("api");
     expect(first?.originalRequest?.messageRequest.case).toBe("fileContainingSymbol");
-    expect(fileNames(first as never)).toEqual(["downloads/v1/download_service.proto", "google/protobuf/timestamp.proto"]);
+    expect(fileNames(first as never)).toEqual([
+      "downloads/v1/download_service.proto",
+      "google/protobuf/timestamp.proto",
+    ]);
     // The asked-for file always comes back; a dependency the stream already has does not.
     expect(fileNames(second as never)).toEqual(["downloads/v1/download_service.proto"]);
     expect(fileNames(third as never)).toEqual(["google/protobuf/timestamp.proto"]);
   });
 
   test("sends descriptors a client can build a working registry from", async () => {
-    const [res] = await ask([{ case: "fileByFilename", value: "downloads/v1/download_service.proto" }]);
+    const [res] = await ask([
+      { case: "fileByFilename", value: "downloads/v1/download_service.proto" },
+    ]);
     const value = res?.messageResponse.value as { fileDescriptorProto: Uint8Array[] };
     const files = value.fileDescriptorProto.map((b) => fromBinary(FileDescriptorProtoSchema, b));
     const registry = createFileRegistry(create(FileDescriptorSetSchema, { file: files.reverse() }));
@@ -138,7 +180,9 @@ describe.each([
       "WatchJob:server_streaming",
       "Cancel:unary",
     ]);
-    expect(registry.getMessage("downloads.v1.Job")?.field.createTime?.message?.typeName).toBe("google.protobuf.Timestamp");
+    expect(registry.getMessage("downloads.v1.Job")?.field.createTime?.message?.typeName).toBe(
+      "google.protobuf.Timestamp",
+    );
   });
 
   test("lists the services and reports what it does not know as NOT_FOUND", async () => {
@@ -154,7 +198,8 @@ describe.each([
       { case: "allExtensionNumbersOfType", value: "downloads.v1.Nope" },
     ]);
     expect(list?.messageResponse).toMatchObject({ case: "listServicesResponse" });
-    const names = (list?.messageResponse.value as { service: { name: string }[] }).service.map((s) => s.name);
+    const listed = list?.messageResponse.value as { service: { name: string }[] };
+    const names = listed.service.map((s) => s.name);
     expect(names).toEqual([
       "downloads.v1.DownloadService",
       "grpc.health.v1.Health",
@@ -162,7 +207,10 @@ describe.each([
       "grpc.reflection.v1alpha.ServerReflection",
     ]);
     for (const res of [noSymbol, noFile, noExtension, noType]) {
-      expect(res?.messageResponse).toMatchObject({ case: "errorResponse", value: { errorCode: 5 } });
+      expect(res?.messageResponse).toMatchObject({
+        case: "errorResponse",
+        value: { errorCode: 5 },
+      });
     }
     expect(extensionNumbers?.messageResponse).toMatchObject({
       case: "allExtensionNumbersResponse",

@@ -1,9 +1,9 @@
+import { resolve } from "node:path";
 import { HeadObjectCommand } from "@aws-sdk/client-s3";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import type { Queue } from "bullmq";
 import type { Redis } from "ioredis";
-import { resolve } from "node:path";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { type BundleJobData, createBundleQueue } from "../core/queue.js";
 import { createRedis } from "../core/redis.js";
@@ -11,7 +11,7 @@ import { DownloadService, type Job, JobState } from "../gen/downloads/v1/downloa
 import { waitUntil } from "../local/ports.js";
 import { type ServiceProcess, startServiceProcess } from "../local/service-process.js";
 import { withTestToken } from "./helpers/api.js";
-import { startServices, type Services, uniquePrefix } from "./helpers/services.js";
+import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
 
 // The scaled-out shape on one Redis: two API processes and two worker processes, all
 // started from their real entry points, none of them this test's process. Which worker
@@ -63,10 +63,15 @@ beforeAll(async () => {
   };
   // All four start at once; each is waited for by what it logs when it is ready.
   const ready = (name: string, p: Proc, msg: string) =>
-    waitUntil(`${name}: ${msg}`, async () => {
-      if (!p.proc.running()) throw new Error(`${name} exited: ${JSON.stringify(p.lines.slice(-3))}`);
-      return p.lines.some((l) => l.msg === msg);
-    }, 60_000);
+    waitUntil(
+      `${name}: ${msg}`,
+      async () => {
+        if (!p.proc.running())
+          throw new Error(`${name} exited: ${JSON.stringify(p.lines.slice(-3))}`);
+        return p.lines.some((l) => l.msg === msg);
+      },
+      60_000,
+    );
   const starting = [
     ...["api-a", "api-b"].map(async (name) => {
       const p = start(name, "server/main.ts", env);
@@ -140,15 +145,19 @@ describe("several API and worker processes on one Redis", () => {
     const { job } = await a.initiate({ fileIds: [601] });
     const jobId = job?.jobId ?? "";
     await expect
-      .poll(async () => {
-        const j = (await a.getStatus({ jobId })).job;
-        return j?.state === JobState.PROCESSING && (j.progress?.bytesDone ?? 0n) > 0n;
-      }, { timeout: 20_000, interval: 50 })
+      .poll(
+        async () => {
+          const j = (await a.getStatus({ jobId })).job;
+          return j?.state === JobState.PROCESSING && (j.progress?.bytesDone ?? 0n) > 0n;
+        },
+        { timeout: 20_000, interval: 50 },
+      )
       .toBe(true);
     const runner = await workerRunning(jobId);
     const watched: Job[] = [];
     const watching = (async () => {
-      for await (const msg of a.watchJob({ jobId })) if (msg.event.case === "job") watched.push(msg.event.value);
+      for await (const msg of a.watchJob({ jobId }))
+        if (msg.event.case === "job") watched.push(msg.event.value);
     })();
 
     const cancelAt = Date.now();
@@ -162,14 +171,24 @@ describe("several API and worker processes on one Redis", () => {
     expect(runner.lines.some((l) => l.msg === "cancel received" && l.jobId === jobId)).toBe(true);
     const stopped = runner.lines.find((l) => l.msg === "job cancelled" && l.jobId === jobId);
     const stopMs = Number(stopped?.time) - cancelAt;
-    console.info(`cancel through API B -> job stopped in worker pid ${runner.proc.pid}: ${stopMs} ms`);
+    console.info(
+      `cancel through API B -> job stopped in worker pid ${runner.proc.pid}: ${stopMs} ms`,
+    );
     await expect.poll(() => queue.getJobState(jobId), { timeout: 10_000 }).toBe("failed");
     const bull = await queue.getJob(jobId);
     expect(bull?.failedReason).toBe("cancelled");
     expect(bull?.returnvalue ?? null).toBeNull();
     const head = await svc.storage.client
-      .send(new HeadObjectCommand({ Bucket: svc.storage.opts.resultBucket, Key: svc.storage.resultKey(jobId) }))
-      .then(() => "exists", (err: { name?: string }) => err.name);
+      .send(
+        new HeadObjectCommand({
+          Bucket: svc.storage.opts.resultBucket,
+          Key: svc.storage.resultKey(jobId),
+        }),
+      )
+      .then(
+        () => "exists",
+        (err: { name?: string }) => err.name,
+      );
     expect(head).toBe("NotFound");
 
     await watching;

@@ -117,7 +117,10 @@ async function startStack(env: Record<string, string>): Promise<Stack> {
 async function rpc(base: string, method: string, body: unknown): Promise<Record<string, any>> {
   const res = await fetch(`${base}/downloads.v1.DownloadService/${method}`, {
     method: "POST",
-    headers: { "Content-Type": "application/json", Authorization: `Bearer ${tokens.get(base) ?? ""}` },
+    headers: {
+      "Content-Type": "application/json",
+      Authorization: `Bearer ${tokens.get(base) ?? ""}`,
+    },
     body: JSON.stringify(body),
   });
   const json = (await res.json()) as Record<string, any>;
@@ -125,7 +128,11 @@ async function rpc(base: string, method: string, body: unknown): Promise<Record<
   return json;
 }
 
-async function waitForState(base: string, jobId: string, state: string): Promise<Record<string, any>> {
+async function waitForState(
+  base: string,
+  jobId: string,
+  state: string,
+): Promise<Record<string, any>> {
   let job: Record<string, any> = {};
   await waitUntil(
     `job ${jobId} ${state}`,
@@ -151,7 +158,8 @@ afterEach(async () => {
   // Whatever a failed test left running, stopped by pid.
   for (const s of started.splice(0)) {
     if (s.proc.exitCode === null && s.proc.signalCode === null) s.proc.kill("SIGKILL");
-    for (const pid of [s.apiPid, s.workerPid, s.redisPid]) if (pid > 0 && alive(pid)) process.kill(pid, "SIGKILL");
+    for (const pid of [s.apiPid, s.workerPid, s.redisPid])
+      if (pid > 0 && alive(pid)) process.kill(pid, "SIGKILL");
   }
   for (const d of dirs.splice(0)) rmSync(d, { recursive: true, force: true });
 });
@@ -165,8 +173,12 @@ describe("npm start", () => {
     });
     expect(stack.base).toBe(`http://127.0.0.1:${stack.port}`);
     // The examples follow the "ready at" line and may arrive in a later pipe chunk.
-    await expect.poll(() => stack.output(), { timeout: 10_000 }).toContain("Ctrl-C stops everything");
-    expect(stack.output()).toContain(`curl -s -X POST ${stack.base}/downloads.v1.DownloadService/Initiate`);
+    await expect
+      .poll(() => stack.output(), { timeout: 10_000 })
+      .toContain("Ctrl-C stops everything");
+    expect(stack.output()).toContain(
+      `curl -s -X POST ${stack.base}/downloads.v1.DownloadService/Initiate`,
+    );
     expect(stack.output()).toContain("npx buf curl --schema proto");
     expect(stack.output()).toContain("createConnectTransport");
     // Auth is on by default: the printed token is what the examples send.
@@ -185,7 +197,10 @@ describe("npm start", () => {
     );
     try {
       for (const f of SAMPLE_FILES) {
-        expect(await storage.headSource(f.fileId)).toMatchObject({ sizeBytes: f.sizeBytes, fileName: f.fileName });
+        expect(await storage.headSource(f.fileId)).toMatchObject({
+          sizeBytes: f.sizeBytes,
+          fileName: f.fileName,
+        });
       }
     } finally {
       storage.destroy();
@@ -216,7 +231,11 @@ describe("npm start", () => {
     const second = await startStack({ ...env, PORT: String(await freePort()) });
     expect(second.output()).toMatch(/0 uploaded, 10 already there/);
     const again = (await rpc(second.base, "GetStatus", { jobId: job.jobId })).job;
-    expect(again).toMatchObject({ state: "JOB_STATE_COMPLETED", fileIds: [70001, 70000], version: done.version });
+    expect(again).toMatchObject({
+      state: "JOB_STATE_COMPLETED",
+      fileIds: [70001, 70000],
+      version: done.version,
+    });
     expect(again.result.sha256).toBe(done.result.sha256);
     second.proc.kill("SIGINT");
     expect(await second.exit).toEqual({ code: 0, signal: null });
@@ -224,7 +243,11 @@ describe("npm start", () => {
   }, 240_000);
 
   test("when the worker dies it stops everything else and exits non-zero", async () => {
-    const stack = await startStack({ PORT: String(await freePort()), DATA_DIR: tempDir(), SEED_SAMPLES: "false" });
+    const stack = await startStack({
+      PORT: String(await freePort()),
+      DATA_DIR: tempDir(),
+      SEED_SAMPLES: "false",
+    });
     process.kill(stack.workerPid, "SIGKILL");
     const exit = await stack.exit;
     expect(exit.code).not.toBe(0);

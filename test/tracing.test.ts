@@ -9,7 +9,7 @@ import { startTracing, type Tracing, tracingEnabled } from "../core/tracing.js";
 import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { waitUntil } from "../local/ports.js";
 import { type ApiStack, startApiStack, withTestToken } from "./helpers/api.js";
-import { startServices, type Services } from "./helpers/services.js";
+import { type Services, startServices } from "./helpers/services.js";
 import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
 
 // One trace from the RPC into the worker, as a tracing backend would show it: the API
@@ -27,7 +27,12 @@ interface OtlpSpan {
 }
 
 /** A minimal OTLP/HTTP JSON trace receiver: every span it was sent, flattened. */
-async function startCollector(): Promise<{ url: string; spans: OtlpSpan[]; requests: () => number; server: Server }> {
+async function startCollector(): Promise<{
+  url: string;
+  spans: OtlpSpan[];
+  requests: () => number;
+  server: Server;
+}> {
   const spans: OtlpSpan[] = [];
   let requests = 0;
   const server = createServer((req, res) => {
@@ -35,7 +40,11 @@ async function startCollector(): Promise<{ url: string; spans: OtlpSpan[]; reque
     req.on("data", (c: Buffer) => chunks.push(c));
     req.on("end", () => {
       requests += 1;
-      if (req.method !== "POST" || req.url !== "/v1/traces" || !(req.headers["content-type"] ?? "").includes("json")) {
+      if (
+        req.method !== "POST" ||
+        req.url !== "/v1/traces" ||
+        !(req.headers["content-type"] ?? "").includes("json")
+      ) {
         res.writeHead(404).end();
         return;
       }
@@ -46,11 +55,14 @@ async function startCollector(): Promise<{ url: string; spans: OtlpSpan[]; reque
         }[];
       };
       for (const rs of body.resourceSpans ?? []) {
-        const service = rs.resource?.attributes?.find((a) => a.key === "service.name")?.value.stringValue ?? "";
+        const service =
+          rs.resource?.attributes?.find((a) => a.key === "service.name")?.value.stringValue ?? "";
         for (const ss of rs.scopeSpans ?? []) {
           for (const s of ss.spans ?? []) {
             const attributes: Record<string, unknown> = {};
-            for (const a of (s.attributes as { key: string; value: Record<string, unknown> }[] | undefined) ?? []) {
+            for (const a of (s.attributes as
+              | { key: string; value: Record<string, unknown> }[]
+              | undefined) ?? []) {
               attributes[a.key] = Object.values(a.value)[0];
             }
             spans.push({
@@ -119,16 +131,26 @@ function clientWith(headers: Record<string, string>) {
   };
   return createClient(
     DownloadService,
-    createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken, addHeaders] }),
+    createConnectTransport({
+      baseUrl: st.server.url,
+      httpVersion: "1.1",
+      interceptors: [withTestToken, addHeaders],
+    }),
   );
 }
 
-async function runToCompletion(client: ReturnType<typeof clientWith>, fileIds: number[]): Promise<string> {
+async function runToCompletion(
+  client: ReturnType<typeof clientWith>,
+  fileIds: number[],
+): Promise<string> {
   const { job } = await client.initiate({ fileIds });
   const jobId = job?.jobId ?? "";
   const poller = clientWith({});
   await expect
-    .poll(async () => (await poller.getStatus({ jobId })).job?.state, { timeout: 30_000, interval: 100 })
+    .poll(async () => (await poller.getStatus({ jobId })).job?.state, {
+      timeout: 30_000,
+      interval: 100,
+    })
     .toBe(JobState.COMPLETED);
   return jobId;
 }
@@ -139,9 +161,15 @@ async function traceOfJob(jobId: string): Promise<{ bundle: OtlpSpan; spans: Otl
   await expect
     .poll(
       () => {
-        bundle = collector.spans.find((s) => s.name === "bundle" && s.attributes["job.id"] === jobId);
+        bundle = collector.spans.find(
+          (s) => s.name === "bundle" && s.attributes["job.id"] === jobId,
+        );
         const trace = collector.spans.filter((s) => s.traceId === bundle?.traceId);
-        return bundle !== undefined && trace.some((s) => s.name === "upload") && trace.some((s) => s.name.endsWith("/Initiate"));
+        return (
+          bundle !== undefined &&
+          trace.some((s) => s.name === "upload") &&
+          trace.some((s) => s.name.endsWith("/Initiate"))
+        );
       },
       { timeout: 20_000, interval: 100 },
     )
@@ -153,17 +181,27 @@ async function traceOfJob(jobId: string): Promise<{ bundle: OtlpSpan; spans: Otl
 describe("tracing", () => {
   test("is off unless an OTLP endpoint or an exporter is configured", () => {
     expect(tracingEnabled(loadConfig({}))).toBe(false);
-    expect(tracingEnabled(loadConfig({ OTEL_EXPORTER_OTLP_ENDPOINT: "http://collector:4318" }))).toBe(true);
+    expect(
+      tracingEnabled(loadConfig({ OTEL_EXPORTER_OTLP_ENDPOINT: "http://collector:4318" })),
+    ).toBe(true);
     expect(tracingEnabled(loadConfig({ OTEL_TRACES_EXPORTER: "console" }))).toBe(true);
     expect(
-      tracingEnabled(loadConfig({ OTEL_EXPORTER_OTLP_ENDPOINT: "http://collector:4318", OTEL_TRACES_EXPORTER: "none" })),
+      tracingEnabled(
+        loadConfig({
+          OTEL_EXPORTER_OTLP_ENDPOINT: "http://collector:4318",
+          OTEL_TRACES_EXPORTER: "none",
+        }),
+      ),
     ).toBe(false);
   });
 
   test("an incoming traceparent's trace continues through the RPC into the worker's bundle, download, zip and upload spans", async () => {
     const traceId = hex(16);
     const callerSpanId = hex(8);
-    const jobId = await runToCompletion(clientWith({ traceparent: `00-${traceId}-${callerSpanId}-01` }), [901, 902]);
+    const jobId = await runToCompletion(
+      clientWith({ traceparent: `00-${traceId}-${callerSpanId}-01` }),
+      [901, 902],
+    );
 
     const { bundle, spans } = await traceOfJob(jobId);
     expect(bundle.traceId).toBe(traceId);
@@ -196,10 +234,11 @@ describe("tracing", () => {
     const initiate = spans.find((s) => s.name === "downloads.v1.DownloadService/Initiate");
     expect(initiate?.parentSpanId ?? "").toBe("");
     expect(bundle.parentSpanId).toBe(initiate?.spanId);
-    expect(spans.filter((s) => s.parentSpanId === bundle.spanId).map((s) => s.name).sort()).toEqual([
-      "download",
-      "upload",
-      "zip",
-    ]);
+    expect(
+      spans
+        .filter((s) => s.parentSpanId === bundle.spanId)
+        .map((s) => s.name)
+        .sort(),
+    ).toEqual(["download", "upload", "zip"]);
   });
 });

@@ -1,11 +1,15 @@
-import { HeadObjectCommand } from "@aws-sdk/client-s3";
 import { createHash } from "node:crypto";
+import { HeadObjectCommand } from "@aws-sdk/client-s3";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcTransport } from "@connectrpc/connect-node";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import type { JobRecord } from "../core/jobs.js";
-import { DownloadService, InitiateOutcome, JobState } from "../gen/downloads/v1/download_service_pb.js";
+import {
+  DownloadService,
+  InitiateOutcome,
+  JobState,
+} from "../gen/downloads/v1/download_service_pb.js";
 import { RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { type RunningWorker, startWorker } from "../worker/worker.js";
 import { type ApiStack, startApiStack } from "./helpers/api.js";
@@ -52,7 +56,13 @@ function clientFor(st: ApiStack, token: string, kind: "connect" | "grpc" = "conn
   );
 }
 
-const errorOf = async (p: Promise<unknown>) => ConnectError.from(await p.then(() => new Error("succeeded"), (e: unknown) => e));
+const errorOf = async (p: Promise<unknown>) =>
+  ConnectError.from(
+    await p.then(
+      () => new Error("succeeded"),
+      (e: unknown) => e,
+    ),
+  );
 
 /** The RetryInfo delay of an error in ms, or undefined when it has none. */
 function retryDelayMs(err: ConnectError): number | undefined {
@@ -61,7 +71,12 @@ function retryDelayMs(err: ConnectError): number | undefined {
   return Number(info.retryDelay.seconds) * 1000 + info.retryDelay.nanos / 1e6;
 }
 
-const postJson = (st: ApiStack, token: string, body: unknown, headers: Record<string, string> = {}) =>
+const postJson = (
+  st: ApiStack,
+  token: string,
+  body: unknown,
+  headers: Record<string, string> = {},
+) =>
   fetch(`${st.server.url}${SERVICE}/Initiate`, {
     method: "POST",
     headers: { "content-type": "application/json", authorization: `Bearer ${token}`, ...headers },
@@ -92,12 +107,20 @@ describe("idempotent Initiate (request_id, Idempotency-Key)", () => {
     const viaHeader = await postJson(st, ALICE, { fileIds: [1, 2] }, { "Idempotency-Key": key });
     expect(viaHeader.status).toBe(200);
     const body = (await viaHeader.json()) as { job: { jobId: string }; outcome: string };
-    expect(body).toMatchObject({ job: { jobId: first.job?.jobId }, outcome: "INITIATE_OUTCOME_REPLAYED" });
+    expect(body).toMatchObject({
+      job: { jobId: first.job?.jobId },
+      outcome: "INITIATE_OUTCOME_REPLAYED",
+    });
 
     const changed = await errorOf(alice.initiate({ fileIds: [2, 1], requestId: key }));
     expect(changed.code).toBe(Code.InvalidArgument);
     expect(changed.rawMessage).toMatch(/other parameters/);
-    const headerDiffers = await postJson(st, ALICE, { fileIds: [1, 2], requestId: key }, { "Idempotency-Key": "another" });
+    const headerDiffers = await postJson(
+      st,
+      ALICE,
+      { fileIds: [1, 2], requestId: key },
+      { "Idempotency-Key": "another" },
+    );
     expect(headerDiffers.status).toBe(400);
     expect(await st.queue.getWaitingCount()).toBeGreaterThan(0);
     const queued = await st.queue.getJob(first.job?.jobId ?? "");
@@ -117,7 +140,9 @@ describe("idempotent Initiate (request_id, Idempotency-Key)", () => {
     const before = await jobRecords(st);
     const clients = [clientFor(st, ALICE), clientFor(st, ALICE, "grpc")];
     const answers = await Promise.all(
-      Array.from({ length: 60 }, (_, i) => (clients[i % 2] ?? clients[0])?.initiate({ fileIds: [4, 5], requestId: key })),
+      Array.from({ length: 60 }, (_, i) =>
+        (clients[i % 2] ?? clients[0])?.initiate({ fileIds: [4, 5], requestId: key }),
+      ),
     );
     const ids = new Set(answers.map((a) => a?.job?.jobId));
     expect(ids.size).toBe(1);
@@ -138,7 +163,9 @@ describe("idempotent Initiate (request_id, Idempotency-Key)", () => {
 
   test("a malformed key is INVALID_ARGUMENT", async () => {
     for (const requestId of ["x".repeat(129), "has space", "ünïcode"]) {
-      expect((await errorOf(clientFor(st, ALICE).initiate({ fileIds: [7], requestId }))).code).toBe(Code.InvalidArgument);
+      expect((await errorOf(clientFor(st, ALICE).initiate({ fileIds: [7], requestId }))).code).toBe(
+        Code.InvalidArgument,
+      );
     }
   });
 });
@@ -157,7 +184,9 @@ describe("dedup of identical work", () => {
 
     // The order is the ZIP's entry order: another order is another ZIP.
     expect((await alice.initiate({ fileIds: [52, 51] })).outcome).toBe(InitiateOutcome.CREATED);
-    expect((await clientFor(st, BOB).initiate({ fileIds: [51, 52] })).outcome).toBe(InitiateOutcome.CREATED);
+    expect((await clientFor(st, BOB).initiate({ fileIds: [51, 52] })).outcome).toBe(
+      InitiateOutcome.CREATED,
+    );
 
     await alice.cancel({ jobId: first.job?.jobId ?? "" });
     const fresh = await alice.initiate({ fileIds: [51, 52] });
@@ -179,7 +208,9 @@ describe("dedup of identical work", () => {
     expect(reused.outcome).toBe(InitiateOutcome.REUSED_RESULT);
     expect(reused.job?.jobId).toBe(jobId);
     expect(reused.job?.state).toBe(JobState.COMPLETED);
-    const bytes = Buffer.from(await (await fetch(reused.job?.result?.downloadUrl ?? "")).arrayBuffer());
+    const bytes = Buffer.from(
+      await (await fetch(reused.job?.result?.downloadUrl ?? "")).arrayBuffer(),
+    );
     expect(bytes.equals(zip)).toBe(true);
     expect(await st.queue.getWaitingCount()).toBe(waiting);
   });
@@ -192,7 +223,11 @@ describe("dedup of identical work", () => {
     await st.startJob(b.job?.jobId ?? "");
     await st.complete(b.job?.jobId ?? "", Buffer.from("PK"));
     const c = await alice.initiate({ fileIds: [55] });
-    expect([a, b, c].map((x) => x.outcome)).toEqual([InitiateOutcome.CREATED, InitiateOutcome.CREATED, InitiateOutcome.CREATED]);
+    expect([a, b, c].map((x) => x.outcome)).toEqual([
+      InitiateOutcome.CREATED,
+      InitiateOutcome.CREATED,
+      InitiateOutcome.CREATED,
+    ]);
     expect(new Set([a, b, c].map((x) => x.job?.jobId)).size).toBe(3);
   });
 });
@@ -213,8 +248,12 @@ describe("limits and backpressure", () => {
     expect(((await json.json()) as { code: string }).code).toBe("resource_exhausted");
 
     // A retry of a call that did go through is not a new job: still answered.
-    expect((await alice.initiate({ fileIds: [61], requestId: key })).outcome).toBe(InitiateOutcome.REPLAYED);
-    expect((await clientFor(st, BOB).initiate({ fileIds: [63] })).outcome).toBe(InitiateOutcome.CREATED);
+    expect((await alice.initiate({ fileIds: [61], requestId: key })).outcome).toBe(
+      InitiateOutcome.REPLAYED,
+    );
+    expect((await clientFor(st, BOB).initiate({ fileIds: [63] })).outcome).toBe(
+      InitiateOutcome.CREATED,
+    );
     // A job that ends frees its slot.
     await alice.cancel({ jobId: one.job?.jobId ?? "" });
     expect((await alice.initiate({ fileIds: [63] })).outcome).toBe(InitiateOutcome.CREATED);
@@ -230,7 +269,9 @@ describe("limits and backpressure", () => {
     // Three a minute: one token every 20 s.
     expect(delay).toBeGreaterThan(1000);
     expect(delay).toBeLessThanOrEqual(20_000);
-    expect((await clientFor(st, BOB).initiate({ fileIds: [74] })).outcome).toBe(InitiateOutcome.CREATED);
+    expect((await clientFor(st, BOB).initiate({ fileIds: [74] })).outcome).toBe(
+      InitiateOutcome.CREATED,
+    );
   });
 
   test("past MAX_QUEUE_DEPTH: UNAVAILABLE with RetryInfo, HTTP 503 with Retry-After", async () => {
@@ -240,13 +281,17 @@ describe("limits and backpressure", () => {
     await bob.initiate({ fileIds: [81], requestId: key });
     await bob.initiate({ fileIds: [82] });
     await clientFor(st, ALICE).initiate({ fileIds: [83] });
-    await expect.poll(async () => (await errorOf(bob.initiate({ fileIds: [84] }))).code).toBe(Code.Unavailable);
+    await expect
+      .poll(async () => (await errorOf(bob.initiate({ fileIds: [84] }))).code)
+      .toBe(Code.Unavailable);
     const refused = await errorOf(bob.initiate({ fileIds: [84] }));
     expect(retryDelayMs(refused)).toBeGreaterThanOrEqual(1000);
     const json = await postJson(st, ALICE, { fileIds: [84] });
     expect(json.status).toBe(503);
     expect(Number(json.headers.get("retry-after"))).toBeGreaterThanOrEqual(1);
-    expect((await bob.initiate({ fileIds: [81], requestId: key })).outcome).toBe(InitiateOutcome.REPLAYED);
+    expect((await bob.initiate({ fileIds: [81], requestId: key })).outcome).toBe(
+      InitiateOutcome.REPLAYED,
+    );
   });
 
   describe("MAX_JOB_BYTES, with a worker", () => {
@@ -265,7 +310,10 @@ describe("limits and backpressure", () => {
     const until = async (jobId: string) => {
       let rec: JobRecord | undefined;
       await expect
-        .poll(async () => (rec = await st.store.get(jobId)).state, { timeout: 30_000, interval: 50 })
+        .poll(async () => (rec = await st.store.get(jobId)).state, {
+          timeout: 30_000,
+          interval: 50,
+        })
         .toMatch(/COMPLETED|FAILED|CANCELLED/);
       return rec as JobRecord;
     };
@@ -278,8 +326,16 @@ describe("limits and backpressure", () => {
       expect(rec.error).toMatchObject({ code: "resource_exhausted", retryable: false });
       expect(rec.progress.bytesDone).toBe(0);
       const head = await svc.storage.client
-        .send(new HeadObjectCommand({ Bucket: st.cfg.RESULT_BUCKET, Key: svc.storage.resultKey(rec.id) }))
-        .then(() => 200, (e: { $metadata?: { httpStatusCode?: number } }) => e.$metadata?.httpStatusCode);
+        .send(
+          new HeadObjectCommand({
+            Bucket: st.cfg.RESULT_BUCKET,
+            Key: svc.storage.resultKey(rec.id),
+          }),
+        )
+        .then(
+          () => 200,
+          (e: { $metadata?: { httpStatusCode?: number } }) => e.$metadata?.httpStatusCode,
+        );
       expect(head).toBe(404);
       const job = (await alice.getStatus({ jobId: rec.id })).job;
       expect(job?.error?.code).toBe("resource_exhausted");

@@ -4,7 +4,11 @@ import { createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { pino } from "pino";
 import { afterAll, beforeAll, expect, test } from "vitest";
-import { DownloadService, InitiateOutcome, JobState } from "../gen/downloads/v1/download_service_pb.js";
+import {
+  DownloadService,
+  InitiateOutcome,
+  JobState,
+} from "../gen/downloads/v1/download_service_pb.js";
 import { type RunningWorker, startWorker } from "../worker/worker.js";
 import { type ApiStack, startApiStack, withTestToken } from "./helpers/api.js";
 import { readZip } from "./helpers/zip.js";
@@ -35,17 +39,32 @@ afterAll(async () => {
 });
 
 const client = () =>
-  createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [withTestToken] }));
+  createClient(
+    DownloadService,
+    createConnectTransport({
+      baseUrl: st.server.url,
+      httpVersion: "1.1",
+      interceptors: [withTestToken],
+    }),
+  );
 
 async function completed(jobId: string) {
-  await expect.poll(async () => (await client().getStatus({ jobId })).job?.state, { timeout: 30_000, interval: 50 }).toBe(JobState.COMPLETED);
+  await expect
+    .poll(async () => (await client().getStatus({ jobId })).job?.state, {
+      timeout: 30_000,
+      interval: 50,
+    })
+    .toBe(JobState.COMPLETED);
   return (await client().getStatus({ jobId })).job;
 }
 
 const objectStatus = (key: string) =>
   st.svc.storage.client
     .send(new HeadObjectCommand({ Bucket: st.cfg.RESULT_BUCKET, Key: key }))
-    .then(() => 200, (e: { $metadata?: { httpStatusCode?: number } }) => e.$metadata?.httpStatusCode ?? 0);
+    .then(
+      () => 200,
+      (e: { $metadata?: { httpStatusCode?: number } }) => e.$metadata?.httpStatusCode ?? 0,
+    );
 
 test("an expired result is deleted, the job reports it, and Initiate makes the ZIP again", async () => {
   const first = await client().initiate({ fileIds: [301] });
@@ -53,8 +72,8 @@ test("an expired result is deleted, the job reports it, and Initiate makes the Z
   const result = job?.result;
   expect(result?.expired).toBe(false);
   // purge_time is RESULT_TTL_SECONDS after the job ended.
-  const purgeAt = timestampMs(result?.purgeTime ?? { seconds: 0n, nanos: 0 } as never);
-  const endedAt = timestampMs(job?.endTime ?? { seconds: 0n, nanos: 0 } as never);
+  const purgeAt = timestampMs(result?.purgeTime ?? ({ seconds: 0n, nanos: 0 } as never));
+  const endedAt = timestampMs(job?.endTime ?? ({ seconds: 0n, nanos: 0 } as never));
   expect(purgeAt - endedAt).toBe(TTL_SECONDS * 1000);
   const url = result?.downloadUrl ?? "";
   expect((await fetch(url)).status).toBe(200);
@@ -62,7 +81,10 @@ test("an expired result is deleted, the job reports it, and Initiate makes the Z
   expect(await objectStatus(key)).toBe(200);
 
   await expect
-    .poll(async () => (await client().getStatus({ jobId: job?.jobId ?? "" })).job?.result?.expired, { timeout: 30_000, interval: 100 })
+    .poll(
+      async () => (await client().getStatus({ jobId: job?.jobId ?? "" })).job?.result?.expired,
+      { timeout: 30_000, interval: 100 },
+    )
     .toBe(true);
   const expired = (await client().getStatus({ jobId: job?.jobId ?? "" })).job;
   expect(expired?.state).toBe(JobState.COMPLETED);

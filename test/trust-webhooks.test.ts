@@ -7,7 +7,11 @@ import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { InvalidInputError } from "../core/jobs.js";
 import { checkWebhookUrl } from "../core/webhook-target.js";
-import { DownloadService, JobState, WebhookState } from "../gen/downloads/v1/download_service_pb.js";
+import {
+  DownloadService,
+  JobState,
+  WebhookState,
+} from "../gen/downloads/v1/download_service_pb.js";
 import { type RunningWorker, startWorker } from "../worker/worker.js";
 import { type ApiStack, startApiStack } from "./helpers/api.js";
 import { type Services, startServices } from "./helpers/services.js";
@@ -75,13 +79,29 @@ afterAll(async () => {
 });
 
 const client = () =>
-  createClient(DownloadService, createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1", interceptors: [bearer(TOKEN)] }));
+  createClient(
+    DownloadService,
+    createConnectTransport({
+      baseUrl: st.server.url,
+      httpVersion: "1.1",
+      interceptors: [bearer(TOKEN)],
+    }),
+  );
 
-const codeOf = async (p: Promise<unknown>) => ConnectError.from(await p.then(() => undefined, (e: unknown) => e)).code;
+const codeOf = async (p: Promise<unknown>) =>
+  ConnectError.from(
+    await p.then(
+      () => undefined,
+      (e: unknown) => e,
+    ),
+  ).code;
 
 async function webhookOf(jobId: string, state: WebhookState) {
   await expect
-    .poll(async () => (await client().getStatus({ jobId })).job?.webhook?.state, { timeout: 30_000, interval: 100 })
+    .poll(async () => (await client().getStatus({ jobId })).job?.webhook?.state, {
+      timeout: 30_000,
+      interval: 100,
+    })
     .toBe(state);
   return (await client().getStatus({ jobId })).job?.webhook;
 }
@@ -98,10 +118,18 @@ function verify(r: Received): boolean {
 describe("delivery", () => {
   test("a completed job is POSTed once, signed, as GetStatus's JSON; the job shows the delivery", async () => {
     const path = "/hooks/completed";
-    const { job } = await client().initiate({ fileIds: [201, 202], callbackUrl: `${hookBase}${path}` });
+    const { job } = await client().initiate({
+      fileIds: [201, 202],
+      callbackUrl: `${hookBase}${path}`,
+    });
     const jobId = job?.jobId ?? "";
     const webhook = await webhookOf(jobId, WebhookState.DELIVERED);
-    expect(webhook).toMatchObject({ callbackUrl: `${hookBase}${path}`, attempts: 1, lastStatusCode: 200, lastError: "" });
+    expect(webhook).toMatchObject({
+      callbackUrl: `${hookBase}${path}`,
+      attempts: 1,
+      lastStatusCode: 200,
+      lastError: "",
+    });
     expect(webhook?.deliveredTime).toBeDefined();
 
     const mine = received.filter((r) => r.path === path);
@@ -110,7 +138,9 @@ describe("delivery", () => {
     expect(hook.headers["content-type"]).toBe("application/json");
     expect(verify(hook)).toBe(true);
     // A tampered body fails the same check.
-    expect(verify({ ...hook, body: hook.body.replace("JOB_STATE_COMPLETED", "JOB_STATE_FAILED") })).toBe(false);
+    expect(
+      verify({ ...hook, body: hook.body.replace("JOB_STATE_COMPLETED", "JOB_STATE_FAILED") }),
+    ).toBe(false);
 
     const posted = JSON.parse(hook.body) as { job: Record<string, any> };
     const polled = (await (
@@ -153,18 +183,31 @@ describe("delivery", () => {
   test("a cancelled job is posted too, even when no worker was up at the time", async () => {
     const path = "/hooks/cancelled";
     const idle = await startApiStack(
-      { AUTH_TOKENS: authTokens({ hooks: TOKEN }), WEBHOOK_SECRET: SECRET, WEBHOOK_ALLOWED_HOSTS: "127.0.0.1/32" },
+      {
+        AUTH_TOKENS: authTokens({ hooks: TOKEN }),
+        WEBHOOK_SECRET: SECRET,
+        WEBHOOK_ALLOWED_HOSTS: "127.0.0.1/32",
+      },
       { services: svc },
     );
     let w: RunningWorker | undefined;
     try {
-      const c = createClient(DownloadService, createConnectTransport({ baseUrl: idle.server.url, httpVersion: "1.1", interceptors: [bearer(TOKEN)] }));
+      const c = createClient(
+        DownloadService,
+        createConnectTransport({
+          baseUrl: idle.server.url,
+          httpVersion: "1.1",
+          interceptors: [bearer(TOKEN)],
+        }),
+      );
       const { job } = await c.initiate({ fileIds: [201], callbackUrl: `${hookBase}${path}` });
       const jobId = job?.jobId ?? "";
       expect((await c.cancel({ jobId })).job?.state).toBe(JobState.CANCELLED);
       // The callback was owed from the moment the job ended; a worker started later pays it.
       w = await startWorker(idle.cfg, silent);
-      await expect.poll(() => received.filter((r) => r.path === path).length, { timeout: 30_000 }).toBe(1);
+      await expect
+        .poll(() => received.filter((r) => r.path === path).length, { timeout: 30_000 })
+        .toBe(1);
       const hook = received.find((r) => r.path === path) as Received;
       expect(verify(hook)).toBe(true);
       const posted = JSON.parse(hook.body) as { job: { jobId: string; state: string } };
@@ -178,9 +221,19 @@ describe("delivery", () => {
 
 describe("where a webhook may go", () => {
   test("Initiate refuses non-http(s), credentials, and private, loopback or link-local targets", async () => {
-    const strict = await startApiStack({ AUTH_TOKENS: authTokens({ hooks: TOKEN }), WEBHOOK_SECRET: SECRET }, { services: svc });
+    const strict = await startApiStack(
+      { AUTH_TOKENS: authTokens({ hooks: TOKEN }), WEBHOOK_SECRET: SECRET },
+      { services: svc },
+    );
     try {
-      const c = createClient(DownloadService, createConnectTransport({ baseUrl: strict.server.url, httpVersion: "1.1", interceptors: [bearer(TOKEN)] }));
+      const c = createClient(
+        DownloadService,
+        createConnectTransport({
+          baseUrl: strict.server.url,
+          httpVersion: "1.1",
+          interceptors: [bearer(TOKEN)],
+        }),
+      );
       for (const url of [
         `${hookBase}/x`,
         "http://localhost/x",
@@ -196,7 +249,9 @@ describe("where a webhook may go", () => {
         "not a url",
         `https://${"a".repeat(3000)}.com/`,
       ]) {
-        expect(await codeOf(c.initiate({ fileIds: [201], callbackUrl: url })), url).toBe(Code.InvalidArgument);
+        expect(await codeOf(c.initiate({ fileIds: [201], callbackUrl: url })), url).toBe(
+          Code.InvalidArgument,
+        );
       }
     } finally {
       await strict.stop();
@@ -204,10 +259,22 @@ describe("where a webhook may go", () => {
   });
 
   test("without WEBHOOK_SECRET a callback_url is refused, not silently dropped", async () => {
-    const unsigned = await startApiStack({ AUTH_TOKENS: authTokens({ hooks: TOKEN }) }, { services: svc });
+    const unsigned = await startApiStack(
+      { AUTH_TOKENS: authTokens({ hooks: TOKEN }) },
+      { services: svc },
+    );
     try {
-      const c = createClient(DownloadService, createConnectTransport({ baseUrl: unsigned.server.url, httpVersion: "1.1", interceptors: [bearer(TOKEN)] }));
-      expect(await codeOf(c.initiate({ fileIds: [201], callbackUrl: "https://example.com/hook" }))).toBe(Code.InvalidArgument);
+      const c = createClient(
+        DownloadService,
+        createConnectTransport({
+          baseUrl: unsigned.server.url,
+          httpVersion: "1.1",
+          interceptors: [bearer(TOKEN)],
+        }),
+      );
+      expect(
+        await codeOf(c.initiate({ fileIds: [201], callbackUrl: "https://example.com/hook" })),
+      ).toBe(Code.InvalidArgument);
     } finally {
       await unsigned.stop();
     }
@@ -215,32 +282,80 @@ describe("where a webhook may go", () => {
 
   test("a name is judged by every address it resolves to, each time it is used", async () => {
     const policy = { allowPrivate: false, allowedHosts: [] };
-    const resolvesTo = (...addresses: string[]) => async () => addresses.map((address) => ({ address, family: address.includes(":") ? 6 : 4 }));
-    const ok = await checkWebhookUrl("https://hooks.example/x", policy, resolvesTo("93.184.215.14"));
+    const resolvesTo =
+      (...addresses: string[]) =>
+      async () =>
+        addresses.map((address) => ({ address, family: address.includes(":") ? 6 : 4 }));
+    const ok = await checkWebhookUrl(
+      "https://hooks.example/x",
+      policy,
+      resolvesTo("93.184.215.14"),
+    );
     expect(ok.address).toBe("93.184.215.14");
-    for (const addrs of [["10.0.0.5"], ["93.184.215.14", "127.0.0.1"], ["::ffff:192.168.1.1"], ["fd00::1"], ["fe80::1"]]) {
-      await expect(checkWebhookUrl("https://hooks.example/x", policy, resolvesTo(...addrs)), addrs.join()).rejects.toBeInstanceOf(InvalidInputError);
+    for (const addrs of [
+      ["10.0.0.5"],
+      ["93.184.215.14", "127.0.0.1"],
+      ["::ffff:192.168.1.1"],
+      ["fd00::1"],
+      ["fe80::1"],
+    ]) {
+      await expect(
+        checkWebhookUrl("https://hooks.example/x", policy, resolvesTo(...addrs)),
+        addrs.join(),
+      ).rejects.toBeInstanceOf(InvalidInputError);
     }
     // Allowed by name, by range, or wholesale.
-    await expect(checkWebhookUrl("https://hooks.internal/x", { allowPrivate: false, allowedHosts: ["hooks.internal"] }, resolvesTo("10.0.0.5"))).resolves.toBeDefined();
-    await expect(checkWebhookUrl("https://h.example/x", { allowPrivate: false, allowedHosts: ["10.0.0.0/8"] }, resolvesTo("10.0.0.5"))).resolves.toBeDefined();
-    await expect(checkWebhookUrl("https://h.example/x", { allowPrivate: true, allowedHosts: [] }, resolvesTo("10.0.0.5"))).resolves.toBeDefined();
+    await expect(
+      checkWebhookUrl(
+        "https://hooks.internal/x",
+        { allowPrivate: false, allowedHosts: ["hooks.internal"] },
+        resolvesTo("10.0.0.5"),
+      ),
+    ).resolves.toBeDefined();
+    await expect(
+      checkWebhookUrl(
+        "https://h.example/x",
+        { allowPrivate: false, allowedHosts: ["10.0.0.0/8"] },
+        resolvesTo("10.0.0.5"),
+      ),
+    ).resolves.toBeDefined();
+    await expect(
+      checkWebhookUrl(
+        "https://h.example/x",
+        { allowPrivate: true, allowedHosts: [] },
+        resolvesTo("10.0.0.5"),
+      ),
+    ).resolves.toBeDefined();
   });
 
   test("a target that became unacceptable by delivery time is not called, and the delivery fails at once", async () => {
     // The API accepted loopback; this worker's configuration does not. The same happens
     // when a public name is re-pointed at an internal address after Initiate.
     const api = await startApiStack(
-      { AUTH_TOKENS: authTokens({ hooks: TOKEN }), WEBHOOK_SECRET: SECRET, WEBHOOK_ALLOWED_HOSTS: "127.0.0.1/32" },
+      {
+        AUTH_TOKENS: authTokens({ hooks: TOKEN }),
+        WEBHOOK_SECRET: SECRET,
+        WEBHOOK_ALLOWED_HOSTS: "127.0.0.1/32",
+      },
       { services: svc },
     );
     const w = await startWorker({ ...api.cfg, WEBHOOK_ALLOWED_HOSTS: [] }, silent);
     try {
-      const c = createClient(DownloadService, createConnectTransport({ baseUrl: api.server.url, httpVersion: "1.1", interceptors: [bearer(TOKEN)] }));
+      const c = createClient(
+        DownloadService,
+        createConnectTransport({
+          baseUrl: api.server.url,
+          httpVersion: "1.1",
+          interceptors: [bearer(TOKEN)],
+        }),
+      );
       const path = "/hooks/rebound";
       const { job } = await c.initiate({ fileIds: [201], callbackUrl: `${hookBase}${path}` });
       await expect
-        .poll(async () => (await c.getStatus({ jobId: job?.jobId ?? "" })).job?.webhook?.state, { timeout: 30_000, interval: 100 })
+        .poll(async () => (await c.getStatus({ jobId: job?.jobId ?? "" })).job?.webhook?.state, {
+          timeout: 30_000,
+          interval: 100,
+        })
         .toBe(WebhookState.FAILED);
       const webhook = (await c.getStatus({ jobId: job?.jobId ?? "" })).job?.webhook;
       expect(webhook).toMatchObject({ attempts: 1, lastStatusCode: 0 });

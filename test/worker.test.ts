@@ -8,7 +8,7 @@ import type { JobRecord, JobStateName } from "../core/jobs.js";
 import { type BundleJobData, createBundleQueue } from "../core/queue.js";
 import { createRedis, type RedisClient, waitForRedis } from "../core/redis.js";
 import { type RunningWorker, startWorker } from "../worker/worker.js";
-import { startServices, type Services } from "./helpers/services.js";
+import { type Services, startServices } from "./helpers/services.js";
 import { spawnWorker } from "./helpers/worker-process.js";
 import { readZip, sha256 } from "./helpers/zip.js";
 
@@ -23,7 +23,10 @@ interface Stack {
   store: JobStore;
   queue: Queue<BundleJobData>;
   /** Initiate and Cancel as one owner, without dedup (each Initiate a new job). */
-  jobs: { initiate(fileIds: number[]): Promise<JobRecord>; cancel(jobId: string): Promise<JobRecord> };
+  jobs: {
+    initiate(fileIds: number[]): Promise<JobRecord>;
+    cancel(jobId: string): Promise<JobRecord>;
+  };
   close(): Promise<void>;
 }
 
@@ -33,7 +36,11 @@ async function stack(svc: Services, overrides: Record<string, string> = {}): Pro
   const cfg = svc.config({ PROGRESS_INTERVAL_MS: "50", JOB_BACKOFF_MS: "50", ...overrides });
   const redis = createRedis(svc.redisTarget, { role: "api" });
   const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: 3600 });
-  const queue = createBundleQueue(redis, { prefix: cfg.QUEUE_PREFIX, attempts: cfg.JOB_ATTEMPTS, backoffMs: cfg.JOB_BACKOFF_MS });
+  const queue = createBundleQueue(redis, {
+    prefix: cfg.QUEUE_PREFIX,
+    attempts: cfg.JOB_ATTEMPTS,
+    backoffMs: cfg.JOB_BACKOFF_MS,
+  });
   const service = new JobService({
     store,
     queue,
@@ -77,7 +84,10 @@ async function waitFor(
   return last as JobRecord;
 }
 
-const inState = (...states: JobStateName[]) => (j: JobRecord) => states.includes(j.state);
+const inState =
+  (...states: JobStateName[]) =>
+  (j: JobRecord) =>
+    states.includes(j.state);
 
 async function download(svc: Services, rec: JobRecord): Promise<Buffer> {
   if (rec.result === undefined) throw new Error("job has no result");
@@ -134,10 +144,17 @@ describe("worker", () => {
     const entries = await readZip(zip);
     expect([...entries.keys()]).toEqual(["file-101", "report.pdf", "big.bin", "file-104"]);
     for (const [i, id] of ids.entries()) {
-      expect(entries.get(done.files[i]?.entryName ?? "")?.equals(sources.get(id) as Buffer)).toBe(true);
+      expect(entries.get(done.files[i]?.entryName ?? "")?.equals(sources.get(id) as Buffer)).toBe(
+        true,
+      );
     }
     const total = ids.reduce((n, id) => n + (sources.get(id)?.length ?? 0), 0);
-    expect(done.progress).toMatchObject({ filesDone: 4, filesTotal: 4, bytesDone: total, bytesTotal: total });
+    expect(done.progress).toMatchObject({
+      filesDone: 4,
+      filesTotal: 4,
+      bytesDone: total,
+      bytesTotal: total,
+    });
     expect(done.files.every((f) => f.state === "DONE")).toBe(true);
     expect(done.attempts).toBe(1);
     expect(done.startedAt).toBeGreaterThanOrEqual(done.createdAt);
@@ -148,17 +165,26 @@ describe("worker", () => {
     const job = await s.jobs.initiate([101, 999_001, 102, 999_002]);
     const done = await waitFor(s.store, job.id, inState("COMPLETED", "FAILED"));
     expect(done.state).toBe("FAILED");
-    expect(done.error).toMatchObject({ code: "not_found", retryable: false, missingFileIds: [999_001, 999_002] });
+    expect(done.error).toMatchObject({
+      code: "not_found",
+      retryable: false,
+      missingFileIds: [999_001, 999_002],
+    });
     expect(done.error?.message).toContain("999001");
     expect(done.attempts).toBe(1);
     const bull = await s.queue.getJob(job.id);
     expect(bull?.attemptsMade).toBe(1);
     expect(await bull?.getState()).toBe("failed");
-    expect(done.files.filter((f) => f.state === "FAILED").map((f) => f.fileId)).toEqual([999_001, 999_002]);
+    expect(done.files.filter((f) => f.state === "FAILED").map((f) => f.fileId)).toEqual([
+      999_001, 999_002,
+    ]);
   });
 
   test("progress reaches Redis at most about five times a second", async () => {
-    const throttled = await stack(svc, { THROTTLE_BYTES_PER_SECOND: String(2 * 1024 * 1024), PROGRESS_INTERVAL_MS: "200" });
+    const throttled = await stack(svc, {
+      THROTTLE_BYTES_PER_SECOND: String(2 * 1024 * 1024),
+      PROGRESS_INTERVAL_MS: "200",
+    });
     const w = await startWorker(throttled.cfg, silent);
     const sub = createRedis(svc.redisTarget, { role: "subscriber" });
     try {
@@ -168,14 +194,18 @@ describe("worker", () => {
       const job = await throttled.jobs.initiate([105]);
       const versions: { at: number; rec: JobRecord }[] = [];
       await sub.subscribe(throttled.store.channel(job.id));
-      sub.on("message", (_c: string, m: string) => versions.push({ at: Date.now(), rec: JSON.parse(m) }));
+      sub.on("message", (_c: string, m: string) =>
+        versions.push({ at: Date.now(), rec: JSON.parse(m) }),
+      );
       const done = await waitFor(throttled.store, job.id, inState("COMPLETED", "FAILED"));
       expect(done.state).toBe("COMPLETED");
       const processing = versions.filter((v) => v.rec.state === "PROCESSING");
       expect(processing.length).toBeGreaterThan(3);
       const spanS = ((processing.at(-1)?.at ?? 0) - (processing[0]?.at ?? 0)) / 1000;
       expect(processing.length - 1).toBeLessThanOrEqual(Math.ceil(spanS * 5) + 2);
-      const etas = processing.map((v) => JSON.parse(v.rec.progress as unknown as string).etaSeconds);
+      const etas = processing.map(
+        (v) => JSON.parse(v.rec.progress as unknown as string).etaSeconds,
+      );
       expect(etas.some((e) => typeof e === "number" && e > 0)).toBe(true);
     } finally {
       sub.disconnect();
@@ -189,7 +219,11 @@ describe("worker", () => {
     const w = await startWorker(slow.cfg, silent);
     try {
       const job = await slow.jobs.initiate([103, 105]);
-      await waitFor(slow.store, job.id, (j) => j.state === "PROCESSING" && j.progress.bytesDone > 0);
+      await waitFor(
+        slow.store,
+        job.id,
+        (j) => j.state === "PROCESSING" && j.progress.bytesDone > 0,
+      );
       const cancelled = await slow.jobs.cancel(job.id);
       expect(cancelled.state).toBe("CANCELLED");
       await expect.poll(() => w.running(), { timeout: 1000, interval: 10 }).toEqual([]);
@@ -226,7 +260,11 @@ describe("worker", () => {
   });
 
   test("transient storage errors are retried with backoff, then FAILED with retryable", async () => {
-    const broken = await stack(svc, { S3_ENDPOINT: "http://127.0.0.1:9", JOB_ATTEMPTS: "3", JOB_BACKOFF_MS: "20" });
+    const broken = await stack(svc, {
+      S3_ENDPOINT: "http://127.0.0.1:9",
+      JOB_ATTEMPTS: "3",
+      JOB_BACKOFF_MS: "20",
+    });
     const w = await startWorker(broken.cfg, silent);
     try {
       const job = await broken.jobs.initiate([101]);
@@ -256,7 +294,11 @@ describe("worker crash", () => {
     let second: ReturnType<typeof spawnWorker> | undefined;
     try {
       const job = await s.jobs.initiate([103, 102]);
-      await waitFor(s.store, job.id, (j) => j.state === "PROCESSING" && j.progress.bytesDone > 1024 * 1024);
+      await waitFor(
+        s.store,
+        job.id,
+        (j) => j.state === "PROCESSING" && j.progress.bytesDone > 1024 * 1024,
+      );
       await first.kill("SIGKILL");
       const killedAt = Date.now();
       second = spawnWorker({ ...env, THROTTLE_BYTES_PER_SECOND: "0" });

@@ -1,4 +1,4 @@
-import { type Context, type Span, SpanKind, context } from "@opentelemetry/api";
+import { type Context, context, type Span, SpanKind } from "@opentelemetry/api";
 import { markError, startSpan } from "../core/tracing.js";
 
 // The trace spans of one bundle run, children of its `bundle` span: one `download` per
@@ -25,10 +25,18 @@ export class BundleSpans {
   }
 
   fileStarted(index: number): void {
-    this.zip ??= startSpan("zip", { attributes: { "zip.entries": this.entries.length } }, this.parent);
+    this.zip ??= startSpan(
+      "zip",
+      { attributes: { "zip.entries": this.entries.length } },
+      this.parent,
+    );
     const entry = this.entries[index];
-    const attributes = entry === undefined ? {} : { "file.id": entry.fileId, "file.size_bytes": entry.sizeBytes };
-    this.downloads.set(index, startSpan("download", { kind: SpanKind.CLIENT, attributes }, this.parent));
+    const attributes =
+      entry === undefined ? {} : { "file.id": entry.fileId, "file.size_bytes": entry.sizeBytes };
+    this.downloads.set(
+      index,
+      startSpan("download", { kind: SpanKind.CLIENT, attributes }, this.parent),
+    );
   }
 
   fileDone(index: number): void {
@@ -50,7 +58,11 @@ export class BundleSpans {
   failed(err: unknown): void {
     if (this.finished) return;
     this.finished = true;
-    for (const span of [...this.downloads.values(), ...(this.zip !== undefined ? [this.zip] : []), this.upload]) {
+    for (const span of [
+      ...this.downloads.values(),
+      ...(this.zip !== undefined ? [this.zip] : []),
+      this.upload,
+    ]) {
       markError(span, err);
       span.end();
     }

@@ -89,7 +89,9 @@ export async function bundleToS3(
 ): Promise<BundleResult> {
   const { signal } = opts;
   signal.throwIfAborted();
-  const zip = new ZipArchive(opts.zipLevel === 0 ? { store: true } : { zlib: { level: opts.zipLevel } });
+  const zip = new ZipArchive(
+    opts.zipLevel === 0 ? { store: true } : { zlib: { level: opts.zipLevel } },
+  );
   const digest = new Digest();
   zip.pipe(digest);
   const upload = storage.uploadResult(target.key, digest, target.fileName);

@@ -24,7 +24,9 @@ export interface WorkerHealthServer {
   close(): Promise<void>;
 }
 
-export async function startWorkerHealthServer(opts: WorkerHealthOptions): Promise<WorkerHealthServer> {
+export async function startWorkerHealthServer(
+  opts: WorkerHealthOptions,
+): Promise<WorkerHealthServer> {
   const server = createServer((req, res) => {
     if (serveHealth(req, res, { closing: opts.closing, readiness: opts.readiness })) return;
     if (opts.extra?.(req, res) === true) return;

@@ -2,12 +2,12 @@ import { SpanKind } from "@opentelemetry/api";
 import { type Job, UnrecoverableError } from "bullmq";
 import type { JobStore } from "../core/job-store.js";
 import {
+  entryNameFor,
   type FileProgress,
+  JobNotFoundError,
   type JobProgress,
   type JobRecord,
-  JobNotFoundError,
   JobStateError,
-  entryNameFor,
 } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
 import type { JobMetrics, JobOutcome } from "../core/metrics.js";
@@ -48,10 +48,18 @@ export type ProcessOutcome = "completed" | "cancelled" | "skipped";
 
 export function createProcessor(deps: ProcessorDeps) {
   // BullMQ makes the AbortSignal only for processors that declare all three parameters.
-  return async (job: Job<BundleJobData>, _token?: string, signal?: AbortSignal): Promise<ProcessOutcome> => {
+  return async (
+    job: Job<BundleJobData>,
+    _token?: string,
+    signal?: AbortSignal,
+  ): Promise<ProcessOutcome> => {
     const { jobId } = job.data;
     const { owner, traceparent } = job.data;
-    const log = deps.log.child({ jobId, attempt: job.attemptsMade + 1, ...(owner !== undefined ? { owner } : {}) });
+    const log = deps.log.child({
+      jobId,
+      attempt: job.attemptsMade + 1,
+      ...(owner !== undefined ? { owner } : {}),
+    });
     const cancel = new AbortController();
     deps.running.set(jobId, cancel);
     const abort = signal ? AbortSignal.any([cancel.signal, signal]) : cancel.signal;
@@ -100,12 +108,18 @@ async function run(
     const sources = await headAll(storage, fileIds, deps.headConcurrency ?? 8, signal);
     const missing = fileIds.filter((_, i) => sources[i] === undefined);
     if (missing.length > 0) {
-      await failJob(store, jobId, started, {
-        code: "not_found",
-        message: `source files not found: ${missing.join(", ")}. Check the file ids and initiate again.`,
-        retryable: false,
-        missingFileIds: missing,
-      }, { files: fileIds, missing });
+      await failJob(
+        store,
+        jobId,
+        started,
+        {
+          code: "not_found",
+          message: `source files not found: ${missing.join(", ")}. Check the file ids and initiate again.`,
+          retryable: false,
+          missingFileIds: missing,
+        },
+        { files: fileIds, missing },
+      );
       log.warn({ missing }, "job failed: missing source files");
       throw new UnrecoverableError(`missing source files: ${missing.join(", ")}`);
     }
@@ -129,8 +143,20 @@ async function run(
         jobId,
         {
           state: "PROCESSING",
-          progress: { filesDone: 0, filesTotal: entries.length, bytesDone: 0, bytesTotal: totalBytes, bytesPerSecond: 0 },
-          files: entries.map((e) => ({ fileId: e.fileId, state: "PENDING", sizeBytes: e.sizeBytes, bytesDone: 0, entryName: e.entryName })),
+          progress: {
+            filesDone: 0,
+            filesTotal: entries.length,
+            bytesDone: 0,
+            bytesTotal: totalBytes,
+            bytesPerSecond: 0,
+          },
+          files: entries.map((e) => ({
+            fileId: e.fileId,
+            state: "PENDING",
+            sizeBytes: e.sizeBytes,
+            bytesDone: 0,
+            entryName: e.entryName,
+          })),
         },
         // PROCESSING too: a job whose worker died comes back here through stall
         // detection. A retry keeps the time of the first start.
@@ -163,23 +189,28 @@ async function run(
     const key = storage.resultKey(jobId);
     const fileName = resultFileName(rec);
     const spans = new BundleSpans(entries);
-    const result = await bundleToS3(storage, entries, { key, fileName }, {
-      zipLevel: deps.zipLevel,
-      throttleBytesPerSecond: deps.throttleBytesPerSecond,
-      signal,
-      onFileStart: (i) => {
-        tracker.fileStarted(i);
-        spans.fileStarted(i);
+    const result = await bundleToS3(
+      storage,
+      entries,
+      { key, fileName },
+      {
+        zipLevel: deps.zipLevel,
+        throttleBytesPerSecond: deps.throttleBytesPerSecond,
+        signal,
+        onFileStart: (i) => {
+          tracker.fileStarted(i);
+          spans.fileStarted(i);
+        },
+        onBytes: (i, n) => {
+          tracker.addBytes(i, n);
+          deps.metrics?.bytesRead(n);
+        },
+        onFileDone: (i) => {
+          tracker.fileDone(i);
+          spans.fileDone(i);
+        },
       },
-      onBytes: (i, n) => {
-        tracker.addBytes(i, n);
-        deps.metrics?.bytesRead(n);
-      },
-      onFileDone: (i) => {
-        tracker.fileDone(i);
-        spans.fileDone(i);
-      },
-    }).catch((err: unknown) => {
+    ).catch((err: unknown) => {
       spans.failed(err);
       throw err;
     });
@@ -204,7 +235,9 @@ async function run(
     } catch (err) {
       if (err instanceof JobStateError) {
         // Cancelled while the last part was being written: leave nothing behind.
-        await storage.deleteResult(key).catch((e: unknown) => log.warn({ err: e }, "could not delete result"));
+        await storage
+          .deleteResult(key)
+          .catch((e: unknown) => log.warn({ err: e }, "could not delete result"));
         log.info("job cancelled after upload; result deleted");
         return "cancelled";
       }
@@ -238,7 +271,11 @@ async function run(
       // how many runs the job has had (a failure path, so the extra write is rare).
       if (!started) {
         await store
-          .update(jobId, {}, { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt } })
+          .update(
+            jobId,
+            {},
+            { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt } },
+          )
           .catch((e: unknown) => log.debug({ err: e }, "could not count the attempt"));
       }
       log.warn({ err }, "job attempt failed; will retry");
@@ -248,7 +285,12 @@ async function run(
 }
 
 /** How a run that threw ended, for the metrics; undefined when BullMQ took the job away. */
-function failedRunOutcome(job: Job<BundleJobData>, err: unknown, cancel: AbortSignal, abort: AbortSignal): JobOutcome | undefined {
+function failedRunOutcome(
+  job: Job<BundleJobData>,
+  err: unknown,
+  cancel: AbortSignal,
+  abort: AbortSignal,
+): JobOutcome | undefined {
   if (cancel.aborted) return "cancelled";
   if (err instanceof UnrecoverableError) return "failed";
   // Lock lost or the worker is stopping: another run follows, and nobody decided anything.
@@ -310,7 +352,10 @@ async function failJob(
           }
         : {}),
     },
-    { from: ["QUEUED", "PROCESSING"], ...(started ? {} : { addAttempts: 1, ifAbsent: { startedAt: now } }) },
+    {
+      from: ["QUEUED", "PROCESSING"],
+      ...(started ? {} : { addAttempts: 1, ifAbsent: { startedAt: now } }),
+    },
   );
 }
 
@@ -337,7 +382,11 @@ async function headAll(
 function toEntries(sources: readonly SourceInfo[]): BundleEntry[] {
   const used = new Set<string>();
   return sources.map((s) => {
-    const wanted = s.fileName?.replace(/[\\/\x00-\x1f]/g, "_").replace(/^\.+/, "_").slice(0, 200);
+    const wanted = s.fileName
+      // biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are what it removes
+      ?.replace(/[\\/\x00-\x1f]/g, "_")
+      .replace(/^\.+/, "_")
+      .slice(0, 200);
     let name = wanted !== undefined && wanted !== "" ? wanted : entryNameFor(s.fileId);
     if (used.has(name)) name = `${s.fileId}-${name}`;
     used.add(name);

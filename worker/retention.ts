@@ -1,5 +1,5 @@
 import type { JobStore } from "../core/job-store.js";
-import { JobNotFoundError, JobStateError } from "../core/jobs.js";
+import { JobNotFoundError, type JobRecord, JobStateError } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
 import type { Storage } from "../core/storage.js";
 
@@ -26,7 +26,7 @@ export async function sweepExpiredResults(
     const due = await store.dueResultExpiries(now, BATCH);
     for (const jobId of due) {
       let key = storage.resultKey(jobId);
-      let rec;
+      let rec: JobRecord | undefined;
       try {
         rec = await store.get(jobId);
         key = rec.result?.key ?? key;
@@ -37,7 +37,11 @@ export async function sweepExpiredResults(
       await storage.deleteResult(key);
       if (rec?.state === "COMPLETED" && rec.result !== undefined && rec.result.expired !== true) {
         try {
-          await store.update(jobId, { result: { ...rec.result, expired: true } }, { from: ["COMPLETED"] });
+          await store.update(
+            jobId,
+            { result: { ...rec.result, expired: true } },
+            { from: ["COMPLETED"] },
+          );
         } catch (err) {
           if (!(err instanceof JobNotFoundError || err instanceof JobStateError)) throw err;
         }

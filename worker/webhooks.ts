@@ -4,14 +4,23 @@ import https from "node:https";
 import type { LookupFunction } from "node:net";
 import { create, toJsonString } from "@bufbuild/protobuf";
 import { type Job, type Queue, UnrecoverableError } from "bullmq";
-import type { RedisClient } from "../core/redis.js";
-import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
 import type { JobStore } from "../core/job-store.js";
-import { InvalidInputError, type JobRecord, JobNotFoundError, type WebhookRecord } from "../core/jobs.js";
+import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
+import {
+  InvalidInputError,
+  JobNotFoundError,
+  type JobRecord,
+  type WebhookRecord,
+} from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
 import type { WebhookJobData } from "../core/queue.js";
+import type { RedisClient } from "../core/redis.js";
 import type { Storage } from "../core/storage.js";
-import { checkWebhookUrl, type WebhookTarget, type WebhookTargetPolicy } from "../core/webhook-target.js";
+import {
+  checkWebhookUrl,
+  type WebhookTarget,
+  type WebhookTargetPolicy,
+} from "../core/webhook-target.js";
 import { GetStatusResponseSchema } from "../gen/downloads/v1/download_service_pb.js";
 
 // Terminal-state callbacks. The job store's update script puts a job that ends with a
@@ -47,7 +56,12 @@ interface Answer {
 const MAX_ANSWER_BYTES = 64 * 1024;
 
 /** POSTs `body` to the checked address of `target`, never following redirects. */
-function post(target: WebhookTarget, body: string, headers: Record<string, string>, timeoutMs: number): Promise<Answer> {
+function post(
+  target: WebhookTarget,
+  body: string,
+  headers: Record<string, string>,
+  timeoutMs: number,
+): Promise<Answer> {
   // Connect to the address that was checked, whatever the name resolves to now; the
   // Host header and TLS server name still carry the name.
   const lookup: LookupFunction = (_host, opts, cb) => {
@@ -123,7 +137,10 @@ export function createWebhookProcessor(deps: WebhookDeliveryDeps) {
       const download = hasLiveResult(rec)
         ? await deps.storage.presignResult(rec.result.key, rec.result.fileName)
         : undefined;
-      const body = toJsonString(GetStatusResponseSchema, create(GetStatusResponseSchema, { job: toProtoJob(rec, download) }));
+      const body = toJsonString(
+        GetStatusResponseSchema,
+        create(GetStatusResponseSchema, { job: toProtoJob(rec, download) }),
+      );
       const answer = await post(
         target,
         body,
@@ -160,8 +177,8 @@ export function createWebhookProcessor(deps: WebhookDeliveryDeps) {
       return "delivered";
     }
     const givingUp = permanent || last;
-    await record(jobId, { ...attempt, state: givingUp ? "FAILED" : "PENDING" }).catch((err: unknown) =>
-      log.warn({ err, jobId }, "could not record webhook attempt"),
+    await record(jobId, { ...attempt, state: givingUp ? "FAILED" : "PENDING" }).catch(
+      (err: unknown) => log.warn({ err, jobId }, "could not record webhook attempt"),
     );
     if (givingUp) {
       await settle(jobId);
@@ -197,7 +214,14 @@ export function startOutboxDispatcher(opts: {
     if (running) return;
     running = true;
     try {
-      const due = await redis.zrangebyscore(store.webhookOutboxKey, "-inf", Date.now(), "LIMIT", 0, 200);
+      const due = await redis.zrangebyscore(
+        store.webhookOutboxKey,
+        "-inf",
+        Date.now(),
+        "LIMIT",
+        0,
+        200,
+      );
       for (const jobId of due) {
         await queue.add("deliver", { jobId }, { jobId: `wh-${jobId}` });
         await redis.zadd(store.webhookOutboxKey, "XX", Date.now() + opts.leaseMs, jobId);

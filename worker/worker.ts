@@ -4,7 +4,7 @@ import { type ReadinessCheck, redisCheck, s3Check } from "../core/health.js";
 import { JobStore } from "../core/job-store.js";
 import { isTerminal } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
-import { type Registry, createMetricsRegistry, registerWorkerMetrics } from "../core/metrics.js";
+import { createMetricsRegistry, type Registry, registerWorkerMetrics } from "../core/metrics.js";
 import {
   type BundleJobData,
   createMaintenanceQueue,
@@ -18,7 +18,11 @@ import { createRedis, redisTargetFrom, waitForRedis } from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { createProcessor } from "./processor.js";
 import { sweepExpiredResults } from "./retention.js";
-import { createWebhookProcessor, type OutboxDispatcher, startOutboxDispatcher } from "./webhooks.js";
+import {
+  createWebhookProcessor,
+  type OutboxDispatcher,
+  startOutboxDispatcher,
+} from "./webhooks.js";
 
 /** How often each worker looks for callbacks that became due. */
 const OUTBOX_INTERVAL_MS = 500;
@@ -38,11 +42,15 @@ export interface RunningWorker {
 
 export async function startWorker(cfg: Config, log: Logger): Promise<RunningWorker> {
   const target = redisTargetFrom(cfg);
-  if (target === undefined) throw new Error("REDIS_URL or REDIS_CLUSTER_NODES is required for the worker");
+  if (target === undefined)
+    throw new Error("REDIS_URL or REDIS_CLUSTER_NODES is required for the worker");
   const redis = createRedis(target, { role: "worker", name: "download-jobs:worker" });
   const sub = createRedis(target, { role: "subscriber", name: "download-jobs:worker-cancel" });
   await Promise.all([waitForRedis(redis), waitForRedis(sub)]);
-  const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS });
+  const store = new JobStore(redis, {
+    prefix: cfg.QUEUE_PREFIX,
+    recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS,
+  });
   const storage = new Storage(storageOptionsFrom(cfg));
   const running = new Map<string, AbortController>();
 
@@ -101,7 +109,11 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
           {
             state: "FAILED",
             endedAt: Date.now(),
-            error: { code: "unavailable", message: `processing failed: ${err.message}`, retryable: true },
+            error: {
+              code: "unavailable",
+              message: `processing failed: ${err.message}`,
+              retryable: true,
+            },
           },
           { from: ["QUEUED", "PROCESSING"] },
         );
@@ -112,14 +124,20 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
   // Retention: one scheduler for the whole deployment (every worker upserts the same
   // one), so a sweep runs in one worker at a time.
   const maintenanceQueue = createMaintenanceQueue(redis, cfg.QUEUE_PREFIX);
-  await maintenanceQueue.upsertJobScheduler("result-retention", { every: cfg.RETENTION_INTERVAL_MS }, { name: "result-retention" });
+  await maintenanceQueue.upsertJobScheduler(
+    "result-retention",
+    { every: cfg.RETENTION_INTERVAL_MS },
+    { name: "result-retention" },
+  );
   const maintenance = new Worker(
     MAINTENANCE_QUEUE_NAME,
     async () => sweepExpiredResults({ store, storage, log: log.child({ part: "retention" }) }),
     { connection: redis, prefix: cfg.QUEUE_PREFIX, concurrency: 1 },
   );
   maintenance.on("error", (err) => log.error({ err }, "maintenance worker error"));
-  maintenance.on("failed", (_job, err) => log.warn({ err }, "retention sweep failed; the next one retries"));
+  maintenance.on("failed", (_job, err) =>
+    log.warn({ err }, "retention sweep failed; the next one retries"),
+  );
 
   // Webhooks only with a signing secret: an unsigned callback could not be trusted.
   let webhooks: Worker<WebhookJobData> | undefined;
@@ -137,7 +155,10 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
         store,
         storage,
         secret: cfg.WEBHOOK_SECRET,
-        policy: { allowPrivate: cfg.WEBHOOK_ALLOW_PRIVATE, allowedHosts: cfg.WEBHOOK_ALLOWED_HOSTS ?? [] },
+        policy: {
+          allowPrivate: cfg.WEBHOOK_ALLOW_PRIVATE,
+          allowedHosts: cfg.WEBHOOK_ALLOWED_HOSTS ?? [],
+        },
         timeoutMs: cfg.WEBHOOK_TIMEOUT_MS,
         log: log.child({ part: "webhooks" }),
       }),
@@ -155,7 +176,10 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
   }
 
   await worker.waitUntilReady();
-  log.info({ queue: QUEUE_NAME, concurrency: cfg.WORKER_CONCURRENCY, webhooks: webhooks !== undefined }, "worker ready");
+  log.info(
+    { queue: QUEUE_NAME, concurrency: cfg.WORKER_CONCURRENCY, webhooks: webhooks !== undefined },
+    "worker ready",
+  );
 
   return {
     running: () => [...running.keys()],

@@ -25,9 +25,15 @@ export interface DownloadOptions {
   onProgress?: (bytesDone: number, bytesTotal: number) => void;
 }
 
-export async function downloadToFile(url: string, path: string, opts: DownloadOptions): Promise<{ bytes: number; sha256: string }> {
+export async function downloadToFile(
+  url: string,
+  path: string,
+  opts: DownloadOptions,
+): Promise<{ bytes: number; sha256: string }> {
   if (!opts.force && (await exists(path))) {
-    throw new FileExistsError(`${path} already exists: pass --force to overwrite it, or -o to choose another file`);
+    throw new FileExistsError(
+      `${path} already exists: pass --force to overwrite it, or -o to choose another file`,
+    );
   }
   const res = await fetch(url, opts.signal !== undefined ? { signal: opts.signal } : {});
   if (!res.ok || res.body === null) {
@@ -48,17 +54,26 @@ export async function downloadToFile(url: string, path: string, opts: DownloadOp
   });
   const part = `${path}.part-${process.pid}`;
   try {
-    await pipeline(Readable.fromWeb(res.body as WebReadableStream<Uint8Array>), meter, createWriteStream(part, { flags: "wx" }));
+    await pipeline(
+      Readable.fromWeb(res.body as WebReadableStream<Uint8Array>),
+      meter,
+      createWriteStream(part, { flags: "wx" }),
+    );
     const sha256 = hash.digest("hex");
     if (sha256 !== opts.expectedSha256.toLowerCase()) {
-      throw new DownloadError(`checksum mismatch: got sha256 ${sha256}, the job says ${opts.expectedSha256}; nothing was saved`);
+      throw new DownloadError(
+        `checksum mismatch: got sha256 ${sha256}, the job says ${opts.expectedSha256}; nothing was saved`,
+      );
     }
     if (opts.force) {
       await rename(part, path);
     } else {
       // link() fails if the name was taken meanwhile: never clobber without --force.
       await link(part, path).catch((err: NodeJS.ErrnoException) => {
-        if (err.code === "EEXIST") throw new FileExistsError(`${path} appeared during the download: pass --force to overwrite it`);
+        if (err.code === "EEXIST")
+          throw new FileExistsError(
+            `${path} appeared during the download: pass --force to overwrite it`,
+          );
         throw err;
       });
       await unlink(part);

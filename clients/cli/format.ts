@@ -32,11 +32,13 @@ export function progressLine(job: Job): string {
   const p = job.progress;
   const parts = [stateName(job.state).padEnd(10), `${String(p?.percent ?? 0).padStart(3)}%`];
   parts.push(`${p?.filesDone ?? 0}/${p?.filesTotal ?? job.fileIds.length} files`);
-  if (p !== undefined && p.bytesTotal > 0n) parts.push(`${formatBytes(p.bytesDone)}/${formatBytes(p.bytesTotal)}`);
+  if (p !== undefined && p.bytesTotal > 0n)
+    parts.push(`${formatBytes(p.bytesDone)}/${formatBytes(p.bytesTotal)}`);
   if (job.state === JobState.PROCESSING && p !== undefined && p.bytesPerSecond > 0n) {
     parts.push(`${formatBytes(p.bytesPerSecond)}/s`);
   }
-  if (job.state === JobState.PROCESSING && p?.etaSeconds !== undefined) parts.push(`ETA ${formatSeconds(p.etaSeconds)}`);
+  if (job.state === JobState.PROCESSING && p?.etaSeconds !== undefined)
+    parts.push(`ETA ${formatSeconds(p.etaSeconds)}`);
   return parts.join("  ");
 }
 
@@ -50,11 +52,16 @@ export function summary(job: Job): string[] {
   const lines = [`job ${job.jobId}: ${stateName(job.state)}`];
   if (job.state === JobState.COMPLETED && job.result !== undefined) {
     const r = job.result;
-    lines.push(`  file:     ${r.fileName} (${formatBytes(r.sizeBytes)})`, `  sha256:   ${r.sha256}`);
+    lines.push(
+      `  file:     ${r.fileName} (${formatBytes(r.sizeBytes)})`,
+      `  sha256:   ${r.sha256}`,
+    );
     lines.push(`  url:      ${r.downloadUrl}`, `  download: download-jobs download ${job.jobId}`);
   } else if (job.state === JobState.FAILED && job.error !== undefined) {
     const e = job.error;
-    lines.push(`  error:    ${e.message} (${e.code}${e.retryable ? ", retryable: initiate again" : ""})`);
+    lines.push(
+      `  error:    ${e.message} (${e.code}${e.retryable ? ", retryable: initiate again" : ""})`,
+    );
   } else if (job.state === JobState.QUEUED || job.state === JobState.PROCESSING) {
     lines.push(`  ${progressLine(job).trim()}`, `  follow:   download-jobs watch ${job.jobId}`);
   }

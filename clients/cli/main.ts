@@ -1,12 +1,12 @@
+import { basename, resolve } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import cliProgress from "cli-progress";
 import { Command, CommanderError, Option } from "commander";
-import { basename, resolve } from "node:path";
+import { type Job, JobState } from "../../gen/downloads/v1/download_service_pb.js";
 import type { DownloadClient } from "../lib/client.js";
 import { createDownloadClient } from "../lib/node.js";
-import { type WatchEvent, isTerminalJob, watchJob } from "../lib/watch.js";
-import { type Job, JobState } from "../../gen/downloads/v1/download_service_pb.js";
-import { DownloadError, FileExistsError, downloadToFile } from "./download-file.js";
+import { isTerminalJob, type WatchEvent, watchJob } from "../lib/watch.js";
+import { DownloadError, downloadToFile, FileExistsError } from "./download-file.js";
 import { formatBytes, jobJson, stateName, summary } from "./format.js";
 import { createView } from "./view.js";
 
@@ -52,7 +52,9 @@ function parseFileIds(raw: string[]): number[] {
   return raw.map((s) => {
     const n = Number(s);
     if (!/^\d+$/.test(s) || !Number.isSafeInteger(n) || n < 1 || n > 2_147_483_647) {
-      throw new UsageError(`file ids are positive whole numbers (e.g. 70000 70001): "${s}" is not one`);
+      throw new UsageError(
+        `file ids are positive whole numbers (e.g. 70000 70001): "${s}" is not one`,
+      );
     }
     return n;
   });
@@ -78,7 +80,9 @@ function describeEvent(e: WatchEvent): string | undefined {
   switch (e.type) {
     case "reconnecting":
       // A clean end (the server's stream age limit) is routine: say nothing.
-      return e.error === undefined ? undefined : `connection lost (${e.error.rawMessage}); reconnecting in ${(e.delayMs / 1000).toFixed(1)} s`;
+      return e.error === undefined
+        ? undefined
+        : `connection lost (${e.error.rawMessage}); reconnecting in ${(e.delayMs / 1000).toFixed(1)} s`;
     case "polling":
       return `live updates do not get through (${e.reason.rawMessage}); checking every second instead`;
     case "streaming":
@@ -92,7 +96,12 @@ function describeEvent(e: WatchEvent): string | undefined {
  * Follows a job to its end on the terminal. Ctrl-C detaches (the job keeps running on
  * the server) unless cancelOnInterrupt; a second Ctrl-C exits at once.
  */
-async function follow(client: DownloadClient, initial: Job, g: Globals, cancelOnInterrupt: boolean): Promise<{ code: number; job?: Job }> {
+async function follow(
+  client: DownloadClient,
+  initial: Job,
+  g: Globals,
+  cancelOnInterrupt: boolean,
+): Promise<{ code: number; job?: Job }> {
   const jobId = initial.jobId;
   // Ctrl-C is ours before anything is shown: a user (or a script) reacting to the first
   // line must not hit the default handler, which kills the process without a word.
@@ -148,7 +157,9 @@ async function follow(client: DownloadClient, initial: Job, g: Globals, cancelOn
         throw ce;
       });
       if (job !== undefined) report(job, g);
-      return job?.state === JobState.CANCELLED ? { code: EXIT.cancelled, job } : { code: exitFor(job), ...(job ? { job } : {}) };
+      return job?.state === JobState.CANCELLED
+        ? { code: EXIT.cancelled, job }
+        : { code: exitFor(job), ...(job ? { job } : {}) };
     }
     err(`\ndetached: job ${jobId} keeps running on the server.`);
     err(`resume with: download-jobs watch ${jobId}`);
@@ -169,7 +180,12 @@ function report(job: Job, g: Globals): void {
   else for (const line of summary(job)) out(line);
 }
 
-async function download(client: DownloadClient, jobId: string, g: Globals, o: { output?: string; force: boolean }): Promise<number> {
+async function download(
+  client: DownloadClient,
+  jobId: string,
+  g: Globals,
+  o: { output?: string; force: boolean },
+): Promise<number> {
   let job = (await client.getStatus({ jobId })).job;
   if (job !== undefined && !isTerminalJob(job)) {
     if (!g.json) err(`job ${jobId} is ${stateName(job.state)}: waiting for it to finish`);
@@ -188,11 +204,18 @@ async function download(client: DownloadClient, jobId: string, g: Globals, o: { 
   const tty = displayMode(g) === "tty";
   const bar = tty
     ? new cliProgress.SingleBar(
-        { stream: process.stderr, hideCursor: true, format: "{bar} {percentage}% | {done} of {size} | ETA {eta_formatted}" },
+        {
+          stream: process.stderr,
+          hideCursor: true,
+          format: "{bar} {percentage}% | {done} of {size} | ETA {eta_formatted}",
+        },
         cliProgress.Presets.shades_classic,
       )
     : undefined;
-  bar?.start(Number(result.sizeBytes), 0, { done: formatBytes(0), size: formatBytes(result.sizeBytes) });
+  bar?.start(Number(result.sizeBytes), 0, {
+    done: formatBytes(0),
+    size: formatBytes(result.sizeBytes),
+  });
   const abort = new AbortController();
   const onSigint = () => abort.abort();
   process.on("SIGINT", onSigint);
@@ -217,37 +240,56 @@ async function download(client: DownloadClient, jobId: string, g: Globals, o: { 
 function program(result: { code: number }): Command {
   const p = new Command("download-jobs")
     .description("Start, follow, cancel and download bundling jobs of a download-jobs API")
-    .addOption(new Option("--url <url>", "API base URL").env("DOWNLOAD_JOBS_URL").default("http://127.0.0.1:8080"))
-    .addOption(new Option("--protocol <protocol>", "wire protocol").choices(["connect", "grpc-web", "grpc"]).default("connect"))
-    .addOption(new Option("--token <token>", "bearer token sent with every call").env("DOWNLOAD_JOBS_TOKEN"))
+    .addOption(
+      new Option("--url <url>", "API base URL")
+        .env("DOWNLOAD_JOBS_URL")
+        .default("http://127.0.0.1:8080"),
+    )
+    .addOption(
+      new Option("--protocol <protocol>", "wire protocol")
+        .choices(["connect", "grpc-web", "grpc"])
+        .default("connect"),
+    )
+    .addOption(
+      new Option("--token <token>", "bearer token sent with every call").env("DOWNLOAD_JOBS_TOKEN"),
+    )
     .option("--json", "machine-readable output: one JSON object per line", false)
     .showHelpAfterError("(run download-jobs --help for usage)")
     .exitOverride();
   p.configureHelp({ showGlobalOptions: true });
   const globals = (cmd: Command) => cmd.optsWithGlobals<Globals>();
-  const run = (fn: (...args: never[]) => Promise<number>) => async (...args: unknown[]) => {
-    result.code = await (fn as (...a: unknown[]) => Promise<number>)(...args);
-  };
+  const run =
+    (fn: (...args: never[]) => Promise<number>) =>
+    async (...args: unknown[]) => {
+      result.code = await (fn as (...a: unknown[]) => Promise<number>)(...args);
+    };
 
   p.command("initiate")
     .description("start a job that bundles the given files into one ZIP")
     .argument("<fileIds...>", "source file ids, e.g. 70000 70001")
     .option("-w, --watch", "follow the job until it ends", false)
-    .option("--cancel-on-interrupt", "with --watch: Ctrl-C cancels the job instead of detaching", false)
+    .option(
+      "--cancel-on-interrupt",
+      "with --watch: Ctrl-C cancels the job instead of detaching",
+      false,
+    )
     .action(
-      run(async (raw: string[], o: { watch: boolean; cancelOnInterrupt: boolean }, cmd: Command) => {
-        const g = globals(cmd);
-        const fileIds = parseFileIds(raw);
-        const client = clientFor(g);
-        const { job } = await client.initiate({ fileIds });
-        if (job === undefined) throw new ConnectError("the server answered without a job", Code.Internal);
-        if (!o.watch) {
-          report(job, g);
-          return EXIT.ok;
-        }
-        if (!g.json) err(`job ${job.jobId} started`);
-        return (await follow(client, job, g, o.cancelOnInterrupt)).code;
-      }),
+      run(
+        async (raw: string[], o: { watch: boolean; cancelOnInterrupt: boolean }, cmd: Command) => {
+          const g = globals(cmd);
+          const fileIds = parseFileIds(raw);
+          const client = clientFor(g);
+          const { job } = await client.initiate({ fileIds });
+          if (job === undefined)
+            throw new ConnectError("the server answered without a job", Code.Internal);
+          if (!o.watch) {
+            report(job, g);
+            return EXIT.ok;
+          }
+          if (!g.json) err(`job ${job.jobId} started`);
+          return (await follow(client, job, g, o.cancelOnInterrupt)).code;
+        },
+      ),
     );
 
   p.command("status")
@@ -272,7 +314,8 @@ function program(result: { code: number }): Command {
         const client = clientFor(g);
         // One plain call first: a wrong URL or id fails at once instead of being retried.
         const { job } = await client.getStatus({ jobId });
-        if (job === undefined) throw new ConnectError("the server answered without a job", Code.Internal);
+        if (job === undefined)
+          throw new ConnectError("the server answered without a job", Code.Internal);
         return (await follow(client, job, g, o.cancelOnInterrupt)).code;
       }),
     );
@@ -290,7 +333,9 @@ function program(result: { code: number }): Command {
     );
 
   p.command("download")
-    .description("save a job's ZIP to a file and verify its SHA-256 (waits for the job if it is still running)")
+    .description(
+      "save a job's ZIP to a file and verify its SHA-256 (waits for the job if it is still running)",
+    )
     .argument("<jobId>")
     .option("-o, --output <file>", "where to save it (default: the ZIP's name in this folder)")
     .option("-f, --force", "overwrite the file if it exists", false)
@@ -308,10 +353,14 @@ function program(result: { code: number }): Command {
 function failure(e: unknown, url: string): { code: number; lines: string[] } {
   if (e instanceof CommanderError) {
     // Commander has printed the message (or the help) already.
-    const help = e.code === "commander.helpDisplayed" || e.code === "commander.help" || e.code === "commander.version";
+    const help =
+      e.code === "commander.helpDisplayed" ||
+      e.code === "commander.help" ||
+      e.code === "commander.version";
     return { code: help ? EXIT.ok : EXIT.usage, lines: [] };
   }
-  if (e instanceof UsageError || e instanceof FileExistsError) return { code: EXIT.usage, lines: [`error: ${e.message}`] };
+  if (e instanceof UsageError || e instanceof FileExistsError)
+    return { code: EXIT.usage, lines: [`error: ${e.message}`] };
   if (e instanceof DownloadError) return { code: EXIT.failed, lines: [`error: ${e.message}`] };
   const ce = ConnectError.from(e);
   switch (ce.code) {
@@ -320,7 +369,10 @@ function failure(e: unknown, url: string): { code: number; lines: string[] } {
     case Code.NotFound:
       return { code: EXIT.failed, lines: [`error: ${ce.rawMessage}`] };
     case Code.Unauthenticated:
-      return { code: EXIT.failed, lines: [`error: ${ce.rawMessage}: pass --token or set DOWNLOAD_JOBS_TOKEN`] };
+      return {
+        code: EXIT.failed,
+        lines: [`error: ${ce.rawMessage}: pass --token or set DOWNLOAD_JOBS_TOKEN`],
+      };
     case Code.PermissionDenied:
     case Code.FailedPrecondition:
     case Code.ResourceExhausted:
@@ -337,7 +389,12 @@ function failure(e: unknown, url: string): { code: number; lines: string[] } {
         ],
       };
     default:
-      return { code: EXIT.failed, lines: [`error: ${ce.code === Code.Internal ? "the server failed" : Code[ce.code]}: ${ce.rawMessage}`] };
+      return {
+        code: EXIT.failed,
+        lines: [
+          `error: ${ce.code === Code.Internal ? "the server failed" : Code[ce.code]}: ${ce.rawMessage}`,
+        ],
+      };
   }
 }
 

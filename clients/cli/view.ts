@@ -37,7 +37,8 @@ function plainView(out: Out, err: Out): JobView {
       const files = job.progress?.filesDone ?? 0;
       const now = Date.now();
       const terminal = job.state !== JobState.QUEUED && job.state !== JobState.PROCESSING;
-      if (job.state === lastState && files === lastFiles && now - lastAt < 1000 && !terminal) return;
+      if (job.state === lastState && files === lastFiles && now - lastAt < 1000 && !terminal)
+        return;
       lastState = job.state;
       lastFiles = files;
       lastAt = now;
@@ -64,7 +65,13 @@ function barsView(err: Out): JobView {
     },
     cliProgress.Presets.shades_classic,
   );
-  const overall = multi.create(100, 0, { state: "", files: "", bytes: "", rate: "", eta_text: "-" });
+  const overall = multi.create(100, 0, {
+    state: "",
+    files: "",
+    bytes: "",
+    rate: "",
+    eta_text: "-",
+  });
   const fileBars = new Map<number, cliProgress.SingleBar>();
   const fileFormat = "  {bar} {percentage}% | {name} | {size}";
   let stopped = false;
@@ -76,8 +83,14 @@ function barsView(err: Out): JobView {
       overall.update(p?.percent ?? 0, {
         state: stateName(job.state),
         files: `${p?.filesDone ?? 0}/${p?.filesTotal ?? job.fileIds.length}`,
-        bytes: p !== undefined && p.bytesTotal > 0n ? `${formatBytes(p.bytesDone)}/${formatBytes(p.bytesTotal)}` : "-",
-        rate: processing && p !== undefined && p.bytesPerSecond > 0n ? `${formatBytes(p.bytesPerSecond)}/s` : "-",
+        bytes:
+          p !== undefined && p.bytesTotal > 0n
+            ? `${formatBytes(p.bytesDone)}/${formatBytes(p.bytesTotal)}`
+            : "-",
+        rate:
+          processing && p !== undefined && p.bytesPerSecond > 0n
+            ? `${formatBytes(p.bytesPerSecond)}/s`
+            : "-",
         eta_text: processing && p?.etaSeconds !== undefined ? formatSeconds(p.etaSeconds) : "-",
       });
       for (const f of job.files.slice(0, MAX_FILE_BARS)) {

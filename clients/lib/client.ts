@@ -1,4 +1,4 @@
-import { type Client, type Interceptor, createClient } from "@connectrpc/connect";
+import { type Client, createClient, type Interceptor } from "@connectrpc/connect";
 import { createConnectTransport, createGrpcWebTransport } from "@connectrpc/connect-web";
 import { DownloadService } from "../../gen/downloads/v1/download_service_pb.js";
 

@@ -56,7 +56,11 @@ export interface WatchOptions {
   onEvent?: (e: WatchEvent) => void;
 }
 
-const TERMINAL: ReadonlySet<JobState> = new Set([JobState.COMPLETED, JobState.FAILED, JobState.CANCELLED]);
+const TERMINAL: ReadonlySet<JobState> = new Set([
+  JobState.COMPLETED,
+  JobState.FAILED,
+  JobState.CANCELLED,
+]);
 
 export function isTerminalJob(job: Job): boolean {
   return TERMINAL.has(job.state);
@@ -89,7 +93,11 @@ const MAX_STREAM_RETRY_MS = 5 * 60_000;
  * NotFound, InvalidArgument, Unauthenticated, PermissionDenied; for transient trouble
  * only after maxRetryTimeMs without an answer; Canceled when `signal` aborts.
  */
-export async function* watchJob(client: DownloadClient, jobId: string, opts: WatchOptions = {}): AsyncGenerator<Job, void, undefined> {
+export async function* watchJob(
+  client: DownloadClient,
+  jobId: string,
+  opts: WatchOptions = {},
+): AsyncGenerator<Job, void, undefined> {
   const signal = opts.signal;
   const firstMessageTimeoutMs = opts.firstMessageTimeoutMs ?? 5_000;
   const idleTimeoutMs = opts.idleTimeoutMs ?? 60_000;
@@ -116,7 +124,8 @@ export async function* watchJob(client: DownloadClient, jobId: string, opts: Wat
     new ConnectError("watch aborted", Code.Canceled, undefined, undefined, signal?.reason);
 
   /** Whether to hand `job` to the caller: newer than what it has, or the end it must see. */
-  const isNews = (job: Job) => job.version > last || (!yielded && isTerminalJob(job) && job.version === last);
+  const isNews = (job: Job) =>
+    job.version > last || (!yielded && isTerminalJob(job) && job.version === last);
 
   const healthy = () => {
     failures = 0;
@@ -135,7 +144,9 @@ export async function* watchJob(client: DownloadClient, jobId: string, opts: Wat
 
   const fallBackToPolling = (reason: ConnectError, clear: boolean) => {
     mode = "poll";
-    pollUntil = Date.now() + (clear ? nextStreamRetryMs : Math.min(nextStreamRetryMs, UNCLEAR_FALLBACK_RETRY_MS));
+    pollUntil =
+      Date.now() +
+      (clear ? nextStreamRetryMs : Math.min(nextStreamRetryMs, UNCLEAR_FALLBACK_RETRY_MS));
     if (clear) nextStreamRetryMs = Math.min(MAX_STREAM_RETRY_MS, nextStreamRetryMs * 2);
     emit({ type: "polling", reason });
   };
@@ -156,7 +167,8 @@ export async function* watchJob(client: DownloadClient, jobId: string, opts: Wat
         continue;
       }
       healthy();
-      if (job === undefined) throw new ConnectError("GetStatus answered without a job", Code.Internal);
+      if (job === undefined)
+        throw new ConnectError("GetStatus answered without a job", Code.Internal);
       emit({ type: "poll", version: job.version });
       if (isNews(job)) {
         last = job.version;
@@ -197,7 +209,10 @@ export async function* watchJob(client: DownloadClient, jobId: string, opts: Wat
     let failure: ConnectError | undefined;
     try {
       arm("first");
-      for await (const msg of client.watchJob({ jobId, afterVersion: last }, { signal: ctl.signal })) {
+      for await (const msg of client.watchJob(
+        { jobId, afterVersion: last },
+        { signal: ctl.signal },
+      )) {
         arm("idle");
         messages += 1;
         if (messages === 1) {
@@ -228,7 +243,10 @@ export async function* watchJob(client: DownloadClient, jobId: string, opts: Wat
       if (signal?.aborted) throw aborted();
       failure =
         timedOut === "first"
-          ? new ConnectError(`no message within ${firstMessageTimeoutMs} ms: a proxy may be buffering the stream`, Code.DeadlineExceeded)
+          ? new ConnectError(
+              `no message within ${firstMessageTimeoutMs} ms: a proxy may be buffering the stream`,
+              Code.DeadlineExceeded,
+            )
           : timedOut === "idle"
             ? new ConnectError(`stream silent for ${idleTimeoutMs} ms`, Code.DeadlineExceeded)
             : ConnectError.from(e);
@@ -262,13 +280,17 @@ export async function* watchJob(client: DownloadClient, jobId: string, opts: Wat
       }
       // Ending streams at once, again and again, is not a server's WATCH_MAX_STREAM_MS
       // but something in the way: do not spin on it.
-      const delayMs = Date.now() - openedAt < 1_000 ? backoff(new ConnectError("streams end at once", Code.Unavailable)) : 0;
+      const delayMs =
+        Date.now() - openedAt < 1_000
+          ? backoff(new ConnectError("streams end at once", Code.Unavailable))
+          : 0;
       emit({ type: "reconnecting", attempt: 0, delayMs });
       await sleep(delayMs, signal).catch(() => undefined);
       continue;
     }
 
-    const err = failure ?? new ConnectError("stream ended before its first message", Code.Unavailable);
+    const err =
+      failure ?? new ConnectError("stream ended before its first message", Code.Unavailable);
     if (messages === 0) {
       silentStreams += 1;
       if (timedOut === "first" || STREAM_REFUSED.has(err.code)) {
@@ -290,7 +312,11 @@ export async function* watchJob(client: DownloadClient, jobId: string, opts: Wat
 }
 
 /** Watches until the job ends and returns the terminal job (COMPLETED, FAILED or CANCELLED). */
-export async function waitForJob(client: DownloadClient, jobId: string, opts: WatchOptions = {}): Promise<Job> {
+export async function waitForJob(
+  client: DownloadClient,
+  jobId: string,
+  opts: WatchOptions = {},
+): Promise<Job> {
   let final: Job | undefined;
   for await (const job of watchJob(client, jobId, opts)) final = job;
   if (final === undefined || !isTerminalJob(final)) {

@@ -18,7 +18,12 @@ export type Connection = "streaming" | "polling" | "reconnecting" | "idle";
 export interface UseDownloadJobOptions
   extends Pick<
     WatchOptions,
-    "firstMessageTimeoutMs" | "idleTimeoutMs" | "pollIntervalMs" | "baseBackoffMs" | "maxBackoffMs" | "maxRetryTimeMs"
+    | "firstMessageTimeoutMs"
+    | "idleTimeoutMs"
+    | "pollIntervalMs"
+    | "baseBackoffMs"
+    | "maxBackoffMs"
+    | "maxRetryTimeMs"
   > {
   /** Every WatchEvent, e.g. for logging. */
   onEvent?: (e: WatchEvent) => void;
@@ -49,7 +54,11 @@ interface WatchState {
   connection: Connection;
 }
 
-const NONE: Omit<WatchState, "client" | "jobId"> = { job: undefined, error: undefined, connection: "idle" };
+const NONE: Omit<WatchState, "client" | "jobId"> = {
+  job: undefined,
+  error: undefined,
+  connection: "idle",
+};
 
 export function useDownloadJob(
   client: DownloadClient,
@@ -72,7 +81,9 @@ export function useDownloadJob(
       setWatch((prev) => {
         if (ctl.signal.aborted) return prev;
         const s: WatchState =
-          prev.client === client && prev.jobId === id ? prev : { client, jobId: id, ...NONE, connection: "reconnecting" };
+          prev.client === client && prev.jobId === id
+            ? prev
+            : { client, jobId: id, ...NONE, connection: "reconnecting" };
         return { ...s, ...f(s) };
       });
 
@@ -102,7 +113,11 @@ export function useDownloadJob(
 
     void (async () => {
       try {
-        for await (const job of watchJob(client, id, { ...watchOpts, signal: ctl.signal, onEvent: onWatchEvent })) {
+        for await (const job of watchJob(client, id, {
+          ...watchOpts,
+          signal: ctl.signal,
+          onEvent: onWatchEvent,
+        })) {
           update((s) => ({
             // cancel() may already have shown a newer version.
             job: s.job !== undefined && s.job.version > job.version ? s.job : job,
@@ -126,7 +141,9 @@ export function useDownloadJob(
     // The watch delivers the same change; showing it now makes the button feel instant.
     if (job === undefined) return;
     setWatch((s) =>
-      s.client === client && s.jobId === id && (s.job === undefined || s.job.version < job.version) ? { ...s, job } : s,
+      s.client === client && s.jobId === id && (s.job === undefined || s.job.version < job.version)
+        ? { ...s, job }
+        : s,
     );
   }, [client, id]);
 

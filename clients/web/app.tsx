@@ -1,4 +1,4 @@
-import { ConnectError, Code } from "@connectrpc/connect";
+import { Code, ConnectError } from "@connectrpc/connect";
 import { useEffect, useMemo, useRef, useState } from "react";
 import { SAMPLE_FILES } from "../../local/sample-files.js";
 import { createDownloadClient } from "../lib/client.js";
@@ -25,7 +25,8 @@ export function App() {
   const [token, setToken] = useState(loadToken);
   // The page is served by the API it calls: same origin, no CORS.
   const client = useMemo(
-    () => createDownloadClient({ baseUrl: window.location.origin, ...(token !== "" ? { token } : {}) }),
+    () =>
+      createDownloadClient({ baseUrl: window.location.origin, ...(token !== "" ? { token } : {}) }),
     [token],
   );
   const [jobId, setJobId] = useState<string | undefined>(loadCurrentJob);
@@ -53,18 +54,25 @@ export function App() {
   // The recent list keeps each job's last known state for the next visit.
   const { job, error, connection } = watch;
   const percent = job?.progress?.percent ?? 0;
+  // biome-ignore lint/correctness/useExhaustiveDependencies: a new job object arrives with every message; only its id, state and percent change the list
   useEffect(() => {
     if (job === undefined) return;
     const patch = { state: stateName(job.state), percent, updatedAt: Date.now() };
     setRecent((list) =>
       list.some((j) => j.jobId === job.jobId)
         ? patchRecent(list, job.jobId, patch)
-        : upsertRecent(list, { jobId: job.jobId, fileIds: [...job.fileIds], createdAt: Date.now(), ...patch }),
+        : upsertRecent(list, {
+            jobId: job.jobId,
+            fileIds: [...job.fileIds],
+            createdAt: Date.now(),
+            ...patch,
+          }),
     );
   }, [job?.jobId, job?.state, percent]);
   const gone = error?.code === Code.NotFound && connection === "idle";
   useEffect(() => {
-    if (gone && jobId !== undefined) setRecent((list) => patchRecent(list, jobId, { state: "GONE", updatedAt: Date.now() }));
+    if (gone && jobId !== undefined)
+      setRecent((list) => patchRecent(list, jobId, { state: "GONE", updatedAt: Date.now() }));
   }, [gone, jobId]);
 
   const start = async (fileIds: number[]) => {
@@ -72,7 +80,8 @@ export function App() {
     setStartError(undefined);
     try {
       const created = (await client.initiate({ fileIds })).job;
-      if (created === undefined) throw new ConnectError("Initiate answered without a job", Code.Internal);
+      if (created === undefined)
+        throw new ConnectError("Initiate answered without a job", Code.Internal);
       const now = Date.now();
       setRecent((list) =>
         upsertRecent(list, {
@@ -105,7 +114,12 @@ export function App() {
         />
       </header>
       <main>
-        <FilePicker files={SAMPLE_FILES} starting={starting} error={startError} onStart={(ids) => void start(ids)} />
+        <FilePicker
+          files={SAMPLE_FILES}
+          starting={starting}
+          error={startError}
+          onStart={(ids) => void start(ids)}
+        />
         {jobId !== undefined && (
           <JobPanel
             key={jobId}

@@ -1,4 +1,4 @@
-import { Code, ConnectError } from "@connectrpc/connect";
+import { Code, type ConnectError } from "@connectrpc/connect";
 import { type JobError, JobState } from "../../gen/downloads/v1/download_service_pb.js";
 
 // What the page says when something goes wrong, in words for the person using it. Codes
@@ -19,7 +19,9 @@ export function isTransient(err: ConnectError): boolean {
 
 export function describeError(err: ConnectError, ctx: ErrorContext, retrying: boolean): string {
   if (isNetworkError(err) || err.code === Code.Unavailable) {
-    return retrying ? "The service is unreachable; retrying…" : "The service is unreachable. Check your connection and try again.";
+    return retrying
+      ? "The service is unreachable; retrying…"
+      : "The service is unreachable. Check your connection and try again.";
   }
   switch (err.code) {
     case Code.NotFound:
@@ -38,9 +40,13 @@ export function describeError(err: ConnectError, ctx: ErrorContext, retrying: bo
       // The server's messages for bad input say what to change ("at most 100 files").
       return `The request was not accepted: ${err.rawMessage}`;
     case Code.FailedPrecondition:
-      return ctx === "cancel" ? "The job had already finished, so there was nothing to cancel." : "That is not possible for this job any more.";
+      return ctx === "cancel"
+        ? "The job had already finished, so there was nothing to cancel."
+        : "That is not possible for this job any more.";
     case Code.DeadlineExceeded:
-      return retrying ? "The service is slow to answer; retrying…" : "The service took too long to answer. Try again.";
+      return retrying
+        ? "The service is slow to answer; retrying…"
+        : "The service took too long to answer. Try again.";
     case Code.Canceled:
       return "Stopped.";
     default:

@@ -3,7 +3,11 @@
 // switched off (private windows, policies): the page then works without memory.
 
 const PREFIX = "download-jobs.";
-const KEYS = { current: `${PREFIX}current-job`, recent: `${PREFIX}recent-jobs`, token: `${PREFIX}token` } as const;
+const KEYS = {
+  current: `${PREFIX}current-job`,
+  recent: `${PREFIX}recent-jobs`,
+  token: `${PREFIX}token`,
+} as const;
 export const MAX_RECENT = 10;
 
 export interface RecentJob {
@@ -70,7 +74,11 @@ export function upsertRecent(list: readonly RecentJob[], entry: RecentJob): Rece
 }
 
 /** Updates an entry in place (the order stays: the list is by creation). */
-export function patchRecent(list: readonly RecentJob[], jobId: string, patch: Partial<RecentJob>): RecentJob[] {
+export function patchRecent(
+  list: readonly RecentJob[],
+  jobId: string,
+  patch: Partial<RecentJob>,
+): RecentJob[] {
   return list.map((j) => (j.jobId === jobId ? { ...j, ...patch } : j));
 }
 

@@ -9,7 +9,7 @@ import { createLogger } from "../../core/logger.js";
 import { type BundleJobData, createBundleQueue } from "../../core/queue.js";
 import { createRedis, type RedisClient, waitForRedis } from "../../core/redis.js";
 import { type ApiServer, type ApiServerOptions, startApiServer } from "../../server/server.js";
-import { startServices, type Services, TEST_OWNER, TEST_TOKEN } from "./services.js";
+import { type Services, startServices, TEST_OWNER, TEST_TOKEN } from "./services.js";
 
 export { TEST_OWNER, TEST_TOKEN };
 
@@ -60,7 +60,10 @@ export async function startApiStack(
   // Tests stop Redis on purpose; its reconnect errors are expected, not news.
   redis.on("error", () => undefined);
   await waitForRedis(redis);
-  const store = new JobStore(redis, { prefix: cfg.QUEUE_PREFIX, recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS });
+  const store = new JobStore(redis, {
+    prefix: cfg.QUEUE_PREFIX,
+    recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS,
+  });
   const queue = createBundleQueue(redis, { prefix: cfg.QUEUE_PREFIX, attempts: 1, backoffMs: 0 });
   queue.on("error", () => undefined);
   let server: ApiServer;
@@ -74,7 +77,11 @@ export async function startApiStack(
   }
 
   const startJob = (id: string) =>
-    store.update(id, { state: "PROCESSING", startedAt: Date.now() }, { from: ["QUEUED"], addAttempts: 1 });
+    store.update(
+      id,
+      { state: "PROCESSING", startedAt: Date.now() },
+      { from: ["QUEUED"], addAttempts: 1 },
+    );
 
   const progress = async (id: string, bytesDone: number, bytesTotal: number) => {
     const rec = await store.get(id);
@@ -88,7 +95,12 @@ export async function startApiStack(
   const complete = async (id: string, zip: Buffer, fileName = `download-${id.slice(0, 8)}.zip`) => {
     const key = svc.storage.resultKey(id);
     await svc.storage.client.send(
-      new PutObjectCommand({ Bucket: cfg.RESULT_BUCKET, Key: key, Body: zip, ContentType: "application/zip" }),
+      new PutObjectCommand({
+        Bucket: cfg.RESULT_BUCKET,
+        Key: key,
+        Body: zip,
+        ContentType: "application/zip",
+      }),
     );
     const rec = await store.get(id);
     return store.update(
@@ -96,7 +108,12 @@ export async function startApiStack(
       {
         state: "COMPLETED",
         endedAt: Date.now(),
-        progress: { ...rec.progress, filesDone: rec.fileIds.length, bytesDone: zip.length, bytesTotal: zip.length },
+        progress: {
+          ...rec.progress,
+          filesDone: rec.fileIds.length,
+          bytesDone: zip.length,
+          bytesTotal: zip.length,
+        },
         result: {
           key,
           fileName,
@@ -115,7 +132,12 @@ export async function startApiStack(
       {
         state: "FAILED",
         endedAt: Date.now(),
-        error: { code: "not_found", message: "source files 9 do not exist", retryable: false, missingFileIds: [9] },
+        error: {
+          code: "not_found",
+          message: "source files 9 do not exist",
+          retryable: false,
+          missingFileIds: [9],
+        },
       },
       { from: ["QUEUED", "PROCESSING"] },
     );

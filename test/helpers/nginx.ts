@@ -81,7 +81,16 @@ ${opts.upstreams.map((u) => `    server ${u} max_fails=1 fail_timeout=30s;`).joi
   );
   const child: ChildProcess = spawn(
     "nginx",
-    ["-p", dir, "-c", conf, "-e", "stderr", "-g", `daemon off; pid ${dir}/nginx.pid; error_log stderr;`],
+    [
+      "-p",
+      dir,
+      "-c",
+      conf,
+      "-e",
+      "stderr",
+      "-g",
+      `daemon off; pid ${dir}/nginx.pid; error_log stderr;`,
+    ],
     { stdio: ["ignore", "pipe", "pipe"] },
   );
   let out = "";
@@ -103,7 +112,10 @@ ${opts.upstreams.map((u) => `    server ${u} max_fails=1 fail_timeout=30s;`).joi
     await waitUntil("nginx", async () => {
       if (!running()) throw new Error(`nginx exited: ${out}`);
       // nginx writes the pid file once it has bound its ports.
-      return (await readFile(join(dir, "nginx.pid"), "utf8").catch(() => "")) !== "" && (await canConnect(port));
+      return (
+        (await readFile(join(dir, "nginx.pid"), "utf8").catch(() => "")) !== "" &&
+        (await canConnect(port))
+      );
     });
   } catch (err) {
     await stop();

@@ -23,7 +23,11 @@ export function parseMetrics(text: string): Sample[] {
 }
 
 /** Sum of the samples of `name` whose labels include `labels` (0 when there is none). */
-export function metricValue(samples: Sample[], name: string, labels: Record<string, string> = {}): number {
+export function metricValue(
+  samples: Sample[],
+  name: string,
+  labels: Record<string, string> = {},
+): number {
   return samples
     .filter((s) => s.name === name && Object.entries(labels).every(([k, v]) => s.labels[k] === v))
     .reduce((n, s) => n + s.value, 0);

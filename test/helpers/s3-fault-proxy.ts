@@ -43,10 +43,20 @@ function mulberry32(seed: number): () => number {
   };
 }
 
-export async function startS3FaultProxy(target: string, rates: FaultRates, seed = 42): Promise<S3FaultProxy> {
+export async function startS3FaultProxy(
+  target: string,
+  rates: FaultRates,
+  seed = 42,
+): Promise<S3FaultProxy> {
   const upstream = new URL(target);
   const random = mulberry32(seed);
-  const stats: FaultStats = { requests: 0, slowDowns: 0, resets: 0, cutBodies: 0, byKey: new Map() };
+  const stats: FaultStats = {
+    requests: 0,
+    slowDowns: 0,
+    resets: 0,
+    cutBodies: 0,
+    byKey: new Map(),
+  };
   let enabled = true;
   const agent = new http.Agent({ keepAlive: true });
 
@@ -66,13 +76,22 @@ export async function startS3FaultProxy(target: string, rates: FaultRates, seed 
       req.resume();
       req.on("end", () => {
         res.writeHead(503, { "content-type": "application/xml" });
-        res.end('<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>');
+        res.end(
+          '<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code><Message>Please reduce your request rate.</Message></Error>',
+        );
       });
       return;
     }
     const cut = enabled && req.method === "GET" && random() < rates.cutBody;
     const out = http.request(
-      { host: upstream.hostname, port: upstream.port, method: req.method, path: req.url, headers: req.headers, agent },
+      {
+        host: upstream.hostname,
+        port: upstream.port,
+        method: req.method,
+        path: req.url,
+        headers: req.headers,
+        agent,
+      },
       (up) => {
         res.writeHead(up.statusCode ?? 502, up.headers);
         if (!cut) {

@@ -1,11 +1,11 @@
-import { PutObjectCommand } from "@aws-sdk/client-s3";
 import { createHash, randomBytes } from "node:crypto";
+import { PutObjectCommand } from "@aws-sdk/client-s3";
 import { type Config, loadConfig } from "../../core/config.js";
 import type { RedisTarget } from "../../core/redis.js";
 import { Storage, storageOptionsFrom } from "../../core/storage.js";
 import { startRedisCluster } from "../../local/redis-cluster.js";
-import { startRedis, type LocalRedis } from "../../local/redis-server.js";
-import { LOCAL_S3_CREDENTIALS, startS3, type LocalS3 } from "../../local/s3-server.js";
+import { type LocalRedis, startRedis } from "../../local/redis-server.js";
+import { LOCAL_S3_CREDENTIALS, type LocalS3, startS3 } from "../../local/s3-server.js";
 
 // Real Redis and a real S3 server on free loopback ports, one set per test file.
 // Each caller gets its own QUEUE_PREFIX so tests never see each other's keys.
@@ -56,7 +56,9 @@ export function uniquePrefix(name = "t"): string {
  * out REDIS_CLUSTER_NODES and hash-tagged prefixes; REDIS_CLUSTER=1 in the environment
  * makes that the default, to run any suite against a cluster.
  */
-export async function startServices(opts: { appendonlyDir?: string; cluster?: boolean } = {}): Promise<Services> {
+export async function startServices(
+  opts: { appendonlyDir?: string; cluster?: boolean } = {},
+): Promise<Services> {
   const cluster = opts.cluster ?? process.env.REDIS_CLUSTER === "1";
   let redis: LocalRedis;
   let redisTarget: RedisTarget;
@@ -64,11 +66,19 @@ export async function startServices(opts: { appendonlyDir?: string; cluster?: bo
   if (cluster) {
     const c = await startRedisCluster();
     const first = c.nodes[0] ?? "";
-    redis = { url: `redis://${first}`, port: Number(first.split(":")[1]), pid: c.pids[0] ?? 0, stop: c.stop, kill: c.kill };
+    redis = {
+      url: `redis://${first}`,
+      port: Number(first.split(":")[1]),
+      pid: c.pids[0] ?? 0,
+      stop: c.stop,
+      kill: c.kill,
+    };
     redisTarget = { clusterNodes: c.nodes };
     redisEnv = { REDIS_CLUSTER_NODES: c.nodes.join(",") };
   } else {
-    redis = await startRedis(opts.appendonlyDir !== undefined ? { dir: opts.appendonlyDir, appendonly: true } : {});
+    redis = await startRedis(
+      opts.appendonlyDir !== undefined ? { dir: opts.appendonlyDir, appendonly: true } : {},
+    );
     redisTarget = redis.url;
     redisEnv = { REDIS_URL: redis.url };
   }
@@ -89,7 +99,11 @@ export async function startServices(opts: { appendonlyDir?: string; cluster?: bo
   };
   const config = (overrides: Record<string, string> = {}) =>
     // In a cluster every key of a deployment must share one hash slot: {prefix}.
-    loadConfig({ QUEUE_PREFIX: cluster ? `{${uniquePrefix()}}` : uniquePrefix(), ...env, ...overrides });
+    loadConfig({
+      QUEUE_PREFIX: cluster ? `{${uniquePrefix()}}` : uniquePrefix(),
+      ...env,
+      ...overrides,
+    });
   const storage = new Storage(storageOptionsFrom(config()));
   return {
     redis,

@@ -37,7 +37,10 @@ export function decodeConnectStream(body: Buffer): {
   let end: { error?: { code: string } } | undefined;
   for (let at = 0; at + 5 <= body.length; ) {
     const length = body.readUInt32BE(at + 1);
-    const data = JSON.parse(body.subarray(at + 5, at + 5 + length).toString() || "{}") as Record<string, unknown>;
+    const data = JSON.parse(body.subarray(at + 5, at + 5 + length).toString() || "{}") as Record<
+      string,
+      unknown
+    >;
     if ((body[at] as number) & 2) end = data as typeof end;
     else messages.push(data);
     at += 5 + length;

@@ -48,7 +48,11 @@ export function FilePicker({ files, starting, error, onStart }: FilePickerProps)
         <fieldset>
           <legend>Sample files</legend>
           <div className="row">
-            <button type="button" className="link" onClick={() => setSelected(new Set(files.map((f) => f.fileId)))}>
+            <button
+              type="button"
+              className="link"
+              onClick={() => setSelected(new Set(files.map((f) => f.fileId)))}
+            >
               Select all
             </button>
             <button type="button" className="link" onClick={() => setSelected(new Set())}>
@@ -75,7 +79,12 @@ export function FilePicker({ files, starting, error, onStart }: FilePickerProps)
           </ul>
         </fieldset>
         <div className="row">
-          <button type="submit" className="primary" aria-describedby={summaryId} aria-disabled={starting}>
+          <button
+            type="submit"
+            className="primary"
+            aria-describedby={summaryId}
+            aria-disabled={starting}
+          >
             {starting ? "Starting…" : "Start download"}
           </button>
           <span id={summaryId} className="muted">

@@ -1,15 +1,15 @@
-import { ConnectError } from "@connectrpc/connect";
 import { timestampDate } from "@bufbuild/protobuf/wkt";
+import { ConnectError } from "@connectrpc/connect";
 import { type MouseEvent, type Ref, useId, useState } from "react";
 import {
   FileState,
   type FileStatus,
   type Job,
-  JobState,
   type JobResult,
+  JobState,
 } from "../../../gen/downloads/v1/download_service_pb.js";
-import type { DownloadJob } from "../../react/use-download-job.js";
 import type { DownloadClient } from "../../lib/client.js";
+import type { DownloadJob } from "../../react/use-download-job.js";
 import { formatBytes, formatDuration, formatRate, percentOf, shortId } from "../format.js";
 import { describeError, describeJobError, stateLabel } from "../messages.js";
 import { ProgressBar } from "./progress-bar.js";
@@ -41,7 +41,9 @@ export function JobPanel({ jobId, watch, client, headingRef, onClose }: JobPanel
   const [actionError, setActionError] = useState<string | undefined>(undefined);
   const terminal =
     job !== undefined &&
-    (job.state === JobState.COMPLETED || job.state === JobState.FAILED || job.state === JobState.CANCELLED);
+    (job.state === JobState.COMPLETED ||
+      job.state === JobState.FAILED ||
+      job.state === JobState.CANCELLED);
   // The watch has ended with an error (the job is gone, the token refused...).
   const watchFailed = error !== undefined && connection === "idle";
 
@@ -67,9 +69,15 @@ export function JobPanel({ jobId, watch, client, headingRef, onClose }: JobPanel
     <section className="card job" aria-labelledby={headingId}>
       <div className="job-head">
         <h2 id={headingId} ref={headingRef} tabIndex={-1}>
-          Job <code data-testid="job-id" title={jobId}>{shortId(jobId)}</code>
+          Job{" "}
+          <code data-testid="job-id" title={jobId}>
+            {shortId(jobId)}
+          </code>
         </h2>
-        <p role="status" className={`state state-${job === undefined ? "none" : JobState[job.state].toLowerCase()}`}>
+        <p
+          role="status"
+          className={`state state-${job === undefined ? "none" : JobState[job.state].toLowerCase()}`}
+        >
           {status}
         </p>
       </div>
@@ -80,7 +88,9 @@ export function JobPanel({ jobId, watch, client, headingRef, onClose }: JobPanel
         </p>
       )}
       {error === undefined && connection === "polling" && !terminal && (
-        <p className="muted">Live updates cannot get through here; checking for news every second.</p>
+        <p className="muted">
+          Live updates cannot get through here; checking for news every second.
+        </p>
       )}
 
       {job !== undefined && <Progress job={job} />}
@@ -118,14 +128,25 @@ function Progress({ job }: { job: Job }) {
   const known = bytesTotal > 0n || job.state !== JobState.QUEUED;
   const percent = job.state === JobState.COMPLETED ? 100 : (p?.percent ?? 0);
   const running = job.state === JobState.PROCESSING;
-  const eta = running && p?.etaSeconds !== undefined ? `about ${formatDuration(p.etaSeconds)} left` : undefined;
-  const rate = running && p !== undefined && p.bytesPerSecond > 0n ? formatRate(p.bytesPerSecond) : undefined;
-  const amount = bytesTotal > 0n ? `${formatBytes(bytesDone)} of ${formatBytes(bytesTotal)}` : "size not known yet";
+  const eta =
+    running && p?.etaSeconds !== undefined
+      ? `about ${formatDuration(p.etaSeconds)} left`
+      : undefined;
+  const rate =
+    running && p !== undefined && p.bytesPerSecond > 0n ? formatRate(p.bytesPerSecond) : undefined;
+  const amount =
+    bytesTotal > 0n
+      ? `${formatBytes(bytesDone)} of ${formatBytes(bytesTotal)}`
+      : "size not known yet";
   const valueText = [`${percent}%`, amount, eta].filter((s) => s !== undefined).join(", ");
 
   return (
     <div className="progress">
-      <ProgressBar label="Overall progress" percent={known ? percent : undefined} valueText={valueText} />
+      <ProgressBar
+        label="Overall progress"
+        percent={known ? percent : undefined}
+        valueText={valueText}
+      />
       <dl className="stats">
         <div>
           <dt>Done</dt>
@@ -164,12 +185,18 @@ function Progress({ job }: { job: Job }) {
 function FileRow({ file }: { file: FileStatus }) {
   const name = file.entryName !== "" ? file.entryName : `file ${file.fileId}`;
   const percent = file.state === FileState.DONE ? 100 : percentOf(file.bytesDone, file.sizeBytes);
-  const amount = file.sizeBytes > 0n ? `${formatBytes(file.bytesDone)} of ${formatBytes(file.sizeBytes)}` : "";
+  const amount =
+    file.sizeBytes > 0n ? `${formatBytes(file.bytesDone)} of ${formatBytes(file.sizeBytes)}` : "";
   const label = FILE_STATE_LABELS[file.state];
   return (
     <li className="file-row">
       <span className="file-name">{name}</span>
-      <ProgressBar label={name} percent={percent} valueText={`${percent}%${amount === "" ? "" : `, ${amount}`}`} small />
+      <ProgressBar
+        label={name}
+        percent={percent}
+        valueText={`${percent}%${amount === "" ? "" : `, ${amount}`}`}
+        small
+      />
       <span className="muted">{amount}</span>
       <span className={`file-state file-${FileState[file.state].toLowerCase()}`}>{label}</span>
     </li>
@@ -191,7 +218,8 @@ function DownloadLink({ jobId, result, client, onError }: DownloadLinkProps) {
   const [fresh, setFresh] = useState<JobResult | undefined>(undefined);
   const [refreshing, setRefreshing] = useState(false);
   const current = fresh ?? result;
-  const expiresAt = current.expireTime !== undefined ? timestampDate(current.expireTime).getTime() : Infinity;
+  const expiresAt =
+    current.expireTime !== undefined ? timestampDate(current.expireTime).getTime() : Infinity;
 
   const onClick = (e: MouseEvent<HTMLAnchorElement>) => {
     if (Date.now() < expiresAt - EXPIRY_MARGIN_MS) return;
@@ -219,7 +247,12 @@ function DownloadLink({ jobId, result, client, onError }: DownloadLinkProps) {
 
   return (
     <p className="download">
-      <a className="button primary" href={current.downloadUrl} download={current.fileName} onClick={onClick}>
+      <a
+        className="button primary"
+        href={current.downloadUrl}
+        download={current.fileName}
+        onClick={onClick}
+      >
         {refreshing ? "Preparing link…" : `Download ${current.fileName}`}
       </a>
       <span className="muted"> {formatBytes(current.sizeBytes)}</span>

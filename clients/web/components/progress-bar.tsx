@@ -21,7 +21,10 @@ export function ProgressBar({ label, percent, valueText, small = false }: Progre
       aria-valuenow={percent}
       aria-valuetext={valueText}
     >
-      <div className={percent === undefined ? "bar-fill bar-indeterminate" : "bar-fill"} style={{ width: `${percent ?? 100}%` }} />
+      <div
+        className={percent === undefined ? "bar-fill bar-indeterminate" : "bar-fill"}
+        style={{ width: `${percent ?? 100}%` }}
+      />
     </div>
   );
 }

@@ -39,7 +39,9 @@ export function RecentJobs({ jobs, currentJobId, onSelect, onClear }: RecentJobs
                     <span>{files}</span>
                     <span className={`state state-${j.state.toLowerCase()}`}>
                       {label}
-                      {state !== undefined && j.state === "JOB_STATE_PROCESSING" ? ` ${j.percent}%` : ""}
+                      {state !== undefined && j.state === "JOB_STATE_PROCESSING"
+                        ? ` ${j.percent}%`
+                        : ""}
                     </span>
                     <span className="muted">{formatTime(j.createdAt)}</span>
                   </button>
