@@ -165,7 +165,7 @@ async function main(): Promise<number> {
       childEnv.AUTH_TOKENS = dev.authTokens;
       say(`auth   development token (owner "dev", new at every start): ${token}`);
       say(
-        `       send it as  Authorization: Bearer <token>; set AUTH_TOKENS for your own (see README, Security)`,
+        `       send it as  Authorization: Bearer <token>; set AUTH_TOKENS for your own (see docs/security.md)`,
       );
     }
     // The children write to a pipe, not to this terminal: decide the log format here.
