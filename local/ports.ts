@@ -18,7 +18,7 @@ export async function freePort(): Promise<number> {
 export async function waitUntil(
   what: string,
   probe: () => Promise<boolean>,
-  timeoutMs = 15_000,
+  timeoutMs = 60_000,
 ): Promise<void> {
   const deadline = Date.now() + timeoutMs;
   let delay = 10;

@@ -180,10 +180,7 @@ describe("a completed job", () => {
     const first = (await client.getStatus({ jobId })).job?.result;
     // SigV4 dates have one-second resolution: a later read must carry a later expiry.
     await expect
-      .poll(
-        async () => (await client.getStatus({ jobId })).job?.result?.expireTime?.seconds ?? 0n,
-        { timeout: 5000 },
-      )
+      .poll(async () => (await client.getStatus({ jobId })).job?.result?.expireTime?.seconds ?? 0n)
       .toBeGreaterThan(first?.expireTime?.seconds ?? 0n);
   });
 

@@ -21,6 +21,7 @@ import {
   TEST_CONNECTION_NAME,
   withTestToken,
 } from "./helpers/api.js";
+import { settlesWithin } from "./helpers/deadline.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
 
 // The server as a network service: one port for both protocols, robust against
@@ -159,7 +160,7 @@ describe("one port, two protocols", () => {
     })().catch((e: unknown) => ConnectError.from(e));
     const started = Date.now();
     // 2 s of heartbeats, well past the 800 ms request timeout.
-    await expect.poll(() => beats, { timeout: 10_000 }).toBeGreaterThanOrEqual(8);
+    await expect.poll(() => beats).toBeGreaterThanOrEqual(8);
     expect(Date.now() - started).toBeGreaterThan(1500);
     abort.abort();
     expect((await done)?.code).toBe(Code.Canceled);
@@ -192,10 +193,12 @@ describe("one port, two protocols", () => {
 });
 
 describe("graceful shutdown", () => {
-  test("close() ends open watches on every protocol with UNAVAILABLE and stops within 10 s", async () => {
+  test("close() ends open watches on every protocol with UNAVAILABLE and does not wait for a stuck request", async () => {
+    // A request timeout of ten minutes: were close() to wait for the stuck request below,
+    // it would hang far past the deadline it is given.
     const st = await startApiStack(
       { WATCH_HEARTBEAT_MS: "60000" },
-      { services: svc, drainTimeoutMs: 1500 },
+      { services: svc, drainTimeoutMs: 1500, requestTimeoutMs: 600_000 },
     );
     const sessions = [
       new Http2SessionManager(st.server.url),
@@ -299,9 +302,7 @@ describe("graceful shutdown", () => {
         .poll(() => streams.every((s) => s.snapshots() === 1) && grpcMessages === 1)
         .toBe(true);
 
-      const started = Date.now();
-      await st.server.close();
-      expect(Date.now() - started).toBeLessThan(10_000);
+      await settlesWithin("close()", 60_000, st.server.close());
 
       for (const s of streams) {
         expect([s.name, (await s.done)?.code]).toEqual([s.name, Code.Unavailable]);
@@ -346,7 +347,7 @@ describe("graceful shutdown", () => {
       return { child, exited, output: () => output };
     }
 
-    test("exits 0 on SIGTERM within 10 s, ending an open watch with UNAVAILABLE", async () => {
+    test("exits 0 on SIGTERM by itself, ending an open watch with UNAVAILABLE", async () => {
       const port = await freePort();
       const api = spawnApi({
         ...svc.env,
@@ -374,11 +375,9 @@ describe("graceful shutdown", () => {
       })().catch((e: unknown) => ConnectError.from(e));
       await expect.poll(() => snapshots).toBe(1);
 
-      const started = Date.now();
       api.child.kill("SIGTERM");
-      const code = await api.exited;
+      const code = await settlesWithin("exit after SIGTERM", 60_000, api.exited);
       expect(code, api.output()).toBe(0);
-      expect(Date.now() - started).toBeLessThan(10_000);
       expect((await watch)?.code).toBe(Code.Unavailable);
     });
 
@@ -413,9 +412,7 @@ describe("when Redis goes away", () => {
             (e: unknown) => e,
           ),
         ).code;
-      await expect
-        .poll(() => codeOf(client.getStatus({ jobId })), { timeout: 10_000 })
-        .toBe(Code.Unavailable);
+      await expect.poll(() => codeOf(client.getStatus({ jobId }))).toBe(Code.Unavailable);
       expect(await codeOf(client.initiate({ fileIds: [2] }))).toBe(Code.Unavailable);
       expect(await codeOf(client.cancel({ jobId }))).toBe(Code.Unavailable);
       const watch = (async () => {
@@ -425,9 +422,7 @@ describe("when Redis goes away", () => {
       expect((await watch)?.code).toBe(Code.Unavailable);
       // The process is still serving everything that needs no Redis.
       expect((await fetch(`${st.server.url}/healthz`)).status).toBe(200);
-      const started = Date.now();
-      await st.server.close();
-      expect(Date.now() - started).toBeLessThan(10_000);
+      await settlesWithin("close()", 60_000, st.server.close());
     } finally {
       await st.stop();
     }

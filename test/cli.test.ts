@@ -269,7 +269,7 @@ describe("download-jobs CLI", () => {
     const { job } = await api().initiate({ fileIds: [BIG] });
     const jobId = job?.jobId ?? "";
     const watching = start(["watch", jobId]);
-    await expect.poll(() => watching.stdout(), { timeout: 20_000 }).toContain("PROCESSING");
+    await expect.poll(() => watching.stdout()).toContain("PROCESSING");
     const cancel = await cli("cancel", jobId);
     expect(cancel.code).toBe(0);
     expect(await watching.exit).toBe(3);
@@ -280,7 +280,7 @@ describe("download-jobs CLI", () => {
     const { job } = await api().initiate({ fileIds: [BIG] });
     const jobId = job?.jobId ?? "";
     const first = start(["watch", jobId]);
-    await expect.poll(() => first.stdout(), { timeout: 20_000 }).toContain("PROCESSING");
+    await expect.poll(() => first.stdout()).toContain("PROCESSING");
     first.child.kill("SIGINT");
     expect(await first.exit).toBe(130);
     expect(first.stderr()).toContain(`download-jobs watch ${jobId}`);
@@ -288,7 +288,7 @@ describe("download-jobs CLI", () => {
     expect(after?.state).toBe(JobState.PROCESSING);
 
     const second = start(["watch", jobId, "--cancel-on-interrupt"]);
-    await expect.poll(() => second.stdout(), { timeout: 20_000 }).toContain("PROCESSING");
+    await expect.poll(() => second.stdout()).toContain("PROCESSING");
     second.child.kill("SIGINT");
     expect(await second.exit).toBe(3);
     expect((await api().getStatus({ jobId })).job?.state).toBe(JobState.CANCELLED);

@@ -221,7 +221,7 @@ describe("watchJob", () => {
     await st.startJob(jobId);
     await expect.poll(() => w.jobs.at(-1)?.state).toBe(JobState.PROCESSING);
     // It keeps polling and keeps trying to stream again (each try refused).
-    await expect.poll(() => w.count("streaming"), { timeout: 10_000 }).toBeGreaterThanOrEqual(1);
+    await expect.poll(() => w.count("streaming")).toBeGreaterThanOrEqual(1);
     await st.complete(jobId, Buffer.from("zip"));
     expect(await w.done).toBeUndefined();
     const states = w.jobs.map((j) => j.state);
@@ -249,7 +249,7 @@ describe("watchJob", () => {
       { ...st.cfg, PORT: port },
       createLogger("silent", "api-restarted"),
     );
-    await expect.poll(() => w.jobs.at(-1)?.progress?.percent, { timeout: 20_000 }).toBe(50);
+    await expect.poll(() => w.jobs.at(-1)?.progress?.percent).toBe(50);
     await st.complete(jobId, Buffer.from("zip"));
     expect(await w.done).toBeUndefined();
     expectCleanSequence(w.jobs);
@@ -302,13 +302,9 @@ describe("WATCH_MAX_STREAM_MS", () => {
       const w = collect(c, jobId);
       await expect.poll(() => w.jobs.length).toBe(1);
       await short.startJob(jobId);
-      await expect
-        .poll(() => w.count("reconnecting"), { timeout: 15_000 })
-        .toBeGreaterThanOrEqual(2);
+      await expect.poll(() => w.count("reconnecting")).toBeGreaterThanOrEqual(2);
       await short.progress(jobId, 500, 1000);
-      await expect
-        .poll(() => w.count("reconnecting"), { timeout: 15_000 })
-        .toBeGreaterThanOrEqual(4);
+      await expect.poll(() => w.count("reconnecting")).toBeGreaterThanOrEqual(4);
       await short.complete(jobId, Buffer.from("zip"));
       expect(await w.done).toBeUndefined();
       expect(w.jobs.map((j) => j.version)).toEqual([1, 2, 3, 4]);

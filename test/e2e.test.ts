@@ -176,10 +176,8 @@ describe("end to end", () => {
       }
     })();
     await expect
-      .poll(
-        () =>
-          seen.some((j) => j.state === JobState.PROCESSING && (j.progress?.bytesDone ?? 0n) > 0n),
-        { timeout: 20_000 },
+      .poll(() =>
+        seen.some((j) => j.state === JobState.PROCESSING && (j.progress?.bytesDone ?? 0n) > 0n),
       )
       .toBe(true);
     const { job: cancelled } = await client.cancel({ jobId });
@@ -188,7 +186,7 @@ describe("end to end", () => {
     expect(seen.at(-1)?.state).toBe(JobState.CANCELLED);
     // The worker process stops: its BullMQ job ends failed (not retried) within a second or so.
     const bull = await st.queue.getJob(jobId);
-    await expect.poll(async () => bull?.getState(), { timeout: 5_000 }).toBe("failed");
+    await expect.poll(async () => bull?.getState()).toBe("failed");
     expect(await resultObjectExists(jobId)).toBe(false);
     const again = await client.cancel({ jobId });
     expect(again.job?.state).toBe(JobState.CANCELLED);

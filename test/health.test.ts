@@ -162,7 +162,7 @@ describe("worker health on WORKER_HEALTH_PORT", () => {
     const probe = (env: Record<string, string>) =>
       run(process.execPath, [flag ?? "-e", script ?? ""], {
         env: { PATH: process.env.PATH ?? "", ...env },
-        timeout: 10_000,
+        timeout: 60_000,
       }).then(
         () => 0,
         (err: { code?: number }) => err.code ?? -1,

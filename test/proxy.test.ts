@@ -13,6 +13,7 @@ import { type ApiServer, startApiServer } from "../server/server.js";
 import { type RunningWorker, startWorker } from "../worker/worker.js";
 import { type Nginx, startNginx } from "./helpers/nginx.js";
 import { type Services, startServices, TEST_TOKEN, uniquePrefix } from "./helpers/services.js";
+import { echoLine } from "./helpers/test-log.js";
 
 // Torture tests: a real nginx between watchJob and the API, configured the ways that
 // cut or hold back long requests in production. Each profile runs a real job of more
@@ -25,7 +26,7 @@ const FILE_BYTES = 2_400_000;
 const THROTTLE = 100_000;
 /** Progress reaches Redis every 5 s: longer than the proxies' 3 s idle timeout below. */
 const PROGRESS_INTERVAL_MS = 5_000;
-const PROFILE_TIMEOUT_MS = 150_000;
+const PROFILE_TIMEOUT_MS = 300_000;
 
 let svc: Services;
 let prefix: string;
@@ -58,14 +59,14 @@ beforeAll(async () => {
     published.set(jobId, list);
   });
   await recorder.psubscribe(`${prefix}:job:*:events`);
-}, 60_000);
+});
 
 afterAll(async () => {
   await Promise.allSettled(cleanups.map((c) => c()));
   recorder?.disconnect();
   await worker?.close();
   await svc?.stop();
-}, 60_000);
+});
 
 function apiEnv(extra: Record<string, string>): Record<string, string> {
   return { QUEUE_PREFIX: prefix, LOG_LEVEL: "warn", ...extra };
@@ -294,6 +295,7 @@ describe.concurrent("watchJob through nginx", () => {
             ...svc.env,
             ...apiEnv({ PORT: String(port), HOST: "127.0.0.1", WATCH_HEARTBEAT_MS: "1000" }),
           },
+          onLine: echoLine(`api${i}`),
         }),
       );
       cleanups.push(async () => {

@@ -102,7 +102,7 @@ describe("buf curl without --schema", () => {
     let seen = "";
     watching.child.stdout?.on("data", (d: Buffer) => (seen += d.toString()));
     await waitForWatchers(id);
-    await expect.poll(() => seen, { timeout: 15_000 }).toContain("JOB_STATE_QUEUED");
+    await expect.poll(() => seen).toContain("JOB_STATE_QUEUED");
     await st.startJob(id);
     await st.fail(id);
     const { stdout } = await watching;
@@ -118,9 +118,6 @@ async function waitForWatchers(jobId: string): Promise<void> {
     .poll(
       async () =>
         ((await st.redis.pubsub("NUMSUB", st.store.channel(jobId))) as [string, number])[1],
-      {
-        timeout: 20_000,
-      },
     )
     .toBe(1);
 }

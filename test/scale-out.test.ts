@@ -12,6 +12,7 @@ import { waitUntil } from "../local/ports.js";
 import { type ServiceProcess, startServiceProcess } from "../local/service-process.js";
 import { withTestToken } from "./helpers/api.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
+import { echoLine } from "./helpers/test-log.js";
 
 // The scaled-out shape on one Redis: two API processes and two worker processes, all
 // started from their real entry points, none of them this test's process. Which worker
@@ -33,12 +34,14 @@ const workers: Proc[] = [];
 
 function start(name: string, entry: string, env: Record<string, string>): Proc {
   const lines: Record<string, unknown>[] = [];
+  const echo = echoLine(name);
   const proc = startServiceProcess({
     name,
     entry,
     cwd: ROOT,
     env: { ...process.env, ...env },
     onLine: (line) => {
+      echo(line);
       if (line.startsWith("{")) lines.push(JSON.parse(line) as Record<string, unknown>);
     },
   });
@@ -89,7 +92,7 @@ beforeAll(async () => {
   for (const api of apis) api.url = String(api.lines.find((l) => l.url !== undefined)?.url);
   conn = createRedis(svc.redis.url, { role: "api" });
   queue = createBundleQueue(conn, { prefix: env.QUEUE_PREFIX, attempts: 1, backoffMs: 0 });
-}, 90_000);
+});
 
 afterAll(async () => {
   await Promise.all([...apis, ...workers].map((p) => p.proc.stop(10_000)));
@@ -150,7 +153,7 @@ describe("several API and worker processes on one Redis", () => {
           const j = (await a.getStatus({ jobId })).job;
           return j?.state === JobState.PROCESSING && (j.progress?.bytesDone ?? 0n) > 0n;
         },
-        { timeout: 20_000, interval: 50 },
+        { interval: 50 },
       )
       .toBe(true);
     const runner = await workerRunning(jobId);
@@ -174,7 +177,7 @@ describe("several API and worker processes on one Redis", () => {
     console.info(
       `cancel through API B -> job stopped in worker pid ${runner.proc.pid}: ${stopMs} ms`,
     );
-    await expect.poll(() => queue.getJobState(jobId), { timeout: 10_000 }).toBe("failed");
+    await expect.poll(() => queue.getJobState(jobId)).toBe("failed");
     const bull = await queue.getJob(jobId);
     expect(bull?.failedReason).toBe("cancelled");
     expect(bull?.returnvalue ?? null).toBeNull();

@@ -173,9 +173,7 @@ describe("npm start", () => {
     });
     expect(stack.base).toBe(`http://127.0.0.1:${stack.port}`);
     // The examples follow the "ready at" line and may arrive in a later pipe chunk.
-    await expect
-      .poll(() => stack.output(), { timeout: 10_000 })
-      .toContain("Ctrl-C stops everything");
+    await expect.poll(() => stack.output()).toContain("Ctrl-C stops everything");
     expect(stack.output()).toContain(
       `curl -s -X POST ${stack.base}/downloads.v1.DownloadService/Initiate`,
     );
@@ -216,7 +214,7 @@ describe("npm start", () => {
     stack.proc.kill("SIGINT");
     expect(await stack.exit).toEqual({ code: 0, signal: null });
     await expectAllStopped(stack);
-  }, 180_000);
+  });
 
   test("a restart on the same data folder keeps every job and seeds nothing again", async () => {
     const dataDir = tempDir();
@@ -253,5 +251,5 @@ describe("npm start", () => {
     expect(exit.code).not.toBe(0);
     expect(stack.output()).toMatch(/worker exited unexpectedly/);
     await expectAllStopped(stack);
-  }, 120_000);
+  });
 });

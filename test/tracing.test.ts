@@ -112,7 +112,7 @@ beforeAll(async () => {
     THROTTLE_BYTES_PER_SECOND: String(8 * 1024 * 1024),
   });
   await waitUntil("worker ready", async () => worker.output().includes("worker ready"), 30_000);
-}, 60_000);
+});
 
 afterAll(async () => {
   await worker?.kill("SIGTERM");
@@ -171,7 +171,7 @@ async function traceOfJob(jobId: string): Promise<{ bundle: OtlpSpan; spans: Otl
           trace.some((s) => s.name.endsWith("/Initiate"))
         );
       },
-      { timeout: 20_000, interval: 100 },
+      { interval: 100 },
     )
     .toBe(true);
   const b = bundle as OtlpSpan;

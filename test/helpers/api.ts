@@ -5,11 +5,11 @@ import type { Queue } from "bullmq";
 import type { Config } from "../../core/config.js";
 import { JobStore } from "../../core/job-store.js";
 import type { JobRecord } from "../../core/jobs.js";
-import { createLogger } from "../../core/logger.js";
 import { type BundleJobData, createBundleQueue } from "../../core/queue.js";
 import { createRedis, type RedisClient, waitForRedis } from "../../core/redis.js";
 import { type ApiServer, type ApiServerOptions, startApiServer } from "../../server/server.js";
 import { type Services, startServices, TEST_OWNER, TEST_TOKEN } from "./services.js";
+import { testLogger } from "./test-log.js";
 
 export { TEST_OWNER, TEST_TOKEN };
 
@@ -55,7 +55,7 @@ export async function startApiStack(
 ): Promise<ApiStack> {
   const svc = opts.services ?? (await startServices());
   const cfg = svc.config({ PORT: "0", HOST: "127.0.0.1", ...overrides });
-  const log = createLogger(process.env.TEST_LOG_LEVEL ?? "warn", "api-test");
+  const log = testLogger("api-test");
   const redis = createRedis(svc.redisTarget, { role: "api", name: TEST_CONNECTION_NAME });
   // Tests stop Redis on purpose; its reconnect errors are expected, not news.
   redis.on("error", () => undefined);

@@ -6,6 +6,7 @@ import { Storage, storageOptionsFrom } from "../../core/storage.js";
 import { startRedisCluster } from "../../local/redis-cluster.js";
 import { type LocalRedis, startRedis } from "../../local/redis-server.js";
 import { LOCAL_S3_CREDENTIALS, type LocalS3, startS3 } from "../../local/s3-server.js";
+import { testLogLevel } from "./test-log.js";
 
 // Real Redis and a real S3 server on free loopback ports, one set per test file.
 // Each caller gets its own QUEUE_PREFIX so tests never see each other's keys.
@@ -94,7 +95,7 @@ export async function startServices(
     S3_ENDPOINT: s3.endpoint,
     S3_ACCESS_KEY_ID: LOCAL_S3_CREDENTIALS.accessKeyId,
     S3_SECRET_ACCESS_KEY: LOCAL_S3_CREDENTIALS.secretAccessKey,
-    LOG_LEVEL: "warn",
+    LOG_LEVEL: testLogLevel(),
     ...TEST_SERVER_ENV,
   };
   const config = (overrides: Record<string, string> = {}) =>

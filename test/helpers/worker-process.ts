@@ -1,5 +1,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
+import { createInterface } from "node:readline";
+import { echoLine } from "./test-log.js";
 
 /** A worker as a separate process (`worker/main.ts`), for crash and cross-process tests. */
 export interface WorkerProcess {
@@ -14,8 +16,12 @@ export function spawnWorker(env: Record<string, string>): WorkerProcess {
     stdio: ["ignore", "pipe", "pipe"],
   });
   let out = "";
-  child.stdout?.on("data", (d: Buffer) => (out += d.toString()));
-  child.stderr?.on("data", (d: Buffer) => (out += d.toString()));
+  const echo = echoLine(`worker ${child.pid}`);
+  for (const stream of [child.stdout, child.stderr]) {
+    if (stream === null) continue;
+    stream.on("data", (d: Buffer) => (out += d.toString()));
+    createInterface({ input: stream, crlfDelay: Infinity }).on("line", echo);
+  }
   return {
     child,
     output: () => out,
