@@ -2,7 +2,7 @@ import { create, fromBinary, fromJsonString, toBinary, toJsonString } from "@buf
 import { base64Decode } from "@bufbuild/protobuf/wire";
 import { Code, ConnectError } from "@connectrpc/connect";
 import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
-import type { JobRecord } from "../core/jobs.js";
+import { isTerminal, type JobRecord } from "../core/jobs.js";
 import type { PresignedResult } from "../core/storage.js";
 import {
   type GetStatusRequest,
@@ -62,14 +62,22 @@ export function createStatusAnswers(
   // Pollers read the same job far more often than it changes, and a job's answer is a
   // pure function of its record, which every change gives a new version (the update
   // script in job-store.ts): keep the serialized answer per job and version, and skip
-  // conversion and serialization while the version stands. A completed job with a live
-  // result is not kept, its URL is presigned on every read. Oldest entries go first.
+  // conversion and serialization while the version stands. Oldest entries go first.
   const answers = new Map<string, { version: number } & { [E in AnswerEncoding]?: Buffer }>();
+  // Kept answers are allocated on their own (allocUnsafeSlow), never as a slice of
+  // Node's shared 8 KB Buffer pool: a kept slice of a few hundred bytes pins its whole
+  // pool slab outside the JS heap, ~8 KB per job and encoding (the soak's
+  // nodejs_external_memory_bytes growth).
   const encode = (msg: GetStatusResponse, encoding: AnswerEncoding): Buffer => {
-    if (encoding === "json") return Buffer.from(toJsonString(GetStatusResponseSchema, msg));
+    if (encoding === "json") {
+      const text = toJsonString(GetStatusResponseSchema, msg);
+      const json = Buffer.allocUnsafeSlow(Buffer.byteLength(text));
+      json.write(text);
+      return json;
+    }
     const bytes = toBinary(GetStatusResponseSchema, msg);
     if (encoding === "proto") return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    const framed = Buffer.allocUnsafe(5 + bytes.byteLength);
+    const framed = Buffer.allocUnsafeSlow(5 + bytes.byteLength);
     framed[0] = 0;
     framed.writeUInt32BE(bytes.byteLength, 1);
     framed.set(bytes, 5);
@@ -85,7 +93,10 @@ export function createStatusAnswers(
       return { rec, download };
     },
     serialize({ rec, download }, encoding) {
-      const cacheable = !hasLiveResult(rec);
+      // Only a job that can still change is kept: pollers stop at the end state, so an
+      // ended job's entry would stay until evicted (and a live result is presigned anew).
+      const cacheable = !isTerminal(rec.state);
+      if (!cacheable) answers.delete(rec.id);
       let entry = cacheable ? answers.get(rec.id) : undefined;
       if (entry !== undefined && entry.version !== rec.version) entry = undefined;
       const cached = entry?.[encoding];
