@@ -75,7 +75,13 @@ export function writeResults(name: string, data: unknown): string {
 export async function startNodeServer(
   script: string,
   env: Record<string, string>,
-  opts: { args?: string[]; timeoutMs?: number; ready?: string } = {},
+  opts: {
+    args?: string[];
+    /** Modules loaded after tsx and before the script (TypeScript allowed). */
+    imports?: string[];
+    timeoutMs?: number;
+    ready?: string;
+  } = {},
 ): Promise<{ child: ChildProcess; port: number; stop(): Promise<void> }> {
   // BENCH_CPU_PROF_DIR=<dir> writes a V8 CPU profile of every server process there.
   const prof = process.env.BENCH_CPU_PROF_DIR;
@@ -83,7 +89,14 @@ export async function startNodeServer(
     prof !== undefined && prof !== "" ? ["--cpu-prof", `--cpu-prof-dir=${prof}`] : [];
   const child = spawn(
     process.execPath,
-    [...profArgs, ...(opts.args ?? []), "--import", "tsx", script],
+    [
+      ...profArgs,
+      ...(opts.args ?? []),
+      "--import",
+      "tsx",
+      ...(opts.imports ?? []).flatMap((m) => ["--import", m]),
+      script,
+    ],
     {
       env: { ...process.env, ...env },
       stdio: ["ignore", "pipe", "inherit"],

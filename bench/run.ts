@@ -3,6 +3,7 @@ import { benchCancel } from "./cancel.js";
 import { benchJobs } from "./jobs.js";
 import { printTable, type Row, writeResults } from "./lib.js";
 import { benchPolling } from "./polling.js";
+import { benchSoak } from "./soak.js";
 import { benchWatch } from "./watch.js";
 
 // npm run bench [-- scenario...] [--quick]. Each scenario runs alone or all in order;
@@ -16,6 +17,7 @@ const scenarios: Record<string, Scenario> = {
   jobs: benchJobs,
   cancel: benchCancel,
   bundle: benchBundle,
+  soak: benchSoak,
 };
 
 const args = process.argv.slice(2);
