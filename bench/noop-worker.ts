@@ -1,6 +1,7 @@
 import { Worker } from "bullmq";
 import { Redis } from "ioredis";
 import { JobStore } from "../core/job-store.js";
+import { markCompleted, markProcessing } from "../core/job-transitions.js";
 import { type BundleJobData, QUEUE_NAME } from "../core/queue.js";
 import { createRedis } from "../core/redis.js";
 
@@ -26,8 +27,9 @@ const worker = raw
   ? new Worker("raw", async () => "done", { connection: redis, prefix, concurrency })
   : new Worker<BundleJobData>(
       QUEUE_NAME,
-      async (job) => {
+      async (job, token) => {
         const { jobId, fileIds } = job.data;
+        const run = { jobId, token: token ?? "", checkLock: true };
         const startedAt = Date.now();
         const files = fileIds.map((fileId) => ({
           fileId,
@@ -43,30 +45,21 @@ const worker = raw
           bytesTotal: 0,
           bytesPerSecond: 0,
         };
-        await store.update(
-          jobId,
-          { state: "PROCESSING", progress, files },
-          { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt } },
-        );
+        await markProcessing(store, run, { progress, files, startedAt });
         const endedAt = Date.now();
         const expiresAt = endedAt + 24 * 3600 * 1000;
-        await store.write(
-          jobId,
-          {
-            state: "COMPLETED",
-            endedAt,
-            progress: { ...progress, filesDone: fileIds.length, etaSeconds: 0 },
-            files: files.map((f) => ({ ...f, state: "DONE" as const })),
-            result: {
-              key: `bundles/${jobId}.zip`,
-              fileName: `download-${jobId.slice(0, 8)}.zip`,
-              sizeBytes: 22,
-              sha256: "0".repeat(64),
-              expiresAt,
-            },
+        await markCompleted(store, run, {
+          endedAt,
+          progress: { ...progress, filesDone: fileIds.length, etaSeconds: 0 },
+          files: files.map((f) => ({ ...f, state: "DONE" as const })),
+          result: {
+            key: `bundles/${jobId}.zip`,
+            fileName: `download-${jobId.slice(0, 8)}.zip`,
+            sizeBytes: 22,
+            sha256: "0".repeat(64),
+            expiresAt,
           },
-          { from: ["PROCESSING"], expireResultAt: expiresAt },
-        );
+        });
         return "completed";
       },
       { connection: redis, prefix, concurrency },

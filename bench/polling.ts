@@ -7,6 +7,7 @@ import {
 } from "@connectrpc/connect-node";
 import { Worker } from "bullmq";
 import { JobStore } from "../core/job-store.js";
+import { markProcessing, recordProgress } from "../core/job-transitions.js";
 import { QUEUE_NAME } from "../core/queue.js";
 import { createRedis } from "../core/redis.js";
 import {
@@ -96,13 +97,14 @@ export async function benchPolling(
       (await client.initiate({ fileIds: Array.from({ length: 10 }, (_, i) => 70000 + i) })).job
         ?.jobId ?? "";
     worker = new Worker(QUEUE_NAME, () => held, { connection: workerConn, prefix });
-    await store.update(
-      jobId,
-      { state: "PROCESSING", startedAt: Date.now() },
-      { from: ["QUEUED"], addAttempts: 1 },
-    );
+    const run = { jobId, token: "bench", checkLock: false };
     const rec = await store.get(jobId);
-    await store.update(jobId, {
+    await markProcessing(store, run, {
+      progress: rec.progress,
+      files: rec.files,
+      startedAt: Date.now(),
+    });
+    await recordProgress(store, run, {
       progress: {
         ...rec.progress,
         bytesDone: 123_456_789,
@@ -110,6 +112,7 @@ export async function benchPolling(
         bytesPerSecond: 8_000_000,
         etaSeconds: 22,
       },
+      files: rec.files,
     });
 
     const post: Init = {

@@ -2,8 +2,8 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
-import type { Redis } from "ioredis";
 import { JobStore } from "../core/job-store.js";
+import { createJob, markProcessing, recordProgress } from "../core/job-transitions.js";
 import { newJobId } from "../core/jobs.js";
 import { createRedis } from "../core/redis.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
@@ -78,34 +78,13 @@ async function openStreams(
 }
 
 /**
- * Job records written straight into Redis (as Initiate stores them, without queueing):
- * thousands of idle watch targets in one round trip.
+ * Job records stored as Initiate stores them, without queueing: thousands of idle watch
+ * targets, sent without waiting for each other.
  */
-async function seedJobs(conn: Redis, store: JobStore, ids: readonly string[]): Promise<void> {
-  const now = String(Date.now());
-  const pipe = conn.pipeline();
-  for (const id of ids) {
-    pipe.hset(store.key(id), {
-      id,
-      // The owner every call has while auth is disabled, as the benchmarks run it.
-      owner: "anonymous",
-      state: "QUEUED",
-      version: "1",
-      attempts: "0",
-      fileIds: "[1]",
-      createdAt: now,
-      updatedAt: now,
-      progress: JSON.stringify({
-        filesDone: 0,
-        filesTotal: 1,
-        bytesDone: 0,
-        bytesTotal: 0,
-        bytesPerSecond: 0,
-      }),
-      files: "[]",
-    });
-  }
-  await pipe.exec();
+async function seedJobs(store: JobStore, ids: readonly string[]): Promise<void> {
+  const now = Date.now();
+  // The owner every call has while auth is disabled, as the benchmarks run it.
+  await Promise.all(ids.map((id) => createJob(store, id, [1], "anonymous", now)));
 }
 
 export async function benchWatch(
@@ -144,7 +123,7 @@ export async function benchWatch(
     const api = await startNodeServer("bench/api-server.ts", { ...env, PORT: "0" });
     children.push(api.child);
     const ids = Array.from({ length: idleStreams }, () => newJobId());
-    await seedJobs(conn, store, ids);
+    await seedJobs(store, ids);
     const apiBefore = await settle(api.child.pid as number);
     const t0 = performance.now();
     await openStreams(api.port, ids, ac.signal);
@@ -206,7 +185,7 @@ export async function benchWatch(
     // so that parsing a thousand messages is not what is measured; receipt times are
     // wall-clock times with sub-millisecond resolution, comparable across processes.
     const jobId = newJobId();
-    await seedJobs(conn, store, [jobId]);
+    await seedJobs(store, [jobId]);
     const perProcess = [Math.ceil(fanout / 2), Math.floor(fanout / 2)];
     const watchers = perProcess.map((n) =>
       spawn(
@@ -240,22 +219,32 @@ export async function benchWatch(
     // The API's own CPU per update: what the fan-out costs the server, whatever else
     // runs on the machine (wall-clock latency is only as good as the machine is idle).
     const cpuBefore = procCpuMs(api.child.pid as number);
+    const run = { jobId, token: "bench", checkLock: false };
+    const started = await markProcessing(store, run, {
+      progress: {
+        filesDone: 0,
+        filesTotal: 1,
+        bytesDone: 0,
+        bytesTotal: updates,
+        bytesPerSecond: 1,
+      },
+      files: [],
+      startedAt: Date.now(),
+    });
     for (let u = 0; u < updates; u++) {
       const before = now();
-      const rec = await store.update(
-        jobId,
-        {
-          progress: {
-            filesDone: 0,
-            filesTotal: 1,
-            bytesDone: u,
-            bytesTotal: updates,
-            bytesPerSecond: 1,
-          },
+      await recordProgress(store, run, {
+        progress: {
+          filesDone: 0,
+          filesTotal: 1,
+          bytesDone: u,
+          bytesTotal: updates,
+          bytesPerSecond: 1,
         },
-        { from: ["QUEUED"] },
-      );
-      sentAt.set(rec.version, before);
+        files: [],
+      });
+      // Each write bumps the version by one: the first update is the claim's next.
+      sentAt.set(started.version + u + 1, before);
       await new Promise((r) => setTimeout(r, 200));
     }
     await new Promise((r) => setTimeout(r, 1000));

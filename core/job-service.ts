@@ -6,6 +6,7 @@ import {
   parseIdempotencyKey,
 } from "./admission.js";
 import type { JobStore } from "./job-store.js";
+import { markCancelled } from "./job-transitions.js";
 import {
   InvalidInputError,
   JobNotFoundError,
@@ -137,11 +138,7 @@ export class JobService {
     const id = (await this.get(owner, rawJobId)).id;
     let rec: JobRecord;
     try {
-      rec = await this.deps.store.update(
-        id,
-        { state: "CANCELLED", endedAt: Date.now() },
-        { from: ["QUEUED", "PROCESSING"] },
-      );
+      rec = await markCancelled(this.deps.store, id);
     } catch (err) {
       if (err instanceof JobStateError && err.state === "CANCELLED") return this.deps.store.get(id);
       if (err instanceof JobStateError) {

@@ -72,7 +72,13 @@ export interface JobRecord {
   state: JobStateName;
   fileIds: number[];
   version: number;
+  /** Runs that took the job so far; a run's number names its result object. */
   attempts: number;
+  /**
+   * The fencing token of the run that owns the job (BullMQ's lock token when it took the
+   * job): every write a run makes checks it, so a run that lost the job changes nothing.
+   */
+  lease?: string;
   createdAt: number;
   updatedAt: number;
   startedAt?: number;
@@ -104,6 +110,20 @@ export class JobStateError extends Error {
     message: string,
   ) {
     super(message);
+  }
+}
+/**
+ * A run wrote to a job that another run has taken since (its lock was lost: a stall, a
+ * partition, a failover). The run must stop and leave the other run's objects alone.
+ */
+export class FencedError extends Error {
+  override name = "FencedError";
+  constructor(
+    readonly jobId: string,
+    /** Who owns the job now ("lock" when the run no longer holds BullMQ's lock). */
+    readonly holder: string,
+  ) {
+    super(`job ${jobId} is owned by another run now`);
   }
 }
 /** Redis or S3 could not be reached; the caller may retry. */

@@ -97,8 +97,15 @@ export class Storage {
     return `${this.opts.sourcePrefix}${fileId}`;
   }
 
-  resultKey(jobId: string): string {
-    return `${this.opts.resultPrefix}${jobId}.zip`;
+  /**
+   * The result object of a job's `attempt`-th run. Each run writes its own object, so a
+   * run that lost the job can never overwrite or delete the one the record names
+   * (worker/processor.ts); the first run keeps the name results had before.
+   */
+  resultKey(jobId: string, attempt = 1): string {
+    return attempt <= 1
+      ? `${this.opts.resultPrefix}${jobId}.zip`
+      : `${this.opts.resultPrefix}${jobId}.${attempt}.zip`;
   }
 
   /** HEADs a source object; returns undefined when it does not exist. */

@@ -13,6 +13,7 @@ import {
 import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { createJob } from "../core/job-transitions.js";
 import { newJobId } from "../core/jobs.js";
 import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import {
@@ -235,7 +236,7 @@ describe("plain HTTP clients", () => {
   });
 
   test("Connect GET serves GetStatus, and only the side-effect-free RPC", async () => {
-    const jobId = (await st.store.create(newJobId(), [11], st.owner)).id;
+    const jobId = (await createJob(st.store, newJobId(), [11], st.owner)).id;
     const message = encodeURIComponent(JSON.stringify({ jobId }));
     const res = await fetch(`${st.server.url}${path}/GetStatus?encoding=json&message=${message}`, {
       headers: TEST_AUTH_HEADER,
@@ -273,7 +274,7 @@ describe("buf curl (from the npm package, schema from proto/)", () => {
     ["connect", ["--protocol", "connect"]],
     ["grpc over h2c", ["--protocol", "grpc", "--http2-prior-knowledge"]],
   ])("reads a job with --protocol %s", async (_name, protocol) => {
-    const jobId = (await st.store.create(newJobId(), [5, 6], st.owner)).id;
+    const jobId = (await createJob(st.store, newJobId(), [5, 6], st.owner)).id;
     const { stdout } = await call(protocol, "GetStatus", { jobId });
     const out = JSON.parse(stdout) as { job: { jobId: string; state: string; fileIds: number[] } };
     expect(out.job).toMatchObject({ jobId, state: "JOB_STATE_QUEUED", fileIds: [5, 6] });

@@ -7,6 +7,12 @@ import {
 } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { JobStore } from "../core/job-store.js";
+import {
+  createJob,
+  markCancelled,
+  markProcessing,
+  recordProgress,
+} from "../core/job-transitions.js";
 import { newJobId } from "../core/jobs.js";
 import { createLogger } from "../core/logger.js";
 import { createRedis, waitForRedis } from "../core/redis.js";
@@ -222,7 +228,7 @@ describe("WatchHub (in process, over real Redis)", () => {
     const abort = new AbortController();
     try {
       const jobId = newJobId();
-      await store.create(jobId, [1], st.owner);
+      await createJob(store, jobId, [1], st.owner);
       const slow = hub.watch(jobId, 0, abort.signal);
       const fast = hub.watch(jobId, 0, abort.signal);
       expect((await slow.next()).value).toMatchObject({ job: { version: 1 } });
@@ -234,14 +240,21 @@ describe("WatchHub (in process, over real Redis)", () => {
       const fastDone = (async () => {
         for await (const ev of fast) if (ev.job) fastVersions.push(ev.job.version);
       })();
-      await store.update(jobId, { state: "PROCESSING" });
-      await store.update(jobId, {
+      const run = { jobId, token: "test", checkLock: false };
+      const { files } = await markProcessing(store, run, {
+        progress: { filesDone: 0, filesTotal: 1, bytesDone: 0, bytesTotal: 4, bytesPerSecond: 0 },
+        files: (await store.get(jobId)).files,
+        startedAt: Date.now(),
+      });
+      await recordProgress(store, run, {
         progress: { filesDone: 0, filesTotal: 1, bytesDone: 1, bytesTotal: 4, bytesPerSecond: 0 },
+        files,
       });
-      await store.update(jobId, {
+      await recordProgress(store, run, {
         progress: { filesDone: 0, filesTotal: 1, bytesDone: 3, bytesTotal: 4, bytesPerSecond: 0 },
+        files,
       });
-      await store.update(jobId, { state: "CANCELLED" });
+      await markCancelled(store, jobId);
       await fastDone;
       expect(fastVersions.at(-1)).toBe(5);
 

@@ -8,6 +8,7 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { pino } from "pino";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { createJob, markFailed } from "../core/job-transitions.js";
 import { newJobId } from "../core/jobs.js";
 import {
   DownloadService,
@@ -139,7 +140,7 @@ function follow(stack: ApiStack, jobId: string) {
 
 describe("WatchJob over raw Connect envelopes", () => {
   test("JSON: the snapshot, each change, the completed job with a download URL, then {}", async () => {
-    const jobId = (await fast.store.create(newJobId(), [1, 2], "anonymous")).id;
+    const jobId = (await createJob(fast.store, newJobId(), [1, 2], "anonymous")).id;
     const w = follow(fast, jobId);
     await expect.poll(() => w.messages.length).toBe(1);
     await fast.startJob(jobId);
@@ -163,7 +164,7 @@ describe("WatchJob over raw Connect envelopes", () => {
   });
 
   test("binary over HTTP/2: the same messages as protobuf, ended by {}", async () => {
-    const jobId = (await fast.store.create(newJobId(), [3], "anonymous")).id;
+    const jobId = (await createJob(fast.store, newJobId(), [3], "anonymous")).id;
     await fast.startJob(jobId);
     await fast.fail(jobId);
     const session = http2.connect(fast.server.url);
@@ -203,7 +204,7 @@ describe("WatchJob over raw Connect envelopes", () => {
     // 100 files make each message ~7 KB: HTTP/2's 64 KB window fills after a few, the
     // server stops writing to this stream, and the hub keeps only the latest record.
     const files = Array.from({ length: 100 }, (_, i) => i + 1);
-    const jobId = (await fast.store.create(newJobId(), files, "anonymous")).id;
+    const jobId = (await createJob(fast.store, newJobId(), files, "anonymous")).id;
     const session = http2.connect(fast.server.url);
     try {
       const stream = session.request({
@@ -242,7 +243,7 @@ describe("WatchJob over raw Connect envelopes", () => {
   });
 
   test("a resumed watch of an unchanged job gets a heartbeat at once", async () => {
-    const jobId = (await fast.store.create(newJobId(), [4], "anonymous")).id;
+    const jobId = (await createJob(fast.store, newJobId(), [4], "anonymous")).id;
     const res = await watchRaw(fast, watchRequest(jobId, 1), { "connect-timeout-ms": "500" });
     const { messages, end } = decodeJsonStream(res.body);
     expect(messages).toHaveLength(1);
@@ -251,7 +252,7 @@ describe("WatchJob over raw Connect envelopes", () => {
   });
 
   test("connect-timeout-ms ends an open stream with deadline_exceeded", async () => {
-    const jobId = (await fast.store.create(newJobId(), [5], "anonymous")).id;
+    const jobId = (await createJob(fast.store, newJobId(), [5], "anonymous")).id;
     const res = await watchRaw(fast, watchRequest(jobId), { "connect-timeout-ms": "300" });
     expect(res.status).toBe(200);
     const { messages, end } = decodeJsonStream(res.body);
@@ -333,7 +334,7 @@ describe("GetStatus, polled", () => {
     `connect=v1&encoding=json&message=${encodeURIComponent(JSON.stringify({ jobId }))}`;
 
   test("JSON POST, binary POST, GET and base64 GET all return the job", async () => {
-    const jobId = (await fast.store.create(newJobId(), [7, 8], "anonymous")).id;
+    const jobId = (await createJob(fast.store, newJobId(), [7, 8], "anonymous")).id;
     await fast.startJob(jobId);
     await fast.progress(jobId, 25, 100);
     const binaryRequest = toBinary(
@@ -377,7 +378,7 @@ describe("GetStatus, polled", () => {
   });
 
   test("every poll sees the job's latest version, in both encodings, however often it is read", async () => {
-    const jobId = (await fast.store.create(newJobId(), [9], "anonymous")).id;
+    const jobId = (await createJob(fast.store, newJobId(), [9], "anonymous")).id;
     const binaryRequest = toBinary(
       GetStatusRequestSchema,
       create(GetStatusRequestSchema, { jobId }),
@@ -403,19 +404,19 @@ describe("GetStatus, polled", () => {
   });
 
   test("GET answers may be reused briefly, privately, and never an error", async () => {
-    const running = (await fast.store.create(newJobId(), [1], "anonymous")).id;
+    const running = (await createJob(fast.store, newJobId(), [1], "anonymous")).id;
     expect((await get(fast, jsonQuery(running))).headers.get("cache-control")).toBe(
       "private, max-age=1",
     );
 
-    const failed = (await fast.store.create(newJobId(), [1], "anonymous")).id;
+    const failed = (await createJob(fast.store, newJobId(), [1], "anonymous")).id;
     await fast.fail(failed);
     expect((await get(fast, jsonQuery(failed))).headers.get("cache-control")).toBe(
       "private, max-age=60",
     );
 
     // The URL in a completed job expires: the answer may live a tenth of its lifetime.
-    const done = (await fast.store.create(newJobId(), [1], "anonymous")).id;
+    const done = (await createJob(fast.store, newJobId(), [1], "anonymous")).id;
     await fast.startJob(done);
     await fast.complete(done, Buffer.from("zip"));
     const res = await get(fast, jsonQuery(done));
@@ -442,7 +443,7 @@ describe("GetStatus, polled", () => {
     });
     expect(res.status).toBe(400);
     expect(((await res.json()) as { code: string }).code).toBe("invalid_argument");
-    const jobId = (await fast.store.create(newJobId(), [1], "anonymous")).id;
+    const jobId = (await createJob(fast.store, newJobId(), [1], "anonymous")).id;
     const ok = await post(fast, JSON.stringify({ jobId }), "application/json", {
       "connect-timeout-ms": "10000",
     });
@@ -494,7 +495,7 @@ describe("GetStatus, polled", () => {
   });
 
   test("the server keeps serving after every odd request", async () => {
-    const jobId = (await fast.store.create(newJobId(), [1], "anonymous")).id;
+    const jobId = (await createJob(fast.store, newJobId(), [1], "anonymous")).id;
     const res = await get(fast, jsonQuery(jobId));
     expect(res.status).toBe(200);
   });
@@ -619,7 +620,7 @@ describe("GetStatus over gRPC (h2c)", () => {
   }
 
   test("grpc-js and connect-node's gRPC client read a running job exactly as from connect-node", async () => {
-    const jobId = (await authed.store.create(newJobId(), [11, 12, 13], authed.owner)).id;
+    const jobId = (await createJob(authed.store, newJobId(), [11, 12, 13], authed.owner)).id;
     await authed.startJob(jobId);
     await authed.progress(jobId, 40, 100);
     const [viaFast, viaPlain] = await Promise.all([
@@ -638,7 +639,7 @@ describe("GetStatus over gRPC (h2c)", () => {
   });
 
   test("every poll sees the job's latest version", async () => {
-    const jobId = (await authed.store.create(newJobId(), [14], authed.owner)).id;
+    const jobId = (await createJob(authed.store, newJobId(), [14], authed.owner)).id;
     const client = connectGrpc(authed);
     const read = async () => {
       const { job } = await client.getStatus({ jobId });
@@ -656,14 +657,14 @@ describe("GetStatus over gRPC (h2c)", () => {
     ["an unknown job", async () => newJobId(), true, Code.NotFound],
     [
       "another owner's job",
-      async () => (await authed.store.create(newJobId(), [1], "someone-else")).id,
+      async () => (await createJob(authed.store, newJobId(), [1], "someone-else")).id,
       true,
       Code.NotFound,
     ],
     ["a malformed job id", async () => "42", true, Code.InvalidArgument],
     [
       "a call without a token",
-      async () => (await authed.store.create(newJobId(), [1], authed.owner)).id,
+      async () => (await createJob(authed.store, newJobId(), [1], authed.owner)).id,
       false,
       Code.Unauthenticated,
     ],
@@ -687,7 +688,7 @@ describe("GetStatus over gRPC (h2c)", () => {
 
   test("a large answer is gzip-compressed for a client that accepts it, as connect-node does", async () => {
     const files = Array.from({ length: 200 }, (_, i) => 1000 + i);
-    const jobId = (await authed.store.create(newJobId(), files, authed.owner)).id;
+    const jobId = (await createJob(authed.store, newJobId(), files, authed.owner)).id;
     const headers = { "grpc-accept-encoding": "identity,deflate,gzip" };
     const [a, b] = await Promise.all([
       rawCall(authed, grpcFrame(statusRequest(jobId)), headers),
@@ -759,7 +760,7 @@ describe("GetStatus over gRPC (h2c)", () => {
   ])(
     "raw: %s gets connect-node's headers, trailers and body",
     async (_what, body, headers, code) => {
-      const jobId = (await authed.store.create(newJobId(), [5, 6], authed.owner)).id;
+      const jobId = (await createJob(authed.store, newJobId(), [5, 6], authed.owner)).id;
       const bytes = code === "ok" ? grpcFrame(statusRequest(jobId)) : body();
       const [a, b] = await Promise.all([
         rawCall(authed, bytes, headers),
@@ -911,17 +912,20 @@ describe("Initiate, the first call of every job", () => {
   });
 
   test("a watched job's messages are the very JSON connect-node writes, in every state", async () => {
-    const jobId = (await fast.store.create(newJobId(), [3, 1], "anonymous")).id;
+    const jobId = (await createJob(fast.store, newJobId(), [3, 1], "anonymous")).id;
     const firstOf = async (stack: ApiStack) => {
       const res = await watchRaw(stack, watchRequest(jobId));
       return frames(res.body)[0]?.data.toString();
     };
     const fail = (id: string) =>
-      fast.store.update(id, {
-        state: "FAILED",
-        endedAt: Date.now(),
-        error: { code: "not_found", message: "gone", retryable: false, missingFileIds: [3] },
-      });
+      markFailed(
+        fast.store,
+        { jobId: id, token: "test-driver", checkLock: false },
+        {
+          claimed: true,
+          error: { code: "not_found", message: "gone", retryable: false, missingFileIds: [3] },
+        },
+      );
     await fast.startJob(jobId);
     await fast.progress(jobId, 40, 100);
     await fail(jobId);

@@ -3,6 +3,7 @@ import { DeleteObjectCommand } from "@aws-sdk/client-s3";
 import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { createJob } from "../core/job-transitions.js";
 import { DownloadService, type Job, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { freePort, waitUntil } from "../local/ports.js";
 import { type ApiStack, startApiStack, withTestToken } from "./helpers/api.js";
@@ -141,7 +142,7 @@ describe("/metrics", () => {
   test("watch_streams_open follows the WatchJob streams open on this API", async () => {
     // A job that no worker will take, so the stream stays open until the client leaves.
     const jobId = randomUUID();
-    await st.store.create(jobId, [1], st.owner);
+    await createJob(st.store, jobId, [1], st.owner);
     const streams = async () => metricValue(await apiMetrics(), "watch_streams_open");
     expect(await streams()).toBe(0);
     const canceled = async () =>

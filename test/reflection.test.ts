@@ -6,6 +6,7 @@ import { FileDescriptorProtoSchema, FileDescriptorSetSchema } from "@bufbuild/pr
 import { createClient } from "@connectrpc/connect";
 import { createGrpcTransport, Http2SessionManager } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { createJob } from "../core/job-transitions.js";
 import { newJobId } from "../core/jobs.js";
 import * as v1 from "../gen/grpc/reflection/v1/reflection_pb.js";
 import * as v1alpha from "../gen/grpc/reflection/v1alpha/reflection_pb.js";
@@ -90,7 +91,7 @@ describe("buf curl without --schema", () => {
   });
 
   test("streams WatchJob until the terminal state", async () => {
-    const id = (await st.store.create(newJobId(), [1], "anonymous")).id;
+    const id = (await createJob(st.store, newJobId(), [1], "anonymous")).id;
     const watching = bufCurl([
       "--data",
       JSON.stringify({ jobId: id }),

@@ -1,111 +1,202 @@
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { decodeJob, JobStore } from "../core/job-store.js";
-import { JobNotFoundError, JobStateError, newJobId } from "../core/jobs.js";
-import { createRedis } from "../core/redis.js";
+import {
+  type Attempt,
+  createJob,
+  markCancelled,
+  markCompleted,
+  markExpired,
+  markProcessing,
+  recordProgress,
+} from "../core/job-transitions.js";
+import {
+  FencedError,
+  JobNotFoundError,
+  type JobRecord,
+  JobStateError,
+  newJobId,
+} from "../core/jobs.js";
+import { expiryMember } from "../core/keys.js";
+import { createRedis, type RedisClient } from "../core/redis.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
 
+// The job record's transitions against a real Redis: what each one allows, what a run
+// that lost the job can still do (nothing), and what watchers are sent.
+
 let svc: Services;
+let redis: RedisClient;
 beforeAll(async () => {
   svc = await startServices();
+  redis = createRedis(svc.redis.url, { role: "api" });
 });
 afterAll(async () => {
+  redis?.disconnect();
   await svc?.stop();
 });
 
-describe("JobStore", () => {
-  test("every update bumps the version and is published whole on the job's channel", async () => {
-    const redis = createRedis(svc.redis.url, { role: "api" });
+const newStore = () => new JobStore(redis, { prefix: uniquePrefix(), recordTtlSeconds: 60 });
+const runOf = (jobId: string, token: string, checkLock = false): Attempt => ({
+  jobId,
+  token,
+  checkLock,
+});
+const start = (rec: JobRecord, startedAt = Date.now()) => ({
+  progress: rec.progress,
+  files: rec.files,
+  startedAt,
+});
+const result = (key: string, expiresAt = Date.now() + 60_000) => ({
+  key,
+  fileName: "x.zip",
+  sizeBytes: 22,
+  sha256: "0".repeat(64),
+  expiresAt,
+});
+const finish = (rec: JobRecord, key: string, expiresAt?: number) => ({
+  endedAt: Date.now(),
+  progress: rec.progress,
+  files: rec.files,
+  result: result(key, expiresAt),
+});
+
+describe("job transitions", () => {
+  test("every transition bumps the version and is published whole on the job's channel", async () => {
     const sub = createRedis(svc.redis.url, { role: "subscriber" });
     try {
-      const store = new JobStore(redis, { prefix: uniquePrefix(), recordTtlSeconds: 60 });
+      const store = newStore();
       const id = newJobId();
-      const created = await store.create(id, [1, 2], "owner-a");
+      const created = await createJob(store, id, [1, 2], "owner-a");
       expect(created.version).toBe(1);
-      const seen: number[] = [];
+      const seen: [number, string][] = [];
       await sub.subscribe(store.channel(id));
-      sub.on("message", (_ch: string, msg: string) =>
-        seen.push(decodeJob(JSON.parse(msg)).version),
-      );
-      const started = await store.update(
-        id,
-        { state: "PROCESSING" },
-        { from: ["QUEUED"], addAttempts: 1 },
-      );
+      sub.on("message", (_ch: string, msg: string) => {
+        const rec = decodeJob(JSON.parse(msg));
+        seen.push([rec.version, rec.state]);
+      });
+      const run = runOf(id, "run-1");
+      const started = await markProcessing(store, run, start(created));
       expect(started).toMatchObject({
         state: "PROCESSING",
         version: 2,
         attempts: 1,
-        fileIds: [1, 2],
+        lease: "run-1",
       });
-      const done = await store.update(id, { state: "COMPLETED" }, { from: ["PROCESSING"] });
-      expect(done.version).toBe(3);
-      await expect(
-        store.update(id, { state: "CANCELLED" }, { from: ["QUEUED", "PROCESSING"] }),
-      ).rejects.toBeInstanceOf(JobStateError);
+      await recordProgress(store, run, { progress: started.progress, files: started.files });
+      await markCompleted(store, run, finish(started, "k1"));
+      await expect(markCancelled(store, id)).rejects.toBeInstanceOf(JobStateError);
       expect((await store.get(id)).state).toBe("COMPLETED");
       expect(await redis.ttl(store.key(id))).toBeGreaterThan(0);
-      await expect.poll(() => seen).toEqual([2, 3]);
+      await expect
+        .poll(() => seen)
+        .toEqual([
+          [2, "PROCESSING"],
+          [3, "PROCESSING"],
+          [4, "COMPLETED"],
+        ]);
       await expect(store.get(newJobId())).rejects.toBeInstanceOf(JobNotFoundError);
     } finally {
-      redis.disconnect();
       sub.disconnect();
     }
   });
 
-  test("ifAbsent fields are written once: a retried start keeps the first start time", async () => {
-    const redis = createRedis(svc.redis.url, { role: "api" });
-    try {
-      const store = new JobStore(redis, { prefix: uniquePrefix(), recordTtlSeconds: 60 });
-      const id = newJobId();
-      await store.create(id, [1], "owner-a");
-      const first = await store.update(
-        id,
-        { state: "PROCESSING" },
-        { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt: 1000 } },
-      );
-      expect(first).toMatchObject({
-        state: "PROCESSING",
-        startedAt: 1000,
-        attempts: 1,
-        version: 2,
-      });
-      const retry = await store.update(
-        id,
-        { state: "PROCESSING" },
-        { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt: 2000 } },
-      );
-      expect(retry).toMatchObject({ startedAt: 1000, attempts: 2, version: 3 });
-    } finally {
-      redis.disconnect();
-    }
+  test("a second run's claim keeps the first start time and counts the run", async () => {
+    const store = newStore();
+    const id = newJobId();
+    const rec = await createJob(store, id, [1], "owner-a");
+    const first = await markProcessing(store, runOf(id, "a"), start(rec, 1000));
+    expect(first).toMatchObject({ startedAt: 1000, attempts: 1, version: 2, lease: "a" });
+    const retry = await markProcessing(store, runOf(id, "b"), start(rec, 2000));
+    expect(retry).toMatchObject({ startedAt: 1000, attempts: 2, version: 3, lease: "b" });
   });
 
-  test("expireResultAt registers the result for deletion in the same step, even when the state check refuses", async () => {
-    const redis = createRedis(svc.redis.url, { role: "api" });
-    try {
-      const store = new JobStore(redis, { prefix: uniquePrefix(), recordTtlSeconds: 60 });
-      const done = newJobId();
-      await store.create(done, [1], "owner-a");
-      await store.update(done, { state: "PROCESSING" }, { from: ["QUEUED"] });
-      await store.write(
-        done,
-        { state: "COMPLETED" },
-        { from: ["PROCESSING"], expireResultAt: 5000 },
-      );
-      const cancelled = newJobId();
-      await store.create(cancelled, [1], "owner-a");
-      await store.update(cancelled, { state: "CANCELLED" }, { from: ["QUEUED"] });
-      await expect(
-        store.write(
-          cancelled,
-          { state: "COMPLETED" },
-          { from: ["PROCESSING"], expireResultAt: 6000 },
-        ),
-      ).rejects.toBeInstanceOf(JobStateError);
-      expect(await store.dueResultExpiries(10_000, 10)).toEqual([done, cancelled]);
-      expect((await store.get(cancelled)).state).toBe("CANCELLED");
-    } finally {
-      redis.disconnect();
-    }
+  test("a run that lost the job to another run can change nothing", async () => {
+    const store = newStore();
+    const id = newJobId();
+    const rec = await createJob(store, id, [1], "owner-a");
+    const a = runOf(id, "a");
+    const b = runOf(id, "b");
+    await markProcessing(store, a, start(rec));
+    await markProcessing(store, b, start(rec));
+    const before = await store.get(id);
+    await expect(
+      recordProgress(store, a, { progress: rec.progress, files: rec.files }),
+    ).rejects.toBeInstanceOf(FencedError);
+    await expect(markCompleted(store, a, finish(rec, "a.zip"))).rejects.toBeInstanceOf(FencedError);
+    const after = await store.get(id);
+    expect(after.version).toBe(before.version);
+    expect(after.lease).toBe("b");
+    await markCompleted(store, b, finish(rec, "b.zip"));
+    expect((await store.get(id)).result?.key).toBe("b.zip");
+  });
+
+  test("a claim needs BullMQ's lock to hold the run's token", async () => {
+    const store = newStore();
+    const id = newJobId();
+    const rec = await createJob(store, id, [1], "owner-a");
+    await expect(markProcessing(store, runOf(id, "t1", true), start(rec))).rejects.toBeInstanceOf(
+      FencedError,
+    );
+    await redis.set(store.keys.bundleLock(id), "t1");
+    await expect(markProcessing(store, runOf(id, "t2", true), start(rec))).rejects.toBeInstanceOf(
+      FencedError,
+    );
+    expect((await store.get(id)).state).toBe("QUEUED");
+    const claimed = await markProcessing(store, runOf(id, "t1", true), start(rec));
+    expect(claimed).toMatchObject({ state: "PROCESSING", lease: "t1", attempts: 1 });
+  });
+
+  test("a completion sent twice (a resend after a reconnect) succeeds twice and writes once", async () => {
+    const store = newStore();
+    const id = newJobId();
+    const rec = await createJob(store, id, [1], "owner-a");
+    const run = runOf(id, "a");
+    await markProcessing(store, run, start(rec));
+    await markCompleted(store, run, finish(rec, "a.zip"));
+    const once = await store.get(id);
+    await markCompleted(store, run, finish(rec, "a.zip"));
+    expect(await store.get(id)).toEqual(once);
+  });
+
+  test("a result object is registered for deletion even when the completion is refused", async () => {
+    const store = newStore();
+    const done = newJobId();
+    const doneRec = await createJob(store, done, [1], "owner-a");
+    await markProcessing(store, runOf(done, "a"), start(doneRec));
+    await markCompleted(store, runOf(done, "a"), finish(doneRec, "done.zip", 5000));
+    const cancelled = newJobId();
+    const cancelledRec = await createJob(store, cancelled, [1], "owner-a");
+    await markProcessing(store, runOf(cancelled, "a"), start(cancelledRec));
+    await markCancelled(store, cancelled);
+    await expect(
+      markCompleted(store, runOf(cancelled, "a"), finish(cancelledRec, "cancelled.zip", 6000)),
+    ).rejects.toBeInstanceOf(JobStateError);
+    expect(await store.dueResultExpiries(10_000, 10)).toEqual([
+      expiryMember(done, "done.zip"),
+      expiryMember(cancelled, "cancelled.zip"),
+    ]);
+    expect((await store.get(cancelled)).state).toBe("CANCELLED");
+  });
+
+  test("markExpired marks only the object the record names", async () => {
+    const store = newStore();
+    const id = newJobId();
+    const rec = await createJob(store, id, [1], "owner-a");
+    await markProcessing(store, runOf(id, "a"), start(rec));
+    await markCompleted(store, runOf(id, "a"), finish(rec, "won.zip"));
+    await expect(markExpired(store, id, result("lost.zip"))).rejects.toBeInstanceOf(JobStateError);
+    expect((await store.get(id)).result?.expired).toBeUndefined();
+    const named = (await store.get(id)).result;
+    if (named === undefined) throw new Error("no result");
+    await markExpired(store, id, named);
+    expect((await store.get(id)).result).toMatchObject({ key: "won.zip", expired: true });
+  });
+
+  test("the scripts are reloaded after Redis forgets them (SCRIPT FLUSH, a restart)", async () => {
+    const store = newStore();
+    const id = newJobId();
+    await createJob(store, id, [1], "owner-a");
+    await redis.script("FLUSH");
+    await markCancelled(store, id);
+    expect((await store.get(id)).state).toBe("CANCELLED");
   });
 });

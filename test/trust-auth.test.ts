@@ -12,6 +12,7 @@ import * as grpc from "@grpc/grpc-js";
 import * as protoLoader from "@grpc/proto-loader";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { ConfigError, loadConfig } from "../core/config.js";
+import { createJob } from "../core/job-transitions.js";
 import { newJobId } from "../core/jobs.js";
 import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { freePort, waitUntil } from "../local/ports.js";
@@ -119,7 +120,7 @@ describe.each([
     "every RPC on every generated-client protocol refuses %s",
     async (_what, interceptors) => {
       const st = stack();
-      const aliceJob = (await st.store.create(newJobId(), [1], "alice")).id;
+      const aliceJob = (await createJob(st.store, newJobId(), [1], "alice")).id;
       const waitingBefore = await st.queue.getWaitingCount();
       for (const [protocol, transport] of transports(st.server.url, interceptors)) {
         const client = createClient(DownloadService, transport);
@@ -148,7 +149,7 @@ describe.each([
 
   test("plain HTTP: POST and Connect GET answer 401, a raw WatchJob stream ends unauthenticated", async () => {
     const st = stack();
-    const jobId = (await st.store.create(newJobId(), [1], "alice")).id;
+    const jobId = (await createJob(st.store, newJobId(), [1], "alice")).id;
     const query = `connect=v1&encoding=json&message=${encodeURIComponent(JSON.stringify({ jobId }))}`;
     for (const headers of [
       {},
@@ -317,7 +318,7 @@ describe("other clients carry the token their own way", () => {
   });
 
   test("buf curl -H: without it unauthenticated, with it the job", async () => {
-    const jobId = (await fast.store.create(newJobId(), [5], "bob")).id;
+    const jobId = (await createJob(fast.store, newJobId(), [5], "bob")).id;
     const curl = (extra: string[]) =>
       run(
         BUF,

@@ -1,8 +1,18 @@
+import { randomUUID } from "node:crypto";
 import { SpanKind } from "@opentelemetry/api";
 import { type Job, UnrecoverableError } from "bullmq";
 import type { JobStore } from "../core/job-store.js";
 import {
+  type Attempt,
+  countAttempt,
+  markCompleted,
+  markFailed,
+  markProcessing,
+  recordProgress,
+} from "../core/job-transitions.js";
+import {
   entryNameFor,
+  FencedError,
   type FileProgress,
   JobNotFoundError,
   type JobProgress,
@@ -14,13 +24,31 @@ import type { JobMetrics, JobOutcome } from "../core/metrics.js";
 import type { BundleJobData } from "../core/queue.js";
 import type { SourceInfo, Storage } from "../core/storage.js";
 import { extractContext, inSpan } from "../core/tracing.js";
-import { type BundleEntry, bundleToS3 } from "./bundle.js";
+import { abortError, type BundleEntry, bundleToS3 } from "./bundle.js";
 import { BundleSpans } from "./bundle-spans.js";
 
-// One BullMQ job = one bundle. The job record (core/job-store.ts) is the truth: the
-// processor moves it QUEUED/PROCESSING -> PROCESSING -> COMPLETED/FAILED, and every write
-// it makes is conditional on the job still running, so a Cancel from any API process
-// wins over a late write from here.
+// One BullMQ job = one bundle; one run of the processor = one attempt. The job record is
+// the truth, changed only through core/job-transitions.ts: the run claims the job
+// (markProcessing, which takes the lease with BullMQ's lock token), and every later
+// write it makes is fenced on that lease and on the job still running. So a Cancel from
+// any API process wins over a late write from here, and a run that lost its lock (BullMQ
+// keeps it running: a stall, a partition, a failover) can change nothing once another
+// run has taken the job.
+//
+// Each run uploads to its own object (storage.resultKey(jobId, attempt)) and the record
+// names the one that completed the job, so a run that lost, was cancelled or failed
+// deletes its own object and never one another run's record points to.
+//
+// A run ends whatever the moment a cancel (or a lost lease) arrives: every wait of the
+// run races the abort signal (untilAborted), so a step that ignores the signal cannot
+// hold the run, its BullMQ lock or its worker slot; and the run re-reads its job's state
+// and lease every ownershipCheckMs, in case the cancel message was lost and no write is
+// due (a stalled source, the upload's last part).
+//
+// Crash-resume hook (for multipart uploads kept across runs): a transition that stores
+// this run's {key, uploadId} in the record under its lease lets the next run's claim
+// (markProcessing returns the record) adopt that upload explicitly instead of starting
+// its own key; the run that lost must then skip aborting an upload the record names.
 
 export interface ProcessorDeps {
   store: JobStore;
@@ -38,6 +66,8 @@ export interface ProcessorDeps {
   maxJobBytes?: number;
   /** How long a result object is kept after completion (retention deletes it then). */
   resultTtlSeconds?: number;
+  /** How often a run re-reads its job's state and lease (a missed cancel, a lost lease). */
+  ownershipCheckMs?: number;
 }
 
 export class CancelledError extends Error {
@@ -50,17 +80,26 @@ export function createProcessor(deps: ProcessorDeps) {
   // BullMQ makes the AbortSignal only for processors that declare all three parameters.
   return async (
     job: Job<BundleJobData>,
-    _token?: string,
+    token?: string,
     signal?: AbortSignal,
   ): Promise<ProcessOutcome> => {
     const { jobId } = job.data;
     const { owner, traceparent } = job.data;
+    // BullMQ's lock token is the fencing token; a caller without one (no BullMQ lock to
+    // check) gets a token of its own.
+    const attempt: Attempt =
+      token !== undefined
+        ? { jobId, token, checkLock: true }
+        : { jobId, token: randomUUID(), checkLock: false };
     const log = deps.log.child({
       jobId,
       attempt: job.attemptsMade + 1,
       ...(owner !== undefined ? { owner } : {}),
     });
     const cancel = new AbortController();
+    // A second run of one job in this process: BullMQ gave the job out again, so the
+    // first run lost its lock. Stop it here at once rather than at its next write.
+    deps.running.get(jobId)?.abort(new FencedError(jobId, attempt.token));
     deps.running.set(jobId, cancel);
     const abort = signal ? AbortSignal.any([cancel.signal, signal]) : cancel.signal;
     const started = performance.now();
@@ -72,7 +111,9 @@ export function createProcessor(deps: ProcessorDeps) {
         parent: extractContext({ traceparent }),
         attributes: { "job.id": jobId, "job.attempt": job.attemptsMade + 1 },
       };
-      const outcome = await inSpan("bundle", span, () => run(deps, job, abort, cancel, log));
+      const outcome = await inSpan("bundle", span, () =>
+        run(deps, job, attempt, abort, cancel, log),
+      );
       // Not awaited: the metrics must not delay BullMQ's own bookkeeping of the job.
       if (outcome !== "skipped") void observeRun(deps, jobId, outcome, started);
       return outcome;
@@ -80,14 +121,20 @@ export function createProcessor(deps: ProcessorDeps) {
       void observeRun(deps, jobId, failedRunOutcome(job, err, cancel.signal, abort), started);
       throw err;
     } finally {
-      deps.running.delete(jobId);
+      if (deps.running.get(jobId) === cancel) deps.running.delete(jobId);
     }
   };
+}
+
+/** Whether the run was stopped because another run owns the job now. */
+function fenced(err: unknown, cancel: AbortSignal): boolean {
+  return err instanceof FencedError || (cancel.aborted && cancel.reason instanceof FencedError);
 }
 
 async function run(
   deps: ProcessorDeps,
   job: Job<BundleJobData>,
+  attempt: Attempt,
   signal: AbortSignal,
   cancel: AbortController,
   log: Logger,
@@ -97,29 +144,61 @@ async function run(
   const attempts = job.opts.attempts ?? 1;
   const lastAttempt = job.attemptsMade + 1 >= attempts;
   const startedAt = Date.now();
-  // Until this run's start is recorded, a failure write counts the attempt itself.
-  let started = false;
+  // Until the run has claimed the job, a failure write claims it (and counts the run).
+  let claimed = false;
+  // This run's own result object, known once it has claimed the job.
+  let key: string | undefined;
+  let bundling: Promise<unknown> | undefined;
   let progress: ProgressTracker | undefined;
+  let watch: NodeJS.Timeout | undefined;
+
+  const stop = (reason: Error) => {
+    if (!cancel.signal.aborted) cancel.abort(reason);
+  };
+  /** Stops the run when a write was refused because the job is not its to change. */
+  const refused = (err: unknown): boolean => {
+    if (err instanceof FencedError) {
+      stop(err);
+      return true;
+    }
+    if (err instanceof JobStateError || err instanceof JobNotFoundError) {
+      stop(new CancelledError(`job ${jobId} is no longer running`));
+      return true;
+    }
+    return false;
+  };
 
   try {
     // The sources first, so that the job turns PROCESSING with its totals in one record
     // write (and one message to every watcher) instead of two. Nothing is written yet:
     // a job cancelled meanwhile costs a few HEADs and is skipped below.
-    const sources = await headAll(storage, fileIds, deps.headConcurrency ?? 8, signal);
+    const sources = await untilAborted(
+      headAll(storage, fileIds, deps.headConcurrency ?? 8, signal),
+      signal,
+    );
     const missing = fileIds.filter((_, i) => sources[i] === undefined);
     if (missing.length > 0) {
-      await failJob(
-        store,
-        jobId,
-        started,
+      const gone = new Set(missing);
+      const failed = await failJob(
+        deps,
+        attempt,
+        claimed,
+        log,
         {
           code: "not_found",
           message: `source files not found: ${missing.join(", ")}. Check the file ids and initiate again.`,
           retryable: false,
           missingFileIds: missing,
         },
-        { files: fileIds, missing },
+        fileIds.map((fileId) => ({
+          fileId,
+          state: gone.has(fileId) ? "FAILED" : "PENDING",
+          sizeBytes: 0,
+          bytesDone: 0,
+          entryName: entryNameFor(fileId),
+        })),
       );
+      if (!failed) return "skipped";
       log.warn({ missing }, "job failed: missing source files");
       throw new UnrecoverableError(`missing source files: ${missing.join(", ")}`);
     }
@@ -127,11 +206,12 @@ async function run(
     const maxBytes = deps.maxJobBytes ?? 0;
     if (maxBytes > 0 && totalBytes > maxBytes) {
       // Known from the HEADs alone: refuse before a single byte is read or uploaded.
-      await failJob(store, jobId, started, {
+      const failed = await failJob(deps, attempt, claimed, log, {
         code: "resource_exhausted",
         message: `the files add up to ${totalBytes} bytes, more than the ${maxBytes} bytes one job may bundle: split the request`,
         retryable: false,
       });
+      if (!failed) return "skipped";
       log.warn({ totalBytes, maxBytes }, "job failed: too many bytes");
       throw new UnrecoverableError(`job too large: ${totalBytes} > ${maxBytes} bytes`);
     }
@@ -139,29 +219,25 @@ async function run(
 
     let rec: JobRecord;
     try {
-      rec = await store.update(
-        jobId,
-        {
-          state: "PROCESSING",
-          progress: {
-            filesDone: 0,
-            filesTotal: entries.length,
-            bytesDone: 0,
-            bytesTotal: totalBytes,
-            bytesPerSecond: 0,
-          },
-          files: entries.map((e) => ({
-            fileId: e.fileId,
-            state: "PENDING",
-            sizeBytes: e.sizeBytes,
-            bytesDone: 0,
-            entryName: e.entryName,
-          })),
+      // PROCESSING too: a job whose run died or lost its lock comes back here through
+      // stall detection, and this run takes it over.
+      rec = await markProcessing(store, attempt, {
+        progress: {
+          filesDone: 0,
+          filesTotal: entries.length,
+          bytesDone: 0,
+          bytesTotal: totalBytes,
+          bytesPerSecond: 0,
         },
-        // PROCESSING too: a job whose worker died comes back here through stall
-        // detection. A retry keeps the time of the first start.
-        { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt } },
-      );
+        files: entries.map((e) => ({
+          fileId: e.fileId,
+          state: "PENDING",
+          sizeBytes: e.sizeBytes,
+          bytesDone: 0,
+          entryName: e.entryName,
+        })),
+        startedAt,
+      });
     } catch (err) {
       if (err instanceof JobStateError || err instanceof JobNotFoundError) {
         log.info({ reason: err.message }, "job skipped");
@@ -169,27 +245,35 @@ async function run(
       }
       throw err;
     }
-    started = true;
-    log.info({ files: rec.fileIds.length, bytes: totalBytes }, "job started");
+    claimed = true;
+    key = storage.resultKey(jobId, rec.attempts);
+    log.info({ files: rec.fileIds.length, bytes: totalBytes, key }, "job started");
+
+    watch = setInterval(() => {
+      store.ownership(jobId).then(
+        (o) => {
+          if (o.state !== "PROCESSING")
+            stop(new CancelledError(`job ${jobId} is no longer running`));
+          else if (o.lease !== attempt.token) stop(new FencedError(jobId, o.lease ?? ""));
+        },
+        () => undefined,
+      );
+    }, deps.ownershipCheckMs ?? 2000);
+    watch.unref();
 
     progress = new ProgressTracker(rec, deps.progressIntervalMs, async (patch) => {
       try {
-        await store.write(jobId, patch, { from: ["PROCESSING"] });
+        await recordProgress(store, attempt, patch);
       } catch (err) {
-        if (err instanceof JobStateError || err instanceof JobNotFoundError) {
-          // Cancelled (or gone) under us: stop, even if the cancel message was missed.
-          cancel.abort(new CancelledError(`job ${jobId} is no longer running`));
-          return;
-        }
-        log.warn({ err }, "progress write failed");
+        // Cancelled, gone or taken by another run: stop, even if no message said so.
+        if (!refused(err)) log.warn({ err }, "progress write failed");
       }
     });
     const tracker = progress;
 
-    const key = storage.resultKey(jobId);
     const fileName = resultFileName(rec);
     const spans = new BundleSpans(entries);
-    const result = await bundleToS3(
+    bundling = bundleToS3(
       storage,
       entries,
       { key, fileName },
@@ -210,34 +294,34 @@ async function run(
           spans.fileDone(i);
         },
       },
-    ).catch((err: unknown) => {
-      spans.failed(err);
-      throw err;
-    });
+    );
+    // Observed here: after an abort the run stops waiting for it (below), and it may
+    // still settle later.
+    bundling.catch(() => undefined);
+    const result = await untilAborted(bundling as ReturnType<typeof bundleToS3>, signal).catch(
+      (err: unknown) => {
+        spans.failed(err);
+        throw err;
+      },
+    );
     spans.done(result.sizeBytes);
     await tracker.stop();
+    signal.throwIfAborted();
     const endedAt = Date.now();
     const expiresAt = endedAt + (deps.resultTtlSeconds ?? 24 * 3600) * 1000;
     try {
-      // The result is registered for deletion in the same step, whatever the state
-      // check says: retention removes it even if a cancel won (core/job-store.ts).
-      await store.write(
-        jobId,
-        {
-          state: "COMPLETED",
-          endedAt,
-          progress: tracker.final(),
-          files: tracker.files,
-          result: { key, fileName, sizeBytes: result.sizeBytes, sha256: result.sha256, expiresAt },
-        },
-        { from: ["PROCESSING"], expireResultAt: expiresAt },
-      );
+      // The result is registered for deletion in the same step, whatever the checks
+      // say: retention removes it even if a cancel or another run won.
+      await markCompleted(store, attempt, {
+        endedAt,
+        progress: tracker.final(),
+        files: tracker.files,
+        result: { key, fileName, sizeBytes: result.sizeBytes, sha256: result.sha256, expiresAt },
+      });
     } catch (err) {
-      if (err instanceof JobStateError) {
+      if (err instanceof JobStateError || err instanceof JobNotFoundError) {
         // Cancelled while the last part was being written: leave nothing behind.
-        await storage
-          .deleteResult(key)
-          .catch((e: unknown) => log.warn({ err: e }, "could not delete result"));
+        await discardOwnResult(storage, key, undefined, log);
         log.info("job cancelled after upload; result deleted");
         return "cancelled";
       }
@@ -246,42 +330,90 @@ async function run(
     log.info({ ms: Date.now() - startedAt, bytes: result.sizeBytes }, "job completed");
     return "completed";
   } catch (err) {
+    clearInterval(watch);
     await progress?.stop();
+    if (fenced(err, cancel.signal)) {
+      // Another run owns the job: its record, its object and its webhook are its own.
+      // This run only removes what it made; BullMQ refuses whatever it reports (the lock
+      // is gone), and the job goes on in the run that holds it.
+      await discardOwnResult(storage, key, bundling, log);
+      log.warn({ ms: Date.now() - startedAt }, "run stopped: another run owns the job now");
+      throw new Error(`job ${jobId}: this run lost the job to another run`);
+    }
     if (cancel.signal.aborted) {
-      await storage.deleteResult(storage.resultKey(jobId)).catch(() => undefined);
+      await discardOwnResult(storage, key, bundling, log);
       log.info({ ms: Date.now() - startedAt }, "job cancelled");
       // Unrecoverable: a retry would start the cancelled job again.
       throw new UnrecoverableError("cancelled");
     }
     if (err instanceof UnrecoverableError) throw err;
     if (signal.aborted) {
-      // BullMQ took the job from us (lock lost or shutting down): it will run again.
+      // BullMQ took the job from us (shutting down): it will run again.
       log.warn({ err }, "job interrupted");
       throw err;
     }
     if (lastAttempt) {
-      await failJob(store, jobId, started, {
+      await failJob(deps, attempt, claimed, log, {
         code: "unavailable",
         message: `storage or queue unavailable after ${job.attemptsMade + 1} attempts: ${(err as Error).message}`,
         retryable: true,
       }).catch((e: unknown) => log.error({ err: e }, "could not record failure"));
       log.error({ err }, "job failed after last attempt");
     } else {
-      // A run that failed before its start was recorded still counts: the record says
-      // how many runs the job has had (a failure path, so the extra write is rare).
-      if (!started) {
-        await store
-          .update(
-            jobId,
-            {},
-            { from: ["QUEUED", "PROCESSING"], addAttempts: 1, ifAbsent: { startedAt } },
-          )
-          .catch((e: unknown) => log.debug({ err: e }, "could not count the attempt"));
+      // A run that failed before it claimed the job still counts: the record says how
+      // many runs the job has had (a failure path, so the extra write is rare).
+      if (!claimed) {
+        await countAttempt(store, attempt, startedAt).catch((e: unknown) =>
+          log.debug({ err: e }, "could not count the attempt"),
+        );
       }
       log.warn({ err }, "job attempt failed; will retry");
     }
     throw err;
+  } finally {
+    clearInterval(watch);
   }
+}
+
+/**
+ * Deletes this run's own result object (never another's: each run has its own key). An
+ * upload the abort did not stop in time may complete afterwards: delete it then too.
+ */
+async function discardOwnResult(
+  storage: Storage,
+  key: string | undefined,
+  bundling: Promise<unknown> | undefined,
+  log: Logger,
+): Promise<void> {
+  if (key === undefined) return;
+  const del = () =>
+    storage
+      .deleteResult(key)
+      .catch((e: unknown) => log.warn({ err: e, key }, "could not delete result"));
+  void bundling?.then(del, () => undefined);
+  await del();
+}
+
+/** Resolves or rejects as `p`, or rejects with the abort reason as soon as `signal` aborts. */
+function untilAborted<T>(p: Promise<T>, signal: AbortSignal): Promise<T> {
+  if (signal.aborted) {
+    p.catch(() => undefined);
+    return Promise.reject(abortError(signal));
+  }
+  return new Promise<T>((resolve, reject) => {
+    const onAbort = () => reject(abortError(signal));
+    signal.addEventListener("abort", onAbort, { once: true });
+    p.then(
+      (v) => {
+        signal.removeEventListener("abort", onAbort);
+        resolve(v);
+      },
+      (e: unknown) => {
+        signal.removeEventListener("abort", onAbort);
+        reject(e);
+      },
+    );
+  });
 }
 
 /** How a run that threw ended, for the metrics; undefined when BullMQ took the job away. */
@@ -291,6 +423,8 @@ function failedRunOutcome(
   cancel: AbortSignal,
   abort: AbortSignal,
 ): JobOutcome | undefined {
+  // Another run owns the job: that run reports it.
+  if (fenced(err, cancel)) return undefined;
   if (cancel.aborted) return "cancelled";
   if (err instanceof UnrecoverableError) return "failed";
   // Lock lost or the worker is stopping: another run follows, and nobody decided anything.
@@ -321,42 +455,32 @@ async function observeRun(
 }
 
 /**
- * Records the job as FAILED, from QUEUED or PROCESSING. A run that fails before its
- * start was recorded counts its attempt here (and the start time, if the job has none).
- * With `missing`, the record's files are those of the request, the missing ones FAILED.
+ * Records the job as FAILED, from QUEUED or PROCESSING; false when the job is no longer
+ * running (cancelled meanwhile). A run that has not claimed the job claims it in the same
+ * step. With `files`, the record's files are replaced (the missing ones FAILED).
  */
 async function failJob(
-  store: JobStore,
-  jobId: string,
-  started: boolean,
+  deps: ProcessorDeps,
+  attempt: Attempt,
+  claimed: boolean,
+  log: Logger,
   error: NonNullable<JobRecord["error"]>,
-  missing?: { files: readonly number[]; missing: readonly number[] },
-): Promise<void> {
-  const now = Date.now();
-  const gone = new Set(missing?.missing ?? []);
-  await store.update(
-    jobId,
-    {
-      state: "FAILED",
-      endedAt: now,
+  files?: FileProgress[],
+): Promise<boolean> {
+  try {
+    await markFailed(deps.store, attempt, {
       error,
-      ...(missing !== undefined
-        ? {
-            files: missing.files.map((fileId) => ({
-              fileId,
-              state: gone.has(fileId) ? "FAILED" : "PENDING",
-              sizeBytes: 0,
-              bytesDone: 0,
-              entryName: entryNameFor(fileId),
-            })),
-          }
-        : {}),
-    },
-    {
-      from: ["QUEUED", "PROCESSING"],
-      ...(started ? {} : { addAttempts: 1, ifAbsent: { startedAt: now } }),
-    },
-  );
+      claimed,
+      ...(files !== undefined ? { files } : {}),
+    });
+    return true;
+  } catch (err) {
+    if (err instanceof JobStateError || err instanceof JobNotFoundError) {
+      log.info({ reason: err.message }, "job skipped");
+      return false;
+    }
+    throw err;
+  }
 }
 
 /** HEADs every source with bounded concurrency; undefined marks a missing file. */
@@ -417,7 +541,10 @@ class ProgressTracker {
   constructor(
     rec: JobRecord,
     private readonly intervalMs: number,
-    private readonly write: (patch: Partial<JobRecord>) => Promise<void>,
+    private readonly write: (patch: {
+      progress: JobProgress;
+      files: FileProgress[];
+    }) => Promise<void>,
   ) {
     this.files = rec.files.map((f) => ({ ...f, state: "PENDING", bytesDone: 0 }));
     this.progress = { ...rec.progress, filesDone: 0, bytesDone: 0, bytesPerSecond: 0 };
@@ -459,7 +586,7 @@ class ProgressTracker {
     }, wait);
   }
 
-  private snapshot(): Partial<JobRecord> {
+  private snapshot(): { progress: JobProgress; files: FileProgress[] } {
     const now = Date.now();
     const elapsed = (now - this.rateWindowStart) / 1000;
     if (elapsed >= 0.5) {

@@ -6,6 +6,7 @@ import { create, toJsonString } from "@bufbuild/protobuf";
 import { type Job, type Queue, UnrecoverableError } from "bullmq";
 import type { JobStore } from "../core/job-store.js";
 import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
+import { recordWebhook } from "../core/job-transitions.js";
 import {
   InvalidInputError,
   JobNotFoundError,
@@ -23,9 +24,10 @@ import {
 } from "../core/webhook-target.js";
 import { GetStatusResponseSchema } from "../gen/downloads/v1/download_service_pb.js";
 
-// Terminal-state callbacks. The job store's update script puts a job that ends with a
-// callback_url into an outbox (a sorted set) in the same step as the state change, so
-// a crash cannot lose the callback. The dispatcher here turns due outbox entries into
+// Terminal-state callbacks. The transition that ends a job with a callback_url puts it
+// into an outbox (a sorted set) in the same step as the state change
+// (core/lua/transition.lua), so a crash cannot lose the callback, and only the run that
+// owned the job (its fenced write succeeded) can owe one. The dispatcher here turns due outbox entries into
 // BullMQ jobs of the `webhooks` queue (one per job id), whose processor POSTs the job
 // and retries with exponential backoff; the entry leaves the outbox only once the
 // delivery is settled (delivered, or given up). Delivery is at least once: a receiver
@@ -103,9 +105,7 @@ function post(
 export function createWebhookProcessor(deps: WebhookDeliveryDeps) {
   const { store, log } = deps;
 
-  const record = async (jobId: string, webhook: WebhookRecord): Promise<void> => {
-    await store.update(jobId, { webhook });
-  };
+  const record = (jobId: string, webhook: WebhookRecord) => recordWebhook(store, jobId, webhook);
 
   const settle = (jobId: string) => store.settleWebhook(jobId);
 

@@ -2,6 +2,7 @@ import { Worker } from "bullmq";
 import type { Config } from "../core/config.js";
 import { type ReadinessCheck, redisCheck, s3Check } from "../core/health.js";
 import { JobStore } from "../core/job-store.js";
+import { markAbandoned } from "../core/job-transitions.js";
 import { isTerminal } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
 import { createMetricsRegistry, type Registry, registerWorkerMetrics } from "../core/metrics.js";
@@ -16,7 +17,7 @@ import {
 } from "../core/queue.js";
 import { createRedis, redisTargetFrom, waitForRedis } from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
-import { createProcessor } from "./processor.js";
+import { CancelledError, createProcessor } from "./processor.js";
 import { sweepExpiredResults } from "./retention.js";
 import {
   createWebhookProcessor,
@@ -62,7 +63,7 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     const ctl = running.get(jobId);
     if (ctl !== undefined) {
       log.info({ jobId }, "cancel received");
-      ctl.abort(new Error("cancelled"));
+      ctl.abort(new CancelledError("cancelled"));
     }
   });
 
@@ -79,6 +80,8 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     progressIntervalMs: cfg.PROGRESS_INTERVAL_MS,
     maxJobBytes: cfg.MAX_JOB_BYTES,
     resultTtlSeconds: cfg.RESULT_TTL_SECONDS,
+    // Half the lock: a run whose cancel message was lost stops well within one lock term.
+    ownershipCheckMs: Math.max(250, Math.floor(cfg.JOB_LOCK_MS / 2)),
   });
 
   const worker = new Worker<BundleJobData>(QUEUE_NAME, processor, {
@@ -104,19 +107,11 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
         if (state !== "failed") return;
         const rec = await store.get(jobId);
         if (isTerminal(rec.state)) return;
-        await store.update(
-          jobId,
-          {
-            state: "FAILED",
-            endedAt: Date.now(),
-            error: {
-              code: "unavailable",
-              message: `processing failed: ${err.message}`,
-              retryable: true,
-            },
-          },
-          { from: ["QUEUED", "PROCESSING"] },
-        );
+        await markAbandoned(store, jobId, {
+          code: "unavailable",
+          message: `processing failed: ${err.message}`,
+          retryable: true,
+        });
         jobMetrics.failed("unavailable");
       })
       .catch((e: unknown) => log.warn({ err: e, jobId }, "could not record failure"));

@@ -4,6 +4,13 @@ import type { Interceptor } from "@connectrpc/connect";
 import type { Queue } from "bullmq";
 import type { Config } from "../../core/config.js";
 import { JobStore } from "../../core/job-store.js";
+import {
+  type Attempt,
+  markCompleted,
+  markFailed,
+  markProcessing,
+  recordProgress,
+} from "../../core/job-transitions.js";
 import type { JobRecord } from "../../core/jobs.js";
 import { type BundleJobData, createBundleQueue } from "../../core/queue.js";
 import { createRedis, type RedisClient, waitForRedis } from "../../core/redis.js";
@@ -24,7 +31,7 @@ export const withTestToken: Interceptor = (next) => (req) => {
 
 // A real API server on port 0 over real Redis and S3, plus what a worker would do to a
 // job (the worker lives in another process in production): the tests drive state
-// changes through JobStore.update exactly as the worker does.
+// changes through the named transitions (core/job-transitions.ts) as the worker does.
 
 /** Connections the tests open themselves carry this name, so CLIENT LIST can tell them apart. */
 export const TEST_CONNECTION_NAME = "test-driver";
@@ -76,20 +83,25 @@ export async function startApiStack(
     throw err;
   }
 
-  const startJob = (id: string) =>
-    store.update(
-      id,
-      { state: "PROCESSING", startedAt: Date.now() },
-      { from: ["QUEUED"], addAttempts: 1 },
-    );
+  // The tests play one run of each job, without BullMQ (so without its lock to check).
+  const run = (jobId: string): Attempt => ({ jobId, token: "test-driver", checkLock: false });
+
+  const startJob = async (id: string) => {
+    const rec = await store.get(id);
+    return markProcessing(store, run(id), {
+      progress: rec.progress,
+      files: rec.files,
+      startedAt: Date.now(),
+    });
+  };
 
   const progress = async (id: string, bytesDone: number, bytesTotal: number) => {
     const rec = await store.get(id);
-    return store.update(
-      id,
-      { progress: { ...rec.progress, bytesDone, bytesTotal, bytesPerSecond: 1000 } },
-      { from: ["PROCESSING"] },
-    );
+    await recordProgress(store, run(id), {
+      progress: { ...rec.progress, bytesDone, bytesTotal, bytesPerSecond: 1000 },
+      files: rec.files,
+    });
+    return store.get(id);
   };
 
   const complete = async (id: string, zip: Buffer, fileName = `download-${id.slice(0, 8)}.zip`) => {
@@ -103,44 +115,38 @@ export async function startApiStack(
       }),
     );
     const rec = await store.get(id);
-    return store.update(
-      id,
-      {
-        state: "COMPLETED",
-        endedAt: Date.now(),
-        progress: {
-          ...rec.progress,
-          filesDone: rec.fileIds.length,
-          bytesDone: zip.length,
-          bytesTotal: zip.length,
-        },
-        result: {
-          key,
-          fileName,
-          sizeBytes: zip.length,
-          sha256: createHash("sha256").update(zip).digest("hex"),
-          expiresAt: Date.now() + cfg.RESULT_TTL_SECONDS * 1000,
-        },
+    await markCompleted(store, run(id), {
+      endedAt: Date.now(),
+      progress: {
+        ...rec.progress,
+        filesDone: rec.fileIds.length,
+        bytesDone: zip.length,
+        bytesTotal: zip.length,
       },
-      { from: ["PROCESSING"] },
-    );
+      files: rec.files,
+      result: {
+        key,
+        fileName,
+        sizeBytes: zip.length,
+        sha256: createHash("sha256").update(zip).digest("hex"),
+        expiresAt: Date.now() + cfg.RESULT_TTL_SECONDS * 1000,
+      },
+    });
+    return store.get(id);
   };
 
-  const fail = (id: string) =>
-    store.update(
-      id,
-      {
-        state: "FAILED",
-        endedAt: Date.now(),
-        error: {
-          code: "not_found",
-          message: "source files 9 do not exist",
-          retryable: false,
-          missingFileIds: [9],
-        },
+  const fail = async (id: string) => {
+    const rec = await store.get(id);
+    return markFailed(store, run(id), {
+      claimed: rec.lease === run(id).token,
+      error: {
+        code: "not_found",
+        message: "source files 9 do not exist",
+        retryable: false,
+        missingFileIds: [9],
       },
-      { from: ["QUEUED", "PROCESSING"] },
-    );
+    });
+  };
 
   return {
     svc,

@@ -1,0 +1,273 @@
+import { decodeJob, flatten, type JobStore } from "./job-store.js";
+import {
+  FencedError,
+  type FileProgress,
+  isTerminal,
+  type JobErrorRecord,
+  JobNotFoundError,
+  type JobProgress,
+  type JobRecord,
+  type JobResultRecord,
+  JobStateError,
+  type JobStateName,
+  newJobRecord,
+  TERMINAL_STATES,
+  type WebhookRecord,
+} from "./jobs.js";
+import { expiryMember } from "./keys.js";
+
+// The job's state machine: one function per change, each with its allowed source states,
+// each one atomic step in Redis (core/lua/transition.lua). These are the only writers of
+// a job record; Initiate's creation of one is admission's script (core/admission.ts).
+//
+//   QUEUED ──markProcessing──> PROCESSING ──markCompleted──> COMPLETED ──markExpired
+//     │   (a retry or a stall:      │ recordProgress             (result deleted)
+//     │    PROCESSING again)        ├──markFailed──> FAILED
+//     └──────markCancelled──────────┴──markCancelled──> CANCELLED
+//   terminal states: recordWebhook
+//
+// Fencing. A run (one BullMQ attempt) claims the job when it starts: the claim checks
+// that the run holds BullMQ's lock, stores the run's token in the record (`lease`) and
+// counts the attempt. Every later write of the run holds the lease: it applies only if
+// the record still names this run. BullMQ does not stop a run that lost its lock (a
+// blocked event loop, a partition, a failover): stall detection hands the job to another
+// run whose claim takes the lease, and the first run's next write fails with FencedError.
+// The check is inside the same script as the write: no extra round trip.
+
+/** One run of a job, as the worker knows it. */
+export interface Attempt {
+  jobId: string;
+  /** BullMQ's lock token of this run: unique per run, the fencing token. */
+  token: string;
+  /**
+   * Whether the claim checks that BullMQ's lock holds the token. False only where no
+   * BullMQ worker runs the job (tests that drive a job by hand, tools).
+   */
+  checkLock: boolean;
+}
+
+interface Change {
+  from: readonly JobStateName[];
+  set: Partial<JobRecord>;
+  fence?: { kind: "claim" | "hold"; attempt: Attempt };
+  ifAbsent?: Partial<JobRecord>;
+  /** An uploaded object to register for deletion, whatever the checks say. */
+  expire?: { jobId: string; key: string; at: number };
+  /** The record must name this result object. */
+  resultKey?: string;
+}
+
+/** Runs one change; resolves to the new record's JSON. */
+async function apply(store: JobStore, id: string, change: Change): Promise<string> {
+  const fields = flatten({ ...change.set, updatedAt: change.set.updatedAt ?? Date.now() });
+  const keep = Object.entries(flatten(change.ifAbsent ?? {}));
+  const state = change.set.state;
+  const reply = (await store.scripts.djTransition(
+    store.keys.job(id),
+    store.keys.webhookOutbox,
+    store.keys.resultExpiry,
+    store.keys.bundleLock(id),
+    store.keys.channel(id),
+    change.from.join(","),
+    change.fence?.kind ?? "",
+    change.fence?.attempt.token ?? "",
+    change.fence?.attempt.checkLock === false ? "0" : "1",
+    String(store.recordTtlSeconds),
+    state !== undefined && isTerminal(state) ? "1" : "0",
+    state ?? "",
+    change.expire !== undefined ? expiryMember(change.expire.jobId, change.expire.key) : "",
+    String(change.expire?.at ?? 0),
+    change.resultKey ?? "",
+    String(keep.length),
+    ...keep.flat(),
+    ...Object.entries(fields).flat(),
+  )) as [number, string?];
+  switch (reply[0]) {
+    case 1:
+      return reply[1] as string;
+    case 0:
+      throw new JobNotFoundError(id);
+    case 3:
+      throw new FencedError(id, reply[1] ?? "");
+    default: {
+      const now = reply[1] as JobStateName;
+      throw new JobStateError(id, now, `job ${id} is ${now.toLowerCase()}`);
+    }
+  }
+}
+
+const decode = (json: string) => decodeJob(JSON.parse(json) as Record<string, string>);
+
+/** Stores a new QUEUED job (tests and tools; Initiate goes through core/admission.ts). */
+export async function createJob(
+  store: JobStore,
+  id: string,
+  fileIds: number[],
+  owner: string,
+  now = Date.now(),
+): Promise<JobRecord> {
+  const rec = newJobRecord(id, owner, fileIds, now);
+  const fields = { ...flatten(rec), version: String(rec.version) };
+  const created = await store.scripts.djCreateJob(
+    store.keys.job(id),
+    ...Object.entries(fields).flat(),
+  );
+  if (created !== 1) throw new Error(`job id collision: ${id}`);
+  return rec;
+}
+
+/**
+ * QUEUED (or PROCESSING: a retry, or a stalled run's job) -> PROCESSING with the totals
+ * the run found, and the run takes the job. The first start time is kept on retries.
+ */
+export async function markProcessing(
+  store: JobStore,
+  attempt: Attempt,
+  start: { progress: JobProgress; files: FileProgress[]; startedAt: number },
+): Promise<JobRecord> {
+  const json = await apply(store, attempt.jobId, {
+    from: ["QUEUED", "PROCESSING"],
+    fence: { kind: "claim", attempt },
+    set: { state: "PROCESSING", progress: start.progress, files: start.files },
+    ifAbsent: { startedAt: start.startedAt },
+  });
+  return decode(json);
+}
+
+/**
+ * Counts a run that failed before it could start the job (it will be retried): the
+ * record says how many runs the job has had.
+ */
+export async function countAttempt(
+  store: JobStore,
+  attempt: Attempt,
+  startedAt: number,
+): Promise<void> {
+  await apply(store, attempt.jobId, {
+    from: ["QUEUED", "PROCESSING"],
+    fence: { kind: "claim", attempt },
+    set: {},
+    ifAbsent: { startedAt },
+  });
+}
+
+/** PROCESSING -> PROCESSING: the run's progress (throttled by the worker: one write a tick). */
+export async function recordProgress(
+  store: JobStore,
+  attempt: Attempt,
+  progress: { progress: JobProgress; files: FileProgress[] },
+): Promise<void> {
+  await apply(store, attempt.jobId, {
+    from: ["PROCESSING"],
+    fence: { kind: "hold", attempt },
+    set: progress,
+  });
+}
+
+/**
+ * PROCESSING -> COMPLETED with the run's result object. The object is registered for
+ * deletion at `result.expiresAt` in the same step, whatever the checks say: an object a
+ * cancel or another run overtook is removed by retention all the same.
+ */
+export async function markCompleted(
+  store: JobStore,
+  attempt: Attempt,
+  done: {
+    endedAt: number;
+    progress: JobProgress;
+    files: FileProgress[];
+    result: JobResultRecord & { expiresAt: number };
+  },
+): Promise<void> {
+  await apply(store, attempt.jobId, {
+    from: ["PROCESSING"],
+    fence: { kind: "hold", attempt },
+    set: { state: "COMPLETED", ...done },
+    expire: { jobId: attempt.jobId, key: done.result.key, at: done.result.expiresAt },
+  });
+}
+
+/**
+ * QUEUED or PROCESSING -> FAILED, decided by a run. A run that has not claimed the job
+ * yet (it failed on what it found before starting) claims it in the same step, which
+ * counts its attempt; `files` replaces the record's files (the missing ones FAILED).
+ */
+export async function markFailed(
+  store: JobStore,
+  attempt: Attempt,
+  failure: { error: JobErrorRecord; claimed: boolean; files?: FileProgress[]; now?: number },
+): Promise<JobRecord> {
+  const now = failure.now ?? Date.now();
+  const json = await apply(store, attempt.jobId, {
+    from: ["QUEUED", "PROCESSING"],
+    fence: { kind: failure.claimed ? "hold" : "claim", attempt },
+    set: {
+      state: "FAILED",
+      endedAt: now,
+      error: failure.error,
+      ...(failure.files !== undefined ? { files: failure.files } : {}),
+    },
+    ...(failure.claimed ? {} : { ifAbsent: { startedAt: now } }),
+  });
+  return decode(json);
+}
+
+/**
+ * QUEUED or PROCESSING -> FAILED when BullMQ itself gave up on the job (stalled too
+ * often): no run decided it, and none holds the job any more, so no lease is checked.
+ */
+export async function markAbandoned(
+  store: JobStore,
+  jobId: string,
+  error: JobErrorRecord,
+): Promise<JobRecord> {
+  return decode(
+    await apply(store, jobId, {
+      from: ["QUEUED", "PROCESSING"],
+      set: { state: "FAILED", endedAt: Date.now(), error },
+    }),
+  );
+}
+
+/**
+ * QUEUED or PROCESSING -> CANCELLED, by the API: it wins over any run, whose next write
+ * then fails with JobStateError (the run is also told through the cancel channel).
+ */
+export async function markCancelled(
+  store: JobStore,
+  jobId: string,
+  now = Date.now(),
+): Promise<JobRecord> {
+  return decode(
+    await apply(store, jobId, {
+      from: ["QUEUED", "PROCESSING"],
+      set: { state: "CANCELLED", endedAt: now },
+    }),
+  );
+}
+
+/**
+ * COMPLETED -> COMPLETED without its ZIP: retention deleted the object the record names
+ * (the job keeps its record, dedup stops handing it out). Refused with JobStateError
+ * when the record names another object.
+ */
+export async function markExpired(
+  store: JobStore,
+  jobId: string,
+  result: JobResultRecord,
+): Promise<void> {
+  await apply(store, jobId, {
+    from: ["COMPLETED"],
+    set: { result: { ...result, expired: true } },
+    resultKey: result.key,
+  });
+}
+
+/** A terminal job's callback delivery, as the webhook worker saw it. */
+export async function recordWebhook(
+  store: JobStore,
+  jobId: string,
+  webhook: WebhookRecord,
+): Promise<void> {
+  await apply(store, jobId, { from: TERMINAL_STATES, set: { webhook } });
+}

@@ -1,0 +1,84 @@
+import { QUEUE_NAME } from "./queue.js";
+
+// Every Redis key and channel of one deployment, in one place. They all start with
+// QUEUE_PREFIX, which carries a hash tag on Redis Cluster ({dj}): so every key one Lua
+// script touches (a job's hash, the outbox, the expiry set, BullMQ's lock of the job)
+// shares one hash slot, as BullMQ's own keys do.
+
+export class RedisKeys {
+  constructor(readonly prefix: string) {}
+
+  /** The job record: a hash of string fields (core/job-store.ts). */
+  job(id: string): string {
+    return `${this.prefix}:job:${id}`;
+  }
+
+  /** What job(id) starts with: admission reads other jobs' hashes by it. */
+  get jobPrefix(): string {
+    return `${this.prefix}:job:`;
+  }
+
+  /** The pub/sub channel on which every change of the job is published. */
+  channel(id: string): string {
+    return `${this.prefix}:job:${id}:events`;
+  }
+
+  /** Job ids whose terminal-state webhook is owed, scored by when it became due. */
+  get webhookOutbox(): string {
+    return `${this.prefix}:webhooks:outbox`;
+  }
+
+  /** Result objects by the time they are to be deleted (retention); see expiryMember. */
+  get resultExpiry(): string {
+    return `${this.prefix}:results:expiry`;
+  }
+
+  /** The channel on which API processes ask workers to stop a running job. */
+  get cancelChannel(): string {
+    return `${this.prefix}:cancel`;
+  }
+
+  /**
+   * BullMQ's lock of a bundle job (its value is the lock token of the attempt that holds
+   * it). Spelled here because the claim script checks it: BullMQ keeps a job's keys at
+   * `<prefix>:<queue>:<job id>`, and our job ids are BullMQ's.
+   */
+  bundleLock(id: string): string {
+    return `${this.prefix}:${QUEUE_NAME}:${id}:lock`;
+  }
+
+  /** Initiate's idempotency key of an owner: "<job id> <params hash>". */
+  idempotency(owner: string, keyDigest: string): string {
+    return `${this.prefix}:idem:${owner}:${keyDigest}`;
+  }
+
+  /** The newest job id of an owner for one set of parameters (dedup, result reuse). */
+  dedup(owner: string, paramsHash: string): string {
+    return `${this.prefix}:dedup:${owner}:${paramsHash}`;
+  }
+
+  /** Ids of an owner's jobs not yet ended. */
+  ownerActive(owner: string): string {
+    return `${this.prefix}:owner:${owner}:active`;
+  }
+
+  /** An owner's Initiate token bucket {tokens, ts}. */
+  ownerRate(owner: string): string {
+    return `${this.prefix}:owner:${owner}:rate`;
+  }
+}
+
+/**
+ * A member of the result expiry set: the job and the object, since a job can have an
+ * object per attempt and each must go. Members written before per-attempt objects are
+ * a bare job id.
+ */
+export function expiryMember(jobId: string, objectKey: string): string {
+  return `${jobId} ${objectKey}`;
+}
+
+export function parseExpiryMember(member: string): { jobId: string; objectKey?: string } {
+  const space = member.indexOf(" ");
+  if (space < 0) return { jobId: member };
+  return { jobId: member.slice(0, space), objectKey: member.slice(space + 1) };
+}

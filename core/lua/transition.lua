@@ -1,0 +1,88 @@
+--[[
+One change of a job record (core/job-transitions.ts names each one). Atomically: checks
+the record exists, is in an allowed state and, for a worker's write, that the attempt
+making it owns the job; applies the fields; bumps `version`; publishes the whole record
+on the job's channel. So watchers see gap-free versions in order, a terminal state is
+never overwritten, and an attempt that lost the job can change nothing.
+
+KEYS[1] job hash     KEYS[2] webhook outbox     KEYS[3] result expiry set
+KEYS[4] BullMQ's lock of the job (read only by a claim)
+
+ARGV[1]  channel
+ARGV[2]  allowed source states, comma-separated ("" = any)
+ARGV[3]  fence: "" none | "claim" the attempt takes the job | "hold" it must own it
+ARGV[4]  the attempt's token
+ARGV[5]  "1": a claim needs BullMQ's lock to hold the token
+ARGV[6]  record TTL in seconds, applied when the new state is terminal
+ARGV[7]  "1" when the new state is terminal
+ARGV[8]  the new state ("" = unchanged)
+ARGV[9]  result expiry member ("" = none), ARGV[10] its score
+ARGV[11] the result key the record must name ("" = no such condition)
+ARGV[12] how many field/value pairs after it are set only where absent (they come first)
+ARGV[13..] field/value pairs
+
+Returns {1, json} applied (or already applied by this attempt), {0} no such job,
+{2, state} not in an allowed state, {3, holder} the attempt does not own the job.
+]]
+
+-- An uploaded object is registered for deletion whatever the checks below say: an
+-- upload that a cancel or another attempt overtook is still an object retention removes.
+if ARGV[9] ~= '' then redis.call('ZADD', KEYS[3], ARGV[10], ARGV[9]) end
+
+local f = redis.call('HMGET', KEYS[1], 'state', 'lease')
+local state, lease = f[1], f[2]
+if not state then return {0} end
+
+local fence, token = ARGV[3], ARGV[4]
+if fence == 'hold' and lease ~= token then return {3, lease or ''} end
+if fence == 'claim' and ARGV[5] == '1' and redis.call('GET', KEYS[4]) ~= token then
+  return {3, 'lock'}
+end
+
+local json
+-- A command resent after a reconnect may have run already: the attempt that ended the
+-- job is told it did, not that the job is in the wrong state.
+if fence == 'hold' and ARGV[7] == '1' and state == ARGV[8] then
+  local flat = redis.call('HGETALL', KEYS[1])
+  local obj = {}
+  for i = 1, #flat, 2 do obj[flat[i]] = flat[i + 1] end
+  return {1, cjson.encode(obj)}
+end
+
+if ARGV[2] ~= '' then
+  local ok = false
+  for s in string.gmatch(ARGV[2], '[^,]+') do
+    if s == state then ok = true end
+  end
+  if not ok then return {2, state} end
+end
+
+if ARGV[11] ~= '' then
+  local r = redis.call('HGET', KEYS[1], 'result')
+  if not r or cjson.decode(r).key ~= ARGV[11] then return {2, state} end
+end
+
+local at = 13
+for _ = 1, tonumber(ARGV[12]) do
+  redis.call('HSETNX', KEYS[1], ARGV[at], ARGV[at + 1])
+  at = at + 2
+end
+if #ARGV >= at then redis.call('HSET', KEYS[1], unpack(ARGV, at)) end
+redis.call('HINCRBY', KEYS[1], 'version', 1)
+if fence == 'claim' then
+  redis.call('HSET', KEYS[1], 'lease', token)
+  redis.call('HINCRBY', KEYS[1], 'attempts', 1)
+end
+if ARGV[7] == '1' and tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
+-- The callback is owed from the moment the job ends, in the same step: a crash right
+-- after this script cannot lose it, and only the attempt that ended the job owes it.
+if ARGV[7] == '1' and redis.call('HEXISTS', KEYS[1], 'callbackUrl') == 1 then
+  local t = redis.call('TIME')
+  redis.call('ZADD', KEYS[2], t[1] * 1000 + math.floor(t[2] / 1000), string.match(KEYS[1], '[^:]+$'))
+end
+local flat = redis.call('HGETALL', KEYS[1])
+local obj = {}
+for i = 1, #flat, 2 do obj[flat[i]] = flat[i + 1] end
+json = cjson.encode(obj)
+redis.call('PUBLISH', ARGV[1], json)
+return {1, json}
