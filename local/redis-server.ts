@@ -29,6 +29,8 @@ export interface LocalRedisOptions {
    */
   detached?: boolean;
   log?: (line: string) => void;
+  /** More redis-server arguments (replication, cluster mode), after the defaults. */
+  extraArgs?: readonly string[];
 }
 
 function findBinary(): string | undefined {
@@ -124,6 +126,7 @@ export async function startRedis(opts: LocalRedisOptions = {}): Promise<LocalRed
     // No folder: nothing may be written to the current directory.
     args.push("--dir", "/tmp", "--appendonly", "no");
   }
+  args.push(...(opts.extraArgs ?? []));
   const child: ChildProcess = spawn(bin, args, {
     stdio: ["ignore", "ignore", "pipe"],
     detached: opts.detached ?? false,
