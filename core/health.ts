@@ -98,13 +98,36 @@ export function redisCheck(
   return {
     name,
     async run() {
-      // While ioredis reconnects it queues commands instead of failing them; a probe
-      // must not wait for that.
-      if (conn.status !== "ready")
-        throw Object.assign(new Error("not connected"), { code: conn.status });
+      assertConnected(conn);
       if (opts.ping !== false) await conn.ping();
     },
   };
+}
+
+/**
+ * Redis takes a write where the queue lives: a SET with a short expiry on a key that
+ * shares the queue's hash tag (`prefix` is QUEUE_PREFIX). A PING proves much less: on a
+ * cluster it reaches some node, not the master that owns the queue's slot, and a
+ * demoted primary or a replica still answers it. While that master is down (until a
+ * replica is promoted) or a Sentinel primary is gone, this check fails, so /readyz and
+ * gRPC health move traffic away; it passes again once the new primary takes writes.
+ */
+export function redisWriteCheck(name: string, conn: RedisClient, prefix: string): ReadinessCheck {
+  const key = `${prefix}:readyz`;
+  return {
+    name,
+    async run() {
+      assertConnected(conn);
+      await conn.set(key, String(Date.now()), "PX", 60_000);
+    },
+  };
+}
+
+function assertConnected(conn: RedisClient): void {
+  // While ioredis reconnects it queues commands instead of failing them; a probe
+  // must not wait for that.
+  if (conn.status !== "ready")
+    throw Object.assign(new Error("not connected"), { code: conn.status });
 }
 
 /** What serveHealth needs of node:http's and node:http2's request and response. */

@@ -2,7 +2,7 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
 import type { Config } from "../core/config.js";
-import { Readiness, redisCheck, s3Check, serveHealth } from "../core/health.js";
+import { Readiness, redisCheck, redisWriteCheck, s3Check, serveHealth } from "../core/health.js";
 import { JobService } from "../core/job-service.js";
 import { JobStore } from "../core/job-store.js";
 import { parseJobId } from "../core/jobs.js";
@@ -149,7 +149,7 @@ export async function startApiServer(
   const stopping = new AbortController();
   const readiness = new Readiness(
     [
-      redisCheck("redis", redis),
+      redisWriteCheck("redis", redis, cfg.QUEUE_PREFIX),
       redisCheck("redis-events", sub, { ping: false }),
       s3Check(storage),
     ],

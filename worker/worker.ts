@@ -1,6 +1,6 @@
 import { Worker } from "bullmq";
 import type { Config } from "../core/config.js";
-import { type ReadinessCheck, redisCheck, s3Check } from "../core/health.js";
+import { type ReadinessCheck, redisCheck, redisWriteCheck, s3Check } from "../core/health.js";
 import { JobStore } from "../core/job-store.js";
 import { markAbandoned } from "../core/job-transitions.js";
 import { isTerminal } from "../core/jobs.js";
@@ -180,7 +180,7 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     running: () => [...running.keys()],
     metrics: registry,
     readinessChecks: [
-      redisCheck("redis", redis),
+      redisWriteCheck("redis", redis, cfg.QUEUE_PREFIX),
       redisCheck("redis-events", sub, { ping: false }),
       s3Check(storage),
       {
