@@ -126,3 +126,75 @@ export async function waitForRedis(redis: RedisClient, timeoutMs = 10_000): Prom
     redis.on("ready", onReady);
   });
 }
+
+/** What ioredis's Cluster keeps of its pub/sub connection (not part of its typed API). */
+interface ClusterSubscriberInternals {
+  getInstance(): Redis | null;
+  selectSubscriber(): void;
+}
+
+function clusterSubscriber(sub: Cluster): ClusterSubscriberInternals | undefined {
+  const inner = (sub as unknown as { subscriber?: Partial<ClusterSubscriberInternals> }).subscriber;
+  return typeof inner?.getInstance === "function" && typeof inner.selectSubscriber === "function"
+    ? (inner as ClusterSubscriberInternals)
+    : undefined;
+}
+
+/**
+ * The connection that really carries `sub`'s subscriptions: `sub` itself, or on a
+ * cluster the one node connection that ioredis picks for pub/sub (and replaces when
+ * that node goes away).
+ */
+export function subscriberConnection(sub: RedisClient): Redis | undefined {
+  if (sub instanceof Cluster) return clusterSubscriber(sub)?.getInstance() ?? undefined;
+  return sub;
+}
+
+/**
+ * Resolves when a (P)SUBSCRIBE may be sent on `sub`. ioredis writes SUBSCRIBE straight
+ * away while a connection is still in its handshake (status "connect"), because Redis
+ * accepts it while loading; the reply puts the connection in subscriber mode, ioredis's
+ * own ready check (INFO) is then refused with "Connection in subscriber mode, only
+ * subscriber commands may be used", and the connection is torn down with every pending
+ * command failed. On a cluster the pub/sub connection is opened lazily by the first
+ * SUBSCRIBE, so a second one sent a moment later hit exactly that window. Waiting for
+ * the handshake to finish (at most `timeoutMs`) avoids it.
+ */
+export async function untilSubscribable(sub: RedisClient, timeoutMs = 5_000): Promise<void> {
+  const conn = subscriberConnection(sub);
+  if (conn === undefined || conn.status !== "connect") return;
+  await new Promise<void>((resolve) => {
+    const done = () => {
+      clearTimeout(timer);
+      for (const ev of ["ready", "close", "end"]) conn.off(ev, done);
+      resolve();
+    };
+    const timer = setTimeout(done, timeoutMs);
+    for (const ev of ["ready", "close", "end"]) conn.once(ev, done);
+  });
+}
+
+/**
+ * Calls `onRestored` each time the connection carrying `sub`'s subscriptions is
+ * established again after a loss (a reconnect, or on a cluster a new pub/sub node after
+ * a failover). Whatever was published in between is gone: the caller re-subscribes to
+ * be sure and re-reads what it follows. ioredis's cluster client replaces its pub/sub
+ * connection without any public event, hence the hook on its (pinned) internals.
+ */
+export function onSubscriptionsRestored(sub: RedisClient, onRestored: () => void): void {
+  if (sub instanceof Cluster) {
+    const inner = clusterSubscriber(sub);
+    if (inner === undefined) return;
+    const select = inner.selectSubscriber.bind(inner);
+    inner.selectSubscriber = () => {
+      select();
+      inner.getInstance()?.once("ready", onRestored);
+    };
+    return;
+  }
+  let wasReady = sub.status === "ready";
+  sub.on("ready", () => {
+    if (wasReady) onRestored();
+    wasReady = true;
+  });
+}

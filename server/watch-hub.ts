@@ -6,7 +6,7 @@ import {
   JobNotFoundError,
   type JobRecord,
 } from "../core/jobs.js";
-import type { RedisClient } from "../core/redis.js";
+import { onSubscriptionsRestored, type RedisClient, untilSubscribable } from "../core/redis.js";
 
 // One Redis subscriber connection per API process, fanned out in memory to every
 // WatchJob stream. A connection (or a BullMQ QueueEvents) per stream does not survive
@@ -15,9 +15,21 @@ import type { RedisClient } from "../core/redis.js";
 // Per-job channels are subscribed with reference counting: the first watcher of a job
 // subscribes, the last one to leave unsubscribes. Each published record is decoded once
 // and the same object is handed to every stream of that job.
+//
+// Pub/sub is not a log: what is published while the subscription is down (a reconnect,
+// a failover to a replica, the cluster moving its pub/sub connection) is gone. Two
+// things make a watcher miss nothing anyway: a message whose version is more than one
+// past the last one seen means something was lost, and a subscription that was
+// re-established may have lost anything; both re-read the job's record and send it.
 
 /** How long an unwatched channel may stay subscribed, so that its UNSUBSCRIBE is shared. */
 const UNSUBSCRIBE_BATCH_MS = 100;
+
+/** Channels per SUBSCRIBE when every watched job is subscribed again at once. */
+const RESUBSCRIBE_CHUNK = 1000;
+
+/** A failed re-read of a record (Redis still failing over) is tried again after this. */
+const REFRESH_RETRY_MS = 500;
 
 export type WatchEvent =
   | { job: JobRecord; heartbeat?: undefined }
@@ -58,6 +70,10 @@ interface Topic {
   watchers: Set<Watcher>;
   /** Resolves to undefined once subscribed, or to the error that prevented it. */
   subscribed: Promise<Error | undefined>;
+  /** Highest version of the job this process has received or read; 0 before any. */
+  version: number;
+  /** A re-read of the record is under way (one at a time per job). */
+  refreshing: boolean;
 }
 
 function wake(w: Watcher): void {
@@ -96,7 +112,12 @@ export class WatchHub {
   private readonly tickMs: number;
   private ticker: NodeJS.Timeout | undefined;
   private closedWith: unknown;
-  private wasReady: boolean;
+  /**
+   * Every (UN)SUBSCRIBE goes through this chain, one at a time: a burst of new watches
+   * then shares one command, and none is written during a connection's handshake
+   * (see untilSubscribable).
+   */
+  private commands: Promise<unknown> = Promise.resolve();
 
   constructor(
     private readonly sub: RedisClient,
@@ -111,14 +132,8 @@ export class WatchHub {
     const shortest =
       this.maxStreamMs > 0 ? Math.min(opts.heartbeatMs, this.maxStreamMs) : opts.heartbeatMs;
     this.tickMs = Math.max(10, Math.min(1000, Math.floor(shortest / 5)));
-    this.wasReady = sub.status === "ready";
     sub.on("message", (channel: string, message: string) => this.onMessage(channel, message));
-    sub.on("ready", () => {
-      // ioredis resubscribes by itself after a reconnect, but what was published while
-      // the connection was down is gone: read every watched job again.
-      if (this.wasReady) this.resync();
-      this.wasReady = true;
-    });
+    onSubscriptionsRestored(sub, () => this.resync());
   }
 
   /** Streams currently open and jobs currently subscribed, for tests and metrics. */
@@ -159,6 +174,7 @@ export class WatchHub {
       // Subscribe before reading the snapshot, or a change between the two is lost.
       await this.awaitSubscribed(topic);
       const snapshot = await this.store.get(jobId);
+      topic.version = Math.max(topic.version, snapshot.version);
       // Someone else's job looks exactly like a missing one.
       if (owner !== undefined && snapshot.owner !== owner) throw new JobNotFoundError(jobId);
       if (w.failure !== undefined) throw w.failure;
@@ -227,7 +243,13 @@ export class WatchHub {
   private join(channel: string, jobId: string, w: Watcher): Topic {
     let topic = this.topics.get(channel);
     if (topic === undefined) {
-      const created: Topic = { jobId, watchers: new Set(), subscribed: Promise.resolve(undefined) };
+      const created: Topic = {
+        jobId,
+        watchers: new Set(),
+        subscribed: Promise.resolve(undefined),
+        version: 0,
+        refreshing: false,
+      };
       // Still subscribed from a watcher that left a moment ago: keep that subscription.
       created.subscribed = this.unsubscribing.delete(channel)
         ? Promise.resolve(undefined)
@@ -257,10 +279,13 @@ export class WatchHub {
     let batch = this.subscribing;
     if (batch === undefined) {
       const channels: string[] = [];
-      const done = new Promise<void>((resolve) => setImmediate(resolve)).then(() => {
-        if (this.subscribing === batch) this.subscribing = undefined;
-        return this.sub.subscribe(...channels);
-      });
+      // The batch takes channels until its command is about to be written.
+      const done = new Promise<void>((resolve) => setImmediate(resolve)).then(() =>
+        this.command(() => {
+          if (this.subscribing === batch) this.subscribing = undefined;
+          return this.sub.subscribe(...channels);
+        }),
+      );
       batch = {
         channels,
         done: done.then(
@@ -300,12 +325,19 @@ export class WatchHub {
       // Commands on one connection run in order, so a channel subscribed again after
       // this still ends up subscribed.
       if (channels.length > 0 && this.closedWith === undefined) {
-        this.sub
-          .unsubscribe(...channels)
-          .catch((err: unknown) => this.opts.log.debug({ err }, "unsubscribe failed"));
+        this.command(() => this.sub.unsubscribe(...channels)).catch((err: unknown) =>
+          this.opts.log.debug({ err }, "unsubscribe failed"),
+        );
       }
     }, UNSUBSCRIBE_BATCH_MS);
     this.unsubscribeTimer.unref();
+  }
+
+  /** Runs a subscription command after the previous one has settled. */
+  private command<T>(send: () => Promise<T>): Promise<T> {
+    const result = this.commands.then(() => untilSubscribable(this.sub)).then(send);
+    this.commands = result.catch(() => undefined);
+    return result;
   }
 
   private async awaitSubscribed(topic: Topic): Promise<void> {
@@ -343,18 +375,51 @@ export class WatchHub {
       this.opts.log.warn({ err, channel }, "undecodable job event");
       return;
     }
+    // Every change is published with a version one higher than the last: a jump means
+    // a message was lost (a failover, a reconnect) and the record has to be read.
+    const gap = topic.version > 0 && rec.version > topic.version + 1;
+    topic.version = Math.max(topic.version, rec.version);
     for (const w of topic.watchers) offer(w, rec);
+    if (gap) this.refresh(topic);
   }
 
+  /**
+   * After the subscription connection came back: subscribe every watched channel again
+   * (ioredis re-subscribes by itself, but on a cluster it gives up silently if that
+   * fails), then re-read every watched job, so what was published meanwhile still
+   * reaches its watchers.
+   */
   private resync(): void {
-    for (const topic of this.topics.values()) {
-      this.store.get(topic.jobId).then(
-        (rec) => {
-          for (const w of topic.watchers) offer(w, rec);
-        },
-        (err: unknown) => this.opts.log.debug({ err, jobId: topic.jobId }, "resync failed"),
-      );
+    if (this.closedWith !== undefined) return;
+    const topics = [...this.topics.entries()];
+    this.opts.log.info({ jobs: topics.length }, "job events connection restored, re-reading");
+    const subscribed: Promise<unknown>[] = [];
+    for (let i = 0; i < topics.length; i += RESUBSCRIBE_CHUNK) {
+      const channels = topics.slice(i, i + RESUBSCRIBE_CHUNK).map(([channel]) => channel);
+      subscribed.push(this.command(() => this.sub.subscribe(...channels)));
     }
+    Promise.allSettled(subscribed).then(() => {
+      for (const [, topic] of topics) this.refresh(topic);
+    });
+  }
+
+  /** Re-reads one job's record and offers it to its watchers; retried while Redis fails. */
+  private refresh(topic: Topic): void {
+    if (topic.refreshing || topic.watchers.size === 0 || this.closedWith !== undefined) return;
+    topic.refreshing = true;
+    this.store.get(topic.jobId).then(
+      (rec) => {
+        topic.refreshing = false;
+        topic.version = Math.max(topic.version, rec.version);
+        for (const w of topic.watchers) offer(w, rec);
+      },
+      (err: unknown) => {
+        topic.refreshing = false;
+        this.opts.log.debug({ err, jobId: topic.jobId }, "re-reading a watched job failed");
+        if (err instanceof JobNotFoundError) return;
+        setTimeout(() => this.refresh(topic), REFRESH_RETRY_MS).unref();
+      },
+    );
   }
 
   private tick(): void {

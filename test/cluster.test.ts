@@ -3,9 +3,18 @@ import { createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { ConfigError, loadConfig } from "../core/config.js";
+import { newJobId } from "../core/jobs.js";
+import { createLogger } from "../core/logger.js";
+import { createRedis, waitForRedis } from "../core/redis.js";
 import { DownloadService, type Job, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { waitUntil } from "../local/ports.js";
-import { type ApiStack, startApiStack, withTestToken } from "./helpers/api.js";
+import { WatchHub } from "../server/watch-hub.js";
+import {
+  type ApiStack,
+  startApiStack,
+  TEST_CONNECTION_NAME,
+  withTestToken,
+} from "./helpers/api.js";
 import { startServices } from "./helpers/services.js";
 import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
 import { readZip } from "./helpers/zip.js";
@@ -153,5 +162,58 @@ describe("on a Redis Cluster", () => {
     );
     expect(code).toBe(2);
     expect(bad.output()).toContain("QUEUE_PREFIX");
+  });
+});
+
+describe("WatchHub on a cluster's pub/sub", () => {
+  test("many streams opened at the same moment on a fresh events connection all start", async () => {
+    // The cluster client opens its pub/sub connection with the first SUBSCRIBE; a second
+    // SUBSCRIBE written during that connection's handshake used to break it ("Connection
+    // in subscriber mode, only subscriber commands may be used") and fail the streams
+    // waiting on it with UNAVAILABLE. Each round is a fresh API process's first watchers.
+    const store = st.store;
+    const failures: string[] = [];
+    for (let round = 0; round < 6; round++) {
+      const sub = createRedis(st.svc.redisTarget, {
+        role: "subscriber",
+        name: TEST_CONNECTION_NAME,
+      });
+      sub.on("error", () => undefined);
+      await waitForRedis(sub);
+      const hub = new WatchHub(sub, store, {
+        heartbeatMs: 60_000,
+        log: createLogger("silent", "test"),
+      });
+      const abort = new AbortController();
+      try {
+        const ids = await Promise.all(
+          Array.from({ length: 12 }, async () => {
+            const id = newJobId();
+            await store.create(id, [1], st.owner);
+            return id;
+          }),
+        );
+        // "At the same moment": within a few turns of the event loop, as requests that
+        // arrive together are read.
+        await Promise.all(
+          ids.map(async (id, i) => {
+            for (let k = 0; k < i % 4; k++) await new Promise((r) => setImmediate(r));
+            try {
+              const stream = hub.watch(id, 0, abort.signal);
+              const first = await stream.next();
+              expect(first.value).toMatchObject({ job: { id, version: 1 } });
+              await stream.return(undefined);
+            } catch (err) {
+              failures.push(String((err as Error).cause ?? err));
+            }
+          }),
+        );
+      } finally {
+        abort.abort();
+        hub.close(new Error("test over"));
+        sub.disconnect();
+      }
+    }
+    expect(failures).toEqual([]);
   });
 });
