@@ -3,6 +3,7 @@ import { createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { ConfigError, loadConfig } from "../core/config.js";
+import { createJob } from "../core/job-transitions.js";
 import { newJobId } from "../core/jobs.js";
 import { createLogger } from "../core/logger.js";
 import { createRedis, waitForRedis } from "../core/redis.js";
@@ -189,7 +190,7 @@ describe("WatchHub on a cluster's pub/sub", () => {
         const ids = await Promise.all(
           Array.from({ length: 12 }, async () => {
             const id = newJobId();
-            await store.create(id, [1], st.owner);
+            await createJob(store, id, [1], st.owner);
             return id;
           }),
         );
