@@ -111,6 +111,14 @@ const schema = z.object({
   WATCH_MAX_STREAM_MS: int(0)
     .refine((v) => v === 0 || v >= 1000, { error: "expected 0 (off) or at least 1000" })
     .default(0),
+  HTTP_HEADERS_TIMEOUT_MS: int(100).default(10_000),
+  HTTP_REQUEST_TIMEOUT_MS: int(100).default(30_000),
+  HTTP2_IDLE_TIMEOUT_MS: int(100).default(60_000),
+  HTTP2_MAX_CONCURRENT_STREAMS: int(1, 2 ** 31 - 1).default(250),
+  HTTP2_MAX_RESETS_PER_10S: int(1).default(200),
+  HEALTH_WATCH_MAX_STREAMS: int(0).default(1000),
+  HEALTH_WATCH_MAX_PER_CONNECTION: int(0).default(8),
+  HEALTH_WATCH_MAX_STREAM_MS: int(1000).default(300_000),
   WORKER_CONCURRENCY: int(1, 1000).default(4),
   JOB_ATTEMPTS: int(1, 100).default(3),
   JOB_BACKOFF_MS: int(0).default(1000),

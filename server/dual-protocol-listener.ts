@@ -18,9 +18,43 @@ export interface DualProtocolOptions {
   requestTimeoutMs: number;
   /** HTTP/1.1: an idle keep-alive connection is closed after this. */
   keepAliveTimeoutMs: number;
-  /** How often the HTTP/1.1 server looks for connections past those timeouts. */
+  /** How often both servers look for connections and streams past those timeouts. */
   connectionsCheckingIntervalMs: number;
+  http2: Http2Limits;
   log: Logger;
+}
+
+/**
+ * What keeps one HTTP/2 connection from holding the server: Node's http2 server has
+ * none of it by default (no session timeout, no body deadline, 2^32-1 streams, nothing
+ * against rapid reset). The request-head deadline (headersTimeoutMs) bounds a new
+ * session's wait for its first request, the request deadline (requestTimeoutMs) each
+ * stream's body.
+ */
+export interface Http2Limits {
+  /** A session with no open stream is closed with GOAWAY (NO_ERROR) after this. */
+  idleTimeoutMs: number;
+  /** SETTINGS_MAX_CONCURRENT_STREAMS: streams beyond it are refused by nghttp2. */
+  maxConcurrentStreams: number;
+  /**
+   * Client-reset streams a session may have within RESET_WINDOW_MS while it resets more
+   * than it completes (CVE-2023-44487); beyond it: GOAWAY (ENHANCE_YOUR_CALM), closed.
+   */
+  maxResetsPerWindow: number;
+}
+
+/** The window HTTP2_MAX_RESETS_PER_10S counts in. */
+export const RESET_WINDOW_MS = 10_000;
+
+/** Per-session bookkeeping for the limits above. */
+interface SessionLimits {
+  open: number;
+  resets: number;
+  completed: number;
+  windowStart: number;
+  /** Head deadline until the first stream, idle deadline afterwards. */
+  timer: NodeJS.Timeout;
+  sawStream: boolean;
 }
 
 export interface DualProtocolListener {
@@ -62,11 +96,89 @@ export function createDualProtocolListener(
     },
     serve,
   );
-  const h2 = http2.createServer({}, serve);
+  const limits = opts.http2;
+  const h2 = http2.createServer(
+    { settings: { maxConcurrentStreams: limits.maxConcurrentStreams } },
+    serve,
+  );
+  // Streams whose request body has not ended yet, with the time they opened; a sweep
+  // at connectionsCheckingIntervalMs resets those past requestTimeoutMs, as the HTTP/1.1
+  // server does for its connections (one interval, not a timer per stream).
+  const awaitingBody = new Map<http2.ServerHttp2Stream, number>();
+  const cutByUs = new WeakSet<http2.ServerHttp2Stream>();
+  const sweep = setInterval(() => {
+    const now = Date.now();
+    for (const [stream, openedAt] of awaitingBody) {
+      if (now - openedAt < opts.requestTimeoutMs) continue;
+      awaitingBody.delete(stream);
+      if (stream.closed || stream.destroyed || stream.state.remoteClose === 1) continue;
+      cutByUs.add(stream);
+      log.debug({ remote: stream.session?.socket?.remoteAddress }, "http2 request body too slow");
+      stream.close(http2.constants.NGHTTP2_CANCEL);
+    }
+  }, opts.connectionsCheckingIntervalMs);
+  sweep.unref();
+
   h2.on("session", (session) => {
     sessions.add(session);
-    session.once("close", () => sessions.delete(session));
     if (closing) session.close();
+    // Before its first request a session gets what an HTTP/1.1 head gets; after that,
+    // the idle timeout runs whenever it has no stream open.
+    const st: SessionLimits = {
+      open: 0,
+      resets: 0,
+      completed: 0,
+      windowStart: Date.now(),
+      timer: setTimeout(() => {
+        if (st.open === 0 && !session.closed) session.close();
+      }, opts.headersTimeoutMs),
+      sawStream: false,
+    };
+    session.once("close", () => {
+      sessions.delete(session);
+      clearTimeout(st.timer);
+    });
+    session.on("stream", (stream) => {
+      st.open++;
+      if (!st.sawStream) {
+        st.sawStream = true;
+        clearTimeout(st.timer);
+        st.timer = setTimeout(() => {
+          if (st.open === 0 && !session.closed) session.close();
+        }, limits.idleTimeoutMs);
+      }
+      if (!stream.endAfterHeaders) awaitingBody.set(stream, Date.now());
+      stream.once("close", () => {
+        st.open--;
+        awaitingBody.delete(stream);
+        if (st.open === 0) st.timer.refresh();
+        const now = Date.now();
+        if (now - st.windowStart >= RESET_WINDOW_MS) {
+          st.windowStart = now;
+          st.resets = 0;
+          st.completed = 0;
+        }
+        // `aborted`: closed by the client before our answer ended.
+        if (!stream.aborted || cutByUs.has(stream)) {
+          st.completed++;
+          return;
+        }
+        st.resets++;
+        if (
+          st.resets > limits.maxResetsPerWindow &&
+          st.resets > st.completed &&
+          !session.destroyed
+        ) {
+          log.warn(
+            { remote: session.socket?.remoteAddress, resets: st.resets, completed: st.completed },
+            "http2 client resets streams faster than it uses them: GOAWAY ENHANCE_YOUR_CALM",
+          );
+          // destroy(undefined, code) would send NO_ERROR: the GOAWAY goes first.
+          session.goaway(http2.constants.NGHTTP2_ENHANCE_YOUR_CALM);
+          session.destroy();
+        }
+      });
+    });
   });
   h2.on("sessionError", (err) => log.debug({ err }, "http2 session error"));
 
@@ -149,6 +261,8 @@ export function createDualProtocolListener(
       // Neither inner server listens, so their close() only clears their timers.
       h1.close(() => undefined);
       h2.close(() => undefined);
+      clearInterval(sweep);
+      awaitingBody.clear();
       await frontClosed;
     },
   };

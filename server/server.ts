@@ -21,6 +21,7 @@ import { createAdminBoard } from "./admin-board.js";
 import { authInterceptor, createAuthenticator } from "./auth.js";
 import { createDualProtocolListener } from "./dual-protocol-listener.js";
 import { createFastPath } from "./fast-path.js";
+import { connectionKey, connectionOf } from "./health.js";
 import { routes } from "./routes.js";
 import { rpcInterceptor } from "./rpc-interceptor.js";
 import { type NodeHandler, rpcContextValues, withRpcLog } from "./rpc-log.js";
@@ -37,9 +38,9 @@ export interface ApiServer {
 }
 
 export interface ApiServerOptions {
-  /** HTTP/1.1 request-head deadline (slow-loris); default 10 s. */
+  /** Request-head deadline (slow-loris); default cfg.HTTP_HEADERS_TIMEOUT_MS. */
   headersTimeoutMs?: number;
-  /** HTTP/1.1 whole-request deadline; default 30 s. */
+  /** Whole-request deadline (an HTTP/2 stream's body); default cfg.HTTP_REQUEST_TIMEOUT_MS. */
   requestTimeoutMs?: number;
   /** How often HTTP/1.1 connections are checked against those deadlines; default 1 s. */
   connectionsCheckingIntervalMs?: number;
@@ -185,7 +186,17 @@ export async function startApiServer(
       strictBinary(
         routes(
           { jobs, hub, presigner: storage },
-          { health: { readiness, stopping: stopping.signal } },
+          {
+            health: {
+              readiness,
+              stopping: stopping.signal,
+              watchLimits: {
+                maxStreams: cfg.HEALTH_WATCH_MAX_STREAMS,
+                maxPerConnection: cfg.HEALTH_WATCH_MAX_PER_CONNECTION,
+                maxStreamMs: cfg.HEALTH_WATCH_MAX_STREAM_MS,
+              },
+            },
+          },
         ),
         cfg.MAX_REQUEST_BYTES + 64,
       )(router);
@@ -201,7 +212,7 @@ export async function startApiServer(
       rpcInterceptor(rpcLog),
       authInterceptor(auth, (service) => service === DownloadService.typeName),
     ],
-    contextValues: rpcContextValues,
+    contextValues: (req) => rpcContextValues(req).set(connectionKey, connectionOf(req)),
     fallback: (req, res) => {
       // Liveness (/healthz) and readiness (/readyz) probes; everything else is not ours.
       if (serveHealth(req, res, { closing: () => listener.closing, readiness })) return;
@@ -240,10 +251,15 @@ export async function startApiServer(
   const listener = createDualProtocolListener(
     withRpcLog(handler, rpcLog, { procedures, metrics, tracing: opts.tracing ?? false }),
     {
-      headersTimeoutMs: opts.headersTimeoutMs ?? 10_000,
-      requestTimeoutMs: opts.requestTimeoutMs ?? 30_000,
+      headersTimeoutMs: opts.headersTimeoutMs ?? cfg.HTTP_HEADERS_TIMEOUT_MS,
+      requestTimeoutMs: opts.requestTimeoutMs ?? cfg.HTTP_REQUEST_TIMEOUT_MS,
       keepAliveTimeoutMs: 5_000,
       connectionsCheckingIntervalMs: opts.connectionsCheckingIntervalMs ?? 1_000,
+      http2: {
+        idleTimeoutMs: cfg.HTTP2_IDLE_TIMEOUT_MS,
+        maxConcurrentStreams: cfg.HTTP2_MAX_CONCURRENT_STREAMS,
+        maxResetsPerWindow: cfg.HTTP2_MAX_RESETS_PER_10S,
+      },
       log: log.child({ part: "listener" }),
     },
   );
