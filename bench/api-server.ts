@@ -8,7 +8,9 @@ import { startApiServer } from "../server/server.js";
 
 const cfg = loadConfig();
 const log = createLogger(cfg.LOG_LEVEL, "bench-api");
-const server = await startApiServer(cfg, log, { fastPaths: process.env.BENCH_FAST_PATHS !== "0" });
+const server = await startApiServer(cfg, log, {
+  leanTransport: process.env.BENCH_FAST_PATHS !== "0",
+});
 process.stdout.write(`listening ${server.port}\n`);
 process.on("SIGTERM", () => {
   server.close().then(

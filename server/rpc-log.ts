@@ -9,7 +9,7 @@ import { extractContext, startSpan } from "../core/tracing.js";
 // One log line per RPC, written when the response closes. It is written at the HTTP
 // layer, not in an interceptor, so calls that Connect rejects before any handler runs
 // (malformed JSON, wrong content type, oversized body) are logged too, and so are the
-// lean fast-path calls that bypass connect-node. The interceptor (or the fast path)
+// calls of the lean transport (lean/lean-transport.ts). The interceptor (or the lean transport)
 // reports the code of calls that reached a handler through a per-request context value.
 // The same place counts and times every RPC for /metrics and opens its trace span.
 
@@ -33,6 +33,17 @@ const outcomes = new WeakMap<NodeRequest, RpcOutcome>();
 /** For connectNodeAdapter's `contextValues`: links the request to its log line. */
 export function rpcContextValues(req: NodeRequest): ContextValues {
   return createContextValues().set(rpcOutcomeKey, outcomes.get(req));
+}
+
+/**
+ * Hands the final code name ("ok", "not_found", ...) and the owner, once known, to the
+ * log line and metrics of a call that did not go through connect-node's interceptor.
+ */
+export function recordOutcome(req: NodeRequest, code: string, owner?: string): void {
+  const outcome = outcomes.get(req);
+  if (outcome === undefined) return;
+  outcome.code = code;
+  if (owner !== undefined) outcome.owner = owner;
 }
 
 export interface RpcObservers {
@@ -172,11 +183,14 @@ function codeOf(grpcStatus: unknown, httpStatus: number): string {
       return "canceled";
     case 409:
       return "aborted";
+    // Refused before any RPC ran: the caller's mistake, under names of their own.
+    case 405:
+      return "method_not_allowed";
     case 413:
     case 429:
       return "resource_exhausted";
     case 415:
-      return "internal";
+      return "unsupported_media_type";
     case 501:
       return "unimplemented";
     case 502:

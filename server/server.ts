@@ -5,7 +5,6 @@ import type { Config } from "../core/config.js";
 import { Readiness, redisCheck, redisWriteCheck, s3Check, serveHealth } from "../core/health.js";
 import { JobService } from "../core/job-service.js";
 import { JobStore } from "../core/job-store.js";
-import { parseJobId } from "../core/jobs.js";
 import {
   createMetricsRegistry,
   QUEUE_STATES,
@@ -17,16 +16,18 @@ import { createRedis, type RedisClient, redisTargetFrom, waitForRedis } from "..
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { checkWebhookUrl } from "../core/webhook-target.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
-import { createAdminBoard } from "./admin-board.js";
 import { authInterceptor, createAuthenticator } from "./auth.js";
+import { connectRoutes } from "./connect/connect-routes.js";
+import { guardRequests } from "./connect/request-guard.js";
+import { rpcInterceptor } from "./connect/rpc-interceptor.js";
 import { createDualProtocolListener } from "./dual-protocol-listener.js";
-import { createFastPath } from "./fast-path.js";
 import { connectionKey, connectionOf } from "./health.js";
-import { routes } from "./routes.js";
-import { rpcInterceptor } from "./rpc-interceptor.js";
+import { createAdminBoard } from "./http/admin-board.js";
+import { createStaticSite } from "./http/static-site.js";
+import { createLeanTransport } from "./lean/lean-transport.js";
+import { downloadRpcs } from "./rpc/download-rpcs.js";
+import { JobPresenter } from "./rpc/presenter.js";
 import { type NodeHandler, rpcContextValues, withRpcLog } from "./rpc-log.js";
-import { createStaticSite } from "./static-site.js";
-import { strictBinary } from "./strict-binary.js";
 import { WatchHub } from "./watch-hub.js";
 
 export interface ApiServer {
@@ -49,10 +50,10 @@ export interface ApiServerOptions {
   /** One trace span per RPC (main.ts passes whether startTracing turned tracing on). */
   tracing?: boolean;
   /**
-   * Serve Connect Initiate, GetStatus and WatchJob through the lean handlers (fast-path.ts); default
-   * true. False leaves every call to connect-node, for comparisons.
+   * Serve DownloadService through the lean transport (lean/lean-transport.ts) as well as
+   * connect-node; default true. False leaves every call to connect-node, for comparisons.
    */
-  fastPaths?: boolean;
+  leanTransport?: boolean;
 }
 
 /** The message open WatchJob streams end with when the server stops. */
@@ -176,29 +177,32 @@ export async function startApiServer(
   const procedures = new Set<string>();
 
   const rpcLog = log.child({ part: "rpc" });
+  // Every RPC once, served by both ways in: connect-node and the lean transport.
+  const rpcs = downloadRpcs({
+    jobs,
+    hub,
+    presenter: new JobPresenter(storage, cfg.PRESIGN_EXPIRY_SECONDS),
+  });
   const site =
     cfg.WEB_ROOT === ""
       ? undefined
       : createStaticSite(cfg.WEB_ROOT, { onError: (err) => log.warn({ err }, "page") });
   const adapter = connectNodeAdapter({
     routes: (router) => {
-      // Undecodable protobuf is the caller's error (INVALID_ARGUMENT), not ours (INTERNAL).
-      strictBinary(
-        routes(
-          { jobs, hub, presigner: storage },
-          {
-            health: {
-              readiness,
-              stopping: stopping.signal,
-              watchLimits: {
-                maxStreams: cfg.HEALTH_WATCH_MAX_STREAMS,
-                maxPerConnection: cfg.HEALTH_WATCH_MAX_PER_CONNECTION,
-                maxStreamMs: cfg.HEALTH_WATCH_MAX_STREAM_MS,
-              },
+      // A bad request body is the caller's error (INVALID_ARGUMENT), not ours (INTERNAL).
+      guardRequests(
+        connectRoutes(rpcs, {
+          health: {
+            readiness,
+            stopping: stopping.signal,
+            watchLimits: {
+              maxStreams: cfg.HEALTH_WATCH_MAX_STREAMS,
+              maxPerConnection: cfg.HEALTH_WATCH_MAX_PER_CONNECTION,
+              maxStreamMs: cfg.HEALTH_WATCH_MAX_STREAM_MS,
             },
           },
-        ),
-        cfg.MAX_REQUEST_BYTES + 64,
+        }),
+        cfg.MAX_REQUEST_BYTES,
       )(router);
       for (const h of router.handlers) procedures.add(h.requestPath);
     },
@@ -226,26 +230,20 @@ export async function startApiServer(
     },
   });
 
-  const fast =
-    opts.fastPaths === false
+  const lean =
+    opts.leanTransport === false
       ? undefined
-      : createFastPath({
-          // The same bearer-token check as authInterceptor, before anything is read.
+      : createLeanTransport({
+          rows: rpcs,
           authenticate: (headers) => auth.authenticate(headers),
-          getJob: (owner, jobId) => jobs.get(owner, jobId),
-          initiate: (owner, input) => jobs.initiate(owner, input),
-          watch: (owner, jobId, afterVersion, signal) =>
-            hub.watch(parseJobId(jobId), afterVersion, signal, owner),
-          presigner: storage,
           readMaxBytes: cfg.MAX_REQUEST_BYTES,
-          presignExpirySeconds: cfg.PRESIGN_EXPIRY_SECONDS,
           log: rpcLog,
         });
   const handler: NodeHandler =
-    fast === undefined
+    lean === undefined
       ? (adapter as NodeHandler)
       : (req, res) => {
-          if (!fast(req, res)) adapter(req as never, res as never);
+          if (!lean(req, res)) adapter(req as never, res as never);
         };
 
   const listener = createDualProtocolListener(

@@ -15,9 +15,11 @@ import {
 import { createLogger } from "../core/logger.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
 import { authInterceptor, createAuthenticator } from "../server/auth.js";
-import { toConnectError } from "../server/errors.js";
-import { routes } from "../server/routes.js";
-import { rpcInterceptor } from "../server/rpc-interceptor.js";
+import { connectRoutes } from "../server/connect/connect-routes.js";
+import { rpcInterceptor } from "../server/connect/rpc-interceptor.js";
+import { downloadRpcs } from "../server/rpc/download-rpcs.js";
+import { toConnectError } from "../server/rpc/errors.js";
+import { JobPresenter } from "../server/rpc/presenter.js";
 import type { WatchHub } from "../server/watch-hub.js";
 
 // The one mapping from domain and backend errors to Connect codes. The common cases
@@ -112,11 +114,13 @@ describe("the interceptor, through an in-memory router", () => {
     return createClient(
       DownloadService,
       createRouterTransport(
-        routes({
-          jobs,
-          hub: {} as WatchHub,
-          presigner: { presignResult: () => Promise.reject(err) },
-        }),
+        connectRoutes(
+          downloadRpcs({
+            jobs,
+            hub: {} as WatchHub,
+            presenter: new JobPresenter({ presignResult: () => Promise.reject(err) }, 300),
+          }),
+        ),
         {
           // As the server wires it; every caller is the anonymous owner here.
           router: {

@@ -8,7 +8,7 @@ import { BACKEND_RETRY_AFTER_MS, isRedisUnavailable } from "../core/redis-errors
 import { RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { freePort } from "../local/ports.js";
 import { type LocalRedis, startRedis } from "../local/redis-server.js";
-import { toConnectError } from "../server/errors.js";
+import { toConnectError } from "../server/rpc/errors.js";
 
 // The errors a failing-over Redis really produces, provoked on real redis-server
 // processes and taken from a real ioredis client, then through the one mapping: each

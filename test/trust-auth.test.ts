@@ -44,7 +44,7 @@ const sessions: Http2SessionManager[] = [];
 beforeAll(async () => {
   svc = await startServices();
   fast = await startApiStack(AUTH, { services: svc });
-  plain = await startApiStack(AUTH, { services: svc, fastPaths: false });
+  plain = await startApiStack(AUTH, { services: svc, leanTransport: false });
 });
 afterAll(async () => {
   for (const s of sessions) s.abort();

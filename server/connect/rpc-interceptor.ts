@@ -1,31 +1,20 @@
 import { Code, type Interceptor } from "@connectrpc/connect";
 import { codeToString } from "@connectrpc/connect/protocol-connect";
 import type { Logger } from "pino";
-import { OverloadedError } from "../core/jobs.js";
-import { ownerKey } from "./auth.js";
-import { toConnectError } from "./errors.js";
-import { type RpcOutcome, rpcOutcomeKey } from "./rpc-log.js";
+import { ownerKey } from "../auth.js";
+import { rpcFailure } from "../rpc/errors.js";
+import { type RpcOutcome, rpcOutcomeKey } from "../rpc-log.js";
 
-// The one interceptor every handler runs under: domain errors become Connect codes
-// (errors.ts), unexpected ones are logged with their cause and left for Connect to
-// answer as `internal error`, and the final code is handed to the RPC log line.
+// The one interceptor every connect-node handler runs under: failures become what the
+// caller is told (rpc/errors.ts rpcFailure, as on the lean transport), and the final
+// code is handed to the RPC log line.
 
 export function rpcInterceptor(log: Logger): Interceptor {
   return (next) => async (req) => {
     const outcome = req.contextValues.get(rpcOutcomeKey);
     const procedure = `/${req.service.typeName}/${req.method.name}`;
     const fail = (err: unknown): unknown => {
-      const mapped = toConnectError(err);
-      if (mapped === undefined) {
-        log.error({ rpc: procedure, err }, "unexpected error");
-        record(outcome, Code.Internal);
-        return err;
-      }
-      // A ConnectError thrown on purpose (the shutdown's UNAVAILABLE) is not news, and
-      // neither is a full queue turning callers away (it would flood the log).
-      if (mapped.code === Code.Unavailable && mapped !== err && !(err instanceof OverloadedError)) {
-        log.warn({ rpc: procedure, err: mapped.cause }, "backend unavailable");
-      }
+      const mapped = rpcFailure(err, log, procedure, req.requestMethod === "GET");
       record(outcome, mapped.code);
       return mapped;
     };

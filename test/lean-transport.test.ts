@@ -48,7 +48,7 @@ beforeAll(async () => {
     AUTH_DISABLED: "true",
   };
   fast = await startApiStack(env, { services: svc });
-  plain = await startApiStack(env, { services: svc, fastPaths: false });
+  plain = await startApiStack(env, { services: svc, leanTransport: false });
 });
 afterAll(async () => {
   await fast?.stop();
@@ -513,7 +513,7 @@ describe("GetStatus over gRPC (h2c)", () => {
     // The same jobs (one key prefix), served by connect-node alone.
     authedPlain = await startApiStack(
       { ...env, QUEUE_PREFIX: authed.cfg.QUEUE_PREFIX },
-      { services: svc, fastPaths: false },
+      { services: svc, leanTransport: false },
     );
   });
   afterAll(async () => {
@@ -782,7 +782,7 @@ describe("the RPC log line of a lean call", () => {
     );
     const servers = [
       await startApiServer(cfg, log),
-      await startApiServer(cfg, log, { fastPaths: false }),
+      await startApiServer(cfg, log, { leanTransport: false }),
     ];
     try {
       const rpcLines = () =>
@@ -853,7 +853,7 @@ describe("Initiate, the first call of every job", () => {
     };
     twin = await startApiStack(
       { ...env, QUEUE_PREFIX: fast.cfg.QUEUE_PREFIX },
-      { services: svc, fastPaths: false },
+      { services: svc, leanTransport: false },
     );
   });
   afterAll(async () => {

@@ -8,9 +8,9 @@ import { getRequestListener } from "@hono/node-server";
 import { serveStatic } from "@hono/node-server/serve-static";
 import { Queue } from "bullmq";
 import { Hono } from "hono";
-import { MAINTENANCE_QUEUE_NAME, WEBHOOK_QUEUE_NAME } from "../core/queue.js";
-import type { RedisClient } from "../core/redis.js";
-import { bearerToken, tokenDigest } from "./auth.js";
+import { MAINTENANCE_QUEUE_NAME, WEBHOOK_QUEUE_NAME } from "../../core/queue.js";
+import type { RedisClient } from "../../core/redis.js";
+import { bearerToken, tokenDigest } from "../auth.js";
 
 // Bull Board, read-only, at /admin/queues on the API port, for operators: what is
 // waiting, running, failed and why. It is off unless ADMIN_TOKEN_SHA256 is set, and

@@ -1,14 +1,15 @@
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
+import type { Logger } from "pino";
 import {
   InvalidInputError,
   JobNotFoundError,
   JobStateError,
   OverloadedError,
   QuotaExceededError,
-} from "../core/jobs.js";
-import { unavailableRetryAfterMs } from "../core/redis-errors.js";
-import { RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
+} from "../../core/jobs.js";
+import { unavailableRetryAfterMs } from "../../core/redis-errors.js";
+import { RetryInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
 
 // Domain error -> Connect code, in one place. connect-node's connectErrorFromNodeReason
 // is the model: look at what the error is, never at its message where a type or code
@@ -68,4 +69,36 @@ export function toConnectError(err: unknown): ConnectError | undefined {
   if (retryAfterMs !== undefined)
     return retryLater("storage is unavailable, retry shortly", Code.Unavailable, retryAfterMs, err);
   return undefined;
+}
+
+/**
+ * What a caller is told when an RPC fails, on both ways in: domain errors mapped, the
+ * unexpected logged with their cause and answered `internal error`. An error answer to
+ * a Connect GET says `no-store`: the next poll may well succeed.
+ */
+export function rpcFailure(
+  err: unknown,
+  log: Logger,
+  procedure: string,
+  get = false,
+): ConnectError {
+  let mapped = toConnectError(err);
+  if (mapped === undefined) {
+    log.error({ rpc: procedure, err }, "unexpected error");
+    mapped = new ConnectError("internal error", Code.Internal, undefined, undefined, err);
+  } else if (
+    mapped.code === Code.Unavailable &&
+    mapped !== err &&
+    !(err instanceof OverloadedError)
+  ) {
+    // A ConnectError thrown on purpose (the shutdown) is not news, and neither is a full
+    // queue turning callers away (it would flood the log).
+    log.warn({ rpc: procedure, err: mapped.cause }, "backend unavailable");
+  }
+  if (!get) return mapped;
+  const metadata = new Headers(mapped.metadata);
+  metadata.set("cache-control", "no-store");
+  const copy = new ConnectError(mapped.rawMessage, mapped.code, metadata, undefined, mapped.cause);
+  copy.details = mapped.details;
+  return copy;
 }

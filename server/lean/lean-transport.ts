@@ -1,0 +1,543 @@
+import { once } from "node:events";
+import type { IncomingHttpHeaders, IncomingMessage, ServerResponse } from "node:http";
+import type { Http2ServerRequest, Http2ServerResponse } from "node:http2";
+import type { DescMessage, MessageShape } from "@bufbuild/protobuf";
+import { MethodOptions_IdempotencyLevel } from "@bufbuild/protobuf/wkt";
+import { Code, ConnectError } from "@connectrpc/connect";
+import { type Compression, compressedFlag } from "@connectrpc/connect/protocol";
+import {
+  codeToHttpStatus,
+  codeToString,
+  endStreamFlag,
+  endStreamToJson,
+  errorToJsonBytes,
+} from "@connectrpc/connect/protocol-connect";
+import { setTrailerStatus } from "@connectrpc/connect/protocol-grpc";
+import { trailerFlag, trailerSerialize } from "@connectrpc/connect/protocol-grpc-web";
+import type { Logger } from "pino";
+import type { Owner } from "../auth.js";
+import type { RpcCall, RpcRow, StreamRow, UnaryRow } from "../rpc/download-rpcs.js";
+import { rpcFailure } from "../rpc/errors.js";
+import type { Answer, Reply } from "../rpc/presenter.js";
+import { recordOutcome } from "../rpc-log.js";
+import {
+  BodyCollector,
+  COMPRESS_MIN_BYTES,
+  negotiate,
+  PROTOCOLS,
+  type Protocol,
+  protocolOf,
+  queryMessage,
+  readMessage,
+} from "../wire/request-reader.js";
+
+// The second way in: the RPC table (rpc/download-rpcs.ts) served straight on Node's
+// request and response, without connect-node's per-call machinery (abort signals and
+// their DOMExceptions, header objects, async-iterable pipelines, interceptor chain),
+// which costs more than a poll itself. Each protocol's framing is written once below:
+// Connect unary and GET answer bare, Connect streaming, gRPC and gRPC-Web in envelopes
+// ending with their own kind of status. Requests are read by the same code that guards
+// connect-node's handlers (wire/request-reader.ts), so both ways answer alike;
+// test/lean-differential.test.ts proves it. Anything this file does not serve (gRPC over
+// HTTP/1.1, unknown compressions, other services) is left to connect-node.
+
+type NodeRequest = IncomingMessage | Http2ServerRequest;
+type NodeResponse = ServerResponse | Http2ServerResponse;
+
+/** Returns true when it has taken the request; false leaves it to connect-node. */
+export type LeanTransport = (req: NodeRequest, res: NodeResponse) => boolean;
+
+export interface LeanTransportOptions {
+  rows: readonly RpcRow[];
+  /** The same bearer-token check as connect-node's auth interceptor (auth.ts). */
+  authenticate(headers: IncomingHttpHeaders): Owner;
+  /** Largest request message accepted, as connect-node's readMaxBytes. */
+  readMaxBytes: number;
+  log: Logger;
+}
+
+interface Route {
+  row: RpcRow;
+  procedure: string;
+  streaming: boolean;
+  /** Connect GET is allowed for NO_SIDE_EFFECTS methods only. */
+  get: boolean;
+}
+
+interface Wire {
+  protocol: Protocol;
+  binary: boolean;
+  request: Compression | null;
+  response: Compression | null;
+  /** Connect GET: the query holding the message. */
+  params?: URLSearchParams;
+}
+
+const CONNECT = PROTOCOLS[0] as Protocol;
+/** A unary call's signal: nothing aborts it, and making one per call costs. */
+const NEVER = new AbortController().signal;
+/** abort() without a reason builds a DOMException with a stack trace; nothing reads it. */
+const STREAM_OVER = new Error("stream over");
+/** The most an early answer waits to read over HTTP/2 (see afterBody). */
+const DRAIN_BYTES = 64 * 1024;
+const DRAIN_MS = 2_000;
+
+/**
+ * The response as HTTP/1.1 types it. Node's HTTP/2 compatibility response takes the same
+ * writeHead/write/end calls, but TypeScript cannot call a union of their overloads.
+ */
+function out(res: NodeResponse): ServerResponse {
+  return res as ServerResponse;
+}
+
+/** As Headers.get reads it for connect-node: repeated values joined by ", ". */
+function header(req: NodeRequest, name: string): string | null {
+  const value = req.headers[name];
+  if (value === undefined) return null;
+  return Array.isArray(value) ? value.join(", ") : value;
+}
+
+export function createLeanTransport(opts: LeanTransportOptions): LeanTransport {
+  const routes = new Map<string, Route>();
+  const services = new Set<string>();
+  for (const row of opts.rows) {
+    const prefix = `/${row.method.parent.typeName}/`;
+    services.add(prefix);
+    routes.set(`${prefix}${row.method.name}`, {
+      row,
+      procedure: `${prefix}${row.method.name}`,
+      streaming: row.method.methodKind === "server_streaming",
+      get: row.method.idempotency === MethodOptions_IdempotencyLevel.NO_SIDE_EFFECTS,
+    });
+  }
+
+  return (req, res) => {
+    const url = req.url ?? "";
+    const q = url.indexOf("?");
+    const path = q === -1 ? url : url.slice(0, q);
+    const route = routes.get(path);
+    if (route === undefined) {
+      // An unknown method of our service: connect-node's fallback answers 404 at once.
+      const slash = path.lastIndexOf("/");
+      if (slash <= 0 || !services.has(path.slice(0, slash + 1))) return false;
+      refuse(req, res, 404, "unimplemented");
+      return true;
+    }
+    const wire = negotiateWire(req, route, q === -1 ? undefined : url.slice(q + 1));
+    if (wire === 405) refuse(req, res, 405, "method_not_allowed");
+    else if (wire === 415) refuse(req, res, 415, "unsupported_media_type");
+    else if (wire === undefined) return false;
+    else void serve(req, res, route, wire, opts);
+    return true;
+  };
+}
+
+/** The protocol, encoding and compressions, as connect-node negotiates them; a number is its refusal. */
+function negotiateWire(
+  req: NodeRequest,
+  route: Route,
+  query: string | undefined,
+): Wire | 405 | 415 | undefined {
+  const type = header(req, "content-type") ?? "";
+  const get = (name: string) => header(req, name);
+  if (req.method === "GET") {
+    if (!route.get) return 405;
+    if (type !== "" && CONNECT.binary(type, false) === undefined) return 415;
+    const params = new URLSearchParams(query);
+    const encoding = params.get("encoding");
+    if (encoding !== "json" && encoding !== "proto") return 415;
+    const requested = params.get("compression");
+    if (requested !== null && requested !== "identity") return undefined;
+    const { response } = negotiate(CONNECT, get);
+    return { protocol: CONNECT, binary: encoding === "proto", request: null, response, params };
+  }
+  if (req.method !== "POST") return 405;
+  const found = protocolOf(type, route.streaming);
+  if (found === undefined || found.text) return 415;
+  if (found.protocol.name === "grpc" && req.httpVersionMajor !== 2) return undefined;
+  const { request, response, error } = negotiate(found.protocol, get);
+  if (error !== undefined) return undefined;
+  return { protocol: found.protocol, binary: found.binary, request, response };
+}
+
+/**
+ * Over HTTP/2, an answer given while the caller is still sending its body is followed
+ * by RST_STREAM, and Debian 12's curl then reports "(92) Stream error in the HTTP/2
+ * framing layer" instead of the answer. Read (and drop) a small body first; a large or
+ * stalled one is cut as before. HTTP/1.1 needs nothing: Node reads what is left.
+ */
+function afterBody(req: NodeRequest, then: () => void): void {
+  if (req.httpVersionMajor !== 2 || req.readableEnded) {
+    then();
+    return;
+  }
+  let size = 0;
+  const done = () => {
+    clearTimeout(timer);
+    req.off("data", onData);
+    req.off("end", done);
+    req.off("error", done);
+    req.off("close", done);
+    then();
+  };
+  const onData = (chunk: Buffer) => {
+    size += chunk.length;
+    if (size > DRAIN_BYTES) done();
+  };
+  const timer = setTimeout(done, DRAIN_MS);
+  req.on("data", onData);
+  req.once("end", done);
+  req.once("error", done);
+  req.once("close", done);
+}
+
+/** 404, 405, 415: answered before any RPC, with no body, as connect-node answers them. */
+function refuse(req: NodeRequest, res: NodeResponse, status: number, code: string): void {
+  recordOutcome(req, code);
+  afterBody(req, () => {
+    if (res.writableEnded || res.destroyed) return;
+    out(res).writeHead(status);
+    out(res).end();
+  });
+}
+
+function readBody(req: NodeRequest, collector: BodyCollector): Promise<Uint8Array> {
+  return new Promise((resolve, reject) => {
+    const settle = (fn: () => void) => {
+      req.off("data", onData);
+      req.off("end", onEnd);
+      req.off("error", onError);
+      try {
+        fn();
+      } catch (err) {
+        reject(err);
+      }
+    };
+    const onData = (chunk: Buffer) => {
+      try {
+        collector.push(chunk);
+      } catch (err) {
+        settle(() => reject(err));
+      }
+    };
+    const onEnd = () => settle(() => resolve(collector.finish()));
+    const onError = () =>
+      settle(() => reject(new ConnectError("request body could not be read", Code.Canceled)));
+    req.on("data", onData);
+    req.once("end", onEnd);
+    req.once("error", onError);
+  });
+}
+
+async function readInput(
+  req: NodeRequest,
+  route: Route,
+  wire: Wire,
+  readMaxBytes: number,
+): Promise<MessageShape<DescMessage>> {
+  const { row, streaming } = route;
+  const opts = { streaming, plain: row.plain };
+  const reading = { protocol: wire.protocol, binary: wire.binary, compression: wire.request };
+  if (wire.params !== undefined)
+    return readMessage(row.method.input, queryMessage(wire.params), reading, readMaxBytes, opts);
+  const collector = new BodyCollector(
+    wire.protocol.enveloped,
+    readMaxBytes,
+    header(req, "content-length"),
+  );
+  return readMessage(row.method.input, await readBody(req, collector), reading, readMaxBytes, opts);
+}
+
+function deadlineExceeded(): ConnectError {
+  return new ConnectError("the operation timed out", Code.DeadlineExceeded);
+}
+
+/**
+ * `work`, or DEADLINE_EXCEEDED once `ms` have passed. The deadline ends the call, not the
+ * work: what it was doing (an admission, say) carries on, and a retry finds its outcome.
+ */
+async function withDeadline<T>(work: Promise<T>, ms: number | undefined): Promise<T> {
+  if (ms === undefined) return work;
+  work.catch(() => undefined);
+  let timer: NodeJS.Timeout | undefined;
+  try {
+    return await Promise.race([
+      work,
+      new Promise<never>((_resolve, reject) => {
+        timer = setTimeout(() => reject(deadlineExceeded()), ms);
+      }),
+    ]);
+  } finally {
+    clearTimeout(timer);
+  }
+}
+
+/**
+ * One envelope: flags, big-endian length, payload. Its own allocation: a frame kept with
+ * its answer must not pin a slab of Node's shared Buffer pool outside the JS heap.
+ */
+function envelope(flags: number, payload: Uint8Array): Buffer {
+  const buf = Buffer.allocUnsafeSlow(5 + payload.byteLength);
+  buf[0] = flags;
+  buf.writeUInt32BE(payload.byteLength, 1);
+  buf.set(payload, 5);
+  return buf;
+}
+
+// A shared answer (one job update for every watcher) is enveloped once, and for
+// HTTP/1.1 also chunk-framed once: `<size in hex>CRLF<data>CRLF`, what Node writes for
+// one res.write() of a chunked response.
+const envelopes = new WeakMap<Uint8Array, Buffer>();
+const chunks = new WeakMap<Buffer, Buffer>();
+
+function chunkOf(frame: Buffer): Buffer {
+  let chunk = chunks.get(frame);
+  if (chunk === undefined) {
+    const head = `${frame.length.toString(16)}\r\n`;
+    chunk = Buffer.allocUnsafeSlow(head.length + frame.length + 2);
+    chunk.write(head, "latin1");
+    frame.copy(chunk, head.length);
+    chunk.write("\r\n", head.length + frame.length, "latin1");
+    chunks.set(frame, chunk);
+  }
+  return chunk;
+}
+
+/** A payload as it goes out: compressed when the caller accepts it and it is large, as connect-node does. */
+function framed(flags: number, payload: Uint8Array, wire: Wire): Buffer | Promise<Buffer> {
+  const c = wire.response;
+  if (c !== null && payload.byteLength >= COMPRESS_MIN_BYTES)
+    return c.compress(payload).then((packed) => envelope(flags | compressedFlag, packed));
+  if (flags !== 0) return envelope(flags, payload);
+  let frame = envelopes.get(payload);
+  if (frame === undefined) {
+    frame = envelope(0, payload);
+    envelopes.set(payload, frame);
+  }
+  return frame;
+}
+
+const END_OK = Buffer.from("{}");
+
+/** The answers of one call, in its protocol's framing. */
+class Responder {
+  private headersSent = false;
+  private corked: { uncork(): void } | undefined;
+  private waitOn: NodeJS.EventEmitter;
+  private readonly h1: ServerResponse | undefined;
+
+  constructor(
+    private readonly req: NodeRequest,
+    private readonly res: NodeResponse,
+    private readonly wire: Wire,
+  ) {
+    this.waitOn = res;
+    this.h1 = req.httpVersionMajor === 1 ? out(res) : undefined;
+  }
+
+  private get gone(): boolean {
+    return this.res.writableEnded || this.res.destroyed;
+  }
+
+  /** Connect unary and GET: the answer bare, with its length (and the headers it asks for). */
+  async unary(answer: Answer<DescMessage>): Promise<void> {
+    const { protocol, binary, params } = this.wire;
+    const bytes = answer.reply.bytes(binary);
+    if (protocol.enveloped) {
+      await this.message(answer.reply);
+      this.end(undefined);
+      return;
+    }
+    // Response headers an RPC asks for are for GET answers only (cache-control).
+    const extra = params !== undefined ? answer.header : undefined;
+    await this.bare(200, protocol.contentType(binary), bytes, extra);
+  }
+
+  private async bare(
+    status: number,
+    type: string,
+    body: Uint8Array,
+    extra: Readonly<Record<string, string>> | undefined,
+  ): Promise<void> {
+    const headers: Record<string, string> = { "content-type": type, ...extra };
+    const c = this.wire.response;
+    if (c !== null && body.byteLength >= COMPRESS_MIN_BYTES) {
+      body = await c.compress(body);
+      headers["content-encoding"] = c.name;
+    }
+    headers["content-length"] = String(body.byteLength);
+    if (this.gone) return;
+    out(this.res).writeHead(status, headers);
+    out(this.res).end(body);
+  }
+
+  private head(): void {
+    if (this.headersSent) return;
+    this.headersSent = true;
+    const { protocol, binary, response } = this.wire;
+    const headers: Record<string, string> = { "content-type": protocol.contentType(binary) };
+    if (response !== null) headers[protocol.encodingHeader] = response.name;
+    out(this.res).writeHead(200, headers);
+  }
+
+  /** Writes one message; false when the caller should wait for `drained()`. */
+  async message(reply: Reply<DescMessage>): Promise<boolean> {
+    let frame = framed(0, reply.bytes(this.wire.binary), this.wire);
+    if (frame instanceof Promise) frame = await frame;
+    if (this.gone) return true;
+    const socket = this.h1?.socket;
+    if (reply.last && socket != null && this.headersSent) {
+      // The stream ends right after: the last message and the end leave in one write.
+      this.corked = socket;
+      socket.cork();
+    }
+    if (this.headersSent && this.h1?.chunkedEncoding === true && socket != null) {
+      this.waitOn = socket;
+      return socket.write(chunkOf(frame));
+    }
+    this.head();
+    this.waitOn = this.res;
+    return out(this.res).write(frame);
+  }
+
+  drained(signal: AbortSignal): Promise<unknown> {
+    return once(this.waitOn, "drain", { signal }).catch(() => undefined);
+  }
+
+  /** Ends the call: a bare error, or the protocol's end of stream with its status. */
+  end(err: ConnectError | undefined): void | Promise<void> {
+    if (!this.wire.protocol.enveloped) {
+      const error = err ?? new ConnectError("internal error", Code.Internal);
+      const headers: Record<string, string> = {};
+      // Metadata the error carries (Retry-After, cache-control) are headers, as connect-node sends them.
+      error.metadata.forEach((value, name) => {
+        headers[name] = value;
+      });
+      return new Promise((resolve) =>
+        afterBody(this.req, () => {
+          void this.bare(
+            codeToHttpStatus(error.code),
+            "application/json",
+            errorToJsonBytes(error, {}),
+            headers,
+          ).then(resolve);
+        }),
+      );
+    }
+    return new Promise((resolve) =>
+      afterBody(this.req, () => {
+        void this.close(err).then(resolve);
+      }),
+    );
+  }
+
+  private async close(err: ConnectError | undefined): Promise<void> {
+    try {
+      if (this.gone) return;
+      const name = this.wire.protocol.name;
+      if (name === "grpc") {
+        this.head();
+        const trailers: Record<string, string> = {};
+        setTrailerStatus(new Headers(), err).forEach((value, key) => {
+          trailers[key] = value;
+        });
+        out(this.res).addTrailers(trailers);
+        out(this.res).end();
+        return;
+      }
+      const [flags, payload] =
+        name === "grpc-web"
+          ? [trailerFlag, trailerSerialize(setTrailerStatus(new Headers(), err))]
+          : [
+              endStreamFlag,
+              err === undefined
+                ? END_OK
+                : Buffer.from(JSON.stringify(endStreamToJson(new Headers(), err, {}))),
+            ];
+      let frame = framed(flags, payload, this.wire);
+      if (frame instanceof Promise) frame = await frame;
+      if (this.gone) return;
+      this.head();
+      out(this.res).end(frame);
+    } finally {
+      this.corked?.uncork();
+      this.corked = undefined;
+    }
+  }
+}
+
+async function serve(
+  req: NodeRequest,
+  res: NodeResponse,
+  route: Route,
+  wire: Wire,
+  opts: LeanTransportOptions,
+): Promise<void> {
+  const { row, procedure } = route;
+  const get = wire.params !== undefined;
+  const responder = new Responder(req, res, wire);
+  let owner: string | undefined;
+  const timeout = wire.protocol.parseTimeout(header(req, wire.protocol.timeoutHeader));
+  // A stream ends when the caller goes away or its deadline passes; a unary call only
+  // races its deadline.
+  const abort = route.streaming ? new AbortController() : undefined;
+  let timedOut = false;
+  let deadline: NodeJS.Timeout | undefined;
+  const onClose = () => abort?.abort(STREAM_OVER);
+  try {
+    if (timeout.error !== undefined) throw timeout.error;
+    if (abort !== undefined) {
+      res.once("close", onClose);
+      if (timeout.timeoutMs !== undefined) {
+        deadline = setTimeout(() => {
+          timedOut = true;
+          abort.abort(STREAM_OVER);
+        }, timeout.timeoutMs);
+      }
+    }
+    // After the request is read, as connect-node's auth interceptor runs: a bad token
+    // and a bad body get the same answer on both ways in.
+    const call = (): RpcCall => {
+      owner = opts.authenticate(req.headers);
+      return { owner, header: (name) => header(req, name), signal: abort?.signal ?? NEVER, get };
+    };
+    if (row.method.methodKind === "unary") {
+      const work = (async () => {
+        const input = await readInput(req, route, wire, opts.readMaxBytes);
+        return (row as UnaryRow).run(call(), input);
+      })();
+      const answer = await withDeadline(work, timeout.timeoutMs);
+      recordOutcome(req, "ok", owner);
+      await responder.unary(answer);
+      return;
+    }
+    const input = await readInput(req, route, wire, opts.readMaxBytes);
+    const signal = abort?.signal ?? NEVER;
+    for await (const reply of (row as StreamRow).run(call(), input)) {
+      if (signal.aborted) break;
+      // A caller that reads slowly is sent nothing more until it catches up; meanwhile
+      // the hub keeps only the latest record of each state for it.
+      if (!(await responder.message(reply)) && !reply.last) await responder.drained(signal);
+    }
+    if (signal.aborted && !timedOut) {
+      recordOutcome(req, "canceled", owner);
+      return;
+    }
+    const end = timedOut ? deadlineExceeded() : undefined;
+    recordOutcome(req, end === undefined ? "ok" : codeToString(end.code), owner);
+    await responder.end(end);
+  } catch (err) {
+    if (abort?.signal.aborted === true && !timedOut) {
+      recordOutcome(req, "canceled", owner);
+      return;
+    }
+    const error = timedOut ? deadlineExceeded() : rpcFailure(err, opts.log, procedure, get);
+    recordOutcome(req, codeToString(error.code), owner);
+    await responder.end(error);
+  } finally {
+    clearTimeout(deadline);
+    res.off("close", onClose);
+    // Answered or abandoned: release the hub's generator if it is still open.
+    abort?.abort(STREAM_OVER);
+  }
+}

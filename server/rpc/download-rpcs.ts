@@ -1,0 +1,105 @@
+import type {
+  DescMessage,
+  DescMethodServerStreaming,
+  DescMethodUnary,
+  MessageShape,
+} from "@bufbuild/protobuf";
+import type { JobService } from "../../core/job-service.js";
+import { parseJobId } from "../../core/jobs.js";
+import { DownloadService } from "../../gen/downloads/v1/download_service_pb.js";
+import type { Owner } from "../auth.js";
+import type { WatchHub } from "../watch-hub.js";
+import type { PlainFields } from "../wire/request-reader.js";
+import type { Answer, JobPresenter, Reply } from "./presenter.js";
+
+// Every RPC of DownloadService, once: what it reads from the request, which domain call
+// it makes for which owner, and the answer the job presenter makes of the result. Both
+// ways in serve this table: connect-node through connect/connect-routes.ts, the lean
+// transport through lean/lean-transport.ts. An RPC added here is served by both.
+
+/** What an RPC knows of its call, whichever way it came in. */
+export interface RpcCall {
+  /** Who the call acts for (auth.ts); jobs of other owners do not exist for it. */
+  owner: Owner;
+  /** A request header, repeated values joined by ", " (as Headers.get). */
+  header(name: string): string | null;
+  /** Aborted when the caller goes away, the deadline passes or the server stops. */
+  signal: AbortSignal;
+  /** A Connect GET: the answer may be reused briefly. */
+  get: boolean;
+}
+
+interface RowBase {
+  /** The usual request's JSON fields, read with JSON.parse (wire/request-reader.ts). */
+  plain: PlainFields;
+}
+
+export interface UnaryRow extends RowBase {
+  method: DescMethodUnary;
+  run(call: RpcCall, req: MessageShape<DescMessage>): Promise<Answer<DescMessage>>;
+}
+
+export interface StreamRow extends RowBase {
+  method: DescMethodServerStreaming;
+  run(call: RpcCall, req: MessageShape<DescMessage>): AsyncIterable<Reply<DescMessage>>;
+}
+
+export type RpcRow = UnaryRow | StreamRow;
+
+function unary<I extends DescMessage, O extends DescMessage>(
+  method: DescMethodUnary<I, O>,
+  plain: PlainFields,
+  run: (call: RpcCall, req: MessageShape<I>) => Promise<Answer<O>>,
+): UnaryRow {
+  return { method, plain, run } as unknown as UnaryRow;
+}
+
+function stream<I extends DescMessage, O extends DescMessage>(
+  method: DescMethodServerStreaming<I, O>,
+  plain: PlainFields,
+  run: (call: RpcCall, req: MessageShape<I>) => AsyncIterable<Reply<O>>,
+): StreamRow {
+  return { method, plain, run } as unknown as StreamRow;
+}
+
+export interface RpcDeps {
+  jobs: JobService;
+  hub: WatchHub;
+  presenter: JobPresenter;
+}
+
+export function downloadRpcs({ jobs, hub, presenter }: RpcDeps): readonly RpcRow[] {
+  const m = DownloadService.method;
+  return [
+    unary(
+      m.initiate,
+      { fileIds: "int32[]", requestId: "string", callbackUrl: "string" },
+      async (call, req) => {
+        const { job, outcome } = await jobs.initiate(call.owner, {
+          fileIds: req.fileIds,
+          requestId: req.requestId,
+          idempotencyKey: call.header("idempotency-key"),
+          callbackUrl: req.callbackUrl,
+        });
+        return { reply: await presenter.initiated(job, outcome) };
+      },
+    ),
+    unary(m.getStatus, { jobId: "string" }, async (call, req) => {
+      const rec = await jobs.get(call.owner, req.jobId);
+      const reply = await presenter.status(rec);
+      return call.get
+        ? { reply, header: { "cache-control": presenter.cacheControl(rec) } }
+        : { reply };
+    }),
+    stream(m.watchJob, { jobId: "string", afterVersion: "int32" }, async function* (call, req) {
+      const events = hub.watch(parseJobId(req.jobId), req.afterVersion, call.signal, call.owner);
+      for await (const ev of events)
+        yield ev.job !== undefined
+          ? await presenter.watch(ev.job)
+          : presenter.heartbeat(ev.heartbeat);
+    }),
+    unary(m.cancel, { jobId: "string" }, async (call, req) => ({
+      reply: await presenter.cancelled(await jobs.cancel(call.owner, req.jobId)),
+    })),
+  ];
+}
