@@ -47,7 +47,7 @@ beforeAll(async () => {
     PROGRESS_INTERVAL_MS: "100",
   });
   await waitUntil("worker ready", async () => worker.output().includes("worker ready"), 30_000);
-}, 90_000);
+});
 
 afterAll(async () => {
   await worker?.kill("SIGTERM");
@@ -114,11 +114,11 @@ describe("on a Redis Cluster", () => {
           const j = (await c.getStatus({ jobId })).job;
           return j?.state === JobState.PROCESSING && (j.progress?.bytesDone ?? 0n) > 0n;
         },
-        { timeout: 20_000, interval: 50 },
+        { interval: 50 },
       )
       .toBe(true);
     expect((await c.cancel({ jobId })).job?.state).toBe(JobState.CANCELLED);
-    await expect.poll(() => st.queue.getJobState(jobId), { timeout: 10_000 }).toBe("failed");
+    await expect.poll(() => st.queue.getJobState(jobId)).toBe("failed");
     expect((await st.queue.getJob(jobId))?.failedReason).toBe("cancelled");
     expect(worker.output()).toMatch(new RegExp(`"jobId":"${jobId}"[^\\n]*"msg":"cancel received"`));
     const head = await st.svc.storage.client

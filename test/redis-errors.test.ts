@@ -50,7 +50,7 @@ beforeAll(async () => {
       slotlessConf,
     ],
   });
-}, 30_000);
+});
 
 afterAll(async () => {
   for (const c of clients) c.disconnect();
@@ -99,7 +99,7 @@ describe("Redis errors seen during a failover are UNAVAILABLE with a retry delay
     const err = await errorOf(cluster.set("k", "v"));
     expect(err.message).toMatch(/^Too many Cluster redirections/);
     expectUnavailable(err);
-  }, 20_000);
+  });
 
   test("a connection that ioredis has closed", async () => {
     const c = client(primary.url);
