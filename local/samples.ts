@@ -2,7 +2,7 @@ import { createCipheriv, createHash } from "node:crypto";
 import { Readable } from "node:stream";
 import { PutObjectCommand } from "@aws-sdk/client-s3";
 import type { Storage } from "../core/storage.js";
-import { SAMPLE_FILES, type SampleFile } from "./sample-files.js";
+import { SAMPLE_FILE_IDS, SAMPLE_FILES, type SampleFile } from "./sample-files.js";
 
 // Sample source files for the embedded default, tests and benchmarks: ten file ids with
 // sizes from 1 MB to 50 MB. The bytes are a pure function of (file id, size), so a test
@@ -41,6 +41,30 @@ export async function sampleSha256(fileId: number, sizeBytes: number): Promise<s
   const hash = createHash("sha256");
   for await (const chunk of sampleStream(fileId, sizeBytes)) hash.update(chunk as Buffer);
   return hash.digest("hex");
+}
+
+/** The samples up to 21 MB, and the three of 30 MB and more that make a job last seconds. */
+const SMALL_SAMPLES = SAMPLE_FILE_IDS.slice(0, 7);
+const LARGE_SAMPLES = SAMPLE_FILE_IDS.slice(7);
+/** Ordered pairs of distinct small samples: the runs before example lists repeat. */
+export const EXAMPLE_RUNS = SMALL_SAMPLES.length * (SMALL_SAMPLES.length - 1);
+
+/**
+ * The file id lists of the three examples `npm start` prints on its `run`-th start: two
+ * small samples, then one of the large ones, so that the job lasts long enough (seconds,
+ * at the demo throttle) to watch its progress. An owner asking again for a list it has
+ * asked for gets its earlier job back (in flight, or its reused result), so no two lists
+ * repeat within EXAMPLE_RUNS starts: each example starts a job of its own.
+ */
+export function exampleFileSets(run: number): number[][] {
+  const n = ((run % EXAMPLE_RUNS) + EXAMPLE_RUNS) % EXAMPLE_RUNS;
+  const first = n % SMALL_SAMPLES.length;
+  const second = (first + 1 + Math.floor(n / SMALL_SAMPLES.length)) % SMALL_SAMPLES.length;
+  return LARGE_SAMPLES.map((large) => [
+    SMALL_SAMPLES[first] ?? 0,
+    SMALL_SAMPLES[second] ?? 0,
+    large,
+  ]);
 }
 
 export interface SeedResult {

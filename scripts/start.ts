@@ -1,4 +1,5 @@
 import { createHash, randomBytes } from "node:crypto";
+import { mkdir, readFile, writeFile } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
 import { type Config, ConfigError, loadConfig } from "../core/config.js";
@@ -7,7 +8,7 @@ import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { canConnect, waitUntil } from "../local/ports.js";
 import { startRedis } from "../local/redis-server.js";
 import { LOCAL_S3_CREDENTIALS, startS3 } from "../local/s3-server.js";
-import { SAMPLE_FILES, seedSamples } from "../local/samples.js";
+import { exampleFileSets, SAMPLE_FILES, seedSamples } from "../local/samples.js";
 import { type ServiceProcess, startServiceProcess } from "../local/service-process.js";
 
 // `npm start`: the whole service on one machine. Redis and S3 come from the environment
@@ -54,19 +55,44 @@ function developmentToken(): { token: string; authTokens: string } {
   return { token, authTokens: `dev:${createHash("sha256").update(token).digest("hex")}` };
 }
 
-function examples(base: string, token: string | undefined, authDisabled: boolean): string {
+/**
+ * The how-many-th start on this data folder this is (0 the first time), counted in a
+ * file beside the data: the examples then ask for files no recent start asked for.
+ */
+async function countStart(dataDir: string): Promise<number> {
+  const file = resolve(dataDir, "start-count");
+  const run = Number.parseInt(await readFile(file, "utf8").catch(() => "0"), 10) || 0;
+  await mkdir(dataDir, { recursive: true });
+  await writeFile(file, `${run + 1}\n`);
+  return run;
+}
+
+const DEFAULT_URL = "http://127.0.0.1:8080";
+
+function examples(
+  base: string,
+  token: string | undefined,
+  authDisabled: boolean,
+  run: number,
+): string {
   const svc = `${base}/downloads.v1.DownloadService`;
-  const bearer = `Bearer ${token ?? "<your token>"}`;
+  const shown = token ?? "<your token>";
+  const bearer = `Bearer ${shown}`;
   const auth = authDisabled ? "" : ` -H 'Authorization: ${bearer}'`;
   const callOptions = authDisabled ? "" : `, { headers: { authorization: "${bearer}" } }`;
+  const [forCurl = [], forTs = [], forCli = []] = exampleFileSets(run);
+  const cliEnv = [
+    ...(authDisabled ? [] : [`DOWNLOAD_JOBS_TOKEN=${shown}`]),
+    ...(base === DEFAULT_URL ? [] : [`DOWNLOAD_JOBS_URL=${base}`]),
+  ].join(" ");
   return `
-Try it (sample file ids ${SAMPLE_FILE_RANGE}):
+Try it (sample file ids ${SAMPLE_FILE_RANGE}; each example asks for other files, so each starts a job):
 
   # 1. curl: start a job, then poll it with the jobId the first call returns
-  curl -s -X POST ${svc}/Initiate${auth} -H 'Content-Type: application/json' -d '{"fileIds":[70000,70001]}'
+  curl -s -X POST ${svc}/Initiate${auth} -H 'Content-Type: application/json' -d '{"fileIds":${JSON.stringify(forCurl)}}'
   curl -s -X POST ${svc}/GetStatus${auth} -H 'Content-Type: application/json' -d '{"jobId":"<jobId>"}'
 
-  # 2. buf curl: stream every change until the job ends
+  # 2. buf curl: stream every change of that job until it ends
   npx buf curl --schema proto${auth} --data '{"jobId":"<jobId>"}' ${svc}/WatchJob
 
   # 3. the generated TypeScript client (save as watch.ts here, run: npx tsx watch.ts)
@@ -75,10 +101,18 @@ Try it (sample file ids ${SAMPLE_FILE_RANGE}):
   import { DownloadService, JobState } from "./gen/downloads/v1/download_service_pb.js";
 
   const client = createClient(DownloadService, createConnectTransport({ baseUrl: "${base}", httpVersion: "1.1" }));
-  const { job } = await client.initiate({ fileIds: [70000, 70001] }${callOptions});
+  const { job } = await client.initiate({ fileIds: ${JSON.stringify(forTs)} }${callOptions});
   for await (const msg of client.watchJob({ jobId: job?.jobId ?? "" }${callOptions})) {
     if (msg.event.case === "job") console.log(JobState[msg.event.value.state], msg.event.value.progress?.percent, msg.event.value.result?.downloadUrl ?? "");
   }
+
+  # 4. the CLI: start a job and follow it with progress bars
+  ${cliEnv === "" ? "" : `${cliEnv} `}npm run -s cli -- initiate ${forCli.join(" ")} --watch
+
+  # 5. the page: ${base}/${authDisabled ? "" : " (paste the token into Access token)"}
+
+Asking again for the same files returns the same job: its outcome is then INITIATE_OUTCOME_IN_FLIGHT
+while it runs and INITIATE_OUTCOME_REUSED_RESULT once its ZIP is ready. The next start prints other files.
 
 Ctrl-C stops everything.
 `;
@@ -270,7 +304,8 @@ async function main(): Promise<number> {
     say(
       `download-jobs is ready at ${base}  (Connect and gRPC-Web over HTTP/1.1, gRPC and Connect over h2c)`,
     );
-    process.stdout.write(examples(base, token, resolved.AUTH_DISABLED));
+    const run = await countStart(resolved.DATA_DIR);
+    process.stdout.write(examples(base, token, resolved.AUTH_DISABLED, run));
   } catch (err) {
     if (stopping === undefined) {
       warn(`start failed: ${err instanceof Error ? err.message : String(err)}`);

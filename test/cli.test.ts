@@ -260,6 +260,48 @@ describe("download-jobs CLI", () => {
     expect(run.stderr).toContain(`cannot reach the download-jobs API at ${url}`);
   });
 
+  test("initiate says what the server did: created, replayed, in flight or reused result", async () => {
+    // Dedup and reuse are off for the other tests; this API, on the same Redis, S3 and
+    // worker, has them on as a deployment does.
+    const dedup = await startApiStack(
+      { QUEUE_PREFIX: st.cfg.QUEUE_PREFIX, DEDUP_IN_FLIGHT: "true", REUSE_RESULTS: "true" },
+      { services: st.svc },
+    );
+    try {
+      await st.svc.putSource(84, 100_000, "small.bin");
+      await st.svc.putSource(85, 100_000, "other.bin");
+      await st.svc.putSource(86, 20_000_000, "slow.bin");
+      const at = { DOWNLOAD_JOBS_URL: dedup.server.url };
+
+      const created = await cliWith(at, "initiate", "84", "--watch");
+      expect(created.code).toBe(0);
+      const jobId = jobIdIn(created.stderr);
+      expect(created.stderr).toContain(`job ${jobId}: created`);
+      const reused = await cliWith(at, "initiate", "84");
+      expect(reused.code).toBe(0);
+      expect(reused.stderr).toContain(`job ${jobId}: reused result`);
+      expect(reused.stdout).toContain("COMPLETED");
+
+      const slow = await cliWith(at, "initiate", "86");
+      const slowId = jobIdIn(slow.stderr);
+      expect(slow.stderr).toContain(`job ${slowId}: created`);
+      const again = await cliWith(at, "initiate", "86");
+      expect(again.stderr).toContain(`job ${slowId}: in flight`);
+      await api().cancel({ jobId: slowId });
+
+      const key = `cli-${process.pid}-${Date.now()}`;
+      const first = await cliWith(at, "initiate", "85", "--request-id", key);
+      const keyed = jobIdIn(first.stderr);
+      expect(first.stderr).toContain(`job ${keyed}: created`);
+      const replay = await cliWith(at, "--json", "initiate", "85", "--request-id", key);
+      expect(replay.stderr).toContain(`job ${keyed}: replayed`);
+      // The note stays out of the JSON: stdout is still exactly one job.
+      expect((JSON.parse(replay.stdout) as { jobId: string }).jobId).toBe(keyed);
+    } finally {
+      await dedup.stop();
+    }
+  });
+
   test("a failed job exits 1 with its error; a cancelled one exits 3", async () => {
     const failed = await cli("initiate", "81", "99999", "--watch");
     expect(failed.code).toBe(1);

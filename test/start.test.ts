@@ -1,8 +1,9 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, execFile, spawn } from "node:child_process";
 import { createHash } from "node:crypto";
 import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
+import { promisify } from "node:util";
 import { afterEach, describe, expect, test } from "vitest";
 import { loadConfig } from "../core/config.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
@@ -145,6 +146,44 @@ async function waitForState(
   return job;
 }
 
+/** The printed example line that starts with `start` (after its indent). */
+function exampleLine(stack: Stack, start: string): string {
+  const line = stack
+    .output()
+    .split("\n")
+    .map((l) => l.trim())
+    .find((l) => l.startsWith(start));
+  if (line === undefined) throw new Error(`no example starting "${start}" in:\n${stack.output()}`);
+  return line;
+}
+
+/** Runs a printed shell example exactly as a user pastes it. */
+async function paste(line: string): Promise<{ stdout: string; stderr: string }> {
+  return promisify(execFile)("sh", ["-c", line], { cwd: ROOT, timeout: 60_000 });
+}
+
+/** The printed curl example that starts a job, run as printed: the job it made. */
+async function runCurlExample(
+  stack: Stack,
+): Promise<{ job: Record<string, any>; outcome: string }> {
+  const { stdout } = await paste(
+    exampleLine(stack, `curl -s -X POST ${stack.base}/downloads.v1.DownloadService/Initiate`),
+  );
+  return JSON.parse(stdout) as { job: Record<string, any>; outcome: string };
+}
+
+/** The three file id lists the printed examples ask for: curl, TypeScript, CLI. */
+function exampleFileIds(stack: Stack): number[][] {
+  const curl = /"fileIds":(\[[\d,]+\])/.exec(exampleLine(stack, "curl -s -X POST"))?.[1] ?? "[]";
+  const ts =
+    /fileIds: (\[[\d,]+\])/.exec(
+      exampleLine(stack, "const { job } = await client.initiate"),
+    )?.[1] ?? "[]";
+  const cli =
+    /initiate ([\d ]+) --watch/.exec(exampleLine(stack, "DOWNLOAD_JOBS_TOKEN="))?.[1] ?? "";
+  return [JSON.parse(curl) as number[], JSON.parse(ts) as number[], cli.split(" ").map(Number)];
+}
+
 async function expectAllStopped(stack: Stack): Promise<void> {
   for (const pid of [stack.redisPid, stack.apiPid, stack.workerPid]) {
     expect(pid).toBeGreaterThan(0);
@@ -204,9 +243,20 @@ describe("npm start", () => {
       storage.destroy();
     }
 
-    const { job } = await rpc(stack.base, "Initiate", { fileIds: [70000] });
+    // Each example asks for files of its own, and the first start's are new to Redis: the
+    // curl example pasted as printed starts a job that runs.
+    const lists = exampleFileIds(stack).map((l) => l.join(","));
+    expect(new Set(lists).size).toBe(3);
+    for (const l of lists) expect(l).toMatch(/^7000\d,7000\d,7000\d$/);
+    const { job, outcome } = await runCurlExample(stack);
+    expect(outcome).toBe("INITIATE_OUTCOME_CREATED");
     expect(job.state).toBe("JOB_STATE_QUEUED");
     const done = await waitForState(stack.base, job.jobId, "JOB_STATE_COMPLETED");
+
+    // The CLI example, pasted as printed, starts a job of its own and says so.
+    const cli = await paste(exampleLine(stack, "DOWNLOAD_JOBS_TOKEN="));
+    expect(cli.stderr).toMatch(/job [0-9a-f-]{36}: created/);
+    expect(cli.stdout).toContain("COMPLETED");
     const zip = Buffer.from(await (await fetch(done.result.downloadUrl)).arrayBuffer());
     expect(zip.length).toBe(Number(done.result.sizeBytes));
     expect(createHash("sha256").update(zip).digest("hex")).toBe(done.result.sha256);
@@ -220,7 +270,10 @@ describe("npm start", () => {
     const dataDir = tempDir();
     const env = { DATA_DIR: dataDir, THROTTLE_BYTES_PER_SECOND: String(1024 * 1024 * 1024) };
     const first = await startStack({ ...env, PORT: String(await freePort()) });
-    const { job } = await rpc(first.base, "Initiate", { fileIds: [70001, 70000] });
+    await expect
+      .poll(() => first.output(), { timeout: 10_000 })
+      .toContain("Ctrl-C stops everything");
+    const { job } = await runCurlExample(first);
     const done = await waitForState(first.base, job.jobId, "JOB_STATE_COMPLETED");
     first.proc.kill("SIGTERM");
     expect(await first.exit).toEqual({ code: 0, signal: null });
@@ -231,10 +284,20 @@ describe("npm start", () => {
     const again = (await rpc(second.base, "GetStatus", { jobId: job.jobId })).job;
     expect(again).toMatchObject({
       state: "JOB_STATE_COMPLETED",
-      fileIds: [70001, 70000],
+      fileIds: done.fileIds,
       version: done.version,
     });
     expect(again.result.sha256).toBe(done.result.sha256);
+    // The first start's examples would hand back its finished job: this start prints
+    // other files, and its curl example starts a new job again.
+    await expect
+      .poll(() => second.output(), { timeout: 10_000 })
+      .toContain("Ctrl-C stops everything");
+    const before = exampleFileIds(first).map((l) => l.join(","));
+    for (const l of exampleFileIds(second)) expect(before).not.toContain(l.join(","));
+    const next = await runCurlExample(second);
+    expect(next.outcome).toBe("INITIATE_OUTCOME_CREATED");
+    expect(next.job.jobId).not.toBe(job.jobId);
     second.proc.kill("SIGINT");
     expect(await second.exit).toEqual({ code: 0, signal: null });
     await expectAllStopped(second);

@@ -1,10 +1,35 @@
 import { toJson } from "@bufbuild/protobuf";
-import { type Job, JobSchema, JobState } from "../../gen/downloads/v1/download_service_pb.js";
+import {
+  InitiateOutcome,
+  type Job,
+  JobSchema,
+  JobState,
+} from "../../gen/downloads/v1/download_service_pb.js";
 
 // How the CLI writes jobs for people and for scripts.
 
 export function stateName(state: JobState): string {
   return JobState[state] ?? String(state);
+}
+
+/**
+ * What Initiate did, in words: a new job, or which existing job of the caller it handed
+ * back and why, so that a finished job returned at once does not look like a fast one.
+ */
+export function outcomeLine(jobId: string, outcome: InitiateOutcome): string {
+  switch (outcome) {
+    case InitiateOutcome.CREATED:
+      return `job ${jobId}: created`;
+    case InitiateOutcome.REPLAYED:
+      return `job ${jobId}: replayed (this request id was sent before; it is that call's job)`;
+    case InitiateOutcome.IN_FLIGHT:
+      return `job ${jobId}: in flight (you already have a job for these files running; it is that job)`;
+    case InitiateOutcome.REUSED_RESULT:
+      return `job ${jobId}: reused result (these files were bundled before and the ZIP is still there; ask for other files for a new job)`;
+    default:
+      // A server older than the outcome field says nothing about it.
+      return `job ${jobId}: started`;
+  }
 }
 
 /** 1234567 → "1.2 MB" (decimal units, as download sizes are usually quoted). */

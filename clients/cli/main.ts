@@ -7,7 +7,7 @@ import type { DownloadClient } from "../lib/client.js";
 import { createDownloadClient } from "../lib/node.js";
 import { isTerminalJob, type WatchEvent, watchJob } from "../lib/watch.js";
 import { DownloadError, downloadToFile, FileExistsError } from "./download-file.js";
-import { formatBytes, jobJson, stateName, summary } from "./format.js";
+import { formatBytes, jobJson, outcomeLine, stateName, summary } from "./format.js";
 import { createView } from "./view.js";
 
 // download-jobs: start, follow, cancel and fetch download jobs from a terminal or a
@@ -273,20 +273,32 @@ function program(result: { code: number }): Command {
       "with --watch: Ctrl-C cancels the job instead of detaching",
       false,
     )
+    .option(
+      "--request-id <key>",
+      "idempotency key (a UUID is best): a retry with the same key returns the same job",
+    )
     .action(
       run(
-        async (raw: string[], o: { watch: boolean; cancelOnInterrupt: boolean }, cmd: Command) => {
+        async (
+          raw: string[],
+          o: { watch: boolean; cancelOnInterrupt: boolean; requestId?: string },
+          cmd: Command,
+        ) => {
           const g = globals(cmd);
           const fileIds = parseFileIds(raw);
           const client = clientFor(g);
-          const { job } = await client.initiate({ fileIds });
+          const { job, outcome } = await client.initiate({
+            fileIds,
+            ...(o.requestId !== undefined ? { requestId: o.requestId } : {}),
+          });
           if (job === undefined)
             throw new ConnectError("the server answered without a job", Code.Internal);
+          // A note, not data: on stderr, so --json output stays one job per line.
+          err(outcomeLine(job.jobId, outcome));
           if (!o.watch) {
             report(job, g);
             return EXIT.ok;
           }
-          if (!g.json) err(`job ${job.jobId} started`);
           return (await follow(client, job, g, o.cancelOnInterrupt)).code;
         },
       ),
