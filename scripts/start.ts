@@ -1,4 +1,5 @@
 import { createHash, randomBytes } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { mkdir, readFile, writeFile } from "node:fs/promises";
 import { dirname, resolve } from "node:path";
 import { fileURLToPath } from "node:url";
@@ -118,7 +119,27 @@ Ctrl-C stops everything.
 `;
 }
 
+/**
+ * npm scripts run on the Node that `npm ci` installs (the pinned `node` package); run
+ * any other way, this script and the API and worker it starts would run on whatever
+ * `node` the shell finds, which may be older than anything tested.
+ */
+function wrongRuntimeMessage(): string | undefined {
+  const pkg = JSON.parse(readFileSync(resolve(ROOT, "package.json"), "utf8")) as {
+    dependencies: Record<string, string>;
+  };
+  const pinned = pkg.dependencies.node ?? "";
+  const major = (v: string) => Number(v.replace(/^v/, "").split(".")[0]);
+  if (major(process.version) >= major(pinned)) return undefined;
+  return `this is Node ${process.version}, and download-jobs runs on Node ${pinned}: start it with \`npm start\`, which runs the Node that \`npm ci\` installed`;
+}
+
 async function main(): Promise<number> {
+  const wrongRuntime = wrongRuntimeMessage();
+  if (wrongRuntime !== undefined) {
+    warn(wrongRuntime);
+    return 1;
+  }
   // Forwarded to the children as is; every value in it is parsed by core/config.ts.
   const inherited: NodeJS.ProcessEnv = { ...process.env };
   let cfg: Config;

@@ -1,5 +1,6 @@
-import { type ChildProcess, spawn } from "node:child_process";
+import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import { createHash } from "node:crypto";
+import { existsSync, readFileSync } from "node:fs";
 import { mkdtemp, readdir, readFile, rm, writeFile } from "node:fs/promises";
 import { createServer } from "node:net";
 import { tmpdir } from "node:os";
@@ -95,6 +96,20 @@ async function cliWith(
   const run = start(args, env);
   const code = await run.exit;
   return { code, stdout: run.stdout(), stderr: run.stderr() };
+}
+
+/** Debian's Node, which a shell may find first on the PATH outside npm scripts. */
+const SYSTEM_NODE = "/usr/bin/node";
+const PINNED_NODE = (
+  JSON.parse(readFileSync(join(import.meta.dirname, "..", "package.json"), "utf8")) as {
+    dependencies: Record<string, string>;
+  }
+).dependencies.node;
+
+function olderSystemNode(): boolean {
+  if (!existsSync(SYSTEM_NODE)) return false;
+  const version = execFileSync(SYSTEM_NODE, ["--version"], { encoding: "utf8" }).trim();
+  return Number(version.slice(1).split(".")[0]) < Number(PINNED_NODE?.split(".")[0]);
 }
 
 const jobIdIn = (text: string) => /job ([0-9a-f-]{36})/.exec(text)?.[1] ?? "";
@@ -301,6 +316,20 @@ describe("download-jobs CLI", () => {
       await dedup.stop();
     }
   });
+
+  test.skipIf(!olderSystemNode())(
+    "run by an older system Node, it hands over to the pinned Node that npm ci installed",
+    async () => {
+      const run = await new Promise<{ code: number | null; out: string }>((resolve) => {
+        const child = spawn(SYSTEM_NODE, [CLI, "--version"], { stdio: ["ignore", "pipe", "pipe"] });
+        let out = "";
+        child.stdout.on("data", (d: Buffer) => (out += d.toString()));
+        child.once("close", (code) => resolve({ code, out }));
+      });
+      expect(run.code).toBe(0);
+      expect(run.out).toContain(`(Node v${PINNED_NODE})`);
+    },
+  );
 
   test("a failed job exits 1 with its error; a cancelled one exits 3", async () => {
     const failed = await cli("initiate", "81", "99999", "--watch");

@@ -1,3 +1,4 @@
+import { readFileSync } from "node:fs";
 import { basename, resolve } from "node:path";
 import { Code, ConnectError } from "@connectrpc/connect";
 import cliProgress from "cli-progress";
@@ -13,6 +14,10 @@ import { createView } from "./view.js";
 // download-jobs: start, follow, cancel and fetch download jobs from a terminal or a
 // script. Exit codes: 0 completed (or the command did what it said), 1 failed or an
 // error, 2 usage error, 3 cancelled, 130 detached by Ctrl-C.
+
+const { version } = JSON.parse(
+  readFileSync(new URL("../../package.json", import.meta.url), "utf8"),
+) as { version: string };
 
 const EXIT = { ok: 0, failed: 1, usage: 2, cancelled: 3, interrupted: 130 } as const;
 
@@ -240,6 +245,8 @@ async function download(
 function program(result: { code: number }): Command {
   const p = new Command("download-jobs")
     .description("Start, follow, cancel and download bundling jobs of a download-jobs API")
+    // The runtime too: bin/download-jobs.js may have handed over to the pinned Node.
+    .version(`${version} (Node ${process.version})`, "-V, --version")
     .addOption(
       new Option("--url <url>", "API base URL")
         .env("DOWNLOAD_JOBS_URL")
