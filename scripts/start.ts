@@ -102,7 +102,7 @@ Try it (sample file ids ${SAMPLE_FILE_RANGE}; each example asks for other files,
   import { DownloadService, JobState } from "./gen/downloads/v1/download_service_pb.js";
 
   const client = createClient(DownloadService, createConnectTransport({ baseUrl: "${base}", httpVersion: "1.1" }));
-  const { job } = await client.initiate({ fileIds: ${JSON.stringify(forTs)} }${callOptions});
+  const { job } = await client.initiate({ fileIds: [${forTs.join(", ")}] }${callOptions});
   for await (const msg of client.watchJob({ jobId: job?.jobId ?? "" }${callOptions})) {
     if (msg.event.case === "job") console.log(JobState[msg.event.value.state], msg.event.value.progress?.percent, msg.event.value.result?.downloadUrl ?? "");
   }
