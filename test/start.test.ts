@@ -176,7 +176,7 @@ async function runCurlExample(
 function exampleFileIds(stack: Stack): number[][] {
   const curl = /"fileIds":(\[[\d,]+\])/.exec(exampleLine(stack, "curl -s -X POST"))?.[1] ?? "[]";
   const ts =
-    /fileIds: (\[[\d,]+\])/.exec(
+    /fileIds: (\[[\d, ]+\])/.exec(
       exampleLine(stack, "const { job } = await client.initiate"),
     )?.[1] ?? "[]";
   const cli =
