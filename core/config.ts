@@ -92,6 +92,19 @@ const schema = z.object({
   S3_ACCESS_KEY_ID: z.string().min(1).optional(),
   S3_SECRET_ACCESS_KEY: z.string().min(1).optional(),
   S3_FORCE_PATH_STYLE: flag.default(true),
+  S3_CONNECT_TIMEOUT_MS: int(0).default(3000),
+  S3_FIRST_BYTE_TIMEOUT_MS: int(0).default(10_000),
+  S3_STALL_MS: int(0).default(10_000),
+  S3_READ_ATTEMPTS: int(1, 100).default(6),
+  S3_PROFILE: z
+    .enum(["loopback", "realistic", "throttled", "hostile"], {
+      error: "expected loopback, realistic, throttled or hostile",
+    })
+    .optional(),
+  READ_AHEAD_BYTES: int(1024 * 1024).default(32 * 1024 * 1024),
+  READ_AHEAD_OBJECTS: int(1, 1000).default(16),
+  READ_RANGE_BYTES: int(1024 * 1024).default(8 * 1024 * 1024),
+  MAX_JOB_SECONDS: int(0).default(3600),
   SOURCE_BUCKET: z
     .string()
     .min(3, { error: "bucket names have at least 3 characters" })
@@ -192,12 +205,11 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     throw new ConfigError(`invalid configuration:\n${lines.join("\n")}`);
   }
   const cfg = parsed.data;
-  if (
-    cfg.S3_ENDPOINT !== undefined &&
-    (cfg.S3_ACCESS_KEY_ID === undefined || cfg.S3_SECRET_ACCESS_KEY === undefined)
-  ) {
+  // Without static keys the AWS SDK's default credential chain (a role) is used; half a
+  // pair is a mistake, not a request for the chain.
+  if ((cfg.S3_ACCESS_KEY_ID === undefined) !== (cfg.S3_SECRET_ACCESS_KEY === undefined)) {
     throw new ConfigError(
-      "invalid configuration:\n  S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY: required when S3_ENDPOINT is set",
+      "invalid configuration:\n  S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY: set both, or neither to use the AWS default credential chain (IAM role)",
     );
   }
   if (cfg.REDIS_CLUSTER_NODES !== undefined) {

@@ -11,10 +11,15 @@ import {
 import { Upload } from "@aws-sdk/lib-storage";
 import { getSignedUrl } from "@aws-sdk/s3-request-presigner";
 import { PathStylePresigner } from "./presign.js";
+import { ChangedObjectError, classifyS3Error, SourceError } from "./s3-errors.js";
 
-// Everything the service does with S3. Two clients: one for the endpoint this process
-// reaches, one only for presigning with the endpoint the *browser* reaches, because a
-// SigV4 URL signs the Host header.
+// Everything the service does with S3. Three clients: one for the endpoint this process
+// reaches, one for reading sources (no SDK retries: the bundle's reader retries itself,
+// resumes where a body stopped and shrinks its window when S3 says SlowDown), and one
+// only for presigning with the endpoint the *browser* reaches, because a SigV4 URL signs
+// the Host header. Without static keys every client uses the AWS SDK's default
+// credential chain (environment, shared config/SSO, web identity (IRSA), ECS container
+// credentials, EC2 instance metadata), refreshed by the SDK before they expire.
 
 export interface StorageOptions {
   endpoint?: string | undefined;
@@ -30,6 +35,12 @@ export interface StorageOptions {
   presignExpirySeconds: number;
   uploadPartBytes: number;
   uploadQueueSize: number;
+  /** TCP connect deadline of every S3 call; 0 = none. */
+  connectTimeoutMs?: number;
+  /** Deadline for the response headers of HEAD and GET calls; 0 = none. */
+  firstByteTimeoutMs?: number;
+  /** A socket that moves no byte this long is dropped (uploads too); 0 = none. */
+  stallMs?: number;
 }
 
 export interface SourceInfo {
@@ -38,6 +49,15 @@ export interface SourceInfo {
   sizeBytes: number;
   /** Name from the object's `filename` metadata, if it has one. */
   fileName?: string;
+  /** The version read: every GET asks for it (If-Match), so a changed object is noticed. */
+  etag?: string;
+}
+
+/** A byte range of a source object; `end` is inclusive, as in the Range header. */
+export interface SourceRange {
+  start: number;
+  end: number;
+  etag?: string | undefined;
 }
 
 export interface PresignedResult {
@@ -45,11 +65,24 @@ export interface PresignedResult {
   expiresAt: number;
 }
 
-function makeClient(opts: StorageOptions, endpoint: string | undefined): S3Client {
+function makeClient(
+  opts: StorageOptions,
+  endpoint: string | undefined,
+  extra: { maxAttempts?: number; socketTimeout?: number } = {},
+): S3Client {
+  const { socketTimeout, ...rest } = extra;
   return new S3Client({
     region: opts.region,
     ...(endpoint !== undefined ? { endpoint } : {}),
     forcePathStyle: opts.forcePathStyle,
+    ...rest,
+    requestHandler: {
+      connectionTimeout: opts.connectTimeoutMs ?? 0,
+      socketTimeout: socketTimeout ?? opts.stallMs ?? 0,
+      // HEAD and GET pass their first-byte deadline per call (uploads would trip it
+      // while sending a part); it must throw, not only warn.
+      throwOnRequestTimeout: true,
+    },
     ...(opts.accessKeyId !== undefined && opts.secretAccessKey !== undefined
       ? { credentials: { accessKeyId: opts.accessKeyId, secretAccessKey: opts.secretAccessKey } }
       : {}),
@@ -69,26 +102,33 @@ export function isNotFound(err: unknown): boolean {
   return false;
 }
 
+/** Static keys from the configuration, or the SDK's default credential chain. */
+export function hasStaticKeys(opts: StorageOptions): boolean {
+  return opts.accessKeyId !== undefined && opts.secretAccessKey !== undefined;
+}
+
 export class Storage {
   readonly client: S3Client;
+  /** Source reads only: one attempt per call, the bundle's reader decides what next. */
+  readonly reader: S3Client;
   private readonly signer: S3Client;
   /** The lean presigner, where it applies (path-style endpoint, static credentials). */
   private readonly pathStyle: PathStylePresigner | undefined;
 
   constructor(readonly opts: StorageOptions) {
-    this.client = makeClient(opts, opts.endpoint);
+    this.client = makeClient(opts, opts.endpoint, { maxAttempts: 5 });
+    // The reader watches its bodies itself: an idle socket there is often ours (a full
+    // read-ahead window), not the server's stall.
+    this.reader = makeClient(opts, opts.endpoint, { maxAttempts: 1, socketTimeout: 0 });
     const publicEndpoint = opts.publicEndpoint ?? opts.endpoint;
     this.signer = makeClient(opts, publicEndpoint);
     this.pathStyle =
-      publicEndpoint !== undefined &&
-      opts.forcePathStyle &&
-      opts.accessKeyId !== undefined &&
-      opts.secretAccessKey !== undefined
+      publicEndpoint !== undefined && opts.forcePathStyle && hasStaticKeys(opts)
         ? new PathStylePresigner({
             endpoint: publicEndpoint,
             region: opts.region,
-            accessKeyId: opts.accessKeyId,
-            secretAccessKey: opts.secretAccessKey,
+            accessKeyId: opts.accessKeyId as string,
+            secretAccessKey: opts.secretAccessKey as string,
           })
         : undefined;
   }
@@ -108,13 +148,26 @@ export class Storage {
       : `${this.opts.resultPrefix}${jobId}.${attempt}.zip`;
   }
 
-  /** HEADs a source object; returns undefined when it does not exist. */
+  private callOptions(signal?: AbortSignal): {
+    abortSignal?: AbortSignal;
+    requestTimeout?: number;
+  } {
+    return {
+      ...(signal ? { abortSignal: signal } : {}),
+      ...(this.opts.firstByteTimeoutMs ? { requestTimeout: this.opts.firstByteTimeoutMs } : {}),
+    };
+  }
+
+  /**
+   * HEADs a source object; undefined when it does not exist. Any other permanent
+   * failure (access denied, archived) is a SourceError naming the file.
+   */
   async headSource(fileId: number, signal?: AbortSignal): Promise<SourceInfo | undefined> {
     const key = this.sourceKey(fileId);
     try {
       const head = await this.client.send(
         new HeadObjectCommand({ Bucket: this.opts.sourceBucket, Key: key }),
-        signal ? { abortSignal: signal } : {},
+        this.callOptions(signal),
       );
       const name = head.Metadata?.filename;
       return {
@@ -122,19 +175,58 @@ export class Storage {
         key,
         sizeBytes: head.ContentLength ?? 0,
         ...(name !== undefined && name !== "" ? { fileName: name } : {}),
+        ...(head.ETag !== undefined ? { etag: head.ETag } : {}),
       };
     } catch (err) {
       if (isNotFound(err)) return undefined;
+      const failure = classifyS3Error(err);
+      if (failure.permanent && !signal?.aborted) {
+        throw new SourceError(
+          fileId,
+          failure.code,
+          false,
+          `source file ${fileId} ${failure.reason}`,
+          { cause: err },
+        );
+      }
       throw err;
     }
   }
 
+  /** The whole object (no deadline, no resume): for callers outside the bundle. */
   async openSource(key: string, signal?: AbortSignal): Promise<Readable> {
     const out = await this.client.send(
       new GetObjectCommand({ Bucket: this.opts.sourceBucket, Key: key }),
-      signal ? { abortSignal: signal } : {},
+      this.callOptions(signal),
     );
     return out.Body as Readable;
+  }
+
+  /**
+   * One GET of a byte range, one attempt, with the first-byte deadline, conditional on
+   * the ETag (If-Match): S3 answers 412 when the object changed; a server that ignores
+   * If-Match is caught by comparing the answer's ETag.
+   */
+  async getSourceRange(
+    key: string,
+    range: SourceRange,
+    signal?: AbortSignal,
+  ): Promise<{ body: Readable; etag?: string }> {
+    const out = await this.reader.send(
+      new GetObjectCommand({
+        Bucket: this.opts.sourceBucket,
+        Key: key,
+        Range: `bytes=${range.start}-${range.end}`,
+        ...(range.etag !== undefined ? { IfMatch: range.etag } : {}),
+      }),
+      this.callOptions(signal),
+    );
+    const body = out.Body as Readable;
+    if (range.etag !== undefined && out.ETag !== undefined && out.ETag !== range.etag) {
+      body.destroy();
+      throw new ChangedObjectError(`ETag ${out.ETag} is not ${range.etag}`);
+    }
+    return { body, ...(out.ETag !== undefined ? { etag: out.ETag } : {}) };
   }
 
   /** A multipart upload of `body` to the result bucket; never buffers more than the queue. */
@@ -187,6 +279,13 @@ export class Storage {
       });
       return { url, expiresAt: now + expiresIn * 1000 };
     }
+    // Temporary credentials (a role): the URL dies with them whatever X-Amz-Expires says,
+    // so it is made to expire no later, and the caller is told the earlier time. Read
+    // before and after signing: a refresh in between must not lend the URL a longer life.
+    const before = await this.signer.config.credentials();
+    const lifetime = (c: { expiration?: Date | undefined }) =>
+      c.expiration === undefined ? Number.POSITIVE_INFINITY : c.expiration.getTime() - now;
+    const seconds = Math.max(1, Math.min(expiresIn, Math.floor(lifetime(before) / 1000)));
     const url = await getSignedUrl(
       this.signer,
       new GetObjectCommand({
@@ -195,9 +294,11 @@ export class Storage {
         ResponseContentDisposition: contentDisposition(fileName),
         ResponseContentType: "application/zip",
       }),
-      { expiresIn },
+      { expiresIn: seconds, signingDate: new Date(now) },
     );
-    return { url, expiresAt: now + expiresIn * 1000 };
+    const after = await this.signer.config.credentials();
+    const expiresAt = now + Math.min(seconds * 1000, lifetime(before), lifetime(after));
+    return { url, expiresAt };
   }
 
   /** Creates the source and result buckets if missing (local set-ups and tests). */
@@ -221,6 +322,7 @@ export class Storage {
 
   destroy(): void {
     this.client.destroy();
+    this.reader.destroy();
     this.signer.destroy();
   }
 }
@@ -244,6 +346,9 @@ export function storageOptionsFrom(cfg: {
   PRESIGN_EXPIRY_SECONDS: number;
   UPLOAD_PART_BYTES: number;
   UPLOAD_QUEUE_SIZE: number;
+  S3_CONNECT_TIMEOUT_MS?: number;
+  S3_FIRST_BYTE_TIMEOUT_MS?: number;
+  S3_STALL_MS?: number;
 }): StorageOptions {
   return {
     endpoint: cfg.S3_ENDPOINT,
@@ -259,5 +364,8 @@ export function storageOptionsFrom(cfg: {
     presignExpirySeconds: cfg.PRESIGN_EXPIRY_SECONDS,
     uploadPartBytes: cfg.UPLOAD_PART_BYTES,
     uploadQueueSize: cfg.UPLOAD_QUEUE_SIZE,
+    connectTimeoutMs: cfg.S3_CONNECT_TIMEOUT_MS ?? 0,
+    firstByteTimeoutMs: cfg.S3_FIRST_BYTE_TIMEOUT_MS ?? 0,
+    stallMs: cfg.S3_STALL_MS ?? 0,
   };
 }

@@ -7,6 +7,7 @@ import { type Config, ConfigError, loadConfig } from "../core/config.js";
 import { logFormatFor } from "../core/logger.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { canConnect, waitUntil } from "../local/ports.js";
+import { startRealisticS3 } from "../local/realistic-s3.js";
 import { startRedis } from "../local/redis-server.js";
 import { LOCAL_S3_CREDENTIALS, startS3 } from "../local/s3-server.js";
 import { exampleFileSets, SAMPLE_FILES, seedSamples } from "../local/samples.js";
@@ -252,6 +253,15 @@ async function main(): Promise<number> {
       const s3 = await startS3({ dir, buckets: [cfg.SOURCE_BUCKET, cfg.RESULT_BUCKET] });
       services.push({ name: "S3 server", stop: () => s3.stop() });
       childEnv.S3_ENDPOINT = s3.endpoint;
+      if (cfg.S3_PROFILE !== undefined && cfg.S3_PROFILE !== "loopback") {
+        // The service reaches S3 through the realistic-S3 fixture; download URLs still
+        // point at the embedded server, which the browser reaches without the faults.
+        const fixture = await startRealisticS3(s3.endpoint, cfg.S3_PROFILE);
+        services.push({ name: "S3 profile fixture", stop: () => fixture.close() });
+        childEnv.S3_ENDPOINT = fixture.endpoint;
+        childEnv.S3_PUBLIC_ENDPOINT ??= s3.endpoint;
+        say(`S3     profile ${cfg.S3_PROFILE}: the service reaches S3 at ${fixture.endpoint}`);
+      }
       childEnv.S3_ACCESS_KEY_ID = LOCAL_S3_CREDENTIALS.accessKeyId;
       childEnv.S3_SECRET_ACCESS_KEY = LOCAL_S3_CREDENTIALS.secretAccessKey;
       say(

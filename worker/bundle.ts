@@ -3,11 +3,15 @@ import { once } from "node:events";
 import { PassThrough, type Readable, Transform, type TransformCallback } from "node:stream";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ZipArchive } from "archiver";
+import { SourceError } from "../core/s3-errors.js";
 import type { SourceInfo, Storage } from "../core/storage.js";
+import { ReadAhead, type ReadAheadOptions, type ReadAheadStats } from "./read-ahead.js";
 
 // Sources -> streaming ZIP -> multipart upload, never holding a whole file in memory:
-// memory is bounded by the upload's part size times its queue size, whatever the
-// bundle size. The ZIP bytes are hashed and counted on their way to the upload.
+// memory is bounded by the read-ahead window plus the upload's part size times its
+// queue size, whatever the bundle size. The sources are read ahead of the ZIP
+// (worker/read-ahead.ts), entries stay in file order, and progress counts the bytes as
+// they enter the ZIP. The ZIP bytes are hashed and counted on their way to the upload.
 
 export interface BundleEntry extends SourceInfo {
   entryName: string;
@@ -18,6 +22,10 @@ export interface BundleOptions {
   zipLevel: number;
   /** Demo throttle on source reads; 0 = off. */
   throttleBytesPerSecond: number;
+  /** The read-ahead window and the reads' deadlines and retries. */
+  read?: Partial<Omit<ReadAheadOptions, "signal">>;
+  /** When the job must be done (ms since the epoch, MAX_JOB_SECONDS); 0 or unset = never. */
+  deadlineAt?: number;
   signal: AbortSignal;
   onFileStart(index: number): void;
   onBytes(index: number, bytes: number): void;
@@ -27,7 +35,23 @@ export interface BundleOptions {
 export interface BundleResult {
   sizeBytes: number;
   sha256: string;
+  read: ReadAheadStats;
 }
+
+/** The whole-job deadline passed; the message names the file the job was on. */
+export class DeadlineExceededError extends SourceError {
+  override name = "DeadlineExceededError";
+}
+
+/** Read-ahead defaults for callers that set none (the configuration's defaults). */
+export const DEFAULT_READ: Omit<ReadAheadOptions, "signal"> = {
+  windowBytes: 32 * 1024 * 1024,
+  windowObjects: 16,
+  rangeBytes: 8 * 1024 * 1024,
+  stallMs: 10_000,
+  attempts: 6,
+  backoffMs: 100,
+};
 
 /** Counts and (optionally) paces the bytes of one source on their way into the ZIP. */
 class Meter extends Transform {
@@ -87,8 +111,35 @@ export async function bundleToS3(
   target: { key: string; fileName: string },
   opts: BundleOptions,
 ): Promise<BundleResult> {
-  const { signal } = opts;
-  signal.throwIfAborted();
+  opts.signal.throwIfAborted();
+  let at = 0;
+  const deadline = new AbortController();
+  const deadlineMs = opts.deadlineAt ? opts.deadlineAt - Date.now() : 0;
+  const deadlineTimer =
+    opts.deadlineAt !== undefined && opts.deadlineAt > 0
+      ? setTimeout(
+          () => {
+            const entry = entries[at];
+            const fileId = entry?.fileId ?? 0;
+            deadline.abort(
+              new DeadlineExceededError(
+                fileId,
+                "deadline_exceeded",
+                false,
+                `the job ran past its deadline (MAX_JOB_SECONDS) while on file ${fileId} ` +
+                  `(${at + 1} of ${entries.length}): split it into smaller jobs, or raise the limit`,
+              ),
+            );
+          },
+          Math.max(0, deadlineMs),
+        )
+      : undefined;
+  const signal = AbortSignal.any([opts.signal, deadline.signal]);
+  const reader = new ReadAhead(
+    entries,
+    (source, range, s) => storage.getSourceRange(source.key, range, s),
+    { ...DEFAULT_READ, ...opts.read, signal },
+  );
   const zip = new ZipArchive(
     opts.zipLevel === 0 ? { store: true } : { zlib: { level: opts.zipLevel } },
   );
@@ -114,6 +165,7 @@ export async function bundleToS3(
 
   let current: Readable | undefined;
   const onAbort = () => {
+    reader.close(abortError(signal));
     current?.destroy(abortError(signal));
     zip.abort();
     digest.destroy(abortError(signal));
@@ -122,18 +174,19 @@ export async function bundleToS3(
   signal.addEventListener("abort", onAbort, { once: true });
 
   try {
+    reader.start();
     for (const [index, entry] of entries.entries()) {
       signal.throwIfAborted();
+      at = index;
       opts.onFileStart(index);
-      const body = await storage.openSource(entry.key, signal);
+      const body = reader.stream(index);
       const meter = new Meter((n) => opts.onBytes(index, n), opts.throttleBytesPerSecond, signal);
       current = body;
       body.on("error", (err: Error) => meter.destroy(err));
       body.pipe(meter);
       const finished = once(meter, "end");
       finished.catch(() => undefined);
-      // archiver writes entries one at a time; waiting for each keeps exactly one source
-      // stream open, whatever the number of files.
+      // archiver writes entries one at a time; the read-ahead keeps the next ones coming.
       const entered = once(zip, "entry");
       entered.catch(() => undefined);
       zip.append(meter, { name: entry.entryName });
@@ -147,13 +200,22 @@ export async function bundleToS3(
     await zip.finalize();
     await uploaded;
     if (zipError) throw zipError;
-    return { sizeBytes: digest.bytesWritten, sha256: digest.hash.digest("hex") };
+    return {
+      sizeBytes: digest.bytesWritten,
+      sha256: digest.hash.digest("hex"),
+      read: reader.stats,
+    };
   } catch (err) {
+    // A source that failed is the cause; the ZIP and upload errors it set off are not.
+    const cause = err instanceof SourceError ? err : signal.aborted ? abortError(signal) : err;
     if (!signal.aborted) onAbort();
     await uploaded.catch(() => undefined);
-    if (signal.aborted) throw abortError(signal);
-    throw uploadError ?? err;
+    if (opts.signal.aborted) throw abortError(opts.signal);
+    if (deadline.signal.aborted) throw abortError(deadline.signal);
+    throw cause instanceof SourceError ? cause : (uploadError ?? cause);
   } finally {
+    clearTimeout(deadlineTimer);
+    reader.close();
     signal.removeEventListener("abort", onAbort);
   }
 }

@@ -22,9 +22,10 @@ import {
 import type { Logger } from "../core/logger.js";
 import type { JobMetrics, JobOutcome } from "../core/metrics.js";
 import type { BundleJobData } from "../core/queue.js";
+import { SourceError } from "../core/s3-errors.js";
 import type { SourceInfo, Storage } from "../core/storage.js";
 import { extractContext, inSpan } from "../core/tracing.js";
-import { abortError, type BundleEntry, bundleToS3 } from "./bundle.js";
+import { abortError, type BundleEntry, type BundleOptions, bundleToS3 } from "./bundle.js";
 import { BundleSpans } from "./bundle-spans.js";
 
 // One BullMQ job = one bundle; one run of the processor = one attempt. The job record is
@@ -68,6 +69,10 @@ export interface ProcessorDeps {
   resultTtlSeconds?: number;
   /** How often a run re-reads its job's state and lease (a missed cancel, a lost lease). */
   ownershipCheckMs?: number;
+  /** Read-ahead window, deadlines and retries of source reads (worker/read-ahead.ts). */
+  read?: BundleOptions["read"];
+  /** A job still running this long after its first start fails (deadline_exceeded); 0 = never. */
+  maxJobSeconds?: number;
 }
 
 export class CancelledError extends Error {
@@ -280,6 +285,10 @@ async function run(
       {
         zipLevel: deps.zipLevel,
         throttleBytesPerSecond: deps.throttleBytesPerSecond,
+        ...(deps.read !== undefined ? { read: deps.read } : {}),
+        ...(deps.maxJobSeconds
+          ? { deadlineAt: (rec.startedAt ?? startedAt) + deps.maxJobSeconds * 1000 }
+          : {}),
         signal,
         onFileStart: (i) => {
           tracker.fileStarted(i);
@@ -347,6 +356,17 @@ async function run(
       throw new UnrecoverableError("cancelled");
     }
     if (err instanceof UnrecoverableError) throw err;
+    if (err instanceof SourceError && !err.retryable) {
+      // Missing, forbidden, archived or changed sources, or the job's deadline: another
+      // attempt would end the same way, so the job fails now, naming the file.
+      await failJob(deps, attempt, claimed, log, {
+        code: err.code,
+        message: err.message,
+        retryable: false,
+      }).catch((e: unknown) => log.error({ err: e }, "could not record failure"));
+      log.warn({ err, fileId: err.fileId }, "job failed");
+      throw new UnrecoverableError(err.message);
+    }
     if (signal.aborted) {
       // BullMQ took the job from us (shutting down): it will run again.
       log.warn({ err }, "job interrupted");

@@ -82,6 +82,14 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     resultTtlSeconds: cfg.RESULT_TTL_SECONDS,
     // Half the lock: a run whose cancel message was lost stops well within one lock term.
     ownershipCheckMs: Math.max(250, Math.floor(cfg.JOB_LOCK_MS / 2)),
+    read: {
+      windowBytes: cfg.READ_AHEAD_BYTES,
+      windowObjects: cfg.READ_AHEAD_OBJECTS,
+      rangeBytes: cfg.READ_RANGE_BYTES,
+      stallMs: cfg.S3_STALL_MS,
+      attempts: cfg.S3_READ_ATTEMPTS,
+    },
+    maxJobSeconds: cfg.MAX_JOB_SECONDS,
   });
 
   const worker = new Worker<BundleJobData>(QUEUE_NAME, processor, {
