@@ -87,7 +87,8 @@ export function classifyS3Error(err: unknown): S3Failure {
   }
   if (err instanceof S3ServiceException) {
     const status = err.$metadata.httpStatusCode ?? 0;
-    const name = err.name;
+    // A HEAD's error has no body to name it: the status says what happened.
+    const name = err.name.startsWith("Unknown") ? `HTTP ${status}` : err.name;
     if (THROTTLED.has(name) || status === 429) {
       return {
         permanent: false,

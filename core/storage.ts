@@ -78,7 +78,9 @@ function makeClient(
     ...rest,
     requestHandler: {
       connectionTimeout: opts.connectTimeoutMs ?? 0,
-      socketTimeout: socketTimeout ?? opts.stallMs ?? 0,
+      // Uploads and control calls: S3 may think a while before answering a part or a
+      // CompleteMultipartUpload, so their idle deadline is looser than a source body's.
+      socketTimeout: socketTimeout ?? (opts.stallMs ?? 0) * 3,
       // HEAD and GET pass their first-byte deadline per call (uploads would trip it
       // while sending a part); it must throw, not only warn.
       throwOnRequestTimeout: true,

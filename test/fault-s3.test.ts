@@ -45,7 +45,7 @@ async function stack(
   // Download URLs point at S3 itself.
   const worker = await startWorker(
     { ...st.cfg, S3_ENDPOINT: proxy.endpoint, S3_PUBLIC_ENDPOINT: svc.s3.endpoint },
-    pino({ level: "silent" }),
+    pino({ level: process.env.S3_TEST_LOG ?? "silent" }),
   );
   const entry = { st, proxy, worker };
   stacks.push(entry);
@@ -97,7 +97,7 @@ test("jobs complete through 503s, resets, cut and stalled bodies, with the right
   const s = await stack(
     { ...S3_PROFILES.hostile, stall: 0.15 },
     {
-      S3_STALL_MS: "400",
+      S3_STALL_MS: "1000",
       READ_RANGE_BYTES: String(1024 * 1024),
       WORKER_CONCURRENCY: "4",
     },
