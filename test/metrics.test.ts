@@ -6,6 +6,7 @@ import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { createJob } from "../core/job-transitions.js";
 import { DownloadService, type Job, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { freePort, waitUntil } from "../local/ports.js";
+import { type RealisticS3, startRealisticS3 } from "../local/realistic-s3.js";
 import { type ApiStack, startApiStack, withTestToken } from "./helpers/api.js";
 import { hasMetric, metricValue, type Sample, scrape } from "./helpers/prometheus.js";
 import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
@@ -20,12 +21,13 @@ const CANCEL = "downloads.v1.DownloadService/Cancel";
 
 let st: ApiStack;
 let worker: WorkerProcess;
+let s3: RealisticS3;
 let workerMetricsUrl: string;
 let client: ReturnType<typeof createClient<typeof DownloadService>>;
 const sizes = new Map<number, number>();
 
 beforeAll(async () => {
-  // Two attempts, so that a source vanishing mid-job is retried once.
+  // Two attempts, so that a source S3 fails to serve is retried once.
   const env = { JOB_ATTEMPTS: "2", JOB_BACKOFF_MS: "100" };
   st = await startApiStack(env);
   for (const [id, size] of [
@@ -40,9 +42,14 @@ beforeAll(async () => {
   }
   const healthPort = await freePort();
   workerMetricsUrl = `http://127.0.0.1:${healthPort}/metrics`;
+  // The worker reaches S3 through the fixture, which can answer 500 for one source.
+  s3 = await startRealisticS3(st.svc.s3.endpoint, "loopback");
   worker = spawnWorker({
     ...st.svc.env,
     ...env,
+    S3_ENDPOINT: s3.endpoint,
+    S3_PUBLIC_ENDPOINT: st.svc.s3.endpoint,
+    S3_READ_ATTEMPTS: "2",
     QUEUE_PREFIX: st.cfg.QUEUE_PREFIX,
     // Slow enough that a cancel and a deletion land while a job runs.
     THROTTLE_BYTES_PER_SECOND: String(4 * 1024 * 1024),
@@ -62,6 +69,7 @@ beforeAll(async () => {
 
 afterAll(async () => {
   await worker?.kill("SIGTERM");
+  await s3?.close();
   await st?.stop();
 });
 
@@ -177,8 +185,14 @@ describe("/metrics", () => {
     await whenReading(runningId, 0);
     expect((await client.cancel({ jobId: runningId })).job?.state).toBe(JobState.CANCELLED);
 
-    // The second source disappears while the first is read: the attempt fails on it and
-    // is retried, and the retry finds it missing and fails the job with not_found.
+    // S3 answers 500 for the second source (transient: the attempt fails and is retried)
+    // and it disappears while the first is read: the retry finds it missing and fails
+    // the job with not_found.
+    s3.failKey(`/${st.cfg.SOURCE_BUCKET}/${st.svc.storage.sourceKey(805)}`, {
+      status: 500,
+      code: "InternalError",
+      methods: ["GET"],
+    });
     const flaky = await client.initiate({ fileIds: [804, 805] });
     const flakyId = flaky.job?.jobId ?? "";
     await whenReading(flakyId, 0);
