@@ -1,13 +1,12 @@
-import { randomBytes } from "node:crypto";
 import { readFileSync } from "node:fs";
 import http2 from "node:http2";
 import { resolve } from "node:path";
 import { afterAll, beforeAll, expect, test } from "vitest";
 import { freePort, waitUntil } from "../local/ports.js";
 import { type ServiceProcess, startServiceProcess } from "../local/service-process.js";
-import { TEST_AUTH_HEADER } from "./helpers/api.js";
+import { TEST_TOKEN } from "./helpers/api.js";
+import { malformedRequest, type RawResponse, SERVICE, seeded, send } from "./helpers/malformed.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
-import { envelope } from "./helpers/trust.js";
 
 // Fault: 10,000 malformed requests over every protocol the port speaks (Connect JSON
 // and binary, Connect GET, Connect streaming, gRPC-Web over HTTP/1.1, gRPC and Connect
@@ -18,9 +17,9 @@ import { envelope } from "./helpers/trust.js";
 
 const ROOT = resolve(import.meta.dirname, "..");
 const TOTAL = 10_000;
+/** A new corpus every run; the seed is in the summary line, to send the same one again. */
+const SEED = Number(process.env.MALFORMED_SEED ?? Date.now() % 2 ** 31);
 const CONCURRENCY = 32;
-const SERVICE = "/downloads.v1.DownloadService";
-const METHODS = ["Initiate", "GetStatus", "Cancel", "WatchJob"];
 /** gRPC codes that put the blame on the caller. */
 const CLIENT_GRPC = new Set([3, 5, 7, 8, 9, 11, 12, 16]);
 /** Connect code names that do the same. */
@@ -87,62 +86,20 @@ async function heapAfterGc(): Promise<number> {
   return Number(/heapUsed=(\d+)/.exec(line)?.[1] ?? 0);
 }
 
-const pick = <T>(xs: readonly T[]): T => xs[Math.floor(Math.random() * xs.length)] as T;
-const int = (n: number) => Math.floor(Math.random() * n);
-
-function badAuthorization(): string | undefined {
-  return pick([
-    undefined,
-    "",
-    "Bearer",
-    "Bearer ",
-    `Bearer ${randomBytes(int(40) + 1).toString("base64")}`,
-    `bearer ${"x".repeat(int(4000) + 513)}`,
-    `Basic ${randomBytes(12).toString("base64")}`,
-    randomBytes(20).toString("hex"),
-    `Bearer ${TEST_AUTH_HEADER.authorization.slice(7, -1)}`,
-  ]);
-}
-
-/** A JSON body that is well-formed JSON but wrong for the method, or not JSON at all. */
-function badJson(method: string): string {
-  const long = (n: number) => "z".repeat(n);
-  return pick([
-    () => randomBytes(int(300) + 1).toString("latin1"),
-    () => `{"fileIds":[1,2`,
-    () => JSON.stringify({ fileIds: "1,2" }),
-    () => JSON.stringify({ fileIds: [1.5, 2] }),
-    () => JSON.stringify({ fileIds: [null] }),
-    () => JSON.stringify({ fileIds: [-int(100) - 1] }),
-    () => JSON.stringify({ fileIds: [2 ** 40] }),
-    () => JSON.stringify({ fileIds: [] }),
-    () => JSON.stringify({ fileIds: [7, 7] }),
-    () => JSON.stringify({ fileIds: Array.from({ length: 101 + int(5000) }, (_, i) => i + 1) }),
-    () => JSON.stringify({ fileIds: [1], requestId: long(129 + int(3000)) }),
-    () => JSON.stringify({ fileIds: [1], callbackUrl: `http://${long(3000)}` }),
-    () => JSON.stringify({ fileIds: [1], callbackUrl: "gopher://x" }),
-    () => JSON.stringify({ jobId: 12345 }),
-    () => JSON.stringify({ jobId: { nested: [1, 2, 3] } }),
-    () => JSON.stringify({ jobId: long(int(60_000) + 100) }),
-    () => JSON.stringify({ jobId: "../../etc/passwd" }),
-    () => JSON.stringify({ jobId: "00000000-0000-0000-0000-000000000000", afterVersion: "x" }),
-    () => JSON.stringify({ unknownField: true }),
-    () => JSON.stringify([1, 2, 3]),
-    () => JSON.stringify("string"),
-    () => "null",
-    () => `{"a":${"[".repeat(5000)}${"]".repeat(5000)}}`,
-    () =>
-      method === "Initiate" ? JSON.stringify({ fileIds: [0] }) : JSON.stringify({ jobId: "" }),
-  ])();
-}
-
 interface Outcome {
   kind: string;
   ok: boolean;
   detail: string;
 }
 
-function judgeHttp(kind: string, status: number, grpcStatus: string | null, body: string): Outcome {
+function judge(kind: string, res: RawResponse): Outcome {
+  const { status } = res;
+  const body = res.body.toString("latin1");
+  const grpcStatus =
+    res.trailers["grpc-status"] ??
+    res.headers["grpc-status"] ??
+    /grpc-status:\s*(\d+)/i.exec(body)?.[1] ??
+    null;
   if (grpcStatus !== null && grpcStatus !== "") {
     const code = Number(grpcStatus);
     return {
@@ -164,168 +121,20 @@ function judgeHttp(kind: string, status: number, grpcStatus: string | null, body
   return { kind, ok: false, detail: `HTTP ${status} ${body.slice(0, 120)}` };
 }
 
-async function viaFetch(kind: string, path: string, init: RequestInit): Promise<Outcome> {
-  const res = await fetch(`${base}${path}`, init);
-  const body = await res.text();
-  const grpcStatus =
-    res.headers.get("grpc-status") ?? /grpc-status:\s*(\d+)/i.exec(body)?.[1] ?? null;
-  return judgeHttp(kind, res.status, grpcStatus, body);
-}
-
-function viaH2(
-  kind: string,
-  path: string,
-  headers: Record<string, string>,
-  body: Buffer,
-): Promise<Outcome> {
-  return new Promise((ok) => {
-    const req = session.request({ ":method": "POST", ":path": path, ...headers });
-    let status = 0;
-    let grpcStatus: string | null = null;
-    let text = "";
-    req.on("response", (h) => {
-      status = Number(h[":status"]);
-      if (h["grpc-status"] !== undefined) grpcStatus = String(h["grpc-status"]);
-    });
-    req.on("trailers", (t) => {
-      if (t["grpc-status"] !== undefined) grpcStatus = String(t["grpc-status"]);
-    });
-    req.on("data", (d: Buffer) => {
-      if (text.length < 2000) text += d.toString("latin1");
-    });
-    req.on("end", () => ok(judgeHttp(kind, status, grpcStatus, text)));
-    req.on("error", (err) => ok({ kind, ok: false, detail: `h2 error ${err.message}` }));
-    req.end(body);
-  });
-}
-
-function headersWith(
-  auth: string | undefined,
-  extra: Record<string, string>,
-): Record<string, string> {
-  return auth === undefined ? extra : { ...extra, authorization: auth };
-}
-
-/** One malformed request, of a random kind. */
-function malformed(): Promise<Outcome> {
-  const method = pick(METHODS);
-  const path = `${SERVICE}/${method}`;
-  // Half carry a valid token, so that validation past auth is exercised too.
-  const auth = Math.random() < 0.5 ? TEST_AUTH_HEADER.authorization : badAuthorization();
-  const unaryMethod = pick(["Initiate", "GetStatus", "Cancel"]);
-  const kinds: (() => Promise<Outcome>)[] = [
-    () =>
-      viaFetch("connect-json", `${SERVICE}/${unaryMethod}`, {
-        method: "POST",
-        headers: headersWith(auth, { "content-type": "application/json" }),
-        body: badJson(unaryMethod),
-      }),
-    () =>
-      // Random binary could decode as a valid Initiate: only with a bad token there.
-      viaFetch("connect-proto", `${SERVICE}/${unaryMethod}`, {
-        method: "POST",
-        headers: headersWith(unaryMethod === "Initiate" ? badAuthorization() : auth, {
-          "content-type": "application/proto",
-        }),
-        body: new Uint8Array(randomBytes(int(200))),
-      }),
-    () => {
-      const q = pick([
-        `encoding=json&message=${encodeURIComponent(badJson("GetStatus"))}`,
-        `encoding=proto&base64=1&message=${randomBytes(30).toString("base64url")}`,
-        `encoding=xml&message=x`,
-        `connect=v9&encoding=json&message=%7B%7D`,
-        `message=${"%".repeat(int(50) + 1)}`,
-        "",
-      ]);
-      return viaFetch("connect-get", `${SERVICE}/GetStatus?${q}`, {
-        headers: headersWith(auth, {}),
-      });
-    },
-    () =>
-      viaFetch("connect-stream", `${SERVICE}/WatchJob`, {
-        method: "POST",
-        headers: headersWith(auth, {
-          "content-type": pick(["application/connect+json", "application/connect+proto"]),
-        }),
-        body: new Uint8Array(
-          pick([
-            () => envelope(0, badJson("WatchJob")),
-            () => randomBytes(int(100)),
-            () => Buffer.concat([envelope(0, "{}"), envelope(0, "{}")]),
-            () => Buffer.from([0, 0xff, 0xff, 0xff, 0xff, 1, 2]),
-            () => envelope(1, randomBytes(20)),
-          ])(),
-        ),
-      }),
-    () =>
-      viaFetch("grpc-web", path, {
-        method: "POST",
-        headers: headersWith(auth, {
-          "content-type": "application/grpc-web+proto",
-          "x-grpc-web": "1",
-        }),
-        body: new Uint8Array(
-          pick([() => randomBytes(int(100)), () => Buffer.from([0, 0, 0, 0, 50, 1])])(),
-        ),
-      }),
-    () =>
-      viaH2(
-        "grpc-h2c",
-        path,
-        headersWith(auth, { "content-type": "application/grpc", te: "trailers" }),
-        pick([
-          () => randomBytes(int(100)),
-          () => Buffer.from([0, 0, 0, 1, 0]),
-          () => Buffer.concat([Buffer.from([0, 0, 0, 0, 4]), randomBytes(4)]),
-          () => Buffer.from([1, 0, 0, 0, 3, 1, 2, 3]),
-        ])(),
-      ),
-    () =>
-      viaH2(
-        "connect-h2c",
-        `${SERVICE}/${unaryMethod}`,
-        headersWith(auth, { "content-type": "application/json" }),
-        Buffer.from(badJson(unaryMethod), "latin1"),
-      ),
-    () =>
-      viaFetch(
-        "wrong-route",
-        pick([
-          `${SERVICE}/Delete`,
-          "/downloads.v2.DownloadService/Initiate",
-          `${SERVICE}/`,
-          "/%00",
-        ]),
-        {
-          method: pick(["POST", "PUT", "DELETE", "PATCH"]),
-          headers: { "content-type": "application/json" },
-          body: "{}",
-        },
-      ),
-    () =>
-      viaFetch("wrong-content-type", path, {
-        method: "POST",
-        headers: headersWith(auth, {
-          "content-type": pick([
-            "text/plain",
-            "application/xml",
-            "multipart/form-data",
-            "application/json; charset=latin1",
-          ]),
-        }),
-        body: "{}",
-      }),
-  ];
-  return pick(kinds)().catch((err: unknown) => ({
-    kind: "transport",
-    ok: false,
-    detail: String(err),
-  }));
+/** One malformed request, of a random kind (test/helpers/malformed.ts). */
+function malformed(rand: () => number): Promise<Outcome> {
+  const req = malformedRequest(rand, TEST_TOKEN);
+  return send(base, session, req)
+    .then((res) => judge(req.kind, res))
+    .catch((err: unknown) => ({
+      kind: "transport",
+      ok: false,
+      detail: `${req.kind} ${String(err)}`,
+    }));
 }
 
 async function valid(n: number): Promise<void> {
-  const headers = { "content-type": "application/json", ...TEST_AUTH_HEADER };
+  const headers = { "content-type": "application/json", authorization: `Bearer ${TEST_TOKEN}` };
   const { job } = (await (
     await fetch(`${base}${SERVICE}/Initiate`, {
       method: "POST",
@@ -347,12 +156,13 @@ async function valid(n: number): Promise<void> {
 /** Sends `count` malformed requests, CONCURRENCY at a time. */
 async function barrage(count: number, outcomes: Outcome[]): Promise<number> {
   let next = 0;
+  const rand = seeded(SEED);
   const started = Date.now();
   await Promise.all(
     Array.from({ length: CONCURRENCY }, async () => {
       while (next < count) {
         next += 1;
-        outcomes.push(await malformed());
+        outcomes.push(await malformed(rand));
       }
     }),
   );
@@ -384,7 +194,7 @@ test("10,000 malformed requests over every protocol: each a clean client error, 
   const heapAfter = await heapAfterGc();
   const mb = (n: number) => `${(n / 1024 / 1024).toFixed(1)} MB`;
   console.log(
-    `fault malformed: ${outcomes.length} malformed requests in ${ms} ms over ${JSON.stringify(Object.fromEntries(byKind))}; ` +
+    `fault malformed (seed ${SEED}): ${outcomes.length} malformed requests in ${ms} ms over ${JSON.stringify(Object.fromEntries(byKind))}; ` +
       `answers ${JSON.stringify(Object.fromEntries([...answers].sort((x, y) => y[1] - x[1]).slice(0, 12)))}; ` +
       `not a clean client error: ${bad.length}; API heap after GC ${mb(heapBefore)} before, ${mb(heapAfter)} after ` +
       `(RSS ${mb(rssBefore)} before, ${mb(rssPeak)} at the end of the barrage); server up; lost: 0`,

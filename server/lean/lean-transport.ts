@@ -485,7 +485,6 @@ async function serve(
   let deadline: NodeJS.Timeout | undefined;
   const onClose = () => abort?.abort(STREAM_OVER);
   try {
-    if (timeout.error !== undefined) throw timeout.error;
     if (abort !== undefined) {
       res.once("close", onClose);
       if (timeout.timeoutMs !== undefined) {
@@ -495,13 +494,14 @@ async function serve(
         }, timeout.timeoutMs);
       }
     }
-    // After the request is read, as connect-node's auth interceptor runs: a bad token
-    // and a bad body get the same answer on both ways in.
+    // Where connect-node's auth interceptor runs: after a unary request is read, before
+    // a stream's. A bad token and a bad body then get the same answer on both ways in.
     const call = (): RpcCall => {
       owner = opts.authenticate(req.headers);
       return { owner, header: (name) => header(req, name), signal: abort?.signal ?? NEVER, get };
     };
     if (row.method.methodKind === "unary") {
+      if (timeout.error !== undefined) throw timeout.error;
       const work = (async () => {
         const input = await readInput(req, route, wire, opts.readMaxBytes);
         return (row as UnaryRow).run(call(), input);
@@ -511,9 +511,12 @@ async function serve(
       await responder.unary(answer);
       return;
     }
+    // connect-node runs a stream's interceptors (auth) before it reads the request.
+    const streamCall = call();
+    if (timeout.error !== undefined) throw timeout.error;
     const input = await readInput(req, route, wire, opts.readMaxBytes);
     const signal = abort?.signal ?? NEVER;
-    for await (const reply of (row as StreamRow).run(call(), input)) {
+    for await (const reply of (row as StreamRow).run(streamCall, input)) {
       if (signal.aborted) break;
       // A caller that reads slowly is sent nothing more until it catches up; meanwhile
       // the hub keeps only the latest record of each state for it.
