@@ -46,6 +46,28 @@ export interface Http2Limits {
 /** The window HTTP2_MAX_RESETS_PER_10S counts in. */
 export const RESET_WINDOW_MS = 10_000;
 
+/**
+ * RFC 9113 §6.8's graceful shutdown. A plain close() announces the last stream the
+ * server has seen, so a request already on its way is refused (REFUSED_STREAM), which
+ * connect-node's clients report as an error instead of retrying. First a GOAWAY that
+ * keeps every stream id acceptable (the client opens no new stream after it), then,
+ * one round trip later (a PING, or a second for a client that never answers one), the
+ * real close.
+ */
+function closeGracefully(session: http2.Http2Session): void {
+  if (session.closed || session.destroyed) return;
+  session.goaway(http2.constants.NGHTTP2_NO_ERROR, 2 ** 31 - 1);
+  let done = false;
+  const close = () => {
+    if (done) return;
+    done = true;
+    clearTimeout(fallback);
+    if (!session.closed && !session.destroyed) session.close();
+  };
+  const fallback = setTimeout(close, 1_000).unref();
+  if (!session.ping(close)) close();
+}
+
 /** Per-session bookkeeping for the limits above. */
 interface SessionLimits {
   open: number;
@@ -130,7 +152,7 @@ export function createDualProtocolListener(
       completed: 0,
       windowStart: Date.now(),
       timer: setTimeout(() => {
-        if (st.open === 0 && !session.closed) session.close();
+        if (st.open === 0) closeGracefully(session);
       }, opts.headersTimeoutMs),
       sawStream: false,
     };
@@ -144,7 +166,7 @@ export function createDualProtocolListener(
         st.sawStream = true;
         clearTimeout(st.timer);
         st.timer = setTimeout(() => {
-          if (st.open === 0 && !session.closed) session.close();
+          if (st.open === 0) closeGracefully(session);
         }, limits.idleTimeoutMs);
       }
       if (!stream.endAfterHeaders) awaitingBody.set(stream, Date.now());
@@ -249,7 +271,7 @@ export function createDualProtocolListener(
       if (closing) return;
       closing = true;
       const frontClosed = new Promise<void>((resolve) => front.close(() => resolve()));
-      for (const session of sessions) session.close();
+      for (const session of sessions) closeGracefully(session);
       h1.closeIdleConnections();
       const deadline = Date.now() + timeoutMs;
       while (sockets.size > 0 && Date.now() < deadline) {
