@@ -1,4 +1,5 @@
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
 import S3rver from "s3rver";
@@ -9,6 +10,28 @@ import { freePort } from "./ports.js";
 // credentials are fixed by s3rver itself.
 
 export const LOCAL_S3_CREDENTIALS = { accessKeyId: "S3RVER", secretAccessKey: "S3RVER" } as const;
+
+// s3rver knows its access keys in one registry per process (it checks that a request's
+// key exists, not its signature): tests add keys to stand for an IAM role's rotating
+// temporary credentials, and revoke the old ones to prove they are no longer used.
+const s3rverAccount = (
+  createRequire(import.meta.url)("s3rver/lib/models/account.js") as {
+    DUMMY_ACCOUNT: {
+      createKeyPair(accessKeyId: string, secretAccessKey: string): void;
+      revokeAccessKey(accessKeyId: string): void;
+    };
+  }
+).DUMMY_ACCOUNT;
+
+/** Lets the embedded S3 servers of this process accept another access key. */
+export function addLocalS3AccessKey(accessKeyId: string, secretAccessKey: string): void {
+  s3rverAccount.createKeyPair(accessKeyId, secretAccessKey);
+}
+
+/** The embedded S3 servers of this process refuse `accessKeyId` from now on (403). */
+export function revokeLocalS3AccessKey(accessKeyId: string): void {
+  s3rverAccount.revokeAccessKey(accessKeyId);
+}
 
 export interface LocalS3 {
   endpoint: string;
