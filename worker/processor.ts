@@ -27,6 +27,7 @@ import type { SourceInfo, Storage } from "../core/storage.js";
 import { extractContext, inSpan } from "../core/tracing.js";
 import { abortError, type BundleEntry, type BundleOptions, bundleToS3 } from "./bundle.js";
 import { BundleSpans } from "./bundle-spans.js";
+import { entryNames } from "./entry-names.js";
 
 // One BullMQ job = one bundle; one run of the processor = one attempt. The job record is
 // the truth, changed only through core/job-transitions.ts: the run claims the job
@@ -524,18 +525,8 @@ async function headAll(
 
 /** ZIP entry names: the source's `filename` metadata when safe and unique, else file-<id>. */
 function toEntries(sources: readonly SourceInfo[]): BundleEntry[] {
-  const used = new Set<string>();
-  return sources.map((s) => {
-    const wanted = s.fileName
-      // biome-ignore lint/suspicious/noControlCharactersInRegex: control characters are what it removes
-      ?.replace(/[\\/\x00-\x1f]/g, "_")
-      .replace(/^\.+/, "_")
-      .slice(0, 200);
-    let name = wanted !== undefined && wanted !== "" ? wanted : entryNameFor(s.fileId);
-    if (used.has(name)) name = `${s.fileId}-${name}`;
-    used.add(name);
-    return { ...s, entryName: name };
-  });
+  const names = entryNames(sources);
+  return sources.map((s, i) => ({ ...s, entryName: names[i] as string }));
 }
 
 function resultFileName(rec: JobRecord): string {
