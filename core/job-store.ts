@@ -1,5 +1,5 @@
 import { JobNotFoundError, type JobRecord, type JobStateName } from "./jobs.js";
-import { RedisKeys } from "./keys.js";
+import { expiryMember, RedisKeys } from "./keys.js";
 import type { RedisClient } from "./redis.js";
 import { type ScriptCommands, withScripts } from "./redis-scripts.js";
 
@@ -94,6 +94,14 @@ export class JobStore {
   /** Members of the expiry set (see keys.ts expiryMember) due at `now`, oldest first. */
   async dueResultExpiries(now: number, limit: number): Promise<string[]> {
     return this.redis.zrangebyscore(this.resultExpiryKey, "-inf", now, "LIMIT", 0, limit);
+  }
+
+  /**
+   * Registers an object for deletion at `at` (ms) without a record write: a run's own
+   * upload that lost to a cancel or another run, should it land after the run deleted it.
+   */
+  async scheduleResultDeletion(jobId: string, objectKey: string, at: number): Promise<void> {
+    await this.redis.zadd(this.resultExpiryKey, at, expiryMember(jobId, objectKey));
   }
 
   async forgetResultExpiry(member: string): Promise<void> {

@@ -258,9 +258,11 @@ async function run(
     watch = setInterval(() => {
       store.ownership(jobId).then(
         (o) => {
-          if (o.state !== "PROCESSING")
+          // The lease first: a job another run ended is not this run's cancel.
+          if (o.lease !== attempt.token) stop(new FencedError(jobId, o.lease ?? ""));
+          else if (o.state !== "PROCESSING") {
             stop(new CancelledError(`job ${jobId} is no longer running`));
-          else if (o.lease !== attempt.token) stop(new FencedError(jobId, o.lease ?? ""));
+          }
         },
         () => undefined,
       );
@@ -331,7 +333,7 @@ async function run(
     } catch (err) {
       if (err instanceof JobStateError || err instanceof JobNotFoundError) {
         // Cancelled while the last part was being written: leave nothing behind.
-        await discardOwnResult(storage, key, undefined, log);
+        await discardOwnResult(store, storage, attempt, key, undefined, log);
         log.info("job cancelled after upload; result deleted");
         return "cancelled";
       }
@@ -346,12 +348,12 @@ async function run(
       // Another run owns the job: its record, its object and its webhook are its own.
       // This run only removes what it made; BullMQ refuses whatever it reports (the lock
       // is gone), and the job goes on in the run that holds it.
-      await discardOwnResult(storage, key, bundling, log);
+      await discardOwnResult(store, storage, attempt, key, bundling, log);
       log.warn({ ms: Date.now() - startedAt }, "run stopped: another run owns the job now");
       throw new Error(`job ${jobId}: this run lost the job to another run`);
     }
     if (cancel.signal.aborted) {
-      await discardOwnResult(storage, key, bundling, log);
+      await discardOwnResult(store, storage, attempt, key, bundling, log);
       log.info({ ms: Date.now() - startedAt }, "job cancelled");
       // Unrecoverable: a retry would start the cancelled job again.
       throw new UnrecoverableError("cancelled");
@@ -398,10 +400,14 @@ async function run(
 
 /**
  * Deletes this run's own result object (never another's: each run has its own key). An
- * upload the abort did not stop in time may complete afterwards: delete it then too.
+ * upload the abort did not stop in time may still land: the object is deleted again
+ * once the bundle has settled, and registered with retention, which deletes it at its
+ * next sweep should it land later still.
  */
 async function discardOwnResult(
+  store: JobStore,
   storage: Storage,
+  attempt: Attempt,
   key: string | undefined,
   bundling: Promise<unknown> | undefined,
   log: Logger,
@@ -411,7 +417,12 @@ async function discardOwnResult(
     storage
       .deleteResult(key)
       .catch((e: unknown) => log.warn({ err: e, key }, "could not delete result"));
-  void bundling?.then(del, () => undefined);
+  if (bundling !== undefined) {
+    void bundling.then(del, del);
+    await store
+      .scheduleResultDeletion(attempt.jobId, key, Date.now())
+      .catch((e: unknown) => log.warn({ err: e, key }, "could not register result for deletion"));
+  }
   await del();
 }
 

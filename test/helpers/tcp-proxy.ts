@@ -1,0 +1,62 @@
+import net from "node:net";
+
+// A TCP proxy on 127.0.0.1 between one client and a server, which can stop forwarding
+// and resume: a network partition as a process sees it when no packet is lost but none
+// gets through (no reset, no close: its connections stay open, its writes are buffered,
+// its commands wait for answers). While paused, new connections are accepted and held.
+
+export interface TcpProxy {
+  port: number;
+  /** Stops forwarding in both directions on every connection, old and new. */
+  pause(): void;
+  /** Forwards again; what was held back is delivered in order. */
+  resume(): void;
+  close(): Promise<void>;
+}
+
+export async function startTcpProxy(target: { host?: string; port: number }): Promise<TcpProxy> {
+  const host = target.host ?? "127.0.0.1";
+  const sockets = new Set<net.Socket>();
+  let paused = false;
+
+  const server = net.createServer((client) => {
+    const upstream = net.connect(target.port, host);
+    for (const s of [client, upstream]) {
+      sockets.add(s);
+      s.on("close", () => sockets.delete(s));
+      // A reset on either side ends the pair; the other side sees it closed.
+      s.on("error", () => {
+        client.destroy();
+        upstream.destroy();
+      });
+    }
+    client.on("close", () => upstream.destroy());
+    upstream.on("close", () => client.destroy());
+    // Piped by hand: stream.pipe would resume a paused source as soon as it is piped.
+    client.on("data", (d: Buffer) => upstream.write(d));
+    upstream.on("data", (d: Buffer) => client.write(d));
+    if (paused) {
+      client.pause();
+      upstream.pause();
+    }
+  });
+  await new Promise<void>((ok, fail) => {
+    server.once("error", fail);
+    server.listen(0, "127.0.0.1", () => ok());
+  });
+  return {
+    port: (server.address() as net.AddressInfo).port,
+    pause() {
+      paused = true;
+      for (const s of sockets) s.pause();
+    },
+    resume() {
+      paused = false;
+      for (const s of sockets) s.resume();
+    },
+    async close() {
+      for (const s of sockets) s.destroy();
+      await new Promise<void>((ok) => server.close(() => ok()));
+    },
+  };
+}
