@@ -78,8 +78,8 @@ const CONNECT = PROTOCOLS[0] as Protocol;
 const NEVER = new AbortController().signal;
 /** abort() without a reason builds a DOMException with a stack trace; nothing reads it. */
 const STREAM_OVER = new Error("stream over");
-/** The most an early answer waits to read over HTTP/2 (see afterBody). */
-const DRAIN_BYTES = 64 * 1024;
+/** The most an early answer waits to read over HTTP/2 (see afterBody); connect-node drains as much over HTTP/1.1. */
+const DRAIN_BYTES = 256 * 1024;
 const DRAIN_MS = 2_000;
 
 /**
