@@ -1,15 +1,16 @@
 import { createServer } from "node:http";
 import { Redis } from "ioredis";
+import { RedisKeys } from "../core/keys.js";
 
 // The limit of this stack for a status poll: node:http, one HGETALL of the job's hash,
 // the hash as JSON. No validation, no conversion, no framework. GET /jobs/<id>.
-// REDIS_URL, KEY_PREFIX (the job hash is <prefix>:job:<id>) and PORT from the environment.
+// REDIS_URL, KEY_PREFIX (QUEUE_PREFIX of the jobs) and PORT from the environment.
 
 const redis = new Redis(process.env.REDIS_URL ?? "redis://127.0.0.1:6379");
-const prefix = process.env.KEY_PREFIX ?? "dj";
+const keys = new RedisKeys(process.env.KEY_PREFIX ?? "dj");
 const server = createServer((req, res) => {
   const id = (req.url ?? "").slice("/jobs/".length);
-  redis.hgetall(`${prefix}:job:${id}`).then(
+  redis.hgetall(keys.job(id)).then(
     (job) => {
       if (job.state === undefined) {
         res.writeHead(404).end();
