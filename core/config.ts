@@ -75,6 +75,19 @@ const clusterNodes = z.string().transform((raw, ctx): string[] => {
   return nodes;
 });
 
+// Sentinels of a Redis primary/replica set: host:port, separated by commas.
+const sentinels = z.string().transform((raw, ctx): string[] => {
+  const nodes = raw.split(/[\s,]+/).filter((s) => s !== "");
+  if (nodes.length === 0 || nodes.some((n) => !/^[^\s:/]+:\d{1,5}$/.test(n))) {
+    ctx.addIssue({
+      code: "custom",
+      message: "expected host:port of each Sentinel, separated by commas (e.g. 10.0.0.5:26379)",
+    });
+    return z.NEVER;
+  }
+  return nodes;
+});
+
 const schema = z.object({
   PORT: int(0, 65535).default(8080),
   HOST: z.string().min(1).default("127.0.0.1"),
@@ -168,6 +181,17 @@ const schema = z.object({
   WEBHOOK_BACKOFF_MS: int(0).default(2000),
   WEB_ROOT: z.string().default("clients/web/dist"),
   REDIS_CLUSTER_NODES: clusterNodes.optional(),
+  REDIS_SENTINELS: sentinels.optional(),
+  REDIS_SENTINEL_NAME: z
+    .string()
+    .regex(/^[A-Za-z0-9_.-]{1,64}$/, {
+      error: "expected the primary's name as the Sentinels know it (sentinel monitor <name> ...)",
+    })
+    .optional(),
+  // 0 is off: Initiate answers once the primary has the job. Otherwise it also waits
+  // until that many replicas hold it (WAIT), or fails with UNAVAILABLE.
+  REDIS_MIN_REPLICAS_ACK: int(0, 100).default(0),
+  REDIS_REPLICAS_ACK_TIMEOUT_MS: int(1, 60_000).default(500),
   LOG_FORMAT: z.enum(["pretty", "json"]).optional(),
   NODE_ENV: z.string().optional(),
   ADMIN_TOKEN_SHA256: z
@@ -211,6 +235,18 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
     throw new ConfigError(
       "invalid configuration:\n  S3_ACCESS_KEY_ID, S3_SECRET_ACCESS_KEY: set both, or neither to use the AWS default credential chain (IAM role)",
     );
+  }
+  if (cfg.REDIS_SENTINELS !== undefined) {
+    if (cfg.REDIS_URL !== undefined || cfg.REDIS_CLUSTER_NODES !== undefined) {
+      throw new ConfigError(
+        "invalid configuration:\n  REDIS_SENTINELS: set it alone, without REDIS_URL or REDIS_CLUSTER_NODES",
+      );
+    }
+    if (cfg.REDIS_SENTINEL_NAME === undefined) {
+      throw new ConfigError(
+        "invalid configuration:\n  REDIS_SENTINEL_NAME: required with REDIS_SENTINELS (the name in the Sentinels' 'sentinel monitor <name>' line)",
+      );
+    }
   }
   if (cfg.REDIS_CLUSTER_NODES !== undefined) {
     if (cfg.REDIS_URL !== undefined) {

@@ -39,6 +39,8 @@ export interface JobServiceDeps {
    * undefined when webhooks are not configured, so callback_url is refused.
    */
   checkCallbackUrl?: ((url: string) => Promise<string>) | undefined;
+  /** REDIS_MIN_REPLICAS_ACK: a new job is acknowledged only once replicas hold it. */
+  replicaAck?: { wait(): Promise<void> } | undefined;
 }
 
 export interface InitiateInput {
@@ -112,6 +114,7 @@ export class JobService {
         await this.admission.forget(req, admitted.jobId).catch(() => undefined);
         throw err;
       }
+      await this.deps.replicaAck?.wait();
       return { job: admitted.created, outcome: admitted.outcome };
     }
     const job = await this.deps.store.get(admitted.jobId);

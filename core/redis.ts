@@ -3,16 +3,27 @@ import { Cluster, type ClusterNode, type ClusterOptions, Redis, type RedisOption
 /** One Redis server or a Redis Cluster: the commands we use behave the same on both. */
 export type RedisClient = Redis | Cluster;
 
-/** Where Redis is: a `redis://` URL, or the seed nodes of a cluster (REDIS_CLUSTER_NODES). */
-export type RedisTarget = string | { clusterNodes: readonly string[] };
+/**
+ * Where Redis is: a `redis://` URL, the seed nodes of a cluster (REDIS_CLUSTER_NODES),
+ * or the Sentinels that know the current primary (REDIS_SENTINELS, REDIS_SENTINEL_NAME).
+ */
+export type RedisTarget =
+  | string
+  | { clusterNodes: readonly string[] }
+  | { sentinels: readonly string[]; name: string };
 
 type Role = "api" | "worker" | "subscriber";
 
-/** The target the configuration names; REDIS_CLUSTER_NODES wins over REDIS_URL. */
+/** The target the configuration names (the configuration allows only one of them). */
 export function redisTargetFrom(cfg: {
   REDIS_URL?: string | undefined;
   REDIS_CLUSTER_NODES?: readonly string[] | undefined;
+  REDIS_SENTINELS?: readonly string[] | undefined;
+  REDIS_SENTINEL_NAME?: string | undefined;
 }): RedisTarget | undefined {
+  if (cfg.REDIS_SENTINELS !== undefined && cfg.REDIS_SENTINELS.length > 0) {
+    return { sentinels: cfg.REDIS_SENTINELS, name: cfg.REDIS_SENTINEL_NAME ?? "mymaster" };
+  }
   if (cfg.REDIS_CLUSTER_NODES !== undefined && cfg.REDIS_CLUSTER_NODES.length > 0) {
     return { clusterNodes: cfg.REDIS_CLUSTER_NODES };
   }
@@ -54,14 +65,32 @@ export function createRedis(target: RedisTarget, opts: { role: Role; name?: stri
     opts.role === "api"
       ? { maxRetriesPerRequest: 1, connectTimeout: 2000 }
       : { maxRetriesPerRequest: null };
-  if (typeof target === "string") {
-    const conn = new Redis(target, {
+  if (typeof target === "string" || "sentinels" in target) {
+    const common: RedisOptions = {
       connectionName,
       lazyConnect: false,
       retryStrategy: retry,
       ...roleOptions,
       ...(opts.role === "api" ? { enableOfflineQueue: true } : {}),
-    });
+    };
+    const conn =
+      typeof target === "string"
+        ? new Redis(target, common)
+        : new Redis({
+            ...common,
+            sentinels: target.sentinels.map((s) => {
+              const i = s.lastIndexOf(":");
+              return { host: s.slice(0, i), port: Number(s.slice(i + 1)) };
+            }),
+            name: target.name,
+            role: "master",
+            sentinelRetryStrategy: retry,
+            // Reconnect as soon as the Sentinels announce a new primary, rather than
+            // when the old one's socket finally breaks (never, if it is partitioned).
+            failoverDetector: true,
+            // A primary demoted under us answers READONLY: ask the Sentinels again.
+            reconnectOnError: (err: Error) => err.message.startsWith("READONLY"),
+          });
     if (opts.role !== "subscriber") coalesceWrites(conn);
     return conn;
   }

@@ -1,5 +1,6 @@
 import { createLogger, logFormatFor } from "../core/logger.js";
 import { exitOnStopSignals, loadConfigOrExit } from "../core/process-entry.js";
+import { redisTargetFrom } from "../core/redis.js";
 import { startTracing } from "../core/tracing.js";
 import { startApiServer } from "./server.js";
 
@@ -10,7 +11,7 @@ import { startApiServer } from "./server.js";
 async function main(): Promise<void> {
   const cfg = loadConfigOrExit();
   const missing = [
-    ...(cfg.REDIS_URL === undefined && cfg.REDIS_CLUSTER_NODES === undefined ? ["REDIS_URL"] : []),
+    ...(redisTargetFrom(cfg) === undefined ? ["REDIS_URL"] : []),
     ...(cfg.S3_ENDPOINT === undefined ? ["S3_ENDPOINT"] : []),
   ];
   if (missing.length > 0) {

@@ -13,6 +13,7 @@ import {
 } from "../core/metrics.js";
 import { createBundleQueue } from "../core/queue.js";
 import { createRedis, type RedisClient, redisTargetFrom, waitForRedis } from "../core/redis.js";
+import { ReplicaAck } from "../core/replica-ack.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { checkWebhookUrl } from "../core/webhook-target.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
@@ -74,7 +75,9 @@ export async function startApiServer(
 ): Promise<ApiServer> {
   const target = redisTargetFrom(cfg);
   if (target === undefined)
-    throw new Error("REDIS_URL or REDIS_CLUSTER_NODES is required to start the API server");
+    throw new Error(
+      "REDIS_URL, REDIS_CLUSTER_NODES or REDIS_SENTINELS is required to start the API server",
+    );
   // Before any connection: a server without tokens (and not explicitly open) must not start.
   const auth = createAuthenticator({
     tokens: cfg.AUTH_TOKENS ?? [],
@@ -82,6 +85,12 @@ export async function startApiServer(
     log,
   });
   const redis = createRedis(target, { role: "api", name: "download-jobs:api" });
+  // WAIT blocks its connection, so durability gets one of its own (core/replica-ack.ts).
+  const ackConn =
+    cfg.REDIS_MIN_REPLICAS_ACK > 0
+      ? createRedis(target, { role: "api", name: "download-jobs:api-replica-ack" })
+      : undefined;
+  ackConn?.on("error", (err: Error) => log.warn({ err: err.message }, "redis connection error"));
   // Exactly one subscriber connection per process, whatever the number of watchers.
   const sub = createRedis(target, { role: "subscriber", name: "download-jobs:api-events" });
   for (const [name, conn] of [
@@ -104,7 +113,7 @@ export async function startApiServer(
   const closeBackends = async () => {
     await queue.close().catch((err: unknown) => log.warn({ err }, "queue close failed"));
     storage.destroy();
-    await Promise.all([quit(redis), quit(sub)]);
+    await Promise.all([quit(redis), quit(sub), ...(ackConn ? [quit(ackConn)] : [])]);
   };
 
   try {
@@ -137,6 +146,13 @@ export async function startApiServer(
       ratePerMinute: cfg.INITIATE_RATE_PER_MINUTE,
     },
     maxQueueDepth: cfg.MAX_QUEUE_DEPTH,
+    replicaAck:
+      ackConn &&
+      new ReplicaAck(ackConn, {
+        prefix: cfg.QUEUE_PREFIX,
+        replicas: cfg.REDIS_MIN_REPLICAS_ACK,
+        timeoutMs: cfg.REDIS_REPLICAS_ACK_TIMEOUT_MS,
+      }),
     checkCallbackUrl:
       cfg.WEBHOOK_SECRET === undefined
         ? undefined

@@ -2,6 +2,7 @@ import { Readiness } from "../core/health.js";
 import { createLogger, logFormatFor } from "../core/logger.js";
 import { serveMetrics } from "../core/metrics.js";
 import { exitOnStopSignals, loadConfigOrExit } from "../core/process-entry.js";
+import { redisTargetFrom } from "../core/redis.js";
 import { startTracing } from "../core/tracing.js";
 import { startWorkerHealthServer } from "./health.js";
 import { startWorker } from "./worker.js";
@@ -11,12 +12,9 @@ import { startWorker } from "./worker.js";
 async function main(): Promise<void> {
   const cfg = loadConfigOrExit();
   const log = createLogger(cfg.LOG_LEVEL, "worker", { format: logFormatFor(cfg) });
-  if (
-    (cfg.REDIS_URL === undefined && cfg.REDIS_CLUSTER_NODES === undefined) ||
-    cfg.S3_ENDPOINT === undefined
-  ) {
+  if (redisTargetFrom(cfg) === undefined || cfg.S3_ENDPOINT === undefined) {
     log.fatal(
-      "REDIS_URL (or REDIS_CLUSTER_NODES) and S3_ENDPOINT must be set for a worker (npm start sets them for you)",
+      "REDIS_URL (or REDIS_CLUSTER_NODES, REDIS_SENTINELS) and S3_ENDPOINT must be set for a worker (npm start sets them for you)",
     );
     process.exit(2);
   }

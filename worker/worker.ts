@@ -44,7 +44,7 @@ export interface RunningWorker {
 export async function startWorker(cfg: Config, log: Logger): Promise<RunningWorker> {
   const target = redisTargetFrom(cfg);
   if (target === undefined)
-    throw new Error("REDIS_URL or REDIS_CLUSTER_NODES is required for the worker");
+    throw new Error("REDIS_URL, REDIS_CLUSTER_NODES or REDIS_SENTINELS is required for the worker");
   const redis = createRedis(target, { role: "worker", name: "download-jobs:worker" });
   const sub = createRedis(target, { role: "subscriber", name: "download-jobs:worker-cancel" });
   await Promise.all([waitForRedis(redis), waitForRedis(sub)]);
