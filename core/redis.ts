@@ -85,10 +85,11 @@ export function createRedis(target: RedisTarget, opts: { role: Role; name?: stri
             name: target.name,
             role: "master",
             sentinelRetryStrategy: retry,
-            // Reconnect as soon as the Sentinels announce a new primary, rather than
-            // when the old one's socket finally breaks (never, if it is partitioned).
-            failoverDetector: true,
-            // A primary demoted under us answers READONLY: ask the Sentinels again.
+            // Not ioredis's failoverDetector: a +switch-master that arrives while the
+            // connection is already reconnecting (the primary died) ends it for good
+            // (status "end", "Connection is closed."), which stopped every worker in
+            // the failover test. A dead primary closes the socket, and a demoted one
+            // answers writes with READONLY: both make the client ask the Sentinels again.
             reconnectOnError: (err: Error) => err.message.startsWith("READONLY"),
           });
     if (opts.role !== "subscriber") coalesceWrites(conn);

@@ -6,9 +6,10 @@ import { promisify } from "node:util";
 import { freePort, waitUntil } from "./ports.js";
 import { ensureRedisBinary } from "./redis-server.js";
 
-// A Redis Cluster of masters only, from Debian's redis-server and redis-cli (redis-tools
-// comes with redis-server), on loopback ports, for the tests. Each node keeps its
-// cluster state in a temporary folder that stop() removes. Stopped by pid.
+// A Redis Cluster from Debian's redis-server and redis-cli (redis-tools comes with
+// redis-server), on loopback ports, for the tests: masters only by default, or with
+// replicas for failover tests. Each node keeps its cluster state in a temporary folder
+// that stop() removes. Stopped by pid.
 
 const run = promisify(execFile);
 
@@ -19,6 +20,10 @@ export interface LocalRedisCluster {
   stop(): Promise<void>;
   /** SIGKILL every node, for fault tests. */
   kill(): void;
+  /** The master that serves `key`'s hash slot right now (as the live nodes see it). */
+  masterOf(key: string): Promise<{ address: string; pid: number }>;
+  /** SIGKILL one node (`host:port`), as `kill -9` would. */
+  killNode(address: string): void;
 }
 
 interface Node {
@@ -28,12 +33,24 @@ interface Node {
   stderr: () => string;
 }
 
+export interface LocalRedisClusterOptions {
+  masters?: number;
+  /** Replicas per master (default 0). */
+  replicas?: number;
+  /**
+   * How long a node may be unreachable before it counts as failed and a replica is
+   * promoted (cluster-node-timeout); default 5000.
+   */
+  nodeTimeoutMs?: number;
+}
+
 export async function startRedisCluster(
-  opts: { masters?: number } = {},
+  opts: LocalRedisClusterOptions = {},
 ): Promise<LocalRedisCluster> {
   const bin = ensureRedisBinary({ install: false });
   const cli = bin.replace(/redis-server$/, "redis-cli");
-  const count = opts.masters ?? 3;
+  const replicas = opts.replicas ?? 0;
+  const count = (opts.masters ?? 3) * (1 + replicas);
   const dir = mkdtempSync(join(tmpdir(), "dj-redis-cluster-"));
   const nodes: Node[] = [];
 
@@ -70,7 +87,10 @@ export async function startRedisCluster(
           "--cluster-config-file",
           join(dir, `nodes-${port}.conf`),
           "--cluster-node-timeout",
-          "5000",
+          String(opts.nodeTimeoutMs ?? 5000),
+          // A replica may always take over, however long its link was down.
+          "--cluster-replica-validity-factor",
+          "0",
           "--dir",
           dir,
           "--save",
@@ -104,7 +124,7 @@ export async function startRedisCluster(
       "create",
       ...nodes.map((n) => `127.0.0.1:${n.port}`),
       "--cluster-replicas",
-      "0",
+      String(replicas),
       "--cluster-yes",
     ]);
     // Every node must agree before a client's first slot map is trustworthy.
@@ -118,17 +138,58 @@ export async function startRedisCluster(
         30_000,
       );
     }
+    // A replica that has not finished its first sync cannot be promoted.
+    if (replicas > 0) {
+      for (const n of nodes) {
+        await waitUntil(
+          `replication settled on port ${n.port}`,
+          async () => {
+            const info = (await run(cli, ["-p", String(n.port), "info", "replication"])).stdout;
+            return info.includes("role:master")
+              ? new RegExp(`connected_slaves:${replicas}\\b`).test(info)
+              : info.includes("master_link_status:up");
+          },
+          30_000,
+        );
+      }
+    }
   } catch (err) {
     await stop();
     throw err;
   }
+  const live = () => nodes.filter((n) => n.child.exitCode === null && n.child.signalCode === null);
   return {
     nodes: nodes.map((n) => `127.0.0.1:${n.port}`),
     pids: nodes.map((n) => n.child.pid ?? 0),
     stop,
     kill() {
-      for (const n of nodes)
-        if (n.child.exitCode === null && n.child.signalCode === null) n.child.kill("SIGKILL");
+      for (const n of live()) n.child.kill("SIGKILL");
+    },
+    async masterOf(key) {
+      const ask = live()[0];
+      if (ask === undefined) throw new Error("no cluster node is running");
+      const cliOut = async (...args: string[]) =>
+        (await run(cli, ["-p", String(ask.port), ...args])).stdout.trim();
+      const slot = Number(await cliOut("cluster", "keyslot", key));
+      // CLUSTER NODES: id addr@bus flags master ping pong epoch state slot-ranges...
+      for (const line of (await cliOut("cluster", "nodes")).split("\n")) {
+        const f = line.split(" ");
+        if (!(f[2] ?? "").includes("master") || (f[2] ?? "").includes("fail")) continue;
+        const owns = f.slice(8).some((range) => {
+          const [lo, hi] = range.split("-").map(Number);
+          return lo !== undefined && slot >= lo && slot <= (hi ?? lo);
+        });
+        if (!owns) continue;
+        const address = (f[1] ?? "").split("@")[0] ?? "";
+        const port = Number(address.split(":")[1]);
+        const node = nodes.find((n) => n.port === port);
+        return { address, pid: node?.child.pid ?? 0 };
+      }
+      throw new Error(`no live master serves slot ${slot}`);
+    },
+    killNode(address) {
+      const port = Number(address.split(":")[1]);
+      nodes.find((n) => n.port === port)?.child.kill("SIGKILL");
     },
   };
 }

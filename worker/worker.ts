@@ -47,6 +47,8 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     throw new Error("REDIS_URL, REDIS_CLUSTER_NODES or REDIS_SENTINELS is required for the worker");
   const redis = createRedis(target, { role: "worker", name: "download-jobs:worker" });
   const sub = createRedis(target, { role: "subscriber", name: "download-jobs:worker-cancel" });
+  // Without a listener ioredis prints every reconnect error of a failover to stderr.
+  sub.on("error", (err: Error) => log.warn({ err: err.message }, "redis connection error"));
   await Promise.all([waitForRedis(redis), waitForRedis(sub)]);
   const store = new JobStore(redis, {
     prefix: cfg.QUEUE_PREFIX,

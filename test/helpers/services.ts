@@ -3,7 +3,16 @@ import { PutObjectCommand } from "@aws-sdk/client-s3";
 import { type Config, loadConfig } from "../../core/config.js";
 import type { RedisTarget } from "../../core/redis.js";
 import { Storage, storageOptionsFrom } from "../../core/storage.js";
-import { startRedisCluster } from "../../local/redis-cluster.js";
+import {
+  type LocalRedisCluster,
+  type LocalRedisClusterOptions,
+  startRedisCluster,
+} from "../../local/redis-cluster.js";
+import {
+  type LocalRedisSentinel,
+  type LocalRedisSentinelOptions,
+  startRedisSentinel,
+} from "../../local/redis-sentinel.js";
 import { type LocalRedis, startRedis } from "../../local/redis-server.js";
 import { LOCAL_S3_CREDENTIALS, type LocalS3, startS3 } from "../../local/s3-server.js";
 import { testLogLevel } from "./test-log.js";
@@ -16,6 +25,10 @@ export interface Services {
   redis: LocalRedis;
   /** What createRedis takes to reach these services: a URL, or the cluster's nodes. */
   redisTarget: RedisTarget;
+  /** The cluster, when one was asked for (failover tests kill its nodes). */
+  cluster?: LocalRedisCluster;
+  /** The Sentinel set-up, when one was asked for. */
+  sentinel?: LocalRedisSentinel;
   s3: LocalS3;
   /** Environment for child processes (API, worker) pointing at these services. */
   env: Record<string, string>;
@@ -58,14 +71,30 @@ export function uniquePrefix(name = "t"): string {
  * makes that the default, to run any suite against a cluster.
  */
 export async function startServices(
-  opts: { appendonlyDir?: string; cluster?: boolean } = {},
+  opts: {
+    appendonlyDir?: string;
+    /** A cluster instead of one redis-server; options (replicas) for failover tests. */
+    cluster?: boolean | LocalRedisClusterOptions;
+    /** A primary, replicas and Sentinels instead of one redis-server. */
+    sentinel?: LocalRedisSentinelOptions;
+  } = {},
 ): Promise<Services> {
-  const cluster = opts.cluster ?? process.env.REDIS_CLUSTER === "1";
+  const cluster = (opts.cluster ?? process.env.REDIS_CLUSTER === "1") !== false;
   let redis: LocalRedis;
   let redisTarget: RedisTarget;
   let redisEnv: Record<string, string>;
-  if (cluster) {
-    const c = await startRedisCluster();
+  let localCluster: LocalRedisCluster | undefined;
+  let localSentinel: LocalRedisSentinel | undefined;
+  if (opts.sentinel !== undefined) {
+    const sn = await startRedisSentinel(opts.sentinel);
+    localSentinel = sn;
+    const first = sn.nodes[0] as LocalRedis;
+    redis = { ...first, stop: sn.stop, kill: () => sn.nodes.forEach((n) => n.kill()) };
+    redisTarget = { sentinels: sn.sentinels, name: sn.name };
+    redisEnv = { REDIS_SENTINELS: sn.sentinels.join(","), REDIS_SENTINEL_NAME: sn.name };
+  } else if (cluster) {
+    const c = await startRedisCluster(typeof opts.cluster === "object" ? opts.cluster : {});
+    localCluster = c;
     const first = c.nodes[0] ?? "";
     redis = {
       url: `redis://${first}`,
@@ -109,6 +138,8 @@ export async function startServices(
   return {
     redis,
     redisTarget,
+    ...(localCluster !== undefined ? { cluster: localCluster } : {}),
+    ...(localSentinel !== undefined ? { sentinel: localSentinel } : {}),
     s3,
     env,
     config,

@@ -1,0 +1,150 @@
+import { type ChildProcess, execFile, spawn } from "node:child_process";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { promisify } from "node:util";
+import { freePort, waitUntil } from "./ports.js";
+import { ensureRedisBinary, type LocalRedis, startRedis } from "./redis-server.js";
+
+// A Redis primary, its replicas and Sentinels watching them, from Debian's
+// redis-server (which runs as a Sentinel with --sentinel, so the redis-sentinel package
+// is not needed), on loopback ports, for failover tests. Stopped by pid.
+
+const run = promisify(execFile);
+
+export interface LocalRedisSentinel {
+  /** host:port of every Sentinel, as REDIS_SENTINELS takes them. */
+  sentinels: string[];
+  /** The name the Sentinels monitor, as REDIS_SENTINEL_NAME takes it. */
+  name: string;
+  /** Every data node (the primary first, as started). */
+  nodes: LocalRedis[];
+  /** The primary the Sentinels currently name (host:port). */
+  primary(): Promise<string>;
+  stop(): Promise<void>;
+}
+
+export interface LocalRedisSentinelOptions {
+  replicas?: number;
+  sentinels?: number;
+  /** Sentinel's down-after-milliseconds: how soon an unreachable primary is failed over. */
+  downAfterMs?: number;
+}
+
+export async function startRedisSentinel(
+  opts: LocalRedisSentinelOptions = {},
+): Promise<LocalRedisSentinel> {
+  const bin = ensureRedisBinary({ install: false });
+  const cli = bin.replace(/redis-server$/, "redis-cli");
+  const name = "dj-primary";
+  const dir = mkdtempSync(join(tmpdir(), "dj-redis-sentinel-"));
+  const nodes: LocalRedis[] = [];
+  const sentinels: Array<{ port: number; child: ChildProcess; exited: Promise<void> }> = [];
+
+  const stop = async () => {
+    await Promise.all([
+      ...sentinels.map(async (s) => {
+        if (s.child.exitCode === null && s.child.signalCode === null) {
+          s.child.kill("SIGTERM");
+          const timer = setTimeout(() => s.child.kill("SIGKILL"), 5000);
+          await s.exited;
+          clearTimeout(timer);
+        }
+      }),
+      ...nodes.map((n) => n.stop()),
+    ]);
+    rmSync(dir, { recursive: true, force: true });
+  };
+
+  try {
+    const primary = await startRedis();
+    nodes.push(primary);
+    for (let i = 0; i < (opts.replicas ?? 1); i++) {
+      nodes.push(
+        await startRedis({ extraArgs: ["--replicaof", "127.0.0.1", String(primary.port)] }),
+      );
+    }
+    const count = opts.sentinels ?? 1;
+    // A majority of the Sentinels must agree that the primary is down.
+    const quorum = Math.floor(count / 2) + 1;
+    for (let i = 0; i < count; i++) {
+      const port = await freePort();
+      const conf = join(dir, `sentinel-${port}.conf`);
+      // Sentinel rewrites its configuration file as it learns, so each has its own.
+      writeFileSync(
+        conf,
+        [
+          `port ${port}`,
+          "bind 127.0.0.1",
+          `dir ${dir}`,
+          `sentinel monitor ${name} 127.0.0.1 ${primary.port} ${quorum}`,
+          `sentinel down-after-milliseconds ${name} ${opts.downAfterMs ?? 1000}`,
+          `sentinel failover-timeout ${name} 10000`,
+          `sentinel parallel-syncs ${name} 1`,
+          "",
+        ].join("\n"),
+      );
+      const child = spawn(bin, [conf, "--sentinel", "--loglevel", "warning"], {
+        stdio: ["ignore", "ignore", "pipe"],
+      });
+      let stderr = "";
+      child.stderr?.on("data", (d: Buffer) => (stderr += d.toString()));
+      const exited = new Promise<void>((r) => child.once("exit", () => r()));
+      sentinels.push({ port, child, exited });
+      await waitUntil(`sentinel on port ${port}`, async () => {
+        if (child.exitCode !== null) throw new Error(`sentinel exited: ${stderr.trim()}`);
+        const { stdout } = await run(cli, ["-p", String(port), "ping"]).catch(() => ({
+          stdout: "",
+        }));
+        return stdout.trim() === "PONG";
+      });
+    }
+    // Every Sentinel knows the replicas (and, with several, each other) before a test
+    // may count on a failover.
+    for (const s of sentinels) {
+      await waitUntil(
+        `sentinel on port ${s.port} sees the replicas`,
+        async () => {
+          const { stdout } = await run(cli, ["-p", String(s.port), "sentinel", "replicas", name]);
+          return (stdout.match(/^flags$/gm) ?? []).length >= nodes.length - 1;
+        },
+        30_000,
+      );
+    }
+    for (const n of nodes.slice(1)) {
+      await waitUntil(
+        `replica on port ${n.port} in sync`,
+        async () =>
+          (await run(cli, ["-p", String(n.port), "info", "replication"])).stdout.includes(
+            "master_link_status:up",
+          ),
+        30_000,
+      );
+    }
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+
+  return {
+    sentinels: sentinels.map((s) => `127.0.0.1:${s.port}`),
+    name,
+    nodes,
+    async primary() {
+      for (const s of sentinels) {
+        if (s.child.exitCode !== null) continue;
+        const { stdout } = await run(cli, [
+          "-p",
+          String(s.port),
+          "sentinel",
+          "get-master-addr-by-name",
+          name,
+        ]);
+        const [host, port] = stdout.trim().split("\n");
+        return `${host}:${port}`;
+      }
+      throw new Error("no sentinel is running");
+    },
+    stop,
+  };
+}

@@ -1,0 +1,125 @@
+import { Code, ConnectError, createClient } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
+import { describe, expect, test } from "vitest";
+import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
+import { RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
+import { startApiStack, withTestToken } from "./helpers/api.js";
+import {
+  type DrillReport,
+  longestOutageMs,
+  runFailoverDrill,
+  STATE_RANK,
+} from "./helpers/failover-drill.js";
+
+// The primary that holds the queue's hash slot dies (`kill -9`) under Initiate load with
+// open watchers, and a replica is promoted: what an acknowledged job, a caller, a
+// watcher and a load balancer must see through it. On a Redis Cluster of three masters
+// and three replicas, and on a primary with a replica and a Sentinel.
+
+function summary(r: DrillReport): string {
+  const errors = r.calls.filter((c) => c.code !== undefined);
+  const reruns = [...r.started.values()].filter((k) => k > 1).length;
+  return JSON.stringify({
+    initiated: r.calls.length,
+    acknowledged: r.calls.length - errors.length,
+    errors: errors.length,
+    outageMs: Math.round(longestOutageMs(r)),
+    promotedAfterMs: Math.round(r.promotedAt - r.killedAt),
+    watchers: r.watchers.size,
+    reruns,
+  });
+}
+
+function check(r: DrillReport): void {
+  console.log(`failover drill: ${summary(r)}`);
+  const acked = r.calls.filter((c) => c.jobId !== undefined).map((c) => c.jobId as string);
+  expect(acked.length).toBeGreaterThan(0);
+
+  // Every Initiate that failed said "retry": UNAVAILABLE with a delay, never INTERNAL.
+  const errors = r.calls.filter((c) => c.code !== undefined);
+  expect(errors.map((c) => Code[c.code as Code])).toEqual(errors.map(() => "Unavailable"));
+  for (const e of errors) {
+    expect(e.retryAfter).toMatch(/^\d+$/);
+    expect(e.retryInfo).toBe(true);
+  }
+
+  // Every acknowledged job completed, exactly once, with the ZIP its record describes.
+  const notCompleted = acked.filter((id) => r.finals.get(id)?.state !== JobState.COMPLETED);
+  expect(notCompleted).toEqual([]);
+  for (const id of acked) {
+    expect(r.zips.get(id), id).toEqual({ status: 200, sha256Matches: true, sourcesMatch: true });
+    expect(r.completed.get(id) ?? 0, `${id} completed by how many runs`).toBe(1);
+  }
+
+  // No watcher missed its job's end or went back: versions rise, states never go back,
+  // and the last one seen is the job's final record.
+  for (const [id, w] of r.watchers) {
+    expect(w.error, id).toBeUndefined();
+    expect(w.versions, id).toEqual([...new Set(w.versions)].sort((a, b) => a - b));
+    const ranks = w.states.map((s) => STATE_RANK[s] ?? -1);
+    expect(ranks, id).toEqual([...ranks].sort((a, b) => a - b));
+    expect(w.states.at(-1), id).toBe(JobState.COMPLETED);
+    expect(w.versions.at(-1), id).toBe(r.finals.get(id)?.version);
+  }
+
+  // Readiness noticed: not ready on the API and the worker after the kill, ready again.
+  const after = r.probes.filter((p) => p.at >= r.killedAt);
+  for (const key of ["api", "worker"] as const) {
+    const down = after.findIndex((p) => p[key] !== 200);
+    expect(down, `${key} /readyz went not-ready`).toBeGreaterThanOrEqual(0);
+    expect(
+      after.slice(down).some((p) => p[key] === 200),
+      `${key} /readyz came back`,
+    ).toBe(true);
+  }
+}
+
+describe("a Redis failover under load", () => {
+  test("Cluster (3 masters, 3 replicas): kill -9 of the queue's master loses nothing", async () => {
+    check(await runFailoverDrill({ kind: "cluster", rate: 10, warmup: 10, after: 8 }));
+  }, 180_000);
+
+  test("Sentinel (primary, replica, one Sentinel): kill -9 of the primary loses nothing", async () => {
+    check(await runFailoverDrill({ kind: "sentinel", rate: 8, warmup: 6, after: 5 }));
+  }, 180_000);
+
+  test("Sentinel with REDIS_MIN_REPLICAS_ACK=1 (primary, two replicas): every acknowledged job was on a replica", async () => {
+    check(
+      await runFailoverDrill({
+        kind: "sentinel",
+        rate: 8,
+        warmup: 6,
+        after: 5,
+        replicas: 2,
+        minReplicasAck: 1,
+      }),
+    );
+  }, 180_000);
+});
+
+describe("REDIS_MIN_REPLICAS_ACK", () => {
+  test("without enough replicas, Initiate is UNAVAILABLE with a retry delay", async () => {
+    const st = await startApiStack({
+      REDIS_MIN_REPLICAS_ACK: "1",
+      REDIS_REPLICAS_ACK_TIMEOUT_MS: "50",
+    });
+    try {
+      const client = createClient(
+        DownloadService,
+        createConnectTransport({
+          baseUrl: st.server.url,
+          httpVersion: "1.1",
+          interceptors: [withTestToken],
+        }),
+      );
+      const err = ConnectError.from(
+        await client.initiate({ fileIds: [1] }).catch((e: unknown) => e),
+      );
+      expect(err.code).toBe(Code.Unavailable);
+      expect(err.metadata.get("retry-after")).toMatch(/^\d+$/);
+      expect(err.findDetails(RetryInfoSchema)).toHaveLength(1);
+    } finally {
+      await st.stop();
+    }
+  });
+});
