@@ -50,6 +50,8 @@ export interface InitiateCall {
 export interface WatcherLog {
   states: JobState[];
   versions: number[];
+  /** The last snapshot the watcher got (the terminal one, if it got there). */
+  last?: Job;
   error?: string;
 }
 
@@ -70,9 +72,12 @@ export interface DrillReport {
   finals: Map<string, Job>;
   /** For every COMPLETED job: its ZIP matched the record's SHA-256 and held the sources. */
   zips: Map<string, { status: number; sha256Matches: boolean; sourcesMatch: boolean }>;
-  /** Runs the workers started and completed, per job (from their logs). */
+  /** Runs the workers started, per job (from their logs). */
   started: Map<string, number>;
-  completed: Map<string, number>;
+  /** When each run that completed a job logged it, per job (ms since the drill's start). */
+  completed: Map<string, number[]>;
+  /** The ZIP behind the last snapshot each watcher saw, checked like `zips`. */
+  watchedZips: Map<string, { status: number; sha256Matches: boolean; sourcesMatch: boolean }>;
 }
 
 const SOURCES: Array<[number, number, string]> = [
@@ -147,6 +152,7 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
     ];
     const client = clients[0] as Client<typeof DownloadService>;
     const t0 = performance.now();
+    const epoch0 = Date.now();
     const now = () => performance.now() - t0;
 
     // Readiness of the API and of one worker, as a load balancer would poll it.
@@ -189,6 +195,7 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
             })) {
               log.states.push(job.state);
               log.versions.push(job.version);
+              log.last = job;
             }
           } catch (err) {
             log.error = ConnectError.from(err).message;
@@ -308,12 +315,8 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
     watchAbort.abort();
     await Promise.all(watching);
 
-    const zips = new Map<
-      string,
-      { status: number; sha256Matches: boolean; sourcesMatch: boolean }
-    >();
-    for (const [id, job] of finals) {
-      if (job.state !== JobState.COMPLETED) continue;
+    type ZipCheck = { status: number; sha256Matches: boolean; sourcesMatch: boolean };
+    const checkZip = async (job: Job): Promise<ZipCheck> => {
       const res = await fetch(job.result?.downloadUrl ?? "");
       const bytes = Buffer.from(await res.arrayBuffer());
       let sourcesMatch = false;
@@ -324,21 +327,28 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
           entries.size === want.length &&
           want.every((s) => s !== undefined && entries.get(s.name)?.equals(s.bytes) === true);
       }
-      zips.set(id, {
+      return {
         status: res.status,
         sha256Matches: createHash("sha256").update(bytes).digest("hex") === job.result?.sha256,
         sourcesMatch,
-      });
-    }
+      };
+    };
+    const zips = new Map<string, ZipCheck>();
+    for (const [id, job] of finals)
+      if (job.state === JobState.COMPLETED) zips.set(id, await checkZip(job));
+    const watchedZips = new Map<string, ZipCheck>();
+    for (const [id, w] of watchers)
+      if (w.last?.state === JobState.COMPLETED) watchedZips.set(id, await checkZip(w.last));
 
     const started = new Map<string, number>();
-    const completed = new Map<string, number>();
+    const completed = new Map<string, number[]>();
     for (const w of workers) {
       for (const line of w.output().split("\n")) {
-        const m = /"jobId":"([^"]+)".*"msg":"job (started|completed)"/.exec(line);
+        const m = /"time":(\d+).*"jobId":"([^"]+)".*"msg":"job (started|completed)"/.exec(line);
         if (m === null) continue;
-        const into = m[2] === "started" ? started : completed;
-        into.set(m[1] as string, (into.get(m[1] as string) ?? 0) + 1);
+        const id = m[2] as string;
+        if (m[3] === "started") started.set(id, (started.get(id) ?? 0) + 1);
+        else completed.set(id, [...(completed.get(id) ?? []), Number(m[1]) - epoch0]);
       }
     }
     return {
@@ -351,6 +361,7 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
       zips,
       started,
       completed,
+      watchedZips,
     };
   } finally {
     for (const s of sessions) s.abort();

@@ -89,7 +89,13 @@ export async function startServices(
     const sn = await startRedisSentinel(opts.sentinel);
     localSentinel = sn;
     const first = sn.nodes[0] as LocalRedis;
-    redis = { ...first, stop: sn.stop, kill: () => sn.nodes.forEach((n) => n.kill()) };
+    redis = {
+      ...first,
+      stop: sn.stop,
+      kill: () => {
+        for (const n of sn.nodes) n.kill();
+      },
+    };
     redisTarget = { sentinels: sn.sentinels, name: sn.name };
     redisEnv = { REDIS_SENTINELS: sn.sentinels.join(","), REDIS_SENTINEL_NAME: sn.name };
   } else if (cluster) {
