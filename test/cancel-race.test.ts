@@ -69,6 +69,8 @@ test(`${JOBS} cancels at random moments: every run ends, and no cancelled job le
   const worker = await startWorker(cfg, pino({ level: "silent" }));
   const shapes = [[401, 402, 403, 404], [405], [404, 401], [401, 402, 403]];
   const outcomes: { jobId: string; cancelled: boolean }[] = [];
+  // Where each run was when its cancel landed, as the record said at that moment.
+  const phases = { queued: 0, starting: 0, reading: 0, finishing: 0 };
   try {
     let next = 0;
     const lane = async () => {
@@ -78,8 +80,13 @@ test(`${JOBS} cancels at random moments: every run ends, and no cancelled job le
         const job = (await service.initiate("race", { fileIds })).job;
         await new Promise((r) => setTimeout(r, Math.floor(Math.random() * 1000)));
         try {
-          await service.cancel("race", job.id);
+          const at = await service.cancel("race", job.id);
           outcomes.push({ jobId: job.id, cancelled: true });
+          const p = at.progress;
+          if (at.attempts === 0) phases.queued += 1;
+          else if (p.bytesDone === 0) phases.starting += 1;
+          else if (p.bytesDone < p.bytesTotal) phases.reading += 1;
+          else phases.finishing += 1;
         } catch (err) {
           // Too late: the job ended first.
           if (!(err instanceof JobStateError)) throw err;
@@ -103,6 +110,15 @@ test(`${JOBS} cancels at random moments: every run ends, and no cancelled job le
     });
 
     const cancelled = outcomes.filter((o) => o.cancelled);
+    console.log(
+      `cancel race: ${JSON.stringify(phases)} cancelled, ${JOBS - cancelled.length} too late`,
+    );
+    // The cancels landed in every phase of a run: before it started, before its first
+    // byte, while reading, and once every byte was read (finalizing, uploading, ending).
+    expect(
+      Object.values(phases).every((n) => n > 0),
+      JSON.stringify(phases),
+    ).toBe(true);
     expect(outcomes.length).toBe(JOBS);
     // Enough of them were cancelled mid-run for the test to mean something.
     expect(cancelled.length).toBeGreaterThan(JOBS / 2);

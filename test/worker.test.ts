@@ -172,9 +172,9 @@ describe("worker", () => {
     });
     expect(done.error?.message).toContain("999001");
     expect(done.attempts).toBe(1);
-    const bull = await s.queue.getJob(job.id);
-    expect(bull?.attemptsMade).toBe(1);
-    expect(await bull?.getState()).toBe("failed");
+    // The record turns FAILED inside the run, just before BullMQ fails the job.
+    await expect.poll(() => s.queue.getJobState(job.id)).toBe("failed");
+    expect((await s.queue.getJob(job.id))?.attemptsMade).toBe(1);
     expect(done.files.filter((f) => f.state === "FAILED").map((f) => f.fileId)).toEqual([
       999_001, 999_002,
     ]);
