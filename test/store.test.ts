@@ -109,6 +109,15 @@ describe("job transitions", () => {
     expect(retry).toMatchObject({ startedAt: 1000, attempts: 2, version: 3, lease: "b" });
   });
 
+  test("a claim sent twice by one run (a resend after a reconnect) counts the run once", async () => {
+    const store = newStore();
+    const id = newJobId();
+    const rec = await createJob(store, id, [1], "owner-a");
+    await markProcessing(store, runOf(id, "a"), start(rec));
+    const again = await markProcessing(store, runOf(id, "a"), start(rec));
+    expect(again).toMatchObject({ attempts: 1, lease: "a" });
+  });
+
   test("a run that lost the job to another run can change nothing", async () => {
     const store = newStore();
     const id = newJobId();

@@ -69,7 +69,8 @@ for _ = 1, tonumber(ARGV[12]) do
 end
 if #ARGV >= at then redis.call('HSET', KEYS[1], unpack(ARGV, at)) end
 redis.call('HINCRBY', KEYS[1], 'version', 1)
-if fence == 'claim' then
+-- A claim resent after a reconnect is the same run: it is counted once.
+if fence == 'claim' and lease ~= token then
   redis.call('HSET', KEYS[1], 'lease', token)
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 end
