@@ -115,7 +115,8 @@ function cached<T>(load: () => Promise<T>, ttlMs: number): () => Promise<T> {
 // ---- worker -------------------------------------------------------------------------
 
 /** How one run of a job ended. */
-export type JobOutcome = "completed" | "failed" | "cancelled" | "retry";
+/** How one run ended; "superseded": another run took the job (this run had lost its lock). */
+export type JobOutcome = "completed" | "failed" | "cancelled" | "retry" | "superseded";
 
 /** What the processor reports; every method is cheap and never throws. */
 export interface JobMetrics {
@@ -134,7 +135,7 @@ export interface JobMetrics {
 export function registerWorkerMetrics(registry: Registry): JobMetrics {
   const duration = new Histogram({
     name: "job_duration_seconds",
-    help: "Duration of one run of a job, by outcome (completed, failed, cancelled, retry).",
+    help: "Duration of one run of a job, by outcome (completed, failed, cancelled, retry, superseded).",
     labelNames: ["outcome"] as const,
     buckets: [0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120, 300, 600, 1800],
     registers: [registry],

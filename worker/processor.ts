@@ -455,8 +455,8 @@ function failedRunOutcome(
   cancel: AbortSignal,
   abort: AbortSignal,
 ): JobOutcome | undefined {
-  // Another run owns the job: that run reports it.
-  if (fenced(err, cancel)) return undefined;
+  // Another run owns the job and reports how it ends; this run only counts as superseded.
+  if (fenced(err, cancel)) return "superseded";
   if (cancel.aborted) return "cancelled";
   if (err instanceof UnrecoverableError) return "failed";
   // Lock lost or the worker is stopping: another run follows, and nobody decided anything.
