@@ -3,7 +3,7 @@ import { createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { ConfigError, loadConfig } from "../core/config.js";
-import { createJob } from "../core/job-transitions.js";
+import { createJob, markProcessing } from "../core/job-transitions.js";
 import { newJobId } from "../core/jobs.js";
 import { createLogger } from "../core/logger.js";
 import { createRedis, waitForRedis } from "../core/redis.js";
@@ -217,4 +217,59 @@ describe("WatchHub on a cluster's pub/sub", () => {
     }
     expect(failures).toEqual([]);
   });
+});
+
+describe("WatchHub when the cluster replaces its pub/sub connection", () => {
+  test("a watcher still gets the change published while the connection was being replaced", async () => {
+    // The cluster client moves its pub/sub connection to another node without any
+    // public event; what was published meanwhile is gone. The hub notices the new
+    // connection and re-reads what it follows.
+    const name = `resync-${process.pid}`;
+    const sub = createRedis(st.svc.redisTarget, { role: "subscriber", name });
+    sub.on("error", () => undefined);
+    await waitForRedis(sub);
+    const hub = new WatchHub(sub, st.store, {
+      heartbeatMs: 60_000,
+      log: createLogger("silent", "test"),
+    });
+    const abort = new AbortController();
+    try {
+      const id = newJobId();
+      await createJob(st.store, id, [1], st.owner);
+      const stream = hub.watch(id, 0, abort.signal);
+      expect((await stream.next()).value).toMatchObject({ job: { id, version: 1 } });
+
+      // Find the hub's pub/sub connection on whichever node holds it, and cut it while
+      // the job changes: the change is published before a new connection can subscribe.
+      const nodes = (st.redis as import("ioredis").Cluster).nodes("master");
+      let cut: Promise<unknown> | undefined;
+      for (const node of nodes) {
+        const list = (await node.client("LIST")) as string;
+        const line = list
+          .split("\n")
+          .find((l) => l.includes(`name=ioredis-cluster(subscriber):${name} `));
+        const clientId = line === undefined ? undefined : /\bid=(\d+)/.exec(line)?.[1];
+        if (clientId !== undefined) cut = node.client("KILL", "ID", clientId);
+      }
+      expect(cut).toBeDefined();
+      await Promise.all([
+        cut,
+        markProcessing(
+          st.store,
+          { jobId: id, token: "test-driver", checkLock: false },
+          { progress: (await st.store.get(id)).progress, files: [], startedAt: Date.now() },
+        ),
+      ]);
+      const next = await Promise.race([
+        stream.next(),
+        new Promise((resolve) => setTimeout(() => resolve("nothing within 20 s"), 20_000)),
+      ]);
+      expect(next).toMatchObject({ value: { job: { id, state: "PROCESSING", version: 2 } } });
+      await stream.return(undefined);
+    } finally {
+      abort.abort();
+      hub.close(new Error("test over"));
+      sub.disconnect();
+    }
+  }, 60_000);
 });
