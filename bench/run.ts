@@ -1,5 +1,6 @@
 import { benchBundle } from "./bundle.js";
 import { benchCancel } from "./cancel.js";
+import { benchFailover } from "./failover.js";
 import { benchJobs } from "./jobs.js";
 import { printTable, type Row, writeResults } from "./lib.js";
 import { benchPolling } from "./polling.js";
@@ -18,6 +19,7 @@ const scenarios: Record<string, Scenario> = {
   cancel: benchCancel,
   bundle: benchBundle,
   soak: benchSoak,
+  failover: benchFailover,
 };
 
 const args = process.argv.slice(2);
