@@ -83,9 +83,10 @@ function check(r: DrillReport): void {
       expect(w.versions.at(-1), id).toBe(r.finals.get(id)?.version);
   }
 
-  // Readiness noticed: not ready on the API and the worker after the kill, ready again.
+  // Readiness noticed: not ready on the API (/readyz and gRPC health) and the worker
+  // after the kill, ready again after the promotion.
   const after = r.probes.filter((p) => p.at >= r.killedAt);
-  for (const key of ["api", "worker"] as const) {
+  for (const key of ["api", "grpc", "worker"] as const) {
     const down = after.findIndex((p) => p[key] !== 200);
     expect(down, `${key} /readyz went not-ready`).toBeGreaterThanOrEqual(0);
     expect(

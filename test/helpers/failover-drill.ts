@@ -9,6 +9,10 @@ import {
 import { watchJob } from "../../clients/lib/watch.js";
 import { DownloadService, type Job, JobState } from "../../gen/downloads/v1/download_service_pb.js";
 import { RetryInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
+import {
+  Health,
+  HealthCheckResponse_ServingStatus as Serving,
+} from "../../gen/grpc/health/v1/health_pb.js";
 import { freePort, waitUntil } from "../../local/ports.js";
 import { type ApiStack, startApiStack, withTestToken } from "./api.js";
 import { type Services, startServices } from "./services.js";
@@ -60,6 +64,8 @@ export interface ProbeSample {
   /** HTTP status of /readyz (0: no answer). */
   api: number;
   worker: number;
+  /** The API's grpc.health.v1 Check answer, as HTTP would say it: 200 SERVING, else 503. */
+  grpc: number;
 }
 
 export interface DrillReport {
@@ -166,14 +172,24 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
         },
         () => 0,
       );
+    const health = createClient(
+      Health,
+      createGrpcTransport({ baseUrl: st.server.url, sessionManager: session }),
+    );
+    const grpcStatus = () =>
+      health.check({ service: "" }, { timeoutMs: 3000 }).then(
+        (r) => (r.status === Serving.SERVING ? 200 : 503),
+        () => 0,
+      );
     const prober = (async () => {
       while (probing) {
         const at = now();
-        const [api, worker] = await Promise.all([
+        const [api, worker, grpc] = await Promise.all([
           status(`${(st as ApiStack).server.url}/readyz`),
           status(`http://127.0.0.1:${workerPort}/readyz`),
+          grpcStatus(),
         ]);
-        probes.push({ at, api, worker });
+        probes.push({ at, api, worker, grpc });
         await sleep(200);
       }
     })();
@@ -274,14 +290,14 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
       60_000,
     );
     const promotedAt = now();
-    const recovered = (key: "api" | "worker") => {
+    const recovered = (key: "api" | "worker" | "grpc") => {
       const after = probes.filter((p) => p.at >= killedAt);
       const down = after.findIndex((p) => p[key] !== 200);
       return down !== -1 && after.slice(down).some((p) => p[key] === 200);
     };
     await waitUntil(
       "readiness back after the failover",
-      async () => recovered("api") && recovered("worker"),
+      async () => recovered("api") && recovered("worker") && recovered("grpc"),
       60_000,
     ).catch(() => undefined);
     const backAt = now();
