@@ -1,6 +1,8 @@
 import http from "node:http";
 import type { AddressInfo, Socket } from "node:net";
+import { Readable } from "node:stream";
 import { setTimeout as sleep } from "node:timers/promises";
+import { sampleStream } from "./samples.js";
 
 // S3 as it behaves over a real network, in front of the embedded S3 server (s3rver) on
 // loopback: every request waits a first-byte latency, response bodies are paced per
@@ -9,7 +11,9 @@ import { setTimeout as sleep } from "node:timers/promises";
 // body that stops part-way and never continues (a silent stall: the socket stays open).
 // It also answers `If-Match` on GET, which s3rver ignores, so a changed object fails
 // a resumed read as it would on S3. Draws come from a seeded generator, so a run's
-// faults are reproducible. Tests, benchmarks and `npm start` (S3_PROFILE) use it.
+// faults are reproducible. It can also make up source objects of any size from the
+// sample generator (GeneratedObjects), for benchmarks and ZIP64 runs that would not fit
+// on disk. Tests, benchmarks and `npm start` (S3_PROFILE) use it.
 
 export interface S3Behaviour {
   /** Added before the response headers of every request. */
@@ -139,10 +143,24 @@ function errorXml(code: string, message: string): string {
   return `<?xml version="1.0" encoding="UTF-8"?><Error><Code>${code}</Code><Message>${message}</Message></Error>`;
 }
 
+/**
+ * Source objects the fixture makes up instead of asking the S3 server: the bytes of the
+ * sample generator (local/samples.ts) for a file id, any size, never stored anywhere. A
+ * job of 10 GB or of 70,000 files then costs no disk and no seeding.
+ */
+export interface GeneratedObjects {
+  bucket: string;
+  /** Key prefix; the rest of the key is the file id. */
+  prefix: string;
+  /** The object's size, or undefined when the file id is not generated. */
+  sizeOf(fileId: number): number | undefined;
+}
+
 export async function startRealisticS3(
   target: string,
   behaviour: S3Behaviour | S3ProfileName = "realistic",
   seed = 42,
+  generate?: GeneratedObjects,
 ): Promise<RealisticS3> {
   const upstream = new URL(target);
   const random = mulberry32(seed);
@@ -170,6 +188,35 @@ export async function startRealisticS3(
   const stalled = new Set<http.ServerResponse>();
 
   const share = (rate: number) => enabled && rate > 0 && random() < rate;
+
+  /** HEAD or GET of a generated object (see `generate`), or undefined for any other. */
+  function generated(
+    method: string,
+    path: string,
+    range: string | undefined,
+  ): { status: number; headers: http.OutgoingHttpHeaders; body: Readable } | undefined {
+    if (generate === undefined || (method !== "GET" && method !== "HEAD")) return undefined;
+    const prefix = `/${generate.bucket}/${generate.prefix}`;
+    if (!path.startsWith(prefix)) return undefined;
+    const fileId = Number(path.slice(prefix.length));
+    const size = Number.isSafeInteger(fileId) ? generate.sizeOf(fileId) : undefined;
+    if (size === undefined) return undefined;
+    const m = range === undefined ? null : /^bytes=(\d+)-(\d*)$/.exec(range);
+    const start = m !== null ? Number(m[1]) : 0;
+    const end = m !== null && m[2] !== "" ? Math.min(Number(m[2]), size - 1) : size - 1;
+    const headers: http.OutgoingHttpHeaders = {
+      etag: `"generated-${fileId}-${size}"`,
+      "last-modified": new Date(0).toUTCString(),
+      "content-type": "application/octet-stream",
+      "accept-ranges": "bytes",
+      "x-amz-meta-filename": `generated-${fileId}.bin`,
+      "content-length": String(m !== null ? end - start + 1 : size),
+      ...(m !== null ? { "content-range": `bytes ${start}-${end}/${size}` } : {}),
+    };
+    const body =
+      method === "HEAD" || size === 0 ? Readable.from([]) : sampleStream(fileId, end + 1, start);
+    return { status: m !== null ? 206 : 200, headers, body };
+  }
 
   /** Writes `chunk` in slices at the pace both pacers allow; false once the client is gone. */
   async function paced(res: http.ServerResponse, pacer: Pacer, chunk: Buffer): Promise<boolean> {
@@ -249,6 +296,65 @@ export async function startRealisticS3(
         getsInFlight -= 1;
       });
     }
+    // Where the answer comes from: a generated object, or the S3 server behind.
+    let answered = false;
+    const answer = (status: number, headers: http.OutgoingHttpHeaders, body: Readable) => {
+      answered = true;
+      const ifMatch = req.headers["if-match"];
+      if (isGet && ifMatch !== undefined && status < 300 && headers.etag !== ifMatch) {
+        stats.preconditionFailed += 1;
+        body.destroy();
+        res.writeHead(412, { "content-type": "application/xml" });
+        res.end(
+          errorXml(
+            "PreconditionFailed",
+            "At least one of the pre-conditions you specified did not hold",
+          ),
+        );
+        return;
+      }
+      res.writeHead(status, headers);
+      const length = Number(headers["content-length"] ?? 0);
+      // Where a faulty body stops: somewhere in its middle, at least one byte in.
+      const stopAt = cut || stall ? Math.max(1, Math.floor(length * (0.1 + random() * 0.8))) : -1;
+      let sent = 0;
+      void (async () => {
+        try {
+          for await (const chunk of body as AsyncIterable<Buffer>) {
+            const room = stopAt >= 0 ? stopAt - sent : chunk.length;
+            const part = chunk.length > room ? chunk.subarray(0, room) : chunk;
+            if (!(await paced(res, pacer, part))) {
+              body.destroy();
+              return;
+            }
+            sent += part.length;
+            if (stopAt >= 0 && sent >= stopAt) {
+              body.destroy();
+              if (cut) {
+                stats.cutBodies += 1;
+                res.socket?.destroy();
+              } else {
+                // Headers and some bytes sent, then nothing: only the client's own
+                // deadline ends this.
+                stats.stalls += 1;
+                stalled.add(res);
+                res.on("close", () => stalled.delete(res));
+              }
+              return;
+            }
+          }
+          res.end();
+        } catch {
+          res.socket?.destroy();
+        }
+      })();
+    };
+    const made = generated(req.method ?? "", path, req.headers.range);
+    if (made !== undefined) {
+      req.resume();
+      answer(made.status, made.headers, made.body);
+      return;
+    }
     const out = http.request(
       {
         host: upstream.hostname,
@@ -258,64 +364,11 @@ export async function startRealisticS3(
         headers: req.headers,
         agent,
       },
-      (up) => {
-        const ifMatch = req.headers["if-match"];
-        if (
-          isGet &&
-          ifMatch !== undefined &&
-          up.statusCode !== undefined &&
-          up.statusCode < 300 &&
-          up.headers.etag !== ifMatch
-        ) {
-          stats.preconditionFailed += 1;
-          up.destroy();
-          res.writeHead(412, { "content-type": "application/xml" });
-          res.end(
-            errorXml(
-              "PreconditionFailed",
-              "At least one of the pre-conditions you specified did not hold",
-            ),
-          );
-          return;
-        }
-        res.writeHead(up.statusCode ?? 502, up.headers);
-        const length = Number(up.headers["content-length"] ?? 0);
-        // Where a faulty body stops: somewhere in its middle, at least one byte in.
-        const stopAt = cut || stall ? Math.max(1, Math.floor(length * (0.1 + random() * 0.8))) : -1;
-        let sent = 0;
-        void (async () => {
-          try {
-            for await (const chunk of up as AsyncIterable<Buffer>) {
-              const room = stopAt >= 0 ? stopAt - sent : chunk.length;
-              const part = chunk.length > room ? chunk.subarray(0, room) : chunk;
-              if (!(await paced(res, pacer, part))) {
-                up.destroy();
-                return;
-              }
-              sent += part.length;
-              if (stopAt >= 0 && sent >= stopAt) {
-                up.destroy();
-                if (cut) {
-                  stats.cutBodies += 1;
-                  res.socket?.destroy();
-                } else {
-                  // Headers and some bytes sent, then nothing: only the client's own
-                  // deadline ends this.
-                  stats.stalls += 1;
-                  stalled.add(res);
-                  res.on("close", () => stalled.delete(res));
-                }
-                return;
-              }
-            }
-            res.end();
-          } catch {
-            res.socket?.destroy();
-          }
-        })();
-      },
+      (up) => answer(up.statusCode ?? 502, up.headers, up),
     );
-    out.on("error", () => res.socket?.destroy());
+    out.on("error", () => {
+      if (!answered) res.socket?.destroy();
+    });
     req.pipe(out);
   });
   server.on("clientError", (_err, socket) => socket.destroy());

@@ -36,6 +36,8 @@ export function revokeLocalS3AccessKey(accessKeyId: string): void {
 export interface LocalS3 {
   endpoint: string;
   port: number;
+  /** Where s3rver keeps the objects: <dir>/<bucket>/<key>._S3rver_object. */
+  dir: string;
   stop(): Promise<void>;
 }
 
@@ -57,6 +59,7 @@ export async function startS3(
   return {
     endpoint: `http://127.0.0.1:${port}`,
     port,
+    dir: directory,
     async stop() {
       await server.close();
       if (temp) rmSync(directory, { recursive: true, force: true });

@@ -14,14 +14,20 @@ export { SAMPLE_FILE_IDS, SAMPLE_FILES, type SampleFile } from "./sample-files.j
 const CHUNK_BYTES = 64 * 1024;
 
 /**
- * The deterministic bytes of a sample: an AES-256-CTR keystream keyed by the file id.
+ * The deterministic bytes of a sample (from byte `start` to `sizeBytes`): an AES-256-CTR
+ * keystream keyed by the file id.
  * Fast (hundreds of MB/s), incompressible like real media, and different per file.
  */
-export function sampleStream(fileId: number, sizeBytes: number): Readable {
+export function sampleStream(fileId: number, sizeBytes: number, start = 0): Readable {
   const key = createHash("sha256").update(`download-jobs sample ${fileId}`).digest();
-  const cipher = createCipheriv("aes-256-ctr", key, Buffer.alloc(16));
+  // CTR mode: the keystream at any offset is the counter of its 16-byte block, so a
+  // range (from `start`) costs no more than its own bytes.
+  const iv = Buffer.alloc(16);
+  iv.writeBigUInt64BE(BigInt(Math.floor(start / 16)), 8);
+  const cipher = createCipheriv("aes-256-ctr", key, iv);
+  cipher.update(Buffer.alloc(start % 16));
   const zeros = Buffer.alloc(CHUNK_BYTES);
-  let left = sizeBytes;
+  let left = sizeBytes - start;
   return new Readable({
     highWaterMark: CHUNK_BYTES,
     read() {

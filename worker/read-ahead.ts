@@ -67,6 +67,8 @@ export interface ReadAheadStats {
   resumedBytes: number;
   peakBufferedBytes: number;
   peakOpen: number;
+  /** The smallest the window (in segments) became after SlowDowns. */
+  smallestWindow: number;
 }
 
 export class ReadAhead {
@@ -92,6 +94,7 @@ export class ReadAhead {
     resumedBytes: 0,
     peakBufferedBytes: 0,
     peakOpen: 0,
+    smallestWindow: 0,
   };
 
   constructor(
@@ -100,6 +103,7 @@ export class ReadAhead {
     private readonly opts: ReadAheadOptions,
   ) {
     this.limit = Math.max(1, opts.windowObjects);
+    this.stats.smallestWindow = this.limit;
     this.signal = AbortSignal.any([opts.signal, this.internal.signal]);
     const range = Math.max(1, opts.rangeBytes);
     for (const [entry, s] of sources.entries()) {
@@ -275,6 +279,7 @@ export class ReadAhead {
           if (failure.throttled) {
             this.stats.throttled += 1;
             this.limit = Math.max(1, Math.floor(this.limit / 2));
+            this.stats.smallestWindow = Math.min(this.stats.smallestWindow, this.limit);
             this.sinceTrouble = 0;
           }
           if (attempt >= this.opts.attempts) {

@@ -92,6 +92,9 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
       attempts: cfg.S3_READ_ATTEMPTS,
     },
     maxJobSeconds: cfg.MAX_JOB_SECONDS,
+    // At real S3 a HEAD costs a first-byte latency: a job of 1,000 small files spent
+    // seconds on them eight at a time.
+    headConcurrency: Math.max(8, cfg.READ_AHEAD_OBJECTS * 2),
   });
 
   const worker = new Worker<BundleJobData>(QUEUE_NAME, processor, {
