@@ -12,7 +12,7 @@ export default defineConfig({
     testTimeout: 180_000,
     hookTimeout: 180_000,
     teardownTimeout: 60_000,
-    expect: { poll: { timeout: 30_000, interval: 50 } },
+    expect: { poll: { timeout: 60_000, interval: 50 } },
     silent: showLogs ? false : "passed-only",
     // Each file starts its own redis-server and S3 server; two at a time fits 2 cores.
     maxWorkers: 2,

@@ -21,7 +21,7 @@ import {
   TEST_CONNECTION_NAME,
   withTestToken,
 } from "./helpers/api.js";
-import { settlesWithin } from "./helpers/deadline.js";
+import { STARTUP_MS, settlesWithin } from "./helpers/deadline.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
 
 // The server as a network service: one port for both protocols, robust against
@@ -359,7 +359,7 @@ describe("graceful shutdown", () => {
       await waitUntil(
         "API process",
         async () => (await fetch(`${url}/healthz`)).status === 200,
-        30_000,
+        STARTUP_MS,
       );
 
       const client = createClient(

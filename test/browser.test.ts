@@ -416,7 +416,7 @@ describe("in Chromium", () => {
     // The same address comes back: the page resumes the same job by itself.
     const cfg = apiConfig({ PORT: String(port), WEB_ROOT: dist });
     extraServers.push(await startApiServer(cfg, silent));
-    await expect.poll(() => stateText(page), { timeout: 45_000 }).toBe("Ready");
+    await expect.poll(() => stateText(page)).toBe("Ready");
     expect(await page.getByRole("alert").count()).toBe(0);
     await expect.poll(() => attr(page.getByTestId("job-id"), "title"), PATIENCE).toBe(jobId);
     await shot(page, "6-recovered");

@@ -16,6 +16,7 @@ import {
   TEST_CONNECTION_NAME,
   withTestToken,
 } from "./helpers/api.js";
+import { STARTUP_MS } from "./helpers/deadline.js";
 import { startServices } from "./helpers/services.js";
 import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
 import { readZip } from "./helpers/zip.js";
@@ -46,7 +47,7 @@ beforeAll(async () => {
     THROTTLE_BYTES_PER_SECOND: String(4 * 1024 * 1024),
     PROGRESS_INTERVAL_MS: "100",
   });
-  await waitUntil("worker ready", async () => worker.output().includes("worker ready"), 30_000);
+  await waitUntil("worker ready", async () => worker.output().includes("worker ready"), STARTUP_MS);
 });
 
 afterAll(async () => {

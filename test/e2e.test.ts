@@ -103,7 +103,7 @@ describe("end to end", () => {
           current = (await client.getStatus({ jobId: job?.jobId ?? "" })).job;
           return current?.state;
         },
-        { timeout: 30_000, interval: 100 },
+        { interval: 100 },
       )
       .toBe(JobState.COMPLETED);
     await expectZipMatches(current as Job, ids);

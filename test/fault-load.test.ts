@@ -11,6 +11,7 @@ import { DownloadService, JobState } from "../gen/downloads/v1/download_service_
 import { freePort, waitUntil } from "../local/ports.js";
 import { type ServiceProcess, startServiceProcess } from "../local/service-process.js";
 import { TEST_AUTH_HEADER, withTestToken } from "./helpers/api.js";
+import { STARTUP_MS } from "./helpers/deadline.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
 import { echoLine } from "./helpers/test-log.js";
 import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
@@ -75,7 +76,7 @@ beforeAll(async () => {
     THROTTLE_BYTES_PER_SECOND: String(200_000),
     PROGRESS_INTERVAL_MS: "200",
   });
-  await waitUntil("API", async () => (await fetch(`${base}/healthz`)).status === 200, 30_000);
+  await waitUntil("API", async () => (await fetch(`${base}/healthz`)).status === 200, STARTUP_MS);
 });
 afterAll(async () => {
   for (const s of sessions) s.abort();

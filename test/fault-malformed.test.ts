@@ -5,6 +5,7 @@ import { afterAll, beforeAll, expect, test } from "vitest";
 import { freePort, waitUntil } from "../local/ports.js";
 import { type ServiceProcess, startServiceProcess } from "../local/service-process.js";
 import { TEST_TOKEN } from "./helpers/api.js";
+import { STARTUP_MS } from "./helpers/deadline.js";
 import { malformedRequest, type RawResponse, SERVICE, seeded, send } from "./helpers/malformed.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
 
@@ -61,7 +62,7 @@ beforeAll(async () => {
       if (line.startsWith("memory ")) memoryLines.push(line);
     },
   });
-  await waitUntil("API", async () => (await fetch(`${base}/healthz`)).status === 200, 30_000);
+  await waitUntil("API", async () => (await fetch(`${base}/healthz`)).status === 200, STARTUP_MS);
   session = http2.connect(base);
   session.on("error", () => undefined);
 });

@@ -144,7 +144,7 @@ describe("worker health on WORKER_HEALTH_PORT", () => {
             (r) => r.status,
             () => 0,
           ),
-        { timeout: 30_000, interval: 200 },
+        { interval: 200 },
       )
       .toBe(200);
     const { status, body } = await readyz(base);
@@ -176,9 +176,7 @@ describe("worker health on WORKER_HEALTH_PORT", () => {
     const port = await freePort();
     const quiet = spawnWorker({ ...svc.env, QUEUE_PREFIX: uniquePrefix("wq"), LOG_LEVEL: "info" });
     try {
-      await expect
-        .poll(() => quiet.output(), { timeout: 30_000, interval: 200 })
-        .toMatch(/worker ready/);
+      await expect.poll(() => quiet.output(), { interval: 200 }).toMatch(/worker ready/);
       expect(quiet.output()).not.toMatch(/worker health listening/);
       expect(
         await fetch(`http://127.0.0.1:${port}/healthz`).then(

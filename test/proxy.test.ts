@@ -11,6 +11,7 @@ import { canConnect, freePort, waitUntil } from "../local/ports.js";
 import { type ServiceProcess, startServiceProcess } from "../local/service-process.js";
 import { type ApiServer, startApiServer } from "../server/server.js";
 import { type RunningWorker, startWorker } from "../worker/worker.js";
+import { STARTUP_MS } from "./helpers/deadline.js";
 import { type Nginx, startNginx } from "./helpers/nginx.js";
 import { type Services, startServices, TEST_TOKEN, uniquePrefix } from "./helpers/services.js";
 import { echoLine } from "./helpers/test-log.js";
@@ -301,7 +302,8 @@ describe.concurrent("watchJob through nginx", () => {
       cleanups.push(async () => {
         await Promise.all(procs.map((p) => p.stop(3_000)));
       });
-      for (const port of ports) await waitUntil(`api on ${port}`, () => canConnect(port), 30_000);
+      for (const port of ports)
+        await waitUntil(`api on ${port}`, () => canConnect(port), STARTUP_MS);
       const nginx = await proxy({
         upstreams: ports.map((p) => `127.0.0.1:${p}`),
         location: "proxy_buffering off; proxy_http_version 1.1;",

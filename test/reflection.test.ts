@@ -37,7 +37,7 @@ afterAll(async () => {
 const bufCurl = (args: string[]) =>
   run(BUF, ["curl", "--protocol", "grpc", "--http2-prior-knowledge", ...args], {
     cwd: "/",
-    timeout: 30_000,
+    timeout: 120_000,
   });
 
 describe("buf curl without --schema", () => {

@@ -11,6 +11,7 @@ import { DownloadService, type Job, JobState } from "../gen/downloads/v1/downloa
 import { waitUntil } from "../local/ports.js";
 import { type ServiceProcess, startServiceProcess } from "../local/service-process.js";
 import { withTestToken } from "./helpers/api.js";
+import { STARTUP_MS } from "./helpers/deadline.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
 import { echoLine } from "./helpers/test-log.js";
 
@@ -73,7 +74,7 @@ beforeAll(async () => {
           throw new Error(`${name} exited: ${JSON.stringify(p.lines.slice(-3))}`);
         return p.lines.some((l) => l.msg === msg);
       },
-      60_000,
+      STARTUP_MS,
     );
   const starting = [
     ...["api-a", "api-b"].map(async (name) => {

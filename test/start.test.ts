@@ -10,6 +10,7 @@ import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { canConnect, freePort, waitUntil } from "../local/ports.js";
 import { LOCAL_S3_CREDENTIALS } from "../local/s3-server.js";
 import { SAMPLE_FILES } from "../local/samples.js";
+import { STARTUP_MS } from "./helpers/deadline.js";
 
 // `npm start` as a user runs it: a real process tree (redis-server, s3rver, API, worker),
 // driven through its printed address with plain JSON like curl, stopped with Ctrl-C.
@@ -100,7 +101,7 @@ async function startStack(env: Record<string, string>): Promise<Stack> {
         if (proc.exitCode !== null) throw new Error("exited");
         return /download-jobs is ready at /.test(out);
       },
-      90_000,
+      STARTUP_MS,
     );
   } finally {
     // Record the pids even on failure, so afterEach can stop whatever did start.

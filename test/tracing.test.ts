@@ -9,6 +9,7 @@ import { startTracing, type Tracing, tracingEnabled } from "../core/tracing.js";
 import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { waitUntil } from "../local/ports.js";
 import { type ApiStack, startApiStack, withTestToken } from "./helpers/api.js";
+import { STARTUP_MS } from "./helpers/deadline.js";
 import { type Services, startServices } from "./helpers/services.js";
 import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
 
@@ -111,7 +112,7 @@ beforeAll(async () => {
     LOG_FORMAT: "json",
     THROTTLE_BYTES_PER_SECOND: String(8 * 1024 * 1024),
   });
-  await waitUntil("worker ready", async () => worker.output().includes("worker ready"), 30_000);
+  await waitUntil("worker ready", async () => worker.output().includes("worker ready"), STARTUP_MS);
 });
 
 afterAll(async () => {
@@ -148,7 +149,6 @@ async function runToCompletion(
   const poller = clientWith({});
   await expect
     .poll(async () => (await poller.getStatus({ jobId })).job?.state, {
-      timeout: 30_000,
       interval: 100,
     })
     .toBe(JobState.COMPLETED);

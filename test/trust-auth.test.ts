@@ -18,6 +18,7 @@ import { DownloadService, JobState } from "../gen/downloads/v1/download_service_
 import { freePort, waitUntil } from "../local/ports.js";
 import { startServiceProcess } from "../local/service-process.js";
 import { type ApiStack, startApiStack } from "./helpers/api.js";
+import { STARTUP_MS } from "./helpers/deadline.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
 import { authTokens, bearer, decodeConnectStream, envelope } from "./helpers/trust.js";
 
@@ -333,7 +334,7 @@ describe("other clients carry the token their own way", () => {
         ],
         {
           cwd: ROOT,
-          timeout: 30_000,
+          timeout: 120_000,
         },
       );
     const refused = (await curl([]).catch((e: unknown) => e)) as { code?: number; stderr?: string };
@@ -392,7 +393,11 @@ describe("configuration", () => {
     });
     try {
       const url = `http://127.0.0.1:${port}`;
-      await waitUntil("API", async () => (await fetch(`${url}/healthz`)).status === 200, 30_000);
+      await waitUntil(
+        "API",
+        async () => (await fetch(`${url}/healthz`)).status === 200,
+        STARTUP_MS,
+      );
       expect(out.join("\n")).toMatch(/AUTH_DISABLED=true/);
       const res = await fetch(`${url}${SERVICE}/Initiate`, {
         method: "POST",

@@ -312,7 +312,6 @@ describe("limits and backpressure", () => {
       let rec: JobRecord | undefined;
       await expect
         .poll(async () => (rec = await st.store.get(jobId)).state, {
-          timeout: 30_000,
           interval: 50,
         })
         .toMatch(/COMPLETED|FAILED|CANCELLED/);

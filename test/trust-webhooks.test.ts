@@ -99,7 +99,6 @@ const codeOf = async (p: Promise<unknown>) =>
 async function webhookOf(jobId: string, state: WebhookState) {
   await expect
     .poll(async () => (await client().getStatus({ jobId })).job?.webhook?.state, {
-      timeout: 30_000,
       interval: 100,
     })
     .toBe(state);
@@ -353,7 +352,6 @@ describe("where a webhook may go", () => {
       const { job } = await c.initiate({ fileIds: [201], callbackUrl: `${hookBase}${path}` });
       await expect
         .poll(async () => (await c.getStatus({ jobId: job?.jobId ?? "" })).job?.webhook?.state, {
-          timeout: 30_000,
           interval: 100,
         })
         .toBe(WebhookState.FAILED);

@@ -69,7 +69,7 @@ async function waitFor(
   store: JobStore,
   id: string,
   pred: (j: JobRecord) => boolean,
-  timeoutMs = 30_000,
+  timeoutMs = 60_000,
 ): Promise<JobRecord> {
   let last: JobRecord | undefined;
   await expect

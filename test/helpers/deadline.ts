@@ -14,3 +14,10 @@ export async function settlesWithin<T>(what: string, ms: number, p: Promise<T>):
     clearTimeout(timer);
   }
 }
+
+/**
+ * How long a test gives a service it starts as a child process (tsx compiling the entry,
+ * connecting to Redis and S3) to come up. Seconds on an idle machine; a run that shares
+ * two cores with a CPU hog was seen to need more than 30.
+ */
+export const STARTUP_MS = 120_000;

@@ -15,6 +15,7 @@ import {
 } from "../../gen/grpc/health/v1/health_pb.js";
 import { freePort, waitUntil } from "../../local/ports.js";
 import { type ApiStack, startApiStack, withTestToken } from "./api.js";
+import { STARTUP_MS } from "./deadline.js";
 import { type Services, startServices } from "./services.js";
 import { spawnWorker, type WorkerProcess } from "./worker-process.js";
 import { readZip } from "./zip.js";
@@ -134,7 +135,7 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
       );
     }
     for (const w of workers)
-      await waitUntil("worker ready", async () => w.output().includes("worker ready"), 30_000);
+      await waitUntil("worker ready", async () => w.output().includes("worker ready"), STARTUP_MS);
 
     const session = new Http2SessionManager(st.server.url);
     sessions.push(session);
