@@ -8,6 +8,7 @@ import { DownloadService, type Job, JobState } from "../gen/downloads/v1/downloa
 import { freePort, waitUntil } from "../local/ports.js";
 import { type RealisticS3, startRealisticS3 } from "../local/realistic-s3.js";
 import { type ApiStack, startApiStack, withTestToken } from "./helpers/api.js";
+import { STARTUP_MS } from "./helpers/deadline.js";
 import { hasMetric, metricValue, type Sample, scrape } from "./helpers/prometheus.js";
 import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
 
@@ -56,7 +57,11 @@ beforeAll(async () => {
     PROGRESS_INTERVAL_MS: "100",
     WORKER_HEALTH_PORT: String(healthPort),
   });
-  await waitUntil("the worker's /metrics", () => scrape(workerMetricsUrl).then(() => true), 30_000);
+  await waitUntil(
+    "the worker's /metrics",
+    () => scrape(workerMetricsUrl).then(() => true),
+    STARTUP_MS,
+  );
   client = createClient(
     DownloadService,
     createConnectTransport({
@@ -85,7 +90,7 @@ async function settle(jobId: string): Promise<Job> {
           job?.state ?? JobState.UNSPECIFIED,
         );
       },
-      { timeout: 30_000, interval: 100 },
+      { interval: 100 },
     )
     .toBe(true);
   return job as Job;
@@ -185,17 +190,16 @@ describe("/metrics", () => {
     await whenReading(runningId, 0);
     expect((await client.cancel({ jobId: runningId })).job?.state).toBe(JobState.CANCELLED);
 
-    // S3 answers 500 for the second source (transient: the attempt fails and is retried)
-    // and it disappears while the first is read: the retry finds it missing and fails
-    // the job with not_found.
-    s3.failKey(`/${st.cfg.SOURCE_BUCKET}/${st.svc.storage.sourceKey(805)}`, {
-      status: 500,
-      code: "InternalError",
-      methods: ["GET"],
-    });
+    // S3 answers 500 for the second source's GET (transient: the attempt fails and is
+    // retried), and the source is deleted once the first attempt has asked for it: the
+    // retry's HEAD finds it missing and fails the job with not_found. The first GET is
+    // the signal, not the first file's progress: the worker reads ahead, so the 500 may
+    // end the attempt before any progress is written.
+    const path805 = `/${st.cfg.SOURCE_BUCKET}/${st.svc.storage.sourceKey(805)}`;
+    s3.failKey(path805, { status: 500, code: "InternalError", methods: ["GET"] });
     const flaky = await client.initiate({ fileIds: [804, 805] });
     const flakyId = flaky.job?.jobId ?? "";
-    await whenReading(flakyId, 0);
+    await expect.poll(() => s3.stats.byKey.get(`GET ${path805}`) ?? 0).toBeGreaterThan(0);
     await st.svc.storage.client.send(
       new DeleteObjectCommand({ Bucket: st.cfg.SOURCE_BUCKET, Key: st.svc.storage.sourceKey(805) }),
     );
