@@ -42,7 +42,7 @@ end
 local json
 -- A command resent after a reconnect may have run already: the attempt that ended the
 -- job is told it did, not that the job is in the wrong state.
-if fence == 'hold' and ARGV[7] == '1' and state == ARGV[8] then
+if fence ~= '' and lease == token and ARGV[7] == '1' and state == ARGV[8] then
   local flat = redis.call('HGETALL', KEYS[1])
   local obj = {}
   for i = 1, #flat, 2 do obj[flat[i]] = flat[i + 1] end
