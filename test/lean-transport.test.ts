@@ -25,11 +25,11 @@ import { startApiServer } from "../server/server.js";
 import { type ApiStack, startApiStack, TEST_AUTH_HEADER, withTestToken } from "./helpers/api.js";
 import { type Services, startServices } from "./helpers/services.js";
 
-// The lean GetStatus and WatchJob handlers (server/fast-*.ts), called the way a client
-// without a Connect library would: raw envelopes over fetch and node:http2, and for
-// gRPC also with @grpc/grpc-js and connect-node's gRPC client. Every odd request is also
-// sent to a server without the fast paths (connect-node alone): both must answer with
-// the same HTTP status and the same code (for gRPC: the same headers and trailers).
+// The lean transport (server/lean/lean-transport.ts) on the hot calls, called the way a
+// client without a Connect library would: raw envelopes over fetch and node:http2, and
+// for gRPC also with @grpc/grpc-js and connect-node's gRPC client: the behaviours one
+// can see only over time (coalescing for a slow reader, deadlines, caching, log lines).
+// Answers compared with connect-node's call by call are test/lean-differential.test.ts's.
 
 const MAX_BYTES = 1024;
 const SERVICE = "/downloads.v1.DownloadService";

@@ -166,13 +166,17 @@ function negotiateWire(
  * framing layer" instead of the answer. Read (and drop) a small body first; a large or
  * stalled one is cut as before. HTTP/1.1 needs nothing: Node reads what is left.
  */
-function afterBody(req: NodeRequest, then: () => void): void {
-  if (req.httpVersionMajor !== 2 || req.readableEnded) {
-    then();
-    return;
-  }
+function afterBody(req: NodeRequest, then: () => void | Promise<void>): void | Promise<void> {
+  if (req.httpVersionMajor !== 2 || req.readableEnded) return then();
+  return new Promise((resolve) => drainThen(req, () => resolve(then())));
+}
+
+function drainThen(req: NodeRequest, then: () => void): void {
   let size = 0;
+  let over = false;
   const done = () => {
+    if (over) return;
+    over = true;
     clearTimeout(timer);
     req.off("data", onData);
     req.off("end", done);
@@ -194,7 +198,7 @@ function afterBody(req: NodeRequest, then: () => void): void {
 /** 404, 405, 415: answered before any RPC, with no body, as connect-node answers them. */
 function refuse(req: NodeRequest, res: NodeResponse, status: number, code: string): void {
   recordOutcome(req, code);
-  afterBody(req, () => {
+  void afterBody(req, () => {
     if (res.writableEnded || res.destroyed) return;
     out(res).writeHead(status);
     out(res).end();
@@ -317,7 +321,34 @@ function framed(flags: number, payload: Uint8Array, wire: Wire): Buffer | Promis
   return frame;
 }
 
-const END_OK = Buffer.from("{}");
+/** The ends of a call that went well, made once: every OK answer ends the same way. */
+const GRPC_OK = { "grpc-status": "0" } as const;
+const GRPC_WEB_OK = envelope(trailerFlag, Buffer.from("grpc-status: 0\r\n"));
+const CONNECT_OK = envelope(endStreamFlag, Buffer.from("{}"));
+
+/** The end of an enveloped call: the trailers frame, or (gRPC) the trailers themselves. */
+function endOf(
+  name: Protocol["name"],
+  err: ConnectError | undefined,
+  wire: Wire,
+): Record<string, string> | Buffer | Promise<Buffer> {
+  if (name === "grpc") {
+    if (err === undefined) return GRPC_OK;
+    const trailers: Record<string, string> = {};
+    setTrailerStatus(new Headers(), err).forEach((value, key) => {
+      trailers[key] = value;
+    });
+    return trailers;
+  }
+  if (err === undefined) return name === "grpc-web" ? GRPC_WEB_OK : CONNECT_OK;
+  return name === "grpc-web"
+    ? framed(trailerFlag, trailerSerialize(setTrailerStatus(new Headers(), err)), wire)
+    : framed(
+        endStreamFlag,
+        Buffer.from(JSON.stringify(endStreamToJson(new Headers(), err, {}))),
+        wire,
+      );
+}
 
 /** The answers of one call, in its protocol's framing. */
 class Responder {
@@ -339,32 +370,40 @@ class Responder {
     return this.res.writableEnded || this.res.destroyed;
   }
 
-  /** Connect unary and GET: the answer bare, with its length (and the headers it asks for). */
-  async unary(answer: Answer<DescMessage>): Promise<void> {
+  /** A unary answer: bare (Connect, with its length and the headers it asks for) or one envelope and the end. */
+  unary(answer: Answer<DescMessage>): void | Promise<void> {
     const { protocol, binary, params } = this.wire;
     const bytes = answer.reply.bytes(binary);
-    if (protocol.enveloped) {
-      await this.message(answer.reply);
-      this.end(undefined);
-      return;
+    if (!protocol.enveloped) {
+      // Response headers an RPC asks for are for GET answers only (cache-control).
+      return this.bare(
+        200,
+        protocol.contentType(binary),
+        bytes,
+        params !== undefined ? answer.header : undefined,
+      );
     }
-    // Response headers an RPC asks for are for GET answers only (cache-control).
-    const extra = params !== undefined ? answer.header : undefined;
-    await this.bare(200, protocol.contentType(binary), bytes, extra);
+    const frame = framed(0, bytes, this.wire);
+    if (frame instanceof Promise) return frame.then((f) => this.finish(f, undefined));
+    return this.finish(frame, undefined);
   }
 
-  private async bare(
+  private bare(
     status: number,
     type: string,
     body: Uint8Array,
     extra: Readonly<Record<string, string>> | undefined,
-  ): Promise<void> {
+  ): void | Promise<void> {
     const headers: Record<string, string> = { "content-type": type, ...extra };
     const c = this.wire.response;
     if (c !== null && body.byteLength >= COMPRESS_MIN_BYTES) {
-      body = await c.compress(body);
       headers["content-encoding"] = c.name;
+      return c.compress(body).then((packed) => this.send(status, headers, packed));
     }
+    this.send(status, headers, body);
+  }
+
+  private send(status: number, headers: Record<string, string>, body: Uint8Array): void {
     headers["content-length"] = String(body.byteLength);
     if (this.gone) return;
     out(this.res).writeHead(status, headers);
@@ -413,52 +452,34 @@ class Responder {
       error.metadata.forEach((value, name) => {
         headers[name] = value;
       });
-      return new Promise((resolve) =>
-        afterBody(this.req, () => {
-          void this.bare(
-            codeToHttpStatus(error.code),
-            "application/json",
-            errorToJsonBytes(error, {}),
-            headers,
-          ).then(resolve);
-        }),
+      const body = errorToJsonBytes(error, {});
+      return afterBody(this.req, () =>
+        this.bare(codeToHttpStatus(error.code), "application/json", body, headers),
       );
     }
-    return new Promise((resolve) =>
-      afterBody(this.req, () => {
-        void this.close(err).then(resolve);
-      }),
-    );
+    return afterBody(this.req, () => this.finish(undefined, err));
   }
 
-  private async close(err: ConnectError | undefined): Promise<void> {
+  /** The last message (if any) and the end of the call, in as few writes as possible. */
+  private finish(last: Buffer | undefined, err: ConnectError | undefined): void | Promise<void> {
+    const end = endOf(this.wire.protocol.name, err, this.wire);
+    if (end instanceof Promise) return end.then((frame) => this.close(last, frame));
+    return this.close(last, end);
+  }
+
+  private close(last: Buffer | undefined, end: Record<string, string> | Buffer): void {
     try {
       if (this.gone) return;
-      const name = this.wire.protocol.name;
-      if (name === "grpc") {
-        this.head();
-        const trailers: Record<string, string> = {};
-        setTrailerStatus(new Headers(), err).forEach((value, key) => {
-          trailers[key] = value;
-        });
-        out(this.res).addTrailers(trailers);
-        out(this.res).end();
+      this.head();
+      const res = out(this.res);
+      if (Buffer.isBuffer(end)) {
+        if (last !== undefined) res.write(last);
+        res.end(end);
         return;
       }
-      const [flags, payload] =
-        name === "grpc-web"
-          ? [trailerFlag, trailerSerialize(setTrailerStatus(new Headers(), err))]
-          : [
-              endStreamFlag,
-              err === undefined
-                ? END_OK
-                : Buffer.from(JSON.stringify(endStreamToJson(new Headers(), err, {}))),
-            ];
-      let frame = framed(flags, payload, this.wire);
-      if (frame instanceof Promise) frame = await frame;
-      if (this.gone) return;
-      this.head();
-      out(this.res).end(frame);
+      res.addTrailers(end);
+      if (last === undefined) res.end();
+      else res.end(last);
     } finally {
       this.corked?.uncork();
       this.corked = undefined;

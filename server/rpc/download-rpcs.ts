@@ -91,15 +91,41 @@ export function downloadRpcs({ jobs, hub, presenter }: RpcDeps): readonly RpcRow
         ? { reply, header: { "cache-control": presenter.cacheControl(rec) } }
         : { reply };
     }),
-    stream(m.watchJob, { jobId: "string", afterVersion: "int32" }, async function* (call, req) {
-      const events = hub.watch(parseJobId(req.jobId), req.afterVersion, call.signal, call.owner);
-      for await (const ev of events)
-        yield ev.job !== undefined
-          ? await presenter.watch(ev.job)
-          : presenter.heartbeat(ev.heartbeat);
-    }),
+    stream(m.watchJob, { jobId: "string", afterVersion: "int32" }, (call, req) =>
+      mapEach(hub.watch(parseJobId(req.jobId), req.afterVersion, call.signal, call.owner), (ev) =>
+        ev.job !== undefined ? presenter.watch(ev.job) : presenter.heartbeat(ev.heartbeat),
+      ),
+    ),
     unary(m.cancel, { jobId: "string" }, async (call, req) => ({
       reply: await presenter.cancelled(await jobs.cancel(call.owner, req.jobId)),
     })),
   ];
+}
+
+/**
+ * `source` with each item mapped. Promise reactions rather than an async generator: an
+ * idle stream then holds no suspended frame of its own (tens of thousands stay open).
+ */
+function mapEach<T, U>(
+  source: AsyncIterable<T>,
+  fn: (item: T) => U | Promise<U>,
+): AsyncIterable<U> {
+  return {
+    [Symbol.asyncIterator]() {
+      const it = source[Symbol.asyncIterator]();
+      const done = { done: true, value: undefined } as const;
+      return {
+        next: () =>
+          it
+            .next()
+            .then((r) =>
+              r.done === true
+                ? done
+                : Promise.resolve(fn(r.value)).then((value) => ({ done: false, value })),
+            ),
+        return: () => (it.return?.() ?? Promise.resolve(done)).then(() => done),
+        throw: (err: unknown) => (it.throw?.(err) ?? Promise.reject(err)).then(() => done),
+      };
+    },
+  };
 }
