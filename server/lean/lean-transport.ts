@@ -487,6 +487,20 @@ class Responder {
   }
 }
 
+/** An RPC's view of a call on Node's request: one object per call, no closures. */
+class NodeCall implements RpcCall {
+  constructor(
+    readonly owner: Owner,
+    private readonly req: NodeRequest,
+    readonly signal: AbortSignal,
+    readonly get: boolean,
+  ) {}
+
+  header(name: string): string | null {
+    return header(this.req, name);
+  }
+}
+
 async function serve(
   req: NodeRequest,
   res: NodeResponse,
@@ -519,7 +533,7 @@ async function serve(
     // a stream's. A bad token and a bad body then get the same answer on both ways in.
     const call = (): RpcCall => {
       owner = opts.authenticate(req.headers);
-      return { owner, header: (name) => header(req, name), signal: abort?.signal ?? NEVER, get };
+      return new NodeCall(owner, req, abort?.signal ?? NEVER, get);
     };
     if (row.method.methodKind === "unary") {
       if (timeout.error !== undefined) throw timeout.error;

@@ -102,30 +102,40 @@ export function downloadRpcs({ jobs, hub, presenter }: RpcDeps): readonly RpcRow
   ];
 }
 
+const DONE: IteratorReturnResult<undefined> = { done: true, value: undefined };
+
 /**
- * `source` with each item mapped. Promise reactions rather than an async generator: an
- * idle stream then holds no suspended frame of its own (tens of thousands stay open).
+ * `source` with each item mapped, as one small object: an async generator here would
+ * keep a suspended frame per idle stream, and tens of thousands of streams stay open.
  */
+class MapEach<T, U> implements AsyncIterableIterator<U> {
+  private readonly it: AsyncIterator<T>;
+
+  constructor(
+    source: AsyncIterable<T>,
+    private readonly fn: (item: T) => U | Promise<U>,
+  ) {
+    this.it = source[Symbol.asyncIterator]();
+  }
+
+  [Symbol.asyncIterator](): this {
+    return this;
+  }
+
+  async next(): Promise<IteratorResult<U, undefined>> {
+    const r = await this.it.next();
+    return r.done === true ? DONE : { done: false, value: await this.fn(r.value) };
+  }
+
+  async return(): Promise<IteratorResult<U, undefined>> {
+    await this.it.return?.();
+    return DONE;
+  }
+}
+
 function mapEach<T, U>(
   source: AsyncIterable<T>,
   fn: (item: T) => U | Promise<U>,
 ): AsyncIterable<U> {
-  return {
-    [Symbol.asyncIterator]() {
-      const it = source[Symbol.asyncIterator]();
-      const done = { done: true, value: undefined } as const;
-      return {
-        next: () =>
-          it
-            .next()
-            .then((r) =>
-              r.done === true
-                ? done
-                : Promise.resolve(fn(r.value)).then((value) => ({ done: false, value })),
-            ),
-        return: () => (it.return?.() ?? Promise.resolve(done)).then(() => done),
-        throw: (err: unknown) => (it.throw?.(err) ?? Promise.reject(err)).then(() => done),
-      };
-    },
-  };
+  return new MapEach(source, fn);
 }
