@@ -44,7 +44,22 @@ export interface ApiMetricsSources {
 export interface ApiMetrics {
   /** One finished RPC: its procedure label, Connect code name and duration. */
   rpc(method: string, code: string, seconds: number): void;
+  /** One HTTP/2 connection or stream ended by a limit (server/dual-protocol-listener.ts). */
+  http2Limit(event: Http2LimitEvent): void;
 }
+
+/**
+ * What an HTTP/2 limit did: a new session closed for sending no request in time, an idle
+ * session closed, a stream reset for a body that did not end in time, a session sent
+ * GOAWAY(ENHANCE_YOUR_CALM) for resetting streams faster than it used them.
+ */
+export const HTTP2_LIMIT_EVENTS = [
+  "head_timeout",
+  "idle_close",
+  "body_timeout",
+  "rapid_reset",
+] as const;
+export type Http2LimitEvent = (typeof HTTP2_LIMIT_EVENTS)[number];
 
 export function registerApiMetrics(registry: Registry, sources: ApiMetricsSources): ApiMetrics {
   const requests = new Counter({
@@ -71,6 +86,14 @@ export function registerApiMetrics(registry: Registry, sources: ApiMetricsSource
       this.set(sources.openStreams());
     },
   });
+  const limits = new Counter({
+    name: "http2_limit_events_total",
+    help: "HTTP/2 connections and streams ended by a limit: head_timeout, idle_close, body_timeout, rapid_reset.",
+    labelNames: ["event"] as const,
+    registers: [registry],
+  });
+  // Every series from the start, so that an alert on rate() sees the first event.
+  for (const event of HTTP2_LIMIT_EVENTS) limits.inc({ event }, 0);
   const counts = cached(sources.queueCounts, sources.queueCountsTtlMs ?? 2000);
   new Gauge({
     name: "queue_jobs",
@@ -90,6 +113,9 @@ export function registerApiMetrics(registry: Registry, sources: ApiMetricsSource
     rpc(method, code, seconds) {
       requests.inc({ method, code });
       duration.observe({ method }, seconds);
+    },
+    http2Limit(event) {
+      limits.inc({ event });
     },
   };
 }

@@ -2,6 +2,7 @@ import http from "node:http";
 import http2 from "node:http2";
 import net from "node:net";
 import type { Logger } from "pino";
+import type { Http2LimitEvent } from "../core/metrics.js";
 import type { NodeHandler } from "./rpc-log.js";
 
 // One port for HTTP/1.1 and cleartext HTTP/2 (h2c). Node's cleartext
@@ -21,6 +22,8 @@ export interface DualProtocolOptions {
   /** How often both servers look for connections and streams past those timeouts. */
   connectionsCheckingIntervalMs: number;
   http2: Http2Limits;
+  /** Told each time an HTTP/2 limit ends a session or a stream (for /metrics). */
+  onHttp2Limit?: (event: Http2LimitEvent) => void;
   log: Logger;
 }
 
@@ -135,6 +138,7 @@ export function createDualProtocolListener(
       awaitingBody.delete(stream);
       if (stream.closed || stream.destroyed || stream.state.remoteClose === 1) continue;
       cutByUs.add(stream);
+      opts.onHttp2Limit?.("body_timeout");
       log.debug({ remote: stream.session?.socket?.remoteAddress }, "http2 request body too slow");
       stream.close(http2.constants.NGHTTP2_CANCEL);
     }
@@ -152,7 +156,9 @@ export function createDualProtocolListener(
       completed: 0,
       windowStart: Date.now(),
       timer: setTimeout(() => {
-        if (st.open === 0) closeGracefully(session);
+        if (st.open > 0 || session.closed || session.destroyed) return;
+        opts.onHttp2Limit?.("head_timeout");
+        closeGracefully(session);
       }, opts.headersTimeoutMs),
       sawStream: false,
     };
@@ -166,7 +172,9 @@ export function createDualProtocolListener(
         st.sawStream = true;
         clearTimeout(st.timer);
         st.timer = setTimeout(() => {
-          if (st.open === 0) closeGracefully(session);
+          if (st.open > 0 || session.closed || session.destroyed) return;
+          opts.onHttp2Limit?.("idle_close");
+          closeGracefully(session);
         }, limits.idleTimeoutMs);
       }
       if (!stream.endAfterHeaders) awaitingBody.set(stream, Date.now());
@@ -195,6 +203,7 @@ export function createDualProtocolListener(
             { remote: session.socket?.remoteAddress, resets: st.resets, completed: st.completed },
             "http2 client resets streams faster than it uses them: GOAWAY ENHANCE_YOUR_CALM",
           );
+          opts.onHttp2Limit?.("rapid_reset");
           // destroy(undefined, code) would send NO_ERROR: the GOAWAY goes first.
           session.goaway(http2.constants.NGHTTP2_ENHANCE_YOUR_CALM);
           session.destroy();

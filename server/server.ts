@@ -274,6 +274,7 @@ export async function startApiServer(
         maxConcurrentStreams: cfg.HTTP2_MAX_CONCURRENT_STREAMS,
         maxResetsPerWindow: cfg.HTTP2_MAX_RESETS_PER_10S,
       },
+      onHttp2Limit: (event) => metrics.http2Limit(event),
       log: log.child({ part: "listener" }),
     },
   );

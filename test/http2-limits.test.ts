@@ -84,6 +84,13 @@ function goawayOf(s: http2.ClientHttp2Session): Promise<number | undefined> {
   });
 }
 
+/** The API's own count of what a limit did, from its /metrics. */
+async function limitEvents(stack: ApiStack, event: string): Promise<number> {
+  const text = await (await fetch(`${stack.server.url}/metrics`)).text();
+  const line = new RegExp(`^http2_limit_events_total\\{event="${event}"\\} (\\d+)$`, "m");
+  return Number(line.exec(text)?.[1] ?? Number.NaN);
+}
+
 function healthClient(url: string, sessionManager = new Http2SessionManager(url)) {
   cleanup.push(() => sessionManager.abort());
   return createClient(Health, createGrpcTransport({ baseUrl: url, sessionManager }));
@@ -119,6 +126,7 @@ describe("HTTP/2 connection limits", () => {
       for (const s of sockets) s.destroy();
     });
     await expect.poll(() => closed, { timeout: 60_000, interval: 100 }).toBe(200);
+    expect(await limitEvents(tight, "head_timeout")).toBeGreaterThanOrEqual(200);
   });
 
   test("an HTTP/2 connection left idle after a call gets GOAWAY(NO_ERROR) and is closed", async () => {
@@ -138,6 +146,7 @@ describe("HTTP/2 connection limits", () => {
     // Graceful (RFC 9113 §6.8): the first GOAWAY still accepts every stream id, so a
     // request that crossed it on the wire is served rather than refused.
     expect(announced[0]).toEqual([NGHTTP2_NO_ERROR, 2 ** 31 - 1]);
+    expect(await limitEvents(tight, "idle_close")).toBeGreaterThanOrEqual(1);
   });
 
   test("a stream whose body stops after 11 bytes is reset (CANCEL) while the connection serves on", async () => {
@@ -159,6 +168,7 @@ describe("HTTP/2 connection limits", () => {
     );
     expect(rstCode).toBe(NGHTTP2_CANCEL);
     expect(answered).toBeUndefined();
+    expect(await limitEvents(tight, "body_timeout")).toBe(1);
 
     // A slow body costs that stream only: the same connection still answers.
     const ok = await new Promise<number>((resolve, reject) => {
@@ -216,6 +226,7 @@ describe("HTTP/2 connection limits", () => {
       if (sent % 20 === 0) await new Promise((r) => setImmediate(r));
     }
     expect(await goaway).toBe(NGHTTP2_ENHANCE_YOUR_CALM);
+    expect(await limitEvents(capped, "rapid_reset")).toBe(1);
 
     // The well-behaved client kept being served, during the attack and after it.
     const before = answered;
