@@ -6,6 +6,7 @@ import { JobStore } from "../core/job-store.js";
 import { JobStateError } from "../core/jobs.js";
 import { createBundleQueue } from "../core/queue.js";
 import { createRedis } from "../core/redis.js";
+import { type BundleEntry, bundleToS3 } from "../worker/bundle.js";
 import { startWorker } from "../worker/worker.js";
 import { type Services, startServices } from "./helpers/services.js";
 
@@ -144,3 +145,38 @@ test(`${JOBS} cancels at random moments: every run ends, and no cancelled job le
     redis.disconnect();
   }
 }, 300_000);
+
+test("a bundle aborted while its ZIP is being finished settles, with its upload aborted", async () => {
+  const cfg = svc.config();
+  const entries: BundleEntry[] = [];
+  for (const fileId of [401, 405]) {
+    const info = await svc.storage.headSource(fileId);
+    if (info === undefined) throw new Error(`source ${fileId} missing`);
+    entries.push({ ...info, entryName: `file-${fileId}` });
+  }
+  const key = `${cfg.RESULT_PREFIX}finalize-abort.zip`;
+  const ctl = new AbortController();
+  // The last file is done and the ZIP's end is being written: that is when it aborts.
+  const bundled = bundleToS3(
+    svc.storage,
+    entries,
+    { key, fileName: "x.zip" },
+    {
+      zipLevel: 0,
+      throttleBytesPerSecond: 0,
+      signal: ctl.signal,
+      onFileStart: () => undefined,
+      onBytes: () => undefined,
+      onFileDone: (i) => {
+        if (i === entries.length - 1) queueMicrotask(() => ctl.abort(new Error("cancelled")));
+      },
+    },
+  );
+  const settled = bundled.then(
+    () => "resolved",
+    (err: Error) => err.message,
+  );
+  await expect.poll(() => Promise.race([settled, "pending"])).not.toBe("pending");
+  expect(await settled).toBe("cancelled");
+  expect(await svc.storage.resultExists(key)).toBe(false);
+});

@@ -197,7 +197,9 @@ export async function bundleToS3(
       opts.onFileDone(index);
     }
     current = undefined;
-    await zip.finalize();
+    // archiver's finalize() never settles once zip.abort() has run (a cancel or the
+    // deadline while the ZIP is being finished): without the race the bundle hangs.
+    await Promise.race([zip.finalize(), zipFailed, rejectOnAbort(signal)]);
     await uploaded;
     if (zipError) throw zipError;
     return {
@@ -218,6 +220,15 @@ export async function bundleToS3(
     reader.close();
     signal.removeEventListener("abort", onAbort);
   }
+}
+
+function rejectOnAbort(signal: AbortSignal): Promise<never> {
+  const aborted = new Promise<never>((_resolve, reject) => {
+    if (signal.aborted) reject(abortError(signal));
+    signal.addEventListener("abort", () => reject(abortError(signal)), { once: true });
+  });
+  aborted.catch(() => undefined);
+  return aborted;
 }
 
 function rejectOnError(emitter: NodeJS.EventEmitter): Promise<never> {
