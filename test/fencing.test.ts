@@ -214,49 +214,57 @@ describe("a run that lost its lock", () => {
     }
   }, 120_000);
 
-  test("cut off from Redis mid-job: the job completes once, one COMPLETED, one webhook", async () => {
-    const s = await stack();
-    const hook = await receiver();
-    const proxy = await startTcpProxy({ port: svc.redis.port });
-    const workers: WorkerProcess[] = [];
-    try {
-      const cut = spawnWorker({
-        ...s.env,
-        REDIS_URL: `redis://127.0.0.1:${proxy.port}`,
-        THROTTLE_BYTES_PER_SECOND: String(MIB),
-      });
-      workers.push(cut);
-      const job = (await s.service.initiate(OWNER, { fileIds: [501], callbackUrl: hook.url })).job;
-      const states = await watch(s, job.id);
-      await until(s, job.id, (r) => r.state === "PROCESSING" && r.progress.bytesDone > MIB);
-      // No packet reaches Redis or comes back; the worker's S3 traffic goes on, so its
-      // run finishes its upload and waits for Redis to answer its COMPLETED.
-      proxy.pause();
-      const other = spawnWorker({ ...s.env, THROTTLE_BYTES_PER_SECOND: "0" });
-      workers.push(other);
-      const done = await until(s, job.id, (r) => r.state === "COMPLETED");
-      await expect.poll(() => hook.count(job.id), { timeout: 30_000 }).toBe(1);
-      proxy.resume();
-      // The cut-off run hears that it lost the job and stops; its late writes change
-      // nothing, and it leaves the winner's object alone.
-      await expect.poll(() => cut.output(), { timeout: 30_000 }).toMatch(runEnded(job.id));
-      // Its worker is back in business: nothing it owes is left to deliver.
-      await expect
-        .poll(async () => s.redis.zcard(s.store.webhookOutboxKey), { timeout: 30_000 })
-        .toBe(0);
-      const after = await s.store.get(job.id);
-      expect(after.result).toEqual(done.result);
-      await expectResult(after);
-      expectCompletedOnce(states, after.result?.key ?? "");
-      expect(hook.count(job.id)).toBe(1);
-      expect(after.webhook).toMatchObject({ state: "DELIVERED", attempts: 1 });
-      expect(cut.output()).toContain("another run owns the job now");
-    } finally {
-      proxy.resume();
-      for (const w of workers) await w.kill("SIGKILL");
-      await proxy.close();
-      await hook.close();
-      await s.close();
-    }
-  }, 120_000);
+  test.each([
+    ["stops forwarding", "pause"],
+    ["resets every connection", "drop"],
+  ] as const)(
+    "cut off from Redis mid-job (the network %s): the job completes once, one COMPLETED, one webhook",
+    async (_how, mode) => {
+      const s = await stack();
+      const hook = await receiver();
+      const proxy = await startTcpProxy({ port: svc.redis.port });
+      const workers: WorkerProcess[] = [];
+      try {
+        const cut = spawnWorker({
+          ...s.env,
+          REDIS_URL: `redis://127.0.0.1:${proxy.port}`,
+          THROTTLE_BYTES_PER_SECOND: String(MIB),
+        });
+        workers.push(cut);
+        const job = (await s.service.initiate(OWNER, { fileIds: [501], callbackUrl: hook.url }))
+          .job;
+        const states = await watch(s, job.id);
+        await until(s, job.id, (r) => r.state === "PROCESSING" && r.progress.bytesDone > MIB);
+        // Nothing reaches Redis or comes back; the worker's S3 traffic goes on, so its run
+        // finishes its upload and waits for Redis to answer its COMPLETED.
+        proxy[mode]();
+        const other = spawnWorker({ ...s.env, THROTTLE_BYTES_PER_SECOND: "0" });
+        workers.push(other);
+        const done = await until(s, job.id, (r) => r.state === "COMPLETED");
+        await expect.poll(() => hook.count(job.id), { timeout: 30_000 }).toBe(1);
+        proxy.resume();
+        // The cut-off run hears that it lost the job and stops; its late writes change
+        // nothing, and it leaves the winner's object alone.
+        await expect.poll(() => cut.output(), { timeout: 30_000 }).toMatch(runEnded(job.id));
+        // Its worker is back in business: nothing it owes is left to deliver.
+        await expect
+          .poll(async () => s.redis.zcard(s.store.webhookOutboxKey), { timeout: 30_000 })
+          .toBe(0);
+        const after = await s.store.get(job.id);
+        expect(after.result).toEqual(done.result);
+        await expectResult(after);
+        expectCompletedOnce(states, after.result?.key ?? "");
+        expect(hook.count(job.id)).toBe(1);
+        expect(after.webhook).toMatchObject({ state: "DELIVERED", attempts: 1 });
+        expect(cut.output()).toContain("another run owns the job now");
+      } finally {
+        proxy.resume();
+        for (const w of workers) await w.kill("SIGKILL");
+        await proxy.close();
+        await hook.close();
+        await s.close();
+      }
+    },
+    120_000,
+  );
 });

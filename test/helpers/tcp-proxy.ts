@@ -1,14 +1,18 @@
 import net from "node:net";
 
 // A TCP proxy on 127.0.0.1 between one client and a server, which can stop forwarding
-// and resume: a network partition as a process sees it when no packet is lost but none
-// gets through (no reset, no close: its connections stay open, its writes are buffered,
-// its commands wait for answers). While paused, new connections are accepted and held.
+// and resume: a network partition as a process sees it. pause(): no packet is lost but
+// none gets through (no reset, no close: connections stay open, writes are buffered,
+// commands wait for answers; new connections are accepted and held). drop(): every
+// connection is reset and new ones are refused until resume() (the client reconnects
+// and may send its unanswered commands again).
 
 export interface TcpProxy {
   port: number;
   /** Stops forwarding in both directions on every connection, old and new. */
   pause(): void;
+  /** Resets every connection and refuses new ones. */
+  drop(): void;
   /** Forwards again; what was held back is delivered in order. */
   resume(): void;
   close(): Promise<void>;
@@ -18,8 +22,13 @@ export async function startTcpProxy(target: { host?: string; port: number }): Pr
   const host = target.host ?? "127.0.0.1";
   const sockets = new Set<net.Socket>();
   let paused = false;
+  let refusing = false;
 
   const server = net.createServer((client) => {
+    if (refusing) {
+      client.resetAndDestroy();
+      return;
+    }
     const upstream = net.connect(target.port, host);
     for (const s of [client, upstream]) {
       sockets.add(s);
@@ -50,8 +59,13 @@ export async function startTcpProxy(target: { host?: string; port: number }): Pr
       paused = true;
       for (const s of sockets) s.pause();
     },
+    drop() {
+      refusing = true;
+      for (const s of sockets) s.resetAndDestroy();
+    },
     resume() {
       paused = false;
+      refusing = false;
       for (const s of sockets) s.resume();
     },
     async close() {
