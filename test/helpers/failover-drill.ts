@@ -99,7 +99,9 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
   const svc = await startServices(
     opts.kind === "cluster"
       ? { cluster: { replicas: opts.replicas ?? 1, nodeTimeoutMs: 2000 } }
-      : { sentinel: { replicas: opts.replicas ?? 1, sentinels: 1, downAfterMs: 1000 } },
+      : // Long enough that a primary merely slow on a busy machine is not failed over
+        // as well (a second failover loses what the first promotion had not copied).
+        { sentinel: { replicas: opts.replicas ?? 1, sentinels: 1, downAfterMs: 2500 } },
   );
   let st: ApiStack | undefined;
   const workers: WorkerProcess[] = [];
