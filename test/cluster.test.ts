@@ -274,3 +274,43 @@ describe("WatchHub when the cluster replaces its pub/sub connection", () => {
     }
   }, 60_000);
 });
+
+describe("WatchHub when messages are lost", () => {
+  test("a version gap makes the watcher re-read the job and get its current state", async () => {
+    const sub = createRedis(st.svc.redisTarget, { role: "subscriber", name: TEST_CONNECTION_NAME });
+    sub.on("error", () => undefined);
+    await waitForRedis(sub);
+    const hub = new WatchHub(sub, st.store, {
+      heartbeatMs: 60_000,
+      log: createLogger("silent", "test"),
+    });
+    const abort = new AbortController();
+    try {
+      const id = newJobId();
+      await createJob(st.store, id, [1], st.owner);
+      const stream = hub.watch(id, 0, abort.signal);
+      expect((await stream.next()).value).toMatchObject({ job: { id, version: 1 } });
+
+      // Versions 2 and 4 were published and lost (a failover); only 3 arrives. The
+      // record itself is at 4, COMPLETED: nothing more will ever be published.
+      const key = st.store.key(id);
+      const v1 = (await st.redis.hgetall(key)) as Record<string, string>;
+      await st.redis.hset(key, { state: "COMPLETED", version: "4", endedAt: String(Date.now()) });
+      await st.redis.publish(
+        st.store.channel(id),
+        JSON.stringify({ ...v1, state: "PROCESSING", version: "3" }),
+      );
+      const seen: Array<[number, string]> = [];
+      const drained = (async () => {
+        for await (const ev of stream) if (ev.job) seen.push([ev.job.version, ev.job.state]);
+      })();
+      await expect.poll(() => seen.at(-1), { timeout: 20_000 }).toEqual([4, "COMPLETED"]);
+      await drained;
+      expect(seen[0]).toEqual([3, "PROCESSING"]);
+    } finally {
+      abort.abort();
+      hub.close(new Error("test over"));
+      sub.disconnect();
+    }
+  }, 60_000);
+});
