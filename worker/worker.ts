@@ -15,7 +15,12 @@ import {
   WEBHOOK_QUEUE_NAME,
   type WebhookJobData,
 } from "../core/queue.js";
-import { createRedis, redisTargetFrom, waitForRedis } from "../core/redis.js";
+import {
+  createRedis,
+  onSubscriptionsRestored,
+  redisTargetFrom,
+  waitForRedis,
+} from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { CancelledError, createProcessor } from "./processor.js";
 import { sweepExpiredResults } from "./retention.js";
@@ -60,6 +65,14 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
   // Cancel reaches the process that runs the job through Redis pub/sub: every worker
   // hears every cancel and acts on the ones it runs.
   await sub.subscribe(store.cancelChannel);
+  // ioredis re-subscribes by itself after a reconnect, but on a cluster it swallows the
+  // errors of doing so: subscribe again to be sure. A cancel published in between is
+  // still caught by the run's own ownership check (ownershipCheckMs below).
+  onSubscriptionsRestored(sub, () => {
+    sub.subscribe(store.cancelChannel).catch((err: Error) => {
+      log.warn({ err: err.message }, "re-subscribing to cancels failed");
+    });
+  });
   sub.on("message", (channel: string, jobId: string) => {
     if (channel !== store.cancelChannel) return;
     const ctl = running.get(jobId);
