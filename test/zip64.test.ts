@@ -178,6 +178,10 @@ describe.runIf(process.env.ZIP64 === "1")("ZIP64", () => {
         S3_PUBLIC_ENDPOINT: st.svc.s3.endpoint,
         MAX_JOB_BYTES: 0,
         MAX_JOB_SECONDS: 0,
+        // s3rver answers a CompleteMultipartUpload only once it has copied every part
+        // (over a minute for 4.5 GiB here) and sends nothing meanwhile, where S3 keeps
+        // the connection alive with white space: the idle deadline must outlast it.
+        S3_STALL_MS: 120_000,
         PROGRESS_INTERVAL_MS: 1000,
       },
       pino({ level: "warn" }),

@@ -339,7 +339,10 @@ async function run(
       }
       throw err;
     }
-    log.info({ ms: Date.now() - startedAt, bytes: result.sizeBytes }, "job completed");
+    log.info(
+      { ms: Date.now() - startedAt, bytes: result.sizeBytes, read: result.read },
+      "job completed",
+    );
     return "completed";
   } catch (err) {
     clearInterval(watch);
