@@ -201,6 +201,16 @@ const schema = z.object({
     })
     .transform((v) => v.toLowerCase())
     .optional(),
+  // Unset: no history. Set on the workers (they write it); every process appends to the
+  // outbox once a worker with it has started (core/lua/transition.lua).
+  HISTORY_DATABASE_URL: z
+    .string()
+    .regex(/^postgres(ql)?:\/\/./, {
+      error: "expected postgres://user:password@host:5432/database",
+    })
+    .optional(),
+  HISTORY_RETENTION_DAYS: int(0).default(400),
+  HISTORY_OUTBOX_MAX_ENTRIES: int(1000).default(1_000_000),
   OTEL_TRACES_EXPORTER: z
     .enum(["otlp", "console", "none"], { error: "expected otlp, console or none" })
     .optional(),

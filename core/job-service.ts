@@ -141,7 +141,7 @@ export class JobService {
     const id = (await this.get(owner, rawJobId)).id;
     let rec: JobRecord;
     try {
-      rec = await markCancelled(this.deps.store, id);
+      rec = await markCancelled(this.deps.store, id, owner);
     } catch (err) {
       if (err instanceof JobStateError && err.state === "CANCELLED") return this.deps.store.get(id);
       if (err instanceof JobStateError) {

@@ -38,17 +38,26 @@ export function decodeJob(flat: Flat): JobRecord {
   return rec as unknown as JobRecord;
 }
 
+/** About 1 GB of Redis at the usual ~1 KB a change (see HISTORY_OUTBOX_MAX_ENTRIES). */
+export const DEFAULT_HISTORY_OUTBOX_MAX_ENTRIES = 1_000_000;
+
 export interface JobStoreOptions {
   /** Key prefix shared by every process of one deployment (QUEUE_PREFIX). */
   prefix: string;
   /** How long a finished job's record is kept, in seconds. */
   recordTtlSeconds: number;
+  /**
+   * The history outbox's approximate length cap (HISTORY_OUTBOX_MAX_ENTRIES): past it the
+   * oldest unwritten changes are dropped rather than Redis filling up.
+   */
+  historyOutboxMaxEntries?: number;
 }
 
 export class JobStore {
   readonly prefix: string;
   readonly keys: RedisKeys;
   readonly recordTtlSeconds: number;
+  readonly historyOutboxMaxEntries: number;
   /** The connection with our scripts defined on it (for core/job-transitions.ts). */
   readonly scripts: ScriptCommands;
 
@@ -59,6 +68,8 @@ export class JobStore {
     this.prefix = opts.prefix;
     this.keys = new RedisKeys(opts.prefix);
     this.recordTtlSeconds = opts.recordTtlSeconds;
+    this.historyOutboxMaxEntries =
+      opts.historyOutboxMaxEntries ?? DEFAULT_HISTORY_OUTBOX_MAX_ENTRIES;
     this.scripts = withScripts(redis);
   }
 

@@ -67,6 +67,7 @@ async function apply(store: JobStore, id: string, change: Change): Promise<strin
     store.keys.webhookOutbox,
     store.keys.resultExpiry,
     store.keys.bundleLock(id),
+    store.keys.historyOutbox,
     store.keys.channel(id),
     change.from.join(","),
     change.fence?.kind ?? "",
@@ -79,6 +80,7 @@ async function apply(store: JobStore, id: string, change: Change): Promise<strin
     String(change.expire?.at ?? 0),
     change.resultKey ?? "",
     String(keep.length),
+    String(store.historyOutboxMaxEntries),
     ...keep.flat(),
     ...Object.entries(fields).flat(),
   )) as [number, string?];
@@ -232,16 +234,18 @@ export async function markAbandoned(
 /**
  * QUEUED or PROCESSING -> CANCELLED, by the API: it wins over any run, whose next write
  * then fails with JobStateError (the run is also told through the cancel channel).
+ * `by` is who asked (history keeps it).
  */
 export async function markCancelled(
   store: JobStore,
   jobId: string,
+  by?: string,
   now = Date.now(),
 ): Promise<JobRecord> {
   return decode(
     await apply(store, jobId, {
       from: ["QUEUED", "PROCESSING"],
-      set: { state: "CANCELLED", endedAt: now },
+      set: { state: "CANCELLED", endedAt: now, ...(by !== undefined ? { cancelledBy: by } : {}) },
     }),
   );
 }

@@ -87,6 +87,8 @@ export interface JobRecord {
   files: FileProgress[];
   result?: JobResultRecord;
   error?: JobErrorRecord;
+  /** Who cancelled the job, when it was cancelled. */
+  cancelledBy?: string;
   /** Where the terminal state is POSTed, if the caller asked for it. */
   callbackUrl?: string;
   webhook?: WebhookRecord;

@@ -33,6 +33,14 @@ export class RedisKeys {
     return `${this.prefix}:results:expiry`;
   }
 
+  /**
+   * The history outbox: a stream of job changes, appended to by the transition that makes
+   * each one, read by the history writer's consumer group (core/history-outbox.ts).
+   */
+  get historyOutbox(): string {
+    return `${this.prefix}:history:outbox`;
+  }
+
   /** The channel on which API processes ask workers to stop a running job. */
   get cancelChannel(): string {
     return `${this.prefix}:cancel`;

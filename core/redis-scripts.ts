@@ -9,7 +9,7 @@ import type { RedisClient } from "./redis.js";
 
 const SCRIPTS = {
   /** One named change of a job record (core/job-transitions.ts). */
-  djTransition: { file: "transition.lua", keys: 4 },
+  djTransition: { file: "transition.lua", keys: 5 },
   /** Initiate's admission and the new record (core/admission.ts). */
   djAdmit: { file: "admit.lua", keys: 5 },
   /** A new QUEUED record outside Initiate (tests, tools). */

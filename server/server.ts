@@ -126,6 +126,7 @@ export async function startApiServer(
   const store = new JobStore(redis, {
     prefix: cfg.QUEUE_PREFIX,
     recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS,
+    historyOutboxMaxEntries: cfg.HISTORY_OUTBOX_MAX_ENTRIES,
   });
   const webhookPolicy = {
     allowPrivate: cfg.WEBHOOK_ALLOW_PRIVATE,

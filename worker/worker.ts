@@ -1,6 +1,7 @@
 import { Worker } from "bullmq";
 import type { Config } from "../core/config.js";
 import { type ReadinessCheck, redisCheck, redisWriteCheck, s3Check } from "../core/health.js";
+import { HistoryDb } from "../core/history.js";
 import { JobStore } from "../core/job-store.js";
 import { markAbandoned } from "../core/job-transitions.js";
 import { isTerminal } from "../core/jobs.js";
@@ -22,6 +23,7 @@ import {
   waitForRedis,
 } from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
+import { startHistoryWriter } from "./history-writer.js";
 import { CancelledError, createProcessor } from "./processor.js";
 import { sweepExpiredResults } from "./retention.js";
 import {
@@ -58,6 +60,7 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
   const store = new JobStore(redis, {
     prefix: cfg.QUEUE_PREFIX,
     recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS,
+    historyOutboxMaxEntries: cfg.HISTORY_OUTBOX_MAX_ENTRIES,
   });
   const storage = new Storage(storageOptionsFrom(cfg));
   const running = new Map<string, AbortController>();
@@ -196,6 +199,18 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     });
   }
 
+  // History (HISTORY_DATABASE_URL): its own blocking connection; never in a job's path.
+  const history =
+    cfg.HISTORY_DATABASE_URL !== undefined
+      ? startHistoryWriter({
+          redis: createRedis(target, { role: "worker", name: "download-jobs:history" }),
+          stream: store.keys.historyOutbox,
+          db: new HistoryDb(cfg.HISTORY_DATABASE_URL),
+          log: log.child({ part: "history" }),
+          retentionDays: cfg.HISTORY_RETENTION_DAYS,
+        })
+      : undefined;
+
   await worker.waitUntilReady();
   log.info(
     { queue: QUEUE_NAME, concurrency: cfg.WORKER_CONCURRENCY, webhooks: webhooks !== undefined },
@@ -218,6 +233,7 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     ],
     async close() {
       dispatcher?.stop();
+      await history?.stop();
       await Promise.all([worker.close(), maintenance.close(), webhooks?.close()]);
       await Promise.all([maintenanceQueue.close(), webhookQueue?.close()]);
       await sub.quit().catch(() => undefined);

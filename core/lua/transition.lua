@@ -7,6 +7,7 @@ never overwritten, and an attempt that lost the job can change nothing.
 
 KEYS[1] job hash     KEYS[2] webhook outbox     KEYS[3] result expiry set
 KEYS[4] BullMQ's lock of the job (read only by a claim)
+KEYS[5] history outbox stream (appended to only once the history writer has made it)
 
 ARGV[1]  channel
 ARGV[2]  allowed source states, comma-separated ("" = any)
@@ -18,8 +19,9 @@ ARGV[7]  "1" when the new state is terminal
 ARGV[8]  the new state ("" = unchanged)
 ARGV[9]  result expiry member ("" = none), ARGV[10] its score
 ARGV[11] the result key the record must name ("" = no such condition)
-ARGV[12] how many field/value pairs after it are set only where absent (they come first)
-ARGV[13..] field/value pairs
+ARGV[12] how many field/value pairs from ARGV[14] on are set only where absent (they come first)
+ARGV[13] the history outbox's approximate length cap
+ARGV[14..] field/value pairs
 
 Returns {1, json} applied (or already applied by this attempt), {0} no such job,
 {2, state} not in an allowed state, {3, holder} the attempt does not own the job.
@@ -62,7 +64,7 @@ if ARGV[11] ~= '' then
   if not r or cjson.decode(r).key ~= ARGV[11] then return {2, state} end
 end
 
-local at = 13
+local at = 14
 for _ = 1, tonumber(ARGV[12]) do
   redis.call('HSETNX', KEYS[1], ARGV[at], ARGV[at + 1])
   at = at + 2
@@ -86,4 +88,20 @@ local obj = {}
 for i = 1, #flat, 2 do obj[flat[i]] = flat[i + 1] end
 json = cjson.encode(obj)
 redis.call('PUBLISH', ARGV[1], json)
+-- History (core/history-outbox.ts): a change of state, or a new run of the job, goes to
+-- the outbox in the same step as the change itself, so PostgreSQL can lag or be down
+-- without losing any. NOMKSTREAM: with no history writer there is no stream and no cost.
+-- Progress, webhook and expiry writes are not history; per-file progress and the lease
+-- stay out of it.
+if ARGV[8] ~= '' and (ARGV[8] ~= state or (fence == 'claim' and lease ~= token)) then
+  local entry = {}
+  for i = 1, #flat, 2 do
+    local k = flat[i]
+    if k ~= 'files' and k ~= 'lease' and k ~= 'callbackUrl' and k ~= 'webhook' then
+      entry[#entry + 1] = k
+      entry[#entry + 1] = flat[i + 1]
+    end
+  end
+  redis.call('XADD', KEYS[5], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[13], '*', unpack(entry))
+end
 return {1, json}
