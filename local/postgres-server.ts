@@ -1,7 +1,15 @@
 import { type ChildProcess, execFileSync, spawn } from "node:child_process";
-import { chownSync, existsSync, mkdirSync, mkdtempSync, readdirSync, rmSync } from "node:fs";
+import {
+  chownSync,
+  existsSync,
+  mkdirSync,
+  mkdtempSync,
+  readdirSync,
+  rmSync,
+  statSync,
+} from "node:fs";
 import { tmpdir, userInfo } from "node:os";
-import { join, resolve } from "node:path";
+import { dirname, join, resolve } from "node:path";
 import pg from "pg";
 import { freePort, waitUntil } from "./ports.js";
 
@@ -32,6 +40,11 @@ export interface LocalPostgresOptions {
   dir?: string;
   /** Skip fsync (tests: faster, and a lost temp cluster costs nothing). */
   fast?: boolean;
+  /**
+   * Own process group: a terminal's Ctrl-C then reaches only the parent, which stops the
+   * server after the processes that still use it.
+   */
+  detached?: boolean;
   log?: (line: string) => void;
 }
 
@@ -76,6 +89,32 @@ function asUser(user: ReturnType<typeof serverUser>, bin: string, args: string[]
       };
 }
 
+/**
+ * The server user must reach the data folder: every folder above it needs search (x)
+ * permission for that user. A checkout under /root, or a folder made by mkdtemp, does not
+ * give it: say so instead of letting initdb fail with "Permission denied".
+ */
+function checkReachable(dir: string, user: { name: string; uid: number; gid: number }): void {
+  let parent = dirname(dir);
+  while (true) {
+    const st = statSync(parent);
+    const ok =
+      st.uid === user.uid
+        ? (st.mode & 0o100) !== 0
+        : st.gid === user.gid
+          ? (st.mode & 0o010) !== 0
+          : (st.mode & 0o001) !== 0;
+    if (!ok) {
+      throw new Error(
+        `PostgreSQL runs as the ${user.name} user here (not as root), which cannot enter ${parent}: choose a data folder it can reach`,
+      );
+    }
+    const up = dirname(parent);
+    if (up === parent) return;
+    parent = up;
+  }
+}
+
 async function canQuery(url: string): Promise<boolean> {
   const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 2000 });
   try {
@@ -99,6 +138,7 @@ export async function startPostgres(opts: LocalPostgresOptions = {}): Promise<Lo
   const dir =
     opts.dir !== undefined ? resolve(opts.dir) : mkdtempSync(join(tmpdir(), "dj-postgres-"));
   mkdirSync(dir, { recursive: true, mode: 0o700 });
+  if (user !== undefined) checkReachable(dir, user);
   if (user !== undefined) chownSync(dir, user.uid, user.gid);
   if (!existsSync(join(dir, "PG_VERSION"))) {
     const init = asUser(user, join(bin, "initdb"), [
@@ -134,7 +174,10 @@ export async function startPostgres(opts: LocalPostgresOptions = {}): Promise<Lo
     dir,
     ...settings.flatMap(([k, v]) => ["-c", `${k}=${v}`]),
   ]);
-  const child: ChildProcess = spawn(run.cmd, run.args, { stdio: ["ignore", "ignore", "pipe"] });
+  const child: ChildProcess = spawn(run.cmd, run.args, {
+    stdio: ["ignore", "ignore", "pipe"],
+    detached: opts.detached ?? false,
+  });
   let stderr = "";
   child.stderr?.on("data", (d: Buffer) => {
     stderr = (stderr + d.toString()).slice(-4000);

@@ -7,6 +7,7 @@ import { type Config, ConfigError, loadConfig } from "../core/config.js";
 import { logFormatFor } from "../core/logger.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { canConnect, waitUntil } from "../local/ports.js";
+import { findPostgresBin, startPostgres } from "../local/postgres-server.js";
 import { startRealisticS3 } from "../local/realistic-s3.js";
 import { startRedis } from "../local/redis-server.js";
 import { LOCAL_S3_CREDENTIALS, startS3 } from "../local/s3-server.js";
@@ -278,6 +279,28 @@ async function main(): Promise<number> {
       }
     } else {
       say(`S3     ${cfg.S3_ENDPOINT}  (from S3_ENDPOINT)`);
+    }
+    abort.signal.throwIfAborted();
+
+    // History: Debian's PostgreSQL when it is installed (the same server production runs,
+    // reachable by psql and Grafana), else off with how to turn it on. It never stops the
+    // service from starting: jobs run without it.
+    if (cfg.HISTORY_DATABASE_URL !== undefined) {
+      say("history from HISTORY_DATABASE_URL");
+    } else if (findPostgresBin() === undefined) {
+      say(
+        "history off: install Debian's postgresql (apt-get install -y postgresql) or set HISTORY_DATABASE_URL to keep job history (docs/operations.md)",
+      );
+    } else {
+      const dir = resolve(cfg.DATA_DIR, "postgres");
+      try {
+        const db = await startPostgres({ dir, fast: false, detached: true });
+        services.push({ name: "PostgreSQL", stop: () => db.stop() });
+        childEnv.HISTORY_DATABASE_URL = db.url;
+        say(`history ${db.url}  (PostgreSQL pid ${db.pid}, data in ${dir})`);
+      } catch (err) {
+        warn(`history off: PostgreSQL did not start: ${(err as Error).message.split("\n")[0]}`);
+      }
     }
     abort.signal.throwIfAborted();
 

@@ -1,4 +1,6 @@
+import { execFile } from "node:child_process";
 import { randomUUID } from "node:crypto";
+import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { type HistoryChange, HistoryDb } from "../core/history.js";
 import { type LocalPostgres, startPostgres } from "../local/postgres-server.js";
@@ -275,5 +277,27 @@ describe("history database", () => {
     expect(await count("SELECT count(*) AS n FROM download_jobs WHERE owner = $1", [owner])).toBe(
       1,
     );
+  });
+
+  test("npm run history -- erase <owner> erases from the command line, and a bad call says what is wrong", async () => {
+    const owner = `cli-${randomUUID().slice(0, 8)}`;
+    await db.apply(jobChanges({ owner, created: T0, waitMs: 10, runMs: 10, end: "FAILED" }));
+    const run = (args: string[], env: Record<string, string>) =>
+      promisify(execFile)("node_modules/.bin/tsx", ["scripts/history.ts", ...args], {
+        env: { ...process.env, ...env },
+      });
+    const out = await run(["erase", owner], { HISTORY_DATABASE_URL: server.url });
+    expect(out.stdout).toContain(`erased 1 jobs of ${owner}`);
+    expect(await count("SELECT count(*) AS n FROM download_jobs WHERE owner = $1", [owner])).toBe(
+      0,
+    );
+    await expect(run(["erase"], { HISTORY_DATABASE_URL: server.url })).rejects.toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining("erase needs the owner"),
+    });
+    await expect(run(["erase", owner], { HISTORY_DATABASE_URL: "" })).rejects.toMatchObject({
+      code: 2,
+      stderr: expect.stringContaining("HISTORY_DATABASE_URL is not set"),
+    });
   });
 });
