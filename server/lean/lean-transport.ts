@@ -501,6 +501,20 @@ class NodeCall implements RpcCall {
   }
 }
 
+/** A unary call: read, authenticate (where connect-node's interceptor does), run. */
+async function answerUnary(
+  req: NodeRequest,
+  route: Route,
+  wire: Wire,
+  opts: LeanTransportOptions,
+  who: { owner?: string },
+): Promise<Answer<DescMessage>> {
+  const input = await readInput(req, route, wire, opts.readMaxBytes);
+  who.owner = opts.authenticate(req.headers);
+  const call = new NodeCall(who.owner, req, NEVER, wire.params !== undefined);
+  return (route.row as UnaryRow).run(call, input);
+}
+
 async function serve(
   req: NodeRequest,
   res: NodeResponse,
@@ -508,74 +522,69 @@ async function serve(
   wire: Wire,
   opts: LeanTransportOptions,
 ): Promise<void> {
-  const { row, procedure } = route;
   const get = wire.params !== undefined;
   const responder = new Responder(req, res, wire);
-  let owner: string | undefined;
+  // Who the call acts for, once authenticated: for the log line, whatever happens next.
+  const who: { owner?: string } = {};
   const timeout = wire.protocol.parseTimeout(header(req, wire.protocol.timeoutHeader));
   // A stream ends when the caller goes away or its deadline passes; a unary call only
   // races its deadline.
   const abort = route.streaming ? new AbortController() : undefined;
+  const onClose = abort === undefined ? undefined : () => abort.abort(STREAM_OVER);
   let timedOut = false;
   let deadline: NodeJS.Timeout | undefined;
-  const onClose = () => abort?.abort(STREAM_OVER);
   try {
-    if (abort !== undefined) {
-      res.once("close", onClose);
-      if (timeout.timeoutMs !== undefined) {
-        deadline = setTimeout(() => {
-          timedOut = true;
-          abort.abort(STREAM_OVER);
-        }, timeout.timeoutMs);
-      }
-    }
-    // Where connect-node's auth interceptor runs: after a unary request is read, before
-    // a stream's. A bad token and a bad body then get the same answer on both ways in.
-    const call = (): RpcCall => {
-      owner = opts.authenticate(req.headers);
-      return new NodeCall(owner, req, abort?.signal ?? NEVER, get);
-    };
-    if (row.method.methodKind === "unary") {
+    if (abort === undefined) {
       if (timeout.error !== undefined) throw timeout.error;
-      const work = (async () => {
-        const input = await readInput(req, route, wire, opts.readMaxBytes);
-        return (row as UnaryRow).run(call(), input);
-      })();
-      const answer = await withDeadline(work, timeout.timeoutMs);
-      recordOutcome(req, "ok", owner);
+      const answer = await withDeadline(
+        answerUnary(req, route, wire, opts, who),
+        timeout.timeoutMs,
+      );
+      recordOutcome(req, "ok", who.owner);
       await responder.unary(answer);
       return;
     }
-    // connect-node runs a stream's interceptors (auth) before it reads the request.
-    const streamCall = call();
+    res.once("close", onClose as () => void);
+    if (timeout.timeoutMs !== undefined) {
+      deadline = setTimeout(() => {
+        timedOut = true;
+        abort.abort(STREAM_OVER);
+      }, timeout.timeoutMs);
+    }
+    // connect-node runs a stream's interceptors (auth) before it reads the request, and
+    // a unary call's after (answerUnary): a bad token and a bad body then get the same
+    // answer on both ways in.
+    who.owner = opts.authenticate(req.headers);
+    const call = new NodeCall(who.owner, req, abort.signal, get);
     if (timeout.error !== undefined) throw timeout.error;
     const input = await readInput(req, route, wire, opts.readMaxBytes);
-    const signal = abort?.signal ?? NEVER;
-    for await (const reply of (row as StreamRow).run(streamCall, input)) {
-      if (signal.aborted) break;
+    for await (const reply of (route.row as StreamRow).run(call, input)) {
+      if (abort.signal.aborted) break;
       // A caller that reads slowly is sent nothing more until it catches up; meanwhile
       // the hub keeps only the latest record of each state for it.
-      if (!(await responder.message(reply)) && !reply.last) await responder.drained(signal);
+      if (!(await responder.message(reply)) && !reply.last) await responder.drained(abort.signal);
     }
-    if (signal.aborted && !timedOut) {
-      recordOutcome(req, "canceled", owner);
+    if (abort.signal.aborted && !timedOut) {
+      recordOutcome(req, "canceled", who.owner);
       return;
     }
     const end = timedOut ? deadlineExceeded() : undefined;
-    recordOutcome(req, end === undefined ? "ok" : codeToString(end.code), owner);
+    recordOutcome(req, end === undefined ? "ok" : codeToString(end.code), who.owner);
     await responder.end(end);
   } catch (err) {
     if (abort?.signal.aborted === true && !timedOut) {
-      recordOutcome(req, "canceled", owner);
+      recordOutcome(req, "canceled", who.owner);
       return;
     }
-    const error = timedOut ? deadlineExceeded() : rpcFailure(err, opts.log, procedure, get);
-    recordOutcome(req, codeToString(error.code), owner);
+    const error = timedOut ? deadlineExceeded() : rpcFailure(err, opts.log, route.procedure, get);
+    recordOutcome(req, codeToString(error.code), who.owner);
     await responder.end(error);
   } finally {
-    clearTimeout(deadline);
-    res.off("close", onClose);
-    // Answered or abandoned: release the hub's generator if it is still open.
-    abort?.abort(STREAM_OVER);
+    if (abort !== undefined) {
+      clearTimeout(deadline);
+      res.off("close", onClose as () => void);
+      // Answered or abandoned: release the hub's generator if it is still open.
+      abort.abort(STREAM_OVER);
+    }
   }
 }
