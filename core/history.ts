@@ -71,7 +71,12 @@ const MIGRATIONS = new URL("./history-sql/", import.meta.url);
 // pg_advisory_lock takes a bigint: any fixed number that names "history migrations".
 const MIGRATION_LOCK = 0x646a_6869_7374;
 
-const ms = (v: number | undefined) => (v === undefined ? null : new Date(v).toISOString());
+// A time out of JavaScript's range becomes NULL, which PostgreSQL then refuses as data
+// where a time is required (the writer skips that change) instead of throwing here.
+const ms = (v: number | undefined) =>
+  v === undefined || !Number.isFinite(v) || Math.abs(v) > 8.64e15
+    ? null
+    : new Date(v).toISOString();
 
 export class HistoryDb {
   readonly pool: pg.Pool;

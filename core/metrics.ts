@@ -197,6 +197,72 @@ export function registerWorkerMetrics(registry: Registry): JobMetrics {
   };
 }
 
+/** What the history writer tells Prometheus (worker/history-writer.ts). */
+export interface HistoryMetrics {
+  written(n: number): void;
+  /** A batch PostgreSQL did not take (it is retried). */
+  writeFailed(): void;
+  /** Changes given up: trimmed from the outbox before they were written, or refused as data. */
+  skipped(n: number): void;
+}
+
+export function registerHistoryMetrics(
+  registry: Registry,
+  sources: {
+    /** Entries in the outbox and the age of the oldest one (ms; 0 when empty). */
+    outbox: () => Promise<{ entries: number; oldestAgeMs: number }>;
+    onError?: (err: unknown) => void;
+  },
+): HistoryMetrics {
+  const written = new Counter({
+    name: "history_changes_written_total",
+    help: "Job changes this worker wrote to PostgreSQL.",
+    registers: [registry],
+  });
+  const failures = new Counter({
+    name: "history_write_failures_total",
+    help: "Batches of job changes PostgreSQL did not take (each is retried).",
+    registers: [registry],
+  });
+  const skipped = new Counter({
+    name: "history_changes_skipped_total",
+    help: "Job changes never written: trimmed from the outbox at its cap, or refused by PostgreSQL as data.",
+    registers: [registry],
+  });
+  const outbox = cached(sources.outbox, 2000);
+  const read = async (pick: (o: { entries: number; oldestAgeMs: number }) => number) => {
+    try {
+      return pick(await outbox());
+    } catch (err) {
+      sources.onError?.(err);
+      return undefined;
+    }
+  };
+  new Gauge({
+    name: "history_outbox_entries",
+    help: "Job changes waiting in the Redis outbox for PostgreSQL (the same in every worker: aggregate with max).",
+    registers: [registry],
+    async collect() {
+      const v = await read((o) => o.entries);
+      if (v !== undefined) this.set(v);
+    },
+  });
+  new Gauge({
+    name: "history_outbox_lag_seconds",
+    help: "Age of the oldest job change not yet in PostgreSQL; 0 when the history is up to date.",
+    registers: [registry],
+    async collect() {
+      const v = await read((o) => o.oldestAgeMs / 1000);
+      if (v !== undefined) this.set(v);
+    },
+  });
+  return {
+    written: (n) => written.inc(n),
+    writeFailed: () => failures.inc(),
+    skipped: (n) => skipped.inc(n),
+  };
+}
+
 // ---- HTTP -----------------------------------------------------------------------------
 
 interface MetricsRequest {

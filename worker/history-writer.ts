@@ -1,6 +1,7 @@
 import { hostname } from "node:os";
 import { changeFromFields, type HistoryChange, type HistoryDb } from "../core/history.js";
 import type { Logger } from "../core/logger.js";
+import type { HistoryMetrics } from "../core/metrics.js";
 import type { RedisClient } from "../core/redis.js";
 
 // The history writer: reads the outbox stream that every job transition appends to
@@ -17,7 +18,6 @@ import type { RedisClient } from "../core/redis.js";
 export const HISTORY_GROUP = "history-writer";
 /** An entry another writer read and has not acknowledged this long is taken over. */
 const CLAIM_IDLE_MS = 60_000;
-const CLAIM_INTERVAL_MS = 15_000;
 const BLOCK_MS = 2_000;
 const MAX_BACKOFF_MS = 5_000;
 const PRUNE_INTERVAL_MS = 3_600_000;
@@ -31,8 +31,9 @@ export interface HistoryWriterOptions {
   batchSize?: number;
   /** History older than this many days is deleted; 0 keeps everything. */
   retentionDays?: number;
-  /** Told after every batch written (tests, metrics). */
-  onWritten?: (n: number) => void;
+  metrics?: HistoryMetrics;
+  /** How long an entry read by another writer may stay unacknowledged before this one takes it. */
+  claimIdleMs?: number;
 }
 
 export interface HistoryWriter {
@@ -42,12 +43,23 @@ export interface HistoryWriter {
 }
 
 type Entry = [id: string, fields: string[] | null];
+type Parsed = { id: string; change: HistoryChange };
+
+/**
+ * PostgreSQL refused the data itself (SQLSTATE class 22 data exception, 23 integrity):
+ * retrying cannot help, unlike a connection that failed or a server shutting down.
+ */
+function isDataError(err: unknown): boolean {
+  const code = (err as { code?: unknown }).code;
+  return typeof code === "string" && /^2[23][0-9A-Z]{3}$/.test(code);
+}
 type ReadReply = [stream: string, entries: Entry[]][] | null;
 
 export function startHistoryWriter(opts: HistoryWriterOptions): HistoryWriter {
   const { redis, stream, db, log } = opts;
   const batch = opts.batchSize ?? 200;
   const consumer = `${hostname()}-${process.pid}-${Math.random().toString(36).slice(2, 8)}`;
+  const claimIdleMs = opts.claimIdleMs ?? CLAIM_IDLE_MS;
   let running = true;
   let written = 0;
   let wake: (() => void) | undefined;
@@ -78,13 +90,35 @@ export function startHistoryWriter(opts: HistoryWriterOptions): HistoryWriter {
     return reply?.[0]?.[1] ?? [];
   }
 
+  /**
+   * Writes a batch; a batch PostgreSQL refuses as data is split until the change it
+   * refuses is found, which is logged and given up so that it cannot stop the history.
+   */
+  async function write(batch: Parsed[]): Promise<{ written: number; skipped: number }> {
+    try {
+      await db.apply(batch.map((p) => p.change));
+      return { written: batch.length, skipped: 0 };
+    } catch (err) {
+      if (!isDataError(err)) throw err;
+      if (batch.length === 1) {
+        const [p] = batch as [Parsed];
+        log.error({ err, entry: p.id, jobId: p.change.jobId }, "history change refused: skipped");
+        return { written: 0, skipped: 1 };
+      }
+      const half = Math.ceil(batch.length / 2);
+      const a = await write(batch.slice(0, half));
+      const b = await write(batch.slice(half));
+      return { written: a.written + b.written, skipped: a.skipped + b.skipped };
+    }
+  }
+
   async function loop(): Promise<void> {
     let migrated = false;
     let backoff = 100;
     let failing = false;
     // Our own pending entries first (a batch that failed, or one a restart left behind).
     let backlog = true;
-    let nextClaim = Date.now() + CLAIM_INTERVAL_MS;
+    let nextClaim = Date.now() + claimIdleMs / 4;
     let nextPrune = 0;
     while (running) {
       try {
@@ -95,13 +129,13 @@ export function startHistoryWriter(opts: HistoryWriterOptions): HistoryWriter {
           migrated = true;
         }
         if (Date.now() >= nextClaim) {
-          nextClaim = Date.now() + CLAIM_INTERVAL_MS;
+          nextClaim = Date.now() + claimIdleMs / 4;
           const claimed = (await redis.call(
             "XAUTOCLAIM",
             stream,
             HISTORY_GROUP,
             consumer,
-            CLAIM_IDLE_MS,
+            claimIdleMs,
             "0-0",
             "COUNT",
             batch,
@@ -119,22 +153,28 @@ export function startHistoryWriter(opts: HistoryWriterOptions): HistoryWriter {
           backlog = false;
           continue;
         }
-        const changes: HistoryChange[] = [];
+        const parsed: Parsed[] = [];
         let lost = 0;
-        for (const [, fields] of entries) {
+        for (const [id, fields] of entries) {
           // An entry trimmed by the outbox's length cap while pending reads as null.
-          const c = fields === null ? undefined : changeFromFields(fields);
-          if (c !== undefined) changes.push(c);
+          let change: HistoryChange | undefined;
+          try {
+            change = fields === null ? undefined : changeFromFields(fields);
+          } catch {
+            change = undefined;
+          }
+          if (change !== undefined) parsed.push({ id, change });
           else lost += 1;
         }
         if (lost > 0) log.warn({ lost }, "history outbox entries unreadable or trimmed: skipped");
-        await db.apply(changes);
+        const result = await write(parsed);
         const ids = entries.map(([id]) => id);
         await redis.xack(stream, HISTORY_GROUP, ...ids);
         await redis.xdel(stream, ...ids);
-        written += changes.length;
-        opts.onWritten?.(changes.length);
-        if (failing) log.info({ written: changes.length }, "history writer caught up again");
+        written += result.written;
+        opts.metrics?.written(result.written);
+        if (lost + result.skipped > 0) opts.metrics?.skipped(lost + result.skipped);
+        if (failing) log.info("history writer writes again");
         failing = false;
         backoff = 100;
       } catch (err) {
@@ -142,6 +182,7 @@ export function startHistoryWriter(opts: HistoryWriterOptions): HistoryWriter {
         if (String((err as Error).message).includes("NOGROUP")) migrated = false;
         // One line per outage, not one per retry: the outbox keeps every change meanwhile.
         if (!failing) log.warn({ err }, "history writer cannot write: retrying");
+        opts.metrics?.writeFailed();
         failing = true;
         backlog = true;
         await pause(backoff);
@@ -164,4 +205,21 @@ export function startHistoryWriter(opts: HistoryWriterOptions): HistoryWriter {
       await db.close().catch(() => undefined);
     },
   };
+}
+
+/**
+ * How far behind the history is: entries in the outbox and the age of the oldest. Written
+ * entries are deleted, so the first one left is the oldest change not yet written.
+ */
+export async function historyOutboxState(
+  redis: RedisClient,
+  stream: string,
+): Promise<{ entries: number; oldestAgeMs: number }> {
+  const [entries, first] = await Promise.all([
+    redis.xlen(stream),
+    redis.xrange(stream, "-", "+", "COUNT", 1),
+  ]);
+  const id = first[0]?.[0];
+  const at = id !== undefined ? Number(id.split("-")[0]) : Date.now();
+  return { entries, oldestAgeMs: Math.max(0, Date.now() - at) };
 }

@@ -6,7 +6,12 @@ import { JobStore } from "../core/job-store.js";
 import { markAbandoned } from "../core/job-transitions.js";
 import { isTerminal } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
-import { createMetricsRegistry, type Registry, registerWorkerMetrics } from "../core/metrics.js";
+import {
+  createMetricsRegistry,
+  type Registry,
+  registerHistoryMetrics,
+  registerWorkerMetrics,
+} from "../core/metrics.js";
 import {
   type BundleJobData,
   createMaintenanceQueue,
@@ -23,7 +28,7 @@ import {
   waitForRedis,
 } from "../core/redis.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
-import { startHistoryWriter } from "./history-writer.js";
+import { historyOutboxState, startHistoryWriter } from "./history-writer.js";
 import { CancelledError, createProcessor } from "./processor.js";
 import { sweepExpiredResults } from "./retention.js";
 import {
@@ -208,6 +213,10 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
           db: new HistoryDb(cfg.HISTORY_DATABASE_URL),
           log: log.child({ part: "history" }),
           retentionDays: cfg.HISTORY_RETENTION_DAYS,
+          metrics: registerHistoryMetrics(registry, {
+            outbox: () => historyOutboxState(redis, store.keys.historyOutbox),
+            onError: (err) => log.debug({ err }, "history outbox metrics unavailable"),
+          }),
         })
       : undefined;
 
