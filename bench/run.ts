@@ -1,6 +1,7 @@
 import { benchBundle } from "./bundle.js";
 import { benchCancel } from "./cancel.js";
 import { benchFailover } from "./failover.js";
+import { benchHistory } from "./history.js";
 import { benchJobs } from "./jobs.js";
 import { printTable, type Row, writeResults } from "./lib.js";
 import { benchPolling } from "./polling.js";
@@ -20,6 +21,7 @@ const scenarios: Record<string, Scenario> = {
   bundle: benchBundle,
   soak: benchSoak,
   failover: benchFailover,
+  history: benchHistory,
 };
 
 const args = process.argv.slice(2);
