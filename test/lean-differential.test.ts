@@ -153,35 +153,6 @@ function overEveryProtocol(
       { "content-type": "application/json", "connect-timeout-ms": "10000" },
       Buffer.from(json),
     );
-    add(
-      "grpc h2",
-      "h2",
-      { "content-type": "application/grpc", te: "trailers" },
-      envelope(0, binary),
-    );
-    add(
-      "grpc h2 gzip",
-      "h2",
-      {
-        "content-type": "application/grpc+proto",
-        te: "trailers",
-        "grpc-encoding": "gzip",
-        "grpc-accept-encoding": "gzip",
-      },
-      envelope(1, gzipSync(binary)),
-    );
-    add(
-      "grpc-web proto h1",
-      "fetch",
-      { "content-type": "application/grpc-web+proto", "x-grpc-web": "1" },
-      envelope(0, binary),
-    );
-    add(
-      "grpc-web json h1",
-      "fetch",
-      { "content-type": "application/grpc-web+json", "x-grpc-web": "1" },
-      envelope(0, json),
-    );
     if (rpc === "GetStatus") {
       const get = (kind: string, via: "fetch" | "h2", query: string) =>
         cases.push({
@@ -230,25 +201,32 @@ function overEveryProtocol(
       { "content-type": "application/connect+proto", "connect-accept-encoding": "gzip" },
       envelope(0, binary),
     );
-    add(
-      "grpc h2",
-      "h2",
-      { "content-type": "application/grpc", te: "trailers" },
-      envelope(0, binary),
-    );
-    add(
-      "grpc h2 gzip",
-      "h2",
-      { "content-type": "application/grpc", te: "trailers", "grpc-encoding": "gzip" },
-      envelope(1, gzipSync(binary)),
-    );
-    add(
-      "grpc-web h1",
-      "fetch",
-      { "content-type": "application/grpc-web+proto", "x-grpc-web": "1" },
-      envelope(0, binary),
-    );
   }
+  // gRPC and gRPC-Web carry unary and streaming calls alike.
+  add("grpc h2", "h2", { "content-type": "application/grpc", te: "trailers" }, envelope(0, binary));
+  add(
+    "grpc h2 gzip",
+    "h2",
+    {
+      "content-type": "application/grpc+proto",
+      te: "trailers",
+      "grpc-encoding": "gzip",
+      "grpc-accept-encoding": "gzip",
+    },
+    envelope(1, gzipSync(binary)),
+  );
+  add(
+    "grpc-web proto h1",
+    "fetch",
+    { "content-type": "application/grpc-web+proto", "x-grpc-web": "1" },
+    envelope(0, binary),
+  );
+  add(
+    "grpc-web json h1",
+    "fetch",
+    { "content-type": "application/grpc-web+json", "x-grpc-web": "1" },
+    envelope(0, json),
+  );
   return cases;
 }
 
