@@ -1,7 +1,7 @@
 import { BackendUnavailableError } from "./jobs.js";
 
 // Which failures mean "a backend (Redis or S3) cannot serve this right now, try again
-// shortly" — in one place, so that the Connect handlers and the lean fast paths answer
+// shortly" — in one place, so that connect-node and the lean transport answer
 // the same code with the same retry delay. Redis trouble reaches us in many shapes: a
 // socket error, an ioredis give-up, a reply of the server that is failing over, or all
 // of those wrapped by the cluster client ("Too many Cluster redirections. Last error:

@@ -114,7 +114,7 @@ const BAD_CREDENTIALS: [string, ReturnType<typeof bearer>[]][] = [
 ];
 
 describe.each([
-  ["with the fast paths", () => fast],
+  ["with the lean transport", () => fast],
   ["connect-node only", () => plain],
 ])("%s", (_name, stack) => {
   test.each(BAD_CREDENTIALS)(
