@@ -1,5 +1,6 @@
 import { execFile } from "node:child_process";
 import { randomUUID } from "node:crypto";
+import { readFileSync } from "node:fs";
 import { promisify } from "node:util";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { type HistoryChange, HistoryDb } from "../core/history.js";
@@ -299,5 +300,33 @@ describe("history database", () => {
       code: 2,
       stderr: expect.stringContaining("HISTORY_DATABASE_URL is not set"),
     });
+  });
+
+  test("every query of the Grafana history dashboard runs against the schema and finds the jobs", async () => {
+    await db.apply(
+      jobChanges({
+        owner: "grafana",
+        created: T0,
+        waitMs: 10,
+        runMs: 10,
+        end: "FAILED",
+        errorCode: "not_found",
+      }),
+    );
+    const dashboard = JSON.parse(
+      readFileSync("deploy/grafana/dashboards/download-jobs-history.json", "utf8"),
+    ) as { panels: { title: string; targets: { rawSql: string }[] }[] };
+    expect(dashboard.panels.length).toBeGreaterThanOrEqual(6);
+    for (const panel of dashboard.panels) {
+      for (const t of panel.targets) {
+        // Grafana's macro, as it expands it for the dashboard's time range.
+        const sql = t.rawSql.replace(
+          /\$__timeFilter\((\w+)\)/g,
+          `$1 BETWEEN '${new Date(T0 - HOUR).toISOString()}' AND '${new Date(T0 + 3 * HOUR).toISOString()}'`,
+        );
+        const { rows } = await db.pool.query(sql);
+        expect(rows.length, panel.title).toBeGreaterThan(0);
+      }
+    }
   });
 });

@@ -21,6 +21,9 @@ const CLAIM_IDLE_MS = 60_000;
 const BLOCK_MS = 2_000;
 const MAX_BACKOFF_MS = 5_000;
 const PRUNE_INTERVAL_MS = 3_600_000;
+const STOP_WAIT_MS = 2_000;
+
+const delay = (ms: number) => new Promise<void>((r) => setTimeout(r, ms).unref());
 
 export interface HistoryWriterOptions {
   /** A connection of its own: the writer blocks on it (XREADGROUP BLOCK). */
@@ -201,8 +204,10 @@ export function startHistoryWriter(opts: HistoryWriterOptions): HistoryWriter {
       wake?.();
       // Ends a blocked XREADGROUP at once instead of after BLOCK_MS.
       redis.disconnect();
-      await done;
-      await db.close().catch(() => undefined);
+      // A write stuck on a hung PostgreSQL must not hold the worker's shutdown: what it
+      // had read stays pending in the outbox, and another writer takes it over.
+      await Promise.race([done, delay(STOP_WAIT_MS)]);
+      await Promise.race([db.close().catch(() => undefined), delay(STOP_WAIT_MS)]);
     },
   };
 }

@@ -242,8 +242,7 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     ],
     async close() {
       dispatcher?.stop();
-      await history?.stop();
-      await Promise.all([worker.close(), maintenance.close(), webhooks?.close()]);
+      await Promise.all([worker.close(), maintenance.close(), webhooks?.close(), history?.stop()]);
       await Promise.all([maintenanceQueue.close(), webhookQueue?.close()]);
       await sub.quit().catch(() => undefined);
       await redis.quit().catch(() => undefined);
