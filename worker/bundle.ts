@@ -209,7 +209,15 @@ export async function bundleToS3(
     };
   } catch (err) {
     // A source that failed is the cause; the ZIP and upload errors it set off are not.
-    const cause = err instanceof SourceError ? err : signal.aborted ? abortError(signal) : err;
+    const failed = reader.failed;
+    const cause =
+      failed instanceof SourceError
+        ? failed
+        : err instanceof SourceError
+          ? err
+          : signal.aborted
+            ? abortError(signal)
+            : err;
     if (!signal.aborted) onAbort();
     await uploaded.catch(() => undefined);
     if (opts.signal.aborted) throw abortError(opts.signal);

@@ -132,6 +132,11 @@ export class ReadAhead {
     this.pump();
   }
 
+  /** Why the read stopped, if a source failed. */
+  get failed(): Error | undefined {
+    return this.failure;
+  }
+
   private fail(err: Error): void {
     this.failure ??= err;
     this.internal.abort(err);
