@@ -1,8 +1,8 @@
 import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { ownerOf } from "../auth.js";
-import { createHealthService, type HealthServiceOptions } from "../health.js";
 import type { RpcCall, RpcRow, StreamRow, UnaryRow } from "../rpc/download-rpcs.js";
+import { createHealthService, type HealthServiceOptions } from "./grpc-health.js";
 import { addReflection } from "./reflection.js";
 
 // The first way in: connect-node serves every row of the RPC table

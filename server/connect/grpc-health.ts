@@ -6,11 +6,11 @@ import {
   type HandlerContext,
   type ServiceImpl,
 } from "@connectrpc/connect";
-import type { Readiness } from "../core/health.js";
+import type { Readiness } from "../../core/health.js";
 import {
   type Health,
   HealthCheckResponse_ServingStatus as Status,
-} from "../gen/grpc/health/v1/health_pb.js";
+} from "../../gen/grpc/health/v1/health_pb.js";
 
 // The standard gRPC health service (grpc.health.v1.Health), for load balancers and
 // orchestrators that probe over gRPC (Envoy's grpc_health_check, Kubernetes' grpc
