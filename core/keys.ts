@@ -35,7 +35,7 @@ export class RedisKeys {
 
   /**
    * The history outbox: a stream of job changes, appended to by the transition that makes
-   * each one, read by the history writer's consumer group (core/history-outbox.ts).
+   * each one, read by the history writer's consumer group (worker/history-writer.ts).
    */
   get historyOutbox(): string {
     return `${this.prefix}:history:outbox`;

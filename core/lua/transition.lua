@@ -88,7 +88,7 @@ local obj = {}
 for i = 1, #flat, 2 do obj[flat[i]] = flat[i + 1] end
 json = cjson.encode(obj)
 redis.call('PUBLISH', ARGV[1], json)
--- History (core/history-outbox.ts): a change of state, or a new run of the job, goes to
+-- History (worker/history-writer.ts): a change of state, or a new run of the job, goes to
 -- the outbox in the same step as the change itself, so PostgreSQL can lag or be down
 -- without losing any. NOMKSTREAM: with no history writer there is no stream and no cost.
 -- Progress, webhook and expiry writes are not history; per-file progress and the lease
