@@ -144,8 +144,14 @@ test("with PostgreSQL stopped every job still ends, and the history then catches
   expect(states).toContain("COMPLETED");
   expect(states).toContain("FAILED");
   expect(states).toContain("CANCELLED");
-  // The outage was real: the outbox holds the changes PostgreSQL could not take.
+  // The outage was real: the outbox holds the changes PostgreSQL could not take, and
+  // the writer tried to write them and failed.
   expect(await redis.xlen(store.keys.historyOutbox)).toBeGreaterThanOrEqual(DURING);
+  await expect
+    .poll(async () => /^history_write_failures_total [1-9]/m.test(await worker.metrics.metrics()), {
+      timeout: 60_000,
+    })
+    .toBe(true);
 
   pgServer = await startPostgres({ dir: pgServer.dir, port: pgServer.port });
   const ids = [...before, ...during];
