@@ -1,3 +1,4 @@
+import { rmSync } from "node:fs";
 import pg from "pg";
 import { pino } from "pino";
 import { afterAll, beforeAll, expect, test } from "vitest";
@@ -86,6 +87,8 @@ afterAll(async () => {
   redis?.disconnect();
   await sql?.end().catch(() => undefined);
   await pgServer?.destroy();
+  // The restarted server was given its folder, so destroy() leaves it: remove it here.
+  if (pgServer !== undefined) rmSync(pgServer.dir, { recursive: true, force: true });
   await svc?.stop();
 });
 
