@@ -7,6 +7,7 @@ import { printTable, type Row, writeResults } from "./lib.js";
 import { benchPolling } from "./polling.js";
 import { benchSoak } from "./soak.js";
 import { benchWatch } from "./watch.js";
+import { benchFanoutJobs, benchWatch50k } from "./watch-many.js";
 
 // npm run bench [-- scenario...] [--quick]. Each scenario runs alone or all in order;
 // ratios are measured side by side in one run, since absolute figures drift.
@@ -16,6 +17,8 @@ type Scenario = (opts: { quick: boolean }) => Promise<{ rows: Row[]; data: unkno
 const scenarios: Record<string, Scenario> = {
   polling: benchPolling,
   watch: benchWatch,
+  "watch-50k": benchWatch50k,
+  "fanout-jobs": benchFanoutJobs,
   jobs: benchJobs,
   cancel: benchCancel,
   bundle: benchBundle,
