@@ -423,6 +423,41 @@ describe("envoy/envoy.yaml", () => {
     expect(Object.keys(format)).toEqual(
       expect.arrayContaining(["method", "path", "status", "duration_ms", "upstream"]),
     );
-    expect(Object.values(format).join(" ")).not.toMatch(/%REQ\(:PATH\)%|PATH\(WQ/);
+    const all = Object.values(format).map(str).join(" ");
+    expect(all).not.toMatch(/%REQ\(:PATH\)%|%REQ_WITHOUT_QUERY|X-ENVOY-ORIGINAL-PATH/i);
+    // %PATH(X:Y)%: X defaults to WQ (with the query), Y to ORIG_OR_PATH. ORIG reads only
+    // x-envoy-original-path, set by a route rewrite (none here) or by the client itself:
+    // every line would log "-" or what a client chose. Only the request's own :path will do.
+    const paths = [...all.matchAll(/%PATH(?:\(([^)]*)\))?(?::\d+)?%/g)].map((m) => m[1] ?? "");
+    expect(paths).toEqual(["NQ:PATH"]);
+    expect(str(format.path)).toBe("%PATH(NQ:PATH)%");
+  });
+
+  test("uses no deprecated cluster field and health-checks over HTTP/2, out of step with the API's HTTP/1.1 idle close", () => {
+    for (const [name, c] of clusters)
+      expect(Object.keys(c), name).not.toContain("dns_refresh_rate");
+    const check = obj(arr(clusters.get("api")?.health_checks)[0]);
+    // The API closes an idle HTTP/1.1 connection after 5 s: an HTTP/1.1 check every 5 s
+    // can meet that close. Over HTTP/2 the session idles out only after a minute.
+    const http2 = obj(check.http_health_check).codec_client_type === "HTTP2";
+    if (!http2) expect(ms(check.interval) % 5000).not.toBe(0);
+    else expect(ms(check.interval)).toBeLessThan(defaults.HTTP2_IDLE_TIMEOUT_MS);
+  });
+
+  test("has an overload manager with a heap limit and a global downstream connection limit", () => {
+    const om = obj(envoy.overload_manager);
+    const monitors = new Map(
+      arr(om.resource_monitors).map((m) => [str(obj(m).name), obj(obj(m).typed_config)]),
+    );
+    const connections = monitors.get("envoy.resource_monitors.global_downstream_max_connections");
+    expect(Number(connections?.max_active_downstream_connections)).toBeGreaterThan(0);
+    expect(
+      Number(monitors.get("envoy.resource_monitors.fixed_heap")?.max_heap_size_bytes),
+    ).toBeGreaterThan(0);
+    const actions = arr(om.actions).map((a) => str(obj(a).name));
+    expect(actions).toContain("envoy.overload_actions.stop_accepting_requests");
+    // Every trigger names a configured monitor (Envoy refuses the file otherwise).
+    for (const a of arr(om.actions))
+      for (const t of arr(obj(a).triggers)) expect(monitors.has(str(obj(t).name))).toBe(true);
   });
 });
