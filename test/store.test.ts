@@ -17,7 +17,7 @@ import {
   newJobId,
 } from "../core/jobs.js";
 import { expiryMember } from "../core/keys.js";
-import { createRedis, type RedisClient } from "../core/redis.js";
+import { createRedis, type RedisClient, waitForRedis } from "../core/redis.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
 
 // The job record's transitions against a real Redis: what each one allows, what a run
@@ -68,6 +68,9 @@ describe("job transitions", () => {
       const created = await createJob(store, id, [1, 2], "owner-a");
       expect(created.version).toBe(1);
       const seen: [number, string][] = [];
+      // SUBSCRIBE before ioredis's ready check has finished breaks the check (INFO is
+      // refused in subscriber mode) and the subscription with it: a busy machine did.
+      await waitForRedis(sub);
       await sub.subscribe(store.channel(id));
       sub.on("message", (_ch: string, msg: string) => {
         const rec = decodeJob(JSON.parse(msg));

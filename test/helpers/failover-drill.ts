@@ -330,7 +330,7 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
       90_000,
     ).catch(() => undefined);
     // Watchers end with the terminal state; give them as long, then stop the rest.
-    await Promise.race([Promise.all(watching), sleep(20_000)]);
+    await Promise.race([Promise.all(watching), sleep(60_000)]);
     watchAbort.abort();
     await Promise.all(watching);
 
