@@ -210,6 +210,12 @@ const schema = z.object({
     })
     .optional(),
   HISTORY_RETENTION_DAYS: int(0).default(400),
+  // The API's key for ListJobHistory page tokens. Unset: a random key per process, so a
+  // token works only on the API instance that made it, until it restarts.
+  HISTORY_PAGE_TOKEN_SECRET: z
+    .string()
+    .min(32, { error: "expected at least 32 characters, e.g. from: openssl rand -hex 32" })
+    .optional(),
   HISTORY_OUTBOX_MAX_ENTRIES: int(1000).default(1_000_000),
   OTEL_TRACES_EXPORTER: z
     .enum(["otlp", "console", "none"], { error: "expected otlp, console or none" })

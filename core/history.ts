@@ -81,10 +81,17 @@ const ms = (v: number | undefined) =>
 export class HistoryDb {
   readonly pool: pg.Pool;
 
-  constructor(url: string, opts: { max?: number } = {}) {
+  /** `statementTimeoutMs`: the server cancels longer statements (the API's reads). */
+  constructor(url: string, opts: { max?: number; statementTimeoutMs?: number } = {}) {
     this.pool = new pg.Pool({
       connectionString: url,
       max: opts.max ?? 2,
+      // The views bucket by date_trunc, which follows the session's time zone: buckets are
+      // UTC hours and days whatever the server's default.
+      options: "-c TimeZone=UTC",
+      ...(opts.statementTimeoutMs !== undefined
+        ? { statement_timeout: opts.statementTimeoutMs }
+        : {}),
       connectionTimeoutMillis: 5000,
       // A query that hangs on a half-dead server must fail, so the batch is retried.
       query_timeout: 30_000,

@@ -3,6 +3,8 @@ import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
 import type { Config } from "../core/config.js";
 import { Readiness, redisCheck, redisWriteCheck, s3Check, serveHealth } from "../core/health.js";
+import { HistoryDb } from "../core/history.js";
+import { HistoryReader } from "../core/history-reader.js";
 import { JobService } from "../core/job-service.js";
 import { JobStore } from "../core/job-store.js";
 import {
@@ -110,7 +112,20 @@ export async function startApiServer(
   // The queue shares the command connection, whose errors are logged above.
   queue.on("error", (err) => log.debug({ err: err.message }, "queue error"));
 
+  // Read only by the two history RPCs, never on the job path: a small pool, and a
+  // statement that outlasts its timeout fails (UNAVAILABLE) instead of holding a call.
+  const historyDb =
+    cfg.HISTORY_DATABASE_URL === undefined
+      ? undefined
+      : new HistoryDb(cfg.HISTORY_DATABASE_URL, { max: 2, statementTimeoutMs: 5000 });
+  if (historyDb !== undefined && cfg.HISTORY_PAGE_TOKEN_SECRET === undefined)
+    log.warn(
+      "HISTORY_PAGE_TOKEN_SECRET is unset: ListJobHistory page tokens work only on this " +
+        "instance until it restarts; set it on every API instance",
+    );
+
   const closeBackends = async () => {
+    await historyDb?.close().catch((err: unknown) => log.warn({ err }, "history close failed"));
     await queue.close().catch((err: unknown) => log.warn({ err }, "queue close failed"));
     storage.destroy();
     await Promise.all([quit(redis), quit(sub), ...(ackConn ? [quit(ackConn)] : [])]);
@@ -199,6 +214,7 @@ export async function startApiServer(
     jobs,
     hub,
     presenter: new JobPresenter(storage, cfg.PRESIGN_EXPIRY_SECONDS),
+    history: historyDb && new HistoryReader(historyDb, cfg.HISTORY_PAGE_TOKEN_SECRET),
   });
   const site =
     cfg.WEB_ROOT === ""

@@ -14,10 +14,14 @@ import { newJobId } from "../core/jobs.js";
 import {
   CancelRequestSchema,
   CancelResponseSchema,
+  GetJobStatisticsRequestSchema,
+  GetJobStatisticsResponseSchema,
   GetStatusRequestSchema,
   GetStatusResponseSchema,
   InitiateRequestSchema,
   InitiateResponseSchema,
+  ListJobHistoryRequestSchema,
+  ListJobHistoryResponseSchema,
   WatchJobRequestSchema,
   WatchJobResponseSchema,
 } from "../gen/downloads/v1/download_service_pb.js";
@@ -106,7 +110,7 @@ type Json = Record<string, JsonValue>;
 
 /** One call over every protocol and encoding that can carry it. */
 function overEveryProtocol(
-  rpc: "Initiate" | "GetStatus" | "Cancel" | "WatchJob",
+  rpc: "Initiate" | "GetStatus" | "Cancel" | "WatchJob" | "ListJobHistory" | "GetJobStatistics",
   msg: Json,
   extra: { varies?: boolean; auth?: Record<string, string> } = {},
 ): Case[] {
@@ -115,6 +119,8 @@ function overEveryProtocol(
     GetStatus: [GetStatusRequestSchema, GetStatusResponseSchema],
     Cancel: [CancelRequestSchema, CancelResponseSchema],
     WatchJob: [WatchJobRequestSchema, WatchJobResponseSchema],
+    ListJobHistory: [ListJobHistoryRequestSchema, ListJobHistoryResponseSchema],
+    GetJobStatistics: [GetJobStatisticsRequestSchema, GetJobStatisticsResponseSchema],
   } as const;
   const [input, output] = schemas[rpc];
   const json = toJsonString(input, fromJson(input, msg));
@@ -249,6 +255,14 @@ function corpus(): Case[] {
   );
   cases.push(...overEveryProtocol("Cancel", { jobId: jobs.failed }));
   cases.push(...overEveryProtocol("Cancel", { jobId: unknown }));
+  // Neither server has history: FAILED_PRECONDITION, after the request's own checks.
+  cases.push(...overEveryProtocol("ListJobHistory", { pageSize: 5 }));
+  cases.push(...overEveryProtocol("ListJobHistory", { pageSize: -1 }, { auth: {} }));
+  const day = { startTime: "2026-12-01T00:00:00Z", endTime: "2026-12-02T00:00:00Z" };
+  cases.push(
+    ...overEveryProtocol("GetJobStatistics", { interval: "STATISTICS_INTERVAL_DAILY", ...day }),
+  );
+  cases.push(...overEveryProtocol("GetJobStatistics", day));
   cases.push(...overEveryProtocol("Initiate", { fileIds: [] }));
   cases.push(...overEveryProtocol("Initiate", { fileIds: [1, 1] }));
   cases.push(...overEveryProtocol("Initiate", { fileIds: [1, 2] }, { varies: true }));

@@ -4,13 +4,24 @@ import type {
   DescMethodUnary,
   MessageShape,
 } from "@bufbuild/protobuf";
+import { HistoryOffError, type HistoryReader } from "../../core/history-reader.js";
 import type { JobService } from "../../core/job-service.js";
 import { parseJobId } from "../../core/jobs.js";
-import { DownloadService } from "../../gen/downloads/v1/download_service_pb.js";
+import {
+  DownloadService,
+  GetJobStatisticsResponseSchema,
+  ListJobHistoryResponseSchema,
+} from "../../gen/downloads/v1/download_service_pb.js";
 import type { Owner } from "../auth.js";
 import type { WatchHub } from "../watch-hub.js";
 import type { PlainFields } from "../wire/request-reader.js";
-import type { Answer, JobPresenter, Reply } from "./presenter.js";
+import {
+  listQuery,
+  listResponse,
+  statisticsRange,
+  statisticsResponse,
+} from "./history-presenter.js";
+import { type Answer, type JobPresenter, Reply } from "./presenter.js";
 
 // Every RPC of DownloadService, once: what it reads from the request, which domain call
 // it makes for which owner, and the answer the job presenter makes of the result. Both
@@ -66,10 +77,16 @@ export interface RpcDeps {
   jobs: JobService;
   hub: WatchHub;
   presenter: JobPresenter;
+  /** The job history in PostgreSQL; undefined when HISTORY_DATABASE_URL is unset. */
+  history?: HistoryReader | undefined;
 }
 
-export function downloadRpcs({ jobs, hub, presenter }: RpcDeps): readonly RpcRow[] {
+export function downloadRpcs({ jobs, hub, presenter, history }: RpcDeps): readonly RpcRow[] {
   const m = DownloadService.method;
+  const historyOn = () => {
+    if (history === undefined) throw new HistoryOffError();
+    return history;
+  };
   return [
     unary(
       m.initiate,
@@ -99,6 +116,17 @@ export function downloadRpcs({ jobs, hub, presenter }: RpcDeps): readonly RpcRow
     unary(m.cancel, { jobId: "string" }, async (call, req) => ({
       reply: await presenter.cancelled(await jobs.cancel(call.owner, req.jobId)),
     })),
+    unary(m.listJobHistory, { pageSize: "int32", pageToken: "string" }, async (call, req) => {
+      const page = await historyOn().list(call.owner, listQuery(req));
+      return { reply: new Reply(ListJobHistoryResponseSchema, () => listResponse(page)) };
+    }),
+    unary(m.getJobStatistics, {}, async (call, req) => {
+      const { interval, from, to } = statisticsRange(req);
+      const buckets = await historyOn().statistics(call.owner, interval, from, to);
+      return {
+        reply: new Reply(GetJobStatisticsResponseSchema, () => statisticsResponse(buckets)),
+      };
+    }),
   ];
 }
 

@@ -1,6 +1,7 @@
 import { create } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
 import type { Logger } from "pino";
+import { HistoryOffError, HistoryUnavailableError } from "../../core/history-reader.js";
 import {
   InvalidInputError,
   JobNotFoundError,
@@ -63,6 +64,12 @@ export function toConnectError(err: unknown): ConnectError | undefined {
   // The whole service is past capacity: not the caller's fault, and not for long.
   if (err instanceof OverloadedError)
     return retryLater(err.message, Code.Unavailable, err.retryAfterMs, err);
+  // The server runs without job history: no retry helps until an operator turns it on.
+  if (err instanceof HistoryOffError)
+    return new ConnectError(err.message, Code.FailedPrecondition, undefined, undefined, err);
+  // PostgreSQL down or slow: only the history RPCs see it, and only for a while.
+  if (err instanceof HistoryUnavailableError)
+    return retryLater(err.message, Code.Unavailable, 1000, err);
   // Redis or S3 cannot serve it right now (down, failing over): the call may succeed
   // shortly or on another instance; core/redis-errors.ts says which errors those are.
   const retryAfterMs = unavailableRetryAfterMs(err);

@@ -4,15 +4,15 @@
 
 import type { GenEnum, GenFile, GenMessage, GenService } from "@bufbuild/protobuf/codegenv2";
 import { enumDesc, fileDesc, messageDesc, serviceDesc } from "@bufbuild/protobuf/codegenv2";
-import type { Timestamp } from "@bufbuild/protobuf/wkt";
-import { file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
+import type { Duration, Timestamp } from "@bufbuild/protobuf/wkt";
+import { file_google_protobuf_duration, file_google_protobuf_timestamp } from "@bufbuild/protobuf/wkt";
 import type { Message } from "@bufbuild/protobuf";
 
 /**
  * Describes the file downloads/v1/download_service.proto.
  */
 export const file_downloads_v1_download_service: GenFile = /*@__PURE__*/
-  fileDesc("CiNkb3dubG9hZHMvdjEvZG93bmxvYWRfc2VydmljZS5wcm90bxIMZG93bmxvYWRzLnYxIoQECgNKb2ISDgoGam9iX2lkGAEgASgJEiUKBXN0YXRlGAIgASgOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEhAKCGZpbGVfaWRzGAMgAygFEigKCHByb2dyZXNzGAQgASgLMhYuZG93bmxvYWRzLnYxLlByb2dyZXNzEicKBWZpbGVzGAUgAygLMhguZG93bmxvYWRzLnYxLkZpbGVTdGF0dXMSDwoHdmVyc2lvbhgGIAEoBRIQCghhdHRlbXB0cxgHIAEoBRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYDCABKAsyFy5kb3dubG9hZHMudjEuSm9iUmVzdWx0EiUKBWVycm9yGA0gASgLMhYuZG93bmxvYWRzLnYxLkpvYkVycm9yEi4KB3dlYmhvb2sYDiABKAsyHS5kb3dubG9hZHMudjEuV2ViaG9va0RlbGl2ZXJ5IrEBCghQcm9ncmVzcxIPCgdwZXJjZW50GAEgASgFEhIKCmZpbGVzX2RvbmUYAiABKAUSEwoLZmlsZXNfdG90YWwYAyABKAUSEgoKYnl0ZXNfZG9uZRgEIAEoAxITCgtieXRlc190b3RhbBgFIAEoAxIYCgtldGFfc2Vjb25kcxgGIAEoBUgAiAEBEhgKEGJ5dGVzX3Blcl9zZWNvbmQYByABKANCDgoMX2V0YV9zZWNvbmRzIoEBCgpGaWxlU3RhdHVzEg8KB2ZpbGVfaWQYASABKAUSJgoFc3RhdGUYAiABKA4yFy5kb3dubG9hZHMudjEuRmlsZVN0YXRlEhIKCnNpemVfYnl0ZXMYAyABKAMSEgoKYnl0ZXNfZG9uZRgEIAEoAxISCgplbnRyeV9uYW1lGAUgASgJIsoBCglKb2JSZXN1bHQSFAoMZG93bmxvYWRfdXJsGAEgASgJEi8KC2V4cGlyZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglmaWxlX25hbWUYAyABKAkSEgoKc2l6ZV9ieXRlcxgEIAEoAxIOCgZzaGEyNTYYBSABKAkSDwoHZXhwaXJlZBgGIAEoCBIuCgpwdXJnZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJWCghKb2JFcnJvchIMCgRjb2RlGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSEQoJcmV0cnlhYmxlGAMgASgIEhgKEG1pc3NpbmdfZmlsZV9pZHMYBCADKAUiTQoPSW5pdGlhdGVSZXF1ZXN0EhAKCGZpbGVfaWRzGAEgAygFEhIKCnJlcXVlc3RfaWQYAiABKAkSFAoMY2FsbGJhY2tfdXJsGAMgASgJImIKEEluaXRpYXRlUmVzcG9uc2USHgoDam9iGAEgASgLMhEuZG93bmxvYWRzLnYxLkpvYhIuCgdvdXRjb21lGAIgASgOMh0uZG93bmxvYWRzLnYxLkluaXRpYXRlT3V0Y29tZSIiChBHZXRTdGF0dXNSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIzChFHZXRTdGF0dXNSZXNwb25zZRIeCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iIjgKD1dhdGNoSm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSFQoNYWZ0ZXJfdmVyc2lvbhgCIAEoBSJrChBXYXRjaEpvYlJlc3BvbnNlEiAKA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2JIABIsCgloZWFydGJlYXQYAiABKAsyFy5kb3dubG9hZHMudjEuSGVhcnRiZWF0SABCBwoFZXZlbnQiRgoJSGVhcnRiZWF0EigKBHRpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEg8KB3ZlcnNpb24YAiABKAUiHwoNQ2FuY2VsUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiMAoOQ2FuY2VsUmVzcG9uc2USHgoDam9iGAEgASgLMhEuZG93bmxvYWRzLnYxLkpvYiL9AQoPV2ViaG9va0RlbGl2ZXJ5EhQKDGNhbGxiYWNrX3VybBgBIAEoCRIpCgVzdGF0ZRgCIAEoDjIaLmRvd25sb2Fkcy52MS5XZWJob29rU3RhdGUSEAoIYXR0ZW1wdHMYAyABKAUSGAoQbGFzdF9zdGF0dXNfY29kZRgEIAEoBRISCgpsYXN0X2Vycm9yGAUgASgJEjUKEWxhc3RfYXR0ZW1wdF90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIyCg5kZWxpdmVyZWRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAqtAEKD0luaXRpYXRlT3V0Y29tZRIgChxJTklUSUFURV9PVVRDT01FX1VOU1BFQ0lGSUVEEAASHAoYSU5JVElBVEVfT1VUQ09NRV9DUkVBVEVEEAESHQoZSU5JVElBVEVfT1VUQ09NRV9SRVBMQVlFRBACEh4KGklOSVRJQVRFX09VVENPTUVfSU5fRkxJR0hUEAMSIgoeSU5JVElBVEVfT1VUQ09NRV9SRVVTRURfUkVTVUxUEAQqfwoMV2ViaG9va1N0YXRlEh0KGVdFQkhPT0tfU1RBVEVfVU5TUEVDSUZJRUQQABIZChVXRUJIT09LX1NUQVRFX1BFTkRJTkcQARIbChdXRUJIT09LX1NUQVRFX0RFTElWRVJFRBACEhgKFFdFQkhPT0tfU1RBVEVfRkFJTEVEEAMqnQEKCEpvYlN0YXRlEhkKFUpPQl9TVEFURV9VTlNQRUNJRklFRBAAEhQKEEpPQl9TVEFURV9RVUVVRUQQARIYChRKT0JfU1RBVEVfUFJPQ0VTU0lORxACEhcKE0pPQl9TVEFURV9DT01QTEVURUQQAxIUChBKT0JfU1RBVEVfRkFJTEVEEAQSFwoTSk9CX1NUQVRFX0NBTkNFTExFRBAFKocBCglGaWxlU3RhdGUSGgoWRklMRV9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkZJTEVfU1RBVEVfUEVORElORxABEhoKFkZJTEVfU1RBVEVfSU5fUFJPR1JFU1MQAhITCg9GSUxFX1NUQVRFX0RPTkUQAxIVChFGSUxFX1NUQVRFX0ZBSUxFRBAEMsYCCg9Eb3dubG9hZFNlcnZpY2USSQoISW5pdGlhdGUSHS5kb3dubG9hZHMudjEuSW5pdGlhdGVSZXF1ZXN0Gh4uZG93bmxvYWRzLnYxLkluaXRpYXRlUmVzcG9uc2USUQoJR2V0U3RhdHVzEh4uZG93bmxvYWRzLnYxLkdldFN0YXR1c1JlcXVlc3QaHy5kb3dubG9hZHMudjEuR2V0U3RhdHVzUmVzcG9uc2UiA5ACARJLCghXYXRjaEpvYhIdLmRvd25sb2Fkcy52MS5XYXRjaEpvYlJlcXVlc3QaHi5kb3dubG9hZHMudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKBkNhbmNlbBIbLmRvd25sb2Fkcy52MS5DYW5jZWxSZXF1ZXN0GhwuZG93bmxvYWRzLnYxLkNhbmNlbFJlc3BvbnNlIgOQAgJiBnByb3RvMw", [file_google_protobuf_timestamp]);
+  fileDesc("CiNkb3dubG9hZHMvdjEvZG93bmxvYWRfc2VydmljZS5wcm90bxIMZG93bmxvYWRzLnYxIoQECgNKb2ISDgoGam9iX2lkGAEgASgJEiUKBXN0YXRlGAIgASgOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEhAKCGZpbGVfaWRzGAMgAygFEigKCHByb2dyZXNzGAQgASgLMhYuZG93bmxvYWRzLnYxLlByb2dyZXNzEicKBWZpbGVzGAUgAygLMhguZG93bmxvYWRzLnYxLkZpbGVTdGF0dXMSDwoHdmVyc2lvbhgGIAEoBRIQCghhdHRlbXB0cxgHIAEoBRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYDCABKAsyFy5kb3dubG9hZHMudjEuSm9iUmVzdWx0EiUKBWVycm9yGA0gASgLMhYuZG93bmxvYWRzLnYxLkpvYkVycm9yEi4KB3dlYmhvb2sYDiABKAsyHS5kb3dubG9hZHMudjEuV2ViaG9va0RlbGl2ZXJ5IrEBCghQcm9ncmVzcxIPCgdwZXJjZW50GAEgASgFEhIKCmZpbGVzX2RvbmUYAiABKAUSEwoLZmlsZXNfdG90YWwYAyABKAUSEgoKYnl0ZXNfZG9uZRgEIAEoAxITCgtieXRlc190b3RhbBgFIAEoAxIYCgtldGFfc2Vjb25kcxgGIAEoBUgAiAEBEhgKEGJ5dGVzX3Blcl9zZWNvbmQYByABKANCDgoMX2V0YV9zZWNvbmRzIoEBCgpGaWxlU3RhdHVzEg8KB2ZpbGVfaWQYASABKAUSJgoFc3RhdGUYAiABKA4yFy5kb3dubG9hZHMudjEuRmlsZVN0YXRlEhIKCnNpemVfYnl0ZXMYAyABKAMSEgoKYnl0ZXNfZG9uZRgEIAEoAxISCgplbnRyeV9uYW1lGAUgASgJIsoBCglKb2JSZXN1bHQSFAoMZG93bmxvYWRfdXJsGAEgASgJEi8KC2V4cGlyZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglmaWxlX25hbWUYAyABKAkSEgoKc2l6ZV9ieXRlcxgEIAEoAxIOCgZzaGEyNTYYBSABKAkSDwoHZXhwaXJlZBgGIAEoCBIuCgpwdXJnZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJWCghKb2JFcnJvchIMCgRjb2RlGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSEQoJcmV0cnlhYmxlGAMgASgIEhgKEG1pc3NpbmdfZmlsZV9pZHMYBCADKAUinwMKDUhpc3RvcmljYWxKb2ISDgoGam9iX2lkGAEgASgJEiUKBXN0YXRlGAIgASgOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEhAKCGZpbGVfaWRzGAMgAygFEhgKEHRvdGFsX3NpemVfYnl0ZXMYBCABKAMSGwoOemlwX3NpemVfYnl0ZXMYBSABKANIAIgBARIvCgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghhdHRlbXB0cxgKIAEoBRISCgplcnJvcl9jb2RlGAsgASgJEhUKDWVycm9yX21lc3NhZ2UYDCABKAlCEQoPX3ppcF9zaXplX2J5dGVzIqkDCg1Kb2JTdGF0aXN0aWNzEi4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGpvYnMYAiABKAMSEQoJY29tcGxldGVkGAMgASgDEg4KBmZhaWxlZBgEIAEoAxIRCgljYW5jZWxsZWQYBSABKAMSGAoQdG90YWxfc2l6ZV9ieXRlcxgGIAEoAxIWCg56aXBfc2l6ZV9ieXRlcxgHIAEoAxIvCgxkdXJhdGlvbl9wNTAYCCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoMZHVyYXRpb25fcDk1GAkgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjEKDnF1ZXVlX3dhaXRfcDUwGAogASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjEKDnF1ZXVlX3dhaXRfcDk1GAsgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEioKCGZhaWx1cmVzGAwgAygLMhguZG93bmxvYWRzLnYxLkVycm9yQ291bnQiLwoKRXJyb3JDb3VudBISCgplcnJvcl9jb2RlGAEgASgJEg0KBWNvdW50GAIgASgDIk0KD0luaXRpYXRlUmVxdWVzdBIQCghmaWxlX2lkcxgBIAMoBRISCgpyZXF1ZXN0X2lkGAIgASgJEhQKDGNhbGxiYWNrX3VybBgDIAEoCSJiChBJbml0aWF0ZVJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2ISLgoHb3V0Y29tZRgCIAEoDjIdLmRvd25sb2Fkcy52MS5Jbml0aWF0ZU91dGNvbWUiIgoQR2V0U3RhdHVzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkiMwoRR2V0U3RhdHVzUmVzcG9uc2USHgoDam9iGAEgASgLMhEuZG93bmxvYWRzLnYxLkpvYiI4Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhUKDWFmdGVyX3ZlcnNpb24YAiABKAUiawoQV2F0Y2hKb2JSZXNwb25zZRIgCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iSAASLAoJaGVhcnRiZWF0GAIgASgLMhcuZG93bmxvYWRzLnYxLkhlYXJ0YmVhdEgAQgcKBWV2ZW50IkYKCUhlYXJ0YmVhdBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgd2ZXJzaW9uGAIgASgFIh8KDUNhbmNlbFJlcXVlc3QSDgoGam9iX2lkGAEgASgJIjAKDkNhbmNlbFJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2Ii0gEKFUxpc3RKb2JIaXN0b3J5UmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRImCgZzdGF0ZXMYAyADKA4yFi5kb3dubG9hZHMudjEuSm9iU3RhdGUSNQoRY3JlYXRlX3RpbWVfc3RhcnQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX2VuZBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiXAoWTGlzdEpvYkhpc3RvcnlSZXNwb25zZRIpCgRqb2JzGAEgAygLMhsuZG93bmxvYWRzLnYxLkhpc3RvcmljYWxKb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIqsBChdHZXRKb2JTdGF0aXN0aWNzUmVxdWVzdBIyCghpbnRlcnZhbBgBIAEoDjIgLmRvd25sb2Fkcy52MS5TdGF0aXN0aWNzSW50ZXJ2YWwSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkgKGEdldEpvYlN0YXRpc3RpY3NSZXNwb25zZRIsCgdidWNrZXRzGAEgAygLMhsuZG93bmxvYWRzLnYxLkpvYlN0YXRpc3RpY3Mi/QEKD1dlYmhvb2tEZWxpdmVyeRIUCgxjYWxsYmFja191cmwYASABKAkSKQoFc3RhdGUYAiABKA4yGi5kb3dubG9hZHMudjEuV2ViaG9va1N0YXRlEhAKCGF0dGVtcHRzGAMgASgFEhgKEGxhc3Rfc3RhdHVzX2NvZGUYBCABKAUSEgoKbGFzdF9lcnJvchgFIAEoCRI1ChFsYXN0X2F0dGVtcHRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOZGVsaXZlcmVkX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKrQBCg9Jbml0aWF0ZU91dGNvbWUSIAocSU5JVElBVEVfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhwKGElOSVRJQVRFX09VVENPTUVfQ1JFQVRFRBABEh0KGUlOSVRJQVRFX09VVENPTUVfUkVQTEFZRUQQAhIeChpJTklUSUFURV9PVVRDT01FX0lOX0ZMSUdIVBADEiIKHklOSVRJQVRFX09VVENPTUVfUkVVU0VEX1JFU1VMVBAEKn8KDFdlYmhvb2tTdGF0ZRIdChlXRUJIT09LX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVV0VCSE9PS19TVEFURV9QRU5ESU5HEAESGwoXV0VCSE9PS19TVEFURV9ERUxJVkVSRUQQAhIYChRXRUJIT09LX1NUQVRFX0ZBSUxFRBADKp0BCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESGAoUSk9CX1NUQVRFX1BST0NFU1NJTkcQAhIXChNKT0JfU1RBVEVfQ09NUExFVEVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBSp4ChJTdGF0aXN0aWNzSW50ZXJ2YWwSIwofU1RBVElTVElDU19JTlRFUlZBTF9VTlNQRUNJRklFRBAAEh4KGlNUQVRJU1RJQ1NfSU5URVJWQUxfSE9VUkxZEAESHQoZU1RBVElTVElDU19JTlRFUlZBTF9EQUlMWRACKocBCglGaWxlU3RhdGUSGgoWRklMRV9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkZJTEVfU1RBVEVfUEVORElORxABEhoKFkZJTEVfU1RBVEVfSU5fUFJPR1JFU1MQAhITCg9GSUxFX1NUQVRFX0RPTkUQAxIVChFGSUxFX1NUQVRFX0ZBSUxFRBAEMpAECg9Eb3dubG9hZFNlcnZpY2USSQoISW5pdGlhdGUSHS5kb3dubG9hZHMudjEuSW5pdGlhdGVSZXF1ZXN0Gh4uZG93bmxvYWRzLnYxLkluaXRpYXRlUmVzcG9uc2USUQoJR2V0U3RhdHVzEh4uZG93bmxvYWRzLnYxLkdldFN0YXR1c1JlcXVlc3QaHy5kb3dubG9hZHMudjEuR2V0U3RhdHVzUmVzcG9uc2UiA5ACARJLCghXYXRjaEpvYhIdLmRvd25sb2Fkcy52MS5XYXRjaEpvYlJlcXVlc3QaHi5kb3dubG9hZHMudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKBkNhbmNlbBIbLmRvd25sb2Fkcy52MS5DYW5jZWxSZXF1ZXN0GhwuZG93bmxvYWRzLnYxLkNhbmNlbFJlc3BvbnNlIgOQAgISYAoOTGlzdEpvYkhpc3RvcnkSIy5kb3dubG9hZHMudjEuTGlzdEpvYkhpc3RvcnlSZXF1ZXN0GiQuZG93bmxvYWRzLnYxLkxpc3RKb2JIaXN0b3J5UmVzcG9uc2UiA5ACARJmChBHZXRKb2JTdGF0aXN0aWNzEiUuZG93bmxvYWRzLnYxLkdldEpvYlN0YXRpc3RpY3NSZXF1ZXN0GiYuZG93bmxvYWRzLnYxLkdldEpvYlN0YXRpc3RpY3NSZXNwb25zZSIDkAIBYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Job is one download being prepared: its state, progress and, at the end, its
@@ -351,6 +351,231 @@ export const JobErrorSchema: GenMessage<JobError> = /*@__PURE__*/
   messageDesc(file_downloads_v1_download_service, 4);
 
 /**
+ * HistoricalJob is one job as the job history recorded it: its last known state, with
+ * no progress, result link or webhook (those live only in the Redis record).
+ *
+ * @generated from message downloads.v1.HistoricalJob
+ */
+export type HistoricalJob = Message<"downloads.v1.HistoricalJob"> & {
+  /**
+   * The job's id, as Initiate returned it.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * The last state the history recorded.
+   *
+   * @generated from field: downloads.v1.JobState state = 2;
+   */
+  state: JobState;
+
+  /**
+   * The source file ids, in request order.
+   *
+   * @generated from field: repeated int32 file_ids = 3;
+   */
+  fileIds: number[];
+
+  /**
+   * Source bytes in all files; 0 when the job ended before a worker looked at them.
+   *
+   * @generated from field: int64 total_size_bytes = 4;
+   */
+  totalSizeBytes: bigint;
+
+  /**
+   * Size of the ZIP; set only for completed jobs.
+   *
+   * @generated from field: optional int64 zip_size_bytes = 5;
+   */
+  zipSizeBytes?: bigint | undefined;
+
+  /**
+   * When Initiate accepted the job.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time = 6;
+   */
+  createTime?: Timestamp | undefined;
+
+  /**
+   * When a worker first started the job; unset if none did.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 7;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * When the job reached a terminal state; unset before.
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 8;
+   */
+  endTime?: Timestamp | undefined;
+
+  /**
+   * When the job last changed.
+   *
+   * @generated from field: google.protobuf.Timestamp update_time = 9;
+   */
+  updateTime?: Timestamp | undefined;
+
+  /**
+   * Processing attempts started.
+   *
+   * @generated from field: int32 attempts = 10;
+   */
+  attempts: number;
+
+  /**
+   * For failed jobs, JobError.code (snake-case Connect code name); empty otherwise.
+   *
+   * @generated from field: string error_code = 11;
+   */
+  errorCode: string;
+
+  /**
+   * For failed jobs, JobError.message; empty otherwise.
+   *
+   * @generated from field: string error_message = 12;
+   */
+  errorMessage: string;
+};
+
+/**
+ * Describes the message downloads.v1.HistoricalJob.
+ * Use `create(HistoricalJobSchema)` to create a new message.
+ */
+export const HistoricalJobSchema: GenMessage<HistoricalJob> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 5);
+
+/**
+ * JobStatistics are the totals of the caller's jobs that ended within one hour or day.
+ *
+ * @generated from message downloads.v1.JobStatistics
+ */
+export type JobStatistics = Message<"downloads.v1.JobStatistics"> & {
+  /**
+   * Start of the hour or day (UTC) the jobs ended in.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 1;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * Jobs that ended in the bucket, whatever their state.
+   *
+   * @generated from field: int64 jobs = 2;
+   */
+  jobs: bigint;
+
+  /**
+   * Of those, completed.
+   *
+   * @generated from field: int64 completed = 3;
+   */
+  completed: bigint;
+
+  /**
+   * Of those, failed; failures breaks them down by error code.
+   *
+   * @generated from field: int64 failed = 4;
+   */
+  failed: bigint;
+
+  /**
+   * Of those, cancelled.
+   *
+   * @generated from field: int64 cancelled = 5;
+   */
+  cancelled: bigint;
+
+  /**
+   * Source bytes of the completed jobs.
+   *
+   * @generated from field: int64 total_size_bytes = 6;
+   */
+  totalSizeBytes: bigint;
+
+  /**
+   * ZIP bytes of the completed jobs.
+   *
+   * @generated from field: int64 zip_size_bytes = 7;
+   */
+  zipSizeBytes: bigint;
+
+  /**
+   * Median time from first start to end of the completed jobs; unset without any.
+   *
+   * @generated from field: google.protobuf.Duration duration_p50 = 8;
+   */
+  durationP50?: Duration | undefined;
+
+  /**
+   * 95th percentile of the same; unset without completed jobs.
+   *
+   * @generated from field: google.protobuf.Duration duration_p95 = 9;
+   */
+  durationP95?: Duration | undefined;
+
+  /**
+   * Median time from creation to first start of the jobs that started; unset without any.
+   *
+   * @generated from field: google.protobuf.Duration queue_wait_p50 = 10;
+   */
+  queueWaitP50?: Duration | undefined;
+
+  /**
+   * 95th percentile of the same; unset without started jobs.
+   *
+   * @generated from field: google.protobuf.Duration queue_wait_p95 = 11;
+   */
+  queueWaitP95?: Duration | undefined;
+
+  /**
+   * Failed jobs by error code, most frequent first; the counts add up to failed.
+   *
+   * @generated from field: repeated downloads.v1.ErrorCount failures = 12;
+   */
+  failures: ErrorCount[];
+};
+
+/**
+ * Describes the message downloads.v1.JobStatistics.
+ * Use `create(JobStatisticsSchema)` to create a new message.
+ */
+export const JobStatisticsSchema: GenMessage<JobStatistics> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 6);
+
+/**
+ * ErrorCount is how many jobs failed with one error code.
+ *
+ * @generated from message downloads.v1.ErrorCount
+ */
+export type ErrorCount = Message<"downloads.v1.ErrorCount"> & {
+  /**
+   * JobError.code of the failures.
+   *
+   * @generated from field: string error_code = 1;
+   */
+  errorCode: string;
+
+  /**
+   * How many jobs failed with it.
+   *
+   * @generated from field: int64 count = 2;
+   */
+  count: bigint;
+};
+
+/**
+ * Describes the message downloads.v1.ErrorCount.
+ * Use `create(ErrorCountSchema)` to create a new message.
+ */
+export const ErrorCountSchema: GenMessage<ErrorCount> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 7);
+
+/**
  * InitiateRequest names the files to bundle.
  *
  * @generated from message downloads.v1.InitiateRequest
@@ -391,7 +616,7 @@ export type InitiateRequest = Message<"downloads.v1.InitiateRequest"> & {
  * Use `create(InitiateRequestSchema)` to create a new message.
  */
 export const InitiateRequestSchema: GenMessage<InitiateRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 5);
+  messageDesc(file_downloads_v1_download_service, 8);
 
 /**
  * InitiateResponse carries the job.
@@ -419,7 +644,7 @@ export type InitiateResponse = Message<"downloads.v1.InitiateResponse"> & {
  * Use `create(InitiateResponseSchema)` to create a new message.
  */
 export const InitiateResponseSchema: GenMessage<InitiateResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 6);
+  messageDesc(file_downloads_v1_download_service, 9);
 
 /**
  * GetStatusRequest names a job.
@@ -440,7 +665,7 @@ export type GetStatusRequest = Message<"downloads.v1.GetStatusRequest"> & {
  * Use `create(GetStatusRequestSchema)` to create a new message.
  */
 export const GetStatusRequestSchema: GenMessage<GetStatusRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 7);
+  messageDesc(file_downloads_v1_download_service, 10);
 
 /**
  * GetStatusResponse carries the job as it is now.
@@ -461,7 +686,7 @@ export type GetStatusResponse = Message<"downloads.v1.GetStatusResponse"> & {
  * Use `create(GetStatusResponseSchema)` to create a new message.
  */
 export const GetStatusResponseSchema: GenMessage<GetStatusResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 8);
+  messageDesc(file_downloads_v1_download_service, 11);
 
 /**
  * WatchJobRequest names a job to follow.
@@ -490,7 +715,7 @@ export type WatchJobRequest = Message<"downloads.v1.WatchJobRequest"> & {
  * Use `create(WatchJobRequestSchema)` to create a new message.
  */
 export const WatchJobRequestSchema: GenMessage<WatchJobRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 9);
+  messageDesc(file_downloads_v1_download_service, 12);
 
 /**
  * WatchJobResponse is one message of a watch: a job snapshot or a heartbeat.
@@ -527,7 +752,7 @@ export type WatchJobResponse = Message<"downloads.v1.WatchJobResponse"> & {
  * Use `create(WatchJobResponseSchema)` to create a new message.
  */
 export const WatchJobResponseSchema: GenMessage<WatchJobResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 10);
+  messageDesc(file_downloads_v1_download_service, 13);
 
 /**
  * Heartbeat keeps an idle watch alive through proxies with idle timeouts.
@@ -555,7 +780,7 @@ export type Heartbeat = Message<"downloads.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 11);
+  messageDesc(file_downloads_v1_download_service, 14);
 
 /**
  * CancelRequest names a job to stop.
@@ -576,7 +801,7 @@ export type CancelRequest = Message<"downloads.v1.CancelRequest"> & {
  * Use `create(CancelRequestSchema)` to create a new message.
  */
 export const CancelRequestSchema: GenMessage<CancelRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 12);
+  messageDesc(file_downloads_v1_download_service, 15);
 
 /**
  * CancelResponse carries the job after the cancel.
@@ -597,7 +822,144 @@ export type CancelResponse = Message<"downloads.v1.CancelResponse"> & {
  * Use `create(CancelResponseSchema)` to create a new message.
  */
 export const CancelResponseSchema: GenMessage<CancelResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 13);
+  messageDesc(file_downloads_v1_download_service, 16);
+
+/**
+ * ListJobHistoryRequest selects a page of the caller's job history.
+ *
+ * @generated from message downloads.v1.ListJobHistoryRequest
+ */
+export type ListJobHistoryRequest = Message<"downloads.v1.ListJobHistoryRequest"> & {
+  /**
+   * Jobs per page: 0 means 50; more than 1000 is read as 1000; negative fails with
+   * INVALID_ARGUMENT. A page may hold fewer jobs even when more follow.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page, or empty for the first page. It is opaque and
+   * signed: it works only with the same states and time range, for the same caller.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Only jobs whose last recorded state is one of these; empty means every state.
+   *
+   * @generated from field: repeated downloads.v1.JobState states = 3;
+   */
+  states: JobState[];
+
+  /**
+   * Only jobs created at or after this time; unset means no lower bound.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time_start = 4;
+   */
+  createTimeStart?: Timestamp | undefined;
+
+  /**
+   * Only jobs created before this time; unset means no upper bound.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time_end = 5;
+   */
+  createTimeEnd?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message downloads.v1.ListJobHistoryRequest.
+ * Use `create(ListJobHistoryRequestSchema)` to create a new message.
+ */
+export const ListJobHistoryRequestSchema: GenMessage<ListJobHistoryRequest> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 17);
+
+/**
+ * ListJobHistoryResponse is one page of the caller's job history.
+ *
+ * @generated from message downloads.v1.ListJobHistoryResponse
+ */
+export type ListJobHistoryResponse = Message<"downloads.v1.ListJobHistoryResponse"> & {
+  /**
+   * The jobs, newest created first (ties by job_id, descending).
+   *
+   * @generated from field: repeated downloads.v1.HistoricalJob jobs = 1;
+   */
+  jobs: HistoricalJob[];
+
+  /**
+   * Pass as page_token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message downloads.v1.ListJobHistoryResponse.
+ * Use `create(ListJobHistoryResponseSchema)` to create a new message.
+ */
+export const ListJobHistoryResponseSchema: GenMessage<ListJobHistoryResponse> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 18);
+
+/**
+ * GetJobStatisticsRequest selects the buckets of the caller's job statistics.
+ *
+ * @generated from message downloads.v1.GetJobStatisticsRequest
+ */
+export type GetJobStatisticsRequest = Message<"downloads.v1.GetJobStatisticsRequest"> & {
+  /**
+   * Hourly or daily buckets; UNSPECIFIED fails with INVALID_ARGUMENT.
+   *
+   * @generated from field: downloads.v1.StatisticsInterval interval = 1;
+   */
+  interval: StatisticsInterval;
+
+  /**
+   * Start of the range, inclusive, rounded down to the bucket; required.
+   *
+   * @generated from field: google.protobuf.Timestamp start_time = 2;
+   */
+  startTime?: Timestamp | undefined;
+
+  /**
+   * End of the range, exclusive; required, after start_time, and at most 31 days after
+   * it for hourly buckets or 400 days for daily ones (else INVALID_ARGUMENT).
+   *
+   * @generated from field: google.protobuf.Timestamp end_time = 3;
+   */
+  endTime?: Timestamp | undefined;
+};
+
+/**
+ * Describes the message downloads.v1.GetJobStatisticsRequest.
+ * Use `create(GetJobStatisticsRequestSchema)` to create a new message.
+ */
+export const GetJobStatisticsRequestSchema: GenMessage<GetJobStatisticsRequest> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 19);
+
+/**
+ * GetJobStatisticsResponse holds the caller's totals per bucket.
+ *
+ * @generated from message downloads.v1.GetJobStatisticsResponse
+ */
+export type GetJobStatisticsResponse = Message<"downloads.v1.GetJobStatisticsResponse"> & {
+  /**
+   * Buckets in which at least one of the caller's jobs ended, oldest first; empty
+   * buckets are left out.
+   *
+   * @generated from field: repeated downloads.v1.JobStatistics buckets = 1;
+   */
+  buckets: JobStatistics[];
+};
+
+/**
+ * Describes the message downloads.v1.GetJobStatisticsResponse.
+ * Use `create(GetJobStatisticsResponseSchema)` to create a new message.
+ */
+export const GetJobStatisticsResponseSchema: GenMessage<GetJobStatisticsResponse> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 20);
 
 /**
  * WebhookDelivery is the state of a job's terminal-state callback.
@@ -660,7 +1022,7 @@ export type WebhookDelivery = Message<"downloads.v1.WebhookDelivery"> & {
  * Use `create(WebhookDeliverySchema)` to create a new message.
  */
 export const WebhookDeliverySchema: GenMessage<WebhookDelivery> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 14);
+  messageDesc(file_downloads_v1_download_service, 21);
 
 /**
  * InitiateOutcome tells how Initiate arrived at the job it returned.
@@ -810,6 +1172,40 @@ export const JobStateSchema: GenEnum<JobState> = /*@__PURE__*/
   enumDesc(file_downloads_v1_download_service, 2);
 
 /**
+ * StatisticsInterval is the width of a JobStatistics bucket.
+ *
+ * @generated from enum downloads.v1.StatisticsInterval
+ */
+export enum StatisticsInterval {
+  /**
+   * Never valid in a request.
+   *
+   * @generated from enum value: STATISTICS_INTERVAL_UNSPECIFIED = 0;
+   */
+  UNSPECIFIED = 0,
+
+  /**
+   * One bucket per UTC hour.
+   *
+   * @generated from enum value: STATISTICS_INTERVAL_HOURLY = 1;
+   */
+  HOURLY = 1,
+
+  /**
+   * One bucket per UTC day.
+   *
+   * @generated from enum value: STATISTICS_INTERVAL_DAILY = 2;
+   */
+  DAILY = 2,
+}
+
+/**
+ * Describes the enum downloads.v1.StatisticsInterval.
+ */
+export const StatisticsIntervalSchema: GenEnum<StatisticsInterval> = /*@__PURE__*/
+  enumDesc(file_downloads_v1_download_service, 3);
+
+/**
  * FileState is the progress of one file inside a job.
  *
  * @generated from enum downloads.v1.FileState
@@ -855,7 +1251,7 @@ export enum FileState {
  * Describes the enum downloads.v1.FileState.
  */
 export const FileStateSchema: GenEnum<FileState> = /*@__PURE__*/
-  enumDesc(file_downloads_v1_download_service, 3);
+  enumDesc(file_downloads_v1_download_service, 4);
 
 /**
  * DownloadService prepares downloads that take too long for one HTTP request.
@@ -919,6 +1315,34 @@ export const DownloadService: GenService<{
     methodKind: "unary";
     input: typeof CancelRequestSchema;
     output: typeof CancelResponseSchema;
+  },
+  /**
+   * ListJobHistory lists the caller's jobs from the server's job history (PostgreSQL),
+   * newest first, reaching back past the Redis records that GetStatus reads; the history
+   * trails the live job by the history writer's lag (normally well under a second).
+   * Pages follow AIP-158: pass next_page_token as page_token with the same filter. A
+   * page_token that was altered, or made for another filter or another caller, fails
+   * with INVALID_ARGUMENT. A server without history fails with FAILED_PRECONDITION
+   * (the message says how to turn it on); history unreachable is UNAVAILABLE.
+   *
+   * @generated from rpc downloads.v1.DownloadService.ListJobHistory
+   */
+  listJobHistory: {
+    methodKind: "unary";
+    input: typeof ListJobHistoryRequestSchema;
+    output: typeof ListJobHistoryResponseSchema;
+  },
+  /**
+   * GetJobStatistics returns the caller's job totals per hour or per day over a bounded
+   * time range, from the job history. Same FAILED_PRECONDITION and UNAVAILABLE as
+   * ListJobHistory.
+   *
+   * @generated from rpc downloads.v1.DownloadService.GetJobStatistics
+   */
+  getJobStatistics: {
+    methodKind: "unary";
+    input: typeof GetJobStatisticsRequestSchema;
+    output: typeof GetJobStatisticsResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_downloads_v1_download_service, 0);

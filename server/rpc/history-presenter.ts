@@ -1,0 +1,123 @@
+import { create } from "@bufbuild/protobuf";
+import {
+  type Duration,
+  DurationSchema,
+  type Timestamp,
+  timestampFromMs,
+  timestampMs,
+} from "@bufbuild/protobuf/wkt";
+import type { HistoryListQuery, HistoryPage, StatisticsBucket } from "../../core/history-reader.js";
+import { InvalidInputError, type JobStateName } from "../../core/jobs.js";
+import {
+  type GetJobStatisticsResponse,
+  GetJobStatisticsResponseSchema,
+  JobState,
+  type ListJobHistoryRequest,
+  type ListJobHistoryResponse,
+  ListJobHistoryResponseSchema,
+  StatisticsInterval,
+} from "../../gen/downloads/v1/download_service_pb.js";
+
+// The history RPCs' requests and answers <-> core/history-reader.ts's terms.
+
+const STATE_NAME: Partial<Record<JobState, JobStateName>> = {
+  [JobState.QUEUED]: "QUEUED",
+  [JobState.PROCESSING]: "PROCESSING",
+  [JobState.COMPLETED]: "COMPLETED",
+  [JobState.FAILED]: "FAILED",
+  [JobState.CANCELLED]: "CANCELLED",
+};
+const STATE: Record<JobStateName, JobState> = {
+  QUEUED: JobState.QUEUED,
+  PROCESSING: JobState.PROCESSING,
+  COMPLETED: JobState.COMPLETED,
+  FAILED: JobState.FAILED,
+  CANCELLED: JobState.CANCELLED,
+};
+
+const ms = (t: Timestamp | undefined) => (t === undefined ? undefined : timestampMs(t));
+
+export function listQuery(req: ListJobHistoryRequest): HistoryListQuery {
+  const states = req.states.map((s) => {
+    const name = STATE_NAME[s];
+    if (name === undefined)
+      throw new InvalidInputError(
+        `states: ${s} is not a job state (QUEUED, PROCESSING, COMPLETED, FAILED or CANCELLED)`,
+      );
+    return name;
+  });
+  const q: HistoryListQuery = { pageSize: req.pageSize, pageToken: req.pageToken, states };
+  const from = ms(req.createTimeStart);
+  const before = ms(req.createTimeEnd);
+  if (from !== undefined) q.createdFrom = from;
+  if (before !== undefined) q.createdBefore = before;
+  return q;
+}
+
+export function listResponse(page: HistoryPage): ListJobHistoryResponse {
+  return create(ListJobHistoryResponseSchema, {
+    nextPageToken: page.nextPageToken,
+    jobs: page.rows.map((r) => ({
+      jobId: r.jobId,
+      state: STATE[r.state] ?? JobState.UNSPECIFIED,
+      fileIds: r.fileIds,
+      totalSizeBytes: BigInt(r.totalBytes),
+      ...(r.zipBytes !== undefined ? { zipSizeBytes: BigInt(r.zipBytes) } : {}),
+      createTime: timestampFromMs(r.createdAt),
+      ...(r.startedAt !== undefined ? { startTime: timestampFromMs(r.startedAt) } : {}),
+      ...(r.endedAt !== undefined ? { endTime: timestampFromMs(r.endedAt) } : {}),
+      updateTime: timestampFromMs(r.updatedAt),
+      attempts: r.attempts,
+      errorCode: r.errorCode ?? "",
+      errorMessage: r.errorMessage ?? "",
+    })),
+  });
+}
+
+/** The request's interval and required range, in the reader's terms. */
+export function statisticsRange(req: {
+  interval: StatisticsInterval;
+  startTime?: Timestamp | undefined;
+  endTime?: Timestamp | undefined;
+}): { interval: "hour" | "day"; from: number; to: number } {
+  const interval =
+    req.interval === StatisticsInterval.HOURLY
+      ? "hour"
+      : req.interval === StatisticsInterval.DAILY
+        ? "day"
+        : undefined;
+  if (interval === undefined) throw new InvalidInputError("interval is required: HOURLY or DAILY");
+  const from = ms(req.startTime);
+  const to = ms(req.endTime);
+  if (from === undefined || to === undefined)
+    throw new InvalidInputError("start_time and end_time are both required");
+  return { interval, from, to };
+}
+
+function duration(msValue: number | undefined): Duration | undefined {
+  if (msValue === undefined) return undefined;
+  const nanos = Math.round(msValue * 1_000_000);
+  return create(DurationSchema, {
+    seconds: BigInt(Math.floor(nanos / 1e9)),
+    nanos: nanos % 1e9,
+  });
+}
+
+export function statisticsResponse(buckets: StatisticsBucket[]): GetJobStatisticsResponse {
+  return create(GetJobStatisticsResponseSchema, {
+    buckets: buckets.map((b) => ({
+      startTime: timestampFromMs(b.start),
+      jobs: BigInt(b.jobs),
+      completed: BigInt(b.completed),
+      failed: BigInt(b.failed),
+      cancelled: BigInt(b.cancelled),
+      totalSizeBytes: BigInt(b.totalBytes),
+      zipSizeBytes: BigInt(b.zipBytes),
+      durationP50: duration(b.durationP50Ms),
+      durationP95: duration(b.durationP95Ms),
+      queueWaitP50: duration(b.queueWaitP50Ms),
+      queueWaitP95: duration(b.queueWaitP95Ms),
+      failures: b.failures.map((f) => ({ errorCode: f.errorCode, count: BigInt(f.count) })),
+    })),
+  });
+}
