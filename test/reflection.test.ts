@@ -53,8 +53,10 @@ describe("buf curl without --schema", () => {
       const methods = stdout.trim().split("\n").sort();
       expect(methods).toEqual([
         "downloads.v1.DownloadService/Cancel",
+        "downloads.v1.DownloadService/GetJobStatistics",
         "downloads.v1.DownloadService/GetStatus",
         "downloads.v1.DownloadService/Initiate",
+        "downloads.v1.DownloadService/ListJobHistory",
         "downloads.v1.DownloadService/WatchJob",
         "grpc.health.v1.Health/Check",
         "grpc.health.v1.Health/Watch",
@@ -157,6 +159,7 @@ describe.each([
     expect(first?.originalRequest?.messageRequest.case).toBe("fileContainingSymbol");
     expect(fileNames(first as never)).toEqual([
       "downloads/v1/download_service.proto",
+      "google/protobuf/duration.proto",
       "google/protobuf/timestamp.proto",
     ]);
     // The asked-for file always comes back; a dependency the stream already has does not.
@@ -177,6 +180,8 @@ describe.each([
       "GetStatus:unary",
       "WatchJob:server_streaming",
       "Cancel:unary",
+      "ListJobHistory:unary",
+      "GetJobStatistics:unary",
     ]);
     expect(registry.getMessage("downloads.v1.Job")?.field.createTime?.message?.typeName).toBe(
       "google.protobuf.Timestamp",
