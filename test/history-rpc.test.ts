@@ -1,5 +1,5 @@
 import { execFile } from "node:child_process";
-import { createHash } from "node:crypto";
+import { createHash, randomUUID } from "node:crypto";
 import { promisify } from "node:util";
 import { timestampFromMs, timestampMs } from "@bufbuild/protobuf/wkt";
 import { Code, ConnectError, createClient, type Interceptor } from "@connectrpc/connect";
@@ -16,7 +16,7 @@ import {
 import { waitUntil } from "../local/ports.js";
 import { type LocalPostgres, startPostgres } from "../local/postgres-server.js";
 import { type HistoryWriter, startHistoryWriter } from "../worker/history-writer.js";
-import { type ApiStack, startApiStack, TEST_TOKEN } from "./helpers/api.js";
+import { type ApiStack, startApiStack, TEST_OWNER, TEST_TOKEN } from "./helpers/api.js";
 import { type Services, startServices, TEST_SERVER_ENV } from "./helpers/services.js";
 
 // Reading the job history through the API: real PostgreSQL (Debian's), the real history
@@ -59,6 +59,8 @@ let theirs: ReturnType<typeof clientFor>;
 /** What each of the test owner's jobs ended as, by job id. */
 const ran = new Map<string, { state: JobState; zip: number; code: string }>();
 const theirJobs: string[] = [];
+/** Jobs of the test owner created in the same millisecond, days ago: the tie-break. */
+const ties: string[] = [];
 
 beforeAll(async () => {
   svc = await startServices();
@@ -115,11 +117,31 @@ beforeAll(async () => {
     await theirs.cancel({ jobId: job?.jobId ?? "" });
     theirJobs.push(job?.jobId ?? "");
   }
+  // Written the way the writer writes (HistoryDb.apply), since jobs run here cannot share
+  // a creation time on purpose.
+  const at = Date.now() - 3 * 86_400_000;
+  for (let i = 0; i < 7; i++) ties.push(randomUUID());
+  await db.apply(
+    ties.map((jobId) => ({
+      jobId,
+      owner: TEST_OWNER,
+      state: "COMPLETED",
+      version: 4,
+      attempts: 1,
+      createdAt: at,
+      updatedAt: at + 2000,
+      startedAt: at + 1000,
+      endedAt: at + 2000,
+      fileIds: [1],
+      totalBytes: 10,
+      zipBytes: 50,
+    })),
+  );
   await waitUntil(
     "every job in the history",
     async () =>
       Number((await db.pool.query("SELECT count(*) AS n FROM download_jobs")).rows[0].n) ===
-      ran.size + theirJobs.length,
+      ran.size + theirJobs.length + ties.length,
     60_000,
   );
 }, 180_000);
@@ -153,16 +175,18 @@ async function listAll(
 }
 
 test("pages cover each of the caller's jobs exactly once, newest first, with their fields", async () => {
-  const { ids, pages, jobs } = await listAll({ pageSize: 4 });
-  expect(pages).toBe(6);
+  // 30 jobs in pages of 3: the 7 that share a creation time straddle three pages.
+  const { ids, pages, jobs } = await listAll({ pageSize: 3 });
+  expect(pages).toBe(10);
   expect(new Set(ids).size).toBe(ids.length);
-  expect(new Set(ids)).toEqual(new Set(ran.keys()));
+  expect(new Set(ids)).toEqual(new Set([...ran.keys(), ...ties]));
   const times = jobs.map((j) => timestampMs(j.createTime as never));
   expect(times).toEqual([...times].sort((a, b) => b - a));
+  expect(ids.slice(-7)).toEqual([...ties].sort().reverse());
 
   const all = (await mine.listJobHistory({ pageSize: 1000 })).jobs;
   expect(all.map((j) => j.jobId)).toEqual(ids);
-  for (const j of all) {
+  for (const j of all.filter((x) => !ties.includes(x.jobId))) {
     const want = ran.get(j.jobId);
     expect(j.state).toBe(want?.state);
     expect(j.fileIds).toHaveLength(2);
