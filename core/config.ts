@@ -201,8 +201,9 @@ const schema = z.object({
     })
     .transform((v) => v.toLowerCase())
     .optional(),
-  // Unset: no history. Set on the workers (they write it); every process appends to the
-  // outbox once a worker with it has started (core/lua/transition.lua).
+  // Unset: no history. Set on the workers (they write it) and on the API (the history
+  // RPCs read it); every process appends to the outbox once a worker with it has started
+  // (core/lua/transition.lua).
   HISTORY_DATABASE_URL: z
     .string()
     .regex(/^postgres(ql)?:\/\/./, {
@@ -210,8 +211,8 @@ const schema = z.object({
     })
     .optional(),
   HISTORY_RETENTION_DAYS: int(0).default(400),
-  // The API's key for ListJobHistory page tokens. Unset: a random key per process, so a
-  // token works only on the API instance that made it, until it restarts.
+  // What the API's key for ListJobHistory page tokens is derived from. Unset: the
+  // HISTORY_DATABASE_URL, which every API instance of a deployment shares.
   HISTORY_PAGE_TOKEN_SECRET: z
     .string()
     .min(32, { error: "expected at least 32 characters, e.g. from: openssl rand -hex 32" })

@@ -1,4 +1,4 @@
-import { createHmac, randomBytes, timingSafeEqual } from "node:crypto";
+import { createHmac, hkdfSync, timingSafeEqual } from "node:crypto";
 import type { HistoryDb } from "./history.js";
 import { InvalidInputError, JOB_STATES, type JobStateName } from "./jobs.js";
 
@@ -127,12 +127,19 @@ const time = (v: Date | null): number | undefined => (v === null ? undefined : v
 export class HistoryReader {
   private readonly tokens: PageTokens;
 
-  /** `secret`: the page tokens' HMAC key; without one, a random key per process. */
+  /**
+   * `secret`: what the page tokens' HMAC key is derived from (HKDF-SHA256). The API passes
+   * HISTORY_PAGE_TOKEN_SECRET or, unset, the database URL: every API instance of one
+   * deployment shares it, so a token made by one is good on the others, and whoever
+   * holds it can read the history anyway.
+   */
   constructor(
     private readonly db: HistoryDb,
-    secret?: string,
+    secret: string,
   ) {
-    this.tokens = new PageTokens(secret !== undefined ? Buffer.from(secret) : randomBytes(32));
+    this.tokens = new PageTokens(
+      Buffer.from(hkdfSync("sha256", secret, "", "download-jobs history page tokens v1", 32)),
+    );
   }
 
   async list(owner: string, q: HistoryListQuery): Promise<HistoryPage> {

@@ -82,7 +82,10 @@ export class HistoryDb {
   readonly pool: pg.Pool;
 
   /** `statementTimeoutMs`: the server cancels longer statements (the API's reads). */
-  constructor(url: string, opts: { max?: number; statementTimeoutMs?: number } = {}) {
+  constructor(
+    readonly url: string,
+    opts: { max?: number; statementTimeoutMs?: number } = {},
+  ) {
     this.pool = new pg.Pool({
       connectionString: url,
       max: opts.max ?? 2,

@@ -19,7 +19,8 @@ import type { PresignedResult } from "./storage.js";
 // with it and the worker's webhooks post it, so both send the same JSON. The owner is
 // never shown: callers only ever see their own jobs.
 
-const JOB_STATE: Record<JobStateName, JobState> = {
+/** A record's state as the contract names it (also used by the history RPCs). */
+export const JOB_STATE: Readonly<Record<JobStateName, JobState>> = {
   QUEUED: JobState.QUEUED,
   PROCESSING: JobState.PROCESSING,
   COMPLETED: JobState.COMPLETED,

@@ -118,11 +118,6 @@ export async function startApiServer(
     cfg.HISTORY_DATABASE_URL === undefined
       ? undefined
       : new HistoryDb(cfg.HISTORY_DATABASE_URL, { max: 2, statementTimeoutMs: 5000 });
-  if (historyDb !== undefined && cfg.HISTORY_PAGE_TOKEN_SECRET === undefined)
-    log.warn(
-      "HISTORY_PAGE_TOKEN_SECRET is unset: ListJobHistory page tokens work only on this " +
-        "instance until it restarts; set it on every API instance",
-    );
 
   const closeBackends = async () => {
     await historyDb?.close().catch((err: unknown) => log.warn({ err }, "history close failed"));
@@ -214,7 +209,8 @@ export async function startApiServer(
     jobs,
     hub,
     presenter: new JobPresenter(storage, cfg.PRESIGN_EXPIRY_SECONDS),
-    history: historyDb && new HistoryReader(historyDb, cfg.HISTORY_PAGE_TOKEN_SECRET),
+    history:
+      historyDb && new HistoryReader(historyDb, cfg.HISTORY_PAGE_TOKEN_SECRET ?? historyDb.url),
   });
   const site =
     cfg.WEB_ROOT === ""

@@ -34,6 +34,8 @@ let pgServer: LocalPostgres;
 let db: HistoryDb;
 let st: ApiStack;
 let off: ApiStack;
+let twin: ApiStack;
+let keyed: ApiStack;
 let writerRedis: RedisClient;
 let writer: HistoryWriter;
 
@@ -70,7 +72,11 @@ beforeAll(async () => {
   const env = {
     AUTH_TOKENS: `${TEST_SERVER_ENV.AUTH_TOKENS},${OTHER_OWNER}:${sha(OTHER_TOKEN)}`,
   };
-  st = await startApiStack(
+  // st and twin: two API instances of one deployment (the token key derives from the
+  // database URL); keyed has a HISTORY_PAGE_TOKEN_SECRET of its own.
+  st = await startApiStack({ ...env, HISTORY_DATABASE_URL: pgServer.url }, { services: svc });
+  twin = await startApiStack({ ...env, HISTORY_DATABASE_URL: pgServer.url }, { services: svc });
+  keyed = await startApiStack(
     {
       ...env,
       HISTORY_DATABASE_URL: pgServer.url,
@@ -151,6 +157,8 @@ afterAll(async () => {
   writerRedis?.disconnect();
   await st?.stop();
   await off?.stop();
+  await twin?.stop();
+  await keyed?.stop();
   await db?.close().catch(() => undefined);
   await pgServer?.destroy();
   await svc?.stop();
@@ -253,6 +261,10 @@ test("a tampered token, or one from another filter or owner, is INVALID_ARGUMENT
   await refuse(mine.listJobHistory({ pageSize: 2, pageToken: "not-a-token" }));
   await refuse(mine.listJobHistory({ pageSize: 2, pageToken: token, states: [JobState.FAILED] }));
   await refuse(theirs.listJobHistory({ pageSize: 2, pageToken: token }));
+  // Another instance of the deployment takes it; a server with another key does not.
+  const second = await clientFor(() => twin, TEST_TOKEN).listJobHistory({ pageToken: token });
+  expect(second.jobs[0]?.jobId).toBe((await mine.listJobHistory({ pageSize: 3 })).jobs[2]?.jobId);
+  await refuse(clientFor(() => keyed, TEST_TOKEN).listJobHistory({ pageToken: token }));
   // The same token, unchanged, still works (a different page size is allowed).
   expect((await mine.listJobHistory({ pageSize: 5, pageToken: token })).jobs).toHaveLength(5);
   await expect(mine.listJobHistory({ pageSize: -1 })).rejects.toMatchObject({

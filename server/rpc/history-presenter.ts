@@ -7,6 +7,7 @@ import {
   timestampMs,
 } from "@bufbuild/protobuf/wkt";
 import type { HistoryListQuery, HistoryPage, StatisticsBucket } from "../../core/history-reader.js";
+import { JOB_STATE } from "../../core/job-to-proto.js";
 import { InvalidInputError, type JobStateName } from "../../core/jobs.js";
 import {
   type GetJobStatisticsResponse,
@@ -20,26 +21,15 @@ import {
 
 // The history RPCs' requests and answers <-> core/history-reader.ts's terms.
 
-const STATE_NAME: Partial<Record<JobState, JobStateName>> = {
-  [JobState.QUEUED]: "QUEUED",
-  [JobState.PROCESSING]: "PROCESSING",
-  [JobState.COMPLETED]: "COMPLETED",
-  [JobState.FAILED]: "FAILED",
-  [JobState.CANCELLED]: "CANCELLED",
-};
-const STATE: Record<JobStateName, JobState> = {
-  QUEUED: JobState.QUEUED,
-  PROCESSING: JobState.PROCESSING,
-  COMPLETED: JobState.COMPLETED,
-  FAILED: JobState.FAILED,
-  CANCELLED: JobState.CANCELLED,
-};
+const STATE_NAME = new Map(
+  Object.entries(JOB_STATE).map(([name, value]) => [value, name as JobStateName]),
+);
 
 const ms = (t: Timestamp | undefined) => (t === undefined ? undefined : timestampMs(t));
 
 export function listQuery(req: ListJobHistoryRequest): HistoryListQuery {
   const states = req.states.map((s) => {
-    const name = STATE_NAME[s];
+    const name = STATE_NAME.get(s);
     if (name === undefined)
       throw new InvalidInputError(
         `states: ${s} is not a job state (QUEUED, PROCESSING, COMPLETED, FAILED or CANCELLED)`,
@@ -59,7 +49,7 @@ export function listResponse(page: HistoryPage): ListJobHistoryResponse {
     nextPageToken: page.nextPageToken,
     jobs: page.rows.map((r) => ({
       jobId: r.jobId,
-      state: STATE[r.state] ?? JobState.UNSPECIFIED,
+      state: JOB_STATE[r.state] ?? JobState.UNSPECIFIED,
       fileIds: r.fileIds,
       totalSizeBytes: BigInt(r.totalBytes),
       ...(r.zipBytes !== undefined ? { zipSizeBytes: BigInt(r.zipBytes) } : {}),
