@@ -1,4 +1,5 @@
 import { Counter, collectDefaultMetrics, Gauge, Histogram, Registry } from "prom-client";
+import type { ReadinessReport } from "./health.js";
 
 export type { Registry };
 
@@ -15,6 +16,39 @@ export function createMetricsRegistry(): Registry {
   const registry = new Registry();
   collectDefaultMetrics({ register: registry });
   return registry;
+}
+
+/**
+ * What /readyz would answer, as gauges, so that an alert can say which replica is not
+ * ready and why (a probe only says no). Runs the readiness checks at scrape time, at
+ * most once a second however many scrapers there are.
+ */
+export function registerReadinessMetrics(
+  registry: Registry,
+  readiness: { run(): Promise<ReadinessReport> },
+  closing: () => boolean = () => false,
+): void {
+  const report = cached(() => readiness.run(), 1000);
+  new Gauge({
+    name: "readiness_ok",
+    help: "1 when this process is ready (its /readyz answers 200), 0 when not.",
+    registers: [registry],
+    async collect() {
+      const r = await report().catch(() => undefined);
+      this.set(r?.ready === true && !closing() ? 1 : 0);
+    },
+  });
+  new Gauge({
+    name: "readiness_check_ok",
+    help: "1 when the readiness check passed, 0 when it failed, by check (redis, s3, ...).",
+    labelNames: ["check"] as const,
+    registers: [registry],
+    async collect() {
+      const r = await report().catch(() => undefined);
+      for (const [check, result] of Object.entries(r?.checks ?? {}))
+        this.set({ check }, result.ok ? 1 : 0);
+    },
+  });
 }
 
 // ---- API ----------------------------------------------------------------------------
@@ -158,7 +192,35 @@ export interface JobMetrics {
   cancelStopped(seconds: number): void;
 }
 
-export function registerWorkerMetrics(registry: Registry): JobMetrics {
+export function registerWorkerMetrics(
+  registry: Registry,
+  sources: {
+    /** When each run in progress in this process started (ms since the epoch). */
+    runStarts?: () => Iterable<number>;
+  } = {},
+): JobMetrics {
+  const { runStarts } = sources;
+  if (runStarts !== undefined) {
+    new Gauge({
+      name: "jobs_running",
+      help: "Runs of jobs in progress in this worker process.",
+      registers: [registry],
+      collect() {
+        this.set([...runStarts()].length);
+      },
+    });
+    // A run older than MAX_JOB_SECONDS should have been stopped: one that is not is
+    // stuck in PROCESSING (an alert watches this).
+    new Gauge({
+      name: "job_oldest_run_seconds",
+      help: "Age of the oldest run in progress in this worker process; 0 when none runs.",
+      registers: [registry],
+      collect() {
+        const oldest = Math.min(Date.now(), ...runStarts());
+        this.set((Date.now() - oldest) / 1000);
+      },
+    });
+  }
   const duration = new Histogram({
     name: "job_duration_seconds",
     help: "Duration of one run of a job, by outcome (completed, failed, cancelled, retry, superseded).",
@@ -195,6 +257,26 @@ export function registerWorkerMetrics(registry: Registry): JobMetrics {
     retried: () => retries.inc(),
     cancelStopped: (seconds) => cancelLatency.observe(Math.max(0, seconds)),
   };
+}
+
+/** Callbacks owed and not yet settled (delivered or given up), for the backlog alert. */
+export function registerWebhookMetrics(
+  registry: Registry,
+  sources: { outboxEntries: () => Promise<number>; onError?: (err: unknown) => void },
+): void {
+  const entries = cached(sources.outboxEntries, 2000);
+  new Gauge({
+    name: "webhook_outbox_entries",
+    help: "Job-end callbacks not yet delivered or given up (the same in every worker: aggregate with max).",
+    registers: [registry],
+    async collect() {
+      try {
+        this.set(await entries());
+      } catch (err) {
+        sources.onError?.(err);
+      }
+    },
+  });
 }
 
 /** What the history writer tells Prometheus (worker/history-writer.ts). */

@@ -11,6 +11,7 @@ import {
   createMetricsRegistry,
   QUEUE_STATES,
   registerApiMetrics,
+  registerReadinessMetrics,
   serveMetrics,
 } from "../core/metrics.js";
 import { createBundleQueue } from "../core/queue.js";
@@ -191,6 +192,7 @@ export async function startApiServer(
     queueCounts: () => queue.getJobCounts(...QUEUE_STATES),
     onError: (err) => log.debug({ err }, "queue counts for /metrics failed"),
   });
+  registerReadinessMetrics(registry, readiness, () => listener.closing);
   const admin =
     cfg.ADMIN_TOKEN_SHA256 === undefined
       ? undefined

@@ -1,6 +1,6 @@
 import { Readiness } from "../core/health.js";
 import { createLogger, logFormatFor } from "../core/logger.js";
-import { serveMetrics } from "../core/metrics.js";
+import { registerReadinessMetrics, serveMetrics } from "../core/metrics.js";
 import { exitOnStopSignals, loadConfigOrExit } from "../core/process-entry.js";
 import { redisTargetFrom } from "../core/redis.js";
 import { startTracing } from "../core/tracing.js";
@@ -24,6 +24,7 @@ async function main(): Promise<void> {
   let stopping = false;
   if (cfg.WORKER_HEALTH_PORT !== 0) {
     const readiness = new Readiness(worker.readinessChecks, cfg.READY_TIMEOUT_MS);
+    registerReadinessMetrics(worker.metrics, readiness, () => stopping);
     await startWorkerHealthServer({
       host: cfg.HOST,
       port: cfg.WORKER_HEALTH_PORT,

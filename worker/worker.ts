@@ -10,6 +10,7 @@ import {
   createMetricsRegistry,
   type Registry,
   registerHistoryMetrics,
+  registerWebhookMetrics,
   registerWorkerMetrics,
 } from "../core/metrics.js";
 import {
@@ -91,8 +92,13 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
   });
 
   const registry = createMetricsRegistry();
-  const jobMetrics = registerWorkerMetrics(registry);
-  const processor = createProcessor({
+  // One entry per run in progress (a Set, not a map by job id: a stalled job can be
+  // run again by this same process while its first run is still winding down).
+  const runs = new Set<{ startedAt: number }>();
+  const jobMetrics = registerWorkerMetrics(registry, {
+    runStarts: () => [...runs].map((r) => r.startedAt),
+  });
+  const runJob = createProcessor({
     metrics: jobMetrics,
     store,
     storage,
@@ -117,6 +123,17 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     // seconds on them eight at a time.
     headConcurrency: Math.max(8, cfg.READ_AHEAD_OBJECTS * 2),
   });
+
+  // All three parameters declared: BullMQ makes the AbortSignal only for such processors.
+  const processor: typeof runJob = async (job, token, signal) => {
+    const run = { startedAt: Date.now() };
+    runs.add(run);
+    try {
+      return await runJob(job, token, signal);
+    } finally {
+      runs.delete(run);
+    }
+  };
 
   const worker = new Worker<BundleJobData>(QUEUE_NAME, processor, {
     connection: redis,
@@ -194,6 +211,10 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
       { connection: redis, prefix: cfg.QUEUE_PREFIX, concurrency: 16 },
     );
     webhooks.on("error", (err) => log.error({ err }, "webhook worker error"));
+    registerWebhookMetrics(registry, {
+      outboxEntries: () => redis.zcard(store.webhookOutboxKey),
+      onError: (err) => log.debug({ err }, "webhook outbox metrics unavailable"),
+    });
     dispatcher = startOutboxDispatcher({
       redis,
       store,
