@@ -152,9 +152,13 @@ describe("docker-compose.yml", () => {
   });
 
   test("gives every long-running service a health check, and starts each after what it needs", () => {
-    for (const name of names.filter((n) => n !== "minio-setup")) {
+    // The collector's image holds its binary and nothing else (no shell, no wget), so
+    // Docker cannot probe it; nothing waits on it (spans it misses are dropped).
+    for (const name of names.filter((n) => n !== "minio-setup" && n !== "otel-collector")) {
       expect(arr(obj(service(name).healthcheck).test).length, name).toBeGreaterThan(1);
     }
+    for (const name of names)
+      expect(Object.keys(obj(service(name).depends_on)), name).not.toContain("otel-collector");
     expect(service("minio-setup").restart).toBe("no");
     expect(obj(service("minio-setup").depends_on)).toEqual({
       minio: { condition: "service_healthy" },
@@ -243,9 +247,9 @@ describe("docker-compose.yml", () => {
   });
 
   test("observability: Prometheus scrapes every API and worker replica, Grafana is provisioned", () => {
-    for (const name of ["prometheus", "grafana"])
-      expect(service(name).profiles).toEqual(["observability"]);
-    for (const name of ["prometheus", "grafana"]) {
+    const observability = ["prometheus", "alertmanager", "grafana", "otel-collector"];
+    for (const name of observability) expect(service(name).profiles).toEqual(["observability"]);
+    for (const name of observability) {
       for (const v of arr(service(name).volumes)
         .map(str)
         .filter((v) => v.startsWith("./"))) {
@@ -261,6 +265,25 @@ describe("docker-compose.yml", () => {
       port: Number(envOf("worker").WORKER_HEALTH_PORT),
     });
     for (const job of ["api", "worker"]) expect(jobs.get(job)?.metrics_path).toBe("/metrics");
+    // The rules are mounted next to the configuration that names them (relative path),
+    // and alerts go to the Alertmanager service on the port it listens on.
+    for (const file of arr(prom.rule_files).map(str))
+      expect(arr(service("prometheus").volumes).map(str)).toContain(
+        `./deploy/prometheus/${file}:/etc/prometheus/${file}:ro`,
+      );
+    expect(arr(prom.rule_files)).toEqual(["alerts.yml"]);
+    const am = obj(arr(obj(prom.alerting).alertmanagers)[0]);
+    expect(obj(arr(am.static_configs)[0]).targets).toEqual(["alertmanager:9093"]);
+    expect(str(arr(service("alertmanager").ports)[0])).toMatch(/:9093$/);
+    // Traces: the collector takes OTLP/HTTP on the port the app's endpoint names.
+    const otel = obj(parse(read("deploy/otel-collector/config.yaml")));
+    const traces = obj(obj(obj(otel.service).pipelines).traces);
+    for (const r of arr(traces.receivers)) expect(Object.keys(obj(otel.receivers))).toContain(r);
+    for (const e of arr(traces.exporters)) expect(Object.keys(obj(otel.exporters))).toContain(e);
+    for (const p of arr(traces.processors)) expect(Object.keys(obj(otel.processors))).toContain(p);
+    const http = obj(obj(obj(obj(otel.receivers).otlp).protocols).http);
+    expect(str(http.endpoint)).toBe("0.0.0.0:4318");
+    expect(arr(service("otel-collector").expose).map(str)).toContain("4318");
 
     const providers = obj(parse(read("deploy/grafana/provisioning/dashboards/download-jobs.yml")));
     const dashboardsPath = str(obj(obj(arr(providers.providers)[0]).options).path);

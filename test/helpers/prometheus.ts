@@ -1,3 +1,10 @@
+import { spawn } from "node:child_process";
+import { once } from "node:events";
+import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
+import { tmpdir } from "node:os";
+import { join } from "node:path";
+import { freePort, waitUntil } from "../../local/ports.js";
+
 // Reads Prometheus' text exposition format the way a scraper would, for assertions on
 // /metrics: one sample per line, `name{label="value",...} number`.
 
@@ -45,4 +52,86 @@ export async function scrape(url: string): Promise<Sample[]> {
     throw new Error(`${url} is not Prometheus text: ${res.headers.get("content-type") ?? ""}`);
   }
   return parseMetrics(await res.text());
+}
+
+/** A real Prometheus server (Debian's `prometheus` package) on a free loopback port. */
+export interface PrometheusServer {
+  url: string;
+  pid: number;
+  /** Prometheus' own output, for failure messages. */
+  output(): string;
+  stop(): Promise<void>;
+}
+
+export interface PrometheusAlert {
+  labels: Record<string, string>;
+  annotations: Record<string, string>;
+  state: "pending" | "firing";
+}
+
+/**
+ * Starts `prometheus` with `config` (YAML text) written into a fresh folder, next to
+ * the `files` it names (rule files), and resolves once /-/ready answers.
+ */
+export async function startPrometheus(
+  config: string,
+  files: Record<string, string> = {},
+): Promise<PrometheusServer> {
+  const dir = mkdtempSync(join(tmpdir(), "dj-prometheus-"));
+  writeFileSync(join(dir, "prometheus.yml"), config);
+  for (const [name, text] of Object.entries(files)) writeFileSync(join(dir, name), text);
+  const port = await freePort();
+  const child = spawn(
+    "prometheus",
+    [
+      `--config.file=${join(dir, "prometheus.yml")}`,
+      `--storage.tsdb.path=${join(dir, "data")}`,
+      `--web.listen-address=127.0.0.1:${port}`,
+      "--log.level=warn",
+    ],
+    { stdio: ["ignore", "pipe", "pipe"] },
+  );
+  let out = "";
+  child.stdout?.on("data", (d: Buffer) => (out += d.toString()));
+  child.stderr?.on("data", (d: Buffer) => (out += d.toString()));
+  const exited = once(child, "exit");
+  const stop = async () => {
+    if (child.exitCode === null && child.signalCode === null) {
+      child.kill("SIGTERM");
+      const timer = setTimeout(() => child.kill("SIGKILL"), 5000);
+      await exited;
+      clearTimeout(timer);
+    }
+    rmSync(dir, { recursive: true, force: true });
+  };
+  const url = `http://127.0.0.1:${port}`;
+  try {
+    await waitUntil("prometheus", async () => {
+      if (child.exitCode !== null) throw new Error(`prometheus exited: ${out}`);
+      return (await fetch(`${url}/-/ready`)).ok;
+    });
+  } catch (err) {
+    await stop();
+    throw err;
+  }
+  return { url, pid: child.pid ?? 0, output: () => out, stop };
+}
+
+/** The alerts Prometheus holds right now, pending and firing (GET /api/v1/alerts). */
+export async function prometheusAlerts(url: string): Promise<PrometheusAlert[]> {
+  const res = await fetch(`${url}/api/v1/alerts`);
+  const body = (await res.json()) as { data: { alerts: PrometheusAlert[] } };
+  return body.data.alerts;
+}
+
+/** An instant query's samples (GET /api/v1/query): labels and value of each. */
+export async function prometheusQuery(
+  url: string,
+  query: string,
+): Promise<{ metric: Record<string, string>; value: number }[]> {
+  const res = await fetch(`${url}/api/v1/query?query=${encodeURIComponent(query)}`);
+  const body = (await res.json()) as {
+    data: { result: { metric: Record<string, string>; value: [number, string] }[] };
+  };
+  return body.data.result.map((r) => ({ metric: r.metric, value: Number(r.value[1]) }));
 }
