@@ -252,11 +252,17 @@ async function main(): Promise<number> {
     }
     abort.signal.throwIfAborted();
 
+    let seedEndpoint: string | undefined;
     if (cfg.S3_ENDPOINT === undefined) {
       const dir = resolve(cfg.DATA_DIR, "s3");
       const s3 = await startS3({ dir, buckets: [cfg.SOURCE_BUCKET, cfg.RESULT_BUCKET] });
       services.push({ name: "S3 server", stop: () => s3.stop() });
       childEnv.S3_ENDPOINT = s3.endpoint;
+      childEnv.S3_ACCESS_KEY_ID = LOCAL_S3_CREDENTIALS.accessKeyId;
+      childEnv.S3_SECRET_ACCESS_KEY = LOCAL_S3_CREDENTIALS.secretAccessKey;
+      say(
+        `S3     ${s3.endpoint}  (embedded s3rver, data in ${dir}, access key ${LOCAL_S3_CREDENTIALS.accessKeyId})`,
+      );
       if (cfg.S3_PROFILE !== undefined && cfg.S3_PROFILE !== "loopback") {
         // The service reaches S3 through the realistic-S3 fixture; download URLs still
         // point at the embedded server, which the browser reaches without the faults.
@@ -264,13 +270,10 @@ async function main(): Promise<number> {
         services.push({ name: "S3 profile fixture", stop: () => fixture.close() });
         childEnv.S3_ENDPOINT = fixture.endpoint;
         childEnv.S3_PUBLIC_ENDPOINT ??= s3.endpoint;
+        // Seeding goes straight to the server: its faults are for the service.
+        seedEndpoint = s3.endpoint;
         say(`S3     profile ${cfg.S3_PROFILE}: the service reaches S3 at ${fixture.endpoint}`);
       }
-      childEnv.S3_ACCESS_KEY_ID = LOCAL_S3_CREDENTIALS.accessKeyId;
-      childEnv.S3_SECRET_ACCESS_KEY = LOCAL_S3_CREDENTIALS.secretAccessKey;
-      say(
-        `S3     ${s3.endpoint}  (embedded s3rver, data in ${dir}, access key ${LOCAL_S3_CREDENTIALS.accessKeyId})`,
-      );
       if ((inherited.THROTTLE_BYTES_PER_SECOND ?? "") === "") {
         childEnv.THROTTLE_BYTES_PER_SECOND = String(DEMO_THROTTLE_BYTES_PER_SECOND);
         say(
@@ -306,7 +309,11 @@ async function main(): Promise<number> {
 
     // Parse again: the children will see exactly this, so it must be valid here too.
     const resolved = loadConfig(childEnv);
-    const storage = new Storage(storageOptionsFrom(resolved));
+    const storage = new Storage(
+      storageOptionsFrom(
+        seedEndpoint !== undefined ? { ...resolved, S3_ENDPOINT: seedEndpoint } : resolved,
+      ),
+    );
     try {
       await storage.ensureBuckets();
       if (resolved.SEED_SAMPLES) {
