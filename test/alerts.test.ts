@@ -10,6 +10,7 @@ import {
   type PrometheusServer,
   prometheusAlerts,
   prometheusQuery,
+  startAlertmanager,
   startPrometheus,
 } from "./helpers/prometheus.js";
 import { type Services, startServices } from "./helpers/services.js";
@@ -115,6 +116,7 @@ describe("alert rules against a real Prometheus, API and worker", () => {
   let st: ApiStack;
   let worker: WorkerProcess | undefined;
   let prom: PrometheusServer | undefined;
+  let alertmanager: PrometheusServer | undefined;
   let workerUrl: string;
 
   beforeAll(async () => {
@@ -138,6 +140,7 @@ describe("alert rules against a real Prometheus, API and worker", () => {
 
   afterAll(async () => {
     await prom?.stop();
+    await alertmanager?.stop();
     await worker?.kill("SIGKILL");
     await st?.stop();
     await svc?.stop();
@@ -167,10 +170,15 @@ describe("alert rules against a real Prometheus, API and worker", () => {
     const fast = parse(read("deploy/prometheus/alerts.yml")) as { groups: { rules: Rule[] }[] };
     for (const g of fast.groups) for (const r of g.rules) if (r.for !== undefined) r.for = "2s";
     const target = (url: string) => new URL(url).host;
+    // The compose stack's own Alertmanager configuration, unchanged.
+    alertmanager = await startAlertmanager(read("deploy/alertmanager/alertmanager.yml"));
     prom = await startPrometheus(
       stringify({
         global: { scrape_interval: "1s", evaluation_interval: "1s", scrape_timeout: "900ms" },
         rule_files: ["alerts.yml"],
+        alerting: {
+          alertmanagers: [{ static_configs: [{ targets: [target(alertmanager.url)] }] }],
+        },
         scrape_configs: [
           { job_name: "api", static_configs: [{ targets: [target(st.server.url)] }] },
           { job_name: "worker", static_configs: [{ targets: [target(workerUrl)] }] },
@@ -214,5 +222,28 @@ describe("alert rules against a real Prometheus, API and worker", () => {
     const firing = (await prometheusAlerts(url)).find((a) => a.labels.job === "worker");
     expect(firing?.annotations.summary).toMatch(/^worker 127\.0\.0\.1:\d+ is not ready$/);
     expect(firing?.labels.severity).toBe("critical");
+
+    // And Prometheus handed both to Alertmanager, which holds them for its receiver.
+    const amUrl = alertmanager.url;
+    await expect
+      .poll(
+        async () => {
+          const res = await fetch(
+            `${amUrl}/api/v2/alerts?filter=alertname%3D%22ReadinessFailing%22`,
+          );
+          const alerts = (await res.json()) as {
+            labels: Record<string, string>;
+            receivers: { name: string }[];
+            status: { state: string };
+          }[];
+          return alerts
+            .map(
+              (a) => `${a.labels.job} ${a.status.state} ${a.receivers.map((r) => r.name).join()}`,
+            )
+            .sort();
+        },
+        { timeout: 60_000, interval: 250 },
+      )
+      .toEqual(["api active operators", "worker active operators"]);
   }, 120_000);
 });

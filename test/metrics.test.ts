@@ -188,6 +188,12 @@ describe("/metrics", () => {
     const running = await client.initiate({ fileIds: [801] });
     const runningId = running.job?.jobId ?? "";
     await whenReading(runningId, 0);
+    // While it runs: one run in progress in this worker, and how old it is (the
+    // stuck-job alert reads the age).
+    const during = await scrape(workerMetricsUrl);
+    expect(metricValue(during, "jobs_running")).toBe(1);
+    expect(metricValue(during, "job_oldest_run_seconds")).toBeGreaterThan(0);
+    expect(metricValue(during, "readiness_ok")).toBe(1);
     expect((await client.cancel({ jobId: runningId })).job?.state).toBe(JobState.CANCELLED);
 
     // S3 answers 500 for the second source's GET (transient: the attempt fails and is
@@ -239,6 +245,12 @@ describe("/metrics", () => {
         cancelLatencies: 1,
       });
     expect(delta("cancel_latency_seconds_sum")).toBeGreaterThan(0);
+    await expect
+      .poll(async () => {
+        const s = await scrape(workerMetricsUrl);
+        return [metricValue(s, "jobs_running"), metricValue(s, "job_oldest_run_seconds")];
+      })
+      .toEqual([0, 0]);
     // Everything of the completed job, and some of the cancelled and the retried ones.
     const completedBytes = (sizes.get(802) ?? 0) + (sizes.get(803) ?? 0);
     expect(delta("job_bytes_total")).toBeGreaterThan(completedBytes);

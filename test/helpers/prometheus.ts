@@ -54,11 +54,11 @@ export async function scrape(url: string): Promise<Sample[]> {
   return parseMetrics(await res.text());
 }
 
-/** A real Prometheus server (Debian's `prometheus` package) on a free loopback port. */
+/** A real Prometheus or Alertmanager (Debian's packages) on a free loopback port. */
 export interface PrometheusServer {
   url: string;
   pid: number;
-  /** Prometheus' own output, for failure messages. */
+  /** The server's own output, for failure messages. */
   output(): string;
   stop(): Promise<void>;
 }
@@ -73,24 +73,42 @@ export interface PrometheusAlert {
  * Starts `prometheus` with `config` (YAML text) written into a fresh folder, next to
  * the `files` it names (rule files), and resolves once /-/ready answers.
  */
-export async function startPrometheus(
+export function startPrometheus(
   config: string,
   files: Record<string, string> = {},
 ): Promise<PrometheusServer> {
-  const dir = mkdtempSync(join(tmpdir(), "dj-prometheus-"));
-  writeFileSync(join(dir, "prometheus.yml"), config);
+  return startDaemon("prometheus", config, files, (dir, config, port) => [
+    `--config.file=${config}`,
+    `--storage.tsdb.path=${join(dir, "data")}`,
+    `--web.listen-address=127.0.0.1:${port}`,
+    "--log.level=warn",
+  ]);
+}
+
+/** Starts Debian's Alertmanager with `config` (YAML text), its cluster port off. */
+export function startAlertmanager(config: string): Promise<PrometheusServer> {
+  return startDaemon("prometheus-alertmanager", config, {}, (dir, config, port) => [
+    `--config.file=${config}`,
+    `--storage.path=${join(dir, "data")}`,
+    `--web.listen-address=127.0.0.1:${port}`,
+    // Its default gossips on 0.0.0.0:9094; one instance needs no cluster.
+    "--cluster.listen-address=",
+    "--log.level=warn",
+  ]);
+}
+
+async function startDaemon(
+  bin: string,
+  config: string,
+  files: Record<string, string>,
+  args: (dir: string, configFile: string, port: number) => string[],
+): Promise<PrometheusServer> {
+  const dir = mkdtempSync(join(tmpdir(), `dj-${bin}-`));
+  const configFile = join(dir, "config.yml");
+  writeFileSync(configFile, config);
   for (const [name, text] of Object.entries(files)) writeFileSync(join(dir, name), text);
   const port = await freePort();
-  const child = spawn(
-    "prometheus",
-    [
-      `--config.file=${join(dir, "prometheus.yml")}`,
-      `--storage.tsdb.path=${join(dir, "data")}`,
-      `--web.listen-address=127.0.0.1:${port}`,
-      "--log.level=warn",
-    ],
-    { stdio: ["ignore", "pipe", "pipe"] },
-  );
+  const child = spawn(bin, args(dir, configFile, port), { stdio: ["ignore", "pipe", "pipe"] });
   let out = "";
   child.stdout?.on("data", (d: Buffer) => (out += d.toString()));
   child.stderr?.on("data", (d: Buffer) => (out += d.toString()));
@@ -106,8 +124,8 @@ export async function startPrometheus(
   };
   const url = `http://127.0.0.1:${port}`;
   try {
-    await waitUntil("prometheus", async () => {
-      if (child.exitCode !== null) throw new Error(`prometheus exited: ${out}`);
+    await waitUntil(bin, async () => {
+      if (child.exitCode !== null) throw new Error(`${bin} exited: ${out}`);
       return (await fetch(`${url}/-/ready`)).ok;
     });
   } catch (err) {
