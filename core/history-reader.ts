@@ -4,7 +4,7 @@ import { InvalidInputError, JOB_STATES, type JobStateName } from "./jobs.js";
 
 // Reading the job history for its owner: a page of their jobs (keyset pagination on
 // (created_at, job_id) with signed page tokens) and their hourly or daily totals from
-// the views of core/history-sql/002_views.sql. Only the two history RPCs call this; the
+// the per-owner views of core/history-sql/003_owner_views.sql. Only the two history RPCs call this; the
 // job path never waits on PostgreSQL.
 
 /** The server has no HISTORY_DATABASE_URL: there is no history to read. */
@@ -243,11 +243,12 @@ export class HistoryReader {
         `the range is too long for ${interval === "hour" ? "hourly" : "daily"} buckets: at most ` +
           `${MAX_STATISTICS_RANGE_MS[interval] / DAY_MS} days; ask for daily buckets or a shorter range`,
       );
-    // The view names come from this fixed table, never from the request.
+    // The view names come from this fixed table, never from the request. These are the
+    // per-owner views (003_owner_views.sql): the owner condition reaches the table there.
     const views =
       interval === "hour"
-        ? { totals: "job_history_hourly", failures: "job_failures_hourly" }
-        : { totals: "job_history_daily", failures: "job_failures_daily" };
+        ? { totals: "job_history_owner_hourly", failures: "job_failures_owner_hourly" }
+        : { totals: "job_history_owner_daily", failures: "job_failures_owner_daily" };
     const range = [owner, new Date(from).toISOString(), new Date(to).toISOString(), interval];
     const [totals, failures] = await Promise.all([
       this.query<{

@@ -310,6 +310,31 @@ test("statistics match the jobs run, hourly and daily", async () => {
       // Jobs run within the same hour here, except when the hour turned during the run.
       buckets.length === 1 ? [["not_found", count(JobState.FAILED)]] : expect.anything(),
     );
+    // The per-owner views the RPC reads agree with 002's views, bucket by bucket.
+    const view =
+      interval === StatisticsInterval.HOURLY ? "job_history_hourly" : "job_history_daily";
+    const { rows } = await db.pool.query(
+      `SELECT bucket, jobs, failed, duration_p95_ms FROM ${view}
+       WHERE owner = $1 AND bucket >= now() - interval '2 days' ORDER BY bucket`,
+      [TEST_OWNER],
+    );
+    expect(
+      buckets.map((b) => [
+        timestampMs(b.startTime as never),
+        Number(b.jobs),
+        Number(b.failed),
+        b.durationP95 === undefined
+          ? null
+          : Number(b.durationP95.seconds) * 1000 + b.durationP95.nanos / 1e6,
+      ]),
+    ).toEqual(
+      rows.map((r) => [
+        r.bucket.getTime(),
+        Number(r.jobs),
+        Number(r.failed),
+        expect.closeTo(r.duration_p95_ms, 3),
+      ]),
+    );
     for (const b of buckets.filter((x) => x.completed > 0n)) {
       expect(b.durationP50).toBeDefined();
       expect(b.durationP95).toBeDefined();

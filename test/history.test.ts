@@ -84,11 +84,19 @@ describe("history database", () => {
     const dbs = [1, 2, 3, 4, 5].map(() => new HistoryDb(url));
     try {
       const applied = await Promise.all(dbs.map((d) => d.migrate()));
-      expect(applied.flat().sort()).toEqual(["001_history.sql", "002_views.sql"]);
+      expect(applied.flat().sort()).toEqual([
+        "001_history.sql",
+        "002_views.sql",
+        "003_owner_views.sql",
+      ]);
       const { rows } = (await dbs[0]?.pool.query(
         "SELECT name FROM history_migrations ORDER BY name",
       )) ?? { rows: [] };
-      expect(rows.map((r) => r.name)).toEqual(["001_history.sql", "002_views.sql"]);
+      expect(rows.map((r) => r.name)).toEqual([
+        "001_history.sql",
+        "002_views.sql",
+        "003_owner_views.sql",
+      ]);
       expect(await dbs[0]?.migrate()).toEqual([]);
     } finally {
       await Promise.all(dbs.map((d) => d.close()));
