@@ -144,6 +144,13 @@ describe("docs/configuration.md", () => {
     expect([...rows.keys()].filter((k) => !keys.includes(k))).toEqual([]);
   });
 
+  test("its index at the top links every subject's table", () => {
+    const linked = new Set(relativeLinks(configuration).map((t) => t.replace(/^#/, "")));
+    const subjects = [...prose(configuration).matchAll(/^## (.+)$/gm)].map((m) => slug(m[1] ?? ""));
+    expect(subjects.length).toBeGreaterThan(5);
+    expect(subjects.filter((s) => !linked.has(s))).toEqual([]);
+  });
+
   test("gives each variable the default the code applies", () => {
     const defaults = loadConfig({}) as Record<string, unknown>;
     for (const [key, cell] of tableRows()) {
