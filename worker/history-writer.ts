@@ -171,12 +171,14 @@ export function startHistoryWriter(opts: HistoryWriterOptions): HistoryWriter {
         }
         if (lost > 0) log.warn({ lost }, "history outbox entries unreadable or trimmed: skipped");
         const result = await write(parsed);
-        const ids = entries.map(([id]) => id);
-        await redis.xack(stream, HISTORY_GROUP, ...ids);
-        await redis.xdel(stream, ...ids);
+        // Counted once committed, before the entries leave the outbox: whoever sees the
+        // outbox empty also sees the counts that emptied it.
         written += result.written;
         opts.metrics?.written(result.written);
         if (lost + result.skipped > 0) opts.metrics?.skipped(lost + result.skipped);
+        const ids = entries.map(([id]) => id);
+        await redis.xack(stream, HISTORY_GROUP, ...ids);
+        await redis.xdel(stream, ...ids);
         if (failing) log.info("history writer writes again");
         failing = false;
         backoff = 100;
