@@ -1,5 +1,6 @@
 import { readFileSync } from "node:fs";
 import { type ClientHttp2Session, type ClientHttp2Stream, connect, constants } from "node:http2";
+import { monitorEventLoopDelay } from "node:perf_hooks";
 
 // WatchJob clients over HTTP/2 cleartext, many streams per connection as a proxy such as
 // Envoy carries them, run as a child process of the watch benchmarks (watch-many.ts) so
@@ -12,7 +13,7 @@ import { type ClientHttp2Session, type ClientHttp2Stream, connect, constants } f
 //   `connections` sessions round-robin (the API must allow enough concurrent streams per
 //   connection: node's client queues streams beyond SETTINGS_MAX_CONCURRENT_STREAMS
 //   without a word).
-// Prints "ready <n>" once every stream has had its first message. When stdin closes it
+// Prints "ready <n> errors <e>" once every stream has had its first message or failed. When stdin closes it
 // prints one JSON line: {errors, streams: [[jobIndex, v1, t1, v2, t2, ...], ...]} with
 // record=1 (receipt times after the snapshot, wall clock with sub-millisecond
 // resolution, comparable across processes), or {errors, open} with record=0.
@@ -28,6 +29,8 @@ const now = () => performance.timeOrigin + performance.now();
 const path = "/downloads.v1.DownloadService/WatchJob";
 const total = ids.length * perJob;
 
+// A stall here would read as delivery latency: reported so it can be told apart.
+const loop = monitorEventLoopDelay({ resolution: 10 });
 const sessions: ClientHttp2Session[] = [];
 for (let i = 0; i < connections; i++) {
   const s = connect(url as string, { settings: { enablePush: false } });
@@ -40,6 +43,16 @@ let errors = 0;
 let open = 0;
 const streams: ClientHttp2Stream[] = [];
 const receipts: number[][] = [];
+
+/** Counts a stream that got its snapshot or failed first; all of them: "ready". */
+let firsts = 0;
+function settled(): void {
+  firsts++;
+  if (firsts === total) {
+    loop.enable();
+    process.stdout.write(`ready ${snapshots} errors ${errors}\n`);
+  }
+}
 
 function envelope(jobId: string): Buffer {
   const body = Buffer.from(JSON.stringify({ jobId }));
@@ -75,7 +88,7 @@ function watch(session: ClientHttp2Session, jobIndex: number): void {
       if (first) {
         first = false;
         snapshots++;
-        if (snapshots === total) process.stdout.write(`ready ${snapshots}\n`);
+        settled();
         continue;
       }
       if (record) mine.push(Number(match[1]), at);
@@ -83,6 +96,10 @@ function watch(session: ClientHttp2Session, jobIndex: number): void {
   });
   stream.on("error", () => {
     errors++;
+    if (first) {
+      first = false;
+      settled();
+    }
   });
   stream.on("close", () => {
     open--;
@@ -105,7 +122,10 @@ wave();
 
 process.stdin.resume();
 process.stdin.on("end", () => {
-  const line = JSON.stringify(record ? { errors, open, streams: receipts } : { errors, open });
+  const loopMaxMs = loop.max / 1e6;
+  const line = JSON.stringify(
+    record ? { errors, open, loopMaxMs, streams: receipts } : { errors, open, loopMaxMs },
+  );
   for (const s of streams) s.close();
   for (const s of sessions) s.destroy();
   process.stdout.write(`${line}\n`, () => process.exit(0));

@@ -1,7 +1,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { JobStore } from "../core/job-store.js";
 import { createJob, markProcessing, recordProgress } from "../core/job-transitions.js";
@@ -84,12 +84,18 @@ function startClients(
   }
   return {
     children,
-    ready: (timeoutMs) =>
-      waitUntil(
+    ready: async (timeoutMs) => {
+      await waitUntil(
         `${ids.length * perJob} watch streams`,
         async () => outputs.every((o) => o().includes("ready")),
         timeoutMs,
-      ),
+      );
+      const failed = outputs.reduce(
+        (n, o) => n + Number(/ready \d+ errors (\d+)/.exec(o())?.[1] ?? 0),
+        0,
+      );
+      if (failed > 0) throw new Error(`${failed} watch streams failed before their snapshot`);
+    },
     finish: () =>
       Promise.all(
         children.map(async (c, i) => {
@@ -182,6 +188,8 @@ export async function benchWatch50k(
   opts: { quick?: boolean } = {},
 ): Promise<{ rows: Row[]; data: unknown }> {
   const steps = opts.quick ? [2000, 10_000] : [10_000, 50_000];
+  // Figures from a shared machine mean little without how busy it was.
+  const loadAtStart = loadavg()[0] as number;
   return withServices("benchwatch50k", async ({ env, store, conn, dir, children }) => {
     const rows: Row[] = [];
     const api = await startNodeServer(
@@ -233,6 +241,11 @@ export async function benchWatch50k(
       rows.push(
         {
           scenario: name,
+          metric: "load average (1 min) now",
+          value: fmt(loadavg()[0] as number),
+        },
+        {
+          scenario: name,
           metric: "API RSS per stream KB",
           value: fmt(r.rssKbPerStream),
           target: "<= 25",
@@ -256,7 +269,14 @@ export async function benchWatch50k(
     }
     return {
       rows,
-      data: { rssBefore, heapBefore, streamsPerConnection: STREAMS_PER_CONNECTION, results },
+      data: {
+        loadAverage: loadAtStart,
+        loadAtEnd: loadavg()[0] as number,
+        rssBefore,
+        heapBefore,
+        streamsPerConnection: STREAMS_PER_CONNECTION,
+        results,
+      },
     };
   });
 }
@@ -307,6 +327,20 @@ function deliveries(
   return { latencies, bySecond, missed, exact, expected };
 }
 
+/** The first seconds of writes warm the JIT of every process; shown apart as well. */
+const WARMUP_SECONDS = 2;
+
+/** The API's event-loop delay p99 and max (ms) since the previous scrape of /metrics. */
+async function eventLoopDelay(port: number): Promise<{ p99: number; max: number }> {
+  const text = await (await fetch(`http://127.0.0.1:${port}/metrics`)).text();
+  const read = (name: string) =>
+    Number(new RegExp(`^${name} ([0-9.e+-]+)`, "m").exec(text)?.[1] ?? Number.NaN) * 1000;
+  return {
+    p99: read("nodejs_eventloop_lag_p99_seconds"),
+    max: read("nodejs_eventloop_lag_max_seconds"),
+  };
+}
+
 export async function benchFanoutJobs(
   opts: { quick?: boolean } = {},
 ): Promise<{ rows: Row[]; data: unknown }> {
@@ -314,6 +348,7 @@ export async function benchFanoutJobs(
   const perJob = 3;
   const ratePerJob = 5;
   const seconds = opts.quick ? 8 : 20;
+  const loadAtStart = loadavg()[0] as number;
   return withServices("benchfanout", async ({ env, store, dir, children }) => {
     const api = await startNodeServer("bench/api-server.ts", { ...env, PORT: "0" });
     children.push(api.child);
@@ -356,6 +391,8 @@ export async function benchFanoutJobs(
     let failed = 0;
     let lateTicks = 0;
     const inflight = new Set<Promise<void>>();
+    // prom-client's event-loop delay figures cover the time since the last scrape.
+    await eventLoopDelay(api.port);
     const cpu0 = procCpuMs(pid);
     const t0 = performance.now();
     const second = (at: number) => Math.floor((at - (performance.timeOrigin + t0)) / 1000);
@@ -387,9 +424,10 @@ export async function benchFanoutJobs(
     // Let the last writes reach every watcher.
     await new Promise((r) => setTimeout(r, 3000));
     const cpuMs = procCpuMs(pid) - cpu0;
+    const apiLoop = await eventLoopDelay(api.port);
     const outputs = (await clients.finish()) as {
       offset: number;
-      out: { errors: number; streams: number[][] };
+      out: { errors: number; streams: number[][]; loopMaxMs: number };
     }[];
     // Job indexes in a client's output count from its own first job.
     const streams = outputs.flatMap(({ offset, out }) =>
@@ -402,6 +440,8 @@ export async function benchFanoutJobs(
     const p99 = percentile(d.latencies, 99);
     const name = `fan-out ${jobs} jobs x ${perJob} watchers, ${ratePerJob}/s each`;
     const data = {
+      loadAverage: loadAtStart,
+      loadAtEnd: loadavg()[0] as number,
       jobs,
       watchersPerJob: perJob,
       ratePerJob,
@@ -419,12 +459,21 @@ export async function benchFanoutJobs(
       p90: percentile(d.latencies, 90),
       p99,
       max: percentile(d.latencies, 100),
+      p99AfterWarmup: percentile(d.bySecond.slice(WARMUP_SECONDS).flat(), 99),
+      apiEventLoopP99Ms: apiLoop.p99,
+      apiEventLoopMaxMs: apiLoop.max,
+      clientEventLoopMaxMs: Math.max(...outputs.map((o) => o.out.loopMaxMs)),
       p99BySecond: d.bySecond.map((l) => Math.round(percentile(l ?? [], 99))),
       writeP50: percentile(writeMs, 50),
       writeP99: percentile(writeMs, 99),
       apiCpuPercent: (cpuMs / 10 / (writeSeconds + 3)) | 0,
     };
     const rows: Row[] = [
+      {
+        scenario: name,
+        metric: "load average (1 min) at start / end",
+        value: `${fmt(data.loadAverage)} / ${fmt(data.loadAtEnd)}`,
+      },
       {
         scenario: name,
         metric: "writes per second (achieved)",
@@ -438,6 +487,13 @@ export async function benchFanoutJobs(
         value: fmt(p99),
         target: "<= 100",
         ok: p99 <= 100,
+      },
+      {
+        scenario: name,
+        metric: `delivery p99 ms after the first ${WARMUP_SECONDS} s`,
+        value: fmt(data.p99AfterWarmup),
+        target: "<= 100",
+        ok: data.p99AfterWarmup <= 100,
       },
       {
         scenario: name,
@@ -458,6 +514,16 @@ export async function benchFanoutJobs(
         value: `${data.p99BySecond.filter((p) => p <= 100).length}/${data.p99BySecond.length}`,
       },
       { scenario: name, metric: "API CPU % of one core", value: String(data.apiCpuPercent) },
+      {
+        scenario: name,
+        metric: "API CPU µs per delivered message",
+        value: fmt((cpuMs * 1000) / Math.max(1, d.expected)),
+      },
+      {
+        scenario: name,
+        metric: "event-loop delay max ms: API / clients",
+        value: `${fmt(apiLoop.max)} / ${fmt(data.clientEventLoopMaxMs)}`,
+      },
     ];
     return { rows, data };
   });
