@@ -40,6 +40,7 @@ for (let i = 0; i < connections; i++) {
 
 let snapshots = 0;
 let errors = 0;
+let retries = 0;
 let open = 0;
 const streams: ClientHttp2Stream[] = [];
 const receipts: number[][] = [];
@@ -50,7 +51,7 @@ function settled(): void {
   firsts++;
   if (firsts === total) {
     loop.enable();
-    process.stdout.write(`ready ${snapshots} errors ${errors}\n`);
+    process.stdout.write(`ready ${snapshots} errors ${errors} retries ${retries}\n`);
   }
 }
 
@@ -62,14 +63,40 @@ function envelope(jobId: string): Buffer {
   return out;
 }
 
-function watch(session: ClientHttp2Session, jobIndex: number): void {
+/**
+ * A stream refused before its snapshot is opened again a second later, as a Connect
+ * client honouring retry-after does: the API answers UNAVAILABLE when a burst of new
+ * watches waits longer than its subscribe timeout for Redis, which a busy machine does.
+ */
+function refused(
+  session: ClientHttp2Session,
+  jobIndex: number,
+  attempt: number,
+  mine: number[],
+  why: string,
+): void {
+  if (retries === 0) process.stderr.write(`watch stream refused (retried): ${why.slice(0, 200)}\n`);
+  if (attempt >= 30) {
+    errors++;
+    settled();
+    return;
+  }
+  retries++;
+  setTimeout(() => watch(session, jobIndex, attempt + 1, mine), 1000);
+}
+
+function watch(
+  session: ClientHttp2Session,
+  jobIndex: number,
+  attempt = 0,
+  mine: number[] = [jobIndex],
+): void {
   const stream = session.request({
     [constants.HTTP2_HEADER_METHOD]: "POST",
     [constants.HTTP2_HEADER_PATH]: path,
     "content-type": "application/connect+json",
   });
-  const mine: number[] = [jobIndex];
-  if (record) receipts.push(mine);
+  if (record && attempt === 0) receipts.push(mine);
   let first = true;
   let buf: Buffer = Buffer.alloc(0);
   open++;
@@ -82,7 +109,14 @@ function watch(session: ClientHttp2Session, jobIndex: number): void {
       const flags = buf[0] as number;
       const text = buf.toString("latin1", 5, 5 + length);
       buf = buf.subarray(5 + length);
-      if (flags !== 0) continue;
+      if (flags !== 0) {
+        // The end of the stream before the snapshot: a refusal.
+        if (first) {
+          first = false;
+          refused(session, jobIndex, attempt, mine, text);
+        }
+        continue;
+      }
       const match = text.startsWith('{"job":') ? /"version":(\d+)/.exec(text) : null;
       if (match === null) continue;
       if (first) {
@@ -94,15 +128,18 @@ function watch(session: ClientHttp2Session, jobIndex: number): void {
       if (record) mine.push(Number(match[1]), at);
     }
   });
-  stream.on("error", () => {
-    errors++;
+  stream.on("error", (err) => {
     if (first) {
       first = false;
-      settled();
-    }
+      refused(session, jobIndex, attempt, mine, String(err));
+    } else errors++;
   });
   stream.on("close", () => {
     open--;
+    if (first) {
+      first = false;
+      refused(session, jobIndex, attempt, mine, "closed before the snapshot");
+    }
   });
   stream.end(envelope(ids[jobIndex] as string));
   streams.push(stream);
@@ -120,11 +157,23 @@ function wave(): void {
 }
 wave();
 
+// A run that does not get ready says how far it got (the bench's deadline ends it).
+const progress = setInterval(() => {
+  if (firsts === total) clearInterval(progress);
+  else
+    process.stderr.write(
+      `watch clients: ${snapshots} snapshots, ${errors} failed, ${retries} retried, ${open} open of ${total}\n`,
+    );
+}, 15_000);
+progress.unref();
+
 process.stdin.resume();
 process.stdin.on("end", () => {
   const loopMaxMs = loop.max / 1e6;
   const line = JSON.stringify(
-    record ? { errors, open, loopMaxMs, streams: receipts } : { errors, open, loopMaxMs },
+    record
+      ? { errors, retries, open, loopMaxMs, streams: receipts }
+      : { errors, retries, open, loopMaxMs },
   );
   for (const s of streams) s.close();
   for (const s of sessions) s.destroy();

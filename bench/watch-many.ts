@@ -37,8 +37,8 @@ const STREAMS_PER_CONNECTION = 1000;
 
 interface Clients {
   children: ChildProcess[];
-  /** Resolves once every client process has printed "ready". */
-  ready(timeoutMs: number): Promise<void>;
+  /** Resolves once every client process has printed "ready", to the refused opens retried. */
+  ready(timeoutMs: number): Promise<number>;
   /** Closes the clients' stdin; each one's last JSON line and the index of its first job. */
   finish(): Promise<{ offset: number; out: unknown }[]>;
 }
@@ -95,6 +95,10 @@ function startClients(
         0,
       );
       if (failed > 0) throw new Error(`${failed} watch streams failed before their snapshot`);
+      return outputs.reduce(
+        (n, o) => n + Number(/ready \d+ errors \d+ retries (\d+)/.exec(o())?.[1] ?? 0),
+        0,
+      );
     },
     finish: () =>
       Promise.all(
@@ -220,7 +224,7 @@ export async function benchWatch50k(
         false,
       );
       children.push(...clients.children);
-      await clients.ready(300_000);
+      const retried = await clients.ready(300_000);
       const openMs = performance.now() - t0;
       opened = target;
       const rss = await settledRss(pid);
@@ -235,6 +239,7 @@ export async function benchWatch50k(
         rssMb: rss / MB,
         redisConnections,
         connections: Math.ceil(target / STREAMS_PER_CONNECTION),
+        retried,
       };
       results.push(r);
       const name = `watch ${target} idle (h2, ${STREAMS_PER_CONNECTION}/conn)`;
@@ -265,6 +270,11 @@ export async function benchWatch50k(
           ok: redisConnections <= 4,
         },
         { scenario: name, metric: "open time s", value: fmt(openMs / 1000) },
+        {
+          scenario: name,
+          metric: "opens refused (UNAVAILABLE) and retried",
+          value: String(retried),
+        },
       );
     }
     return {
@@ -372,7 +382,7 @@ export async function benchFanoutJobs(
     const firstVersion = started.map((r) => r.version);
     const clients = startClients(api.port, dir, ids, perJob, 2, true);
     children.push(...clients.children);
-    await clients.ready(300_000);
+    const retried = await clients.ready(300_000);
 
     // Every 10 ms one twentieth of the jobs get their next write, so each job is written
     // every 200 ms and the writes are spread evenly; a tick that falls behind (a busy
@@ -451,6 +461,7 @@ export async function benchFanoutJobs(
       failedWrites: failed,
       lateTicks,
       streams: streams.length,
+      opensRetried: retried,
       streamErrors,
       deliveriesExpected: d.expected,
       deliveredExact: d.exact,
