@@ -1,15 +1,36 @@
 import { connect, createServer } from "node:net";
 
-/** A port that was free a moment ago on 127.0.0.1 (the OS picks it). */
+/**
+ * Ports handed out by freePort: below Linux's ephemeral range (32768-60999), where the
+ * OS takes ports for bind(0) and for the local end of every outgoing connection. A port
+ * the OS picked is free when we look, but a process that binds it seconds later (tsx
+ * starting on a busy machine) found it taken by some connection: EADDRINUSE. Redis
+ * Cluster also binds port + 10000, which stays below the range as well.
+ */
+const PICK_FROM = 10_000;
+const PICK_TO = 22_767;
+
+/** A port that was free a moment ago on 127.0.0.1. */
 export async function freePort(): Promise<number> {
-  return new Promise((resolve, reject) => {
+  for (let i = 0; i < 50; i++) {
+    const port = PICK_FROM + Math.floor(Math.random() * (PICK_TO - PICK_FROM));
+    if ((await bindable(port)) !== undefined) return port;
+  }
+  const port = await bindable(0);
+  if (port === undefined) throw new Error("no free port on 127.0.0.1");
+  return port;
+}
+
+/** The port bound (then released) on 127.0.0.1, or undefined when it is taken. */
+function bindable(port: number): Promise<number | undefined> {
+  return new Promise((resolve) => {
     const srv = createServer();
     srv.unref();
-    srv.on("error", reject);
-    srv.listen(0, "127.0.0.1", () => {
+    srv.on("error", () => resolve(undefined));
+    srv.listen(port, "127.0.0.1", () => {
       const addr = srv.address();
-      const port = typeof addr === "object" && addr !== null ? addr.port : 0;
-      srv.close(() => resolve(port));
+      const bound = typeof addr === "object" && addr !== null ? addr.port : undefined;
+      srv.close(() => resolve(bound));
     });
   });
 }
