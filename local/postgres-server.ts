@@ -117,6 +117,10 @@ function checkReachable(dir: string, user: { name: string; uid: number; gid: num
 
 async function canQuery(url: string): Promise<boolean> {
   const client = new pg.Client({ connectionString: url, connectionTimeoutMillis: 2000 });
+  // A server that is starting or stopping may drop the probe's connection between calls:
+  // pg then emits "error", which without a listener is an uncaught exception (a loaded
+  // CI run's history-outage test died of one). The calls above still reject.
+  client.on("error", () => undefined);
   try {
     await client.connect();
     await client.query("SELECT 1");
