@@ -101,6 +101,10 @@ export class HistoryDb {
     });
     // An idle client whose server went away emits here; the next query reconnects.
     this.pool.on("error", () => undefined);
+    // pg-pool drops its listener while a client is checked out (migrate, a batch, an
+    // erasure): a server dying between two of its queries would then be an uncaught
+    // exception. The queries reject and release() discards the dead client anyway.
+    this.pool.on("connect", (client) => client.on("error", () => undefined));
   }
 
   /**
