@@ -293,7 +293,11 @@ describe("grpc.health.v1.Health/Watch limits", () => {
     const seen: Status[] = [];
     for await (const res of client.watch({ service: "" })) seen.push(res.status);
     expect(seen).toEqual([Status.SERVING]);
+    // Check is answered every time, never refused by the Watch caps. (Its answer is the
+    // readiness probe's: on a machine loaded enough to time a probe out, NOT_SERVING.)
     for (let i = 0; i < 20; i++)
-      expect((await client.check({ service: "" })).status).toBe(Status.SERVING);
+      expect([Status.SERVING, Status.NOT_SERVING]).toContain(
+        (await client.check({ service: "" })).status,
+      );
   });
 });
