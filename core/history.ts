@@ -1,4 +1,5 @@
 import { readdirSync, readFileSync } from "node:fs";
+import type { PoolClient } from "pg";
 import pg from "pg";
 import type { JobErrorRecord, JobProgress, JobResultRecord } from "./jobs.js";
 
@@ -196,9 +197,7 @@ export class HistoryDb {
         at: ms(c.createdAt),
       })),
     ];
-    const client = await this.pool.connect();
-    try {
-      await client.query("BEGIN");
+    await this.transaction(async (client) => {
       await client.query(
         `INSERT INTO download_jobs AS j
            (job_id, owner, labels, file_ids, total_bytes, zip_bytes, created_at, started_at,
@@ -234,13 +233,7 @@ export class HistoryDb {
          ON CONFLICT (job_id, version) DO NOTHING`,
         [JSON.stringify(events)],
       );
-      await client.query("COMMIT");
-    } catch (err) {
-      await client.query("ROLLBACK").catch(() => undefined);
-      throw err;
-    } finally {
-      client.release();
-    }
+    });
   }
 
   /**
@@ -249,9 +242,7 @@ export class HistoryDb {
    * Resolves to the number of jobs deleted.
    */
   async eraseOwner(owner: string): Promise<number> {
-    const client = await this.pool.connect();
-    try {
-      await client.query("BEGIN");
+    return this.transaction(async (client) => {
       await client.query(
         `INSERT INTO history_erasures (owner_sha256, erased_at)
          VALUES (sha256(convert_to($1, 'UTF8')), now())
@@ -259,8 +250,18 @@ export class HistoryDb {
         [owner],
       );
       const res = await client.query("DELETE FROM download_jobs WHERE owner = $1", [owner]);
-      await client.query("COMMIT");
       return res.rowCount ?? 0;
+    });
+  }
+
+  /** Runs `work` in one transaction on one pooled client: committed, or rolled back. */
+  private async transaction<T>(work: (client: PoolClient) => Promise<T>): Promise<T> {
+    const client = await this.pool.connect();
+    try {
+      await client.query("BEGIN");
+      const out = await work(client);
+      await client.query("COMMIT");
+      return out;
     } catch (err) {
       await client.query("ROLLBACK").catch(() => undefined);
       throw err;
