@@ -41,30 +41,22 @@ type Answer =
 export function addReflection(router: ConnectRouter): void {
   let reflector: Reflector | undefined;
   const get = () => (reflector ??= new Reflector(uniqueServices(router)));
-  router.service(v1.ServerReflection, {
-    async *serverReflectionInfo(requests) {
-      const session = get().session();
-      for await (const req of requests) {
-        yield {
-          validHost: req.host,
-          originalRequest: req,
-          messageResponse: session.answer(req.messageRequest),
-        };
-      }
-    },
-  });
-  router.service(v1alpha.ServerReflection, {
-    async *serverReflectionInfo(requests) {
-      const session = get().session();
-      for await (const req of requests) {
-        yield {
-          validHost: req.host,
-          originalRequest: req,
-          messageResponse: session.answer(req.messageRequest),
-        };
-      }
-    },
-  });
+  // v1alpha is v1 under another package name (grpcurl and older clients still ask
+  // for it): one conversation serves both.
+  async function* converse<R extends v1.ServerReflectionRequest | v1alpha.ServerReflectionRequest>(
+    requests: AsyncIterable<R>,
+  ) {
+    const session = get().session();
+    for await (const req of requests) {
+      yield {
+        validHost: req.host,
+        originalRequest: req,
+        messageResponse: session.answer(req.messageRequest),
+      };
+    }
+  }
+  router.service(v1.ServerReflection, { serverReflectionInfo: converse });
+  router.service(v1alpha.ServerReflection, { serverReflectionInfo: converse });
 }
 
 function uniqueServices(router: ConnectRouter): DescService[] {
