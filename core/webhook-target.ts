@@ -1,5 +1,6 @@
 import { lookup as dnsLookup } from "node:dns/promises";
 import { BlockList, isIP } from "node:net";
+import ipaddr from "ipaddr.js";
 import { InvalidInputError } from "./jobs.js";
 
 // Where a webhook may go. A callback URL is the caller's choice, so without a check the
@@ -51,16 +52,20 @@ for (const [net, prefix] of [
 ] as const) {
   NOT_PUBLIC.addSubnet(net, prefix, "ipv4");
 }
-// IPv4-mapped IPv6 addresses (::ffff:a.b.c.d) are judged as the IPv4 address they
-// carry (unmapped() below); a ::ffff:0:0/96 rule here would match every IPv4 address.
+// IPv6 forms that carry an IPv4 address (mapped, translated, compatible, the well-known
+// NAT64 prefix, 6to4) are judged as that IPv4 address (embeddedIPv4() below): a rule for
+// ::ffff:0:0/96 here would match every IPv4 address. Forms whose IPv4 part cannot be read
+// reliably, or that reach a network nobody routes publicly, are refused outright.
 for (const [net, prefix] of [
   ["::", 128],
   ["::1", 128],
-  ["64:ff9b::", 96], // NAT64 can reach private IPv4
+  ["64:ff9b:1::", 48], // local-use NAT64 (RFC 8215): its IPv4 sits where the operator chose
   ["100::", 64], // discard
+  ["2001::", 32], // Teredo: tunnels to an obfuscated IPv4 address behind a NAT
   ["2001:db8::", 32], // documentation
   ["fc00::", 7], // unique local
   ["fe80::", 10], // link-local
+  ["fec0::", 10], // site-local (deprecated, still private where it is used)
   ["ff00::", 8], // multicast
 ] as const) {
   NOT_PUBLIC.addSubnet(net, prefix, "ipv6");
@@ -70,14 +75,42 @@ function familyOf(address: string): 4 | 6 {
   return isIP(address) === 6 ? 6 : 4;
 }
 
-/** An IPv4-mapped IPv6 address (::ffff:10.0.0.1) as the IPv4 address it is. */
+function v4(hi: number, lo: number): string {
+  return `${hi >> 8}.${hi & 0xff}.${lo >> 8}.${lo & 0xff}`;
+}
+
+/**
+ * The IPv4 address an IPv6 address reaches or stands for, when it has one at a fixed
+ * place: IPv4-mapped ::ffff:a.b.c.d, IPv4-translated ::ffff:0:a.b.c.d, IPv4-compatible
+ * ::a.b.c.d (::7f00:1 is 127.0.0.1), the well-known NAT64 prefix 64:ff9b::/96 and 6to4
+ * 2002:AABB:CCDD::/48 (the IPv4 address of its relay, AA.BB.CC.DD). Undefined otherwise.
+ */
+export function embeddedIPv4(address: string): string | undefined {
+  if (isIP(address) !== 6) return undefined;
+  let p: number[];
+  try {
+    p = ipaddr.IPv6.parse(address).parts;
+  } catch {
+    return undefined;
+  }
+  const [a = 0, b = 0, c = 0, d = 0, e = 0, f = 0, g = 0, h = 0] = p;
+  const zeroTo = (n: number) => p.slice(0, n).every((x) => x === 0);
+  if (zeroTo(5) && f === 0xffff) return v4(g, h); // mapped
+  if (zeroTo(4) && e === 0xffff && f === 0) return v4(g, h); // translated (SIIT)
+  if (zeroTo(6) && !(g === 0 && h <= 1)) return v4(g, h); // compatible; :: and ::1 are not
+  if (a === 0x64 && b === 0xff9b && c === 0 && d === 0 && e === 0 && f === 0) return v4(g, h);
+  if (a === 0x2002) return v4(b, c); // 6to4
+  return undefined;
+}
+
+/** An IPv6 address as the IPv4 address it carries, if it carries one (embeddedIPv4). */
 function unmapped(address: string): string {
-  const m = /^::ffff:(\d+\.\d+\.\d+\.\d+)$/i.exec(address);
-  return m?.[1] ?? address;
+  return embeddedIPv4(address) ?? address;
 }
 
 export function isPublicAddress(address: string): boolean {
   const a = unmapped(address);
+  if (isIP(a) === 0) return false;
   return !NOT_PUBLIC.check(a, familyOf(a) === 6 ? "ipv6" : "ipv4");
 }
 
