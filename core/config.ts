@@ -137,6 +137,9 @@ const schema = z.object({
   WATCH_MAX_STREAM_MS: int(0)
     .refine((v) => v === 0 || v >= 1000, { error: "expected 0 (off) or at least 1000" })
     .default(0),
+  // GetStatus long-poll cap: below every proxy's idle limit (nginx and ALB 60 s, Envoy's
+  // default route timeout 15 s) so that a waiting poll is answered before it is cut.
+  STATUS_MAX_WAIT_MS: int(0, 120_000).default(25_000),
   HTTP_HEADERS_TIMEOUT_MS: int(100).default(10_000),
   HTTP_REQUEST_TIMEOUT_MS: int(100).default(30_000),
   HTTP2_IDLE_TIMEOUT_MS: int(100).default(60_000),

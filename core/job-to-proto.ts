@@ -80,9 +80,32 @@ function webhookOf(rec: JobRecord): MessageInitShape<typeof WebhookDeliverySchem
   };
 }
 
+/**
+ * Whether the job stopped without finishing (cancelled or failed): nothing is read any
+ * more, so no file is in progress and there is no speed and no ETA, whatever the last
+ * progress write of the run said (a run's writes after the cancel are refused, so the
+ * record keeps the last one made before it).
+ */
+function stopped(rec: JobRecord): boolean {
+  return rec.state === "CANCELLED" || rec.state === "FAILED";
+}
+
+/** A file's state as shown: one being read when the job stopped is not in any ZIP. */
+function shownFileState(rec: JobRecord, state: FileStateName): FileStateName {
+  return state === "IN_PROGRESS" && stopped(rec) ? "PENDING" : state;
+}
+
+/** The record's progress as shown: a stopped job has no speed and no ETA. */
+function shownProgress(rec: JobRecord): JobRecord["progress"] {
+  const p = rec.progress;
+  if (!stopped(rec) || (p.bytesPerSecond === 0 && p.etaSeconds === undefined)) return p;
+  const { etaSeconds: _eta, ...rest } = p;
+  return { ...rest, bytesPerSecond: 0 };
+}
+
 /** `download` is the presigned URL of a completed job's result; omitted otherwise. */
 export function toProtoJob(rec: JobRecord, download?: PresignedResult): Job {
-  const p = rec.progress;
+  const p = shownProgress(rec);
   const webhook = webhookOf(rec);
   return create(JobSchema, {
     jobId: rec.id,
@@ -101,7 +124,7 @@ export function toProtoJob(rec: JobRecord, download?: PresignedResult): Job {
     },
     files: rec.files.map((f) => ({
       fileId: f.fileId,
-      state: FILE_STATE[f.state] ?? FileState.UNSPECIFIED,
+      state: FILE_STATE[shownFileState(rec, f.state)] ?? FileState.UNSPECIFIED,
       sizeBytes: int64(f.sizeBytes),
       bytesDone: int64(f.bytesDone),
       entryName: f.entryName,
@@ -176,7 +199,7 @@ function enumName<T extends string>(
 }
 
 export function toJobJson(rec: JobRecord, download?: PresignedResult): Json {
-  const p = rec.progress;
+  const p = shownProgress(rec);
   const out: Json = {};
   put(out, "jobId", rec.id);
   put(out, "state", enumName("JOB_STATE_", rec.state, JOB_STATE));
@@ -197,7 +220,7 @@ export function toJobJson(rec: JobRecord, download?: PresignedResult): Json {
     rec.files.map((f) => {
       const file: Json = {};
       put(file, "fileId", f.fileId);
-      put(file, "state", enumName("FILE_STATE_", f.state, FILE_STATE));
+      put(file, "state", enumName("FILE_STATE_", shownFileState(rec, f.state), FILE_STATE));
       put(file, "sizeBytes", int64Json(f.sizeBytes));
       put(file, "bytesDone", int64Json(f.bytesDone));
       put(file, "entryName", f.entryName);

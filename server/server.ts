@@ -211,6 +211,7 @@ export async function startApiServer(
     jobs,
     hub,
     presenter: new JobPresenter(storage, cfg.PRESIGN_EXPIRY_SECONDS),
+    statusMaxWaitMs: cfg.STATUS_MAX_WAIT_MS,
     history:
       historyDb && new HistoryReader(historyDb, cfg.HISTORY_PAGE_TOKEN_SECRET ?? historyDb.url),
   });

@@ -74,8 +74,6 @@ interface Wire {
 }
 
 const CONNECT = PROTOCOLS[0] as Protocol;
-/** A unary call's signal: nothing aborts it, and making one per call costs. */
-const NEVER = new AbortController().signal;
 /** abort() without a reason builds a DOMException with a stack trace; nothing reads it. */
 const STREAM_OVER = new Error("stream over");
 /** The most an early answer waits to read over HTTP/2 (see afterBody); connect-node drains as much over HTTP/1.1. */
@@ -373,6 +371,13 @@ class Responder {
   /** A unary answer: bare (Connect, with its length and the headers it asks for) or one envelope and the end. */
   unary(answer: Answer<DescMessage>): void | Promise<void> {
     const { protocol, binary, params } = this.wire;
+    if (answer.notModified === true && params !== undefined) {
+      // The caller's copy is current: headers only (RFC 9110 15.4.5), nothing encoded.
+      if (this.gone) return;
+      out(this.res).writeHead(304, { ...answer.header });
+      out(this.res).end();
+      return;
+    }
     const bytes = answer.reply.bytes(binary);
     if (!protocol.enveloped) {
       // Response headers an RPC asks for are for GET answers only (cache-control).
@@ -489,12 +494,32 @@ class Responder {
 
 /** An RPC's view of a call on Node's request: one object per call, no closures. */
 class NodeCall implements RpcCall {
+  private abort: AbortController | undefined;
+
   constructor(
     readonly owner: Owner,
     private readonly req: NodeRequest,
-    readonly signal: AbortSignal,
+    private readonly given: AbortSignal | undefined,
     readonly get: boolean,
+    private readonly res?: NodeResponse,
   ) {}
+
+  /**
+   * A stream's own signal; for a unary call one made on first use (a long-poll waits
+   * and must stop when its caller goes away): most calls never ask, and an
+   * AbortController per call costs.
+   */
+  get signal(): AbortSignal {
+    if (this.given !== undefined) return this.given;
+    if (this.abort === undefined) {
+      const abort = new AbortController();
+      this.abort = abort;
+      const res = this.res;
+      if (res === undefined || res.writableEnded || res.destroyed) abort.abort(STREAM_OVER);
+      else res.once("close", () => abort.abort(STREAM_OVER));
+    }
+    return this.abort.signal;
+  }
 
   header(name: string): string | null {
     return header(this.req, name);
@@ -504,6 +529,7 @@ class NodeCall implements RpcCall {
 /** A unary call: read, authenticate (where connect-node's interceptor does), run. */
 async function answerUnary(
   req: NodeRequest,
+  res: NodeResponse,
   route: Route,
   wire: Wire,
   opts: LeanTransportOptions,
@@ -511,7 +537,7 @@ async function answerUnary(
 ): Promise<Answer<DescMessage>> {
   const input = await readInput(req, route, wire, opts.readMaxBytes);
   who.owner = opts.authenticate(req.headers);
-  const call = new NodeCall(who.owner, req, NEVER, wire.params !== undefined);
+  const call = new NodeCall(who.owner, req, undefined, wire.params !== undefined, res);
   return (route.row as UnaryRow).run(call, input);
 }
 
@@ -537,7 +563,7 @@ async function serve(
     if (abort === undefined) {
       if (timeout.error !== undefined) throw timeout.error;
       const answer = await withDeadline(
-        answerUnary(req, route, wire, opts, who),
+        answerUnary(req, res, route, wire, opts, who),
         timeout.timeoutMs,
       );
       recordOutcome(req, "ok", who.owner);

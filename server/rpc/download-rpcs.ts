@@ -21,7 +21,8 @@ import {
   statisticsRange,
   statisticsResponse,
 } from "./history-presenter.js";
-import { type Answer, type JobPresenter, Reply } from "./presenter.js";
+import { waitForChange, waitPlan } from "./long-poll.js";
+import { type Answer, etagMatches, type JobPresenter, Reply } from "./presenter.js";
 
 // Every RPC of DownloadService, once: what it reads from the request, which domain call
 // it makes for which owner, and the answer the job presenter makes of the result. Both
@@ -79,9 +80,17 @@ export interface RpcDeps {
   presenter: JobPresenter;
   /** The job history in PostgreSQL; undefined when HISTORY_DATABASE_URL is unset. */
   history?: HistoryReader | undefined;
+  /** The longest GetStatus wait (long-poll); longer ones are clamped. Default 25 s. */
+  statusMaxWaitMs?: number;
 }
 
-export function downloadRpcs({ jobs, hub, presenter, history }: RpcDeps): readonly RpcRow[] {
+export function downloadRpcs({
+  jobs,
+  hub,
+  presenter,
+  history,
+  statusMaxWaitMs = 25_000,
+}: RpcDeps): readonly RpcRow[] {
   const m = DownloadService.method;
   const historyOn = () => {
     if (history === undefined) throw new HistoryOffError();
@@ -101,12 +110,20 @@ export function downloadRpcs({ jobs, hub, presenter, history }: RpcDeps): readon
         return { reply: await presenter.initiated(job, outcome) };
       },
     ),
-    unary(m.getStatus, { jobId: "string" }, async (call, req) => {
-      const rec = await jobs.get(call.owner, req.jobId);
-      const reply = await presenter.status(rec);
-      return call.get
-        ? { reply, header: { "cache-control": presenter.cacheControl(rec) } }
-        : { reply };
+    unary(m.getStatus, { jobId: "string", afterVersion: "int32" }, async (call, req) => {
+      const wait = waitPlan(req.wait, statusMaxWaitMs);
+      let rec = await jobs.get(call.owner, req.jobId);
+      rec = await waitForChange(hub, rec, req.afterVersion, wait.ms, call.signal, call.owner);
+      const now = Date.now();
+      const reply = await presenter.status(rec, wait, now);
+      if (!call.get) return { reply };
+      // A GET answer may be cached; its ETag lets the next poll get 304 Not Modified.
+      const etag = presenter.etag(rec, now);
+      return {
+        reply,
+        header: { "cache-control": presenter.cacheControl(rec), etag },
+        notModified: etagMatches(call.header("if-none-match"), etag),
+      };
     }),
     stream(m.watchJob, { jobId: "string", afterVersion: "int32" }, (call, req) =>
       mapEach(hub.watch(parseJobId(req.jobId), req.afterVersion, call.signal, call.owner), (ev) =>

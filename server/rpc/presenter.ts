@@ -64,15 +64,76 @@ export class Reply<Desc extends DescMessage> {
   }
 }
 
+/** A GetStatus answer of one version of a job, kept for the polls that follow. */
+class StatusReply extends Reply<typeof GetStatusResponseSchema> {
+  readonly version: number;
+  private jobText: string | undefined;
+
+  constructor(
+    private readonly rec: JobRecord,
+    private readonly download: PresignedResult | undefined,
+    private readonly pollAfterMs: number | undefined,
+  ) {
+    super(
+      GetStatusResponseSchema,
+      () =>
+        create(GetStatusResponseSchema, {
+          job: toProtoJob(rec, download),
+          ...(pollAfterMs !== undefined ? { pollAfter: duration(pollAfterMs) } : {}),
+        }),
+      () => this.jsonWith(""),
+    );
+    this.version = rec.version;
+  }
+
+  /** The JSON answer with `fields` (",\"name\":value..." of fields 2 and 3) in their place. */
+  jsonWith(fields: string): string {
+    this.jobText ??= JSON.stringify(toJobJson(this.rec, this.download));
+    const poll =
+      this.pollAfterMs !== undefined ? `,"pollAfter":"${durationJson(this.pollAfterMs)}"` : "";
+    return `{"job":${this.jobText}${fields}${poll}}`;
+  }
+}
+
 /** A unary answer and the response headers it asks for. */
 export interface Answer<Desc extends DescMessage> {
   reply: Reply<Desc>;
   header?: Readonly<Record<string, string>>;
+  /**
+   * A GET whose If-None-Match names the answer's ETag: a transport that can answers
+   * 304 Not Modified with the headers and no body.
+   */
+  notModified?: boolean;
 }
 
 type Presigner = {
-  presignResult(key: string, fileName: string): Promise<PresignedResult>;
+  presignResult(key: string, fileName: string, now?: number): Promise<PresignedResult>;
 };
+
+/** What a long-poll adds to a GetStatus answer (rpc/long-poll.ts). */
+export interface StatusWait {
+  ms: number;
+  notice?: string | undefined;
+}
+
+/** A Duration of whole milliseconds, as a message field and as protobuf JSON. */
+function duration(ms: number): { seconds: bigint; nanos: number } {
+  return { seconds: BigInt(Math.floor(ms / 1000)), nanos: (ms % 1000) * 1_000_000 };
+}
+
+function durationJson(ms: number): string {
+  return `${Number((ms / 1000).toFixed(3))}s`;
+}
+
+/** Whether an If-None-Match header names `etag` (weak comparison, RFC 9110 13.1.2). */
+export function etagMatches(ifNoneMatch: string | null, etag: string): boolean {
+  if (ifNoneMatch === null) return false;
+  for (const raw of ifNoneMatch.split(",")) {
+    const tag = raw.trim();
+    if (tag === "*" || (tag.startsWith("W/") ? tag.slice(2) : tag) === etag) return true;
+  }
+  return false;
+}
 
 /** Jobs whose GetStatus answer is kept (a few hundred bytes to a few KB each). */
 const STATUS_CACHE_SIZE = 10_000;
@@ -89,40 +150,93 @@ export class JobPresenter {
   // job and version. Only a job that can still change is kept: pollers stop at the end
   // state, so an ended job's entry would stay until evicted (and a live result is
   // presigned anew on every read).
-  private readonly statuses = new Map<
-    string,
-    Reply<typeof GetStatusResponseSchema> & { version?: number }
-  >();
+  private readonly statuses = new Map<string, StatusReply>();
   private readonly completedMaxAge: number;
+  /** A completed job's URL is signed as of the start of its window of this many ms. */
+  private readonly urlWindowMs: number;
 
   constructor(
     private readonly presigner: Presigner,
     presignExpirySeconds: number,
   ) {
     this.completedMaxAge = Math.max(0, Math.min(60, Math.floor(presignExpirySeconds / 10)));
+    this.urlWindowMs = Math.max(1, this.completedMaxAge) * 1000;
   }
 
-  /** A completed job's URL is presigned on every read: stored URLs expire. */
-  presign(rec: JobRecord): Promise<PresignedResult | undefined> {
+  /** The start of the URL window `now` falls in. */
+  private urlWindow(now: number): number {
+    return now - (now % this.urlWindowMs);
+  }
+
+  /**
+   * A completed job's URL is presigned on every read (stored URLs expire), as of the
+   * start of the current URL window (a tenth of the URL's lifetime, at most a minute):
+   * reads within one window get the same URL, so an answer is a function of the record
+   * and the window, and its ETag can say so. The URL lives that much less at most.
+   */
+  presign(rec: JobRecord, now = Date.now()): Promise<PresignedResult | undefined> {
     return hasLiveResult(rec)
-      ? this.presigner.presignResult(rec.result.key, rec.result.fileName)
+      ? this.presigner.presignResult(rec.result.key, rec.result.fileName, this.urlWindow(now))
       : Promise.resolve(undefined);
   }
 
-  async status(rec: JobRecord): Promise<Reply<typeof GetStatusResponseSchema>> {
+  /**
+   * The ETag of a GetStatus answer: the job's version (every change of the record makes
+   * a new one, job-store.ts) and, for a completed job, the URL window its link was
+   * signed in. Anything else a GetStatus answer comes to show that is not bound to the
+   * record's version must be added here, or a 304 would hide its change.
+   */
+  etag(rec: JobRecord, now = Date.now()): string {
+    return hasLiveResult(rec)
+      ? `"${rec.version}.${this.urlWindow(now) / this.urlWindowMs}"`
+      : `"${rec.version}"`;
+  }
+
+  /** When a plain poll of a job that can still change is worth making again. */
+  pollAfterMs(rec: JobRecord): number | undefined {
+    switch (rec.state) {
+      case "QUEUED":
+        return 2000;
+      case "PROCESSING":
+        return 1000;
+      default:
+        return undefined;
+    }
+  }
+
+  async status(
+    rec: JobRecord,
+    wait?: StatusWait,
+    now = Date.now(),
+  ): Promise<Reply<typeof GetStatusResponseSchema>> {
+    const base: StatusReply = await this.plainStatus(rec, now);
+    if (wait === undefined || wait.ms <= 0) return base;
+    // A long-poll's answer also says what wait was applied: its own reply around the
+    // shared one (the job is still encoded once per version).
+    const extra = {
+      wait: duration(wait.ms),
+      ...(wait.notice !== undefined ? { waitNotice: wait.notice } : {}),
+    };
+    const extraJson =
+      `,"wait":"${durationJson(wait.ms)}"` +
+      (wait.notice !== undefined ? `,"waitNotice":${JSON.stringify(wait.notice)}` : "");
+    return new Reply(
+      GetStatusResponseSchema,
+      () => {
+        const { job, pollAfter } = base.message();
+        return create(GetStatusResponseSchema, { job, pollAfter, ...extra });
+      },
+      () => base.jsonWith(extraJson),
+    );
+  }
+
+  private async plainStatus(rec: JobRecord, now: number): Promise<StatusReply> {
     const keep = !isTerminal(rec.state);
     if (!keep) this.statuses.delete(rec.id);
     const kept = keep ? this.statuses.get(rec.id) : undefined;
     if (kept !== undefined && kept.version === rec.version) return kept;
-    const download = await this.presign(rec);
-    const reply = Object.assign(
-      new Reply(
-        GetStatusResponseSchema,
-        () => create(GetStatusResponseSchema, { job: toProtoJob(rec, download) }),
-        () => `{"job":${JSON.stringify(toJobJson(rec, download))}}`,
-      ),
-      { version: rec.version },
-    );
+    const download = await this.presign(rec, now);
+    const reply = new StatusReply(rec, download, this.pollAfterMs(rec));
     if (keep) {
       this.statuses.delete(rec.id);
       if (this.statuses.size >= STATUS_CACHE_SIZE)
