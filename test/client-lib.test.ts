@@ -233,6 +233,41 @@ describe("watchJob", () => {
     expect(new Set(gets)).toEqual(new Set(["/downloads.v1.DownloadService/GetStatus"]));
   });
 
+  test("its polling fallback long-polls: about one GetStatus per change, each naming the version it has", async () => {
+    const asked: { afterVersion?: number; wait?: string }[] = [];
+    const c = createDownloadClient({
+      baseUrl: st.server.url,
+      token: TEST_TOKEN,
+      fetch: (input, init) => {
+        const req = new Request(input, init);
+        if (req.url.endsWith("/WatchJob"))
+          return Promise.resolve(new Response("no route", { status: 404 }));
+        if (req.url.includes("/GetStatus?")) {
+          const message = new URL(req.url).searchParams.get("message") ?? "{}";
+          asked.push(JSON.parse(message) as { afterVersion?: number; wait?: string });
+        }
+        return fetch(req);
+      },
+    });
+    const jobId = await newJob(c);
+    // A plain poller at this interval would ask dozens of times while the job sits still.
+    const w = collect(c, jobId, { pollIntervalMs: 50, streamRetryMs: 600_000 });
+    await expect.poll(() => w.jobs.length).toBe(1);
+    // The job sits still: the poll waits on the server rather than asking again.
+    await expect.poll(() => asked.some((m) => m.wait !== undefined)).toBe(true);
+    await new Promise((r) => setTimeout(r, 1_000));
+    await runJob(jobId);
+    expect(await w.done).toBeUndefined();
+    expectCleanSequence(w.jobs);
+    const waiting = asked.filter((m) => m.wait !== undefined);
+    expect(waiting.length).toBeGreaterThan(0);
+    for (const m of waiting) expect(m.afterVersion).toBeGreaterThan(0);
+    // One poll per version the job went through, the first plain one and a few spare
+    // (a poll may arrive between two changes written back to back).
+    const versions = w.jobs.at(-1)?.version ?? 0;
+    expect(asked.length).toBeLessThanOrEqual(versions + 3);
+  });
+
   test("survives the API restarting mid-job: resumes on the new process with no gap", async () => {
     const port = st.server.port;
     const c = createNodeClient({ baseUrl: st.server.url, token: TEST_TOKEN });

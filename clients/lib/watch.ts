@@ -9,7 +9,9 @@ import type { DownloadClient } from "./client.js";
 // version seen as after_version, so the server sends only what is new, and the server
 // answers at once (the snapshot, or a heartbeat when the caller is current): a stream
 // that says nothing within a few seconds is being held back by a buffering proxy, and
-// polling GetStatus is the only thing that will work there.
+// polling GetStatus is the only thing that will work there. The polls are long-polls:
+// each names the version it has and asks the server to wait for the next one, so a
+// buffering proxy costs about one request per change instead of one a second.
 
 /** What happened on the way; for progress UIs, logs and tests. */
 export type WatchEvent =
@@ -41,7 +43,13 @@ export interface WatchOptions {
   firstMessageTimeoutMs?: number;
   /** An open stream silent this long (no job, no heartbeat) is taken for dead and reopened. */
   idleTimeoutMs?: number;
-  /** Interval between two GetStatus calls while polling. */
+  /**
+   * While polling, how long each GetStatus may wait for a change (a long-poll). The
+   * server caps it (25 s by default); keep it below every proxy's idle timeout.
+   * 0 polls plainly every pollIntervalMs.
+   */
+  longPollWaitMs?: number;
+  /** Interval between two GetStatus calls while polling plainly (or with a server that does not wait). */
   pollIntervalMs?: number;
   /** While polling, how long before a stream is tried again (doubles while it keeps failing). */
   streamRetryMs?: number;
@@ -102,6 +110,7 @@ export async function* watchJob(
   const firstMessageTimeoutMs = opts.firstMessageTimeoutMs ?? 5_000;
   const idleTimeoutMs = opts.idleTimeoutMs ?? 60_000;
   const pollIntervalMs = opts.pollIntervalMs ?? 1_000;
+  const longPollWaitMs = opts.longPollWaitMs ?? 20_000;
   const streamRetryMs = opts.streamRetryMs ?? 30_000;
   const baseBackoffMs = opts.baseBackoffMs ?? 500;
   const maxBackoffMs = opts.maxBackoffMs ?? 10_000;
@@ -156,8 +165,22 @@ export async function* watchJob(
 
     if (mode === "poll") {
       let job: Job | undefined;
+      /** Whether the server waited for a change (a server before long-poll answers at once). */
+      let waited = false;
       try {
-        job = (await client.getStatus({ jobId }, signal !== undefined ? { signal } : {})).job;
+        // Until the stream retry is due, at most: the poll then ends in time for it.
+        // Without a version of our own there is nothing to wait past.
+        const waitMs = last > 0 ? Math.max(0, Math.min(longPollWaitMs, pollUntil - Date.now())) : 0;
+        const res = await client.getStatus(
+          {
+            jobId,
+            afterVersion: last,
+            ...(waitMs >= 1000 ? { wait: { seconds: BigInt(Math.floor(waitMs / 1000)) } } : {}),
+          },
+          signal !== undefined ? { signal } : {},
+        );
+        job = res.job;
+        waited = res.wait !== undefined && (res.wait.seconds > 0n || res.wait.nanos > 0);
       } catch (e) {
         if (signal?.aborted) throw aborted();
         const err = ConnectError.from(e);
@@ -181,7 +204,8 @@ export async function* watchJob(
         emit({ type: "streaming" });
         continue;
       }
-      await sleep(pollIntervalMs, signal).catch(() => undefined);
+      // A long-poll answered because the job changed or the wait ended: ask again at once.
+      if (!waited) await sleep(pollIntervalMs, signal).catch(() => undefined);
       continue;
     }
 
