@@ -3,7 +3,10 @@ import { flatten, type JobStore } from "./job-store.js";
 import {
   IdempotencyMismatchError,
   InvalidInputError,
+  JobNotFoundError,
   type JobRecord,
+  JobStateError,
+  type JobStateName,
   newJobRecord,
   OverloadedError,
   QuotaExceededError,
@@ -40,6 +43,8 @@ export interface AdmissionRequest {
   owner: string;
   fileIds: number[];
   callbackUrl?: string | undefined;
+  /** The caller's labels (core/labels.ts), validated and sorted; part of the params. */
+  labels?: Readonly<Record<string, string>> | undefined;
   /** request_id or the Idempotency-Key header, already validated. */
   idempotencyKey?: string | undefined;
   /** True when the queue is past MAX_QUEUE_DEPTH: only replays and dedup hits pass. */
@@ -61,9 +66,15 @@ export const ACTIVE_LIMIT_RETRY_MS = 5_000;
 const REUSE_MARGIN_MS = 60_000;
 
 /** A stable digest of what makes two Initiate calls "the same request". */
-export function paramsHash(fileIds: readonly number[], callbackUrl: string | undefined): string {
+export function paramsHash(
+  fileIds: readonly number[],
+  callbackUrl: string | undefined,
+  labels?: Readonly<Record<string, string>>,
+): string {
+  // Labels join the digest only when there are any: jobs made before labels keep theirs.
+  const withLabels = labels !== undefined && Object.keys(labels).length > 0 ? { labels } : {};
   return createHash("sha256")
-    .update(JSON.stringify({ fileIds, callbackUrl: callbackUrl ?? "" }))
+    .update(JSON.stringify({ fileIds, callbackUrl: callbackUrl ?? "", ...withLabels }))
     .digest("hex");
 }
 
@@ -101,11 +112,37 @@ export class Admission {
   ) {}
 
   async admit(req: AdmissionRequest, newId: string, now = Date.now()): Promise<Admitted> {
-    const p = this.policy;
-    const params = paramsHash(req.fileIds, req.callbackUrl);
-    const keyDigest = req.idempotencyKey !== undefined ? digestOf(req.idempotencyKey) : "-";
-    const rec = newJobRecord(newId, req.owner, req.fileIds, now, req.callbackUrl);
+    const rec = newJobRecord(newId, req.owner, req.fileIds, now, req.callbackUrl, req.labels);
     const fields = { ...flatten(rec), version: String(rec.version) };
+    const params = paramsHash(req.fileIds, req.callbackUrl, req.labels);
+    const reply = await this.run(req, newId, params, now, [
+      "create",
+      ...Object.entries(fields).flat(),
+    ]);
+    return this.outcome(reply, req, newId, rec);
+  }
+
+  /**
+   * RetryJob's admission of an existing failed or cancelled job: the same key, depth and
+   * limit checks as a new job, its active slot reserved; the record is not changed here
+   * (the redrive transition does it). A replay returns "replayed".
+   */
+  async readmit(req: AdmissionRequest, jobId: string, now = Date.now()): Promise<Admitted> {
+    const params = createHash("sha256").update(`redrive ${jobId}`).digest("hex");
+    const noDedup = { ...this.policy, dedupInFlight: false, reuseResults: false };
+    const reply = await this.run(req, jobId, params, now, ["redrive", req.owner], noDedup);
+    return this.outcome(reply, req, jobId, undefined);
+  }
+
+  private async run(
+    req: AdmissionRequest,
+    newId: string,
+    params: string,
+    now: number,
+    tail: string[],
+    p: AdmissionPolicy = this.policy,
+  ): Promise<[number, (string | number)?]> {
+    const keyDigest = req.idempotencyKey !== undefined ? digestOf(req.idempotencyKey) : "-";
     const keys = this.store.keys;
     const reply = (await this.store.scripts.djAdmit(
       keys.job(newId),
@@ -113,6 +150,7 @@ export class Admission {
       keys.dedup(req.owner, params),
       keys.ownerActive(req.owner),
       keys.ownerRate(req.owner),
+      keys.ownerJobs(req.owner),
       keys.jobPrefix,
       newId,
       params,
@@ -125,12 +163,21 @@ export class Admission {
       String(now),
       String(REUSE_MARGIN_MS),
       req.queueFull === true ? "1" : "0",
-      ...Object.entries(fields).flat(),
+      ...tail,
     )) as [number, (string | number)?];
-    const [code, value] = reply;
+    return reply;
+  }
+
+  private outcome(
+    [code, value]: [number, (string | number)?],
+    req: AdmissionRequest,
+    newId: string,
+    rec: JobRecord | undefined,
+  ): Admitted {
+    const p = this.policy;
     switch (code) {
       case 1:
-        return { outcome: "created", jobId: newId, created: rec };
+        return { outcome: "created", jobId: newId, ...(rec !== undefined ? { created: rec } : {}) };
       case 2:
         return { outcome: "replayed", jobId: String(value) };
       case 3:
@@ -156,14 +203,29 @@ export class Admission {
           "the service is at capacity: retry later",
           req.queueFullRetryMs ?? 10_000,
         );
+      case 9:
+        throw new JobStateError(
+          newId,
+          String(value) as JobStateName,
+          `job is ${String(value).toLowerCase()}: only failed or cancelled jobs can be retried` +
+            (value === "COMPLETED" ? " (Initiate the same files for a fresh ZIP)" : ""),
+        );
+      case 10:
+        throw new JobNotFoundError(newId);
       default:
         throw new Error(`job id collision: ${newId}`);
     }
   }
 
+  /** Frees an idempotency key whose call failed after admission (a RetryJob that lost). */
+  async forgetKey(owner: string, idempotencyKey: string | undefined): Promise<void> {
+    if (idempotencyKey === undefined) return;
+    await this.redis.del(this.store.keys.idempotency(owner, digestOf(idempotencyKey)));
+  }
+
   /** Undoes a creation whose queue entry could not be written, so a retry starts clean. */
   async forget(req: AdmissionRequest, jobId: string): Promise<void> {
-    const params = paramsHash(req.fileIds, req.callbackUrl);
+    const params = paramsHash(req.fileIds, req.callbackUrl, req.labels);
     const k = this.store.keys;
     const keys = [k.job(jobId), k.dedup(req.owner, params)];
     if (req.idempotencyKey !== undefined) {
@@ -171,6 +233,7 @@ export class Admission {
     }
     await this.redis.del(...keys);
     await this.redis.srem(k.ownerActive(req.owner), jobId);
+    await this.redis.zrem(k.ownerJobs(req.owner), jobId);
   }
 }
 

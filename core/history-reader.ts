@@ -1,6 +1,7 @@
-import { createHmac, hkdfSync, timingSafeEqual } from "node:crypto";
+import { hkdfSync } from "node:crypto";
 import type { HistoryDb } from "./history.js";
-import { InvalidInputError, JOB_STATES, type JobStateName } from "./jobs.js";
+import { InvalidInputError, type JobStateName } from "./jobs.js";
+import { checkJobsFilter, PageTokens } from "./page-tokens.js";
 
 // Reading the job history for its owner: a page of their jobs (keyset pagination on
 // (created_at, job_id) with signed page tokens) and their hourly or daily totals from
@@ -85,47 +86,11 @@ interface Cursor {
   i: string;
 }
 
-/**
- * AIP-158 page tokens: the cursor, readable but signed with HMAC-SHA256 over the owner
- * and the filter as well, so a token cannot be altered, nor replayed by another owner
- * or with another filter (the cursor would mean nothing there).
- */
-class PageTokens {
-  constructor(private readonly secret: Buffer) {}
-
-  private mac(owner: string, filter: string, payload: string): Buffer {
-    return createHmac("sha256", this.secret)
-      .update(`history-page-v1\n${owner}\n${filter}\n${payload}`)
-      .digest();
-  }
-
-  sign(owner: string, filter: string, cursor: Cursor): string {
-    const payload = Buffer.from(JSON.stringify(cursor)).toString("base64url");
-    return `${payload}.${this.mac(owner, filter, payload).toString("base64url")}`;
-  }
-
-  verify(owner: string, filter: string, token: string): Cursor {
-    const refused = new InvalidInputError(
-      "page_token is not a token this server gave for this filter and caller: " +
-        "pass next_page_token unchanged, with the same states and create_time range, " +
-        "or leave page_token empty for the first page",
-    );
-    const [payload, sig, extra] = token.split(".");
-    if (payload === undefined || sig === undefined || extra !== undefined) throw refused;
-    const want = this.mac(owner, filter, payload);
-    const got = Buffer.from(sig, "base64url");
-    if (got.length !== want.length || !timingSafeEqual(got, want)) throw refused;
-    const cursor = JSON.parse(Buffer.from(payload, "base64url").toString("utf8")) as Cursor;
-    if (typeof cursor?.c !== "string" || typeof cursor?.i !== "string") throw refused;
-    return cursor;
-  }
-}
-
 const num = (v: string | number | null): number | undefined => (v === null ? undefined : Number(v));
 const time = (v: Date | null): number | undefined => (v === null ? undefined : v.getTime());
 
 export class HistoryReader {
-  private readonly tokens: PageTokens;
+  private readonly tokens: PageTokens<Cursor>;
 
   /**
    * `secret`: what the page tokens' HMAC key is derived from (HKDF-SHA256). The API passes
@@ -139,23 +104,15 @@ export class HistoryReader {
   ) {
     this.tokens = new PageTokens(
       Buffer.from(hkdfSync("sha256", secret, "", "download-jobs history page tokens v1", 32)),
+      "history-page-v1",
+      "states and create_time range",
+      (c): c is Cursor =>
+        typeof (c as Cursor | null)?.c === "string" && typeof (c as Cursor | null)?.i === "string",
     );
   }
 
   async list(owner: string, q: HistoryListQuery): Promise<HistoryPage> {
-    if (!Number.isInteger(q.pageSize) || q.pageSize < 0)
-      throw new InvalidInputError(`page_size must be 0 (default) or positive, got ${q.pageSize}`);
-    for (const s of q.states)
-      if (!(JOB_STATES as readonly string[]).includes(s))
-        throw new InvalidInputError(`states: unknown state ${s}`);
-    if (
-      q.createdFrom !== undefined &&
-      q.createdBefore !== undefined &&
-      q.createdBefore <= q.createdFrom
-    )
-      throw new InvalidInputError("create_time_end must be after create_time_start");
-    const size = Math.min(q.pageSize === 0 ? DEFAULT_PAGE_SIZE : q.pageSize, MAX_PAGE_SIZE);
-    const states = [...new Set(q.states)].sort();
+    const { size, states } = checkJobsFilter(q, { default: DEFAULT_PAGE_SIZE, max: MAX_PAGE_SIZE });
     const filter = JSON.stringify([states, q.createdFrom ?? null, q.createdBefore ?? null]);
     const cursor = q.pageToken === "" ? undefined : this.tokens.verify(owner, filter, q.pageToken);
 

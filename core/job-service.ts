@@ -5,10 +5,12 @@ import {
   type AdmissionPolicy,
   parseIdempotencyKey,
 } from "./admission.js";
+import { JobIndex, type JobListPage, type JobListQuery } from "./job-index.js";
 import type { JobStore } from "./job-store.js";
-import { markCancelled } from "./job-transitions.js";
+import { deleteJob, markCancelled, markRequeued } from "./job-transitions.js";
 import {
   InvalidInputError,
+  isTerminal,
   JobNotFoundError,
   type JobRecord,
   JobStateError,
@@ -16,6 +18,7 @@ import {
   parseFileIds,
   parseJobId,
 } from "./jobs.js";
+import { parseLabels } from "./labels.js";
 import type { BundleJobData } from "./queue.js";
 import type { RedisClient } from "./redis.js";
 import { currentTraceparent } from "./tracing.js";
@@ -39,6 +42,8 @@ export interface JobServiceDeps {
    * undefined when webhooks are not configured, so callback_url is refused.
    */
   checkCallbackUrl?: ((url: string) => Promise<string>) | undefined;
+  /** Deletes a result object (S3) for DeleteJob; unset: retention deletes it in its time. */
+  deleteResult?: ((key: string) => Promise<void>) | undefined;
   /** REDIS_MIN_REPLICAS_ACK: a new job is acknowledged only once replicas hold it. */
   replicaAck?: { wait(): Promise<void> } | undefined;
 }
@@ -51,6 +56,21 @@ export interface InitiateInput {
   idempotencyKey?: string | null | undefined;
   /** InitiateRequest.callback_url ("" when absent). */
   callbackUrl?: string;
+  /** InitiateRequest.labels (validated here). */
+  labels?: Readonly<Record<string, string>>;
+}
+
+export interface RetryInput {
+  /** RetryJobRequest.request_id ("" when absent). */
+  requestId?: string;
+  /** The Idempotency-Key header, if any. */
+  idempotencyKey?: string | null | undefined;
+}
+
+export interface Retried {
+  job: JobRecord;
+  /** The idempotency key was seen before: this call queued nothing. */
+  replayed: boolean;
 }
 
 export interface Initiated {
@@ -74,10 +94,12 @@ const QUEUE_FULL_RETRY_MS = 10_000;
 
 export class JobService {
   private readonly admission: Admission;
+  private readonly index: JobIndex;
   private depth: { at: number; value: Promise<number> } | undefined;
 
   constructor(private readonly deps: JobServiceDeps) {
     this.admission = new Admission(deps.redis, deps.store, { ...DEFAULT_POLICY, ...deps.policy });
+    this.index = new JobIndex(deps.store);
   }
 
   get store(): JobStore {
@@ -87,6 +109,7 @@ export class JobService {
   async initiate(owner: string, input: InitiateInput): Promise<Initiated> {
     const fileIds = parseFileIds(input.fileIds, this.deps.maxFilesPerJob);
     const idempotencyKey = parseIdempotencyKey(input.requestId ?? "", input.idempotencyKey);
+    const labels = parseLabels(input.labels ?? {});
     let callbackUrl: string | undefined;
     if (input.callbackUrl !== undefined && input.callbackUrl !== "") {
       if (this.deps.checkCallbackUrl === undefined) {
@@ -100,6 +123,7 @@ export class JobService {
       owner,
       fileIds,
       callbackUrl,
+      labels,
       idempotencyKey,
       queueFull: await this.queueFull(),
       queueFullRetryMs: QUEUE_FULL_RETRY_MS,
@@ -158,6 +182,94 @@ export class JobService {
     // handles that case through the cancel message and the state check).
     await this.deps.queue.remove(id).catch(() => 0);
     return rec;
+  }
+
+  /** A page of the owner's live jobs, newest first (core/job-index.ts). */
+  list(owner: string, query: JobListQuery): Promise<JobListPage> {
+    return this.index.list(owner, query);
+  }
+
+  /**
+   * Forgets a finished job: its ZIP is deleted first (so a failure leaves the job as it
+   * was, and the call can be retried), then the record and every pointer to it in one
+   * step. Queued or running: JobStateError (cancel first).
+   */
+  async delete(owner: string, rawJobId: string): Promise<void> {
+    const rec = await this.get(owner, rawJobId);
+    if (!isTerminal(rec.state)) {
+      throw new JobStateError(
+        rec.id,
+        rec.state,
+        `job is ${rec.state.toLowerCase()}: only finished jobs can be deleted, cancel it first`,
+      );
+    }
+    const resultKey =
+      rec.state === "COMPLETED" && rec.result !== undefined && rec.result.expired !== true
+        ? rec.result.key
+        : undefined;
+    const deleteResult = this.deps.deleteResult;
+    if (resultKey !== undefined && deleteResult !== undefined) await deleteResult(resultKey);
+    // Without deleteResult the retention entry stays, and retention deletes the object.
+    await deleteJob(this.deps.store, rec, deleteResult !== undefined ? resultKey : undefined);
+    // BullMQ's own entry of the finished job (kept for a while for the dashboard).
+    await this.deps.queue.remove(rec.id).catch(() => 0);
+  }
+
+  /**
+   * RetryJob: a failed or cancelled job runs again under its id. Admitted like a new job
+   * (idempotency key, queue depth, the owner's limits), then FAILED/CANCELLED -> QUEUED
+   * and a fresh queue entry (BullMQ ignores an id it still holds, so the old one goes).
+   */
+  async retry(owner: string, rawJobId: string, input: RetryInput): Promise<Retried> {
+    const rec = await this.get(owner, rawJobId);
+    const idempotencyKey = parseIdempotencyKey(input.requestId ?? "", input.idempotencyKey);
+    const id = rec.id;
+    if (rec.state === "FAILED" || rec.state === "CANCELLED") {
+      // A cancelled run may still be unwinding in its worker; BullMQ cannot take the id
+      // back until it has.
+      if ((await this.deps.queue.getJobState(id)) === "active") {
+        throw new JobStateError(
+          id,
+          rec.state,
+          "the job's last run is still stopping: retry in a few seconds",
+        );
+      }
+    }
+    const req = {
+      owner,
+      fileIds: rec.fileIds,
+      callbackUrl: rec.callbackUrl,
+      labels: rec.labels,
+      idempotencyKey,
+      queueFull: await this.queueFull(),
+      queueFullRetryMs: QUEUE_FULL_RETRY_MS,
+    };
+    const admitted = await this.admission.readmit(req, id);
+    if (admitted.outcome === "replayed") {
+      const job = await this.deps.store.get(id);
+      // As in initiate(): a queue entry lost to a Redis failure is written again.
+      if (job.state === "QUEUED") await this.enqueue(job);
+      return { job, replayed: true };
+    }
+    let job: JobRecord;
+    try {
+      await this.deps.queue.remove(id);
+      job = await markRequeued(this.deps.store, id);
+    } catch (err) {
+      // Nothing was queued: the key must not replay a redrive that did not happen.
+      await this.admission.forgetKey(owner, idempotencyKey).catch(() => undefined);
+      if (err instanceof JobStateError) {
+        throw new JobStateError(
+          id,
+          err.state,
+          `job is ${err.state.toLowerCase()}: only failed or cancelled jobs can be retried`,
+        );
+      }
+      throw err;
+    }
+    await this.enqueue(job);
+    await this.deps.replicaAck?.wait();
+    return { job, replayed: false };
   }
 
   private async enqueue(rec: JobRecord): Promise<void> {

@@ -10,7 +10,15 @@ import { type ScriptCommands, withScripts } from "./redis-scripts.js";
 
 type Flat = Record<string, string>;
 
-const JSON_FIELDS = ["fileIds", "progress", "files", "result", "error", "webhook"] as const;
+const JSON_FIELDS = [
+  "fileIds",
+  "progress",
+  "files",
+  "result",
+  "error",
+  "webhook",
+  "labels",
+] as const;
 const NUMBER_FIELDS = [
   "version",
   "attempts",

@@ -159,6 +159,7 @@ export function toProtoJob(rec: JobRecord, download?: PresignedResult): Job {
         }
       : {}),
     ...(webhook !== undefined ? { webhook } : {}),
+    ...(rec.labels !== undefined ? { labels: { ...rec.labels } } : {}),
   });
 }
 
@@ -264,5 +265,8 @@ export function toJobJson(rec: JobRecord, download?: PresignedResult): Json {
     if (w.deliveredAt !== undefined) webhook.deliveredTime = timeJson(w.deliveredAt);
     out.webhook = webhook;
   }
+  // Keys are sorted when stored and start with a letter, so both writers keep this order.
+  if (rec.labels !== undefined && Object.keys(rec.labels).length > 0)
+    out.labels = { ...rec.labels };
   return out;
 }

@@ -1,3 +1,4 @@
+import { paramsHash } from "./admission.js";
 import { decodeJob, flatten, type JobStore } from "./job-store.js";
 import {
   FencedError,
@@ -24,7 +25,8 @@ import { expiryMember } from "./keys.js";
 //     │   (a retry or a stall:      │ recordProgress             (result deleted)
 //     │    PROCESSING again)        ├──markFailed──> FAILED
 //     └──────markCancelled──────────┴──markCancelled──> CANCELLED
-//   terminal states: recordWebhook
+//   terminal states: recordWebhook; FAILED or CANCELLED ──markRequeued──> QUEUED (RetryJob);
+//   any of them ──deleteJob──> gone (DeleteJob)
 //
 // Fencing. A run (one BullMQ attempt) claims the job when it starts: the claim checks
 // that the run holds BullMQ's lock, stores the run's token in the record (`lease`) and
@@ -55,6 +57,8 @@ interface Change {
   expire?: { jobId: string; key: string; at: number };
   /** The record must name this result object. */
   resultKey?: string;
+  /** Fields removed from the record. */
+  clear?: readonly (keyof JobRecord)[];
 }
 
 /** Runs one change; resolves to the new record's JSON. */
@@ -81,6 +85,7 @@ async function apply(store: JobStore, id: string, change: Change): Promise<strin
     change.resultKey ?? "",
     String(keep.length),
     String(store.historyOutboxMaxEntries),
+    (change.clear ?? []).join(","),
     ...keep.flat(),
     ...Object.entries(fields).flat(),
   )) as [number, string?];
@@ -112,6 +117,9 @@ export async function createJob(
   const fields = { ...flatten(rec), version: String(rec.version) };
   const created = await store.scripts.djCreateJob(
     store.keys.job(id),
+    store.keys.ownerJobs(owner),
+    String(now),
+    id,
     ...Object.entries(fields).flat(),
   );
   if (created !== 1) throw new Error(`job id collision: ${id}`);
@@ -274,4 +282,66 @@ export async function recordWebhook(
   webhook: WebhookRecord,
 ): Promise<void> {
   await apply(store, jobId, { from: TERMINAL_STATES, set: { webhook } });
+}
+
+/**
+ * FAILED or CANCELLED -> QUEUED: RetryJob runs the job again under the same id, after its
+ * admission (core/admission.ts readmit). Progress and the callback's delivery start over;
+ * the error and end time go; attempts, the first start time, the files and the labels
+ * stay. The record lives again until it ends (no expiry meanwhile).
+ */
+export async function markRequeued(
+  store: JobStore,
+  jobId: string,
+  now = Date.now(),
+): Promise<JobRecord> {
+  const rec = await store.get(jobId);
+  const fresh = newJobRecord(rec.id, rec.owner, rec.fileIds, now, rec.callbackUrl);
+  return decode(
+    await apply(store, jobId, {
+      from: ["FAILED", "CANCELLED"],
+      set: {
+        state: "QUEUED",
+        updatedAt: now,
+        progress: fresh.progress,
+        files: fresh.files,
+        ...(fresh.webhook !== undefined ? { webhook: fresh.webhook } : {}),
+      },
+      clear: ["error", "endedAt", "cancelledBy"],
+    }),
+  );
+}
+
+/**
+ * A finished job -> gone, with every pointer to it (core/lua/delete-job.lua). The owner
+ * must match: for anyone else the job does not exist. A queued or running job is refused
+ * with JobStateError. `resultKey` is the ZIP whose retention entry goes with it (the
+ * caller deletes the object).
+ */
+export async function deleteJob(
+  store: JobStore,
+  rec: Pick<JobRecord, "id" | "owner" | "fileIds" | "callbackUrl" | "labels">,
+  resultKey: string | undefined,
+): Promise<void> {
+  const k = store.keys;
+  const reply = (await store.scripts.djDeleteJob(
+    k.job(rec.id),
+    k.ownerJobs(rec.owner),
+    k.dedup(rec.owner, paramsHash(rec.fileIds, rec.callbackUrl, rec.labels)),
+    k.ownerActive(rec.owner),
+    k.webhookOutbox,
+    k.resultExpiry,
+    rec.owner,
+    rec.id,
+    resultKey !== undefined ? expiryMember(rec.id, resultKey) : "",
+  )) as [number, string?];
+  if (reply[0] === 0) throw new JobNotFoundError(rec.id);
+  if (reply[0] === 2) {
+    const state = reply[1] as JobStateName;
+    throw new JobStateError(
+      rec.id,
+      state,
+      `job is ${state.toLowerCase()}: only finished jobs can be deleted, cancel it first`,
+    );
+  }
 }

@@ -92,6 +92,8 @@ export interface JobRecord {
   /** Where the terminal state is POSTed, if the caller asked for it. */
   callbackUrl?: string;
   webhook?: WebhookRecord;
+  /** The caller's labels from Initiate (core/labels.ts), keys sorted; absent when none. */
+  labels?: Record<string, string>;
 }
 
 // Domain errors: handlers map them to Connect codes in one place (server/errors.ts).
@@ -213,10 +215,12 @@ export function newJobRecord(
   fileIds: number[],
   now: number,
   callbackUrl?: string,
+  labels?: Readonly<Record<string, string>>,
 ): JobRecord {
   return {
     id,
     owner,
+    ...(labels !== undefined && Object.keys(labels).length > 0 ? { labels: { ...labels } } : {}),
     ...(callbackUrl !== undefined
       ? { callbackUrl, webhook: { state: "PENDING", attempts: 0, lastStatus: 0 } }
       : {}),

@@ -70,6 +70,20 @@ export class RedisKeys {
     return `${this.prefix}:owner:${owner}:active`;
   }
 
+  /**
+   * An owner's jobs by creation time (ms): ListJobs pages through it. Initiate adds to it
+   * in the step that creates the record, DeleteJob removes from it in the step that
+   * deletes the record; members whose record has expired are dropped as they are met.
+   */
+  ownerJobs(owner: string): string {
+    return `${this.prefix}:owner:${owner}:jobs`;
+  }
+
+  /** The deployment's random key for ListJobs page tokens, made by the first API to need it. */
+  get listPageSecret(): string {
+    return `${this.prefix}:list:page-secret`;
+  }
+
   /** An owner's Initiate token bucket {tokens, ts}. */
   ownerRate(owner: string): string {
     return `${this.prefix}:owner:${owner}:rate`;

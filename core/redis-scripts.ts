@@ -11,9 +11,13 @@ const SCRIPTS = {
   /** One named change of a job record (core/job-transitions.ts). */
   djTransition: { file: "transition.lua", keys: 5 },
   /** Initiate's admission and the new record (core/admission.ts). */
-  djAdmit: { file: "admit.lua", keys: 5 },
+  djAdmit: { file: "admit.lua", keys: 6 },
   /** A new QUEUED record outside Initiate (tests, tools). */
-  djCreateJob: { file: "create-job.lua", keys: 1 },
+  djCreateJob: { file: "create-job.lua", keys: 2 },
+  /** DeleteJob: a finished job and every pointer to it (core/job-transitions.ts). */
+  djDeleteJob: { file: "delete-job.lua", keys: 6 },
+  /** A page of an owner's jobs (core/job-index.ts). */
+  djListJobs: { file: "list-jobs.lua", keys: 1 },
 } as const;
 
 type ScriptName = keyof typeof SCRIPTS;

@@ -158,6 +158,7 @@ export async function startApiServer(
       ratePerMinute: cfg.INITIATE_RATE_PER_MINUTE,
     },
     maxQueueDepth: cfg.MAX_QUEUE_DEPTH,
+    deleteResult: (key) => storage.deleteResult(key),
     replicaAck:
       ackConn &&
       new ReplicaAck(ackConn, {

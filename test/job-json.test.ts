@@ -150,6 +150,19 @@ const records: [string, JobRecord, { url: string; expiresAt: number } | undefine
     },
     undefined,
   ],
+  [
+    "a labelled job with a webhook, and an empty label value",
+    {
+      ...newJobRecord(base.id, base.owner, [1], at(0), "https://hooks.example.test/", {
+        order: "ORD-7:a/b@c",
+        team: "",
+        a_b: "x",
+      }),
+      state: "FAILED",
+      error: { code: "unavailable", message: "m", retryable: true },
+    },
+    undefined,
+  ],
 ];
 
 describe("toJobJson", () => {

@@ -53,10 +53,13 @@ describe("buf curl without --schema", () => {
       const methods = stdout.trim().split("\n").sort();
       expect(methods).toEqual([
         "downloads.v1.DownloadService/Cancel",
+        "downloads.v1.DownloadService/DeleteJob",
         "downloads.v1.DownloadService/GetJobStatistics",
         "downloads.v1.DownloadService/GetStatus",
         "downloads.v1.DownloadService/Initiate",
         "downloads.v1.DownloadService/ListJobHistory",
+        "downloads.v1.DownloadService/ListJobs",
+        "downloads.v1.DownloadService/RetryJob",
         "downloads.v1.DownloadService/WatchJob",
         "grpc.health.v1.Health/Check",
         "grpc.health.v1.Health/Watch",
@@ -182,6 +185,9 @@ describe.each([
       "Cancel:unary",
       "ListJobHistory:unary",
       "GetJobStatistics:unary",
+      "ListJobs:unary",
+      "DeleteJob:unary",
+      "RetryJob:unary",
     ]);
     expect(registry.getMessage("downloads.v1.Job")?.field.createTime?.message?.typeName).toBe(
       "google.protobuf.Timestamp",

@@ -21,7 +21,8 @@ ARGV[9]  result expiry member ("" = none), ARGV[10] its score
 ARGV[11] the result key the record must name ("" = no such condition)
 ARGV[12] how many field/value pairs from ARGV[14] on are set only where absent (they come first)
 ARGV[13] the history outbox's approximate length cap
-ARGV[14..] field/value pairs
+ARGV[14] fields to remove, comma-separated ("" = none)
+ARGV[15..] field/value pairs
 
 Returns {1, json} applied (or already applied by this attempt), {0} no such job,
 {2, state} not in an allowed state, {3, holder} the attempt does not own the job.
@@ -64,7 +65,8 @@ if ARGV[11] ~= '' then
   if not r or cjson.decode(r).key ~= ARGV[11] then return {2, state} end
 end
 
-local at = 14
+for k in string.gmatch(ARGV[14], '[^,]+') do redis.call('HDEL', KEYS[1], k) end
+local at = 15
 for _ = 1, tonumber(ARGV[12]) do
   redis.call('HSETNX', KEYS[1], ARGV[at], ARGV[at + 1])
   at = at + 2
@@ -77,6 +79,10 @@ if fence == 'claim' and lease ~= token then
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 end
 if ARGV[7] == '1' and tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
+-- A job that leaves a terminal state (RetryJob) lives again until it ends.
+if ARGV[7] ~= '1' and ARGV[8] ~= '' and (state == 'FAILED' or state == 'CANCELLED') then
+  redis.call('PERSIST', KEYS[1])
+end
 -- The callback is owed from the moment the job ends, in the same step: a crash right
 -- after this script cannot lose it, and only the attempt that ended the job owes it.
 if ARGV[7] == '1' and redis.call('HEXISTS', KEYS[1], 'callbackUrl') == 1 then

@@ -16,6 +16,7 @@ import type { Owner } from "../auth.js";
 import type { WatchHub } from "../watch-hub.js";
 import type { PlainFields } from "../wire/request-reader.js";
 import {
+  jobListQuery,
   listQuery,
   listResponse,
   statisticsRange,
@@ -106,6 +107,7 @@ export function downloadRpcs({
           requestId: req.requestId,
           idempotencyKey: call.header("idempotency-key"),
           callbackUrl: req.callbackUrl,
+          labels: req.labels,
         });
         return { reply: await presenter.initiated(job, outcome) };
       },
@@ -136,6 +138,21 @@ export function downloadRpcs({
     unary(m.listJobHistory, { pageSize: "int32", pageToken: "string" }, async (call, req) => {
       const page = await historyOn().list(call.owner, listQuery(req));
       return { reply: new Reply(ListJobHistoryResponseSchema, () => listResponse(page)) };
+    }),
+    unary(m.listJobs, { pageSize: "int32", pageToken: "string" }, async (call, req) => {
+      const page = await jobs.list(call.owner, jobListQuery(req));
+      return { reply: await presenter.listed(page) };
+    }),
+    unary(m.deleteJob, { jobId: "string" }, async (call, req) => {
+      await jobs.delete(call.owner, req.jobId);
+      return { reply: presenter.deleted() };
+    }),
+    unary(m.retryJob, { jobId: "string", requestId: "string" }, async (call, req) => {
+      const { job, replayed } = await jobs.retry(call.owner, req.jobId, {
+        requestId: req.requestId,
+        idempotencyKey: call.header("idempotency-key"),
+      });
+      return { reply: await presenter.retried(job, replayed) };
     }),
     unary(m.getJobStatistics, {}, async (call, req) => {
       const { interval, from, to } = statisticsRange(req);

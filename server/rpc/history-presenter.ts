@@ -7,8 +7,10 @@ import {
   timestampMs,
 } from "@bufbuild/protobuf/wkt";
 import type { HistoryListQuery, HistoryPage, StatisticsBucket } from "../../core/history-reader.js";
+import type { JobListQuery } from "../../core/job-index.js";
 import { JOB_STATE } from "../../core/job-to-proto.js";
 import { InvalidInputError, type JobStateName } from "../../core/jobs.js";
+import { parseLabels } from "../../core/labels.js";
 import {
   type GetJobStatisticsResponse,
   GetJobStatisticsResponseSchema,
@@ -16,6 +18,7 @@ import {
   type ListJobHistoryRequest,
   type ListJobHistoryResponse,
   ListJobHistoryResponseSchema,
+  type ListJobsRequest,
   StatisticsInterval,
 } from "../../gen/downloads/v1/download_service_pb.js";
 
@@ -27,8 +30,8 @@ const STATE_NAME = new Map(
 
 const ms = (t: Timestamp | undefined) => (t === undefined ? undefined : timestampMs(t));
 
-export function listQuery(req: ListJobHistoryRequest): HistoryListQuery {
-  const states = req.states.map((s) => {
+function stateNames(states: readonly JobState[]): JobStateName[] {
+  return states.map((s) => {
     const name = STATE_NAME.get(s);
     if (name === undefined)
       throw new InvalidInputError(
@@ -36,12 +39,28 @@ export function listQuery(req: ListJobHistoryRequest): HistoryListQuery {
       );
     return name;
   });
+}
+
+export function listQuery(req: ListJobHistoryRequest): HistoryListQuery {
+  const states = stateNames(req.states);
   const q: HistoryListQuery = { pageSize: req.pageSize, pageToken: req.pageToken, states };
   const from = ms(req.createTimeStart);
   const before = ms(req.createTimeEnd);
   if (from !== undefined) q.createdFrom = from;
   if (before !== undefined) q.createdBefore = before;
   return q;
+}
+
+/** ListJobs' request in core/job-index.ts's terms; labels validated as Initiate's are. */
+export function jobListQuery(req: ListJobsRequest): JobListQuery {
+  return {
+    pageSize: req.pageSize,
+    pageToken: req.pageToken,
+    states: stateNames(req.states),
+    createdFrom: ms(req.createTimeStart),
+    createdBefore: ms(req.createTimeEnd),
+    labels: parseLabels(req.labels, "labels filter"),
+  };
 }
 
 export function listResponse(page: HistoryPage): ListJobHistoryResponse {

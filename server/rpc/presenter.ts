@@ -18,8 +18,11 @@ import { isTerminal, type JobRecord } from "../../core/jobs.js";
 import type { PresignedResult } from "../../core/storage.js";
 import {
   CancelResponseSchema,
+  DeleteJobResponseSchema,
   GetStatusResponseSchema,
   InitiateResponseSchema,
+  ListJobsResponseSchema,
+  RetryJobResponseSchema,
   WatchJobResponseSchema,
 } from "../../gen/downloads/v1/download_service_pb.js";
 
@@ -322,6 +325,48 @@ export class JobPresenter {
       CancelResponseSchema,
       () => create(CancelResponseSchema, { job: toProtoJob(rec, download) }),
       () => `{"job":${JSON.stringify(toJobJson(rec, download))}}`,
+    );
+  }
+
+  /** A page of ListJobs: each job as GetStatus shows it, completed ones freshly presigned. */
+  async listed(page: {
+    jobs: readonly JobRecord[];
+    nextPageToken: string;
+  }): Promise<Reply<typeof ListJobsResponseSchema>> {
+    const downloads = await Promise.all(page.jobs.map((rec) => this.presign(rec)));
+    const token = JSON.stringify(page.nextPageToken);
+    return new Reply(
+      ListJobsResponseSchema,
+      () =>
+        create(ListJobsResponseSchema, {
+          jobs: page.jobs.map((rec, i) => toProtoJob(rec, downloads[i])),
+          nextPageToken: page.nextPageToken,
+        }),
+      () => {
+        const jobs = page.jobs.map((rec, i) => JSON.stringify(toJobJson(rec, downloads[i])));
+        const parts = [];
+        if (jobs.length > 0) parts.push(`"jobs":[${jobs.join(",")}]`);
+        if (page.nextPageToken !== "") parts.push(`"nextPageToken":${token}`);
+        return `{${parts.join(",")}}`;
+      },
+    );
+  }
+
+  deleted(): Reply<typeof DeleteJobResponseSchema> {
+    return new Reply(
+      DeleteJobResponseSchema,
+      () => create(DeleteJobResponseSchema),
+      () => "{}",
+    );
+  }
+
+  async retried(rec: JobRecord, replayed: boolean): Promise<Reply<typeof RetryJobResponseSchema>> {
+    const download = await this.presign(rec);
+    return new Reply(
+      RetryJobResponseSchema,
+      () => create(RetryJobResponseSchema, { job: toProtoJob(rec, download), replayed }),
+      () =>
+        `{"job":${JSON.stringify(toJobJson(rec, download))}${replayed ? ',"replayed":true' : ""}}`,
     );
   }
 }

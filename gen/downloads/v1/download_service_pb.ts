@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file downloads/v1/download_service.proto.
  */
 export const file_downloads_v1_download_service: GenFile = /*@__PURE__*/
-  fileDesc("CiNkb3dubG9hZHMvdjEvZG93bmxvYWRfc2VydmljZS5wcm90bxIMZG93bmxvYWRzLnYxIoQECgNKb2ISDgoGam9iX2lkGAEgASgJEiUKBXN0YXRlGAIgASgOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEhAKCGZpbGVfaWRzGAMgAygFEigKCHByb2dyZXNzGAQgASgLMhYuZG93bmxvYWRzLnYxLlByb2dyZXNzEicKBWZpbGVzGAUgAygLMhguZG93bmxvYWRzLnYxLkZpbGVTdGF0dXMSDwoHdmVyc2lvbhgGIAEoBRIQCghhdHRlbXB0cxgHIAEoBRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYDCABKAsyFy5kb3dubG9hZHMudjEuSm9iUmVzdWx0EiUKBWVycm9yGA0gASgLMhYuZG93bmxvYWRzLnYxLkpvYkVycm9yEi4KB3dlYmhvb2sYDiABKAsyHS5kb3dubG9hZHMudjEuV2ViaG9va0RlbGl2ZXJ5IrEBCghQcm9ncmVzcxIPCgdwZXJjZW50GAEgASgFEhIKCmZpbGVzX2RvbmUYAiABKAUSEwoLZmlsZXNfdG90YWwYAyABKAUSEgoKYnl0ZXNfZG9uZRgEIAEoAxITCgtieXRlc190b3RhbBgFIAEoAxIYCgtldGFfc2Vjb25kcxgGIAEoBUgAiAEBEhgKEGJ5dGVzX3Blcl9zZWNvbmQYByABKANCDgoMX2V0YV9zZWNvbmRzIoEBCgpGaWxlU3RhdHVzEg8KB2ZpbGVfaWQYASABKAUSJgoFc3RhdGUYAiABKA4yFy5kb3dubG9hZHMudjEuRmlsZVN0YXRlEhIKCnNpemVfYnl0ZXMYAyABKAMSEgoKYnl0ZXNfZG9uZRgEIAEoAxISCgplbnRyeV9uYW1lGAUgASgJIsoBCglKb2JSZXN1bHQSFAoMZG93bmxvYWRfdXJsGAEgASgJEi8KC2V4cGlyZV90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIRCglmaWxlX25hbWUYAyABKAkSEgoKc2l6ZV9ieXRlcxgEIAEoAxIOCgZzaGEyNTYYBSABKAkSDwoHZXhwaXJlZBgGIAEoCBIuCgpwdXJnZV90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJWCghKb2JFcnJvchIMCgRjb2RlGAEgASgJEg8KB21lc3NhZ2UYAiABKAkSEQoJcmV0cnlhYmxlGAMgASgIEhgKEG1pc3NpbmdfZmlsZV9pZHMYBCADKAUinwMKDUhpc3RvcmljYWxKb2ISDgoGam9iX2lkGAEgASgJEiUKBXN0YXRlGAIgASgOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEhAKCGZpbGVfaWRzGAMgAygFEhgKEHRvdGFsX3NpemVfYnl0ZXMYBCABKAMSGwoOemlwX3NpemVfYnl0ZXMYBSABKANIAIgBARIvCgtjcmVhdGVfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLgoKc3RhcnRfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYCCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi8KC3VwZGF0ZV90aW1lGAkgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIQCghhdHRlbXB0cxgKIAEoBRISCgplcnJvcl9jb2RlGAsgASgJEhUKDWVycm9yX21lc3NhZ2UYDCABKAlCEQoPX3ppcF9zaXplX2J5dGVzIqkDCg1Kb2JTdGF0aXN0aWNzEi4KCnN0YXJ0X3RpbWUYASABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEgwKBGpvYnMYAiABKAMSEQoJY29tcGxldGVkGAMgASgDEg4KBmZhaWxlZBgEIAEoAxIRCgljYW5jZWxsZWQYBSABKAMSGAoQdG90YWxfc2l6ZV9ieXRlcxgGIAEoAxIWCg56aXBfc2l6ZV9ieXRlcxgHIAEoAxIvCgxkdXJhdGlvbl9wNTAYCCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SLwoMZHVyYXRpb25fcDk1GAkgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjEKDnF1ZXVlX3dhaXRfcDUwGAogASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEjEKDnF1ZXVlX3dhaXRfcDk1GAsgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEioKCGZhaWx1cmVzGAwgAygLMhguZG93bmxvYWRzLnYxLkVycm9yQ291bnQiLwoKRXJyb3JDb3VudBISCgplcnJvcl9jb2RlGAEgASgJEg0KBWNvdW50GAIgASgDIk0KD0luaXRpYXRlUmVxdWVzdBIQCghmaWxlX2lkcxgBIAMoBRISCgpyZXF1ZXN0X2lkGAIgASgJEhQKDGNhbGxiYWNrX3VybBgDIAEoCSJiChBJbml0aWF0ZVJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2ISLgoHb3V0Y29tZRgCIAEoDjIdLmRvd25sb2Fkcy52MS5Jbml0aWF0ZU91dGNvbWUiYgoQR2V0U3RhdHVzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSFQoNYWZ0ZXJfdmVyc2lvbhgCIAEoBRInCgR3YWl0GAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIqABChFHZXRTdGF0dXNSZXNwb25zZRIeCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iEicKBHdhaXQYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEwoLd2FpdF9ub3RpY2UYAyABKAkSLQoKcG9sbF9hZnRlchgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI4Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhUKDWFmdGVyX3ZlcnNpb24YAiABKAUiawoQV2F0Y2hKb2JSZXNwb25zZRIgCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iSAASLAoJaGVhcnRiZWF0GAIgASgLMhcuZG93bmxvYWRzLnYxLkhlYXJ0YmVhdEgAQgcKBWV2ZW50IkYKCUhlYXJ0YmVhdBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgd2ZXJzaW9uGAIgASgFIh8KDUNhbmNlbFJlcXVlc3QSDgoGam9iX2lkGAEgASgJIjAKDkNhbmNlbFJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2Ii0gEKFUxpc3RKb2JIaXN0b3J5UmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRImCgZzdGF0ZXMYAyADKA4yFi5kb3dubG9hZHMudjEuSm9iU3RhdGUSNQoRY3JlYXRlX3RpbWVfc3RhcnQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX2VuZBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiXAoWTGlzdEpvYkhpc3RvcnlSZXNwb25zZRIpCgRqb2JzGAEgAygLMhsuZG93bmxvYWRzLnYxLkhpc3RvcmljYWxKb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIqsBChdHZXRKb2JTdGF0aXN0aWNzUmVxdWVzdBIyCghpbnRlcnZhbBgBIAEoDjIgLmRvd25sb2Fkcy52MS5TdGF0aXN0aWNzSW50ZXJ2YWwSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkgKGEdldEpvYlN0YXRpc3RpY3NSZXNwb25zZRIsCgdidWNrZXRzGAEgAygLMhsuZG93bmxvYWRzLnYxLkpvYlN0YXRpc3RpY3Mi/QEKD1dlYmhvb2tEZWxpdmVyeRIUCgxjYWxsYmFja191cmwYASABKAkSKQoFc3RhdGUYAiABKA4yGi5kb3dubG9hZHMudjEuV2ViaG9va1N0YXRlEhAKCGF0dGVtcHRzGAMgASgFEhgKEGxhc3Rfc3RhdHVzX2NvZGUYBCABKAUSEgoKbGFzdF9lcnJvchgFIAEoCRI1ChFsYXN0X2F0dGVtcHRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOZGVsaXZlcmVkX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKrQBCg9Jbml0aWF0ZU91dGNvbWUSIAocSU5JVElBVEVfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhwKGElOSVRJQVRFX09VVENPTUVfQ1JFQVRFRBABEh0KGUlOSVRJQVRFX09VVENPTUVfUkVQTEFZRUQQAhIeChpJTklUSUFURV9PVVRDT01FX0lOX0ZMSUdIVBADEiIKHklOSVRJQVRFX09VVENPTUVfUkVVU0VEX1JFU1VMVBAEKn8KDFdlYmhvb2tTdGF0ZRIdChlXRUJIT09LX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVV0VCSE9PS19TVEFURV9QRU5ESU5HEAESGwoXV0VCSE9PS19TVEFURV9ERUxJVkVSRUQQAhIYChRXRUJIT09LX1NUQVRFX0ZBSUxFRBADKp0BCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESGAoUSk9CX1NUQVRFX1BST0NFU1NJTkcQAhIXChNKT0JfU1RBVEVfQ09NUExFVEVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBSp4ChJTdGF0aXN0aWNzSW50ZXJ2YWwSIwofU1RBVElTVElDU19JTlRFUlZBTF9VTlNQRUNJRklFRBAAEh4KGlNUQVRJU1RJQ1NfSU5URVJWQUxfSE9VUkxZEAESHQoZU1RBVElTVElDU19JTlRFUlZBTF9EQUlMWRACKocBCglGaWxlU3RhdGUSGgoWRklMRV9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkZJTEVfU1RBVEVfUEVORElORxABEhoKFkZJTEVfU1RBVEVfSU5fUFJPR1JFU1MQAhITCg9GSUxFX1NUQVRFX0RPTkUQAxIVChFGSUxFX1NUQVRFX0ZBSUxFRBAEMpAECg9Eb3dubG9hZFNlcnZpY2USSQoISW5pdGlhdGUSHS5kb3dubG9hZHMudjEuSW5pdGlhdGVSZXF1ZXN0Gh4uZG93bmxvYWRzLnYxLkluaXRpYXRlUmVzcG9uc2USUQoJR2V0U3RhdHVzEh4uZG93bmxvYWRzLnYxLkdldFN0YXR1c1JlcXVlc3QaHy5kb3dubG9hZHMudjEuR2V0U3RhdHVzUmVzcG9uc2UiA5ACARJLCghXYXRjaEpvYhIdLmRvd25sb2Fkcy52MS5XYXRjaEpvYlJlcXVlc3QaHi5kb3dubG9hZHMudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKBkNhbmNlbBIbLmRvd25sb2Fkcy52MS5DYW5jZWxSZXF1ZXN0GhwuZG93bmxvYWRzLnYxLkNhbmNlbFJlc3BvbnNlIgOQAgISYAoOTGlzdEpvYkhpc3RvcnkSIy5kb3dubG9hZHMudjEuTGlzdEpvYkhpc3RvcnlSZXF1ZXN0GiQuZG93bmxvYWRzLnYxLkxpc3RKb2JIaXN0b3J5UmVzcG9uc2UiA5ACARJmChBHZXRKb2JTdGF0aXN0aWNzEiUuZG93bmxvYWRzLnYxLkdldEpvYlN0YXRpc3RpY3NSZXF1ZXN0GiYuZG93bmxvYWRzLnYxLkdldEpvYlN0YXRpc3RpY3NSZXNwb25zZSIDkAIBYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CiNkb3dubG9hZHMvdjEvZG93bmxvYWRfc2VydmljZS5wcm90bxIMZG93bmxvYWRzLnYxIuIECgNKb2ISDgoGam9iX2lkGAEgASgJEiUKBXN0YXRlGAIgASgOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEhAKCGZpbGVfaWRzGAMgAygFEigKCHByb2dyZXNzGAQgASgLMhYuZG93bmxvYWRzLnYxLlByb2dyZXNzEicKBWZpbGVzGAUgAygLMhguZG93bmxvYWRzLnYxLkZpbGVTdGF0dXMSDwoHdmVyc2lvbhgGIAEoBRIQCghhdHRlbXB0cxgHIAEoBRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYDCABKAsyFy5kb3dubG9hZHMudjEuSm9iUmVzdWx0EiUKBWVycm9yGA0gASgLMhYuZG93bmxvYWRzLnYxLkpvYkVycm9yEi4KB3dlYmhvb2sYDiABKAsyHS5kb3dubG9hZHMudjEuV2ViaG9va0RlbGl2ZXJ5Ei0KBmxhYmVscxgPIAMoCzIdLmRvd25sb2Fkcy52MS5Kb2IuTGFiZWxzRW50cnkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKxAQoIUHJvZ3Jlc3MSDwoHcGVyY2VudBgBIAEoBRISCgpmaWxlc19kb25lGAIgASgFEhMKC2ZpbGVzX3RvdGFsGAMgASgFEhIKCmJ5dGVzX2RvbmUYBCABKAMSEwoLYnl0ZXNfdG90YWwYBSABKAMSGAoLZXRhX3NlY29uZHMYBiABKAVIAIgBARIYChBieXRlc19wZXJfc2Vjb25kGAcgASgDQg4KDF9ldGFfc2Vjb25kcyKBAQoKRmlsZVN0YXR1cxIPCgdmaWxlX2lkGAEgASgFEiYKBXN0YXRlGAIgASgOMhcuZG93bmxvYWRzLnYxLkZpbGVTdGF0ZRISCgpzaXplX2J5dGVzGAMgASgDEhIKCmJ5dGVzX2RvbmUYBCABKAMSEgoKZW50cnlfbmFtZRgFIAEoCSLKAQoJSm9iUmVzdWx0EhQKDGRvd25sb2FkX3VybBgBIAEoCRIvCgtleHBpcmVfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJZmlsZV9uYW1lGAMgASgJEhIKCnNpemVfYnl0ZXMYBCABKAMSDgoGc2hhMjU2GAUgASgJEg8KB2V4cGlyZWQYBiABKAgSLgoKcHVyZ2VfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiVgoISm9iRXJyb3ISDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEhEKCXJldHJ5YWJsZRgDIAEoCBIYChBtaXNzaW5nX2ZpbGVfaWRzGAQgAygFIp8DCg1IaXN0b3JpY2FsSm9iEg4KBmpvYl9pZBgBIAEoCRIlCgVzdGF0ZRgCIAEoDjIWLmRvd25sb2Fkcy52MS5Kb2JTdGF0ZRIQCghmaWxlX2lkcxgDIAMoBRIYChB0b3RhbF9zaXplX2J5dGVzGAQgASgDEhsKDnppcF9zaXplX2J5dGVzGAUgASgDSACIAQESLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIYXR0ZW1wdHMYCiABKAUSEgoKZXJyb3JfY29kZRgLIAEoCRIVCg1lcnJvcl9tZXNzYWdlGAwgASgJQhEKD196aXBfc2l6ZV9ieXRlcyKpAwoNSm9iU3RhdGlzdGljcxIuCgpzdGFydF90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRqb2JzGAIgASgDEhEKCWNvbXBsZXRlZBgDIAEoAxIOCgZmYWlsZWQYBCABKAMSEQoJY2FuY2VsbGVkGAUgASgDEhgKEHRvdGFsX3NpemVfYnl0ZXMYBiABKAMSFgoOemlwX3NpemVfYnl0ZXMYByABKAMSLwoMZHVyYXRpb25fcDUwGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi8KDGR1cmF0aW9uX3A5NRgJIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg5xdWV1ZV93YWl0X3A1MBgKIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg5xdWV1ZV93YWl0X3A5NRgLIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIqCghmYWlsdXJlcxgMIAMoCzIYLmRvd25sb2Fkcy52MS5FcnJvckNvdW50Ii8KCkVycm9yQ291bnQSEgoKZXJyb3JfY29kZRgBIAEoCRINCgVjb3VudBgCIAEoAyK3AQoPSW5pdGlhdGVSZXF1ZXN0EhAKCGZpbGVfaWRzGAEgAygFEhIKCnJlcXVlc3RfaWQYAiABKAkSFAoMY2FsbGJhY2tfdXJsGAMgASgJEjkKBmxhYmVscxgEIAMoCzIpLmRvd25sb2Fkcy52MS5Jbml0aWF0ZVJlcXVlc3QuTGFiZWxzRW50cnkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJiChBJbml0aWF0ZVJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2ISLgoHb3V0Y29tZRgCIAEoDjIdLmRvd25sb2Fkcy52MS5Jbml0aWF0ZU91dGNvbWUiYgoQR2V0U3RhdHVzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSFQoNYWZ0ZXJfdmVyc2lvbhgCIAEoBRInCgR3YWl0GAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIqABChFHZXRTdGF0dXNSZXNwb25zZRIeCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iEicKBHdhaXQYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEwoLd2FpdF9ub3RpY2UYAyABKAkSLQoKcG9sbF9hZnRlchgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI4Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhUKDWFmdGVyX3ZlcnNpb24YAiABKAUiawoQV2F0Y2hKb2JSZXNwb25zZRIgCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iSAASLAoJaGVhcnRiZWF0GAIgASgLMhcuZG93bmxvYWRzLnYxLkhlYXJ0YmVhdEgAQgcKBWV2ZW50IkYKCUhlYXJ0YmVhdBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgd2ZXJzaW9uGAIgASgFIh8KDUNhbmNlbFJlcXVlc3QSDgoGam9iX2lkGAEgASgJIjAKDkNhbmNlbFJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2Ii0gEKFUxpc3RKb2JIaXN0b3J5UmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRImCgZzdGF0ZXMYAyADKA4yFi5kb3dubG9hZHMudjEuSm9iU3RhdGUSNQoRY3JlYXRlX3RpbWVfc3RhcnQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX2VuZBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiXAoWTGlzdEpvYkhpc3RvcnlSZXNwb25zZRIpCgRqb2JzGAEgAygLMhsuZG93bmxvYWRzLnYxLkhpc3RvcmljYWxKb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIqsBChdHZXRKb2JTdGF0aXN0aWNzUmVxdWVzdBIyCghpbnRlcnZhbBgBIAEoDjIgLmRvd25sb2Fkcy52MS5TdGF0aXN0aWNzSW50ZXJ2YWwSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkgKGEdldEpvYlN0YXRpc3RpY3NSZXNwb25zZRIsCgdidWNrZXRzGAEgAygLMhsuZG93bmxvYWRzLnYxLkpvYlN0YXRpc3RpY3MitgIKD0xpc3RKb2JzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRImCgZzdGF0ZXMYAyADKA4yFi5kb3dubG9hZHMudjEuSm9iU3RhdGUSNQoRY3JlYXRlX3RpbWVfc3RhcnQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX2VuZBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOQoGbGFiZWxzGAYgAygLMikuZG93bmxvYWRzLnYxLkxpc3RKb2JzUmVxdWVzdC5MYWJlbHNFbnRyeRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkwKEExpc3RKb2JzUmVzcG9uc2USHwoEam9icxgBIAMoCzIRLmRvd25sb2Fkcy52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiIKEERlbGV0ZUpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIhMKEURlbGV0ZUpvYlJlc3BvbnNlIjUKD1JldHJ5Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCSJEChBSZXRyeUpvYlJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2ISEAoIcmVwbGF5ZWQYAiABKAgi/QEKD1dlYmhvb2tEZWxpdmVyeRIUCgxjYWxsYmFja191cmwYASABKAkSKQoFc3RhdGUYAiABKA4yGi5kb3dubG9hZHMudjEuV2ViaG9va1N0YXRlEhAKCGF0dGVtcHRzGAMgASgFEhgKEGxhc3Rfc3RhdHVzX2NvZGUYBCABKAUSEgoKbGFzdF9lcnJvchgFIAEoCRI1ChFsYXN0X2F0dGVtcHRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOZGVsaXZlcmVkX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKrQBCg9Jbml0aWF0ZU91dGNvbWUSIAocSU5JVElBVEVfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhwKGElOSVRJQVRFX09VVENPTUVfQ1JFQVRFRBABEh0KGUlOSVRJQVRFX09VVENPTUVfUkVQTEFZRUQQAhIeChpJTklUSUFURV9PVVRDT01FX0lOX0ZMSUdIVBADEiIKHklOSVRJQVRFX09VVENPTUVfUkVVU0VEX1JFU1VMVBAEKn8KDFdlYmhvb2tTdGF0ZRIdChlXRUJIT09LX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVV0VCSE9PS19TVEFURV9QRU5ESU5HEAESGwoXV0VCSE9PS19TVEFURV9ERUxJVkVSRUQQAhIYChRXRUJIT09LX1NUQVRFX0ZBSUxFRBADKp0BCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESGAoUSk9CX1NUQVRFX1BST0NFU1NJTkcQAhIXChNKT0JfU1RBVEVfQ09NUExFVEVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBSp4ChJTdGF0aXN0aWNzSW50ZXJ2YWwSIwofU1RBVElTVElDU19JTlRFUlZBTF9VTlNQRUNJRklFRBAAEh4KGlNUQVRJU1RJQ1NfSU5URVJWQUxfSE9VUkxZEAESHQoZU1RBVElTVElDU19JTlRFUlZBTF9EQUlMWRACKocBCglGaWxlU3RhdGUSGgoWRklMRV9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkZJTEVfU1RBVEVfUEVORElORxABEhoKFkZJTEVfU1RBVEVfSU5fUFJPR1JFU1MQAhITCg9GSUxFX1NUQVRFX0RPTkUQAxIVChFGSUxFX1NUQVRFX0ZBSUxFRBAEMvkFCg9Eb3dubG9hZFNlcnZpY2USSQoISW5pdGlhdGUSHS5kb3dubG9hZHMudjEuSW5pdGlhdGVSZXF1ZXN0Gh4uZG93bmxvYWRzLnYxLkluaXRpYXRlUmVzcG9uc2USUQoJR2V0U3RhdHVzEh4uZG93bmxvYWRzLnYxLkdldFN0YXR1c1JlcXVlc3QaHy5kb3dubG9hZHMudjEuR2V0U3RhdHVzUmVzcG9uc2UiA5ACARJLCghXYXRjaEpvYhIdLmRvd25sb2Fkcy52MS5XYXRjaEpvYlJlcXVlc3QaHi5kb3dubG9hZHMudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKBkNhbmNlbBIbLmRvd25sb2Fkcy52MS5DYW5jZWxSZXF1ZXN0GhwuZG93bmxvYWRzLnYxLkNhbmNlbFJlc3BvbnNlIgOQAgISYAoOTGlzdEpvYkhpc3RvcnkSIy5kb3dubG9hZHMudjEuTGlzdEpvYkhpc3RvcnlSZXF1ZXN0GiQuZG93bmxvYWRzLnYxLkxpc3RKb2JIaXN0b3J5UmVzcG9uc2UiA5ACARJmChBHZXRKb2JTdGF0aXN0aWNzEiUuZG93bmxvYWRzLnYxLkdldEpvYlN0YXRpc3RpY3NSZXF1ZXN0GiYuZG93bmxvYWRzLnYxLkdldEpvYlN0YXRpc3RpY3NSZXNwb25zZSIDkAIBEk4KCExpc3RKb2JzEh0uZG93bmxvYWRzLnYxLkxpc3RKb2JzUmVxdWVzdBoeLmRvd25sb2Fkcy52MS5MaXN0Sm9ic1Jlc3BvbnNlIgOQAgESTAoJRGVsZXRlSm9iEh4uZG93bmxvYWRzLnYxLkRlbGV0ZUpvYlJlcXVlc3QaHy5kb3dubG9hZHMudjEuRGVsZXRlSm9iUmVzcG9uc2USSQoIUmV0cnlKb2ISHS5kb3dubG9hZHMudjEuUmV0cnlKb2JSZXF1ZXN0Gh4uZG93bmxvYWRzLnYxLlJldHJ5Sm9iUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Job is one download being prepared: its state, progress and, at the end, its
@@ -120,6 +120,13 @@ export type Job = Message<"downloads.v1.Job"> & {
    * @generated from field: downloads.v1.WebhookDelivery webhook = 14;
    */
   webhook?: WebhookDelivery | undefined;
+
+  /**
+   * The labels given to Initiate, unchanged for the job's life.
+   *
+   * @generated from field: map<string, string> labels = 15;
+   */
+  labels: { [key: string]: string };
 };
 
 /**
@@ -609,6 +616,18 @@ export type InitiateRequest = Message<"downloads.v1.InitiateRequest"> & {
    * @generated from field: string callback_url = 3;
    */
   callbackUrl: string;
+
+  /**
+   * Optional labels of the caller's own (an order id, a team), kept on the job, returned
+   * with it everywhere (webhooks too) and filterable in ListJobs. At most 16; keys 1 to 63
+   * characters of lower-case letters, digits, '_' and '-', starting with a letter; values
+   * 0 to 128 characters of letters, digits and '_' '-' '.' ':' '@' '/'. Anything else
+   * fails with INVALID_ARGUMENT naming the label. Part of what makes two requests the
+   * same (request_id, dedup of an identical job).
+   *
+   * @generated from field: map<string, string> labels = 4;
+   */
+  labels: { [key: string]: string };
 };
 
 /**
@@ -1003,6 +1022,185 @@ export const GetJobStatisticsResponseSchema: GenMessage<GetJobStatisticsResponse
   messageDesc(file_downloads_v1_download_service, 20);
 
 /**
+ * ListJobsRequest selects a page of the caller's jobs.
+ *
+ * @generated from message downloads.v1.ListJobsRequest
+ */
+export type ListJobsRequest = Message<"downloads.v1.ListJobsRequest"> & {
+  /**
+   * Jobs per page: 0 means 50; more than 200 is read as 200; negative fails with
+   * INVALID_ARGUMENT.
+   *
+   * @generated from field: int32 page_size = 1;
+   */
+  pageSize: number;
+
+  /**
+   * next_page_token of the previous page, or empty for the first page. Opaque and
+   * signed: it works only with the same filter, for the same caller.
+   *
+   * @generated from field: string page_token = 2;
+   */
+  pageToken: string;
+
+  /**
+   * Only jobs in one of these states; empty means every state.
+   *
+   * @generated from field: repeated downloads.v1.JobState states = 3;
+   */
+  states: JobState[];
+
+  /**
+   * Only jobs created at or after this time; unset means no lower bound.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time_start = 4;
+   */
+  createTimeStart?: Timestamp | undefined;
+
+  /**
+   * Only jobs created before this time; unset means no upper bound.
+   *
+   * @generated from field: google.protobuf.Timestamp create_time_end = 5;
+   */
+  createTimeEnd?: Timestamp | undefined;
+
+  /**
+   * Only jobs that carry every one of these labels with exactly this value.
+   *
+   * @generated from field: map<string, string> labels = 6;
+   */
+  labels: { [key: string]: string };
+};
+
+/**
+ * Describes the message downloads.v1.ListJobsRequest.
+ * Use `create(ListJobsRequestSchema)` to create a new message.
+ */
+export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 21);
+
+/**
+ * ListJobsResponse is one page of the caller's jobs.
+ *
+ * @generated from message downloads.v1.ListJobsResponse
+ */
+export type ListJobsResponse = Message<"downloads.v1.ListJobsResponse"> & {
+  /**
+   * The jobs, newest created first (ties by job_id, descending).
+   *
+   * @generated from field: repeated downloads.v1.Job jobs = 1;
+   */
+  jobs: Job[];
+
+  /**
+   * Pass as page_token for the next page; empty on the last page.
+   *
+   * @generated from field: string next_page_token = 2;
+   */
+  nextPageToken: string;
+};
+
+/**
+ * Describes the message downloads.v1.ListJobsResponse.
+ * Use `create(ListJobsResponseSchema)` to create a new message.
+ */
+export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 22);
+
+/**
+ * DeleteJobRequest names a finished job to forget.
+ *
+ * @generated from message downloads.v1.DeleteJobRequest
+ */
+export type DeleteJobRequest = Message<"downloads.v1.DeleteJobRequest"> & {
+  /**
+   * The job_id returned by Initiate.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+};
+
+/**
+ * Describes the message downloads.v1.DeleteJobRequest.
+ * Use `create(DeleteJobRequestSchema)` to create a new message.
+ */
+export const DeleteJobRequestSchema: GenMessage<DeleteJobRequest> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 23);
+
+/**
+ * DeleteJobResponse confirms the deletion.
+ *
+ * @generated from message downloads.v1.DeleteJobResponse
+ */
+export type DeleteJobResponse = Message<"downloads.v1.DeleteJobResponse"> & {
+};
+
+/**
+ * Describes the message downloads.v1.DeleteJobResponse.
+ * Use `create(DeleteJobResponseSchema)` to create a new message.
+ */
+export const DeleteJobResponseSchema: GenMessage<DeleteJobResponse> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 24);
+
+/**
+ * RetryJobRequest names a failed or cancelled job to run again.
+ *
+ * @generated from message downloads.v1.RetryJobRequest
+ */
+export type RetryJobRequest = Message<"downloads.v1.RetryJobRequest"> & {
+  /**
+   * The job_id returned by Initiate.
+   *
+   * @generated from field: string job_id = 1;
+   */
+  jobId: string;
+
+  /**
+   * Optional idempotency key, as InitiateRequest.request_id (also the Idempotency-Key
+   * header): a repeated call with the same key returns the job without queuing it again.
+   *
+   * @generated from field: string request_id = 2;
+   */
+  requestId: string;
+};
+
+/**
+ * Describes the message downloads.v1.RetryJobRequest.
+ * Use `create(RetryJobRequestSchema)` to create a new message.
+ */
+export const RetryJobRequestSchema: GenMessage<RetryJobRequest> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 25);
+
+/**
+ * RetryJobResponse carries the job queued again.
+ *
+ * @generated from message downloads.v1.RetryJobResponse
+ */
+export type RetryJobResponse = Message<"downloads.v1.RetryJobResponse"> & {
+  /**
+   * The job, in state QUEUED (or as it is now, when replayed is set).
+   *
+   * @generated from field: downloads.v1.Job job = 1;
+   */
+  job?: Job | undefined;
+
+  /**
+   * True when request_id was seen before for this job: nothing was queued by this call.
+   *
+   * @generated from field: bool replayed = 2;
+   */
+  replayed: boolean;
+};
+
+/**
+ * Describes the message downloads.v1.RetryJobResponse.
+ * Use `create(RetryJobResponseSchema)` to create a new message.
+ */
+export const RetryJobResponseSchema: GenMessage<RetryJobResponse> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 26);
+
+/**
  * WebhookDelivery is the state of a job's terminal-state callback.
  *
  * @generated from message downloads.v1.WebhookDelivery
@@ -1063,7 +1261,7 @@ export type WebhookDelivery = Message<"downloads.v1.WebhookDelivery"> & {
  * Use `create(WebhookDeliverySchema)` to create a new message.
  */
 export const WebhookDeliverySchema: GenMessage<WebhookDelivery> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 21);
+  messageDesc(file_downloads_v1_download_service, 27);
 
 /**
  * InitiateOutcome tells how Initiate arrived at the job it returned.
@@ -1388,6 +1586,51 @@ export const DownloadService: GenService<{
     methodKind: "unary";
     input: typeof GetJobStatisticsRequestSchema;
     output: typeof GetJobStatisticsResponseSchema;
+  },
+  /**
+   * ListJobs lists the caller's jobs that GetStatus can still read (a finished job's
+   * record lives for the server's record lifetime), newest created first, with the same
+   * Job as GetStatus. Pages follow AIP-158: pass next_page_token as page_token with the
+   * same filter; a token that was altered, or made for another filter or caller, fails
+   * with INVALID_ARGUMENT, as do an unknown state, an empty or inverted time range and a
+   * malformed label. A page may hold fewer jobs than page_size while more follow (each
+   * call looks at a bounded number of jobs); only an empty next_page_token ends the list.
+   *
+   * @generated from rpc downloads.v1.DownloadService.ListJobs
+   */
+  listJobs: {
+    methodKind: "unary";
+    input: typeof ListJobsRequestSchema;
+    output: typeof ListJobsResponseSchema;
+  },
+  /**
+   * DeleteJob forgets a finished (completed, failed or cancelled) job at once and
+   * deletes its ZIP: afterwards every call naming the job fails with NOT_FOUND, and
+   * neither its request_id nor an identical Initiate hands it out again. A queued or
+   * running job fails with FAILED_PRECONDITION: Cancel it first. The job history
+   * (ListJobHistory) keeps its row.
+   *
+   * @generated from rpc downloads.v1.DownloadService.DeleteJob
+   */
+  deleteJob: {
+    methodKind: "unary";
+    input: typeof DeleteJobRequestSchema;
+    output: typeof DeleteJobResponseSchema;
+  },
+  /**
+   * RetryJob runs a failed or cancelled job again (a redrive): the same job_id, files,
+   * labels and callback go back to QUEUED, attempts goes on counting, and create_time and
+   * the first start_time stay. It is admitted like Initiate (the caller's limits, the
+   * queue's depth: RESOURCE_EXHAUSTED or UNAVAILABLE with RetryInfo) and takes an
+   * idempotency key the same way. A queued, running or completed job fails with
+   * FAILED_PRECONDITION (a completed one: Initiate the files again for a fresh ZIP).
+   *
+   * @generated from rpc downloads.v1.DownloadService.RetryJob
+   */
+  retryJob: {
+    methodKind: "unary";
+    input: typeof RetryJobRequestSchema;
+    output: typeof RetryJobResponseSchema;
   },
 }> = /*@__PURE__*/
   serviceDesc(file_downloads_v1_download_service, 0);
