@@ -211,4 +211,37 @@ describe("end to end", () => {
     });
     expect(last?.attempts).toBe(1);
   });
+
+  test("RetryJob: a job that failed on a missing file runs again under its id once the file exists", async () => {
+    const client = createClient(
+      DownloadService,
+      createConnectTransport({ baseUrl: st.server.url, httpVersion: "1.1" }),
+    );
+    const watchToEnd = async (jobId: string) => {
+      let last: Job | undefined;
+      for await (const msg of client.watchJob({ jobId })) {
+        if (msg.event.case === "job") last = msg.event.value;
+      }
+      return last;
+    };
+    const { job } = await client.initiate({ fileIds: [503, 606_606], labels: { order: "e2e" } });
+    const jobId = job?.jobId ?? "";
+    const failed = await watchToEnd(jobId);
+    expect(failed?.state).toBe(JobState.FAILED);
+    sources.set(606_606, await st.svc.putSource(606_606, 54_321, "late.bin"));
+
+    const retried = await client.retryJob({ jobId });
+    expect(retried.job).toMatchObject({ jobId, state: JobState.QUEUED, labels: { order: "e2e" } });
+    const done = await watchToEnd(jobId);
+    expect(done?.state).toBe(JobState.COMPLETED);
+    expect(done?.attempts).toBe((failed?.attempts ?? 0) + 1);
+    expect(done?.createTime).toEqual(failed?.createTime);
+    await expectZipMatches(done as Job, [503, 606_606]);
+
+    // Deleting it takes the ZIP (the second run's object) away at once.
+    const key = st.svc.storage.resultKey(jobId, done?.attempts);
+    expect(await st.svc.storage.resultExists(key)).toBe(true);
+    await client.deleteJob({ jobId });
+    expect(await st.svc.storage.resultExists(key)).toBe(false);
+  });
 });
