@@ -8,7 +8,7 @@ import { promisify } from "node:util";
 // `npm run build:packages`: the installable packages in packages/ (npm workspaces), built
 // from the sources where the app itself uses them, so nothing is copied by hand:
 //   @download-jobs/client  clients/lib + gen/downloads (JavaScript and .d.ts, by tsc)
-//   @download-jobs/react   clients/react, importing the client as a package
+//   @download-jobs/react   clients/react (useDownloadJob, useJobs), importing the client as a package
 // TypeScript 7 is the native compiler with no JS API: its CLI does the work.
 
 const ROOT = resolve(dirname(fileURLToPath(import.meta.url)), "..");
@@ -21,9 +21,13 @@ const run = promisify(execFile);
  */
 const CLIENT_MODULES = [
   "../lib/client.js",
+  "../lib/jobs.js",
   "../lib/watch.js",
   "../../gen/downloads/v1/download_service_pb.js",
 ];
+
+/** The React package's modules (clients/react/<name>.ts), all exported by its index. */
+const REACT_HOOKS = ["use-download-job", "use-jobs"];
 
 async function tsc(project: string, outDir?: string): Promise<void> {
   const args = ["-p", project, ...(outDir !== undefined ? ["--outDir", outDir] : [])];
@@ -56,11 +60,16 @@ export async function buildPackages(): Promise<string[]> {
   try {
     await tsc("packages/react/tsconfig.json", scratch);
     await mkdir(reactDist, { recursive: true });
-    for (const ext of [".js", ".d.ts"]) {
-      const from = join(scratch, `clients/react/use-download-job${ext}`);
-      const code = await readFile(from, "utf8");
-      await writeFile(join(reactDist, `index${ext}`), importsOfClient(code, from));
+    for (const hook of REACT_HOOKS) {
+      for (const ext of [".js", ".d.ts"]) {
+        const from = join(scratch, `clients/react/${hook}${ext}`);
+        const code = await readFile(from, "utf8");
+        await writeFile(join(reactDist, `${hook}${ext}`), importsOfClient(code, from));
+      }
     }
+    const index = REACT_HOOKS.map((hook) => `export * from "./${hook}.js";\n`).join("");
+    await writeFile(join(reactDist, "index.js"), index);
+    await writeFile(join(reactDist, "index.d.ts"), index);
   } finally {
     await rm(scratch, { recursive: true, force: true });
   }

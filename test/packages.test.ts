@@ -94,7 +94,7 @@ console.log(JSON.stringify({ jobId: job.jobId, states, url }));
 `;
 
 const PAGE = `import { createDownloadClient, JobState } from "@download-jobs/client";
-import { useDownloadJob } from "@download-jobs/react";
+import { useDownloadJob, useJobs } from "@download-jobs/react";
 import { useEffect, useMemo, useState } from "react";
 import { createRoot } from "react-dom/client";
 
@@ -111,9 +111,21 @@ function App() {
     void client.initiate({ fileIds }).then((res) => setJobId(res.job?.jobId));
   }, [client]);
   const { job, state, error } = useDownloadJob(client, jobId);
+  // The caller's completed jobs, listed again once this one has completed.
+  const completed = useJobs(client, { states: [JobState.COMPLETED] });
+  const { refresh } = completed;
+  useEffect(() => {
+    if (state === JobState.COMPLETED) void refresh();
+  }, [state, refresh]);
   return (
     <main>
       <output id="state">{state === undefined ? "" : JobState[state]}</output>
+      <output id="job">{jobId}</output>
+      <ul id="completed">
+        {completed.jobs.map((j) => (
+          <li key={j.jobId}>{j.jobId}</li>
+        ))}
+      </ul>
       {job?.result !== undefined && (
         <a id="download" href={job.result.downloadUrl}>
           {job.result.fileName}
@@ -220,7 +232,15 @@ describe("the client packages installed in another project", () => {
       expect(client).toContain(`dist/${entry}.js`);
       expect(client).toContain(`dist/${entry}.d.ts`);
     }
-    expect(react).toEqual(["dist/index.d.ts", "dist/index.js", "package.json"]);
+    expect(react).toEqual([
+      "dist/index.d.ts",
+      "dist/index.js",
+      "dist/use-download-job.d.ts",
+      "dist/use-download-job.js",
+      "dist/use-jobs.d.ts",
+      "dist/use-jobs.js",
+      "package.json",
+    ]);
     expect([...client, ...react].filter((f) => f.endsWith(".ts") && !f.endsWith(".d.ts"))).toEqual(
       [],
     );
@@ -255,7 +275,7 @@ describe("the client packages installed in another project", () => {
     await expectZipOfSources(out.url);
   });
 
-  test("a page bundled from the project follows a job with useDownloadJob to COMPLETED in Chromium", async () => {
+  test("a page bundled from the project follows a job with useDownloadJob to COMPLETED and lists it with useJobs in Chromium", async () => {
     const dist = join(app, "dist");
     await build({
       absWorkingDir: app,
@@ -296,6 +316,11 @@ describe("the client packages installed in another project", () => {
     await expect
       .poll(async () => `${await page.textContent("#state")}${await page.textContent("#error")}`)
       .toBe("COMPLETED");
+    // useJobs lists it among the caller's completed jobs.
+    const jobId = (await page.textContent("#job")) ?? "";
+    await expect
+      .poll(async () => page.$$eval("#completed li", (li) => li.map((l) => l.textContent)))
+      .toContain(jobId);
     expect(errors).toEqual([]);
     await expectZipOfSources((await page.getAttribute("#download", "href")) ?? "");
   });

@@ -9,6 +9,13 @@ export {
   type DownloadClientOptions,
 } from "./client.js";
 export {
+  type JobsFilter,
+  type JobsPage,
+  type JobsPageOptions,
+  listAllJobs,
+  listJobsPage,
+} from "./jobs.js";
+export {
   isTerminalJob,
   type WatchEvent,
   type WatchOptions,
