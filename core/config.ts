@@ -221,6 +221,15 @@ const schema = z.object({
     .min(32, { error: "expected at least 32 characters, e.g. from: openssl rand -hex 32" })
     .optional(),
   HISTORY_OUTBOX_MAX_ENTRIES: int(1000).default(1_000_000),
+  // Signs the stable download links (/d/<job>?exp=..&sig=..); unset: no links. Give the
+  // API and the workers (webhook bodies carry the link) the same value.
+  DOWNLOAD_LINK_SECRET: z
+    .string()
+    .min(32, { error: "expected at least 32 characters, e.g. from: openssl rand -hex 32" })
+    .optional(),
+  // The API's address as users reach it (https://downloads.example.com): links are made
+  // absolute with it. Unset: links are relative to the API (/d/...).
+  PUBLIC_URL: url.optional(),
   OTEL_TRACES_EXPORTER: z
     .enum(["otlp", "console", "none"], { error: "expected otlp, console or none" })
     .optional(),

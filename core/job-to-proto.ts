@@ -10,6 +10,7 @@ import {
   WebhookState,
 } from "../gen/downloads/v1/download_service_pb.js";
 import type { AdmissionOutcome } from "./admission.js";
+import type { JobEstimate } from "./forecast.js";
 import type { FileStateName, JobRecord, JobStateName, WebhookStateName } from "./jobs.js";
 import { percentOf } from "./jobs.js";
 import type { PresignedResult } from "./storage.js";
@@ -103,8 +104,35 @@ function shownProgress(rec: JobRecord): JobRecord["progress"] {
   return { ...rest, bytesPerSecond: 0 };
 }
 
+/** What a job's answer carries beyond its record: made by the caller at each read. */
+export interface JobExtras {
+  /** The stable link of a completed job (core/download-link.ts). */
+  linkUrl?: string | undefined;
+  /** Queue position and predicted times of a queued or running job (core/forecast.ts). */
+  estimate?: JobEstimate | undefined;
+}
+
+function estimateOf(e: JobEstimate) {
+  return {
+    position: e.position,
+    ...(e.predictedStartAt !== undefined
+      ? { predictedStartTime: timestampFromMs(e.predictedStartAt) }
+      : {}),
+    ...(e.predictedEndAt !== undefined
+      ? { predictedEndTime: timestampFromMs(e.predictedEndAt) }
+      : {}),
+    runningJobs: e.runningJobs,
+    bytesPerSecond: int64(e.bytesPerSecond),
+    samples: e.samples,
+  };
+}
+
 /** `download` is the presigned URL of a completed job's result; omitted otherwise. */
-export function toProtoJob(rec: JobRecord, download?: PresignedResult): Job {
+export function toProtoJob(
+  rec: JobRecord,
+  download?: PresignedResult,
+  extras: JobExtras = {},
+): Job {
   const p = shownProgress(rec);
   const webhook = webhookOf(rec);
   return create(JobSchema, {
@@ -145,6 +173,7 @@ export function toProtoJob(rec: JobRecord, download?: PresignedResult): Job {
             ...(rec.result.expiresAt !== undefined
               ? { purgeTime: timestampFromMs(rec.result.expiresAt) }
               : {}),
+            linkUrl: extras.linkUrl ?? "",
           },
         }
       : {}),
@@ -160,6 +189,7 @@ export function toProtoJob(rec: JobRecord, download?: PresignedResult): Job {
       : {}),
     ...(webhook !== undefined ? { webhook } : {}),
     ...(rec.labels !== undefined ? { labels: { ...rec.labels } } : {}),
+    ...(extras.estimate !== undefined ? { estimate: estimateOf(extras.estimate) } : {}),
   });
 }
 
@@ -199,7 +229,11 @@ function enumName<T extends string>(
   return value !== undefined && value in known ? `${prefix}${value}` : undefined;
 }
 
-export function toJobJson(rec: JobRecord, download?: PresignedResult): Json {
+export function toJobJson(
+  rec: JobRecord,
+  download?: PresignedResult,
+  extras: JobExtras = {},
+): Json {
   const p = shownProgress(rec);
   const out: Json = {};
   put(out, "jobId", rec.id);
@@ -243,6 +277,7 @@ export function toJobJson(rec: JobRecord, download?: PresignedResult): Json {
     put(result, "sha256", rec.result.sha256);
     put(result, "expired", rec.result.expired === true);
     if (rec.result.expiresAt !== undefined) result.purgeTime = timeJson(rec.result.expiresAt);
+    put(result, "linkUrl", extras.linkUrl);
     out.result = result;
   }
   if (rec.state === "FAILED" && rec.error !== undefined) {
@@ -268,5 +303,17 @@ export function toJobJson(rec: JobRecord, download?: PresignedResult): Json {
   // Keys are sorted when stored and start with a letter, so both writers keep this order.
   if (rec.labels !== undefined && Object.keys(rec.labels).length > 0)
     out.labels = { ...rec.labels };
+  const e = extras.estimate;
+  if (e !== undefined) {
+    const estimate: Json = {};
+    put(estimate, "position", e.position);
+    if (e.predictedStartAt !== undefined)
+      estimate.predictedStartTime = timeJson(e.predictedStartAt);
+    if (e.predictedEndAt !== undefined) estimate.predictedEndTime = timeJson(e.predictedEndAt);
+    put(estimate, "runningJobs", e.runningJobs);
+    put(estimate, "bytesPerSecond", int64Json(e.bytesPerSecond));
+    put(estimate, "samples", e.samples);
+    out.estimate = estimate;
+  }
   return out;
 }

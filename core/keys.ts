@@ -55,6 +55,21 @@ export class RedisKeys {
     return `${this.prefix}:${QUEUE_NAME}:${id}:lock`;
   }
 
+  /** BullMQ's list or set of bundle jobs in one state ("wait", "active", "prioritized"). */
+  bundleJobs(state: "wait" | "active" | "prioritized" | "paused"): string {
+    return `${this.prefix}:${QUEUE_NAME}:${state}`;
+  }
+
+  /** The measurements the queue forecast is fitted to (core/forecast.ts). */
+  get runStats(): string {
+    return `${this.prefix}:stats:runs`;
+  }
+
+  /** Source file sizes seen by the workers, by file id (core/forecast.ts). */
+  get fileSizes(): string {
+    return `${this.prefix}:stats:file-sizes`;
+  }
+
   /** Initiate's idempotency key of an owner: "<job id> <params hash>". */
   idempotency(owner: string, keyDigest: string): string {
     return `${this.prefix}:idem:${owner}:${keyDigest}`;

@@ -18,6 +18,8 @@ const SCRIPTS = {
   djDeleteJob: { file: "delete-job.lua", keys: 6 },
   /** A page of an owner's jobs (core/job-index.ts). */
   djListJobs: { file: "list-jobs.lua", keys: 1 },
+  /** A completed run's duration into the queue forecast's measurements (core/forecast.ts). */
+  djRecordRun: { file: "record-run.lua", keys: 2 },
 } as const;
 
 type ScriptName = keyof typeof SCRIPTS;

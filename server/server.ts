@@ -2,6 +2,8 @@ import { Code, ConnectError } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
 import type { Config } from "../core/config.js";
+import { DownloadLinks } from "../core/download-link.js";
+import { QueueForecaster } from "../core/forecast.js";
 import { Readiness, redisCheck, redisWriteCheck, s3Check, serveHealth } from "../core/health.js";
 import { HistoryDb } from "../core/history.js";
 import { HistoryReader } from "../core/history-reader.js";
@@ -27,6 +29,7 @@ import { guardRequests } from "./connect/request-guard.js";
 import { rpcInterceptor } from "./connect/rpc-interceptor.js";
 import { createDualProtocolListener } from "./dual-protocol-listener.js";
 import { createAdminBoard } from "./http/admin-board.js";
+import { createDownloadLinkRoute } from "./http/download-link.js";
 import { createStaticSite } from "./http/static-site.js";
 import { createLeanTransport } from "./lean/lean-transport.js";
 import { downloadRpcs } from "./rpc/download-rpcs.js";
@@ -207,11 +210,25 @@ export async function startApiServer(
   const procedures = new Set<string>();
 
   const rpcLog = log.child({ part: "rpc" });
+  const links =
+    cfg.DOWNLOAD_LINK_SECRET === undefined
+      ? undefined
+      : new DownloadLinks(cfg.DOWNLOAD_LINK_SECRET, cfg.PUBLIC_URL);
+  const downloadLinks = createDownloadLinkRoute({
+    links,
+    getJob: (id) => store.get(id),
+    presignResult: (key, fileName) => storage.presignResult(key, fileName),
+    onError: (err) => log.warn({ err }, "download link failed"),
+  });
   // Every RPC once, served by both ways in: connect-node and the lean transport.
   const rpcs = downloadRpcs({
     jobs,
     hub,
-    presenter: new JobPresenter(storage, cfg.PRESIGN_EXPIRY_SECONDS),
+    presenter: new JobPresenter(storage, cfg.PRESIGN_EXPIRY_SECONDS, {
+      links,
+      forecast: new QueueForecaster(store),
+      onError: (err) => log.debug({ err }, "queue estimate failed"),
+    }),
     statusMaxWaitMs: cfg.STATUS_MAX_WAIT_MS,
     history:
       historyDb && new HistoryReader(historyDb, cfg.HISTORY_PAGE_TOKEN_SECRET ?? historyDb.url),
@@ -256,6 +273,8 @@ export async function startApiServer(
       // Prometheus; the edge proxy routes only the API's own paths, never this one.
       if (serveMetrics(req, res, registry)) return;
       if (admin?.handle(req, res) === true) return;
+      // Stable download links (/d/<job>?exp=..&sig=..): the signature is the credential.
+      if (downloadLinks.handle(req, res)) return;
       // The browser page (clients/web), on the same origin as the API it calls.
       if (site?.handle(req, res) === true) return;
       res.writeHead(404);

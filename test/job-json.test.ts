@@ -1,6 +1,6 @@
 import { toJsonString } from "@bufbuild/protobuf";
 import { describe, expect, test } from "vitest";
-import { toJobJson, toProtoJob } from "../core/job-to-proto.js";
+import { type JobExtras, toJobJson, toProtoJob } from "../core/job-to-proto.js";
 import { type JobRecord, newJobRecord } from "../core/jobs.js";
 import { JobSchema } from "../gen/downloads/v1/download_service_pb.js";
 
@@ -169,6 +169,65 @@ describe("toJobJson", () => {
   test.each(records)("%s: the JSON protobuf-es writes", (_what, rec, download) => {
     expect(JSON.stringify(toJobJson(rec, download))).toBe(
       toJsonString(JobSchema, toProtoJob(rec, download)),
+    );
+  });
+});
+
+// The parts made at read time (stable link, queue estimate) go through both writers too.
+const completed = records.find(([what]) => what === "a completed job with its URL");
+const extrasCases: [
+  string,
+  JobRecord,
+  JobExtras,
+  { url: string; expiresAt: number } | undefined,
+][] = [
+  [
+    "a queued job with its position and predicted times",
+    base,
+    {
+      estimate: {
+        position: 3,
+        predictedStartAt: at(12_345),
+        predictedEndAt: at(20_000),
+        runningJobs: 2,
+        bytesPerSecond: 12_500_000.7,
+        samples: 14,
+      },
+    },
+    undefined,
+  ],
+  [
+    "a queued job with a position and nothing measured yet",
+    base,
+    { estimate: { position: 1, runningJobs: 0, bytesPerSecond: 0, samples: 0 } },
+    undefined,
+  ],
+  [
+    "a running job with its predicted end",
+    { ...base, state: "PROCESSING", startedAt: at(1000) },
+    {
+      estimate: {
+        position: 0,
+        predictedEndAt: at(90_000),
+        runningJobs: 1,
+        bytesPerSecond: 1,
+        samples: 1,
+      },
+    },
+    undefined,
+  ],
+  [
+    "a completed job with its stable link",
+    completed?.[1] as JobRecord,
+    { linkUrl: "https://dl.example/d/3f0c0d9e-6b1a-4c53-9b9e-2f1d6a0b7c11?exp=1&sig=abc" },
+    completed?.[2],
+  ],
+];
+
+describe("toJobJson with read-time parts", () => {
+  test.each(extrasCases)("%s: the JSON protobuf-es writes", (_what, rec, extras, download) => {
+    expect(JSON.stringify(toJobJson(rec, download, extras))).toBe(
+      toJsonString(JobSchema, toProtoJob(rec, download, extras)),
     );
   });
 });

@@ -238,7 +238,8 @@ describe("conditional GET (curl-style JSON)", () => {
     const first = await fetch(url, { headers: TEST_AUTH_HEADER });
     expect(first.status).toBe(200);
     const etag = first.headers.get("etag") ?? "";
-    expect(etag).toMatch(/^"\d+"$/);
+    // The version, and a queued job's estimate (core/forecast.ts).
+    expect(etag).toMatch(/^"\d+(\.q[\w-]+)?"$/);
     expect(first.headers.get("cache-control")).toMatch(/max-age=\d+/);
     const body = (await first.json()) as { job: { version: number }; pollAfter?: string };
     expect(body.pollAfter).toMatch(/^\d+(\.\d+)?s$/);

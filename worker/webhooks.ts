@@ -4,6 +4,7 @@ import https from "node:https";
 import type { LookupFunction } from "node:net";
 import { create, toJsonString } from "@bufbuild/protobuf";
 import { type Job, type Queue, UnrecoverableError } from "bullmq";
+import type { DownloadLinks } from "../core/download-link.js";
 import type { JobStore } from "../core/job-store.js";
 import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
 import { recordWebhook } from "../core/job-transitions.js";
@@ -45,6 +46,8 @@ export interface WebhookDeliveryDeps {
   store: JobStore;
   storage: Pick<Storage, "presignResult">;
   secret: string;
+  /** Stable download links (DOWNLOAD_LINK_SECRET): the body carries result.linkUrl. */
+  links?: DownloadLinks | undefined;
   policy: WebhookTargetPolicy;
   timeoutMs: number;
   log: Logger;
@@ -139,7 +142,9 @@ export function createWebhookProcessor(deps: WebhookDeliveryDeps) {
         : undefined;
       const body = toJsonString(
         GetStatusResponseSchema,
-        create(GetStatusResponseSchema, { job: toProtoJob(rec, download) }),
+        create(GetStatusResponseSchema, {
+          job: toProtoJob(rec, download, { linkUrl: deps.links?.linkFor(rec) }),
+        }),
       );
       const answer = await post(
         target,

@@ -1,5 +1,7 @@
 import { Worker } from "bullmq";
 import type { Config } from "../core/config.js";
+import { DownloadLinks } from "../core/download-link.js";
+import { recordRun } from "../core/forecast.js";
 import { type ReadinessCheck, redisCheck, redisWriteCheck, s3Check } from "../core/health.js";
 import { HistoryDb } from "../core/history.js";
 import { JobStore } from "../core/job-store.js";
@@ -129,7 +131,16 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
     const run = { startedAt: Date.now() };
     runs.add(run);
     try {
-      return await runJob(job, token, signal);
+      const outcome = await runJob(job, token, signal);
+      // The queue forecast's measurements (core/forecast.ts): what this run took.
+      if (outcome === "completed") {
+        const ms = Date.now() - run.startedAt;
+        store
+          .get(job.data.jobId)
+          .then((rec) => recordRun(store, rec, ms))
+          .catch((err: unknown) => log.debug({ err }, "run not measured"));
+      }
+      return outcome;
     } finally {
       runs.delete(run);
     }
@@ -201,6 +212,10 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
         store,
         storage,
         secret: cfg.WEBHOOK_SECRET,
+        links:
+          cfg.DOWNLOAD_LINK_SECRET === undefined
+            ? undefined
+            : new DownloadLinks(cfg.DOWNLOAD_LINK_SECRET, cfg.PUBLIC_URL),
         policy: {
           allowPrivate: cfg.WEBHOOK_ALLOW_PRIVATE,
           allowedHosts: cfg.WEBHOOK_ALLOWED_HOSTS ?? [],

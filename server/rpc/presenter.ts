@@ -1,3 +1,4 @@
+import { createHash } from "node:crypto";
 import {
   create,
   type DescMessage,
@@ -7,10 +8,13 @@ import {
 } from "@bufbuild/protobuf";
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { AdmissionOutcome } from "../../core/admission.js";
+import type { DownloadLinks } from "../../core/download-link.js";
+import type { QueueForecaster } from "../../core/forecast.js";
 import {
   hasLiveResult,
   INITIATE_OUTCOME,
   initiateOutcomeJson,
+  type JobExtras,
   toJobJson,
   toProtoJob,
 } from "../../core/job-to-proto.js";
@@ -70,28 +74,45 @@ export class Reply<Desc extends DescMessage> {
 /** A GetStatus answer of one version of a job, kept for the polls that follow. */
 class StatusReply extends Reply<typeof GetStatusResponseSchema> {
   readonly version: number;
+  /** The queue plan the estimate came from (QueueForecaster.generation). */
+  readonly generation: number;
+  /** What the ETag adds for the estimate: it changes whenever the estimate does. */
+  readonly estimateTag: string;
   private jobText: string | undefined;
 
   constructor(
     private readonly rec: JobRecord,
     private readonly download: PresignedResult | undefined,
     private readonly pollAfterMs: number | undefined,
+    private readonly extras: JobExtras = {},
+    generation = 0,
   ) {
     super(
       GetStatusResponseSchema,
       () =>
         create(GetStatusResponseSchema, {
-          job: toProtoJob(rec, download),
+          job: toProtoJob(rec, download, extras),
           ...(pollAfterMs !== undefined ? { pollAfter: duration(pollAfterMs) } : {}),
         }),
       () => this.jsonWith(""),
     );
     this.version = rec.version;
+    this.generation = generation;
+    const e = extras.estimate;
+    this.estimateTag =
+      e === undefined
+        ? ""
+        : createHash("sha256")
+            .update(
+              `${e.position} ${e.predictedStartAt} ${e.predictedEndAt} ${e.runningJobs} ${e.samples} ${Math.round(e.bytesPerSecond)}`,
+            )
+            .digest("base64url")
+            .slice(0, 10);
   }
 
   /** The JSON answer with `fields` (",\"name\":value..." of fields 2 and 3) in their place. */
   jsonWith(fields: string): string {
-    this.jobText ??= JSON.stringify(toJobJson(this.rec, this.download));
+    this.jobText ??= JSON.stringify(toJobJson(this.rec, this.download, this.extras));
     const poll =
       this.pollAfterMs !== undefined ? `,"pollAfter":"${durationJson(this.pollAfterMs)}"` : "";
     return `{"job":${this.jobText}${fields}${poll}}`;
@@ -128,6 +149,16 @@ function durationJson(ms: number): string {
   return `${Number((ms / 1000).toFixed(3))}s`;
 }
 
+/** What the presenter adds to a record's answer beyond the presigned URL. */
+export interface PresenterOptions {
+  /** Stable download links (DOWNLOAD_LINK_SECRET); none without. */
+  links?: DownloadLinks | undefined;
+  /** Queue position and predicted times of queued and running jobs. */
+  forecast?: QueueForecaster | undefined;
+  /** Where a failed estimate is reported: the answer goes out without one. */
+  onError?: (err: unknown) => void;
+}
+
 /** Whether an If-None-Match header names `etag` (weak comparison, RFC 9110 13.1.2). */
 export function etagMatches(ifNoneMatch: string | null, etag: string): boolean {
   if (ifNoneMatch === null) return false;
@@ -161,6 +192,7 @@ export class JobPresenter {
   constructor(
     private readonly presigner: Presigner,
     presignExpirySeconds: number,
+    private readonly opts: PresenterOptions = {},
   ) {
     this.completedMaxAge = Math.max(0, Math.min(60, Math.floor(presignExpirySeconds / 10)));
     this.urlWindowMs = Math.max(1, this.completedMaxAge) * 1000;
@@ -187,12 +219,32 @@ export class JobPresenter {
    * The ETag of a GetStatus answer: the job's version (every change of the record makes
    * a new one, job-store.ts) and, for a completed job, the URL window its link was
    * signed in. Anything else a GetStatus answer comes to show that is not bound to the
-   * record's version must be added here, or a 304 would hide its change.
+   * record's version must be added here, or a 304 would hide its change: a queued or
+   * running job's estimate (whole seconds, core/forecast.ts) is, from the answer that
+   * status() made last for this version.
    */
   etag(rec: JobRecord, now = Date.now()): string {
-    return hasLiveResult(rec)
-      ? `"${rec.version}.${this.urlWindow(now) / this.urlWindowMs}"`
+    if (hasLiveResult(rec)) return `"${rec.version}.${this.urlWindow(now) / this.urlWindowMs}"`;
+    const kept = isTerminal(rec.state) ? undefined : this.statuses.get(rec.id);
+    return kept !== undefined && kept.version === rec.version && kept.estimateTag !== ""
+      ? `"${rec.version}.q${kept.estimateTag}"`
       : `"${rec.version}"`;
+  }
+
+  /**
+   * The answer's parts made at read time: a completed job's stable link, a queued or
+   * running job's estimate (a failed estimate leaves it out rather than fail the call).
+   */
+  async extras(rec: JobRecord): Promise<JobExtras> {
+    const { links, forecast } = this.opts;
+    if (isTerminal(rec.state)) return { linkUrl: links?.linkFor(rec) };
+    if (forecast === undefined) return {};
+    try {
+      return { estimate: await forecast.estimate(rec) };
+    } catch (err) {
+      this.opts.onError?.(err);
+      return {};
+    }
   }
 
   /** When a plain poll of a job that can still change is worth making again. */
@@ -236,10 +288,16 @@ export class JobPresenter {
   private async plainStatus(rec: JobRecord, now: number): Promise<StatusReply> {
     const keep = !isTerminal(rec.state);
     if (!keep) this.statuses.delete(rec.id);
+    // A queued or running job's answer also changes with the queue's plan.
+    const generation =
+      keep && this.opts.forecast !== undefined
+        ? await this.opts.forecast.currentGeneration().catch(() => -1)
+        : 0;
     const kept = keep ? this.statuses.get(rec.id) : undefined;
-    if (kept !== undefined && kept.version === rec.version) return kept;
-    const download = await this.presign(rec, now);
-    const reply = new StatusReply(rec, download, this.pollAfterMs(rec));
+    if (kept !== undefined && kept.version === rec.version && kept.generation === generation)
+      return kept;
+    const [download, extras] = await Promise.all([this.presign(rec, now), this.extras(rec)]);
+    const reply = new StatusReply(rec, download, this.pollAfterMs(rec), extras, generation);
     if (keep) {
       this.statuses.delete(rec.id);
       if (this.statuses.size >= STATUS_CACHE_SIZE)
@@ -272,15 +330,15 @@ export class JobPresenter {
   watch(rec: JobRecord): Promise<Reply<typeof WatchJobResponseSchema>> {
     let reply = this.watched.get(rec);
     if (reply === undefined) {
-      reply = this.presign(rec).then(
-        (download) =>
+      reply = Promise.all([this.presign(rec), this.extras(rec)]).then(
+        ([download, extras]) =>
           new Reply(
             WatchJobResponseSchema,
             () =>
               create(WatchJobResponseSchema, {
-                event: { case: "job", value: toProtoJob(rec, download) },
+                event: { case: "job", value: toProtoJob(rec, download, extras) },
               }),
-            () => `{"job":${JSON.stringify(toJobJson(rec, download))}}`,
+            () => `{"job":${JSON.stringify(toJobJson(rec, download, extras))}}`,
             isTerminal(rec.state),
           ),
       );
@@ -305,26 +363,26 @@ export class JobPresenter {
     outcome: AdmissionOutcome,
   ): Promise<Reply<typeof InitiateResponseSchema>> {
     // Only a reused result is complete at once; its URL is made now, as on every read.
-    const download = await this.presign(rec);
+    const [download, extras] = await Promise.all([this.presign(rec), this.extras(rec)]);
     return new Reply(
       InitiateResponseSchema,
       () =>
         create(InitiateResponseSchema, {
-          job: toProtoJob(rec, download),
+          job: toProtoJob(rec, download, extras),
           outcome: INITIATE_OUTCOME[outcome],
         }),
       // The outcome is never the default value, so JSON always carries it.
       () =>
-        `{"job":${JSON.stringify(toJobJson(rec, download))},"outcome":"${initiateOutcomeJson(outcome)}"}`,
+        `{"job":${JSON.stringify(toJobJson(rec, download, extras))},"outcome":"${initiateOutcomeJson(outcome)}"}`,
     );
   }
 
   async cancelled(rec: JobRecord): Promise<Reply<typeof CancelResponseSchema>> {
-    const download = await this.presign(rec);
+    const [download, extras] = await Promise.all([this.presign(rec), this.extras(rec)]);
     return new Reply(
       CancelResponseSchema,
-      () => create(CancelResponseSchema, { job: toProtoJob(rec, download) }),
-      () => `{"job":${JSON.stringify(toJobJson(rec, download))}}`,
+      () => create(CancelResponseSchema, { job: toProtoJob(rec, download, extras) }),
+      () => `{"job":${JSON.stringify(toJobJson(rec, download, extras))}}`,
     );
   }
 

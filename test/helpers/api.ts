@@ -1,6 +1,7 @@
 import { createHash } from "node:crypto";
 import { PutObjectCommand } from "@aws-sdk/client-s3";
-import type { Interceptor } from "@connectrpc/connect";
+import { type Client, createClient, type Interceptor } from "@connectrpc/connect";
+import { createConnectTransport } from "@connectrpc/connect-node";
 import type { Queue } from "bullmq";
 import type { Config } from "../../core/config.js";
 import { JobStore } from "../../core/job-store.js";
@@ -14,6 +15,7 @@ import {
 import type { JobRecord } from "../../core/jobs.js";
 import { type BundleJobData, createBundleQueue } from "../../core/queue.js";
 import { createRedis, type RedisClient, waitForRedis } from "../../core/redis.js";
+import { DownloadService } from "../../gen/downloads/v1/download_service_pb.js";
 import { type ApiServer, type ApiServerOptions, startApiServer } from "../../server/server.js";
 import { type Services, startServices, TEST_OWNER, TEST_TOKEN } from "./services.js";
 import { testLogger } from "./test-log.js";
@@ -167,4 +169,12 @@ export async function startApiStack(
       if (opts.services === undefined) await svc.stop();
     },
   };
+}
+
+/** A Connect client (JSON over HTTP/1.1) of DownloadService with the test owner's token. */
+export function testClient(baseUrl: string): Client<typeof DownloadService> {
+  return createClient(
+    DownloadService,
+    createConnectTransport({ baseUrl, httpVersion: "1.1", interceptors: [withTestToken] }),
+  );
 }

@@ -12,7 +12,7 @@ import type { Message } from "@bufbuild/protobuf";
  * Describes the file downloads/v1/download_service.proto.
  */
 export const file_downloads_v1_download_service: GenFile = /*@__PURE__*/
-  fileDesc("CiNkb3dubG9hZHMvdjEvZG93bmxvYWRfc2VydmljZS5wcm90bxIMZG93bmxvYWRzLnYxIuIECgNKb2ISDgoGam9iX2lkGAEgASgJEiUKBXN0YXRlGAIgASgOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEhAKCGZpbGVfaWRzGAMgAygFEigKCHByb2dyZXNzGAQgASgLMhYuZG93bmxvYWRzLnYxLlByb2dyZXNzEicKBWZpbGVzGAUgAygLMhguZG93bmxvYWRzLnYxLkZpbGVTdGF0dXMSDwoHdmVyc2lvbhgGIAEoBRIQCghhdHRlbXB0cxgHIAEoBRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYDCABKAsyFy5kb3dubG9hZHMudjEuSm9iUmVzdWx0EiUKBWVycm9yGA0gASgLMhYuZG93bmxvYWRzLnYxLkpvYkVycm9yEi4KB3dlYmhvb2sYDiABKAsyHS5kb3dubG9hZHMudjEuV2ViaG9va0RlbGl2ZXJ5Ei0KBmxhYmVscxgPIAMoCzIdLmRvd25sb2Fkcy52MS5Kb2IuTGFiZWxzRW50cnkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASKxAQoIUHJvZ3Jlc3MSDwoHcGVyY2VudBgBIAEoBRISCgpmaWxlc19kb25lGAIgASgFEhMKC2ZpbGVzX3RvdGFsGAMgASgFEhIKCmJ5dGVzX2RvbmUYBCABKAMSEwoLYnl0ZXNfdG90YWwYBSABKAMSGAoLZXRhX3NlY29uZHMYBiABKAVIAIgBARIYChBieXRlc19wZXJfc2Vjb25kGAcgASgDQg4KDF9ldGFfc2Vjb25kcyKBAQoKRmlsZVN0YXR1cxIPCgdmaWxlX2lkGAEgASgFEiYKBXN0YXRlGAIgASgOMhcuZG93bmxvYWRzLnYxLkZpbGVTdGF0ZRISCgpzaXplX2J5dGVzGAMgASgDEhIKCmJ5dGVzX2RvbmUYBCABKAMSEgoKZW50cnlfbmFtZRgFIAEoCSLKAQoJSm9iUmVzdWx0EhQKDGRvd25sb2FkX3VybBgBIAEoCRIvCgtleHBpcmVfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEQoJZmlsZV9uYW1lGAMgASgJEhIKCnNpemVfYnl0ZXMYBCABKAMSDgoGc2hhMjU2GAUgASgJEg8KB2V4cGlyZWQYBiABKAgSLgoKcHVyZ2VfdGltZRgHIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiVgoISm9iRXJyb3ISDAoEY29kZRgBIAEoCRIPCgdtZXNzYWdlGAIgASgJEhEKCXJldHJ5YWJsZRgDIAEoCBIYChBtaXNzaW5nX2ZpbGVfaWRzGAQgAygFIp8DCg1IaXN0b3JpY2FsSm9iEg4KBmpvYl9pZBgBIAEoCRIlCgVzdGF0ZRgCIAEoDjIWLmRvd25sb2Fkcy52MS5Kb2JTdGF0ZRIQCghmaWxlX2lkcxgDIAMoBRIYChB0b3RhbF9zaXplX2J5dGVzGAQgASgDEhsKDnppcF9zaXplX2J5dGVzGAUgASgDSACIAQESLwoLY3JlYXRlX3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAggASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIvCgt1cGRhdGVfdGltZRgJIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASEAoIYXR0ZW1wdHMYCiABKAUSEgoKZXJyb3JfY29kZRgLIAEoCRIVCg1lcnJvcl9tZXNzYWdlGAwgASgJQhEKD196aXBfc2l6ZV9ieXRlcyKpAwoNSm9iU3RhdGlzdGljcxIuCgpzdGFydF90aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIMCgRqb2JzGAIgASgDEhEKCWNvbXBsZXRlZBgDIAEoAxIOCgZmYWlsZWQYBCABKAMSEQoJY2FuY2VsbGVkGAUgASgDEhgKEHRvdGFsX3NpemVfYnl0ZXMYBiABKAMSFgoOemlwX3NpemVfYnl0ZXMYByABKAMSLwoMZHVyYXRpb25fcDUwGAggASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEi8KDGR1cmF0aW9uX3A5NRgJIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg5xdWV1ZV93YWl0X3A1MBgKIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIxCg5xdWV1ZV93YWl0X3A5NRgLIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIqCghmYWlsdXJlcxgMIAMoCzIYLmRvd25sb2Fkcy52MS5FcnJvckNvdW50Ii8KCkVycm9yQ291bnQSEgoKZXJyb3JfY29kZRgBIAEoCRINCgVjb3VudBgCIAEoAyK3AQoPSW5pdGlhdGVSZXF1ZXN0EhAKCGZpbGVfaWRzGAEgAygFEhIKCnJlcXVlc3RfaWQYAiABKAkSFAoMY2FsbGJhY2tfdXJsGAMgASgJEjkKBmxhYmVscxgEIAMoCzIpLmRvd25sb2Fkcy52MS5Jbml0aWF0ZVJlcXVlc3QuTGFiZWxzRW50cnkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJiChBJbml0aWF0ZVJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2ISLgoHb3V0Y29tZRgCIAEoDjIdLmRvd25sb2Fkcy52MS5Jbml0aWF0ZU91dGNvbWUiYgoQR2V0U3RhdHVzUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSFQoNYWZ0ZXJfdmVyc2lvbhgCIAEoBRInCgR3YWl0GAMgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uIqABChFHZXRTdGF0dXNSZXNwb25zZRIeCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iEicKBHdhaXQYAiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SEwoLd2FpdF9ub3RpY2UYAyABKAkSLQoKcG9sbF9hZnRlchgEIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiI4Cg9XYXRjaEpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhUKDWFmdGVyX3ZlcnNpb24YAiABKAUiawoQV2F0Y2hKb2JSZXNwb25zZRIgCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iSAASLAoJaGVhcnRiZWF0GAIgASgLMhcuZG93bmxvYWRzLnYxLkhlYXJ0YmVhdEgAQgcKBWV2ZW50IkYKCUhlYXJ0YmVhdBIoCgR0aW1lGAEgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIPCgd2ZXJzaW9uGAIgASgFIh8KDUNhbmNlbFJlcXVlc3QSDgoGam9iX2lkGAEgASgJIjAKDkNhbmNlbFJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2Ii0gEKFUxpc3RKb2JIaXN0b3J5UmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRImCgZzdGF0ZXMYAyADKA4yFi5kb3dubG9hZHMudjEuSm9iU3RhdGUSNQoRY3JlYXRlX3RpbWVfc3RhcnQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX2VuZBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXAiXAoWTGlzdEpvYkhpc3RvcnlSZXNwb25zZRIpCgRqb2JzGAEgAygLMhsuZG93bmxvYWRzLnYxLkhpc3RvcmljYWxKb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIqsBChdHZXRKb2JTdGF0aXN0aWNzUmVxdWVzdBIyCghpbnRlcnZhbBgBIAEoDjIgLmRvd25sb2Fkcy52MS5TdGF0aXN0aWNzSW50ZXJ2YWwSLgoKc3RhcnRfdGltZRgCIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLAoIZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIkgKGEdldEpvYlN0YXRpc3RpY3NSZXNwb25zZRIsCgdidWNrZXRzGAEgAygLMhsuZG93bmxvYWRzLnYxLkpvYlN0YXRpc3RpY3MitgIKD0xpc3RKb2JzUmVxdWVzdBIRCglwYWdlX3NpemUYASABKAUSEgoKcGFnZV90b2tlbhgCIAEoCRImCgZzdGF0ZXMYAyADKA4yFi5kb3dubG9hZHMudjEuSm9iU3RhdGUSNQoRY3JlYXRlX3RpbWVfc3RhcnQYBCABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjMKD2NyZWF0ZV90aW1lX2VuZBgFIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASOQoGbGFiZWxzGAYgAygLMikuZG93bmxvYWRzLnYxLkxpc3RKb2JzUmVxdWVzdC5MYWJlbHNFbnRyeRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBIkwKEExpc3RKb2JzUmVzcG9uc2USHwoEam9icxgBIAMoCzIRLmRvd25sb2Fkcy52MS5Kb2ISFwoPbmV4dF9wYWdlX3Rva2VuGAIgASgJIiIKEERlbGV0ZUpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJIhMKEURlbGV0ZUpvYlJlc3BvbnNlIjUKD1JldHJ5Sm9iUmVxdWVzdBIOCgZqb2JfaWQYASABKAkSEgoKcmVxdWVzdF9pZBgCIAEoCSJEChBSZXRyeUpvYlJlc3BvbnNlEh4KA2pvYhgBIAEoCzIRLmRvd25sb2Fkcy52MS5Kb2ISEAoIcmVwbGF5ZWQYAiABKAgi/QEKD1dlYmhvb2tEZWxpdmVyeRIUCgxjYWxsYmFja191cmwYASABKAkSKQoFc3RhdGUYAiABKA4yGi5kb3dubG9hZHMudjEuV2ViaG9va1N0YXRlEhAKCGF0dGVtcHRzGAMgASgFEhgKEGxhc3Rfc3RhdHVzX2NvZGUYBCABKAUSEgoKbGFzdF9lcnJvchgFIAEoCRI1ChFsYXN0X2F0dGVtcHRfdGltZRgGIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASMgoOZGVsaXZlcmVkX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wKrQBCg9Jbml0aWF0ZU91dGNvbWUSIAocSU5JVElBVEVfT1VUQ09NRV9VTlNQRUNJRklFRBAAEhwKGElOSVRJQVRFX09VVENPTUVfQ1JFQVRFRBABEh0KGUlOSVRJQVRFX09VVENPTUVfUkVQTEFZRUQQAhIeChpJTklUSUFURV9PVVRDT01FX0lOX0ZMSUdIVBADEiIKHklOSVRJQVRFX09VVENPTUVfUkVVU0VEX1JFU1VMVBAEKn8KDFdlYmhvb2tTdGF0ZRIdChlXRUJIT09LX1NUQVRFX1VOU1BFQ0lGSUVEEAASGQoVV0VCSE9PS19TVEFURV9QRU5ESU5HEAESGwoXV0VCSE9PS19TVEFURV9ERUxJVkVSRUQQAhIYChRXRUJIT09LX1NUQVRFX0ZBSUxFRBADKp0BCghKb2JTdGF0ZRIZChVKT0JfU1RBVEVfVU5TUEVDSUZJRUQQABIUChBKT0JfU1RBVEVfUVVFVUVEEAESGAoUSk9CX1NUQVRFX1BST0NFU1NJTkcQAhIXChNKT0JfU1RBVEVfQ09NUExFVEVEEAMSFAoQSk9CX1NUQVRFX0ZBSUxFRBAEEhcKE0pPQl9TVEFURV9DQU5DRUxMRUQQBSp4ChJTdGF0aXN0aWNzSW50ZXJ2YWwSIwofU1RBVElTVElDU19JTlRFUlZBTF9VTlNQRUNJRklFRBAAEh4KGlNUQVRJU1RJQ1NfSU5URVJWQUxfSE9VUkxZEAESHQoZU1RBVElTVElDU19JTlRFUlZBTF9EQUlMWRACKocBCglGaWxlU3RhdGUSGgoWRklMRV9TVEFURV9VTlNQRUNJRklFRBAAEhYKEkZJTEVfU1RBVEVfUEVORElORxABEhoKFkZJTEVfU1RBVEVfSU5fUFJPR1JFU1MQAhITCg9GSUxFX1NUQVRFX0RPTkUQAxIVChFGSUxFX1NUQVRFX0ZBSUxFRBAEMvkFCg9Eb3dubG9hZFNlcnZpY2USSQoISW5pdGlhdGUSHS5kb3dubG9hZHMudjEuSW5pdGlhdGVSZXF1ZXN0Gh4uZG93bmxvYWRzLnYxLkluaXRpYXRlUmVzcG9uc2USUQoJR2V0U3RhdHVzEh4uZG93bmxvYWRzLnYxLkdldFN0YXR1c1JlcXVlc3QaHy5kb3dubG9hZHMudjEuR2V0U3RhdHVzUmVzcG9uc2UiA5ACARJLCghXYXRjaEpvYhIdLmRvd25sb2Fkcy52MS5XYXRjaEpvYlJlcXVlc3QaHi5kb3dubG9hZHMudjEuV2F0Y2hKb2JSZXNwb25zZTABEkgKBkNhbmNlbBIbLmRvd25sb2Fkcy52MS5DYW5jZWxSZXF1ZXN0GhwuZG93bmxvYWRzLnYxLkNhbmNlbFJlc3BvbnNlIgOQAgISYAoOTGlzdEpvYkhpc3RvcnkSIy5kb3dubG9hZHMudjEuTGlzdEpvYkhpc3RvcnlSZXF1ZXN0GiQuZG93bmxvYWRzLnYxLkxpc3RKb2JIaXN0b3J5UmVzcG9uc2UiA5ACARJmChBHZXRKb2JTdGF0aXN0aWNzEiUuZG93bmxvYWRzLnYxLkdldEpvYlN0YXRpc3RpY3NSZXF1ZXN0GiYuZG93bmxvYWRzLnYxLkdldEpvYlN0YXRpc3RpY3NSZXNwb25zZSIDkAIBEk4KCExpc3RKb2JzEh0uZG93bmxvYWRzLnYxLkxpc3RKb2JzUmVxdWVzdBoeLmRvd25sb2Fkcy52MS5MaXN0Sm9ic1Jlc3BvbnNlIgOQAgESTAoJRGVsZXRlSm9iEh4uZG93bmxvYWRzLnYxLkRlbGV0ZUpvYlJlcXVlc3QaHy5kb3dubG9hZHMudjEuRGVsZXRlSm9iUmVzcG9uc2USSQoIUmV0cnlKb2ISHS5kb3dubG9hZHMudjEuUmV0cnlKb2JSZXF1ZXN0Gh4uZG93bmxvYWRzLnYxLlJldHJ5Sm9iUmVzcG9uc2ViBnByb3RvMw", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
+  fileDesc("CiNkb3dubG9hZHMvdjEvZG93bmxvYWRfc2VydmljZS5wcm90bxIMZG93bmxvYWRzLnYxIpEFCgNKb2ISDgoGam9iX2lkGAEgASgJEiUKBXN0YXRlGAIgASgOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEhAKCGZpbGVfaWRzGAMgAygFEigKCHByb2dyZXNzGAQgASgLMhYuZG93bmxvYWRzLnYxLlByb2dyZXNzEicKBWZpbGVzGAUgAygLMhguZG93bmxvYWRzLnYxLkZpbGVTdGF0dXMSDwoHdmVyc2lvbhgGIAEoBRIQCghhdHRlbXB0cxgHIAEoBRIvCgtjcmVhdGVfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEi4KCnN0YXJ0X3RpbWUYCiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAsgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBInCgZyZXN1bHQYDCABKAsyFy5kb3dubG9hZHMudjEuSm9iUmVzdWx0EiUKBWVycm9yGA0gASgLMhYuZG93bmxvYWRzLnYxLkpvYkVycm9yEi4KB3dlYmhvb2sYDiABKAsyHS5kb3dubG9hZHMudjEuV2ViaG9va0RlbGl2ZXJ5Ei0KBmxhYmVscxgPIAMoCzIdLmRvd25sb2Fkcy52MS5Kb2IuTGFiZWxzRW50cnkSLQoIZXN0aW1hdGUYKCABKAsyGy5kb3dubG9hZHMudjEuUXVldWVFc3RpbWF0ZRotCgtMYWJlbHNFbnRyeRILCgNrZXkYASABKAkSDQoFdmFsdWUYAiABKAk6AjgBItQBCg1RdWV1ZUVzdGltYXRlEhAKCHBvc2l0aW9uGAEgASgFEjgKFHByZWRpY3RlZF9zdGFydF90aW1lGAIgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBI2ChJwcmVkaWN0ZWRfZW5kX3RpbWUYAyABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhQKDHJ1bm5pbmdfam9icxgEIAEoBRIYChBieXRlc19wZXJfc2Vjb25kGAUgASgDEg8KB3NhbXBsZXMYBiABKAUisQEKCFByb2dyZXNzEg8KB3BlcmNlbnQYASABKAUSEgoKZmlsZXNfZG9uZRgCIAEoBRITCgtmaWxlc190b3RhbBgDIAEoBRISCgpieXRlc19kb25lGAQgASgDEhMKC2J5dGVzX3RvdGFsGAUgASgDEhgKC2V0YV9zZWNvbmRzGAYgASgFSACIAQESGAoQYnl0ZXNfcGVyX3NlY29uZBgHIAEoA0IOCgxfZXRhX3NlY29uZHMigQEKCkZpbGVTdGF0dXMSDwoHZmlsZV9pZBgBIAEoBRImCgVzdGF0ZRgCIAEoDjIXLmRvd25sb2Fkcy52MS5GaWxlU3RhdGUSEgoKc2l6ZV9ieXRlcxgDIAEoAxISCgpieXRlc19kb25lGAQgASgDEhIKCmVudHJ5X25hbWUYBSABKAki3AEKCUpvYlJlc3VsdBIUCgxkb3dubG9hZF91cmwYASABKAkSLwoLZXhwaXJlX3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhEKCWZpbGVfbmFtZRgDIAEoCRISCgpzaXplX2J5dGVzGAQgASgDEg4KBnNoYTI1NhgFIAEoCRIPCgdleHBpcmVkGAYgASgIEi4KCnB1cmdlX3RpbWUYByABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGxpbmtfdXJsGBQgASgJIlYKCEpvYkVycm9yEgwKBGNvZGUYASABKAkSDwoHbWVzc2FnZRgCIAEoCRIRCglyZXRyeWFibGUYAyABKAgSGAoQbWlzc2luZ19maWxlX2lkcxgEIAMoBSKfAwoNSGlzdG9yaWNhbEpvYhIOCgZqb2JfaWQYASABKAkSJQoFc3RhdGUYAiABKA4yFi5kb3dubG9hZHMudjEuSm9iU3RhdGUSEAoIZmlsZV9pZHMYAyADKAUSGAoQdG90YWxfc2l6ZV9ieXRlcxgEIAEoAxIbCg56aXBfc2l6ZV9ieXRlcxgFIAEoA0gAiAEBEi8KC2NyZWF0ZV90aW1lGAYgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIuCgpzdGFydF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIsCghlbmRfdGltZRgIIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASLwoLdXBkYXRlX3RpbWUYCSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEhAKCGF0dGVtcHRzGAogASgFEhIKCmVycm9yX2NvZGUYCyABKAkSFQoNZXJyb3JfbWVzc2FnZRgMIAEoCUIRCg9femlwX3NpemVfYnl0ZXMiqQMKDUpvYlN0YXRpc3RpY3MSLgoKc3RhcnRfdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDAoEam9icxgCIAEoAxIRCgljb21wbGV0ZWQYAyABKAMSDgoGZmFpbGVkGAQgASgDEhEKCWNhbmNlbGxlZBgFIAEoAxIYChB0b3RhbF9zaXplX2J5dGVzGAYgASgDEhYKDnppcF9zaXplX2J5dGVzGAcgASgDEi8KDGR1cmF0aW9uX3A1MBgIIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbhIvCgxkdXJhdGlvbl9wOTUYCSABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SMQoOcXVldWVfd2FpdF9wNTAYCiABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SMQoOcXVldWVfd2FpdF9wOTUYCyABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24SKgoIZmFpbHVyZXMYDCADKAsyGC5kb3dubG9hZHMudjEuRXJyb3JDb3VudCIvCgpFcnJvckNvdW50EhIKCmVycm9yX2NvZGUYASABKAkSDQoFY291bnQYAiABKAMitwEKD0luaXRpYXRlUmVxdWVzdBIQCghmaWxlX2lkcxgBIAMoBRISCgpyZXF1ZXN0X2lkGAIgASgJEhQKDGNhbGxiYWNrX3VybBgDIAEoCRI5CgZsYWJlbHMYBCADKAsyKS5kb3dubG9hZHMudjEuSW5pdGlhdGVSZXF1ZXN0LkxhYmVsc0VudHJ5Gi0KC0xhYmVsc0VudHJ5EgsKA2tleRgBIAEoCRINCgV2YWx1ZRgCIAEoCToCOAEiYgoQSW5pdGlhdGVSZXNwb25zZRIeCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iEi4KB291dGNvbWUYAiABKA4yHS5kb3dubG9hZHMudjEuSW5pdGlhdGVPdXRjb21lImIKEEdldFN0YXR1c1JlcXVlc3QSDgoGam9iX2lkGAEgASgJEhUKDWFmdGVyX3ZlcnNpb24YAiABKAUSJwoEd2FpdBgDIAEoCzIZLmdvb2dsZS5wcm90b2J1Zi5EdXJhdGlvbiKgAQoRR2V0U3RhdHVzUmVzcG9uc2USHgoDam9iGAEgASgLMhEuZG93bmxvYWRzLnYxLkpvYhInCgR3YWl0GAIgASgLMhkuZ29vZ2xlLnByb3RvYnVmLkR1cmF0aW9uEhMKC3dhaXRfbm90aWNlGAMgASgJEi0KCnBvbGxfYWZ0ZXIYBCABKAsyGS5nb29nbGUucHJvdG9idWYuRHVyYXRpb24iOAoPV2F0Y2hKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCRIVCg1hZnRlcl92ZXJzaW9uGAIgASgFImsKEFdhdGNoSm9iUmVzcG9uc2USIAoDam9iGAEgASgLMhEuZG93bmxvYWRzLnYxLkpvYkgAEiwKCWhlYXJ0YmVhdBgCIAEoCzIXLmRvd25sb2Fkcy52MS5IZWFydGJlYXRIAEIHCgVldmVudCJGCglIZWFydGJlYXQSKAoEdGltZRgBIAEoCzIaLmdvb2dsZS5wcm90b2J1Zi5UaW1lc3RhbXASDwoHdmVyc2lvbhgCIAEoBSIfCg1DYW5jZWxSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSIwCg5DYW5jZWxSZXNwb25zZRIeCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iItIBChVMaXN0Sm9iSGlzdG9yeVJlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSJgoGc3RhdGVzGAMgAygOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEjUKEWNyZWF0ZV90aW1lX3N0YXJ0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9jcmVhdGVfdGltZV9lbmQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wIlwKFkxpc3RKb2JIaXN0b3J5UmVzcG9uc2USKQoEam9icxgBIAMoCzIbLmRvd25sb2Fkcy52MS5IaXN0b3JpY2FsSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSKrAQoXR2V0Sm9iU3RhdGlzdGljc1JlcXVlc3QSMgoIaW50ZXJ2YWwYASABKA4yIC5kb3dubG9hZHMudjEuU3RhdGlzdGljc0ludGVydmFsEi4KCnN0YXJ0X3RpbWUYAiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEiwKCGVuZF90aW1lGAMgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCJIChhHZXRKb2JTdGF0aXN0aWNzUmVzcG9uc2USLAoHYnVja2V0cxgBIAMoCzIbLmRvd25sb2Fkcy52MS5Kb2JTdGF0aXN0aWNzIrYCCg9MaXN0Sm9ic1JlcXVlc3QSEQoJcGFnZV9zaXplGAEgASgFEhIKCnBhZ2VfdG9rZW4YAiABKAkSJgoGc3RhdGVzGAMgAygOMhYuZG93bmxvYWRzLnYxLkpvYlN0YXRlEjUKEWNyZWF0ZV90aW1lX3N0YXJ0GAQgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcBIzCg9jcmVhdGVfdGltZV9lbmQYBSABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjkKBmxhYmVscxgGIAMoCzIpLmRvd25sb2Fkcy52MS5MaXN0Sm9ic1JlcXVlc3QuTGFiZWxzRW50cnkaLQoLTGFiZWxzRW50cnkSCwoDa2V5GAEgASgJEg0KBXZhbHVlGAIgASgJOgI4ASJMChBMaXN0Sm9ic1Jlc3BvbnNlEh8KBGpvYnMYASADKAsyES5kb3dubG9hZHMudjEuSm9iEhcKD25leHRfcGFnZV90b2tlbhgCIAEoCSIiChBEZWxldGVKb2JSZXF1ZXN0Eg4KBmpvYl9pZBgBIAEoCSITChFEZWxldGVKb2JSZXNwb25zZSI1Cg9SZXRyeUpvYlJlcXVlc3QSDgoGam9iX2lkGAEgASgJEhIKCnJlcXVlc3RfaWQYAiABKAkiRAoQUmV0cnlKb2JSZXNwb25zZRIeCgNqb2IYASABKAsyES5kb3dubG9hZHMudjEuSm9iEhAKCHJlcGxheWVkGAIgASgIIv0BCg9XZWJob29rRGVsaXZlcnkSFAoMY2FsbGJhY2tfdXJsGAEgASgJEikKBXN0YXRlGAIgASgOMhouZG93bmxvYWRzLnYxLldlYmhvb2tTdGF0ZRIQCghhdHRlbXB0cxgDIAEoBRIYChBsYXN0X3N0YXR1c19jb2RlGAQgASgFEhIKCmxhc3RfZXJyb3IYBSABKAkSNQoRbGFzdF9hdHRlbXB0X3RpbWUYBiABKAsyGi5nb29nbGUucHJvdG9idWYuVGltZXN0YW1wEjIKDmRlbGl2ZXJlZF90aW1lGAcgASgLMhouZ29vZ2xlLnByb3RvYnVmLlRpbWVzdGFtcCq0AQoPSW5pdGlhdGVPdXRjb21lEiAKHElOSVRJQVRFX09VVENPTUVfVU5TUEVDSUZJRUQQABIcChhJTklUSUFURV9PVVRDT01FX0NSRUFURUQQARIdChlJTklUSUFURV9PVVRDT01FX1JFUExBWUVEEAISHgoaSU5JVElBVEVfT1VUQ09NRV9JTl9GTElHSFQQAxIiCh5JTklUSUFURV9PVVRDT01FX1JFVVNFRF9SRVNVTFQQBCp/CgxXZWJob29rU3RhdGUSHQoZV0VCSE9PS19TVEFURV9VTlNQRUNJRklFRBAAEhkKFVdFQkhPT0tfU1RBVEVfUEVORElORxABEhsKF1dFQkhPT0tfU1RBVEVfREVMSVZFUkVEEAISGAoUV0VCSE9PS19TVEFURV9GQUlMRUQQAyqdAQoISm9iU3RhdGUSGQoVSk9CX1NUQVRFX1VOU1BFQ0lGSUVEEAASFAoQSk9CX1NUQVRFX1FVRVVFRBABEhgKFEpPQl9TVEFURV9QUk9DRVNTSU5HEAISFwoTSk9CX1NUQVRFX0NPTVBMRVRFRBADEhQKEEpPQl9TVEFURV9GQUlMRUQQBBIXChNKT0JfU1RBVEVfQ0FOQ0VMTEVEEAUqeAoSU3RhdGlzdGljc0ludGVydmFsEiMKH1NUQVRJU1RJQ1NfSU5URVJWQUxfVU5TUEVDSUZJRUQQABIeChpTVEFUSVNUSUNTX0lOVEVSVkFMX0hPVVJMWRABEh0KGVNUQVRJU1RJQ1NfSU5URVJWQUxfREFJTFkQAiqHAQoJRmlsZVN0YXRlEhoKFkZJTEVfU1RBVEVfVU5TUEVDSUZJRUQQABIWChJGSUxFX1NUQVRFX1BFTkRJTkcQARIaChZGSUxFX1NUQVRFX0lOX1BST0dSRVNTEAISEwoPRklMRV9TVEFURV9ET05FEAMSFQoRRklMRV9TVEFURV9GQUlMRUQQBDL5BQoPRG93bmxvYWRTZXJ2aWNlEkkKCEluaXRpYXRlEh0uZG93bmxvYWRzLnYxLkluaXRpYXRlUmVxdWVzdBoeLmRvd25sb2Fkcy52MS5Jbml0aWF0ZVJlc3BvbnNlElEKCUdldFN0YXR1cxIeLmRvd25sb2Fkcy52MS5HZXRTdGF0dXNSZXF1ZXN0Gh8uZG93bmxvYWRzLnYxLkdldFN0YXR1c1Jlc3BvbnNlIgOQAgESSwoIV2F0Y2hKb2ISHS5kb3dubG9hZHMudjEuV2F0Y2hKb2JSZXF1ZXN0Gh4uZG93bmxvYWRzLnYxLldhdGNoSm9iUmVzcG9uc2UwARJICgZDYW5jZWwSGy5kb3dubG9hZHMudjEuQ2FuY2VsUmVxdWVzdBocLmRvd25sb2Fkcy52MS5DYW5jZWxSZXNwb25zZSIDkAICEmAKDkxpc3RKb2JIaXN0b3J5EiMuZG93bmxvYWRzLnYxLkxpc3RKb2JIaXN0b3J5UmVxdWVzdBokLmRvd25sb2Fkcy52MS5MaXN0Sm9iSGlzdG9yeVJlc3BvbnNlIgOQAgESZgoQR2V0Sm9iU3RhdGlzdGljcxIlLmRvd25sb2Fkcy52MS5HZXRKb2JTdGF0aXN0aWNzUmVxdWVzdBomLmRvd25sb2Fkcy52MS5HZXRKb2JTdGF0aXN0aWNzUmVzcG9uc2UiA5ACARJOCghMaXN0Sm9icxIdLmRvd25sb2Fkcy52MS5MaXN0Sm9ic1JlcXVlc3QaHi5kb3dubG9hZHMudjEuTGlzdEpvYnNSZXNwb25zZSIDkAIBEkwKCURlbGV0ZUpvYhIeLmRvd25sb2Fkcy52MS5EZWxldGVKb2JSZXF1ZXN0Gh8uZG93bmxvYWRzLnYxLkRlbGV0ZUpvYlJlc3BvbnNlEkkKCFJldHJ5Sm9iEh0uZG93bmxvYWRzLnYxLlJldHJ5Sm9iUmVxdWVzdBoeLmRvd25sb2Fkcy52MS5SZXRyeUpvYlJlc3BvbnNlYgZwcm90bzM", [file_google_protobuf_duration, file_google_protobuf_timestamp]);
 
 /**
  * Job is one download being prepared: its state, progress and, at the end, its
@@ -127,6 +127,15 @@ export type Job = Message<"downloads.v1.Job"> & {
    * @generated from field: map<string, string> labels = 15;
    */
   labels: { [key: string]: string };
+
+  /**
+   * Where a queued job stands and when it is predicted to start and end; for a running
+   * job, when it is predicted to end. Predicted from the throughput the workers measured
+   * recently (no times before any run was measured). Unset once the job has ended.
+   *
+   * @generated from field: downloads.v1.QueueEstimate estimate = 40;
+   */
+  estimate?: QueueEstimate | undefined;
 };
 
 /**
@@ -135,6 +144,63 @@ export type Job = Message<"downloads.v1.Job"> & {
  */
 export const JobSchema: GenMessage<Job> = /*@__PURE__*/
   messageDesc(file_downloads_v1_download_service, 0);
+
+/**
+ * QueueEstimate is a job's place in the queue and its predicted times.
+ *
+ * @generated from message downloads.v1.QueueEstimate
+ */
+export type QueueEstimate = Message<"downloads.v1.QueueEstimate"> & {
+  /**
+   * 1 for the next job to start, 2 for the one after it, and so on, among the jobs this
+   * one waits for; 0 when the job is not queued (running).
+   *
+   * @generated from field: int32 position = 1;
+   */
+  position: number;
+
+  /**
+   * When a worker is predicted to take the job; set only while queued.
+   *
+   * @generated from field: google.protobuf.Timestamp predicted_start_time = 2;
+   */
+  predictedStartTime?: Timestamp | undefined;
+
+  /**
+   * When the job is predicted to end. Both times are unset while no run has been measured.
+   *
+   * @generated from field: google.protobuf.Timestamp predicted_end_time = 3;
+   */
+  predictedEndTime?: Timestamp | undefined;
+
+  /**
+   * Jobs running now, across all workers: the slots the queue drains through.
+   *
+   * @generated from field: int32 running_jobs = 4;
+   */
+  runningJobs: number;
+
+  /**
+   * The recent read rate of one job that the prediction assumes, in bytes per second.
+   *
+   * @generated from field: int64 bytes_per_second = 5;
+   */
+  bytesPerSecond: bigint;
+
+  /**
+   * Finished jobs the measurements weigh (recent ones weigh more); 0 for none yet.
+   *
+   * @generated from field: int32 samples = 6;
+   */
+  samples: number;
+};
+
+/**
+ * Describes the message downloads.v1.QueueEstimate.
+ * Use `create(QueueEstimateSchema)` to create a new message.
+ */
+export const QueueEstimateSchema: GenMessage<QueueEstimate> = /*@__PURE__*/
+  messageDesc(file_downloads_v1_download_service, 1);
 
 /**
  * Progress of a job as a whole.
@@ -197,7 +263,7 @@ export type Progress = Message<"downloads.v1.Progress"> & {
  * Use `create(ProgressSchema)` to create a new message.
  */
 export const ProgressSchema: GenMessage<Progress> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 1);
+  messageDesc(file_downloads_v1_download_service, 2);
 
 /**
  * FileStatus is the progress of one source file inside a job.
@@ -246,7 +312,7 @@ export type FileStatus = Message<"downloads.v1.FileStatus"> & {
  * Use `create(FileStatusSchema)` to create a new message.
  */
 export const FileStatusSchema: GenMessage<FileStatus> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 2);
+  messageDesc(file_downloads_v1_download_service, 3);
 
 /**
  * JobResult describes the finished ZIP.
@@ -304,6 +370,18 @@ export type JobResult = Message<"downloads.v1.JobResult"> & {
    * @generated from field: google.protobuf.Timestamp purge_time = 7;
    */
   purgeTime?: Timestamp | undefined;
+
+  /**
+   * A link to the ZIP that stays the same and keeps working while the ZIP lives: a GET
+   * answers 302 to a freshly presigned download_url, with no bearer token (the link is a
+   * capability for this one job: share it only with whoever may download the ZIP). It
+   * stops working once the ZIP or the job is gone. Relative ("/d/<job_id>?exp=..&sig=..")
+   * unless the server knows its public address (PUBLIC_URL); empty when the server has
+   * no DOWNLOAD_LINK_SECRET.
+   *
+   * @generated from field: string link_url = 20;
+   */
+  linkUrl: string;
 };
 
 /**
@@ -311,7 +389,7 @@ export type JobResult = Message<"downloads.v1.JobResult"> & {
  * Use `create(JobResultSchema)` to create a new message.
  */
 export const JobResultSchema: GenMessage<JobResult> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 3);
+  messageDesc(file_downloads_v1_download_service, 4);
 
 /**
  * JobError explains why a job failed.
@@ -355,7 +433,7 @@ export type JobError = Message<"downloads.v1.JobError"> & {
  * Use `create(JobErrorSchema)` to create a new message.
  */
 export const JobErrorSchema: GenMessage<JobError> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 4);
+  messageDesc(file_downloads_v1_download_service, 5);
 
 /**
  * HistoricalJob is one job as the job history recorded it: its last known state, with
@@ -454,7 +532,7 @@ export type HistoricalJob = Message<"downloads.v1.HistoricalJob"> & {
  * Use `create(HistoricalJobSchema)` to create a new message.
  */
 export const HistoricalJobSchema: GenMessage<HistoricalJob> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 5);
+  messageDesc(file_downloads_v1_download_service, 6);
 
 /**
  * JobStatistics are the totals of the caller's jobs that ended within one hour or day.
@@ -552,7 +630,7 @@ export type JobStatistics = Message<"downloads.v1.JobStatistics"> & {
  * Use `create(JobStatisticsSchema)` to create a new message.
  */
 export const JobStatisticsSchema: GenMessage<JobStatistics> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 6);
+  messageDesc(file_downloads_v1_download_service, 7);
 
 /**
  * ErrorCount is how many jobs failed with one error code.
@@ -580,7 +658,7 @@ export type ErrorCount = Message<"downloads.v1.ErrorCount"> & {
  * Use `create(ErrorCountSchema)` to create a new message.
  */
 export const ErrorCountSchema: GenMessage<ErrorCount> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 7);
+  messageDesc(file_downloads_v1_download_service, 8);
 
 /**
  * InitiateRequest names the files to bundle.
@@ -635,7 +713,7 @@ export type InitiateRequest = Message<"downloads.v1.InitiateRequest"> & {
  * Use `create(InitiateRequestSchema)` to create a new message.
  */
 export const InitiateRequestSchema: GenMessage<InitiateRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 8);
+  messageDesc(file_downloads_v1_download_service, 9);
 
 /**
  * InitiateResponse carries the job.
@@ -663,7 +741,7 @@ export type InitiateResponse = Message<"downloads.v1.InitiateResponse"> & {
  * Use `create(InitiateResponseSchema)` to create a new message.
  */
 export const InitiateResponseSchema: GenMessage<InitiateResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 9);
+  messageDesc(file_downloads_v1_download_service, 10);
 
 /**
  * GetStatusRequest names a job, and for a long-poll what the caller already has.
@@ -703,7 +781,7 @@ export type GetStatusRequest = Message<"downloads.v1.GetStatusRequest"> & {
  * Use `create(GetStatusRequestSchema)` to create a new message.
  */
 export const GetStatusRequestSchema: GenMessage<GetStatusRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 10);
+  messageDesc(file_downloads_v1_download_service, 11);
 
 /**
  * GetStatusResponse carries the job as it is now.
@@ -746,7 +824,7 @@ export type GetStatusResponse = Message<"downloads.v1.GetStatusResponse"> & {
  * Use `create(GetStatusResponseSchema)` to create a new message.
  */
 export const GetStatusResponseSchema: GenMessage<GetStatusResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 11);
+  messageDesc(file_downloads_v1_download_service, 12);
 
 /**
  * WatchJobRequest names a job to follow.
@@ -775,7 +853,7 @@ export type WatchJobRequest = Message<"downloads.v1.WatchJobRequest"> & {
  * Use `create(WatchJobRequestSchema)` to create a new message.
  */
 export const WatchJobRequestSchema: GenMessage<WatchJobRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 12);
+  messageDesc(file_downloads_v1_download_service, 13);
 
 /**
  * WatchJobResponse is one message of a watch: a job snapshot or a heartbeat.
@@ -812,7 +890,7 @@ export type WatchJobResponse = Message<"downloads.v1.WatchJobResponse"> & {
  * Use `create(WatchJobResponseSchema)` to create a new message.
  */
 export const WatchJobResponseSchema: GenMessage<WatchJobResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 13);
+  messageDesc(file_downloads_v1_download_service, 14);
 
 /**
  * Heartbeat keeps an idle watch alive through proxies with idle timeouts.
@@ -840,7 +918,7 @@ export type Heartbeat = Message<"downloads.v1.Heartbeat"> & {
  * Use `create(HeartbeatSchema)` to create a new message.
  */
 export const HeartbeatSchema: GenMessage<Heartbeat> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 14);
+  messageDesc(file_downloads_v1_download_service, 15);
 
 /**
  * CancelRequest names a job to stop.
@@ -861,7 +939,7 @@ export type CancelRequest = Message<"downloads.v1.CancelRequest"> & {
  * Use `create(CancelRequestSchema)` to create a new message.
  */
 export const CancelRequestSchema: GenMessage<CancelRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 15);
+  messageDesc(file_downloads_v1_download_service, 16);
 
 /**
  * CancelResponse carries the job after the cancel.
@@ -882,7 +960,7 @@ export type CancelResponse = Message<"downloads.v1.CancelResponse"> & {
  * Use `create(CancelResponseSchema)` to create a new message.
  */
 export const CancelResponseSchema: GenMessage<CancelResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 16);
+  messageDesc(file_downloads_v1_download_service, 17);
 
 /**
  * ListJobHistoryRequest selects a page of the caller's job history.
@@ -933,7 +1011,7 @@ export type ListJobHistoryRequest = Message<"downloads.v1.ListJobHistoryRequest"
  * Use `create(ListJobHistoryRequestSchema)` to create a new message.
  */
 export const ListJobHistoryRequestSchema: GenMessage<ListJobHistoryRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 17);
+  messageDesc(file_downloads_v1_download_service, 18);
 
 /**
  * ListJobHistoryResponse is one page of the caller's job history.
@@ -961,7 +1039,7 @@ export type ListJobHistoryResponse = Message<"downloads.v1.ListJobHistoryRespons
  * Use `create(ListJobHistoryResponseSchema)` to create a new message.
  */
 export const ListJobHistoryResponseSchema: GenMessage<ListJobHistoryResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 18);
+  messageDesc(file_downloads_v1_download_service, 19);
 
 /**
  * GetJobStatisticsRequest selects the buckets of the caller's job statistics.
@@ -997,7 +1075,7 @@ export type GetJobStatisticsRequest = Message<"downloads.v1.GetJobStatisticsRequ
  * Use `create(GetJobStatisticsRequestSchema)` to create a new message.
  */
 export const GetJobStatisticsRequestSchema: GenMessage<GetJobStatisticsRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 19);
+  messageDesc(file_downloads_v1_download_service, 20);
 
 /**
  * GetJobStatisticsResponse holds the caller's totals per bucket.
@@ -1019,7 +1097,7 @@ export type GetJobStatisticsResponse = Message<"downloads.v1.GetJobStatisticsRes
  * Use `create(GetJobStatisticsResponseSchema)` to create a new message.
  */
 export const GetJobStatisticsResponseSchema: GenMessage<GetJobStatisticsResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 20);
+  messageDesc(file_downloads_v1_download_service, 21);
 
 /**
  * ListJobsRequest selects a page of the caller's jobs.
@@ -1077,7 +1155,7 @@ export type ListJobsRequest = Message<"downloads.v1.ListJobsRequest"> & {
  * Use `create(ListJobsRequestSchema)` to create a new message.
  */
 export const ListJobsRequestSchema: GenMessage<ListJobsRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 21);
+  messageDesc(file_downloads_v1_download_service, 22);
 
 /**
  * ListJobsResponse is one page of the caller's jobs.
@@ -1105,7 +1183,7 @@ export type ListJobsResponse = Message<"downloads.v1.ListJobsResponse"> & {
  * Use `create(ListJobsResponseSchema)` to create a new message.
  */
 export const ListJobsResponseSchema: GenMessage<ListJobsResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 22);
+  messageDesc(file_downloads_v1_download_service, 23);
 
 /**
  * DeleteJobRequest names a finished job to forget.
@@ -1126,7 +1204,7 @@ export type DeleteJobRequest = Message<"downloads.v1.DeleteJobRequest"> & {
  * Use `create(DeleteJobRequestSchema)` to create a new message.
  */
 export const DeleteJobRequestSchema: GenMessage<DeleteJobRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 23);
+  messageDesc(file_downloads_v1_download_service, 24);
 
 /**
  * DeleteJobResponse confirms the deletion.
@@ -1141,7 +1219,7 @@ export type DeleteJobResponse = Message<"downloads.v1.DeleteJobResponse"> & {
  * Use `create(DeleteJobResponseSchema)` to create a new message.
  */
 export const DeleteJobResponseSchema: GenMessage<DeleteJobResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 24);
+  messageDesc(file_downloads_v1_download_service, 25);
 
 /**
  * RetryJobRequest names a failed or cancelled job to run again.
@@ -1170,7 +1248,7 @@ export type RetryJobRequest = Message<"downloads.v1.RetryJobRequest"> & {
  * Use `create(RetryJobRequestSchema)` to create a new message.
  */
 export const RetryJobRequestSchema: GenMessage<RetryJobRequest> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 25);
+  messageDesc(file_downloads_v1_download_service, 26);
 
 /**
  * RetryJobResponse carries the job queued again.
@@ -1198,7 +1276,7 @@ export type RetryJobResponse = Message<"downloads.v1.RetryJobResponse"> & {
  * Use `create(RetryJobResponseSchema)` to create a new message.
  */
 export const RetryJobResponseSchema: GenMessage<RetryJobResponse> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 26);
+  messageDesc(file_downloads_v1_download_service, 27);
 
 /**
  * WebhookDelivery is the state of a job's terminal-state callback.
@@ -1261,7 +1339,7 @@ export type WebhookDelivery = Message<"downloads.v1.WebhookDelivery"> & {
  * Use `create(WebhookDeliverySchema)` to create a new message.
  */
 export const WebhookDeliverySchema: GenMessage<WebhookDelivery> = /*@__PURE__*/
-  messageDesc(file_downloads_v1_download_service, 27);
+  messageDesc(file_downloads_v1_download_service, 28);
 
 /**
  * InitiateOutcome tells how Initiate arrived at the job it returned.

@@ -1,0 +1,148 @@
+import { timestampMs } from "@bufbuild/protobuf/wkt";
+import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { fitRunModel, predictRunMs, recordRun } from "../core/forecast.js";
+import { JobStore } from "../core/job-store.js";
+import { type JobRecord, newJobRecord } from "../core/jobs.js";
+import { type Job, JobState } from "../gen/downloads/v1/download_service_pb.js";
+import { type ApiStack, startApiStack, testClient } from "./helpers/api.js";
+import { uniquePrefix } from "./helpers/services.js";
+import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
+
+// Queue position and predicted times, against a real worker process that bundles real S3
+// objects at a throttled rate with one slot: the first job runs, the others wait in line
+// and report their place and when they should start and end. No figure of time is
+// asserted (the bench measures the error); what a user checks is: the order is right,
+// times come in the order the jobs will run, and positions move up as the queue drains.
+
+let st: ApiStack;
+let worker: WorkerProcess;
+let client: ReturnType<typeof testClient>;
+const MiB = 1024 * 1024;
+
+beforeAll(async () => {
+  st = await startApiStack();
+  for (const id of [11, 12, 13, 14]) await st.svc.putSource(id, 3 * MiB);
+  worker = spawnWorker({
+    ...st.svc.env,
+    QUEUE_PREFIX: st.cfg.QUEUE_PREFIX,
+    WORKER_CONCURRENCY: "1",
+    // About 3 s a job: long enough to look at the queue while one runs.
+    THROTTLE_BYTES_PER_SECOND: String(MiB),
+    PROGRESS_INTERVAL_MS: "100",
+  });
+  client = testClient(st.server.url);
+});
+afterAll(async () => {
+  await worker?.kill("SIGTERM");
+  await st?.stop();
+});
+
+async function status(jobId: string): Promise<Job> {
+  const { job } = await client.getStatus({ jobId });
+  if (job === undefined) throw new Error("no job");
+  return job;
+}
+
+async function waitFor(jobId: string, ok: (job: Job) => boolean, what: string): Promise<Job> {
+  const deadline = Date.now() + 90_000;
+  for (;;) {
+    const job = await status(jobId);
+    if (ok(job)) return job;
+    if (Date.now() > deadline) throw new Error(`job ${jobId} never ${what}; last ${job.state}`);
+    await new Promise((r) => setTimeout(r, 100));
+  }
+}
+
+const ms = (t: Parameters<typeof timestampMs>[0] | undefined) =>
+  t === undefined ? Number.NaN : timestampMs(t);
+
+describe("queue position and predicted times", () => {
+  test("waiting jobs report their place and times in the order they will run", async () => {
+    // Nothing measured yet: a job gets no predicted times (they come from measurements).
+    const first = (await client.initiate({ fileIds: [11] })).job as Job;
+    expect(first.estimate?.predictedEndTime).toBeUndefined();
+    await waitFor(first.jobId, (j) => j.state === JobState.COMPLETED, "completed");
+
+    const [a, b, c] = await Promise.all(
+      [[12], [13], [14]].map(async (fileIds) => (await client.initiate({ fileIds })).job as Job),
+    );
+    const [running, next, last] = [a, b, c].map((j) => j?.jobId as string) as [
+      string,
+      string,
+      string,
+    ];
+    const r = await waitFor(
+      running,
+      (j) => j.state === JobState.PROCESSING && j.estimate?.predictedEndTime !== undefined,
+      "ran with a predicted end",
+    );
+    expect(r.estimate?.position).toBe(0);
+    expect(r.estimate?.samples).toBeGreaterThanOrEqual(1);
+    expect(r.estimate?.runningJobs).toBe(1);
+    expect(r.estimate?.bytesPerSecond).toBeGreaterThan(0n);
+
+    const [n, l] = await Promise.all([status(next), status(last)]);
+    expect(n.state).toBe(JobState.QUEUED);
+    expect(l.state).toBe(JobState.QUEUED);
+    expect(n.estimate?.position).toBe(1);
+    expect(l.estimate?.position).toBe(2);
+    // One slot: the next job starts before the last one, and each ends after it starts.
+    const nStart = ms(n.estimate?.predictedStartTime);
+    const nEnd = ms(n.estimate?.predictedEndTime);
+    const lStart = ms(l.estimate?.predictedStartTime);
+    const lEnd = ms(l.estimate?.predictedEndTime);
+    expect(nStart).toBeGreaterThan(Date.now() - 60_000);
+    expect(nEnd).toBeGreaterThan(nStart);
+    expect(lStart).toBeGreaterThan(nStart);
+    expect(lEnd).toBeGreaterThan(lStart);
+
+    // The queue drains: the last job moves up to the front, then runs, then ends.
+    await waitFor(last, (j) => j.estimate?.position === 1, "moved to position 1");
+    await waitFor(last, (j) => j.state === JobState.COMPLETED, "completed");
+    const done = await status(last);
+    expect(done.estimate).toBeUndefined();
+  });
+});
+
+describe("run measurements", () => {
+  test("the fit recovers how run time grows with files and bytes", async () => {
+    // Runs as a worker records them, made up so the truth is known:
+    // seconds = 0.4 + 0.05 per file + 0.02 per MB.
+    const store = new JobStore(st.redis, {
+      prefix: uniquePrefix("fit"),
+      recordTtlSeconds: 60,
+    });
+    const truth = (files: number, bytes: number) => 0.4 + 0.05 * files + 0.02 * (bytes / 1e6);
+    let fileId = 1000;
+    for (const [files, mb] of [
+      [1, 1],
+      [5, 200],
+      [20, 20],
+      [2, 500],
+      [50, 50],
+      [3, 3],
+      [10, 300],
+    ] as const) {
+      const rec: JobRecord = newJobRecord(
+        `00000000-0000-4000-8000-${String(fileId).padStart(12, "0")}`,
+        "o",
+        Array.from({ length: files }, () => fileId++),
+        Date.now(),
+      );
+      for (const f of rec.files) f.sizeBytes = (mb * 1e6) / files;
+      await recordRun(store, rec, truth(files, mb * 1e6) * 1000);
+    }
+    const model = fitRunModel(await st.redis.hgetall(store.keys.runStats));
+    expect(model?.samples).toBe(7);
+    const m = model as NonNullable<typeof model>;
+    for (const [files, bytes] of [
+      [1, 1e6],
+      [30, 400e6],
+      [7, 70e6],
+    ] as const) {
+      expect(predictRunMs(m, files, bytes) / 1000).toBeCloseTo(truth(files, bytes), 2);
+    }
+    // The sizes seen are kept for sizing queued jobs of the same files.
+    expect(Number(await st.redis.hget(store.keys.fileSizes, "1000"))).toBe(1e6);
+  });
+});
