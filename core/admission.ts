@@ -42,6 +42,8 @@ export interface AdmissionPolicy {
 export interface AdmissionRequest {
   owner: string;
   fileIds: number[];
+  /** Initiate's priority, already checked against the owner's maximum; 0 by default. */
+  priority?: number;
   callbackUrl?: string | undefined;
   /** The caller's labels (core/labels.ts), validated and sorted; part of the params. */
   labels?: Readonly<Record<string, string>> | undefined;
@@ -70,11 +72,15 @@ export function paramsHash(
   fileIds: readonly number[],
   callbackUrl: string | undefined,
   labels?: Readonly<Record<string, string>>,
+  priority = 0,
 ): string {
-  // Labels join the digest only when there are any: jobs made before labels keep theirs.
+  // Labels and a priority join the digest only when set: older jobs keep theirs.
   const withLabels = labels !== undefined && Object.keys(labels).length > 0 ? { labels } : {};
+  const withPriority = priority > 0 ? { priority } : {};
   return createHash("sha256")
-    .update(JSON.stringify({ fileIds, callbackUrl: callbackUrl ?? "", ...withLabels }))
+    .update(
+      JSON.stringify({ fileIds, callbackUrl: callbackUrl ?? "", ...withLabels, ...withPriority }),
+    )
     .digest("hex");
 }
 
@@ -113,8 +119,9 @@ export class Admission {
 
   async admit(req: AdmissionRequest, newId: string, now = Date.now()): Promise<Admitted> {
     const rec = newJobRecord(newId, req.owner, req.fileIds, now, req.callbackUrl, req.labels);
+    if (req.priority !== undefined && req.priority > 0) rec.priority = req.priority;
     const fields = { ...flatten(rec), version: String(rec.version) };
-    const params = paramsHash(req.fileIds, req.callbackUrl, req.labels);
+    const params = paramsHash(req.fileIds, req.callbackUrl, req.labels, req.priority);
     const reply = await this.run(req, newId, params, now, [
       "create",
       ...Object.entries(fields).flat(),
@@ -225,7 +232,7 @@ export class Admission {
 
   /** Undoes a creation whose queue entry could not be written, so a retry starts clean. */
   async forget(req: AdmissionRequest, jobId: string): Promise<void> {
-    const params = paramsHash(req.fileIds, req.callbackUrl, req.labels);
+    const params = paramsHash(req.fileIds, req.callbackUrl, req.labels, req.priority);
     const k = this.store.keys;
     const keys = [k.job(jobId), k.dedup(req.owner, params)];
     if (req.idempotencyKey !== undefined) {

@@ -23,27 +23,55 @@ export interface AuthToken {
   owner: string;
   /** Lower-case hex SHA-256 of the token, as `printf %s "$TOKEN" | sha256sum` prints it. */
   sha256: string;
+  /** `max_priority=N`: the highest Initiate priority the owner may ask for (0-9). */
+  maxPriority?: number;
+  /** `weight=N`: the owner's share of the workers against others' when queues are long. */
+  weight?: number;
 }
 
 const OWNER = /^[A-Za-z0-9_.@-]{1,64}$/;
 
-// `owner:sha256hex` pairs separated by commas or white space. Clear tokens are refused
-// on purpose: the configuration must never hold a credential.
+/** The highest Initiate priority there is; 0 is the default and the lowest. */
+export const MAX_JOB_PRIORITY = 9;
+/** The largest per-owner scheduling weight. */
+export const MAX_OWNER_WEIGHT = 100;
+
+const TOKEN_FORMAT =
+  "expected owner:sha256hex pairs separated by commas, each optionally followed by " +
+  ":max_priority=N (0-9) and :weight=N (1-100) (owner: letters, digits, _ . @ -; " +
+  'the hash of the token, from: printf %s "$TOKEN" | sha256sum)';
+
+// `owner:sha256hex[:max_priority=N][:weight=N]` entries separated by commas or white
+// space. Clear tokens are refused on purpose: the configuration must never hold a
+// credential. The settings after the hash belong to the owner, so every token of one
+// owner that states one must state the same value.
 const authTokens = z.string().transform((raw, ctx): AuthToken[] => {
   const out: AuthToken[] = [];
   const seen = new Set<string>();
   for (const item of raw.split(/[\s,]+/).filter((s) => s !== "")) {
-    const i = item.lastIndexOf(":");
-    const owner = item.slice(0, i);
-    const sha256 = item.slice(i + 1).toLowerCase();
-    if (i <= 0 || !OWNER.test(owner) || !/^[0-9a-f]{64}$/.test(sha256)) {
-      ctx.addIssue({
-        code: "custom",
-        message:
-          "expected owner:sha256hex pairs separated by commas (owner: letters, digits, _ . @ -; " +
-          'the hash of the token, from: printf %s "$TOKEN" | sha256sum)',
-      });
+    const [owner = "", hash = "", ...settings] = item.split(":");
+    const sha256 = hash.toLowerCase();
+    if (!OWNER.test(owner) || !/^[0-9a-f]{64}$/.test(sha256)) {
+      ctx.addIssue({ code: "custom", message: TOKEN_FORMAT });
       return z.NEVER;
+    }
+    const entry: AuthToken = { owner, sha256 };
+    for (const setting of settings) {
+      const m = /^(max_priority|weight)=(\d{1,3})$/.exec(setting);
+      const value = Number(m?.[2]);
+      const ok =
+        m?.[1] === "max_priority"
+          ? value <= MAX_JOB_PRIORITY
+          : m?.[1] === "weight" && value >= 1 && value <= MAX_OWNER_WEIGHT;
+      if (m === null || !ok) {
+        ctx.addIssue({
+          code: "custom",
+          message: `owner ${owner}: "${setting}" is not a setting; ${TOKEN_FORMAT}`,
+        });
+        return z.NEVER;
+      }
+      if (m[1] === "max_priority") entry.maxPriority = value;
+      else entry.weight = value;
     }
     if (seen.has(sha256)) {
       ctx.addIssue({
@@ -52,11 +80,47 @@ const authTokens = z.string().transform((raw, ctx): AuthToken[] => {
       });
       return z.NEVER;
     }
+    for (const other of out) {
+      if (other.owner !== owner) continue;
+      for (const k of ["maxPriority", "weight"] as const) {
+        if (entry[k] !== undefined && other[k] !== undefined && entry[k] !== other[k]) {
+          ctx.addIssue({
+            code: "custom",
+            message: `owner ${owner}: its tokens state different ${k === "weight" ? "weight" : "max_priority"} values; state it once, or the same on each`,
+          });
+          return z.NEVER;
+        }
+      }
+    }
     seen.add(sha256);
-    out.push({ owner, sha256 });
+    out.push(entry);
   }
   return out;
 });
+
+/** What the scheduler knows of an owner: its priority ceiling and its weight. */
+export interface OwnerSettings {
+  maxPriority: number;
+  weight: number;
+}
+
+/**
+ * Each owner's settings from its AUTH_TOKENS entries; owners that state nothing (and the
+ * anonymous owner of AUTH_DISABLED) get the defaults.
+ */
+export function ownerSettingsFrom(
+  tokens: readonly AuthToken[],
+  defaults: OwnerSettings,
+): (owner: string) => OwnerSettings {
+  const byOwner = new Map<string, OwnerSettings>();
+  for (const t of tokens) {
+    const s = byOwner.get(t.owner) ?? { ...defaults };
+    if (t.maxPriority !== undefined) s.maxPriority = t.maxPriority;
+    if (t.weight !== undefined) s.weight = t.weight;
+    byOwner.set(t.owner, s);
+  }
+  return (owner) => byOwner.get(owner) ?? defaults;
+}
 
 // Host names or CIDR ranges a webhook may reach although they are private.
 const hostList = z.string().transform((raw) => raw.split(/[\s,]+/).filter((s) => s !== ""));
@@ -171,6 +235,11 @@ const schema = z.object({
   DEDUP_IN_FLIGHT: flag.default(true),
   REUSE_RESULTS: flag.default(true),
   MAX_ACTIVE_JOBS_PER_OWNER: int(0).default(5),
+  // The priority ceiling of owners whose AUTH_TOKENS entry states no max_priority (and
+  // of everyone with AUTH_DISABLED).
+  DEFAULT_MAX_PRIORITY: int(0, MAX_JOB_PRIORITY).default(0),
+  // false: queued jobs of one priority start in arrival order, whoever owns them.
+  FAIR_SCHEDULING: flag.default(true),
   INITIATE_RATE_PER_MINUTE: int(0).default(60),
   MAX_QUEUE_DEPTH: int(0).default(10_000),
   MAX_JOB_BYTES: int(0).default(10 * 1024 * 1024 * 1024),

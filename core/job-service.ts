@@ -5,6 +5,7 @@ import {
   type AdmissionPolicy,
   parseIdempotencyKey,
 } from "./admission.js";
+import { MAX_JOB_PRIORITY, type OwnerSettings } from "./config.js";
 import { JobIndex, type JobListPage, type JobListQuery } from "./job-index.js";
 import type { JobStore } from "./job-store.js";
 import { deleteJob, markCancelled, markRequeued } from "./job-transitions.js";
@@ -15,11 +16,12 @@ import {
   type JobRecord,
   JobStateError,
   newJobId,
+  PermissionDeniedError,
   parseFileIds,
   parseJobId,
 } from "./jobs.js";
 import { parseLabels } from "./labels.js";
-import type { BundleJobData } from "./queue.js";
+import { type BundleJobData, BundleScheduler, type SchedulerOptions } from "./queue.js";
 import type { RedisClient } from "./redis.js";
 import { currentTraceparent } from "./tracing.js";
 
@@ -46,6 +48,10 @@ export interface JobServiceDeps {
   deleteResult?: ((key: string) => Promise<void>) | undefined;
   /** REDIS_MIN_REPLICAS_ACK: a new job is acknowledged only once replicas hold it. */
   replicaAck?: { wait(): Promise<void> } | undefined;
+  /** Each owner's priority ceiling and weight; default: ceiling 0, weight 1. */
+  ownerSettings?: ((owner: string) => OwnerSettings) | undefined;
+  /** FAIR_SCHEDULING and friends; default: owners take turns. */
+  scheduling?: SchedulerOptions;
 }
 
 export interface InitiateInput {
@@ -58,6 +64,8 @@ export interface InitiateInput {
   callbackUrl?: string;
   /** InitiateRequest.labels (validated here). */
   labels?: Readonly<Record<string, string>>;
+  /** InitiateRequest.priority (0 when absent). */
+  priority?: number;
 }
 
 export interface RetryInput {
@@ -87,6 +95,8 @@ const DEFAULT_POLICY: AdmissionPolicy = {
   ratePerMinute: 0,
 };
 
+const DEFAULT_OWNER: OwnerSettings = { maxPriority: 0, weight: 1 };
+
 /** How long a queue depth reading is trusted; a soft limit needs no exact count. */
 const DEPTH_CACHE_MS = 250;
 /** The retry hint of a full queue: long enough for workers to make headway. */
@@ -96,10 +106,19 @@ export class JobService {
   private readonly admission: Admission;
   private readonly index: JobIndex;
   private depth: { at: number; value: Promise<number> } | undefined;
+  private readonly scheduler: BundleScheduler;
+  private readonly settingsOf: (owner: string) => OwnerSettings;
 
   constructor(private readonly deps: JobServiceDeps) {
     this.admission = new Admission(deps.redis, deps.store, { ...DEFAULT_POLICY, ...deps.policy });
     this.index = new JobIndex(deps.store);
+    this.scheduler = new BundleScheduler(
+      deps.queue,
+      deps.store.scripts,
+      deps.store.keys,
+      deps.scheduling ?? { fair: true },
+    );
+    this.settingsOf = deps.ownerSettings ?? (() => DEFAULT_OWNER);
   }
 
   get store(): JobStore {
@@ -110,6 +129,7 @@ export class JobService {
     const fileIds = parseFileIds(input.fileIds, this.deps.maxFilesPerJob);
     const idempotencyKey = parseIdempotencyKey(input.requestId ?? "", input.idempotencyKey);
     const labels = parseLabels(input.labels ?? {});
+    const priority = this.checkPriority(owner, input.priority ?? 0);
     let callbackUrl: string | undefined;
     if (input.callbackUrl !== undefined && input.callbackUrl !== "") {
       if (this.deps.checkCallbackUrl === undefined) {
@@ -122,6 +142,7 @@ export class JobService {
     const req = {
       owner,
       fileIds,
+      priority,
       callbackUrl,
       labels,
       idempotencyKey,
@@ -272,6 +293,23 @@ export class JobService {
     return { job, replayed: false };
   }
 
+  /** The Initiate priority if the owner may use it; says what is allowed otherwise. */
+  private checkPriority(owner: string, priority: number): number {
+    if (!Number.isInteger(priority) || priority < 0 || priority > MAX_JOB_PRIORITY) {
+      throw new InvalidInputError(
+        `priority is ${priority}: use 0 (the default) to ${MAX_JOB_PRIORITY} (the most urgent)`,
+      );
+    }
+    const max = this.settingsOf(owner).maxPriority;
+    if (priority > max) {
+      throw new PermissionDeniedError(
+        `priority ${priority} is above what you may use: your maximum is ${max}` +
+          (max === 0 ? " (ask the operator to raise it)" : ""),
+      );
+    }
+    return priority;
+  }
+
   private async enqueue(rec: JobRecord): Promise<void> {
     // The worker continues the caller's trace, and logs the owner, from the job's data.
     const traceparent = currentTraceparent();
@@ -281,7 +319,11 @@ export class JobService {
       owner: rec.owner,
       ...(traceparent !== undefined ? { traceparent } : {}),
     };
-    await this.deps.queue.add("bundle", data, { jobId: rec.id });
+    await this.scheduler.add(data, {
+      priority: rec.priority ?? 0,
+      owner: rec.owner,
+      weight: this.settingsOf(rec.owner).weight,
+    });
   }
 
   private async queueFull(): Promise<boolean> {

@@ -26,6 +26,7 @@ const NUMBER_FIELDS = [
   "updatedAt",
   "startedAt",
   "endedAt",
+  "priority",
 ] as const;
 
 /** Record -> hash fields (JSON for structured parts). `version` is owned by the script. */

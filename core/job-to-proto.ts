@@ -141,6 +141,7 @@ export function toProtoJob(
     fileIds: rec.fileIds,
     version: rec.version,
     attempts: rec.attempts,
+    priority: rec.priority ?? 0,
     progress: {
       percent: percentOf(p),
       filesDone: p.filesDone,
@@ -303,6 +304,7 @@ export function toJobJson(
   // Keys are sorted when stored and start with a letter, so both writers keep this order.
   if (rec.labels !== undefined && Object.keys(rec.labels).length > 0)
     out.labels = { ...rec.labels };
+  put(out, "priority", rec.priority);
   const e = extras.estimate;
   if (e !== undefined) {
     const estimate: Json = {};

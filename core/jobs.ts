@@ -91,6 +91,8 @@ export interface JobRecord {
   cancelledBy?: string;
   /** Where the terminal state is POSTed, if the caller asked for it. */
   callbackUrl?: string;
+  /** Initiate's priority, 0-9 (higher starts sooner); absent means 0. */
+  priority?: number;
   webhook?: WebhookRecord;
   /** The caller's labels from Initiate (core/labels.ts), keys sorted; absent when none. */
   labels?: Record<string, string>;
@@ -148,6 +150,10 @@ export class QuotaExceededError extends Error {
   ) {
     super(message);
   }
+}
+/** The caller's owner may not do this (a priority above its maximum): the message says the limit. */
+export class PermissionDeniedError extends Error {
+  override name = "PermissionDeniedError";
 }
 /** The service as a whole is past its capacity (queue depth): come back later. */
 export class OverloadedError extends Error {

@@ -99,6 +99,14 @@ export class RedisKeys {
     return `${this.prefix}:list:page-secret`;
   }
 
+  /**
+   * Fair scheduling's state of one priority level: V, the highest round handed out, and
+   * each owner's tag (core/lua/fair-enqueue.lua).
+   */
+  fairLevel(priority: number): string {
+    return `${this.prefix}:fair:${priority}`;
+  }
+
   /** An owner's Initiate token bucket {tokens, ts}. */
   ownerRate(owner: string): string {
     return `${this.prefix}:owner:${owner}:rate`;

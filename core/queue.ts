@@ -1,9 +1,25 @@
 import { Queue } from "bullmq";
+import { MAX_JOB_PRIORITY } from "./config.js";
+import type { RedisKeys } from "./keys.js";
 import type { RedisClient } from "./redis.js";
+import type { ScriptCommands } from "./redis-scripts.js";
 
 // The BullMQ queue that carries job ids from the API to the workers. The job record in
 // Redis (job-store.ts) is the source of truth for state; BullMQ only schedules work,
 // retries it with backoff and hands a crashed worker's job to another.
+//
+// Where waiting jobs are (read this before reading the queue's order): BullMQ's own two
+// structures, nothing of ours. A worker takes from the `wait` list first (its right end:
+// jobs added without a priority, and jobs a stall handed back), then from the
+// `prioritized` sorted set, lowest score first; score = BullMQ priority * 2^32 + an
+// arrival counter. BundleScheduler gives every new job a BullMQ priority: the job's own
+// priority (0-9) picks a band of BullMQ priorities (9 lowest, so first), and within a
+// band the owner's turn (its round, core/lua/fair-enqueue.lua) picks the place, so the
+// set's order is the start order: Initiate priority first, then owners in turn, then
+// arrival. A job's position is its ZRANK in `prioritized` plus the length of `wait`.
+// Delayed retries come back into `prioritized` with the priority they had (ahead of
+// later rounds). With FAIR_SCHEDULING=false every job goes to the first round of its band:
+// priority first, then arrival (FIFO). Only jobs a stall handed back sit in `wait`.
 
 export const QUEUE_NAME = "bundles";
 
@@ -37,6 +53,80 @@ export function createBundleQueue(
       removeOnFail: { count: 5000 },
     },
   });
+}
+
+/** BullMQ's largest priority (Job's PRIORITY_LIMIT, 2^21 - 1). */
+const BULLMQ_PRIORITY_LIMIT = 2 ** 21 - 1;
+/** BullMQ priorities per Initiate priority level: the rounds a level can tell apart. */
+export const FAIR_BAND_SIZE = Math.floor((BULLMQ_PRIORITY_LIMIT - 1) / (MAX_JOB_PRIORITY + 1));
+
+export interface SchedulerOptions {
+  /** FAIR_SCHEDULING: owners take turns within a priority level; false is FIFO. */
+  fair: boolean;
+  /** Rounds per level before they are moved down (tests make it small); FAIR_BAND_SIZE. */
+  bandSize?: number;
+}
+
+export interface Placement {
+  /** The job's Initiate priority, 0-9. */
+  priority: number;
+  owner: string;
+  /** The owner's weight: rounds hold this many of its jobs. */
+  weight: number;
+}
+
+/**
+ * Adds bundle jobs to the queue in the order owners are served: a higher Initiate
+ * priority first, then owners in turn (weighted), then arrival. See the layout above.
+ */
+export class BundleScheduler {
+  private readonly bandSize: number;
+
+  constructor(
+    private readonly queue: Queue<BundleJobData>,
+    private readonly scripts: ScriptCommands,
+    private readonly keys: RedisKeys,
+    private readonly opts: SchedulerOptions,
+  ) {
+    this.bandSize = Math.max(4, Math.min(opts.bandSize ?? FAIR_BAND_SIZE, FAIR_BAND_SIZE));
+  }
+
+  /** The BullMQ priority of a level's first round; higher levels get lower numbers. */
+  private base(priority: number): number {
+    return (MAX_JOB_PRIORITY - priority) * this.bandSize + 1;
+  }
+
+  /** Queues the job unless BullMQ has it already (same id: a replayed Initiate). */
+  async add(data: BundleJobData, at: Placement): Promise<void> {
+    const level = Math.min(MAX_JOB_PRIORITY, Math.max(0, Math.trunc(at.priority)));
+    let priority: number | undefined;
+    if (this.opts.fair) {
+      const q = this.queue.keys;
+      priority = Number(
+        await this.scripts.djFairEnqueue(
+          this.keys.fairLevel(level),
+          q.prioritized as string,
+          this.queue.toKey(data.jobId),
+          q.wait as string,
+          q.active as string,
+          q.delayed as string,
+          at.owner,
+          String(Math.max(1, at.weight)),
+          String(this.base(level)),
+          String(this.bandSize),
+          this.queue.toKey(""),
+        ),
+      );
+      if (priority === 0) return;
+    } else {
+      // Every job in the sorted set (the `wait` list would go before any priority).
+      priority = this.base(level);
+    }
+    await this.queue.add("bundle", data, {
+      jobId: data.jobId,
+      ...(priority !== undefined ? { priority } : {}),
+    });
+  }
 }
 
 /** Terminal-state callbacks, delivered by the workers with retries and backoff. */

@@ -15,6 +15,10 @@ import type { AuthToken } from "../core/config.js";
 // away. The presented token is hashed and its digest compared with every configured
 // one in constant time, so response timing tells nothing about how close a guess was.
 //
+// An entry may carry the owner's scheduling settings after the hash,
+// `owner:sha256:max_priority=5:weight=2` (core/config.ts, ownerSettingsFrom): the
+// highest Initiate priority it may ask for and its share of the workers under load.
+//
 // The same `authorization` header arrives in every protocol we serve: Connect and
 // gRPC-Web (HTTP headers) and gRPC (metadata are HTTP/2 headers).
 

@@ -1,7 +1,7 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { connectNodeAdapter } from "@connectrpc/connect-node";
 import type { Logger } from "pino";
-import type { Config } from "../core/config.js";
+import { type Config, ownerSettingsFrom } from "../core/config.js";
 import { DownloadLinks } from "../core/download-link.js";
 import { QueueForecaster } from "../core/forecast.js";
 import { Readiness, redisCheck, redisWriteCheck, s3Check, serveHealth } from "../core/health.js";
@@ -162,6 +162,11 @@ export async function startApiServer(
     },
     maxQueueDepth: cfg.MAX_QUEUE_DEPTH,
     deleteResult: (key) => storage.deleteResult(key),
+    ownerSettings: ownerSettingsFrom(cfg.AUTH_TOKENS ?? [], {
+      maxPriority: cfg.DEFAULT_MAX_PRIORITY,
+      weight: 1,
+    }),
+    scheduling: { fair: cfg.FAIR_SCHEDULING },
     replicaAck:
       ackConn &&
       new ReplicaAck(ackConn, {

@@ -62,7 +62,8 @@ describe("Initiate and GetStatus", () => {
     const queued = await st.queue.getJob(job?.jobId ?? "");
     // The job's id and files; the data also carries what the worker logs and traces with.
     expect(queued?.data).toMatchObject({ jobId: job?.jobId, fileIds: [70003, 70001] });
-    expect(await queued?.getState()).toBe("waiting");
+    // Waiting in BullMQ's prioritized set: its place says whose turn it is (core/queue.ts).
+    expect(await queued?.getState()).toBe("prioritized");
   });
 
   test("GetStatus: unknown id is NOT_FOUND, malformed or missing id is INVALID_ARGUMENT", async () => {

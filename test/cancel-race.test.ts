@@ -104,9 +104,10 @@ test(`${JOBS} cancels at random moments: every run ends, and no cancelled job le
         interval: 200,
       })
       .toBe(0);
-    expect(await queue.getJobCounts("active", "waiting", "delayed")).toEqual({
+    expect(await queue.getJobCounts("active", "waiting", "prioritized", "delayed")).toEqual({
       active: 0,
       waiting: 0,
+      prioritized: 0,
       delayed: 0,
     });
 

@@ -122,7 +122,7 @@ describe.each([
     async (_what, interceptors) => {
       const st = stack();
       const aliceJob = (await createJob(st.store, newJobId(), [1], "alice")).id;
-      const waitingBefore = await st.queue.getWaitingCount();
+      const waitingBefore = await st.queue.getJobCountByTypes("waiting", "prioritized");
       for (const [protocol, transport] of transports(st.server.url, interceptors)) {
         const client = createClient(DownloadService, transport);
         const codes = [
@@ -143,7 +143,7 @@ describe.each([
         ]);
       }
       // Nothing was created or changed.
-      expect(await st.queue.getWaitingCount()).toBe(waitingBefore);
+      expect(await st.queue.getJobCountByTypes("waiting", "prioritized")).toBe(waitingBefore);
       expect((await st.store.get(aliceJob)).state).toBe("QUEUED");
     },
   );

@@ -122,7 +122,7 @@ describe("idempotent Initiate (request_id, Idempotency-Key)", () => {
       { "Idempotency-Key": "another" },
     );
     expect(headerDiffers.status).toBe(400);
-    expect(await st.queue.getWaitingCount()).toBeGreaterThan(0);
+    expect(await st.queue.getJobCountByTypes("waiting", "prioritized")).toBeGreaterThan(0);
     const queued = await st.queue.getJob(first.job?.jobId ?? "");
     expect(queued?.data.fileIds).toEqual([1, 2]);
   });
@@ -202,7 +202,7 @@ describe("dedup of identical work", () => {
     await st.startJob(jobId);
     const zip = Buffer.from("PK reused bundle");
     await st.complete(jobId, zip);
-    const waiting = await st.queue.getWaitingCount();
+    const waiting = await st.queue.getJobCountByTypes("waiting", "prioritized");
 
     const reused = await alice.initiate({ fileIds: [53, 54] });
     expect(reused.outcome).toBe(InitiateOutcome.REUSED_RESULT);
@@ -212,7 +212,7 @@ describe("dedup of identical work", () => {
       await (await fetch(reused.job?.result?.downloadUrl ?? "")).arrayBuffer(),
     );
     expect(bytes.equals(zip)).toBe(true);
-    expect(await st.queue.getWaitingCount()).toBe(waiting);
+    expect(await st.queue.getJobCountByTypes("waiting", "prioritized")).toBe(waiting);
   });
 
   test("with DEDUP_IN_FLIGHT and REUSE_RESULTS off every Initiate is a new job", async () => {

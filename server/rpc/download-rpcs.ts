@@ -100,7 +100,7 @@ export function downloadRpcs({
   return [
     unary(
       m.initiate,
-      { fileIds: "int32[]", requestId: "string", callbackUrl: "string" },
+      { fileIds: "int32[]", requestId: "string", callbackUrl: "string", priority: "int32" },
       async (call, req) => {
         const { job, outcome } = await jobs.initiate(call.owner, {
           fileIds: req.fileIds,
@@ -108,6 +108,7 @@ export function downloadRpcs({
           idempotencyKey: call.header("idempotency-key"),
           callbackUrl: req.callbackUrl,
           labels: req.labels,
+          priority: req.priority,
         });
         return { reply: await presenter.initiated(job, outcome) };
       },

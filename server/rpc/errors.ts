@@ -7,6 +7,7 @@ import {
   JobNotFoundError,
   JobStateError,
   OverloadedError,
+  PermissionDeniedError,
   QuotaExceededError,
 } from "../../core/jobs.js";
 import { unavailableRetryAfterMs } from "../../core/redis-errors.js";
@@ -58,6 +59,9 @@ export function toConnectError(err: unknown): ConnectError | undefined {
   // the same call cannot help, so not ABORTED or UNAVAILABLE.
   if (err instanceof JobStateError)
     return new ConnectError(err.message, Code.FailedPrecondition, undefined, undefined, err);
+  // The owner's configuration forbids it (a priority above its maximum): no retry helps.
+  if (err instanceof PermissionDeniedError)
+    return new ConnectError(err.message, Code.PermissionDenied, undefined, undefined, err);
   // This owner's quota: the same call succeeds later, at the time RetryInfo says.
   if (err instanceof QuotaExceededError)
     return retryLater(err.message, Code.ResourceExhausted, err.retryAfterMs, err);
