@@ -10,12 +10,15 @@ import { createRedis } from "../core/redis.js";
 // start with the attempt and the sources' totals, the result with its expiry),
 // with no work in between and no S3. What is left is the cost of a job beyond the work.
 // BENCH_RAW=1 is the baseline instead: a no-op BullMQ processor on a plain queue.
+// JOB_MS > 0 makes each of our jobs take that long between its two writes (a job slot the
+// fairness benchmark can count in).
 // REDIS_URL, QUEUE_PREFIX, CONCURRENCY from the environment; prints "listening 0" when ready.
 
 const url = process.env.REDIS_URL ?? "redis://127.0.0.1:6379";
 const prefix = process.env.QUEUE_PREFIX ?? "dj";
 const concurrency = Number(process.env.CONCURRENCY ?? 50);
 const raw = process.env.BENCH_RAW === "1";
+const jobMs = Number(process.env.JOB_MS ?? 0);
 // The baseline is BullMQ as anyone would set it up: a plain ioredis connection, without
 // what core/redis.ts adds.
 const redis = raw
@@ -46,6 +49,7 @@ const worker = raw
           bytesPerSecond: 0,
         };
         await markProcessing(store, run, { progress, files, startedAt });
+        if (jobMs > 0) await new Promise((ok) => setTimeout(ok, jobMs));
         const endedAt = Date.now();
         const expiresAt = endedAt + 24 * 3600 * 1000;
         await markCompleted(store, run, {

@@ -1,6 +1,7 @@
 import { benchBundle } from "./bundle.js";
 import { benchCancel } from "./cancel.js";
 import { benchFailover } from "./failover.js";
+import { benchFairness } from "./fairness.js";
 import { benchHistory } from "./history.js";
 import { benchJobs } from "./jobs.js";
 import { printTable, type Row, writeResults } from "./lib.js";
@@ -25,6 +26,7 @@ const scenarios: Record<string, Scenario> = {
   soak: benchSoak,
   failover: benchFailover,
   history: benchHistory,
+  fairness: benchFairness,
 };
 
 const args = process.argv.slice(2);

@@ -65,6 +65,11 @@ export interface SchedulerOptions {
   fair: boolean;
   /** Rounds per level before they are moved down (tests make it small); FAIR_BAND_SIZE. */
   bandSize?: number;
+  /**
+   * For comparison only (npm run bench): BullMQ's wait list without any priority, the
+   * layout from before Initiate had one. It ignores the job's priority.
+   */
+  plain?: boolean;
 }
 
 export interface Placement {
@@ -100,7 +105,9 @@ export class BundleScheduler {
   async add(data: BundleJobData, at: Placement): Promise<void> {
     const level = Math.min(MAX_JOB_PRIORITY, Math.max(0, Math.trunc(at.priority)));
     let priority: number | undefined;
-    if (this.opts.fair) {
+    if (this.opts.plain === true) {
+      priority = undefined;
+    } else if (this.opts.fair) {
       const q = this.queue.keys;
       priority = Number(
         await this.scripts.djFairEnqueue(
