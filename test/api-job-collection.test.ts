@@ -418,7 +418,8 @@ describe("RetryJob", () => {
     expect(retried.job?.endTime).toBeUndefined();
     expect(retried.job?.version).toBeGreaterThan(failed?.version ?? 0);
     // Queued for the workers again, and alive until it ends (no record expiry).
-    expect(await st.queue.getJobState(jobId)).toBe("waiting");
+    // (BullMQ's prioritized set: fair turns place every queued job, core/queue.ts.)
+    expect(await st.queue.getJobState(jobId)).toBe("prioritized");
     expect(await st.redis.ttl(st.store.key(jobId))).toBe(-1);
 
     // The next run (a new BullMQ lock token) takes the job: the second attempt.
