@@ -75,6 +75,7 @@ export class JobIndex {
       String(listScanBudget(size)),
       states.join(","),
       Object.keys(q.labels).length > 0 ? JSON.stringify(q.labels) : "",
+      this.store.keys.jobFilesPrefix,
     )) as string[];
     const [nextScore, nextId, ...jobs] = reply;
     return {

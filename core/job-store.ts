@@ -1,4 +1,4 @@
-import { JobNotFoundError, type JobRecord, type JobStateName } from "./jobs.js";
+import { type FileProgress, JobNotFoundError, type JobRecord, type JobStateName } from "./jobs.js";
 import { expiryMember, RedisKeys } from "./keys.js";
 import type { RedisClient } from "./redis.js";
 import { type ScriptCommands, withScripts } from "./redis-scripts.js";
@@ -39,12 +39,89 @@ export function flatten(patch: Partial<JobRecord>): Flat {
   return out;
 }
 
-/** Hash fields -> record. Accepts what HGETALL returns and what the script publishes. */
-export function decodeJob(flat: Flat): JobRecord {
+/**
+ * Hash fields -> record. Accepts what HGETALL returns and what the script publishes.
+ * A running job's per-file state is kept apart (keys.ts jobFiles): pass that hash's
+ * fields as `files` (HGETALL's object or flat array); without them, and without a
+ * `files` field in the record, `files` is left unset (see FilesFollower for messages).
+ */
+export function decodeJob(flat: Flat, files?: Flat | string[]): JobRecord {
   const rec: Record<string, unknown> = { ...flat };
+  delete rec.filesPatch;
   for (const k of JSON_FIELDS) if (flat[k] !== undefined) rec[k] = JSON.parse(flat[k]);
   for (const k of NUMBER_FIELDS) if (flat[k] !== undefined) rec[k] = Number(flat[k]);
+  if (files !== undefined) {
+    const list = filesFromHash(files);
+    if (list.length > 0 || rec.files === undefined) rec.files = list;
+  }
   return rec as unknown as JobRecord;
+}
+
+/** The per-file hash (index -> entry JSON, in any order) as the list in file order. */
+export function filesFromHash(hash: Flat | string[]): FileProgress[] {
+  const pairs: [string, string][] = [];
+  if (Array.isArray(hash)) {
+    for (let i = 0; i + 1 < hash.length; i += 2)
+      pairs.push([hash[i] as string, hash[i + 1] as string]);
+  } else {
+    for (const k in hash) pairs.push([k, hash[k] as string]);
+  }
+  const out = new Array<FileProgress>(pairs.length);
+  for (const [k, v] of pairs) out[Number(k)] = JSON.parse(v) as FileProgress;
+  return out;
+}
+
+/** Per-file changes as the transition script takes them: index and entry JSON, by index. */
+export function filesArgs(entries: Iterable<readonly [number, FileProgress]>): string[] {
+  const sorted = [...entries].sort((a, b) => a[0] - b[0]);
+  const out = new Array<string>(sorted.length * 2);
+  for (let i = 0; i < sorted.length; i++) {
+    const [index, f] = sorted[i] as readonly [number, FileProgress];
+    out[2 * i] = String(index);
+    out[2 * i + 1] = JSON.stringify(f);
+  }
+  return out;
+}
+
+/**
+ * Follows one job's records across the messages of its channel. A progress message
+ * carries only the files that changed (`filesPatch`), to be applied to the files of the
+ * version just before; a record read whole (`base`) or a message with every file starts
+ * over. `event` returns the whole record, or undefined when the version before is not
+ * known here (a lost message, none read yet): the caller then reads the record.
+ */
+export class FilesFollower {
+  private files: FileProgress[] | undefined;
+  private version = 0;
+
+  /** A whole record (a read, or a message carrying all files): the base for what follows. */
+  base(rec: JobRecord): void {
+    if (rec.version < this.version || rec.files === undefined) return;
+    this.files = rec.files;
+    this.version = rec.version;
+  }
+
+  event(flat: Flat): JobRecord | undefined {
+    const rec = decodeJob(flat);
+    if (rec.files !== undefined) {
+      this.base(rec);
+      return rec;
+    }
+    if (this.files === undefined || rec.version !== this.version + 1) return undefined;
+    let files = this.files;
+    if (flat.filesPatch !== undefined) {
+      const patch = JSON.parse(flat.filesPatch) as [number, FileProgress][];
+      if (patch.length > 0) {
+        // A new array: records already handed out keep the files of their own version.
+        files = files.slice();
+        for (const [index, f] of patch) files[index] = f;
+      }
+    }
+    rec.files = files;
+    this.files = files;
+    this.version = rec.version;
+    return rec;
+  }
 }
 
 /** About 1 GB of Redis at the usual ~1 KB a change (see HISTORY_OUTBOX_MAX_ENTRIES). */
@@ -128,10 +205,18 @@ export class JobStore {
     await this.redis.zrem(this.resultExpiryKey, member);
   }
 
+  /** The record with its per-file state, read together (one MULTI: one version of both). */
   async get(id: string): Promise<JobRecord> {
-    const flat = await this.redis.hgetall(this.key(id));
+    const replies = await this.redis
+      .multi()
+      .hgetall(this.key(id))
+      .hgetall(this.keys.jobFiles(id))
+      .exec();
+    if (replies === null) throw new Error(`reading job ${id} was aborted`);
+    const [[e1, flat], [e2, files]] = replies as [[Error | null, Flat], [Error | null, Flat]];
+    if (e1 || e2) throw e1 ?? e2;
     if (flat.state === undefined) throw new JobNotFoundError(id);
-    return decodeJob(flat);
+    return decodeJob(flat, files);
   }
 
   /** The job's state and the token of the attempt that owns it (a cheap read for workers). */

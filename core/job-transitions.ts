@@ -1,5 +1,5 @@
 import { paramsHash } from "./admission.js";
-import { decodeJob, flatten, type JobStore } from "./job-store.js";
+import { decodeJob, filesArgs, flatten, type JobStore } from "./job-store.js";
 import {
   FencedError,
   type FileProgress,
@@ -50,7 +50,12 @@ export interface Attempt {
 
 interface Change {
   from: readonly JobStateName[];
+  /** `files` here replaces every file's state (kept apart from the record: keys.ts jobFiles). */
   set: Partial<JobRecord>;
+  /** Only these files changed (by index): the few entries a progress tick writes. */
+  filesPatch?: Iterable<readonly [number, FileProgress]>;
+  /** The reply carries the per-file state too (for transitions that return the record). */
+  withFiles?: boolean;
   fence?: { kind: "claim" | "hold"; attempt: Attempt };
   ifAbsent?: Partial<JobRecord>;
   /** An uploaded object to register for deletion, whatever the checks say. */
@@ -61,9 +66,21 @@ interface Change {
   clear?: readonly (keyof JobRecord)[];
 }
 
-/** Runs one change; resolves to the new record's JSON. */
-async function apply(store: JobStore, id: string, change: Change): Promise<string> {
-  const fields = flatten({ ...change.set, updatedAt: change.set.updatedAt ?? Date.now() });
+/** Runs one change; resolves to the new record (JSON) and, if asked, its per-file hash. */
+async function apply(
+  store: JobStore,
+  id: string,
+  change: Change,
+): Promise<{ json: string; files?: string[] }> {
+  const { files, ...set } = change.set;
+  const fields = flatten({ ...set, updatedAt: set.updatedAt ?? Date.now() });
+  const fileArgs =
+    files !== undefined
+      ? filesArgs(files.map((f, i) => [i, f] as const))
+      : change.filesPatch !== undefined
+        ? filesArgs(change.filesPatch)
+        : [];
+  const filesMode = files !== undefined ? "set" : change.filesPatch !== undefined ? "patch" : "";
   const keep = Object.entries(flatten(change.ifAbsent ?? {}));
   const state = change.set.state;
   const reply = (await store.scripts.djTransition(
@@ -72,6 +89,7 @@ async function apply(store: JobStore, id: string, change: Change): Promise<strin
     store.keys.resultExpiry,
     store.keys.bundleLock(id),
     store.keys.historyOutbox,
+    store.keys.jobFiles(id),
     store.keys.channel(id),
     change.from.join(","),
     change.fence?.kind ?? "",
@@ -86,12 +104,19 @@ async function apply(store: JobStore, id: string, change: Change): Promise<strin
     String(keep.length),
     String(store.historyOutboxMaxEntries),
     (change.clear ?? []).join(","),
+    filesMode,
+    change.withFiles === true ? "1" : "0",
+    String(fileArgs.length / 2),
+    ...fileArgs,
     ...keep.flat(),
     ...Object.entries(fields).flat(),
-  )) as [number, string?];
+  )) as [number, string?, string[]?];
   switch (reply[0]) {
     case 1:
-      return reply[1] as string;
+      return {
+        json: reply[1] as string,
+        ...(reply[2] !== undefined ? { files: reply[2] } : {}),
+      };
     case 0:
       throw new JobNotFoundError(id);
     case 3:
@@ -103,7 +128,8 @@ async function apply(store: JobStore, id: string, change: Change): Promise<strin
   }
 }
 
-const decode = (json: string) => decodeJob(JSON.parse(json) as Record<string, string>);
+const decode = (r: { json: string; files?: string[] }) =>
+  decodeJob(JSON.parse(r.json) as Record<string, string>, r.files);
 
 /** Stores a new QUEUED job (tests and tools; Initiate goes through core/admission.ts). */
 export async function createJob(
@@ -135,13 +161,14 @@ export async function markProcessing(
   attempt: Attempt,
   start: { progress: JobProgress; files: FileProgress[]; startedAt: number },
 ): Promise<JobRecord> {
-  const json = await apply(store, attempt.jobId, {
+  const applied = await apply(store, attempt.jobId, {
     from: ["QUEUED", "PROCESSING"],
     fence: { kind: "claim", attempt },
     set: { state: "PROCESSING", progress: start.progress, files: start.files },
     ifAbsent: { startedAt: start.startedAt },
   });
-  return decode(json);
+  // The files are the ones just written: not read back (megabytes for a large job).
+  return { ...decode(applied), files: start.files };
 }
 
 /**
@@ -161,16 +188,28 @@ export async function countAttempt(
   });
 }
 
-/** PROCESSING -> PROCESSING: the run's progress (throttled by the worker: one write a tick). */
+/**
+ * PROCESSING -> PROCESSING: the run's progress (throttled by the worker: one write a
+ * tick), with the files that changed since the last tick (`filesPatch`, by index) or
+ * all of them (`files`).
+ */
 export async function recordProgress(
   store: JobStore,
   attempt: Attempt,
-  progress: { progress: JobProgress; files: FileProgress[] },
+  progress: {
+    progress: JobProgress;
+    files?: FileProgress[];
+    filesPatch?: Iterable<readonly [number, FileProgress]>;
+  },
 ): Promise<void> {
   await apply(store, attempt.jobId, {
     from: ["PROCESSING"],
     fence: { kind: "hold", attempt },
-    set: progress,
+    set: {
+      progress: progress.progress,
+      ...(progress.files !== undefined ? { files: progress.files } : {}),
+    },
+    ...(progress.filesPatch !== undefined ? { filesPatch: progress.filesPatch } : {}),
   });
 }
 
@@ -185,14 +224,18 @@ export async function markCompleted(
   done: {
     endedAt: number;
     progress: JobProgress;
-    files: FileProgress[];
+    /** Every file's final state, or (filesPatch) only those changed since the last tick. */
+    files?: FileProgress[];
+    filesPatch?: Iterable<readonly [number, FileProgress]>;
     result: JobResultRecord & { expiresAt: number };
   },
 ): Promise<void> {
+  const { filesPatch, ...set } = done;
   await apply(store, attempt.jobId, {
     from: ["PROCESSING"],
     fence: { kind: "hold", attempt },
-    set: { state: "COMPLETED", ...done },
+    set: { state: "COMPLETED", ...set },
+    ...(filesPatch !== undefined ? { filesPatch } : {}),
     expire: { jobId: attempt.jobId, key: done.result.key, at: done.result.expiresAt },
   });
 }
@@ -208,9 +251,10 @@ export async function markFailed(
   failure: { error: JobErrorRecord; claimed: boolean; files?: FileProgress[]; now?: number },
 ): Promise<JobRecord> {
   const now = failure.now ?? Date.now();
-  const json = await apply(store, attempt.jobId, {
+  const applied = await apply(store, attempt.jobId, {
     from: ["QUEUED", "PROCESSING"],
     fence: { kind: failure.claimed ? "hold" : "claim", attempt },
+    withFiles: true,
     set: {
       state: "FAILED",
       endedAt: now,
@@ -219,7 +263,7 @@ export async function markFailed(
     },
     ...(failure.claimed ? {} : { ifAbsent: { startedAt: now } }),
   });
-  return decode(json);
+  return decode(applied);
 }
 
 /**
@@ -235,6 +279,7 @@ export async function markAbandoned(
     await apply(store, jobId, {
       from: ["QUEUED", "PROCESSING"],
       set: { state: "FAILED", endedAt: Date.now(), error },
+      withFiles: true,
     }),
   );
 }
@@ -254,6 +299,7 @@ export async function markCancelled(
     await apply(store, jobId, {
       from: ["QUEUED", "PROCESSING"],
       set: { state: "CANCELLED", endedAt: now, ...(by !== undefined ? { cancelledBy: by } : {}) },
+      withFiles: true,
     }),
   );
 }
@@ -308,6 +354,7 @@ export async function markRequeued(
         ...(fresh.webhook !== undefined ? { webhook: fresh.webhook } : {}),
       },
       clear: ["error", "endedAt", "cancelledBy"],
+      withFiles: true,
     }),
   );
 }
@@ -331,6 +378,7 @@ export async function deleteJob(
     k.ownerActive(rec.owner),
     k.webhookOutbox,
     k.resultExpiry,
+    k.jobFiles(rec.id),
     rec.owner,
     rec.id,
     resultKey !== undefined ? expiryMember(rec.id, resultKey) : "",

@@ -13,6 +13,21 @@ export class RedisKeys {
     return `${this.prefix}:job:${id}`;
   }
 
+  /**
+   * A job's per-file state while it runs: a hash of file index -> FileProgress JSON,
+   * written a few entries at a time by the transitions that change them (the record
+   * itself then holds no `files`), expired and deleted with the record. Outside
+   * `jobPrefix` on purpose: admission reads job hashes by that prefix.
+   */
+  jobFiles(id: string): string {
+    return `${this.jobFilesPrefix}${id}`;
+  }
+
+  /** What jobFiles(id) starts with (the list script reads them by it). */
+  get jobFilesPrefix(): string {
+    return `${this.prefix}:job-files:`;
+  }
+
   /** What job(id) starts with: admission reads other jobs' hashes by it. */
   get jobPrefix(): string {
     return `${this.prefix}:job:`;

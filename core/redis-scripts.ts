@@ -9,7 +9,7 @@ import type { RedisClient } from "./redis.js";
 
 const SCRIPTS = {
   /** One named change of a job record (core/job-transitions.ts). */
-  djTransition: { file: "transition.lua", keys: 5 },
+  djTransition: { file: "transition.lua", keys: 6 },
   /** Initiate's admission and the new record (core/admission.ts). */
   djAdmit: { file: "admit.lua", keys: 6 },
   /** The BullMQ priority that lets owners take turns (core/queue.ts, BundleScheduler). */
@@ -17,7 +17,7 @@ const SCRIPTS = {
   /** A new QUEUED record outside Initiate (tests, tools). */
   djCreateJob: { file: "create-job.lua", keys: 2 },
   /** DeleteJob: a finished job and every pointer to it (core/job-transitions.ts). */
-  djDeleteJob: { file: "delete-job.lua", keys: 6 },
+  djDeleteJob: { file: "delete-job.lua", keys: 7 },
   /** A page of an owner's jobs (core/job-index.ts). */
   djListJobs: { file: "list-jobs.lua", keys: 1 },
   /** A completed run's duration into the queue forecast's measurements (core/forecast.ts). */

@@ -1,5 +1,5 @@
 import type { Logger } from "pino";
-import { decodeJob, type JobStore } from "../core/job-store.js";
+import { FilesFollower, type JobStore } from "../core/job-store.js";
 import {
   BackendUnavailableError,
   isTerminal,
@@ -74,6 +74,10 @@ interface Topic {
   version: number;
   /** A re-read of the record is under way (one at a time per job). */
   refreshing: boolean;
+  /** The job's per-file state: messages carry only the files that changed. */
+  files: FilesFollower;
+  /** A message of this version could not be offered: a re-read must reach it. */
+  readAtLeast: number;
 }
 
 function wake(w: Watcher): void {
@@ -175,6 +179,7 @@ export class WatchHub {
       await this.awaitSubscribed(topic);
       const snapshot = await this.store.get(jobId);
       topic.version = Math.max(topic.version, snapshot.version);
+      topic.files.base(snapshot);
       // Someone else's job looks exactly like a missing one.
       if (owner !== undefined && snapshot.owner !== owner) throw new JobNotFoundError(jobId);
       if (w.failure !== undefined) throw w.failure;
@@ -249,6 +254,8 @@ export class WatchHub {
         subscribed: Promise.resolve(undefined),
         version: 0,
         refreshing: false,
+        files: new FilesFollower(),
+        readAtLeast: 0,
       };
       // Still subscribed from a watcher that left a moment ago: keep that subscription.
       created.subscribed = this.unsubscribing.delete(channel)
@@ -368,11 +375,21 @@ export class WatchHub {
   private onMessage(channel: string, message: string): void {
     const topic = this.topics.get(channel);
     if (topic === undefined) return;
-    let rec: JobRecord;
+    let rec: JobRecord | undefined;
+    let flat: Record<string, string>;
     try {
-      rec = decodeJob(JSON.parse(message) as Record<string, string>);
+      flat = JSON.parse(message) as Record<string, string>;
+      rec = topic.files.event(flat);
     } catch (err) {
       this.opts.log.warn({ err, channel }, "undecodable job event");
+      return;
+    }
+    if (rec === undefined) {
+      // Its files are a change to a version not known here: read the whole record.
+      const version = Number(flat.version);
+      topic.version = Math.max(topic.version, version);
+      topic.readAtLeast = Math.max(topic.readAtLeast, version);
+      this.refresh(topic);
       return;
     }
     // Every change is published with a version one higher than the last: a jump means
@@ -411,7 +428,10 @@ export class WatchHub {
       (rec) => {
         topic.refreshing = false;
         topic.version = Math.max(topic.version, rec.version);
+        topic.files.base(rec);
         for (const w of topic.watchers) offer(w, rec);
+        // A message came while this read was under way and it read an older version.
+        if (rec.version < topic.readAtLeast && !isTerminal(rec.state)) this.refresh(topic);
       },
       (err: unknown) => {
         topic.refreshing = false;

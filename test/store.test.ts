@@ -1,5 +1,6 @@
+import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
-import { decodeJob, JobStore } from "../core/job-store.js";
+import { decodeJob, FilesFollower, JobStore } from "../core/job-store.js";
 import {
   type Attempt,
   createJob,
@@ -11,6 +12,7 @@ import {
 } from "../core/job-transitions.js";
 import {
   FencedError,
+  type FileProgress,
   JobNotFoundError,
   type JobRecord,
   JobStateError,
@@ -210,5 +212,114 @@ describe("job transitions", () => {
     await redis.script("FLUSH");
     await markCancelled(store, id);
     expect((await store.get(id)).state).toBe("CANCELLED");
+  });
+
+  test("per-file state: a tick writes only the files that changed, and reads and watchers see every file", async () => {
+    const sub = createRedis(svc.redis.url, { role: "subscriber" });
+    try {
+      const store = newStore();
+      const id = newJobId();
+      const created = await createJob(store, id, [1, 2, 3], "owner-a");
+      const follower = new FilesFollower();
+      const watched: JobRecord[] = [];
+      await waitForRedis(sub);
+      await sub.subscribe(store.channel(id));
+      sub.on("message", (_ch: string, msg: string) => {
+        const rec = follower.event(JSON.parse(msg));
+        if (rec !== undefined) watched.push(rec);
+      });
+      const run = runOf(id, "a");
+      const started = await markProcessing(store, run, start(created));
+      const file = (i: number, change: Partial<FileProgress>): [number, FileProgress] => [
+        i,
+        { ...(started.files[i] as FileProgress), ...change },
+      ];
+      // The record itself holds no per-file state once the job runs.
+      expect(await redis.hexists(store.key(id), "files")).toBe(0);
+      expect(await redis.hlen(store.keys.jobFiles(id))).toBe(3);
+      const reads: JobRecord[] = [await store.get(id)];
+      const commands: string[][] = [];
+      const monitor = await (redis as Redis).monitor();
+      monitor.on("monitor", (_t: string, args: string[]) => {
+        if (args.includes(store.keys.jobFiles(id))) commands.push(args);
+      });
+      await recordProgress(store, run, {
+        progress: { ...started.progress, bytesDone: 5 },
+        filesPatch: [file(1, { state: "IN_PROGRESS", bytesDone: 5 })],
+      });
+      reads.push(await store.get(id));
+      await recordProgress(store, run, {
+        progress: { ...started.progress, bytesDone: 9, filesDone: 1 },
+        filesPatch: [file(1, { state: "DONE", bytesDone: 9 }), file(0, { state: "IN_PROGRESS" })],
+      });
+      reads.push(await store.get(id));
+      const { files: _all, ...finished } = finish(started, "k.zip");
+      await markCompleted(store, run, {
+        ...finished,
+        filesPatch: [file(0, { state: "DONE" }), file(2, { state: "DONE" })],
+      });
+      reads.push(await store.get(id));
+      monitor.disconnect();
+      expect(reads.map((r) => r.files.map((f) => [f.fileId, f.state, f.bytesDone]))).toEqual([
+        [
+          [1, "PENDING", 0],
+          [2, "PENDING", 0],
+          [3, "PENDING", 0],
+        ],
+        [
+          [1, "PENDING", 0],
+          [2, "IN_PROGRESS", 5],
+          [3, "PENDING", 0],
+        ],
+        [
+          [1, "IN_PROGRESS", 0],
+          [2, "DONE", 9],
+          [3, "PENDING", 0],
+        ],
+        [
+          [1, "DONE", 0],
+          [2, "DONE", 9],
+          [3, "DONE", 0],
+        ],
+      ]);
+      // Each tick sent only the entries it changed.
+      const ticks = commands.filter((c) => c[0]?.toLowerCase().startsWith("evalsha"));
+      expect(ticks.length).toBe(3);
+      expect(ticks.map((c) => c.filter((a) => a.startsWith('{"fileId"')).length)).toEqual([
+        1, 2, 2,
+      ]);
+      // A watcher following the messages sees the same records as a reader.
+      await expect.poll(() => watched.length).toBe(4);
+      expect(watched.map((r) => [r.version, r.files])).toEqual(
+        [started, ...reads.slice(1)].map((r) => [r.version, r.files]),
+      );
+      // The per-file state expires with the record.
+      expect(await redis.ttl(store.keys.jobFiles(id))).toBeGreaterThan(0);
+      // A message that follows a version this follower never saw cannot be completed.
+      const late = new FilesFollower();
+      const tick = decodeJob({ version: "9", state: "PROCESSING", filesPatch: "[]" });
+      expect(late.event({ version: "9", state: "PROCESSING", filesPatch: "[]" })).toBeUndefined();
+      late.base({ ...tick, version: 8, files: reads[3]?.files ?? [] });
+      expect(late.event({ version: "9", state: "PROCESSING", filesPatch: "[]" })?.files).toEqual(
+        reads[3]?.files,
+      );
+    } finally {
+      sub.disconnect();
+    }
+  });
+
+  test("a cancel answers with every file's state", async () => {
+    const store = newStore();
+    const id = newJobId();
+    const created = await createJob(store, id, [4, 5], "owner-a");
+    const run = runOf(id, "a");
+    const started = await markProcessing(store, run, start(created));
+    await recordProgress(store, run, {
+      progress: started.progress,
+      filesPatch: [[1, { ...(started.files[1] as FileProgress), state: "IN_PROGRESS" }]],
+    });
+    const cancelled = await markCancelled(store, id);
+    expect(cancelled.files.map((f) => f.state)).toEqual(["PENDING", "IN_PROGRESS"]);
+    expect(await store.get(id)).toEqual(cancelled);
   });
 });

@@ -272,9 +272,11 @@ async function run(
     progress = new ProgressTracker(rec, deps.progressIntervalMs, async (patch) => {
       try {
         await recordProgress(store, attempt, patch);
+        return true;
       } catch (err) {
         // Cancelled, gone or taken by another run: stop, even if no message said so.
         if (!refused(err)) log.warn({ err }, "progress write failed");
+        return false;
       }
     });
     const tracker = progress;
@@ -327,7 +329,7 @@ async function run(
       await markCompleted(store, attempt, {
         endedAt,
         progress: tracker.final(),
-        files: tracker.files,
+        filesPatch: tracker.takeChanged(),
         result: { key, fileName, sizeBytes: result.sizeBytes, sha256: result.sha256, expiresAt },
       });
     } catch (err) {
@@ -550,10 +552,14 @@ function resultFileName(rec: JobRecord): string {
 
 /**
  * Keeps the job's progress and writes it to Redis at most once per interval (and once
- * at each file boundary that the interval allows), never two writes at a time.
+ * at each file boundary that the interval allows), never two writes at a time. A write
+ * carries only the files changed since the last one: a job of 70,000 files writes a few
+ * entries a tick, not megabytes (core/keys.ts jobFiles).
  */
 class ProgressTracker {
   files: FileProgress[];
+  /** Files changed since the last write, by index. */
+  private changed = new Set<number>();
   private progress: JobProgress;
   private timer: NodeJS.Timeout | undefined;
   private inFlight: Promise<void> | undefined;
@@ -568,8 +574,8 @@ class ProgressTracker {
     private readonly intervalMs: number,
     private readonly write: (patch: {
       progress: JobProgress;
-      files: FileProgress[];
-    }) => Promise<void>,
+      filesPatch: [number, FileProgress][];
+    }) => Promise<boolean>,
   ) {
     this.files = rec.files.map((f) => ({ ...f, state: "PENDING", bytesDone: 0 }));
     this.progress = { ...rec.progress, filesDone: 0, bytesDone: 0, bytesPerSecond: 0 };
@@ -578,12 +584,14 @@ class ProgressTracker {
   fileStarted(i: number): void {
     const f = this.files[i];
     if (f) f.state = "IN_PROGRESS";
+    this.changed.add(i);
     this.touch();
   }
 
   addBytes(i: number, n: number): void {
     const f = this.files[i];
     if (f) f.bytesDone += n;
+    this.changed.add(i);
     this.progress.bytesDone += n;
     this.rateWindowBytes += n;
     this.touch();
@@ -592,8 +600,20 @@ class ProgressTracker {
   fileDone(i: number): void {
     const f = this.files[i];
     if (f) f.state = "DONE";
+    this.changed.add(i);
     this.progress.filesDone += 1;
     this.touch();
+  }
+
+  /** The files changed since the last write (copies), and forgets them. */
+  takeChanged(): [number, FileProgress][] {
+    const out: [number, FileProgress][] = [];
+    for (const i of this.changed) {
+      const f = this.files[i];
+      if (f) out.push([i, { ...f }]);
+    }
+    this.changed.clear();
+    return out;
   }
 
   final(): JobProgress {
@@ -611,7 +631,7 @@ class ProgressTracker {
     }, wait);
   }
 
-  private snapshot(): { progress: JobProgress; files: FileProgress[] } {
+  private snapshot(): { progress: JobProgress; filesPatch: [number, FileProgress][] } {
     const now = Date.now();
     const elapsed = (now - this.rateWindowStart) / 1000;
     if (elapsed >= 0.5) {
@@ -629,7 +649,7 @@ class ProgressTracker {
       this.progress.bytesPerSecond > 0 && this.progress.bytesTotal > 0
         ? { ...rest, etaSeconds: Math.ceil(left / this.progress.bytesPerSecond) }
         : rest;
-    return { progress: { ...this.progress }, files: this.files.map((f) => ({ ...f })) };
+    return { progress: { ...this.progress }, filesPatch: this.takeChanged() };
   }
 
   private async flush(): Promise<void> {
@@ -637,9 +657,17 @@ class ProgressTracker {
     if (!this.dirty) return;
     this.dirty = false;
     this.lastWrite = Date.now();
-    this.inFlight = this.write(this.snapshot()).finally(() => {
-      this.inFlight = undefined;
-    });
+    const snap = this.snapshot();
+    this.inFlight = this.write(snap).then(
+      (written) => {
+        this.inFlight = undefined;
+        // Not written: those files go with the next write instead.
+        if (!written) for (const [i] of snap.filesPatch) this.changed.add(i);
+      },
+      () => {
+        this.inFlight = undefined;
+      },
+    );
     await this.inFlight;
   }
 

@@ -14,6 +14,8 @@ ARGV[5] lowest score ("-inf" or "<ms>")
 ARGV[6] page size   ARGV[7] most members to look at
 ARGV[8] states, comma-separated ("" = every state)
 ARGV[9] labels every job must carry, as a JSON object ("" = none)
+ARGV[10] per-file state key prefix (core/keys.ts jobFiles): a running job's files live
+         there, not in its record
 
 Returns {next score, next id, job JSON...}: next score "" when nothing follows, else
 the position after the last member looked at.
@@ -59,6 +61,12 @@ while #out < size and looked < budget do
           local flat = redis.call('HGETALL', prefix .. id)
           local obj = {}
           for j = 1, #flat, 2 do obj[flat[j]] = flat[j + 1] end
+          if obj.files == nil then
+            local hash = redis.call('HGETALL', ARGV[10] .. id)
+            local list = {}
+            for j = 1, #hash, 2 do list[tonumber(hash[j]) + 1] = hash[j + 1] end
+            obj.files = '[' .. table.concat(list, ',') .. ']'
+          end
           out[#out + 1] = cjson.encode(obj)
         end
       end

@@ -8,6 +8,7 @@ never overwritten, and an attempt that lost the job can change nothing.
 KEYS[1] job hash     KEYS[2] webhook outbox     KEYS[3] result expiry set
 KEYS[4] BullMQ's lock of the job (read only by a claim)
 KEYS[5] history outbox stream (appended to only once the history writer has made it)
+KEYS[6] the job's per-file state: file index -> FileProgress JSON (core/keys.ts jobFiles)
 
 ARGV[1]  channel
 ARGV[2]  allowed source states, comma-separated ("" = any)
@@ -19,18 +20,36 @@ ARGV[7]  "1" when the new state is terminal
 ARGV[8]  the new state ("" = unchanged)
 ARGV[9]  result expiry member ("" = none), ARGV[10] its score
 ARGV[11] the result key the record must name ("" = no such condition)
-ARGV[12] how many field/value pairs from ARGV[14] on are set only where absent (they come first)
+ARGV[12] how many of the field/value pairs are set only where absent (they come first)
 ARGV[13] the history outbox's approximate length cap
 ARGV[14] fields to remove, comma-separated ("" = none)
-ARGV[15..] field/value pairs
+ARGV[15] per-file state: "" unchanged | "set" the entries below are all the files (the
+         record's own `files` field goes) | "patch" only these entries changed
+ARGV[16] "1": the reply carries the per-file hash too (a third element, HGETALL)
+ARGV[17] how many file index/JSON pairs follow from ARGV[18] on, in index order
+ARGV[18 + 2n..] field/value pairs (n = ARGV[17])
 
-Returns {1, json} applied (or already applied by this attempt), {0} no such job,
-{2, state} not in an allowed state, {3, holder} the attempt does not own the job.
+Returns {1, json[, files]} applied (or already applied by this attempt), {0} no such
+job, {2, state} not in an allowed state, {3, holder} the attempt does not own the job.
+
+Per-file state lives in KEYS[6], not in the record: a progress tick of a job of 70,000
+files writes the few entries that changed instead of the whole list (megabytes), and
+the message published carries them as `filesPatch` ([[index, entry], ...]) for
+watchers to apply to the version before (server/watch-hub.ts, core/job-store.ts
+FilesFollower). "set" publishes the whole list as `files`, as a record read does.
 ]]
 
 -- An uploaded object is registered for deletion whatever the checks below say: an
 -- upload that a cancel or another attempt overtook is still an object retention removes.
 if ARGV[9] ~= '' then redis.call('ZADD', KEYS[3], ARGV[10], ARGV[9]) end
+
+local filesMode, withFiles = ARGV[15], ARGV[16] == '1'
+local fileAt = 18
+local dataAt = fileAt + 2 * tonumber(ARGV[17])
+local function reply(json)
+  if withFiles then return {1, json, redis.call('HGETALL', KEYS[6])} end
+  return {1, json}
+end
 
 local f = redis.call('HMGET', KEYS[1], 'state', 'lease')
 local state, lease = f[1], f[2]
@@ -49,7 +68,7 @@ if fence ~= '' and lease == token and ARGV[7] == '1' and state == ARGV[8] then
   local flat = redis.call('HGETALL', KEYS[1])
   local obj = {}
   for i = 1, #flat, 2 do obj[flat[i]] = flat[i + 1] end
-  return {1, cjson.encode(obj)}
+  return reply(cjson.encode(obj))
 end
 
 if ARGV[2] ~= '' then
@@ -66,22 +85,34 @@ if ARGV[11] ~= '' then
 end
 
 for k in string.gmatch(ARGV[14], '[^,]+') do redis.call('HDEL', KEYS[1], k) end
-local at = 15
+local at = dataAt
 for _ = 1, tonumber(ARGV[12]) do
   redis.call('HSETNX', KEYS[1], ARGV[at], ARGV[at + 1])
   at = at + 2
 end
 if #ARGV >= at then redis.call('HSET', KEYS[1], unpack(ARGV, at)) end
 redis.call('HINCRBY', KEYS[1], 'version', 1)
+if filesMode == 'set' then
+  redis.call('DEL', KEYS[6])
+  redis.call('HDEL', KEYS[1], 'files')
+end
+-- In slices: unpack() of more than a few thousand values overflows Lua's C stack.
+for i = fileAt, dataAt - 1, 2000 do
+  redis.call('HSET', KEYS[6], unpack(ARGV, i, math.min(i + 1999, dataAt - 1)))
+end
 -- A claim resent after a reconnect is the same run: it is counted once.
 if fence == 'claim' and lease ~= token then
   redis.call('HSET', KEYS[1], 'lease', token)
   redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 end
-if ARGV[7] == '1' and tonumber(ARGV[6]) > 0 then redis.call('EXPIRE', KEYS[1], ARGV[6]) end
+if ARGV[7] == '1' and tonumber(ARGV[6]) > 0 then
+  redis.call('EXPIRE', KEYS[1], ARGV[6])
+  redis.call('EXPIRE', KEYS[6], ARGV[6])
+end
 -- A job that leaves a terminal state (RetryJob) lives again until it ends.
 if ARGV[7] ~= '1' and ARGV[8] ~= '' and (state == 'FAILED' or state == 'CANCELLED') then
   redis.call('PERSIST', KEYS[1])
+  redis.call('PERSIST', KEYS[6])
 end
 -- The callback is owed from the moment the job ends, in the same step: a crash right
 -- after this script cannot lose it, and only the attempt that ended the job owes it.
@@ -93,7 +124,17 @@ local flat = redis.call('HGETALL', KEYS[1])
 local obj = {}
 for i = 1, #flat, 2 do obj[flat[i]] = flat[i + 1] end
 json = cjson.encode(obj)
-redis.call('PUBLISH', ARGV[1], json)
+-- What watchers need besides the record: the files that changed, or all of them. The
+-- entries are JSON already: spliced in as text, never decoded here.
+local changed = {}
+if filesMode == 'set' then
+  for i = fileAt + 1, dataAt - 1, 2 do changed[#changed + 1] = ARGV[i] end
+  obj.files = '[' .. table.concat(changed, ',') .. ']'
+elseif filesMode == 'patch' then
+  for i = fileAt, dataAt - 1, 2 do changed[#changed + 1] = '[' .. ARGV[i] .. ',' .. ARGV[i + 1] .. ']' end
+  obj.filesPatch = '[' .. table.concat(changed, ',') .. ']'
+end
+redis.call('PUBLISH', ARGV[1], filesMode == '' and json or cjson.encode(obj))
 -- History (worker/history-writer.ts): a change of state, or a new run of the job, goes to
 -- the outbox in the same step as the change itself, so PostgreSQL can lag or be down
 -- without losing any. NOMKSTREAM: with no history writer there is no stream and no cost.
@@ -110,4 +151,4 @@ if ARGV[8] ~= '' and (ARGV[8] ~= state or (fence == 'claim' and lease ~= token))
   end
   redis.call('XADD', KEYS[5], 'NOMKSTREAM', 'MAXLEN', '~', ARGV[13], '*', unpack(entry))
 end
-return {1, json}
+return reply(json)
