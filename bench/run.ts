@@ -3,6 +3,7 @@ import { benchCancel } from "./cancel.js";
 import { benchFailover } from "./failover.js";
 import { benchFairness } from "./fairness.js";
 import { benchHistory } from "./history.js";
+import { benchJobFiles } from "./job-files.js";
 import { benchJobs } from "./jobs.js";
 import { printTable, type Row, writeResults } from "./lib.js";
 import { benchPolling } from "./polling.js";
@@ -23,6 +24,7 @@ const scenarios: Record<string, Scenario> = {
   jobs: benchJobs,
   cancel: benchCancel,
   bundle: benchBundle,
+  "job-files": benchJobFiles,
   soak: benchSoak,
   failover: benchFailover,
   history: benchHistory,
