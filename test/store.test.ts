@@ -1,12 +1,15 @@
 import type { Redis } from "ioredis";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { JobIndex } from "../core/job-index.js";
 import { decodeJob, FilesFollower, JobStore } from "../core/job-store.js";
 import {
   type Attempt,
   createJob,
+  deleteJob,
   markCancelled,
   markCompleted,
   markExpired,
+  markFailed,
   markProcessing,
   recordProgress,
 } from "../core/job-transitions.js";
@@ -321,5 +324,33 @@ describe("job transitions", () => {
     const cancelled = await markCancelled(store, id);
     expect(cancelled.files.map((f) => f.state)).toEqual(["PENDING", "IN_PROGRESS"]);
     expect(await store.get(id)).toEqual(cancelled);
+  });
+
+  test("a listed running job shows every file; deleting a job deletes its per-file state", async () => {
+    const store = newStore();
+    const id = newJobId();
+    const created = await createJob(store, id, [6, 7], "owner-l");
+    await redis.zadd(store.keys.ownerJobs("owner-l"), created.createdAt, id);
+    const run = runOf(id, "a");
+    const started = await markProcessing(store, run, start(created));
+    await recordProgress(store, run, {
+      progress: started.progress,
+      filesPatch: [[0, { ...(started.files[0] as FileProgress), state: "IN_PROGRESS" }]],
+    });
+    const page = await new JobIndex(store).list("owner-l", {
+      pageSize: 10,
+      pageToken: "",
+      states: [],
+      labels: {},
+    });
+    expect(page.jobs.map((j) => j.files)).toEqual([(await store.get(id)).files]);
+    expect(page.jobs[0]?.files.map((f) => f.state)).toEqual(["IN_PROGRESS", "PENDING"]);
+    const done = await store.get(id);
+    await markFailed(store, run, {
+      claimed: true,
+      error: { code: "unavailable", message: "x", retryable: true },
+    });
+    await deleteJob(store, done, undefined);
+    expect(await redis.exists(store.key(id), store.keys.jobFiles(id))).toBe(0);
   });
 });
