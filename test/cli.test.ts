@@ -253,6 +253,62 @@ describe("download-jobs CLI", () => {
     expect(cancel.code).toBe(1);
   });
 
+  test("list, retry and delete: labelled jobs listed by state and label, a failed one run again, a finished one deleted", async () => {
+    const tag = `t${newJobId().slice(0, 8)}`;
+    const ok = await cli(
+      "initiate",
+      "81",
+      "--label",
+      `run=${tag}`,
+      "--label",
+      "kind=ok",
+      "--watch",
+    );
+    expect(ok.code).toBe(0);
+    const okId = jobIdIn(ok.stdout);
+    // File 84 does not exist yet: the job fails with not_found.
+    const bad = await cli("initiate", "82", "84", "--label", `run=${tag}`, "--watch");
+    expect(bad.code).toBe(1);
+    const badId = jobIdIn(bad.stdout);
+
+    const all = await cli("list", "--label", `run=${tag}`);
+    expect(all.code).toBe(0);
+    const lines = all.stdout.trim().split("\n");
+    expect(lines.map((l) => l.split(/\s+/)[0])).toEqual([badId, okId]);
+    expect(lines[0]).toMatch(/FAILED\s+2 files/);
+    expect(lines[1]).toContain(`kind=ok,run=${tag}`);
+    const failed = await cli("--json", "list", "--state", "failed", "--label", `run=${tag}`);
+    expect(
+      failed.stdout
+        .trim()
+        .split("\n")
+        .map((l) => (JSON.parse(l) as { jobId: string }).jobId),
+    ).toEqual([badId]);
+
+    await st.svc.putSource(84, 10_000, "late.bin");
+    const retried = await cli("retry", badId, "--watch");
+    expect(retried.code).toBe(0);
+    expect(retried.stderr).toContain("queued again");
+    expect(retried.stdout).toContain(`job ${badId}: COMPLETED`);
+
+    const deleted = await cli("delete", badId);
+    expect(deleted.code).toBe(0);
+    expect(deleted.stdout).toContain("deleted");
+    expect((await cli("status", badId)).code).toBe(1);
+    expect((await cli("list", "--label", `run=${tag}`)).stdout.trim().split("\n")).toHaveLength(1);
+
+    const [badState, badLabel, badServerLabel] = await Promise.all([
+      cli("list", "--state", "done"),
+      cli("list", "--label", "nolabel"),
+      cli("initiate", "81", "--label", "Bad=x"),
+    ]);
+    expect(badState.code).toBe(2);
+    expect(badState.stderr).toContain("--state takes one of");
+    expect(badLabel.code).toBe(2);
+    expect(badServerLabel.code).toBe(2);
+    expect(badServerLabel.stderr).toContain('key "Bad"');
+  });
+
   test("sends the token from --token or DOWNLOAD_JOBS_TOKEN, and says which to set when it is missing", async () => {
     const noToken = { DOWNLOAD_JOBS_TOKEN: "" };
     const [missing, flag, wrong] = await Promise.all([

@@ -92,3 +92,25 @@ export function summary(job: Job): string[] {
   }
   return lines;
 }
+
+/** One line of `list`: id, state, files, created, labels. */
+export function listLine(job: Job): string {
+  const created =
+    job.createTime !== undefined
+      ? new Date(Number(job.createTime.seconds) * 1000).toISOString().replace(".000Z", "Z")
+      : "";
+  const files = `${job.fileIds.length} ${job.fileIds.length === 1 ? "file" : "files"}`;
+  const percent = job.state === JobState.PROCESSING ? ` ${job.progress?.percent ?? 0}%` : "";
+  const labels = Object.entries(job.labels)
+    .map(([k, v]) => `${k}=${v}`)
+    .join(",");
+  return [
+    job.jobId,
+    `${stateName(job.state)}${percent}`.padEnd(14),
+    files.padEnd(9),
+    created,
+    labels,
+  ]
+    .join("  ")
+    .trimEnd();
+}

@@ -9,6 +9,7 @@ import { createDownloadClient } from "../lib/node.js";
 import { isTerminalJob, type WatchEvent, watchJob } from "../lib/watch.js";
 import { DownloadError, downloadToFile, FileExistsError } from "./download-file.js";
 import { formatBytes, jobJson, outcomeLine, stateName, summary } from "./format.js";
+import { addJobCommands, parseLabelArgs } from "./job-commands.js";
 import { createView } from "./view.js";
 
 // download-jobs: start, follow, cancel and fetch download jobs from a terminal or a
@@ -284,18 +285,26 @@ function program(result: { code: number }): Command {
       "--request-id <key>",
       "idempotency key (a UUID is best): a retry with the same key returns the same job",
     )
+    .option(
+      "-l, --label <key=value>",
+      "a label of your own on the job (list --label finds it); repeat for several",
+      (v: string, prev: string[]) => [...prev, v],
+      [],
+    )
     .action(
       run(
         async (
           raw: string[],
-          o: { watch: boolean; cancelOnInterrupt: boolean; requestId?: string },
+          o: { watch: boolean; cancelOnInterrupt: boolean; requestId?: string; label: string[] },
           cmd: Command,
         ) => {
           const g = globals(cmd);
           const fileIds = parseFileIds(raw);
+          const labels = parseLabelArgs(o.label, (m) => new UsageError(m));
           const client = clientFor(g);
           const { job, outcome } = await client.initiate({
             fileIds,
+            labels,
             ...(o.requestId !== undefined ? { requestId: o.requestId } : {}),
           });
           if (job === undefined)
@@ -364,6 +373,17 @@ function program(result: { code: number }): Command {
         return download(clientFor(g), jobId, g, o);
       }),
     );
+
+  addJobCommands(p, {
+    run,
+    globals,
+    clientFor,
+    report,
+    follow: async (client, job, g) => (await follow(client, job, g, false)).code,
+    usage: (m) => new UsageError(m),
+    out,
+    err,
+  });
 
   return p;
 }
