@@ -391,17 +391,22 @@ export class JobPresenter {
     jobs: readonly JobRecord[];
     nextPageToken: string;
   }): Promise<Reply<typeof ListJobsResponseSchema>> {
-    const downloads = await Promise.all(page.jobs.map((rec) => this.presign(rec)));
+    const [downloads, extras] = await Promise.all([
+      Promise.all(page.jobs.map((rec) => this.presign(rec))),
+      Promise.all(page.jobs.map((rec) => this.extras(rec))),
+    ]);
     const token = JSON.stringify(page.nextPageToken);
     return new Reply(
       ListJobsResponseSchema,
       () =>
         create(ListJobsResponseSchema, {
-          jobs: page.jobs.map((rec, i) => toProtoJob(rec, downloads[i])),
+          jobs: page.jobs.map((rec, i) => toProtoJob(rec, downloads[i], extras[i])),
           nextPageToken: page.nextPageToken,
         }),
       () => {
-        const jobs = page.jobs.map((rec, i) => JSON.stringify(toJobJson(rec, downloads[i])));
+        const jobs = page.jobs.map((rec, i) =>
+          JSON.stringify(toJobJson(rec, downloads[i], extras[i])),
+        );
         const parts = [];
         if (jobs.length > 0) parts.push(`"jobs":[${jobs.join(",")}]`);
         if (page.nextPageToken !== "") parts.push(`"nextPageToken":${token}`);
@@ -419,12 +424,12 @@ export class JobPresenter {
   }
 
   async retried(rec: JobRecord, replayed: boolean): Promise<Reply<typeof RetryJobResponseSchema>> {
-    const download = await this.presign(rec);
+    const [download, extras] = await Promise.all([this.presign(rec), this.extras(rec)]);
     return new Reply(
       RetryJobResponseSchema,
-      () => create(RetryJobResponseSchema, { job: toProtoJob(rec, download), replayed }),
+      () => create(RetryJobResponseSchema, { job: toProtoJob(rec, download, extras), replayed }),
       () =>
-        `{"job":${JSON.stringify(toJobJson(rec, download))}${replayed ? ',"replayed":true' : ""}}`,
+        `{"job":${JSON.stringify(toJobJson(rec, download, extras))}${replayed ? ',"replayed":true' : ""}}`,
     );
   }
 }
