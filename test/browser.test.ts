@@ -372,6 +372,43 @@ describe("in Chromium", () => {
     await expect.poll(() => stateText(page), PATIENCE).toBe("Ready");
   });
 
+  test("Your jobs comes from the server: another browser sees them, filters by state, retries and deletes", async () => {
+    expect(completedJobId).not.toBe("");
+    // A fresh profile: nothing in localStorage, the list is ListJobs'.
+    const { ctx, page } = await newPage();
+    const rows = page.locator("li.job-row");
+    const row = (id: string) => page.locator(`li.job-row[data-job-id="${id}"]`);
+    await expect.poll(() => rows.count(), PATIENCE).toBeGreaterThanOrEqual(2);
+    await expect.poll(() => text(row(completedJobId)), PATIENCE).toContain("Ready");
+
+    await page.getByLabel("Show").selectOption({ label: "Cancelled" });
+    await expect
+      .poll(
+        async () => (await rows.allTextContents()).every((t) => t.includes("Cancelled")),
+        PATIENCE,
+      )
+      .toBe(true);
+    await expect.poll(() => rows.count(), PATIENCE).toBe(1);
+    const cancelledId = (await attr(rows.first(), "data-job-id")) ?? "";
+    expect((await st.store.get(cancelledId)).state).toBe("CANCELLED");
+    await shot(page, "5-list-cancelled");
+
+    // Retry: the same job runs again and the page follows it to the end.
+    await rows.first().getByRole("button", { name: "Retry" }).click();
+    await expect.poll(() => attr(page.getByTestId("job-id"), "title"), PATIENCE).toBe(cancelledId);
+    await expect.poll(() => stateText(page), { timeout: 60_000 }).toBe("Ready");
+    expect((await st.store.get(cancelledId)).state).toBe("COMPLETED");
+
+    // Delete the first completed job: gone from the list and from the server.
+    await page.getByLabel("Show").selectOption({ label: "All" });
+    await expect.poll(() => row(completedJobId).count(), PATIENCE).toBe(1);
+    await row(completedJobId).getByRole("button", { name: "Delete" }).click();
+    await expect.poll(() => row(completedJobId).count(), PATIENCE).toBe(0);
+    await expect(st.store.get(completedJobId)).rejects.toThrow(/not found/);
+    await shot(page, "6-list-after-delete");
+    await ctx.close();
+  });
+
   test("under React StrictMode (development build) a reload leaves one WatchJob stream open", async () => {
     const cfg = apiConfig({ WEB_ROOT: devDist });
     const server = await startApiServer(cfg, silent);

@@ -4,21 +4,11 @@ import { SAMPLE_FILES } from "../../local/sample-files.js";
 import { createDownloadClient } from "../lib/client.js";
 import { useDownloadJob } from "../react/use-download-job.js";
 import { FilePicker } from "./components/file-picker.js";
+import { JobList } from "./components/job-list.js";
 import { JobPanel } from "./components/job-panel.js";
-import { RecentJobs } from "./components/recent-jobs.js";
 import { TokenForm } from "./components/token-form.js";
-import { describeError, stateName } from "./messages.js";
-import {
-  loadCurrentJob,
-  loadRecent,
-  loadToken,
-  patchRecent,
-  type RecentJob,
-  saveCurrentJob,
-  saveRecent,
-  saveToken,
-  upsertRecent,
-} from "./saved.js";
+import { describeError } from "./messages.js";
+import { loadCurrentJob, loadToken, saveCurrentJob, saveToken } from "./saved.js";
 
 /** The page: pick files, start a job, watch it (resumed after a reload), download it. */
 export function App() {
@@ -30,7 +20,8 @@ export function App() {
     [token],
   );
   const [jobId, setJobId] = useState<string | undefined>(loadCurrentJob);
-  const [recent, setRecent] = useState<RecentJob[]>(loadRecent);
+  // Bumped when a job starts: the job list reads its first page again.
+  const [started, setStarted] = useState(0);
   const [starting, setStarting] = useState(false);
   const [startError, setStartError] = useState<string | undefined>(undefined);
   const watch = useDownloadJob(client, jobId);
@@ -49,31 +40,9 @@ export function App() {
     heading.current?.focus();
   }, [jobId]);
 
-  useEffect(() => saveRecent(recent), [recent]);
-
-  // The recent list keeps each job's last known state for the next visit.
-  const { job, error, connection } = watch;
-  const percent = job?.progress?.percent ?? 0;
-  // biome-ignore lint/correctness/useExhaustiveDependencies: a new job object arrives with every message; only its id, state and percent change the list
-  useEffect(() => {
-    if (job === undefined) return;
-    const patch = { state: stateName(job.state), percent, updatedAt: Date.now() };
-    setRecent((list) =>
-      list.some((j) => j.jobId === job.jobId)
-        ? patchRecent(list, job.jobId, patch)
-        : upsertRecent(list, {
-            jobId: job.jobId,
-            fileIds: [...job.fileIds],
-            createdAt: Date.now(),
-            ...patch,
-          }),
-    );
-  }, [job?.jobId, job?.state, percent]);
-  const gone = error?.code === Code.NotFound && connection === "idle";
-  useEffect(() => {
-    if (gone && jobId !== undefined)
-      setRecent((list) => patchRecent(list, jobId, { state: "GONE", updatedAt: Date.now() }));
-  }, [gone, jobId]);
+  const { job } = watch;
+  // The list is read again when the watched job changes state, not on every progress tick.
+  const listKey = `${started}:${job?.jobId ?? ""}:${job?.state ?? ""}`;
 
   const start = async (fileIds: number[]) => {
     setStarting(true);
@@ -82,17 +51,7 @@ export function App() {
       const created = (await client.initiate({ fileIds })).job;
       if (created === undefined)
         throw new ConnectError("Initiate answered without a job", Code.Internal);
-      const now = Date.now();
-      setRecent((list) =>
-        upsertRecent(list, {
-          jobId: created.jobId,
-          fileIds,
-          state: stateName(created.state),
-          percent: 0,
-          createdAt: now,
-          updatedAt: now,
-        }),
-      );
+      setStarted((n) => n + 1);
       select(created.jobId, true);
     } catch (err) {
       setStartError(describeError(ConnectError.from(err), "start", false));
@@ -130,11 +89,15 @@ export function App() {
             onClose={() => select(undefined, false)}
           />
         )}
-        <RecentJobs
-          jobs={recent}
+        <JobList
+          client={client}
           currentJobId={jobId}
+          current={job}
+          refreshKey={listKey}
           onSelect={(id) => select(id, true)}
-          onClear={() => setRecent([])}
+          onDeleted={(id) => {
+            if (id === jobId) select(undefined, false);
+          }}
         />
       </main>
     </>
