@@ -31,6 +31,16 @@ const RESUBSCRIBE_CHUNK = 1000;
 /** A failed re-read of a record (Redis still failing over) is tried again after this. */
 const REFRESH_RETRY_MS = 500;
 
+/**
+ * A watched job that nothing was heard of for this many heartbeat intervals is re-read:
+ * a safety net under the gap and reconnect checks, for a change lost in a way neither
+ * sees (the last message before a job's end, lost without a reconnect being noticed).
+ */
+const SILENT_HEARTBEATS_BEFORE_REREAD = 4;
+
+/** At most this many of those re-reads per tick of the heartbeat timer. */
+const SILENT_REREADS_PER_TICK = 200;
+
 export type WatchEvent =
   | { job: JobRecord; heartbeat?: undefined }
   | { heartbeat: { time: number; version: number }; job?: undefined };
@@ -78,6 +88,13 @@ interface Topic {
   files: FilesFollower;
   /** A message of this version could not be offered: a re-read must reach it. */
   readAtLeast: number;
+  /**
+   * Another re-read was asked for while one was under way: that one may have read the
+   * record before the change that prompted this request, so it runs again once done.
+   */
+  again: boolean;
+  /** When a message or a re-read of this job last arrived (Date.now()). */
+  heardAt: number;
 }
 
 function wake(w: Watcher): void {
@@ -86,13 +103,21 @@ function wake(w: Watcher): void {
   resolve?.();
 }
 
-/** Queues a record for a stream. Never drops a state change; within one state only the latest matters. */
+/**
+ * Queues a record for a stream. Never drops a state change; within one state only the
+ * latest matters. An end is never dropped either, even at a version the stream has
+ * passed: an open stream has sent no end yet, so the record went back (its latest writes
+ * were lost with a failed primary, and the job went on from an older version), and
+ * without it the watcher would wait for ever.
+ */
 function offer(w: Watcher, rec: JobRecord): void {
-  if (rec.version <= w.last) return;
+  const end = isTerminal(rec.state);
+  if (rec.version <= w.last && !end) return;
   const n = w.pending.length;
   const tail = n > 0 ? w.pending[n - 1] : undefined;
   if (tail !== undefined) {
-    if (rec.version <= tail.version) return;
+    if (isTerminal(tail.state)) return;
+    if (rec.version <= tail.version && !end) return;
     if (tail.state === rec.state) {
       w.pending[n - 1] = rec;
       wake(w);
@@ -107,8 +132,17 @@ export class WatchHub {
   private readonly topics = new Map<string, Topic>();
   /** Channels to subscribe in this turn of the event loop, and the promise of their SUBSCRIBE. */
   private subscribing: { channels: string[]; done: Promise<Error | undefined> } | undefined;
-  /** Channels no watcher needs any more, unsubscribed together shortly. */
-  private readonly unsubscribing = new Set<string>();
+  /**
+   * Channels no watcher needs any more, unsubscribed together shortly: with their
+   * subscription (which may not have taken effect yet) and the subscription connection's
+   * generation when they were left (see join).
+   */
+  private readonly unsubscribing = new Map<
+    string,
+    { subscribed: Promise<Error | undefined>; generation: number }
+  >();
+  /** Counts the subscription connection's restorations (resync). */
+  private generation = 0;
   private unsubscribeTimer: NodeJS.Timeout | undefined;
   private readonly watchers = new Set<Watcher>();
   private readonly subscribeTimeoutMs: number;
@@ -198,8 +232,8 @@ export class WatchHub {
         if (signal.aborted) return;
         const rec = w.pending.shift();
         if (rec !== undefined) {
-          if (rec.version <= w.last) continue;
-          w.last = rec.version;
+          if (rec.version <= w.last && !isTerminal(rec.state)) continue;
+          w.last = Math.max(w.last, rec.version);
           w.version = rec.version;
           yield this.sent(w, { job: rec });
           if (isTerminal(rec.state) || this.expired(w)) return;
@@ -256,11 +290,20 @@ export class WatchHub {
         refreshing: false,
         files: new FilesFollower(),
         readAtLeast: 0,
+        again: false,
+        heardAt: Date.now(),
       };
-      // Still subscribed from a watcher that left a moment ago: keep that subscription.
-      created.subscribed = this.unsubscribing.delete(channel)
-        ? Promise.resolve(undefined)
-        : this.subscribeSoon(channel);
+      // Still subscribed from a watcher that left a moment ago: keep that subscription
+      // (and wait for it, if its SUBSCRIBE is still on the way). Not across a restored
+      // connection, though: the client library re-subscribes it there by itself, but
+      // nothing says when that has taken effect, and a snapshot read before it could
+      // miss a change. Subscribing again costs one shared command.
+      const left = this.unsubscribing.get(channel);
+      this.unsubscribing.delete(channel);
+      created.subscribed =
+        left !== undefined && left.generation === this.generation
+          ? left.subscribed
+          : this.subscribeSoon(channel);
       created.subscribed.then((err) => {
         // Let the next watcher try again rather than inherit a failed subscription.
         if (err !== undefined && this.topics.get(channel) === created) this.topics.delete(channel);
@@ -311,7 +354,7 @@ export class WatchHub {
     this.watchers.delete(w);
     if (topic.watchers.size === 0 && this.topics.get(channel) === topic) {
       this.topics.delete(channel);
-      if (this.closedWith === undefined) this.unsubscribeLater(channel);
+      if (this.closedWith === undefined) this.unsubscribeLater(channel, topic.subscribed);
     }
     if (this.watchers.size === 0) this.stopTicker();
   }
@@ -322,16 +365,20 @@ export class WatchHub {
    * hurry, and one command for a few dozen channels spares a write per job. A watcher
    * that comes back to the channel meanwhile takes it over (join).
    */
-  private unsubscribeLater(channel: string): void {
-    this.unsubscribing.add(channel);
+  private unsubscribeLater(channel: string, subscribed: Promise<Error | undefined>): void {
+    this.unsubscribing.set(channel, { subscribed, generation: this.generation });
     if (this.unsubscribeTimer !== undefined) return;
     this.unsubscribeTimer = setTimeout(() => {
       this.unsubscribeTimer = undefined;
-      const channels = [...this.unsubscribing];
+      const channels = [...this.unsubscribing.keys()];
       this.unsubscribing.clear();
       // Commands on one connection run in order, so a channel subscribed again after
-      // this still ends up subscribed.
+      // this still ends up subscribed, provided its SUBSCRIBE is written after this
+      // UNSUBSCRIBE: the batch still taking channels is queued before it, so it takes
+      // no more (a watcher of one of these channels joining it would be subscribed,
+      // then unsubscribed, and would never hear of its job again).
       if (channels.length > 0 && this.closedWith === undefined) {
+        this.subscribing = undefined;
         this.command(() => this.sub.unsubscribe(...channels)).catch((err: unknown) =>
           this.opts.log.debug({ err }, "unsubscribe failed"),
         );
@@ -396,6 +443,7 @@ export class WatchHub {
     // a message was lost (a failover, a reconnect) and the record has to be read.
     const gap = topic.version > 0 && rec.version > topic.version + 1;
     topic.version = Math.max(topic.version, rec.version);
+    topic.heardAt = Date.now();
     for (const w of topic.watchers) offer(w, rec);
     if (gap) this.refresh(topic);
   }
@@ -408,6 +456,7 @@ export class WatchHub {
    */
   private resync(): void {
     if (this.closedWith !== undefined) return;
+    this.generation += 1;
     const topics = [...this.topics.entries()];
     this.opts.log.info({ jobs: topics.length }, "job events connection restored, re-reading");
     const subscribed: Promise<unknown>[] = [];
@@ -420,18 +469,30 @@ export class WatchHub {
     });
   }
 
-  /** Re-reads one job's record and offers it to its watchers; retried while Redis fails. */
+  /**
+   * Re-reads one job's record and offers it to its watchers; retried while Redis fails.
+   * Asked for while a re-read is under way, it runs once more after that one: the read
+   * under way may have been answered before the change that prompted this request.
+   */
   private refresh(topic: Topic): void {
-    if (topic.refreshing || topic.watchers.size === 0 || this.closedWith !== undefined) return;
+    if (topic.watchers.size === 0 || this.closedWith !== undefined) return;
+    if (topic.refreshing) {
+      topic.again = true;
+      return;
+    }
     topic.refreshing = true;
+    topic.again = false;
     this.store.get(topic.jobId).then(
       (rec) => {
         topic.refreshing = false;
         topic.version = Math.max(topic.version, rec.version);
+        topic.heardAt = Date.now();
         topic.files.base(rec);
         for (const w of topic.watchers) offer(w, rec);
-        // A message came while this read was under way and it read an older version.
-        if (rec.version < topic.readAtLeast && !isTerminal(rec.state)) this.refresh(topic);
+        // Asked again meanwhile, or a message came while this read was under way and it
+        // read an older version.
+        if (topic.again || (rec.version < topic.readAtLeast && !isTerminal(rec.state)))
+          this.refresh(topic);
       },
       (err: unknown) => {
         topic.refreshing = false;
@@ -450,6 +511,17 @@ export class WatchHub {
       if (!w.heartbeatDue && (w.sentAt <= due || now >= w.endAt) && w.pending.length === 0) {
         w.heartbeatDue = true;
         wake(w);
+      }
+    }
+    // Re-read the jobs nothing was heard of for a while, a bounded number per tick so
+    // that thousands of idle jobs watched since the same moment are spread out.
+    const silentSince = now - SILENT_HEARTBEATS_BEFORE_REREAD * this.opts.heartbeatMs;
+    let budget = SILENT_REREADS_PER_TICK;
+    for (const topic of this.topics.values()) {
+      if (topic.heardAt <= silentSince && topic.watchers.size > 0) {
+        topic.heardAt = now;
+        this.refresh(topic);
+        if (--budget === 0) break;
       }
     }
   }

@@ -58,6 +58,8 @@ export interface WatcherLog {
   /** The last snapshot the watcher got (the terminal one, if it got there). */
   last?: Job;
   error?: string;
+  /** What the client library reported on the way (ms since the drill's start), for diagnosis. */
+  events: string[];
 }
 
 export interface ProbeSample {
@@ -202,7 +204,7 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
     const watchAbort = new AbortController();
     const watching: Promise<void>[] = [];
     const watch = (jobId: string) => {
-      const log: WatcherLog = { states: [], versions: [] };
+      const log: WatcherLog = { states: [], versions: [], events: [] };
       watchers.set(jobId, log);
       watching.push(
         (async () => {
@@ -211,7 +213,20 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
               signal: watchAbort.signal,
               baseBackoffMs: 100,
               maxBackoffMs: 1000,
+              onEvent: (e) => {
+                // Heartbeats only when they say something new; the rest as it comes.
+                if (e.type === "heartbeat" && log.events.at(-1)?.endsWith(`hb v${e.version}`))
+                  return;
+                const what =
+                  e.type === "heartbeat"
+                    ? `hb v${e.version}`
+                    : e.type === "reconnecting"
+                      ? `reconnecting ${e.error?.message ?? "(clean end)"}`
+                      : e.type;
+                log.events.push(`${Math.round(now())} ${what}`);
+              },
             })) {
+              log.events.push(`${Math.round(now())} job v${job.version} ${JobState[job.state]}`);
               log.states.push(job.state);
               log.versions.push(job.version);
               log.last = job;
@@ -369,6 +384,27 @@ export async function runFailoverDrill(opts: DrillOptions): Promise<DrillReport>
         if (m[3] === "started") started.set(id, (started.get(id) ?? 0) + 1);
         else completed.set(id, [...(completed.get(id) ?? []), Number(m[1]) - epoch0]);
       }
+    }
+    // A watcher that did not end with its job: what it saw next to what the job became,
+    // and what the workers said about the job, so a failed run can be diagnosed.
+    for (const [id, w] of watchers) {
+      const final = finals.get(id);
+      if (w.error === undefined && w.last?.version === final?.version) continue;
+      const workerLines = workers.flatMap((wp) =>
+        wp
+          .output()
+          .split("\n")
+          .filter((line) => line.includes(id))
+          .map((line) => line.slice(0, 300)),
+      );
+      console.log(
+        `failover drill: watcher of ${id} ended with ${w.error ?? "its stream"}; ` +
+          `saw ${w.last === undefined ? "nothing" : `v${w.last.version} ${JobState[w.last.state]}`}, ` +
+          `final record ${final === undefined ? "unknown" : `v${final.version} ${JobState[final.state]} attempts ${final.attempts}`}; ` +
+          `killed at ${Math.round(killedAt)}, promoted at ${Math.round(promotedAt)}; ` +
+          `runs completed at ${JSON.stringify(completed.get(id) ?? [])}\n  watcher: ${w.events.join(" | ")}\n  ` +
+          workerLines.join("\n  "),
+      );
     }
     return {
       calls,
