@@ -137,6 +137,11 @@ export interface JobStoreOptions {
    * oldest unwritten changes are dropped rather than Redis filling up.
    */
   historyOutboxMaxEntries?: number;
+  /**
+   * REDIS_MIN_REPLICAS_ACK for a worker: markCompleted waits until replicas hold the
+   * completion (core/replica-ack.ts); unset, it answers once the primary has it.
+   */
+  replicaAck?: { wait(): Promise<void> } | undefined;
 }
 
 export class JobStore {
@@ -146,6 +151,8 @@ export class JobStore {
   readonly historyOutboxMaxEntries: number;
   /** The connection with our scripts defined on it (for core/job-transitions.ts). */
   readonly scripts: ScriptCommands;
+  /** See JobStoreOptions.replicaAck. */
+  readonly replicaAck: { wait(): Promise<void> } | undefined;
 
   constructor(
     readonly redis: RedisClient,
@@ -157,6 +164,7 @@ export class JobStore {
     this.historyOutboxMaxEntries =
       opts.historyOutboxMaxEntries ?? DEFAULT_HISTORY_OUTBOX_MAX_ENTRIES;
     this.scripts = withScripts(redis);
+    this.replicaAck = opts.replicaAck;
   }
 
   key(id: string): string {

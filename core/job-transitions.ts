@@ -217,6 +217,15 @@ export async function recordProgress(
  * PROCESSING -> COMPLETED with the run's result object. The object is registered for
  * deletion at `result.expiresAt` in the same step, whatever the checks say: an object a
  * cancel or another run overtook is removed by retention all the same.
+ *
+ * With REDIS_MIN_REPLICAS_ACK (store.replicaAck) it answers only once that many replicas
+ * hold the completion (Redis WAIT), so the run reports the job done to BullMQ only when
+ * a failover can no longer lose the completion and run the job again. When fewer
+ * replicas acknowledge within REDIS_REPLICAS_ACK_TIMEOUT_MS (or the primary is lost
+ * meanwhile) it still resolves, with `replicated: false`: the job is COMPLETED on the
+ * primary and watchers may have seen it, so failing the run would only retry a finished
+ * job. What is then lost with the primary is lost as without WAIT, and BullMQ runs the
+ * job again. `replicated` is true when no acknowledgement was asked for.
  */
 export async function markCompleted(
   store: JobStore,
@@ -229,7 +238,7 @@ export async function markCompleted(
     filesPatch?: Iterable<readonly [number, FileProgress]>;
     result: JobResultRecord & { expiresAt: number };
   },
-): Promise<void> {
+): Promise<{ replicated: boolean; error?: unknown }> {
   const { filesPatch, ...set } = done;
   await apply(store, attempt.jobId, {
     from: ["PROCESSING"],
@@ -238,6 +247,11 @@ export async function markCompleted(
     ...(filesPatch !== undefined ? { filesPatch } : {}),
     expire: { jobId: attempt.jobId, key: done.result.key, at: done.result.expiresAt },
   });
+  if (store.replicaAck === undefined) return { replicated: true };
+  return store.replicaAck.wait().then(
+    () => ({ replicated: true }),
+    (error: unknown) => ({ replicated: false, error }),
+  );
 }
 
 /**

@@ -2,6 +2,11 @@ import { Code, ConnectError, createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
 import { Redis } from "ioredis";
 import { describe, expect, test } from "vitest";
+import { JobStore } from "../core/job-store.js";
+import { createJob, markCompleted, markProcessing } from "../core/job-transitions.js";
+import { newJobId } from "../core/jobs.js";
+import { createRedis } from "../core/redis.js";
+import { ReplicaAck } from "../core/replica-ack.js";
 import { DownloadService, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { waitUntil } from "../local/ports.js";
@@ -156,6 +161,89 @@ describe("REDIS_MIN_REPLICAS_ACK", () => {
       onReplica.disconnect();
       stalls.disconnect();
       await st.stop();
+      await replica.stop();
+      await svc.stop();
+    }
+  });
+
+  test("a worker's completion returns only once the replica holds it, and says so when none does", async () => {
+    const svc = await startServices();
+    const replica = await startRedis({
+      extraArgs: [
+        "--replicaof",
+        "127.0.0.1",
+        String(svc.redis.port),
+        "--enable-debug-command",
+        "yes",
+      ],
+    });
+    const primary = createRedis(svc.redis.url, { role: "worker" });
+    const ackConn = createRedis(svc.redis.url, { role: "api" });
+    const onReplica = new Redis(replica.url);
+    const stalls = new Redis(replica.url);
+    const prefix = `ack${process.pid}`;
+    const store = (timeoutMs: number) =>
+      new JobStore(primary, {
+        prefix,
+        recordTtlSeconds: 600,
+        replicaAck: new ReplicaAck(ackConn, { prefix, replicas: 1, timeoutMs }),
+      });
+    const finish = async (s: JobStore) => {
+      const id = newJobId();
+      const run = { jobId: id, token: "ack-test", checkLock: false };
+      await createJob(s, id, [1], "ack-owner");
+      const progress = {
+        filesDone: 1,
+        filesTotal: 1,
+        bytesDone: 1,
+        bytesTotal: 1,
+        bytesPerSecond: 0,
+      };
+      await markProcessing(s, run, { progress, files: [], startedAt: Date.now() });
+      const key = `bundles/${id}.zip`;
+      const outcome = await markCompleted(s, run, {
+        endedAt: Date.now(),
+        progress,
+        files: [],
+        result: {
+          key,
+          fileName: "a.zip",
+          sizeBytes: 1,
+          sha256: "00",
+          expiresAt: Date.now() + 60_000,
+        },
+      });
+      return { id, outcome };
+    };
+    try {
+      await waitUntil("replica in sync", async () =>
+        (await onReplica.info("replication")).includes("master_link_status:up"),
+      );
+      // The replica stops for a moment: the completion must not be reported before it
+      // is back and holds it (else a failover now would lose it and rerun the job).
+      let replicaBack = false;
+      const stalled = stalls.call("DEBUG", "SLEEP", "0.5").then(() => {
+        replicaBack = true;
+      });
+      const held = await finish(store(30_000));
+      expect(held.outcome).toEqual({ replicated: true });
+      expect(replicaBack).toBe(true);
+      expect((await onReplica.hgetall(store(1).key(held.id))).state).toBe("COMPLETED");
+      await stalled;
+
+      // No replica answers in time: the job is COMPLETED all the same (watchers may
+      // have seen it), and the caller is told the completion is not yet safe.
+      await stalls.call("DEBUG", "SLEEP", "0");
+      const slow = stalls.call("DEBUG", "SLEEP", "1");
+      const unsafe = await finish(store(50));
+      expect(unsafe.outcome.replicated).toBe(false);
+      expect((await primary.hgetall(store(1).key(unsafe.id))).state).toBe("COMPLETED");
+      await slow;
+    } finally {
+      primary.disconnect();
+      ackConn.disconnect();
+      onReplica.disconnect();
+      stalls.disconnect();
       await replica.stop();
       await svc.stop();
     }

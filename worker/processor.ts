@@ -326,12 +326,17 @@ async function run(
     try {
       // The result is registered for deletion in the same step, whatever the checks
       // say: retention removes it even if a cancel or another run won.
-      await markCompleted(store, attempt, {
+      const { replicated, error } = await markCompleted(store, attempt, {
         endedAt,
         progress: tracker.final(),
         filesPatch: tracker.takeChanged(),
         result: { key, fileName, sizeBytes: result.sizeBytes, sha256: result.sha256, expiresAt },
       });
+      if (!replicated)
+        log.warn(
+          { err: error },
+          "completion not confirmed by the replicas; a failover may rerun the job",
+        );
     } catch (err) {
       if (err instanceof JobStateError || err instanceof JobNotFoundError) {
         // Cancelled while the last part was being written: leave nothing behind.

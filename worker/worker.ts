@@ -30,6 +30,7 @@ import {
   redisTargetFrom,
   waitForRedis,
 } from "../core/redis.js";
+import { ReplicaAck } from "../core/replica-ack.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
 import { historyOutboxState, startHistoryWriter } from "./history-writer.js";
 import { CancelledError, createProcessor } from "./processor.js";
@@ -64,11 +65,25 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
   const sub = createRedis(target, { role: "subscriber", name: "download-jobs:worker-cancel" });
   // Without a listener ioredis prints every reconnect error of a failover to stderr.
   sub.on("error", (err: Error) => log.warn({ err: err.message }, "redis connection error"));
+  // WAIT blocks its connection, so a completion's durability gets one of its own
+  // (core/replica-ack.ts); it fails fast like an API connection rather than queueing.
+  const ackConn =
+    cfg.REDIS_MIN_REPLICAS_ACK > 0
+      ? createRedis(target, { role: "api", name: "download-jobs:worker-replica-ack" })
+      : undefined;
+  ackConn?.on("error", (err: Error) => log.warn({ err: err.message }, "redis connection error"));
   await Promise.all([waitForRedis(redis), waitForRedis(sub)]);
   const store = new JobStore(redis, {
     prefix: cfg.QUEUE_PREFIX,
     recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS,
     historyOutboxMaxEntries: cfg.HISTORY_OUTBOX_MAX_ENTRIES,
+    replicaAck:
+      ackConn &&
+      new ReplicaAck(ackConn, {
+        prefix: cfg.QUEUE_PREFIX,
+        replicas: cfg.REDIS_MIN_REPLICAS_ACK,
+        timeoutMs: cfg.REDIS_REPLICAS_ACK_TIMEOUT_MS,
+      }),
   });
   const storage = new Storage(storageOptionsFrom(cfg));
   const running = new Map<string, AbortController>();
@@ -282,6 +297,7 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
       await Promise.all([maintenanceQueue.close(), webhookQueue?.close()]);
       await sub.quit().catch(() => undefined);
       await redis.quit().catch(() => undefined);
+      await ackConn?.quit().catch(() => undefined);
       storage.destroy();
     },
   };
