@@ -204,6 +204,12 @@ const schema = z.object({
   // GetStatus long-poll cap: below every proxy's idle limit (nginx and ALB 60 s, Envoy's
   // default route timeout 15 s) so that a waiting poll is answered before it is cut.
   STATUS_MAX_WAIT_MS: int(0, 120_000).default(25_000),
+  // Signs scoped watch tokens (CreateWatchToken); the same on every API instance. No
+  // default: unset turns the tokens off.
+  WATCH_TOKEN_SECRET: z
+    .string()
+    .min(32, { error: "expected at least 32 characters (e.g. openssl rand -hex 32)" })
+    .optional(),
   HTTP_HEADERS_TIMEOUT_MS: int(100).default(10_000),
   HTTP_REQUEST_TIMEOUT_MS: int(100).default(30_000),
   HTTP2_IDLE_TIMEOUT_MS: int(100).default(60_000),

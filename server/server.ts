@@ -30,10 +30,12 @@ import { rpcInterceptor } from "./connect/rpc-interceptor.js";
 import { createDualProtocolListener } from "./dual-protocol-listener.js";
 import { createAdminBoard } from "./http/admin-board.js";
 import { createDownloadLinkRoute } from "./http/download-link.js";
+import { createJobEvents } from "./http/job-events.js";
 import { createStaticSite } from "./http/static-site.js";
 import { createLeanTransport } from "./lean/lean-transport.js";
 import { downloadRpcs } from "./rpc/download-rpcs.js";
 import { JobPresenter } from "./rpc/presenter.js";
+import { WatchTokens } from "./rpc/watch-token.js";
 import { type NodeHandler, rpcContextValues, withRpcLog } from "./rpc-log.js";
 import { WatchHub } from "./watch-hub.js";
 
@@ -225,6 +227,7 @@ export async function startApiServer(
     presignResult: (key, fileName) => storage.presignResult(key, fileName),
     onError: (err) => log.warn({ err }, "download link failed"),
   });
+  const watchTokens = new WatchTokens(cfg.WATCH_TOKEN_SECRET);
   // Every RPC once, served by both ways in: connect-node and the lean transport.
   const rpcs = downloadRpcs({
     jobs,
@@ -235,6 +238,7 @@ export async function startApiServer(
       onError: (err) => log.debug({ err }, "queue estimate failed"),
     }),
     statusMaxWaitMs: cfg.STATUS_MAX_WAIT_MS,
+    watchTokens,
     history:
       historyDb && new HistoryReader(historyDb, cfg.HISTORY_PAGE_TOKEN_SECRET ?? historyDb.url),
   });
@@ -287,6 +291,14 @@ export async function startApiServer(
     },
   });
 
+  // A job's events as text/event-stream, for EventSource and curl -N.
+  const events = createJobEvents({
+    rows: rpcs,
+    store,
+    tokens: watchTokens,
+    authenticate: (headers) => auth.authenticate(headers),
+    log: rpcLog,
+  });
   const lean =
     opts.leanTransport === false
       ? undefined
@@ -296,12 +308,10 @@ export async function startApiServer(
           readMaxBytes: cfg.MAX_REQUEST_BYTES,
           log: rpcLog,
         });
-  const handler: NodeHandler =
-    lean === undefined
-      ? (adapter as NodeHandler)
-      : (req, res) => {
-          if (!lean(req, res)) adapter(req as never, res as never);
-        };
+  const handler: NodeHandler = (req, res) => {
+    if (events(req, res)) return;
+    if (lean === undefined || !lean(req, res)) adapter(req as never, res as never);
+  };
 
   const listener = createDualProtocolListener(
     withRpcLog(handler, rpcLog, { procedures, metrics, tracing: opts.tracing ?? false }),

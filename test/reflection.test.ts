@@ -53,6 +53,7 @@ describe("buf curl without --schema", () => {
       const methods = stdout.trim().split("\n").sort();
       expect(methods).toEqual([
         "downloads.v1.DownloadService/Cancel",
+        "downloads.v1.DownloadService/CreateWatchToken",
         "downloads.v1.DownloadService/DeleteJob",
         "downloads.v1.DownloadService/GetJobStatistics",
         "downloads.v1.DownloadService/GetStatus",
@@ -188,6 +189,7 @@ describe.each([
       "ListJobs:unary",
       "DeleteJob:unary",
       "RetryJob:unary",
+      "CreateWatchToken:unary",
     ]);
     expect(registry.getMessage("downloads.v1.Job")?.field.createTime?.message?.typeName).toBe(
       "google.protobuf.Timestamp",

@@ -2,6 +2,7 @@ import type { ConnectRouter, HandlerContext } from "@connectrpc/connect";
 import { Health } from "../../gen/grpc/health/v1/health_pb.js";
 import { ownerOf } from "../auth.js";
 import type { RpcCall, RpcRow, StreamRow, UnaryRow } from "../rpc/download-rpcs.js";
+import { STREAM_HEADERS } from "../wire/stream-headers.js";
 import { createHealthService, type HealthServiceOptions } from "./grpc-health.js";
 import { addReflection } from "./reflection.js";
 
@@ -36,6 +37,8 @@ export function connectRoutes(
       } else {
         const run = (row as StreamRow).run;
         router.rpc(row.method, async function* (req, ctx) {
+          for (const [name, value] of Object.entries(STREAM_HEADERS))
+            ctx.responseHeader.set(name, value);
           for await (const reply of run(callOf(ctx), req)) yield reply.message();
         });
       }

@@ -30,6 +30,7 @@ import {
   queryMessage,
   readMessage,
 } from "../wire/request-reader.js";
+import { STREAM_HEADERS } from "../wire/stream-headers.js";
 
 // The second way in: the RPC table (rpc/download-rpcs.ts) served straight on Node's
 // request and response, without connect-node's per-call machinery (abort signals and
@@ -351,6 +352,8 @@ function endOf(
 /** The answers of one call, in its protocol's framing. */
 class Responder {
   private headersSent = false;
+  /** Set once a stream's handler runs: its answer then carries STREAM_HEADERS, as connect-node's does. */
+  streaming = false;
   private corked: { uncork(): void } | undefined;
   private waitOn: NodeJS.EventEmitter;
   private readonly h1: ServerResponse | undefined;
@@ -421,7 +424,7 @@ class Responder {
     const { protocol, binary, response } = this.wire;
     const headers: Record<string, string> = { "content-type": protocol.contentType(binary) };
     if (response !== null) headers[protocol.encodingHeader] = response.name;
-    out(this.res).writeHead(200, headers);
+    out(this.res).writeHead(200, this.streaming ? { ...headers, ...STREAM_HEADERS } : headers);
   }
 
   /** Writes one message; false when the caller should wait for `drained()`. */
@@ -584,6 +587,7 @@ async function serve(
     const call = new NodeCall(who.owner, req, abort.signal, get);
     if (timeout.error !== undefined) throw timeout.error;
     const input = await readInput(req, route, wire, opts.readMaxBytes);
+    responder.streaming = true;
     for await (const reply of (route.row as StreamRow).run(call, input)) {
       if (abort.signal.aborted) break;
       // A caller that reads slowly is sent nothing more until it catches up; meanwhile

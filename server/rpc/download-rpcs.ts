@@ -1,13 +1,16 @@
-import type {
-  DescMessage,
-  DescMethodServerStreaming,
-  DescMethodUnary,
-  MessageShape,
+import {
+  create,
+  type DescMessage,
+  type DescMethodServerStreaming,
+  type DescMethodUnary,
+  type MessageShape,
 } from "@bufbuild/protobuf";
+import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import { HistoryOffError, type HistoryReader } from "../../core/history-reader.js";
 import type { JobService } from "../../core/job-service.js";
 import { parseJobId } from "../../core/jobs.js";
 import {
+  CreateWatchTokenResponseSchema,
   DownloadService,
   GetJobStatisticsResponseSchema,
   ListJobHistoryResponseSchema,
@@ -24,6 +27,7 @@ import {
 } from "./history-presenter.js";
 import { waitForChange, waitPlan } from "./long-poll.js";
 import { type Answer, etagMatches, type JobPresenter, Reply } from "./presenter.js";
+import { WatchTokens } from "./watch-token.js";
 
 // Every RPC of DownloadService, once: what it reads from the request, which domain call
 // it makes for which owner, and the answer the job presenter makes of the result. Both
@@ -83,6 +87,13 @@ export interface RpcDeps {
   history?: HistoryReader | undefined;
   /** The longest GetStatus wait (long-poll); longer ones are clamped. Default 25 s. */
   statusMaxWaitMs?: number;
+  /** Signs scoped watch tokens (CreateWatchToken); off without WATCH_TOKEN_SECRET. */
+  watchTokens?: WatchTokens;
+}
+
+/** Where a job's server-sent events are served (http/job-events.ts). */
+export function eventsPath(jobId: string): string {
+  return `/v1/jobs/${encodeURIComponent(jobId)}/events`;
 }
 
 export function downloadRpcs({
@@ -91,6 +102,7 @@ export function downloadRpcs({
   presenter,
   history,
   statusMaxWaitMs = 25_000,
+  watchTokens = new WatchTokens(undefined),
 }: RpcDeps): readonly RpcRow[] {
   const m = DownloadService.method;
   const historyOn = () => {
@@ -160,6 +172,20 @@ export function downloadRpcs({
       const buckets = await historyOn().statistics(call.owner, interval, from, to);
       return {
         reply: new Reply(GetJobStatisticsResponseSchema, () => statisticsResponse(buckets)),
+      };
+    }),
+    unary(m.createWatchToken, { jobId: "string" }, async (call, req) => {
+      // Only the owner of an existing job gets a token for it.
+      const rec = await jobs.get(call.owner, req.jobId);
+      const { token, expiresAt } = watchTokens.create(rec.id, rec.owner, req.ttl);
+      return {
+        reply: new Reply(CreateWatchTokenResponseSchema, () =>
+          create(CreateWatchTokenResponseSchema, {
+            token,
+            expireTime: timestampFromMs(expiresAt),
+            eventsPath: `${eventsPath(rec.id)}?access_token=${encodeURIComponent(token)}`,
+          }),
+        ),
       };
     }),
   ];
