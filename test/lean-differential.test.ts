@@ -14,6 +14,8 @@ import { newJobId } from "../core/jobs.js";
 import {
   CancelRequestSchema,
   CancelResponseSchema,
+  DeleteJobRequestSchema,
+  DeleteJobResponseSchema,
   GetJobStatisticsRequestSchema,
   GetJobStatisticsResponseSchema,
   GetStatusRequestSchema,
@@ -22,6 +24,10 @@ import {
   InitiateResponseSchema,
   ListJobHistoryRequestSchema,
   ListJobHistoryResponseSchema,
+  ListJobsRequestSchema,
+  ListJobsResponseSchema,
+  RetryJobRequestSchema,
+  RetryJobResponseSchema,
   WatchJobRequestSchema,
   WatchJobResponseSchema,
 } from "../gen/downloads/v1/download_service_pb.js";
@@ -110,7 +116,16 @@ type Json = Record<string, JsonValue>;
 
 /** One call over every protocol and encoding that can carry it. */
 function overEveryProtocol(
-  rpc: "Initiate" | "GetStatus" | "Cancel" | "WatchJob" | "ListJobHistory" | "GetJobStatistics",
+  rpc:
+    | "Initiate"
+    | "GetStatus"
+    | "Cancel"
+    | "WatchJob"
+    | "ListJobHistory"
+    | "GetJobStatistics"
+    | "ListJobs"
+    | "DeleteJob"
+    | "RetryJob",
   msg: Json,
   extra: { varies?: boolean; auth?: Record<string, string> } = {},
 ): Case[] {
@@ -121,6 +136,9 @@ function overEveryProtocol(
     WatchJob: [WatchJobRequestSchema, WatchJobResponseSchema],
     ListJobHistory: [ListJobHistoryRequestSchema, ListJobHistoryResponseSchema],
     GetJobStatistics: [GetJobStatisticsRequestSchema, GetJobStatisticsResponseSchema],
+    ListJobs: [ListJobsRequestSchema, ListJobsResponseSchema],
+    DeleteJob: [DeleteJobRequestSchema, DeleteJobResponseSchema],
+    RetryJob: [RetryJobRequestSchema, RetryJobResponseSchema],
   } as const;
   const [input, output] = schemas[rpc];
   const json = toJsonString(input, fromJson(input, msg));
@@ -255,6 +273,18 @@ function corpus(): Case[] {
   );
   cases.push(...overEveryProtocol("Cancel", { jobId: jobs.failed }));
   cases.push(...overEveryProtocol("Cancel", { jobId: unknown }));
+  // The caller's jobs, a page at a time (the completed job's URL is presigned: varies),
+  // with a filter, and refusals; DeleteJob and RetryJob on jobs whose state forbids them.
+  cases.push(...overEveryProtocol("ListJobs", { pageSize: 2 }, { varies: true }));
+  cases.push(
+    ...overEveryProtocol("ListJobs", { states: ["JOB_STATE_FAILED"], labels: { a: "b" } }),
+  );
+  cases.push(...overEveryProtocol("ListJobs", { pageToken: "x.y" }));
+  cases.push(...overEveryProtocol("ListJobs", { labels: { "Bad Key": "x" } }));
+  cases.push(...overEveryProtocol("DeleteJob", { jobId: jobs.queued }));
+  cases.push(...overEveryProtocol("DeleteJob", { jobId: unknown }));
+  cases.push(...overEveryProtocol("RetryJob", { jobId: jobs.running }));
+  cases.push(...overEveryProtocol("RetryJob", { jobId: "not a job id" }));
   // Neither server has history: FAILED_PRECONDITION, after the request's own checks.
   cases.push(...overEveryProtocol("ListJobHistory", { pageSize: 5 }));
   cases.push(...overEveryProtocol("ListJobHistory", { pageSize: -1 }, { auth: {} }));
@@ -313,7 +343,12 @@ function decoded(res: RawResponse, schema: DescMessage): string {
       at += 5 + length;
     }
   } else {
-    parts.push(res.status === 200 ? message(res.body) : res.body.toString());
+    // A unary answer over 1 KB may come compressed (Content-Encoding, not an envelope);
+    // fetch has inflated it already, a raw HTTP/2 read has not.
+    const gzipped = res.body[0] === 0x1f && res.body[1] === 0x8b;
+    const body =
+      res.headers["content-encoding"] === "gzip" && gzipped ? gunzipSync(res.body) : res.body;
+    parts.push(res.status === 200 ? message(body) : body.toString());
   }
   return parts
     .join("\n")
