@@ -257,6 +257,8 @@ const schema = z.object({
   WEBHOOK_TIMEOUT_MS: int(100).default(10_000),
   WEBHOOK_ATTEMPTS: int(1, 100).default(8),
   WEBHOOK_BACKOFF_MS: int(0).default(2000),
+  // One owner's webhook deliveries in flight at once, across all workers; 0 = no cap.
+  WEBHOOK_MAX_IN_FLIGHT_PER_OWNER: int(0).default(4),
   WEB_ROOT: z.string().default("clients/web/dist"),
   REDIS_CLUSTER_NODES: clusterNodes.optional(),
   REDIS_SENTINELS: sentinels.optional(),

@@ -43,6 +43,21 @@ export class RedisKeys {
     return `${this.prefix}:webhooks:outbox`;
   }
 
+  /** Fair turns of webhook deliveries across owners (core/lua/fair-enqueue.lua). */
+  get webhookFair(): string {
+    return `${this.prefix}:fair:webhooks`;
+  }
+
+  /** An owner's webhook deliveries in flight: BullMQ job id -> lease end (ms). */
+  webhookInFlight(owner: string): string {
+    return `${this.prefix}:webhooks:owner:${owner}:inflight`;
+  }
+
+  /** An owner's deliveries waiting for one of its slots: BullMQ job id -> since (ms). */
+  webhookParked(owner: string): string {
+    return `${this.prefix}:webhooks:owner:${owner}:parked`;
+  }
+
   /** Result objects by the time they are to be deleted (retention); see expiryMember. */
   get resultExpiry(): string {
     return `${this.prefix}:results:expiry`;

@@ -84,13 +84,14 @@ export interface Placement {
  * Adds bundle jobs to the queue in the order owners are served: a higher Initiate
  * priority first, then owners in turn (weighted), then arrival. See the layout above.
  */
-export class BundleScheduler {
+export class FairScheduler<T extends { jobId: string }> {
   private readonly bandSize: number;
 
   constructor(
-    private readonly queue: Queue<BundleJobData>,
+    private readonly queue: Queue<T>,
     private readonly scripts: ScriptCommands,
-    private readonly keys: RedisKeys,
+    /** The round state of one priority level of this queue. */
+    private readonly stateKey: (priority: number) => string,
     private readonly opts: SchedulerOptions,
   ) {
     this.bandSize = Math.max(4, Math.min(opts.bandSize ?? FAIR_BAND_SIZE, FAIR_BAND_SIZE));
@@ -101,8 +102,11 @@ export class BundleScheduler {
     return (MAX_JOB_PRIORITY - priority) * this.bandSize + 1;
   }
 
-  /** Queues the job unless BullMQ has it already (same id: a replayed Initiate). */
-  async add(data: BundleJobData, at: Placement): Promise<void> {
+  /**
+   * Queues the job (BullMQ id `jobId`) unless BullMQ has it already (a replayed
+   * Initiate, an outbox entry dispatched twice).
+   */
+  async add(name: string, jobId: string, data: T, at: Placement): Promise<void> {
     const level = Math.min(MAX_JOB_PRIORITY, Math.max(0, Math.trunc(at.priority)));
     let priority: number | undefined;
     if (this.opts.plain === true) {
@@ -111,9 +115,9 @@ export class BundleScheduler {
       const q = this.queue.keys;
       priority = Number(
         await this.scripts.djFairEnqueue(
-          this.keys.fairLevel(level),
+          this.stateKey(level),
           q.prioritized as string,
-          this.queue.toKey(data.jobId),
+          this.queue.toKey(jobId),
           q.wait as string,
           q.active as string,
           q.delayed as string,
@@ -129,10 +133,31 @@ export class BundleScheduler {
       // Every job in the sorted set (the `wait` list would go before any priority).
       priority = this.base(level);
     }
-    await this.queue.add("bundle", data, {
-      jobId: data.jobId,
-      ...(priority !== undefined ? { priority } : {}),
-    });
+    // BullMQ's add() is typed by job name; our queues have one name each.
+    const add = this.queue.add.bind(this.queue) as (
+      n: string,
+      d: T,
+      o: { jobId: string; priority?: number },
+    ) => Promise<unknown>;
+    await add(name, data, { jobId, ...(priority !== undefined ? { priority } : {}) });
+  }
+}
+
+/** Bundle jobs in the order owners are served (FairScheduler on the `bundles` queue). */
+export class BundleScheduler {
+  private readonly fair: FairScheduler<BundleJobData>;
+
+  constructor(
+    queue: Queue<BundleJobData>,
+    scripts: ScriptCommands,
+    keys: RedisKeys,
+    opts: SchedulerOptions,
+  ) {
+    this.fair = new FairScheduler(queue, scripts, (level) => keys.fairLevel(level), opts);
+  }
+
+  add(data: BundleJobData, at: Placement): Promise<void> {
+    return this.fair.add("bundle", data.jobId, data, at);
   }
 }
 
@@ -141,6 +166,19 @@ export const WEBHOOK_QUEUE_NAME = "webhooks";
 
 export interface WebhookJobData {
   jobId: string;
+}
+
+/**
+ * Webhook deliveries take turns by owner too (one level, weight 1), so one owner's pile
+ * of callbacks does not queue ahead of another's; worker/webhooks.ts also caps each
+ * owner's deliveries in flight.
+ */
+export function webhookScheduler(
+  queue: Queue<WebhookJobData>,
+  scripts: ScriptCommands,
+  keys: RedisKeys,
+): FairScheduler<WebhookJobData> {
+  return new FairScheduler(queue, scripts, () => keys.webhookFair, { fair: true });
 }
 
 export function createWebhookQueue(

@@ -12,8 +12,10 @@ const SCRIPTS = {
   djTransition: { file: "transition.lua", keys: 6 },
   /** Initiate's admission and the new record (core/admission.ts). */
   djAdmit: { file: "admit.lua", keys: 6 },
-  /** The BullMQ priority that lets owners take turns (core/queue.ts, BundleScheduler). */
+  /** The BullMQ priority that lets owners take turns (core/queue.ts, FairScheduler). */
   djFairEnqueue: { file: "fair-enqueue.lua", keys: 6 },
+  /** An owner's webhook delivery slots (worker/webhooks.ts). */
+  djWebhookSlot: { file: "webhook-slot.lua", keys: 2 },
   /** A new QUEUED record outside Initiate (tests, tools). */
   djCreateJob: { file: "create-job.lua", keys: 2 },
   /** DeleteJob: a finished job and every pointer to it (core/job-transitions.ts). */

@@ -3,7 +3,7 @@ import http from "node:http";
 import https from "node:https";
 import type { LookupFunction } from "node:net";
 import { create, toJsonString } from "@bufbuild/protobuf";
-import { type Job, type Queue, UnrecoverableError } from "bullmq";
+import { DelayedError, Job, type Queue, UnrecoverableError } from "bullmq";
 import type { DownloadLinks } from "../core/download-link.js";
 import type { JobStore } from "../core/job-store.js";
 import { hasLiveResult, toProtoJob } from "../core/job-to-proto.js";
@@ -15,7 +15,7 @@ import {
   type WebhookRecord,
 } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
-import type { WebhookJobData } from "../core/queue.js";
+import { type WebhookJobData, webhookScheduler } from "../core/queue.js";
 import type { RedisClient } from "../core/redis.js";
 import type { Storage } from "../core/storage.js";
 import {
@@ -33,6 +33,13 @@ import { GetStatusResponseSchema } from "../gen/downloads/v1/download_service_pb
 // and retries with exponential backoff; the entry leaves the outbox only once the
 // delivery is settled (delivered, or given up). Delivery is at least once: a receiver
 // deduplicates on job_id (the body's state is final).
+//
+// Fair across owners: deliveries are queued in owner turns (core/queue.ts, the same
+// fair scheduling as bundle jobs), and each owner has at most WEBHOOK_MAX_IN_FLIGHT_PER_OWNER
+// deliveries in flight across all workers (core/lua/webhook-slot.lua). A delivery that
+// finds its owner's slots taken is parked (moved to BullMQ's delayed set, its attempt not
+// counted) and promoted as soon as one of them frees, so 60 receivers that never answer
+// hold their owner's slots for WEBHOOK_TIMEOUT_MS, and everyone else's deliveries pass.
 
 export const SIGNATURE_HEADER = "download-jobs-signature";
 
@@ -51,7 +58,16 @@ export interface WebhookDeliveryDeps {
   policy: WebhookTargetPolicy;
   timeoutMs: number;
   log: Logger;
+  /** WEBHOOK_MAX_IN_FLIGHT_PER_OWNER: one owner's deliveries in flight at once; 0 = no cap. */
+  maxInFlightPerOwner?: number;
+  /** The webhooks queue: a freed slot promotes the owner's longest-parked delivery. */
+  queue?: Queue<WebhookJobData>;
 }
+
+/** How long a parked delivery waits when no freed slot promotes it earlier. */
+const PARK_MS = 1000;
+/** Slot and parking keys outlive their last use by this much. */
+const SLOT_KEY_TTL_MS = 10 * 60_000;
 
 interface Answer {
   status: number;
@@ -112,10 +128,31 @@ export function createWebhookProcessor(deps: WebhookDeliveryDeps) {
 
   const settle = (jobId: string) => store.settleWebhook(jobId);
 
-  return async (job: Job<WebhookJobData>): Promise<"delivered" | "gone"> => {
+  const cap = deps.maxInFlightPerOwner ?? 0;
+  const slot = (op: "acquire" | "release", owner: string, member: string) => {
+    const now = Date.now();
+    return store.scripts.djWebhookSlot(
+      store.keys.webhookInFlight(owner),
+      store.keys.webhookParked(owner),
+      op,
+      member,
+      String(now),
+      // The delivery's own deadline plus the reads and writes around it.
+      String(now + deps.timeoutMs + 30_000),
+      String(cap),
+      String(SLOT_KEY_TTL_MS),
+    );
+  };
+  const release = async (owner: string, member: string) => {
+    const next = await slot("release", owner, member);
+    if (typeof next !== "string" || deps.queue === undefined) return;
+    // Best effort: a parked delivery not yet in the delayed set comes back after PARK_MS.
+    const parked = await Job.fromId(deps.queue, next);
+    await parked?.promote().catch(() => undefined);
+  };
+
+  return async (job: Job<WebhookJobData>, token?: string): Promise<"delivered" | "gone"> => {
     const { jobId } = job.data;
-    const attempts = job.opts.attempts ?? 1;
-    const last = job.attemptsMade + 1 >= attempts;
     let rec: JobRecord;
     try {
       rec = await store.get(jobId);
@@ -130,13 +167,33 @@ export function createWebhookProcessor(deps: WebhookDeliveryDeps) {
       await settle(jobId);
       return "gone";
     }
+    const member = job.id ?? `wh-${jobId}`;
+    if (cap > 0 && (await slot("acquire", rec.owner, member)) !== 1) {
+      await job.moveToDelayed(Date.now() + PARK_MS, token);
+      throw new DelayedError();
+    }
+    try {
+      return await deliver(job, rec);
+    } finally {
+      if (cap > 0)
+        await release(rec.owner, member).catch((err: unknown) =>
+          log.warn({ err, jobId }, "could not release a webhook slot; its lease frees it"),
+        );
+    }
+  };
+
+  async function deliver(job: Job<WebhookJobData>, rec: JobRecord): Promise<"delivered"> {
+    const { jobId } = job.data;
+    const attempts = job.opts.attempts ?? 1;
+    const last = job.attemptsMade + 1 >= attempts;
+    const callbackUrl = rec.callbackUrl as string;
     const previous = rec.webhook ?? { state: "PENDING", attempts: 0, lastStatus: 0 };
     const now = Date.now();
     let status = 0;
     let failure: string | undefined;
     let permanent = false;
     try {
-      const target = await checkWebhookUrl(rec.callbackUrl, deps.policy);
+      const target = await checkWebhookUrl(callbackUrl, deps.policy);
       const download = hasLiveResult(rec)
         ? await deps.storage.presignResult(rec.result.key, rec.result.fileName)
         : undefined;
@@ -192,7 +249,7 @@ export function createWebhookProcessor(deps: WebhookDeliveryDeps) {
     }
     log.info({ jobId, failure, attempt: attempt.attempts }, "webhook attempt failed; will retry");
     throw new Error(`webhook failed: ${failure}`);
-  };
+  }
 }
 
 export interface OutboxDispatcher {
@@ -214,6 +271,7 @@ export function startOutboxDispatcher(opts: {
   log: Logger;
 }): OutboxDispatcher {
   const { redis, store, queue, log } = opts;
+  const scheduler = webhookScheduler(queue, store.scripts, store.keys);
   let running = false;
   const tick = async () => {
     if (running) return;
@@ -228,7 +286,9 @@ export function startOutboxDispatcher(opts: {
         200,
       );
       for (const jobId of due) {
-        await queue.add("deliver", { jobId }, { jobId: `wh-${jobId}` });
+        // Owners take turns in the queue; a vanished record is settled by the processor.
+        const owner = (await redis.hget(store.key(jobId), "owner")) ?? "-";
+        await scheduler.add("deliver", `wh-${jobId}`, { jobId }, { priority: 0, owner, weight: 1 });
         await redis.zadd(store.webhookOutboxKey, "XX", Date.now() + opts.leaseMs, jobId);
       }
     } catch (err) {

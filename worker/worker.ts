@@ -237,6 +237,8 @@ export async function startWorker(cfg: Config, log: Logger): Promise<RunningWork
         },
         timeoutMs: cfg.WEBHOOK_TIMEOUT_MS,
         log: log.child({ part: "webhooks" }),
+        maxInFlightPerOwner: cfg.WEBHOOK_MAX_IN_FLIGHT_PER_OWNER,
+        queue: webhookQueue,
       }),
       { connection: redis, prefix: cfg.QUEUE_PREFIX, concurrency: 16 },
     );
