@@ -120,6 +120,7 @@ describe("delivery", () => {
     const { job } = await client().initiate({
       fileIds: [201, 202],
       callbackUrl: `${hookBase}${path}`,
+      labels: { order: "ORD-42" },
     });
     const jobId = job?.jobId ?? "";
     const webhook = await webhookOf(jobId, WebhookState.DELIVERED);
@@ -149,10 +150,11 @@ describe("delivery", () => {
         body: JSON.stringify({ jobId }),
       })
     ).json()) as { job: Record<string, any> };
-    for (const field of ["jobId", "state", "fileIds", "files", "createTime", "endTime"]) {
+    for (const field of ["jobId", "state", "fileIds", "files", "createTime", "endTime", "labels"]) {
       expect(posted.job[field], field).toEqual(polled.job[field]);
     }
     expect(posted.job.state).toBe("JOB_STATE_COMPLETED");
+    expect(posted.job.labels).toEqual({ order: "ORD-42" });
     expect(posted.job.result.sha256).toBe(polled.job.result.sha256);
     // The posted download URL works.
     expect((await fetch(posted.job.result.downloadUrl as string)).status).toBe(200);
