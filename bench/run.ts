@@ -6,6 +6,7 @@ import { benchHistory } from "./history.js";
 import { benchJobFiles } from "./job-files.js";
 import { benchJobs } from "./jobs.js";
 import { printTable, type Row, writeResults } from "./lib.js";
+import { benchListJobs } from "./list-jobs.js";
 import { benchPolling } from "./polling.js";
 import { benchSoak } from "./soak.js";
 import { benchWatch } from "./watch.js";
@@ -29,6 +30,7 @@ const scenarios: Record<string, Scenario> = {
   failover: benchFailover,
   history: benchHistory,
   fairness: benchFairness,
+  "list-jobs": benchListJobs,
 };
 
 const args = process.argv.slice(2);
