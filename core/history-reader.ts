@@ -56,6 +56,8 @@ export interface HistoryRow {
   attempts: number;
   errorCode?: string;
   errorMessage?: string;
+  /** Initiate's labels; absent when the job had none. */
+  labels?: Record<string, string>;
 }
 
 export interface HistoryPage {
@@ -129,12 +131,13 @@ export class HistoryReader {
       attempts: number;
       error_code: string | null;
       error_message: string | null;
+      labels: Record<string, string> | null;
       cursor: string;
     }>(
       // Row comparison on (created_at, job_id) follows the owner's index in order: each
       // page is a range scan from where the last one ended, however deep the page.
       `SELECT job_id, state, file_ids, total_bytes, zip_bytes, created_at, started_at,
-              finished_at, updated_at, attempts, error_code, error_message,
+              finished_at, updated_at, attempts, error_code, error_message, labels,
               created_at::text AS cursor
        FROM download_jobs
        WHERE owner = $1
@@ -174,6 +177,7 @@ export class HistoryReader {
           endedAt: time(r.finished_at),
           errorCode: r.error_code ?? undefined,
           errorMessage: r.error_message ?? undefined,
+          labels: r.labels ?? undefined,
         };
         for (const [k, v] of Object.entries(opt))
           if (v !== undefined) Object.assign(row, { [k]: v });

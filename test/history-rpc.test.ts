@@ -103,7 +103,10 @@ beforeAll(async () => {
 
   // 23 jobs of the test owner: completed (ZIPs of different sizes), failed, cancelled.
   for (let i = 0; i < 23; i++) {
-    const { job } = await mine.initiate({ fileIds: [1 + (i % 4), 10 + i] });
+    const { job } = await mine.initiate({
+      fileIds: [1 + (i % 4), 10 + i],
+      labels: { n: String(i) },
+    });
     const id = job?.jobId ?? "";
     if (i % 5 === 3) {
       await mine.cancel({ jobId: id });
@@ -199,6 +202,7 @@ test("pages cover each of the caller's jobs exactly once, newest first, with the
     expect(j.state).toBe(want?.state);
     expect(j.fileIds).toHaveLength(2);
     expect(j.errorCode).toBe(want?.code);
+    expect(j.labels.n).toMatch(/^\d+$/);
     if (want?.state === JobState.COMPLETED) {
       expect(j.zipSizeBytes).toBe(BigInt(want.zip));
       expect(j.attempts).toBe(1);

@@ -79,6 +79,7 @@ export function listResponse(page: HistoryPage): ListJobHistoryResponse {
       attempts: r.attempts,
       errorCode: r.errorCode ?? "",
       errorMessage: r.errorMessage ?? "",
+      labels: r.labels ?? {},
     })),
   });
 }
