@@ -11,7 +11,10 @@ import { percentile } from "./lib.js";
 // request, "start µs <TAB> status <TAB> elapsed µs".
 
 export interface LoadResult {
+  /** Answered requests: 2xx, and 304 Not Modified (a conditional GET's answer). */
   requests: number;
+  /** Of those, 304 answers. */
+  notModified: number;
   rps: number;
   p50: number;
   p99: number;
@@ -117,14 +120,17 @@ function parse(text: string, log: string): LoadResult {
     throw new Error(`unexpected h2load output:\n${text}`);
   const latencies: number[] = [];
   let failed = 0;
+  let notModified = 0;
   for (const line of log.split("\n")) {
     if (line === "") continue;
     const [, status, elapsed] = line.split("\t");
-    if (status?.startsWith("2")) latencies.push(Number(elapsed) / 1000);
+    if (status === "304") notModified++;
+    if (status?.startsWith("2") || status === "304") latencies.push(Number(elapsed) / 1000);
     else failed++;
   }
   return {
     requests: latencies.length,
+    notModified,
     rps,
     p50: percentile(latencies, 50),
     p99: percentile(latencies, 99),

@@ -1,3 +1,4 @@
+import { loadavg } from "node:os";
 import { create, toBinary } from "@bufbuild/protobuf";
 import { createClient } from "@connectrpc/connect";
 import {
@@ -7,7 +8,7 @@ import {
 } from "@connectrpc/connect-node";
 import { Worker } from "bullmq";
 import { JobStore } from "../core/job-store.js";
-import { markProcessing, recordProgress } from "../core/job-transitions.js";
+import { markCancelled, markProcessing, recordProgress } from "../core/job-transitions.js";
 import { QUEUE_NAME } from "../core/queue.js";
 import { createRedis } from "../core/redis.js";
 import {
@@ -21,14 +22,16 @@ import { ensureH2load, h2load, type LoadResult } from "./h2load.js";
 import { fmt, percentile, procCpuMs, type Row, serviceEnv, startNodeServer } from "./lib.js";
 
 // Polling: GetStatus on a running job, at 50 and 200 connections, the way each kind of
-// client polls (Connect JSON POST, Connect GET, gRPC over h2c), against
+// client polls (Connect JSON POST, Connect GET, a conditional Connect GET answered 304,
+// gRPC over h2c), against
 //  - bare: node:http + one HGETALL + the hash as JSON (the limit of this stack),
 //  - hono: a Hono REST endpoint reading BullMQ getJob + getState (the seeds' design),
 //  - connect-node: the same API with the lean paths off (for reference).
 // Each server runs alone in its own process; one load generator, h2load (C, in a
 // process of its own, see h2load.ts), drives them all: HTTP/1.1 with one request in
 // flight per connection, gRPC over h2c with 25 calls in flight per connection (as gRPC
-// clients multiplex). Requests/s and p50/p99 in ms.
+// clients multiplex). Requests/s and p50/p99 in ms. Then long-polling: requests per job
+// change of watchers that wait on the server, against 1 s polls.
 
 interface Measured {
   server: string;
@@ -42,6 +45,8 @@ interface Measured {
   cpuUs: number;
   /** Redis's CPU time per answered request, µs: the alternatives differ in what they ask of it. */
   redisUs: number;
+  /** Share of the answers that were 304 Not Modified. */
+  notModified: number;
 }
 
 type Init = { headers?: Record<string, string>; body?: Uint8Array };
@@ -145,6 +150,10 @@ export async function benchPolling(
       session.abort();
     }
 
+    // A conditional poll names the ETag of the answer it has: unchanged, it gets 304.
+    const etag = (await fetch(`${base}${path}${query}`)).headers.get("etag");
+    if (etag === null) throw new Error("GetStatus over GET answered without an ETag");
+
     type Run = (connections: number, seconds: number) => Promise<LoadResult>;
     const configs: { server: string; client: string; pid: number; run: Run }[] = [
       {
@@ -158,6 +167,13 @@ export async function benchPolling(
         client: "Connect GET",
         pid: pidOf(api),
         run: (c, s) => http(`${at(api.port)}${path}${query}`, c, s),
+      },
+      {
+        server: "api (fast path)",
+        client: "Connect GET If-None-Match (304)",
+        pid: pidOf(api),
+        run: (c, s) =>
+          http(`${at(api.port)}${path}${query}`, c, s, { headers: { "if-none-match": etag } }),
       },
       {
         server: "api (fast path)",
@@ -198,7 +214,7 @@ export async function benchPolling(
       for (const c of levels) {
         for (const cfg of configs) {
           const [cpuBefore, redisBefore] = [procCpuMs(cfg.pid), procCpuMs(redis.pid)];
-          const { rps, p50, p99, errors, requests } = await cfg.run(c, slice);
+          const { rps, p50, p99, errors, requests, notModified } = await cfg.run(c, slice);
           const perRequest = (ms: number) => (ms * 1000) / Math.max(1, requests);
           const cpuUs = perRequest(procCpuMs(cfg.pid) - cpuBefore);
           const redisUs = perRequest(procCpuMs(redis.pid) - redisBefore);
@@ -212,6 +228,7 @@ export async function benchPolling(
             errors,
             cpuUs,
             redisUs,
+            notModified: notModified / Math.max(1, requests),
           };
           const key = `${cfg.server}|${cfg.client}|${c}`;
           samples.set(key, [...(samples.get(key) ?? []), m]);
@@ -240,6 +257,10 @@ export async function benchPolling(
         list.map((m) => m.redisUs),
         50,
       ),
+      notModified: percentile(
+        list.map((m) => m.notModified),
+        50,
+      ),
       errors: list.reduce((n, m) => n + m.errors, 0),
     }));
 
@@ -255,6 +276,17 @@ export async function benchPolling(
           metric: `${r.server}, ${r.client}: req/s (p50 / p99 ms) CPU µs/req server + redis`,
           value: `${fmt(r.rps, 0)} (${fmt(r.p50)} / ${fmt(r.p99)}) ${fmt(r.cpuUs, 0)} + ${fmt(r.redisUs, 0)}${r.errors > 0 ? ` ${r.errors} errors` : ""}`,
         });
+        if (r.notModified > 0 && bareM !== undefined) {
+          // The 304 row: a poll of an unchanged job against the stack's bare limit.
+          rows.push({
+            scenario,
+            metric: `  ${r.client} / bare (${fmt(r.notModified * 100, 0)} % answered 304)`,
+            value: fmt(r.rps / bareM.rps, 2),
+            target: ">= 1.0",
+            ok: r.rps / bareM.rps >= 1.0,
+          });
+          continue;
+        }
         if (r.server === "api (fast path)" && honoM !== undefined && bareM !== undefined) {
           rows.push(
             {
@@ -282,9 +314,35 @@ export async function benchPolling(
         }
       }
     }
+    const longPoll = await measureLongPoll(base, store, opts.quick === true);
+    for (const m of longPoll) {
+      const scenario = `long-poll, ${m.pollers} watchers, a change every ${m.intervalMs / 1000} s`;
+      rows.push(
+        {
+          scenario,
+          metric: `${m.kind}: GetStatus requests per job change (median watcher)`,
+          value: fmt(m.requestsPerChange, 2),
+          ...(m.kind.startsWith("long-poll")
+            ? { target: "<= 1.1", ok: m.requestsPerChange <= 1.1 }
+            : {}),
+        },
+        {
+          scenario,
+          metric: `${m.kind}: change seen after, p50 / p99 ms; versions missed`,
+          value: `${fmt(m.p50)} / ${fmt(m.p99)}; ${m.missed}`,
+        },
+      );
+    }
+    rows.push({
+      scenario: "polling",
+      metric: "load average (1 min) at the end",
+      value: fmt(loadavg()[0] ?? 0, 1),
+    });
     return {
       rows,
       data: {
+        longPoll,
+        loadAverage: loadavg(),
         rounds,
         sliceSeconds: slice,
         medians: results,
@@ -300,6 +358,104 @@ export async function benchPolling(
     await s3.stop();
     await redis.stop();
   }
+}
+
+interface LongPollMeasured {
+  kind: string;
+  pollers: number;
+  intervalMs: number;
+  changes: number;
+  requestsPerChange: number;
+  p50: number;
+  p99: number;
+  /** Versions some watcher never saw (a plain poller skips those made between two polls). */
+  missed: number;
+}
+
+/**
+ * Watchers of one running job, each asking GetStatus (Connect GET, JSON) in a loop while
+ * the job changes every `intervalMs`, then ends: long-polls (after_version, wait 20 s)
+ * against 1 s polls. Counted: requests per change per watcher, and how long after each
+ * change a watcher saw it.
+ */
+async function measureLongPoll(
+  base: string,
+  store: JobStore,
+  quick: boolean,
+): Promise<LongPollMeasured[]> {
+  const pollers = quick ? 50 : 200;
+  const intervalMs = 2_000;
+  const changes = quick ? 4 : 10;
+  const out: LongPollMeasured[] = [];
+  const client = createClient(
+    DownloadService,
+    createConnectTransport({ baseUrl: base, httpVersion: "1.1" }),
+  );
+  for (const kind of ["long-poll (wait 20 s)", "plain poll every 1 s"]) {
+    const jobId = (await client.initiate({ fileIds: [71000, 71001] })).job?.jobId ?? "";
+    const run = { jobId, token: "bench-longpoll", checkLock: false };
+    const rec = await store.get(jobId);
+    const started = await markProcessing(store, run, {
+      progress: rec.progress,
+      files: rec.files,
+      startedAt: Date.now(),
+    });
+    /** When each version was written. */
+    const writtenAt = new Map<number, number>();
+    const url = (msg: object) =>
+      `${base}/downloads.v1.DownloadService/GetStatus?connect=v1&encoding=json&message=${encodeURIComponent(JSON.stringify(msg))}`;
+    const longPoll = kind.startsWith("long-poll");
+    const watchers = Array.from({ length: pollers }, async () => {
+      let last = started.version;
+      let requests = 0;
+      const delays: number[] = [];
+      const seen = new Set<number>();
+      for (;;) {
+        requests++;
+        const res = await fetch(
+          url(longPoll ? { jobId, afterVersion: last, wait: "20s" } : { jobId }),
+        );
+        const { job } = (await res.json()) as { job: { version: number; state: string } };
+        if (job.version > last) {
+          delays.push(Date.now() - (writtenAt.get(job.version) ?? Date.now()));
+          seen.add(job.version);
+          last = job.version;
+        }
+        if (job.state === "JOB_STATE_CANCELLED") return { requests, delays, seen };
+        if (!longPoll) await new Promise((r) => setTimeout(r, 1_000));
+      }
+    });
+    // Every watcher has its first answer (or is waiting) before the first change.
+    await new Promise((r) => setTimeout(r, 1_000));
+    for (let i = 1; i <= changes; i++) {
+      await new Promise((r) => setTimeout(r, intervalMs));
+      const now = Date.now();
+      if (i < changes) {
+        await recordProgress(store, run, {
+          progress: { ...rec.progress, bytesDone: i * 1000, bytesTotal: changes * 1000 },
+          files: rec.files,
+        });
+        writtenAt.set(started.version + i, now);
+      } else {
+        const ended = await markCancelled(store, jobId);
+        writtenAt.set(ended.version, now);
+      }
+    }
+    const results = await Promise.all(watchers);
+    const perChange = results.map((r) => r.requests / changes);
+    const delays = results.flatMap((r) => r.delays);
+    out.push({
+      kind,
+      pollers,
+      intervalMs,
+      changes,
+      requestsPerChange: percentile(perChange, 50),
+      p50: percentile(delays, 50),
+      p99: percentile(delays, 99),
+      missed: results.reduce((n, r) => n + (changes - r.seen.size), 0),
+    });
+  }
+  return out;
 }
 
 /** HTTP/1.1: one connection per request in flight. */

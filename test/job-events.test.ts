@@ -10,6 +10,7 @@ import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
 import { WatchTokens } from "../server/rpc/watch-token.js";
 import { type ApiStack, startApiStack, TEST_AUTH_HEADER, withTestToken } from "./helpers/api.js";
 import { launchChromium } from "./helpers/chromium.js";
+import { readEvents } from "./helpers/sse.js";
 
 // A job's server-sent events as EventSource, curl -N and a plain fetch read them, with
 // the owner's bearer token or a scoped watch token, from this origin and another.
@@ -39,60 +40,6 @@ afterAll(async () => {
 });
 
 const newJob = async () => (await client.initiate({ fileIds: [1, 2] })).job?.jobId ?? "";
-
-interface SseEvent {
-  id?: string;
-  event?: string;
-  data?: string;
-  comment?: string;
-}
-
-/** Reads an event stream as it arrives; `events` fills up, `done` settles at its end. */
-function readEvents(url: string, headers: Record<string, string> = {}) {
-  const abort = new AbortController();
-  const events: SseEvent[] = [];
-  let response: Response | undefined;
-  const done = (async () => {
-    const res = await fetch(url, { headers, signal: abort.signal });
-    response = res;
-    if (res.body === null || res.status !== 200) return res;
-    const decoder = new TextDecoder();
-    let buf = "";
-    for await (const chunk of res.body) {
-      buf += decoder.decode(chunk, { stream: true });
-      for (let i = buf.indexOf("\n\n"); i !== -1; i = buf.indexOf("\n\n")) {
-        const block = buf.slice(0, i);
-        buf = buf.slice(i + 2);
-        const ev: SseEvent = {};
-        for (const line of block.split("\n")) {
-          if (line.startsWith(":")) ev.comment = line.slice(1).trim();
-          else {
-            const at = line.indexOf(":");
-            const field = line.slice(0, at);
-            const value = line.slice(at + 1).replace(/^ /, "");
-            if (field === "id" || field === "event" || field === "data") ev[field] = value;
-          }
-        }
-        events.push(ev);
-      }
-    }
-    return res;
-  })();
-  done.catch(() => undefined);
-  return {
-    events,
-    done,
-    abort: () => abort.abort(),
-    response: () => response,
-    jobs: () =>
-      events
-        .filter((e) => e.id !== undefined)
-        .map((e) => ({
-          id: Number(e.id),
-          job: (JSON.parse(e.data ?? "{}") as { job: { version: number; state: string } }).job,
-        })),
-  };
-}
 
 const eventsUrl = (jobId: string) => `${st.server.url}/v1/jobs/${jobId}/events`;
 

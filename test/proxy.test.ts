@@ -14,12 +14,15 @@ import { type RunningWorker, startWorker } from "../worker/worker.js";
 import { STARTUP_MS } from "./helpers/deadline.js";
 import { type Nginx, startNginx } from "./helpers/nginx.js";
 import { type Services, startServices, TEST_TOKEN, uniquePrefix } from "./helpers/services.js";
+import { readEvents } from "./helpers/sse.js";
 import { echoLine } from "./helpers/test-log.js";
 
 // Torture tests: a real nginx between watchJob and the API, configured the ways that
 // cut or hold back long requests in production. Each profile runs a real job of more
 // than 20 s (a throttled worker) and watches it from start to finish; the profiles run
-// side by side to keep the file short. Each prints what happened to its watcher.
+// side by side to keep the file short. Each prints what happened to its watcher. Stock
+// nginx (f, g) streams because every streaming answer says X-Accel-Buffering: no; a
+// proxy that buffers anyway (c) gets long-polls.
 
 const FILE_ID = 91;
 /** 2.4 MB at 100 kB/s: 24 s of processing. */
@@ -105,8 +108,21 @@ async function watchThrough(
   nginx: Nginx,
   opts: WatchOptions = {},
   during?: (job: () => Job | undefined) => Promise<void>,
+  /** Fills with the GetStatus requests the watcher made (Connect GET messages). */
+  asked?: { afterVersion?: number; wait?: string }[],
 ): Promise<Outcome> {
-  const client = createDownloadClient({ baseUrl: nginx.url, token: TEST_TOKEN });
+  const client = createDownloadClient({
+    baseUrl: nginx.url,
+    token: TEST_TOKEN,
+    fetch: (input, init) => {
+      const req = new Request(input, init);
+      if (asked !== undefined && req.url.includes("/GetStatus?")) {
+        const message = new URL(req.url).searchParams.get("message") ?? "{}";
+        asked.push(JSON.parse(message) as { afterVersion?: number; wait?: string });
+      }
+      return fetch(req);
+    },
+  });
   const started = Date.now();
   const { job } = await client.initiate({ fileIds: [FILE_ID] });
   const jobId = job?.jobId ?? "";
@@ -259,25 +275,91 @@ describe.concurrent("watchJob through nginx", () => {
   );
 
   test(
-    "(c) buffering proxy (HTTP/1.0 upstream): no first message in time, polling GetStatus, terminal state reached",
+    "(c) buffering proxy (HTTP/1.0 upstream, X-Accel-Buffering ignored): no first message in time, long-polling GetStatus, terminal state reached",
     async () => {
       const api = await inProcessApi({ WATCH_HEARTBEAT_MS: "1000" });
       const nginx = await proxy({
         upstreams: [hostPort(api.url)],
-        location: "proxy_buffering on; proxy_http_version 1.0;",
+        // A proxy that buffers whatever the answer asks for.
+        location:
+          "proxy_buffering on; proxy_http_version 1.0; proxy_ignore_headers X-Accel-Buffering;",
       });
-      const o = await watchThrough("c buffering", nginx, {
-        firstMessageTimeoutMs: 3_000,
-        streamRetryMs: 8_000,
-      });
+      const asked: { wait?: string }[] = [];
+      const o = await watchThrough(
+        "c buffering",
+        nginx,
+        { firstMessageTimeoutMs: 3_000, streamRetryMs: 8_000 },
+        undefined,
+        asked,
+      );
       expectWholeJob(o);
       expect(o.count("connected")).toBe(0);
       expect(o.count("polling")).toBeGreaterThanOrEqual(1);
-      expect(o.count("poll")).toBeGreaterThanOrEqual(10);
       const reasons = o.events.flatMap((e) => (e.type === "polling" ? [e.reason.rawMessage] : []));
       expect(reasons.every((r) => r.includes("no message within"))).toBe(true);
       // It keeps checking whether streaming works again.
       expect(o.count("streaming")).toBeGreaterThanOrEqual(1);
+      // Long-polls, not 1 s polls: each waits on the server for the next version, so a
+      // poll answers a change or ends a polling period (streamRetryMs), about one per
+      // change over a job of 20 s or more.
+      expect(asked.filter((m) => m.wait !== undefined).length).toBeGreaterThan(0);
+      const changes = new Set(o.events.flatMap((e) => (e.type === "poll" ? [e.version] : []))).size;
+      console.log(
+        `[proxy] c: ${o.count("poll")} polls for ${changes} versions seen while polling, ${o.count("polling")} polling periods`,
+      );
+      expect(o.count("poll")).toBeLessThanOrEqual(changes + o.count("polling") + 2);
+    },
+    PROFILE_TIMEOUT_MS,
+  );
+
+  test(
+    "(f) stock nginx (buffering on, HTTP/1.0 upstream, nothing changed): X-Accel-Buffering: no lets WatchJob stream the whole job",
+    async () => {
+      const api = await inProcessApi({ WATCH_HEARTBEAT_MS: "1000" });
+      const nginx = await proxy({ upstreams: [hostPort(api.url)] });
+      const o = await watchThrough("f stock nginx", nginx, { firstMessageTimeoutMs: 5_000 });
+      expectWholeJob(o);
+      expectNoMissedState(o);
+      expect(o.count("polling")).toBe(0);
+      expect(o.count("connected")).toBeGreaterThanOrEqual(1);
+      expect(o.count("heartbeat")).toBeGreaterThanOrEqual(5);
+    },
+    PROFILE_TIMEOUT_MS,
+  );
+
+  test(
+    "(g) stock nginx: a job's server-sent events arrive as they happen, heartbeats included",
+    async () => {
+      const api = await inProcessApi({ WATCH_HEARTBEAT_MS: "1000" });
+      const nginx = await proxy({ upstreams: [hostPort(api.url)] });
+      const client = createDownloadClient({ baseUrl: nginx.url, token: TEST_TOKEN });
+      const { job } = await client.initiate({ fileIds: [FILE_ID] });
+      const jobId = job?.jobId ?? "";
+      const r = readEvents(`${nginx.url}/v1/jobs/${jobId}/events`, {
+        authorization: `Bearer ${TEST_TOKEN}`,
+      });
+      // Through a buffering proxy nothing would arrive before the job's end (20 s or more).
+      await waitUntil("the first event", async () => r.jobs().length > 0, 60_000);
+      const early = (await client.getStatus({ jobId })).job;
+      expect(isDone(early)).toBe(false);
+      await waitUntil(
+        "a heartbeat",
+        async () => r.events.some((e) => e.comment?.startsWith("heartbeat")),
+        60_000,
+      );
+      const res = r.response();
+      expect(res?.headers.get("content-type")).toMatch(/^text\/event-stream/);
+      // nginx consumes X-Accel-Buffering: it is not passed on to the client.
+      await r.done;
+      const states = r
+        .jobs()
+        .map((j) => j.job.state)
+        .filter((st, i, all) => all[i - 1] !== st);
+      expect(states.at(-1)).toBe("JOB_STATE_COMPLETED");
+      expect(states).toContain("JOB_STATE_PROCESSING");
+      console.log(
+        `[proxy] g: ${r.jobs().length} job events, ${r.events.filter((e) => e.comment !== undefined).length} heartbeats`,
+      );
     },
     PROFILE_TIMEOUT_MS,
   );
