@@ -113,6 +113,21 @@ describe("the owner, with the bearer token", () => {
     expect(text).toContain("event: end");
   });
 
+  test("a page of another origin may ask first (CORS preflight)", async () => {
+    const res = await fetch(eventsUrl(await newJob()), {
+      method: "OPTIONS",
+      headers: {
+        origin: "https://elsewhere.example",
+        "access-control-request-method": "GET",
+        "access-control-request-headers": "authorization, last-event-id",
+      },
+    });
+    expect(res.status).toBe(204);
+    expect(res.headers.get("access-control-allow-origin")).toBe("*");
+    expect(res.headers.get("access-control-allow-headers")).toContain("last-event-id");
+    expect(res.headers.get("access-control-allow-methods")).toContain("GET");
+  });
+
   test("bad requests get an HTTP status and a Connect error saying what is wrong", async () => {
     const noToken = await fetch(eventsUrl(await newJob()));
     expect(noToken.status).toBe(401);

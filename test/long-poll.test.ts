@@ -388,3 +388,41 @@ describe("a stopped job", () => {
     }
   });
 });
+
+describe("streaming answers tell proxies not to buffer them", () => {
+  test.each([
+    ["lean", () => st],
+    ["connect-node", () => plain],
+  ] as const)(
+    "%s: WatchJob says X-Accel-Buffering: no and Cache-Control: no-transform",
+    async (_name, stack) => {
+      const client = createClient(
+        DownloadService,
+        createConnectTransport({
+          baseUrl: stack().server.url,
+          httpVersion: "1.1",
+          interceptors: [withTestToken],
+        }),
+      );
+      const jobId = (await client.initiate({ fileIds: [30] })).job?.jobId ?? "";
+      const body = Buffer.from(JSON.stringify({ jobId }));
+      const frame = Buffer.alloc(5 + body.length);
+      frame.writeUInt32BE(body.length, 1);
+      body.copy(frame, 5);
+      const abort = new AbortController();
+      const res = await fetch(`${stack().server.url}/downloads.v1.DownloadService/WatchJob`, {
+        method: "POST",
+        headers: { ...TEST_AUTH_HEADER, "content-type": "application/connect+json" },
+        body: frame,
+        signal: abort.signal,
+      });
+      try {
+        expect(res.status).toBe(200);
+        expect(res.headers.get("x-accel-buffering")).toBe("no");
+        expect(res.headers.get("cache-control")).toContain("no-transform");
+      } finally {
+        abort.abort();
+      }
+    },
+  );
+});
