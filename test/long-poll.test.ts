@@ -166,6 +166,17 @@ describe.each(transports)("long-poll, %s", (_name, makeTransport, stack) => {
     expect(answer.pollAfter?.seconds).toBeGreaterThan(0n);
   });
 
+  test("a wait longer than the caller's own deadline ends before it, with the job", async () => {
+    const jobId = (await client.initiate({ fileIds: [7] })).job?.jobId ?? "";
+    const version = (await client.getStatus({ jobId })).job?.version ?? 0;
+    const answer = await client.getStatus(
+      { jobId, afterVersion: version, wait: { seconds: 2n, nanos: 900_000_000 } },
+      { timeoutMs: 2_000 },
+    );
+    expect(answer.job?.version).toBe(version);
+    expect(answer.waitNotice).toContain("deadline");
+  });
+
   test("answers at once when the caller is behind, or the job has ended", async () => {
     const jobId = (await client.initiate({ fileIds: [4] })).job?.jobId ?? "";
     const behind = await client.getStatus({ jobId, afterVersion: 0, wait: { seconds: 60n } });

@@ -17,7 +17,12 @@ function callOf(ctx: HandlerContext): RpcCall {
     header: (name) => ctx.requestHeader.get(name),
     signal: ctx.signal,
     get: ctx.requestMethod === "GET",
+    deadline: deadlineOf(ctx.timeoutMs()),
   };
+}
+
+function deadlineOf(timeoutMs: number | undefined): number | undefined {
+  return timeoutMs === undefined ? undefined : Date.now() + timeoutMs;
 }
 
 export function connectRoutes(

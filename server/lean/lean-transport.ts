@@ -505,6 +505,7 @@ class NodeCall implements RpcCall {
     private readonly given: AbortSignal | undefined,
     readonly get: boolean,
     private readonly res?: NodeResponse,
+    readonly deadline?: number,
   ) {}
 
   /**
@@ -537,10 +538,18 @@ async function answerUnary(
   wire: Wire,
   opts: LeanTransportOptions,
   who: { owner?: string },
+  timeoutMs: number | undefined,
 ): Promise<Answer<DescMessage>> {
   const input = await readInput(req, route, wire, opts.readMaxBytes);
   who.owner = opts.authenticate(req.headers);
-  const call = new NodeCall(who.owner, req, undefined, wire.params !== undefined, res);
+  const call = new NodeCall(
+    who.owner,
+    req,
+    undefined,
+    wire.params !== undefined,
+    res,
+    timeoutMs === undefined ? undefined : Date.now() + timeoutMs,
+  );
   return (route.row as UnaryRow).run(call, input);
 }
 
@@ -566,7 +575,7 @@ async function serve(
     if (abort === undefined) {
       if (timeout.error !== undefined) throw timeout.error;
       const answer = await withDeadline(
-        answerUnary(req, res, route, wire, opts, who),
+        answerUnary(req, res, route, wire, opts, who, timeout.timeoutMs),
         timeout.timeoutMs,
       );
       recordOutcome(req, "ok", who.owner);

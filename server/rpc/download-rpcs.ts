@@ -44,6 +44,8 @@ export interface RpcCall {
   signal: AbortSignal;
   /** A Connect GET: the answer may be reused briefly. */
   get: boolean;
+  /** When the caller's deadline (connect-timeout-ms, grpc-timeout) passes, ms since the epoch. */
+  deadline?: number | undefined;
 }
 
 interface RowBase {
@@ -126,7 +128,13 @@ export function downloadRpcs({
       },
     ),
     unary(m.getStatus, { jobId: "string", afterVersion: "int32" }, async (call, req) => {
-      const wait = waitPlan(req.wait, statusMaxWaitMs);
+      // A wait that would outlast the caller's own deadline ends a little before it, so
+      // the caller gets the job rather than DEADLINE_EXCEEDED.
+      const budget =
+        call.deadline === undefined
+          ? statusMaxWaitMs
+          : Math.min(statusMaxWaitMs, Math.max(0, waitBefore(call.deadline)));
+      const wait = waitPlan(req.wait, budget, statusMaxWaitMs);
       let rec = await jobs.get(call.owner, req.jobId);
       rec = await waitForChange(hub, rec, req.afterVersion, wait.ms, call.signal, call.owner);
       const now = Date.now();
@@ -189,6 +197,12 @@ export function downloadRpcs({
       };
     }),
   ];
+}
+
+/** How long a long-poll may wait to still answer before `deadline`. */
+function waitBefore(deadline: number): number {
+  const left = deadline - Date.now();
+  return left - Math.min(1000, left / 5);
 }
 
 const DONE: IteratorReturnResult<undefined> = { done: true, value: undefined };

@@ -19,18 +19,25 @@ function seconds(ms: number): string {
   return `${Number((ms / 1000).toFixed(3))} s`;
 }
 
-/** Reads GetStatusRequest.wait: negative is the caller's error, above the cap is clamped. */
-export function waitPlan(wait: Duration | undefined, capMs: number): WaitPlan {
+/**
+ * Reads GetStatusRequest.wait: negative is the caller's error, above the cap is clamped.
+ * `budgetMs` is the cap, or less when the caller's own deadline comes sooner.
+ */
+export function waitPlan(wait: Duration | undefined, budgetMs: number, capMs = budgetMs): WaitPlan {
   if (wait === undefined) return { ms: 0 };
   const ms = Number(wait.seconds) * 1000 + Math.floor(wait.nanos / 1_000_000);
   if (ms < 0 || wait.nanos < 0)
     throw new InvalidInputError(
       `wait must not be negative (got ${seconds(ms)}); leave it unset to answer at once`,
     );
-  if (ms <= capMs) return { ms };
+  if (ms <= budgetMs) return { ms };
+  const ms2 = Math.floor(budgetMs);
   return {
-    ms: capMs,
-    notice: `wait of ${seconds(ms)} is above the ${seconds(capMs)} cap; waited at most ${seconds(capMs)}`,
+    ms: ms2,
+    notice:
+      ms > capMs
+        ? `wait of ${seconds(ms)} is above the ${seconds(capMs)} cap; waited at most ${seconds(ms2)}`
+        : `wait of ${seconds(ms)} would outlast the call's deadline; waited at most ${seconds(ms2)}`,
   };
 }
 
