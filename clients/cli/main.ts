@@ -225,13 +225,24 @@ async function download(
   const abort = new AbortController();
   const onSigint = () => abort.abort();
   process.on("SIGINT", onSigint);
-  let saved: { bytes: number; sha256: string };
+  let saved: { bytes: number; sha256: string; resumedFrom: number };
   try {
     saved = await downloadToFile(result.downloadUrl, path, {
       expectedSha256: result.sha256,
+      expectedBytes: Number(result.sizeBytes),
       force: o.force,
       signal: abort.signal,
       onProgress: (done) => bar?.update(done, { done: formatBytes(done) }),
+      // The URL in hand expired (a long transfer, a resume much later): read the job again.
+      freshUrl: async () => {
+        const url = (await client.getStatus({ jobId })).job?.result?.downloadUrl ?? "";
+        if (url === "")
+          throw new DownloadError(`job ${jobId} has no ZIP to download any more (it expired)`);
+        return url;
+      },
+      onNote: (text) => {
+        if (!tty) err(text);
+      },
     });
   } finally {
     process.off("SIGINT", onSigint);

@@ -18,6 +18,27 @@ export interface TcpProxy {
   close(): Promise<void>;
 }
 
+/**
+ * Ties a client connection to its upstream one: each is tracked in `sockets` while open,
+ * and a reset or close of either side ends both (the other side sees it closed).
+ */
+export function pairSockets(
+  client: net.Socket,
+  upstream: net.Socket,
+  sockets: Set<net.Socket>,
+): void {
+  for (const s of [client, upstream]) {
+    sockets.add(s);
+    s.on("close", () => sockets.delete(s));
+    s.on("error", () => {
+      client.destroy();
+      upstream.destroy();
+    });
+  }
+  client.on("close", () => upstream.destroy());
+  upstream.on("close", () => client.destroy());
+}
+
 export async function startTcpProxy(target: { host?: string; port: number }): Promise<TcpProxy> {
   const host = target.host ?? "127.0.0.1";
   const sockets = new Set<net.Socket>();
@@ -30,17 +51,7 @@ export async function startTcpProxy(target: { host?: string; port: number }): Pr
       return;
     }
     const upstream = net.connect(target.port, host);
-    for (const s of [client, upstream]) {
-      sockets.add(s);
-      s.on("close", () => sockets.delete(s));
-      // A reset on either side ends the pair; the other side sees it closed.
-      s.on("error", () => {
-        client.destroy();
-        upstream.destroy();
-      });
-    }
-    client.on("close", () => upstream.destroy());
-    upstream.on("close", () => client.destroy());
+    pairSockets(client, upstream, sockets);
     // Piped by hand: stream.pipe would resume a paused source as soon as it is piped.
     client.on("data", (d: Buffer) => upstream.write(d));
     upstream.on("data", (d: Buffer) => client.write(d));
