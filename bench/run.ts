@@ -2,6 +2,7 @@ import { benchBundle } from "./bundle.js";
 import { benchCancel } from "./cancel.js";
 import { benchFailover } from "./failover.js";
 import { benchFairness } from "./fairness.js";
+import { benchForecast } from "./forecast.js";
 import { benchHistory } from "./history.js";
 import { benchJobFiles } from "./job-files.js";
 import { benchJobs } from "./jobs.js";
@@ -31,6 +32,7 @@ const scenarios: Record<string, Scenario> = {
   history: benchHistory,
   fairness: benchFairness,
   "list-jobs": benchListJobs,
+  forecast: benchForecast,
 };
 
 const args = process.argv.slice(2);

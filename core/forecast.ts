@@ -25,17 +25,18 @@ export interface JobEstimate {
   samples: number;
 }
 
-/** Weight of the previous sums at each new run: about the last 10 runs count. */
-export const RUN_DECAY = 0.9;
+/** Weight of the previous sums at each new run: about the last 5 runs count most. */
+export const RUN_DECAY = 0.8;
 /** File sizes remembered for sizing queued jobs (one hash field each). */
 const FILE_SIZES_CAP = 200_000;
 const MB = 1_000_000;
 
 /** A worker's record of one completed run: how long it took for how much. */
 export async function recordRun(store: JobStore, rec: JobRecord, runMs: number): Promise<void> {
-  const files = rec.files.length;
-  const bytes = rec.files.reduce((n, f) => n + f.sizeBytes, 0);
-  const sizes = rec.files.filter((f) => f.sizeBytes > 0).flatMap((f) => [f.fileId, f.sizeBytes]);
+  const list = rec.files ?? [];
+  const files = rec.progress.filesTotal || list.length;
+  const bytes = rec.progress.bytesTotal || list.reduce((n, f) => n + f.sizeBytes, 0);
+  const sizes = list.filter((f) => f.sizeBytes > 0).flatMap((f) => [f.fileId, f.sizeBytes]);
   await store.scripts.djRecordRun(
     store.keys.runStats,
     store.keys.fileSizes,
@@ -119,6 +120,15 @@ function solve(A: number[][], v: number[]): number[] | undefined {
   return M.map((row, i) => (row[n] ?? 0) / (row[i] ?? 1));
 }
 
+/** `model` with its per-megabyte cost halfway to the median of `rates` (bytes/s), if any. */
+export function withLiveRate(model: RunModel, rates: readonly number[]): RunModel {
+  if (rates.length === 0) return model;
+  const sorted = [...rates].sort((a, b) => a - b);
+  const live = MB / (sorted[Math.floor(sorted.length / 2)] as number);
+  const [a, perFile, perMb] = model.coef;
+  return { ...model, coef: [a, perFile, perMb > 0 ? (perMb + live) / 2 : live] };
+}
+
 /** Predicted run time of a job of `files` files and `bytes` bytes, in ms. */
 export function predictRunMs(model: RunModel, files: number, bytes: number): number {
   const [a, perFile, perMb] = model.coef;
@@ -199,7 +209,7 @@ export interface ForecastOptions {
   now?: () => number;
 }
 
-type ActiveFields = [string | null, string | null, string | null, string | null];
+type ActiveFields = [string | null, string | null, string | null];
 
 /**
  * Plans the queue at most once per refreshMs per API process, whatever the number of
@@ -298,7 +308,7 @@ export class QueueForecaster {
       queueOrder(redis, keys, this.detailLimit),
     ]);
     const now = this.now();
-    const model = fitRunModel(stats);
+    let model = fitRunModel(stats);
     const planned = new Map<string, Planned>();
     const running = active.length;
     let tail: Snapshot["tail"];
@@ -309,24 +319,29 @@ export class QueueForecaster {
     } else {
       // Each slot is free when its running job is predicted to end.
       const pipe = redis.pipeline();
-      for (const id of active) pipe.hmget(keys.job(id), "state", "progress", "files", "startedAt");
+      for (const id of active) pipe.hmget(keys.job(id), "state", "progress", "startedAt");
       for (const id of order.ids) pipe.hget(keys.job(id), "fileIds");
       const replies = ((await pipe.exec()) ?? []).map(([, v]) => v);
       const free: number[] = [];
+      const rates: number[] = [];
       for (let i = 0; i < active.length; i++) {
-        const [state, progress, files, startedAt] = (replies[i] as ActiveFields) ?? [];
-        if (state !== "PROCESSING" || progress === null || files === null) {
+        const [state, progress, startedAt] = (replies[i] as ActiveFields) ?? [];
+        if (state !== "PROCESSING" || progress === null) {
           free.push(now);
           continue;
         }
         const rec = {
           progress: JSON.parse(progress),
-          files: JSON.parse(files),
           ...(startedAt !== null ? { startedAt: Number(startedAt) } : {}),
-        } as Pick<JobRecord, "progress" | "files" | "startedAt">;
+        } as Pick<JobRecord, "progress" | "startedAt">;
         free.push(now + remainingMs(model, rec, now));
+        if (rec.progress.bytesPerSecond > 0) rates.push(rec.progress.bytesPerSecond);
       }
       if (free.length === 0) free.push(now);
+      // The jobs waiting will share what the running ones get now: the fit's rate is
+      // brought halfway to the running jobs' own recent rate.
+      const shared = withLiveRate(model, rates);
+      model = shared;
       const fileIds = order.ids.map(
         (_, i) => JSON.parse((replies[active.length + i] as string | null) ?? "[]") as number[],
       );
@@ -334,7 +349,7 @@ export class QueueForecaster {
       let sum = 0;
       order.ids.forEach((id, i) => {
         const ids = fileIds[i] ?? [];
-        const runMs = predictRunMs(model, ids.length, sizeOf(model, ids, sizes));
+        const runMs = predictRunMs(shared, ids.length, sizeOf(shared, ids, sizes));
         sum += runMs;
         // The slot that frees first takes the next job.
         let k = 0;
@@ -396,13 +411,13 @@ function sizeOf(model: RunModel, fileIds: readonly number[], sizes: Map<number, 
  */
 export function remainingMs(
   model: RunModel,
-  rec: Pick<JobRecord, "progress" | "files" | "startedAt">,
+  rec: Pick<JobRecord, "progress" | "startedAt">,
   now: number,
 ): number {
+  // From the progress alone: a running job's per-file state lives apart (job-store.ts).
   const p = rec.progress;
-  const bytesTotal =
-    p.bytesTotal > 0 ? p.bytesTotal : rec.files.reduce((n, f) => n + f.sizeBytes, 0);
-  const whole = predictRunMs(model, rec.files.length, bytesTotal);
+  const bytesTotal = p.bytesTotal;
+  const whole = predictRunMs(model, p.filesTotal, bytesTotal);
   const elapsed = rec.startedAt !== undefined ? Math.max(0, now - rec.startedAt) : 0;
   const byModel = whole - elapsed;
   const done = bytesTotal > 0 ? Math.min(1, p.bytesDone / bytesTotal) : 0;

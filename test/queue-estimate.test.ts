@@ -1,10 +1,13 @@
+import { execFile } from "node:child_process";
+import { join } from "node:path";
+import { promisify } from "node:util";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { fitRunModel, predictRunMs, recordRun } from "../core/forecast.js";
 import { JobStore } from "../core/job-store.js";
 import { type JobRecord, newJobRecord } from "../core/jobs.js";
 import { type Job, JobState } from "../gen/downloads/v1/download_service_pb.js";
-import { type ApiStack, startApiStack, testClient } from "./helpers/api.js";
+import { type ApiStack, startApiStack, TEST_TOKEN, testClient } from "./helpers/api.js";
 import { uniquePrefix } from "./helpers/services.js";
 import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
 
@@ -18,6 +21,7 @@ let st: ApiStack;
 let worker: WorkerProcess;
 let client: ReturnType<typeof testClient>;
 const MiB = 1024 * 1024;
+const run = promisify(execFile);
 
 beforeAll(async () => {
   st = await startApiStack();
@@ -101,6 +105,32 @@ describe("queue position and predicted times", () => {
     await waitFor(last, (j) => j.state === JobState.COMPLETED, "completed");
     const done = await status(last);
     expect(done.estimate).toBeUndefined();
+  });
+});
+
+describe("the CLI", () => {
+  test("initiate --watch shows the job's place in the queue while it waits", async () => {
+    // Two jobs ahead (about 6 s of work): the CLI's job waits even if it starts slowly.
+    const running = (await client.initiate({ fileIds: [12] })).job as Job;
+    await client.initiate({ fileIds: [14] });
+    await waitFor(running.jobId, (j) => j.state === JobState.PROCESSING, "ran");
+    const { stdout, stderr } = await run(
+      process.execPath,
+      [join(import.meta.dirname, "..", "bin", "download-jobs.js"), "initiate", "13", "--watch"],
+      {
+        env: {
+          ...process.env,
+          DOWNLOAD_JOBS_URL: st.server.url,
+          DOWNLOAD_JOBS_TOKEN: TEST_TOKEN,
+        },
+      },
+    );
+    const queued = stdout.split("\n").filter((l) => l.startsWith("QUEUED"));
+    expect(queued.length, stderr).toBeGreaterThan(0);
+    expect(queued[0]).toMatch(/#[12] in queue/);
+    // Runs have been measured by now (the test above), so the times are there too.
+    expect(queued[0]).toMatch(/starts ~\d\d:\d\d:\d\d, ready ~\d\d:\d\d:\d\d/);
+    expect(stdout).toMatch(/^COMPLETED/m);
   });
 });
 

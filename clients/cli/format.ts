@@ -5,6 +5,7 @@ import {
   JobSchema,
   JobState,
 } from "../../gen/downloads/v1/download_service_pb.js";
+import { estimateText } from "./estimate.js";
 
 // How the CLI writes jobs for people and for scripts.
 
@@ -64,6 +65,8 @@ export function progressLine(job: Job): string {
   }
   if (job.state === JobState.PROCESSING && p?.etaSeconds !== undefined)
     parts.push(`ETA ${formatSeconds(p.etaSeconds)}`);
+  const estimate = estimateText(job);
+  if (estimate !== undefined) parts.push(estimate);
   return parts.join("  ");
 }
 
@@ -82,6 +85,7 @@ export function summary(job: Job): string[] {
       `  sha256:   ${r.sha256}`,
     );
     lines.push(`  url:      ${r.downloadUrl}`, `  download: download-jobs download ${job.jobId}`);
+    if (r.linkUrl !== "") lines.push(`  link:     ${r.linkUrl} (stable, for whoever has it)`);
   } else if (job.state === JobState.FAILED && job.error !== undefined) {
     const e = job.error;
     lines.push(

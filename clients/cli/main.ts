@@ -98,6 +98,9 @@ function describeEvent(e: WatchEvent): string | undefined {
   }
 }
 
+/** How often a queued job being followed is read again for its place in the queue. */
+const QUEUE_REFRESH_MS = 2000;
+
 /**
  * Follows a job to its end on the terminal. Ctrl-C detaches (the job keeps running on
  * the server) unless cancelOnInterrupt; a second Ctrl-C exits at once.
@@ -134,6 +137,21 @@ async function follow(
   }
   let last: Job = initial;
   let lost = false;
+  // A queued job does not change while the queue moves, so the watch says nothing of its
+  // place: read it again every few seconds until the job starts.
+  // (Not with --json: there each line is a new version of the job.)
+  const queueTimer = setInterval(() => {
+    if (g.json || last.state !== JobState.QUEUED) return;
+    client.getStatus({ jobId }).then(
+      ({ job }) => {
+        if (job !== undefined && job.version === last.version && job.state === JobState.QUEUED) {
+          last = job;
+          view.show(job);
+        }
+      },
+      () => undefined,
+    );
+  }, QUEUE_REFRESH_MS);
   try {
     for await (const job of watchJob(client, jobId, {
       signal: abort.signal,
@@ -171,6 +189,7 @@ async function follow(
     err(`resume with: download-jobs watch ${jobId}`);
     return { code: EXIT.interrupted };
   } finally {
+    clearInterval(queueTimer);
     process.off("SIGINT", onSigint);
     view.stop();
   }

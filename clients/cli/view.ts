@@ -31,16 +31,25 @@ export function createView(mode: "tty" | "plain" | "json", out: Out, err: Out): 
 function plainView(out: Out, err: Out): JobView {
   let lastState: JobState | undefined;
   let lastFiles = -1;
+  let lastPosition = -1;
   let lastAt = 0;
   return {
     show(job) {
       const files = job.progress?.filesDone ?? 0;
       const now = Date.now();
       const terminal = job.state !== JobState.QUEUED && job.state !== JobState.PROCESSING;
-      if (job.state === lastState && files === lastFiles && now - lastAt < 1000 && !terminal)
+      const position = job.estimate?.position ?? 0;
+      if (
+        job.state === lastState &&
+        files === lastFiles &&
+        position === lastPosition &&
+        now - lastAt < 1000 &&
+        !terminal
+      )
         return;
       lastState = job.state;
       lastFiles = files;
+      lastPosition = position;
       lastAt = now;
       out.write(`${progressLine(job)}\n`);
     },
@@ -81,7 +90,10 @@ function barsView(err: Out): JobView {
       const p = job.progress;
       const processing = job.state === JobState.PROCESSING;
       overall.update(p?.percent ?? 0, {
-        state: stateName(job.state),
+        state:
+          job.state === JobState.QUEUED && (job.estimate?.position ?? 0) > 0
+            ? `${stateName(job.state)} #${job.estimate?.position}`
+            : stateName(job.state),
         files: `${p?.filesDone ?? 0}/${p?.filesTotal ?? job.fileIds.length}`,
         bytes:
           p !== undefined && p.bytesTotal > 0n

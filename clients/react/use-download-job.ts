@@ -1,6 +1,6 @@
 import { Code, ConnectError } from "@connectrpc/connect";
 import { useCallback, useEffect, useRef, useState } from "react";
-import type { Job, JobState, Progress } from "../../gen/downloads/v1/download_service_pb.js";
+import { type Job, JobState, type Progress } from "../../gen/downloads/v1/download_service_pb.js";
 import type { DownloadClient } from "../lib/client.js";
 import { type WatchEvent, type WatchOptions, watchJob } from "../lib/watch.js";
 
@@ -27,6 +27,22 @@ export interface UseDownloadJobOptions
   > {
   /** Every WatchEvent, e.g. for logging. */
   onEvent?: (e: WatchEvent) => void;
+  /** Called once when the job reaches COMPLETED, with that job (its result is set). */
+  onComplete?: (job: Job) => void;
+  /**
+   * Called once when the job fails (FAILED: the error carries JobError's code and
+   * message, and `job` is set), or when the watch gives up for good (the job is gone, the
+   * token is refused, the service stayed unreachable). Not for a cancelled job, and not
+   * for problems the watch is still retrying.
+   */
+  onError?: (error: ConnectError, job?: Job) => void;
+}
+
+/** JobError.code ("not_found", snake case) as a Connect code; Unknown for others. */
+function codeOf(name: string): Code {
+  const key = name.replace(/_([a-z])/g, (_m, c: string) => c.toUpperCase());
+  const k = `${key.charAt(0).toUpperCase()}${key.slice(1)}` as keyof typeof Code;
+  return typeof Code[k] === "number" ? (Code[k] as Code) : Code.Unknown;
 }
 
 export interface DownloadJob {
@@ -76,7 +92,21 @@ export function useDownloadJob(
   useEffect(() => {
     if (id === undefined) return;
     const ctl = new AbortController();
-    const { onEvent, ...watchOpts } = optsRef.current;
+    const { onEvent, onComplete: _c, onError: _e, ...watchOpts } = optsRef.current;
+    // The callbacks are read when called, so the latest render's are used; each fires once.
+    let ended = false;
+    const finish = (job: Job | undefined, error?: ConnectError) => {
+      if (ended) return;
+      ended = true;
+      const o = optsRef.current;
+      if (job?.state === JobState.COMPLETED) o.onComplete?.(job);
+      else if (job?.state === JobState.FAILED)
+        o.onError?.(
+          new ConnectError(job.error?.message ?? "the job failed", codeOf(job.error?.code ?? "")),
+          job,
+        );
+      else if (error !== undefined) o.onError?.(error);
+    };
     const update = (f: (s: WatchState) => Partial<WatchState>) =>
       setWatch((prev) => {
         if (ctl.signal.aborted) return prev;
@@ -124,12 +154,14 @@ export function useDownloadJob(
             error: undefined,
             connection: s.connection === "polling" ? "polling" : "streaming",
           }));
+          if (job.state === JobState.COMPLETED || job.state === JobState.FAILED) finish(job);
         }
         update(() => ({ connection: "idle" }));
       } catch (err) {
         if (ctl.signal.aborted) return;
         const error = ConnectError.from(err);
         update(() => ({ connection: "idle", error }));
+        finish(undefined, error);
       }
     })();
     return () => ctl.abort();

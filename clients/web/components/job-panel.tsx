@@ -13,6 +13,8 @@ import type { DownloadJob } from "../../react/use-download-job.js";
 import { formatBytes, formatDuration, formatRate, percentOf, shortId } from "../format.js";
 import { describeError, describeJobError, stateLabel } from "../messages.js";
 import { ProgressBar } from "./progress-bar.js";
+import { QueueEstimate } from "./queue-estimate.js";
+import { StableLink } from "./stable-link.js";
 
 export interface JobPanelProps {
   jobId: string;
@@ -93,10 +95,14 @@ export function JobPanel({ jobId, watch, client, headingRef, onClose }: JobPanel
         </p>
       )}
 
+      {job !== undefined && <QueueEstimate job={job} client={client} />}
       {job !== undefined && <Progress job={job} />}
 
       {job?.state === JobState.COMPLETED && job.result !== undefined && (
         <DownloadLink jobId={jobId} result={job.result} client={client} onError={setActionError} />
+      )}
+      {job?.state === JobState.COMPLETED && job.result !== undefined && (
+        <StableLink result={job.result} />
       )}
       {job?.state === JobState.FAILED && <p className="error">{describeJobError(job.error)}</p>}
       {job?.state === JobState.CANCELLED && <p>This job was cancelled; nothing was kept.</p>}
