@@ -150,9 +150,13 @@ export async function benchPolling(
       session.abort();
     }
 
-    // A conditional poll names the ETag of the answer it has: unchanged, it gets 304.
-    const etag = (await fetch(`${base}${path}${query}`)).headers.get("etag");
-    if (etag === null) throw new Error("GetStatus over GET answered without an ETag");
+    // A conditional poll names the ETag of the answer it has (read just before each
+    // slice: a running job's estimate may have moved since): unchanged, it gets 304.
+    const currentEtag = async () => {
+      const etag = (await fetch(`${base}${path}${query}`)).headers.get("etag");
+      if (etag === null) throw new Error("GetStatus over GET answered without an ETag");
+      return etag;
+    };
 
     type Run = (connections: number, seconds: number) => Promise<LoadResult>;
     const configs: { server: string; client: string; pid: number; run: Run }[] = [
@@ -172,8 +176,10 @@ export async function benchPolling(
         server: "api (fast path)",
         client: "Connect GET If-None-Match (304)",
         pid: pidOf(api),
-        run: (c, s) =>
-          http(`${at(api.port)}${path}${query}`, c, s, { headers: { "if-none-match": etag } }),
+        run: async (c, s) =>
+          http(`${at(api.port)}${path}${query}`, c, s, {
+            headers: { "if-none-match": await currentEtag() },
+          }),
       },
       {
         server: "api (fast path)",

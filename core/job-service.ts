@@ -7,7 +7,7 @@ import {
 } from "./admission.js";
 import { MAX_JOB_PRIORITY, type OwnerSettings } from "./config.js";
 import { JobIndex, type JobListPage, type JobListQuery } from "./job-index.js";
-import type { JobStore } from "./job-store.js";
+import type { JobHead, JobStore } from "./job-store.js";
 import { deleteJob, markCancelled, markRequeued } from "./job-transitions.js";
 import {
   InvalidInputError,
@@ -170,6 +170,14 @@ export class JobService {
   }
 
   /** The job if it exists and belongs to `owner`; JobNotFoundError otherwise. */
+  /** The owner's job's head (job-store.ts head): NOT_FOUND as get. */
+  async head(owner: string, rawJobId: string): Promise<JobHead> {
+    const id = parseJobId(rawJobId);
+    const head = await this.deps.store.head(id);
+    if (head.owner !== owner) throw new JobNotFoundError(id);
+    return head;
+  }
+
   async get(owner: string, rawJobId: string): Promise<JobRecord> {
     const id = parseJobId(rawJobId);
     const rec = await this.deps.store.get(id);

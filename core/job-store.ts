@@ -10,6 +10,9 @@ import { type ScriptCommands, withScripts } from "./redis-scripts.js";
 
 type Flat = Record<string, string>;
 
+/** A job's identity, version, state, owner and result: what its ETag is made of. */
+export type JobHead = Pick<JobRecord, "id" | "version" | "state" | "owner" | "result">;
+
 const JSON_FIELDS = [
   "fileIds",
   "progress",
@@ -225,6 +228,30 @@ export class JobStore {
     if (e1 || e2) throw e1 ?? e2;
     if (flat.state === undefined) throw new JobNotFoundError(id);
     return decodeJob(flat, files);
+  }
+
+  /**
+   * What names a job's current answer, without its files or progress: one HMGET, for a
+   * conditional poll (If-None-Match) that is most often answered 304.
+   */
+  async head(id: string): Promise<JobHead> {
+    const [version, state, owner, result] = await this.redis.hmget(
+      this.key(id),
+      "version",
+      "state",
+      "owner",
+      "result",
+    );
+    if (state === null || state === undefined) throw new JobNotFoundError(id);
+    return {
+      id,
+      version: Number(version),
+      state: state as JobStateName,
+      owner: owner ?? "",
+      ...(result !== null && result !== undefined
+        ? { result: JSON.parse(result) as NonNullable<JobRecord["result"]> }
+        : {}),
+    };
   }
 
   /** The job's state and the token of the attempt that owns it (a cheap read for workers). */

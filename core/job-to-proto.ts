@@ -61,9 +61,9 @@ function int64(n: number | undefined): bigint {
 }
 
 /** Whether a completed job's result can be presigned: retention has not deleted it. */
-export function hasLiveResult(
-  rec: JobRecord,
-): rec is JobRecord & { result: NonNullable<JobRecord["result"]> } {
+export function hasLiveResult<T extends Pick<JobRecord, "state" | "result">>(
+  rec: T,
+): rec is T & { result: NonNullable<JobRecord["result"]> } {
   return rec.state === "COMPLETED" && rec.result !== undefined && rec.result.expired !== true;
 }
 

@@ -508,6 +508,11 @@ class NodeCall implements RpcCall {
     readonly deadline?: number,
   ) {}
 
+  /** A GET answer is this transport's own: it answers 304 itself. */
+  get notModifiedOk(): boolean {
+    return this.get;
+  }
+
   /**
    * A stream's own signal; for a unary call one made on first use (a long-poll waits
    * and must stop when its caller goes away): most calls never ask, and an

@@ -13,6 +13,7 @@ import {
   CreateWatchTokenResponseSchema,
   DownloadService,
   GetJobStatisticsResponseSchema,
+  GetStatusResponseSchema,
   ListJobHistoryResponseSchema,
 } from "../../gen/downloads/v1/download_service_pb.js";
 import type { Owner } from "../auth.js";
@@ -46,7 +47,14 @@ export interface RpcCall {
   get: boolean;
   /** When the caller's deadline (connect-timeout-ms, grpc-timeout) passes, ms since the epoch. */
   deadline?: number | undefined;
+  /** The transport answers Answer.notModified with 304 and no body (the lean transport's GET). */
+  notModifiedOk?: boolean;
 }
+
+/** The body of an answer that is never sent: a 304 has none. */
+const NO_BODY = new Reply(GetStatusResponseSchema, () => {
+  throw new Error("a 304 Not Modified answer has no body");
+});
 
 interface RowBase {
   /** The usual request's JSON fields, read with JSON.parse (wire/request-reader.ts). */
@@ -135,6 +143,19 @@ export function downloadRpcs({
           ? statusMaxWaitMs
           : Math.min(statusMaxWaitMs, Math.max(0, waitBefore(call.deadline)));
       const wait = waitPlan(req.wait, budget, statusMaxWaitMs);
+      const ifNoneMatch = call.get ? call.header("if-none-match") : null;
+      if (ifNoneMatch !== null && call.notModifiedOk === true && wait.ms === 0) {
+        // A conditional poll is most often of an unchanged job: the head alone (one
+        // HMGET) names the answer, and a match is 304 without reading the record.
+        const head = await jobs.head(call.owner, req.jobId);
+        const etag = await presenter.headEtag(head);
+        if (etag !== undefined && etagMatches(ifNoneMatch, etag))
+          return {
+            reply: NO_BODY,
+            header: { "cache-control": presenter.cacheControl(head), etag },
+            notModified: true,
+          };
+      }
       let rec = await jobs.get(call.owner, req.jobId);
       rec = await waitForChange(hub, rec, req.afterVersion, wait.ms, call.signal, call.owner);
       const now = Date.now();
@@ -145,7 +166,7 @@ export function downloadRpcs({
       return {
         reply,
         header: { "cache-control": presenter.cacheControl(rec), etag },
-        notModified: etagMatches(call.header("if-none-match"), etag),
+        notModified: etagMatches(ifNoneMatch, etag),
       };
     }),
     stream(m.watchJob, { jobId: "string", afterVersion: "int32" }, (call, req) =>

@@ -10,6 +10,7 @@ import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { AdmissionOutcome } from "../../core/admission.js";
 import type { DownloadLinks } from "../../core/download-link.js";
 import type { QueueForecaster } from "../../core/forecast.js";
+import type { JobHead } from "../../core/job-store.js";
 import {
   hasLiveResult,
   INITIATE_OUTCOME,
@@ -223,12 +224,27 @@ export class JobPresenter {
    * running job's estimate (whole seconds, core/forecast.ts) is, from the answer that
    * status() made last for this version.
    */
-  etag(rec: JobRecord, now = Date.now()): string {
+  etag(rec: JobHead, now = Date.now()): string {
     if (hasLiveResult(rec)) return `"${rec.version}.${this.urlWindow(now) / this.urlWindowMs}"`;
     const kept = isTerminal(rec.state) ? undefined : this.statuses.get(rec.id);
     return kept !== undefined && kept.version === rec.version && kept.estimateTag !== ""
       ? `"${rec.version}.q${kept.estimateTag}"`
       : `"${rec.version}"`;
+  }
+
+  /**
+   * The ETag of the answer a full read would make now, from the job's head alone, or
+   * undefined when only a full read can tell (a queued or running job whose kept answer
+   * is of another version, or of an older queue plan: its estimate may have moved).
+   */
+  async headEtag(head: JobHead, now = Date.now()): Promise<string | undefined> {
+    if (!isTerminal(head.state) && this.opts.forecast !== undefined) {
+      const generation = await this.opts.forecast.currentGeneration().catch(() => -1);
+      const kept = this.statuses.get(head.id);
+      if (kept === undefined || kept.version !== head.version || kept.generation !== generation)
+        return undefined;
+    }
+    return this.etag(head, now);
   }
 
   /**
@@ -314,7 +330,7 @@ export class JobPresenter {
    * failed or cancelled job never changes; a completed job's URL expires, so its answer
    * may be reused for a small part of the URL's lifetime only.
    */
-  cacheControl(rec: JobRecord): string {
+  cacheControl(rec: Pick<JobRecord, "state">): string {
     switch (rec.state) {
       case "COMPLETED":
         return `private, max-age=${this.completedMaxAge}`;
