@@ -21,6 +21,7 @@ const JSON_FIELDS = [
   "error",
   "webhook",
   "labels",
+  "upload",
 ] as const;
 const NUMBER_FIELDS = [
   "version",

@@ -13,6 +13,7 @@ import {
   type JobStateName,
   newJobRecord,
   TERMINAL_STATES,
+  type UploadState,
   type WebhookRecord,
 } from "./jobs.js";
 import { expiryMember } from "./keys.js";
@@ -200,6 +201,8 @@ export async function recordProgress(
     progress: JobProgress;
     files?: FileProgress[];
     filesPatch?: Iterable<readonly [number, FileProgress]>;
+    /** The run's multipart upload as far as it is safe, when it changed (crash-resume). */
+    upload?: UploadState;
   },
 ): Promise<void> {
   await apply(store, attempt.jobId, {
@@ -208,6 +211,7 @@ export async function recordProgress(
     set: {
       progress: progress.progress,
       ...(progress.files !== undefined ? { files: progress.files } : {}),
+      ...(progress.upload !== undefined ? { upload: progress.upload } : {}),
     },
     ...(progress.filesPatch !== undefined ? { filesPatch: progress.filesPatch } : {}),
   });
@@ -245,6 +249,8 @@ export async function markCompleted(
     fence: { kind: "hold", attempt },
     set: { state: "COMPLETED", ...set },
     ...(filesPatch !== undefined ? { filesPatch } : {}),
+    // The upload is an object now: nothing is left to resume.
+    clear: ["upload"],
     expire: { jobId: attempt.jobId, key: done.result.key, at: done.result.expiresAt },
   });
   if (store.replicaAck === undefined) return { replicated: true };

@@ -20,6 +20,25 @@ export interface FileProgress {
   sizeBytes: number;
   bytesDone: number;
   entryName: string;
+  /** The entry's CRC-32 once it is in the ZIP (kept for a run that resumes the upload). */
+  crc32?: number;
+}
+
+/**
+ * A running job's multipart upload as far as it is safe (worker/stored-bundle.ts): the
+ * parts uploaded, one after another from the first, and what a run that takes over needs
+ * to produce the rest of a stored ZIP byte for byte from their end.
+ */
+export interface UploadState {
+  key: string;
+  uploadId: string;
+  partSize: number;
+  /** ETags of parts 1..n. */
+  parts: string[];
+  /** CRC-32 of the data of the entry at the parts' end, up to it. */
+  crc: number;
+  /** Digest of the archive's layout: names, sizes, times and versions of the sources. */
+  layout: string;
 }
 
 export interface JobProgress {
@@ -96,6 +115,8 @@ export interface JobRecord {
   webhook?: WebhookRecord;
   /** The caller's labels from Initiate (core/labels.ts), keys sorted; absent when none. */
   labels?: Record<string, string>;
+  /** The run's multipart upload so far, while it runs (crash-resume). */
+  upload?: UploadState;
 }
 
 // Domain errors: handlers map them to Connect codes in one place (server/errors.ts).

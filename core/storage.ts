@@ -1,12 +1,17 @@
 import type { Readable } from "node:stream";
 import {
+  AbortMultipartUploadCommand,
+  CompleteMultipartUploadCommand,
   CreateBucketCommand,
+  CreateMultipartUploadCommand,
   DeleteObjectCommand,
   GetObjectCommand,
   HeadBucketCommand,
   HeadObjectCommand,
+  ListPartsCommand,
   S3Client,
   S3ServiceException,
+  UploadPartCommand,
 } from "@aws-sdk/client-s3";
 import { Upload } from "@aws-sdk/lib-storage";
 import { getSignedUrl } from "@aws-sdk/s3-request-presigner";
@@ -51,6 +56,8 @@ export interface SourceInfo {
   fileName?: string;
   /** The version read: every GET asks for it (If-Match), so a changed object is noticed. */
   etag?: string;
+  /** Last-Modified (ms since the epoch): the ZIP entry's time. */
+  lastModified?: number;
 }
 
 /** A byte range of a source object; `end` is inclusive, as in the Range header. */
@@ -178,6 +185,7 @@ export class Storage {
         sizeBytes: head.ContentLength ?? 0,
         ...(name !== undefined && name !== "" ? { fileName: name } : {}),
         ...(head.ETag !== undefined ? { etag: head.ETag } : {}),
+        ...(head.LastModified !== undefined ? { lastModified: head.LastModified.getTime() } : {}),
       };
     } catch (err) {
       if (isNotFound(err)) return undefined;
@@ -246,6 +254,96 @@ export class Storage {
       queueSize: this.opts.uploadQueueSize,
       leavePartsOnError: false,
     });
+  }
+
+  // A multipart upload driven part by part (worker/stored-bundle.ts), so that a run that
+  // takes over a crashed one can go on with the same upload: the parts S3 holds stay.
+
+  async createResultUpload(key: string, fileName: string): Promise<string> {
+    const out = await this.client.send(
+      new CreateMultipartUploadCommand({
+        Bucket: this.opts.resultBucket,
+        Key: key,
+        ContentType: "application/zip",
+        ContentDisposition: contentDisposition(fileName),
+      }),
+    );
+    if (out.UploadId === undefined) throw new Error(`no upload id for ${key}`);
+    return out.UploadId;
+  }
+
+  /** Uploads part `n` (from 1); resolves to its ETag. */
+  async uploadResultPart(
+    key: string,
+    uploadId: string,
+    n: number,
+    body: Buffer,
+    signal?: AbortSignal,
+  ): Promise<string> {
+    const out = await this.client.send(
+      new UploadPartCommand({
+        Bucket: this.opts.resultBucket,
+        Key: key,
+        UploadId: uploadId,
+        PartNumber: n,
+        Body: body,
+        ContentLength: body.length,
+      }),
+      signal ? { abortSignal: signal } : {},
+    );
+    if (out.ETag === undefined) throw new Error(`no ETag for part ${n} of ${key}`);
+    return out.ETag;
+  }
+
+  /** The parts S3 holds for an upload, by number; throws (NoSuchUpload) when it is gone. */
+  async listResultParts(key: string, uploadId: string): Promise<Map<number, string>> {
+    const parts = new Map<number, string>();
+    let marker: string | undefined;
+    for (;;) {
+      const out = await this.client.send(
+        new ListPartsCommand({
+          Bucket: this.opts.resultBucket,
+          Key: key,
+          UploadId: uploadId,
+          ...(marker !== undefined ? { PartNumberMarker: marker } : {}),
+        }),
+      );
+      for (const p of out.Parts ?? []) {
+        if (p.PartNumber !== undefined && p.ETag !== undefined) parts.set(p.PartNumber, p.ETag);
+      }
+      if (!out.IsTruncated || out.NextPartNumberMarker === undefined) return parts;
+      marker = out.NextPartNumberMarker;
+    }
+  }
+
+  async completeResultUpload(key: string, uploadId: string, etags: string[]): Promise<void> {
+    await this.client.send(
+      new CompleteMultipartUploadCommand({
+        Bucket: this.opts.resultBucket,
+        Key: key,
+        UploadId: uploadId,
+        MultipartUpload: { Parts: etags.map((ETag, i) => ({ ETag, PartNumber: i + 1 })) },
+      }),
+    );
+  }
+
+  /** A result object's bytes (a resumed upload is hashed whole once it is complete). */
+  async openResult(key: string, signal?: AbortSignal): Promise<Readable> {
+    const out = await this.client.send(
+      new GetObjectCommand({ Bucket: this.opts.resultBucket, Key: key }),
+      signal ? { abortSignal: signal } : {},
+    );
+    return out.Body as Readable;
+  }
+
+  async abortResultUpload(key: string, uploadId: string): Promise<void> {
+    await this.client.send(
+      new AbortMultipartUploadCommand({
+        Bucket: this.opts.resultBucket,
+        Key: key,
+        UploadId: uploadId,
+      }),
+    );
   }
 
   async deleteResult(key: string): Promise<void> {

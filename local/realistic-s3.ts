@@ -14,6 +14,10 @@ import { sampleStream } from "./samples.js";
 // faults are reproducible. It can also make up source objects of any size from the
 // sample generator (GeneratedObjects), for benchmarks and ZIP64 runs that would not fit
 // on disk. Tests, benchmarks and `npm start` (S3_PROFILE) use it.
+//
+// Multipart uploads are followed as S3 keeps them: the fixture answers ListParts and
+// AbortMultipartUpload itself (s3rver has neither), and an upload that was aborted or
+// completed is gone (NoSuchUpload) for every later part, listing or completion.
 
 export interface S3Behaviour {
   /** Added before the response headers of every request. */
@@ -83,6 +87,10 @@ export interface RealisticS3Stats {
   preconditionFailed: number;
   /** Response body bytes sent. */
   bytesSent: number;
+  /** Body bytes of successful GETs. */
+  getBytes: number;
+  /** Body bytes of GETs of generated objects (what a job read of its sources). */
+  generatedBytes: number;
   /** Requests by `METHOD /path`. */
   byKey: Map<string, number>;
   /** Requests by the session token they were signed with ("" for none). */
@@ -177,6 +185,8 @@ export async function startRealisticS3(
     stalls: 0,
     preconditionFailed: 0,
     bytesSent: 0,
+    getBytes: 0,
+    generatedBytes: 0,
     byKey: new Map(),
     bySessionToken: new Map(),
     peakConcurrentGets: 0,
@@ -186,6 +196,86 @@ export async function startRealisticS3(
   const agent = new http.Agent({ keepAlive: true, maxSockets: 256 });
   let getsInFlight = 0;
   const stalled = new Set<http.ServerResponse>();
+  /** Multipart uploads by id: their parts (number -> ETag, size), or gone. */
+  const uploads = new Map<
+    string,
+    { parts: Map<number, { etag: string; size: number }>; gone: boolean }
+  >();
+
+  function noSuchUpload(res: http.ServerResponse): void {
+    res.writeHead(404, { "content-type": "application/xml" });
+    res.end(errorXml("NoSuchUpload", "The specified upload does not exist."));
+  }
+
+  /** ListParts and AbortMultipartUpload; true when answered here. */
+  function multipart(req: http.IncomingMessage, res: http.ServerResponse, path: string): boolean {
+    const query = new URLSearchParams((req.url ?? "").split("?")[1] ?? "");
+    const uploadId = query.get("uploadId");
+    if (uploadId === null) return false;
+    const upload = uploads.get(uploadId);
+    if (req.method === "DELETE") {
+      req.resume();
+      if (upload !== undefined) upload.gone = true;
+      res.writeHead(204);
+      res.end();
+      return true;
+    }
+    if (req.method === "GET") {
+      req.resume();
+      if (upload === undefined || upload.gone) {
+        noSuchUpload(res);
+        return true;
+      }
+      const slash = path.indexOf("/", 1);
+      const parts = [...upload.parts.entries()]
+        .sort((a, b) => a[0] - b[0])
+        .map(
+          ([n, p]) =>
+            `<Part><PartNumber>${n}</PartNumber><ETag>${p.etag.replace(/"/g, "&quot;")}</ETag><Size>${p.size}</Size></Part>`,
+        )
+        .join("");
+      res.writeHead(200, { "content-type": "application/xml" });
+      res.end(
+        `<?xml version="1.0" encoding="UTF-8"?><ListPartsResult><Bucket>${path.slice(1, slash)}</Bucket><Key>${path.slice(slash + 1)}</Key><UploadId>${uploadId}</UploadId><IsTruncated>false</IsTruncated>${parts}</ListPartsResult>`,
+      );
+      return true;
+    }
+    if (upload?.gone === true) {
+      req.resume();
+      req.on("end", () => noSuchUpload(res));
+      return true;
+    }
+    return false;
+  }
+
+  /** Notes what the S3 server behind answered to a multipart call. */
+  function follow(
+    req: http.IncomingMessage,
+    status: number,
+    headers: http.IncomingHttpHeaders,
+    body?: Buffer,
+  ): void {
+    const query = new URLSearchParams((req.url ?? "").split("?")[1] ?? "");
+    const uploadId = query.get("uploadId");
+    if (status >= 300) return;
+    if (req.method === "POST" && query.has("uploads") && body !== undefined) {
+      const id = /<UploadId>([^<]+)<\/UploadId>/.exec(body.toString())?.[1];
+      if (id !== undefined) uploads.set(id, { parts: new Map(), gone: false });
+    } else if (req.method === "PUT" && uploadId !== null) {
+      let upload = uploads.get(uploadId);
+      if (upload === undefined) {
+        upload = { parts: new Map(), gone: false };
+        uploads.set(uploadId, upload);
+      }
+      upload.parts.set(Number(query.get("partNumber")), {
+        etag: String(headers.etag ?? ""),
+        size: Number(req.headers["content-length"] ?? 0),
+      });
+    } else if (req.method === "POST" && uploadId !== null) {
+      const upload = uploads.get(uploadId);
+      if (upload !== undefined) upload.gone = true;
+    }
+  }
 
   const share = (rate: number) => enabled && rate > 0 && random() < rate;
 
@@ -254,7 +344,8 @@ export async function startRealisticS3(
         "",
     );
     stats.bySessionToken.set(token, (stats.bySessionToken.get(token) ?? 0) + 1);
-    const isGet = req.method === "GET";
+    const isGet = req.method === "GET" && !(req.url ?? "").includes("uploadId=");
+    if (multipart(req, res, path)) return;
     const keyError = keyErrors.get(path);
     if (keyError !== undefined && (keyError.methods ?? [req.method]).includes(req.method ?? "")) {
       req.resume();
@@ -328,6 +419,10 @@ export async function startRealisticS3(
               return;
             }
             sent += part.length;
+            if (isGet && status < 300) {
+              stats.getBytes += part.length;
+              if (made !== undefined) stats.generatedBytes += part.length;
+            }
             if (stopAt >= 0 && sent >= stopAt) {
               body.destroy();
               if (cut) {
@@ -364,7 +459,23 @@ export async function startRealisticS3(
         headers: req.headers,
         agent,
       },
-      (up) => answer(up.statusCode ?? 502, up.headers, up),
+      (up) => {
+        const status = up.statusCode ?? 502;
+        if (req.method !== "POST") {
+          follow(req, status, up.headers);
+          answer(status, up.headers, up);
+          return;
+        }
+        // Small XML answers: read whole, to learn a new upload's id.
+        const chunks: Buffer[] = [];
+        up.on("data", (c: Buffer) => chunks.push(c));
+        up.on("error", () => res.socket?.destroy());
+        up.on("end", () => {
+          const body = Buffer.concat(chunks);
+          follow(req, status, up.headers, body);
+          answer(status, up.headers, Readable.from([body]));
+        });
+      },
     );
     out.on("error", () => {
       if (!answered) res.socket?.destroy();

@@ -3,9 +3,11 @@ import { once } from "node:events";
 import { PassThrough, type Readable, Transform, type TransformCallback } from "node:stream";
 import { setTimeout as sleep } from "node:timers/promises";
 import { ZipArchive } from "archiver";
+import type { UploadState } from "../core/jobs.js";
 import { SourceError } from "../core/s3-errors.js";
 import type { SourceInfo, Storage } from "../core/storage.js";
 import { ReadAhead, type ReadAheadOptions, type ReadAheadStats } from "./read-ahead.js";
+import { bundleStored, type ResumePlan } from "./stored-bundle.js";
 
 // Sources -> streaming ZIP -> multipart upload, never holding a whole file in memory:
 // memory is bounded by the read-ahead window plus the upload's part size times its
@@ -27,15 +29,29 @@ export interface BundleOptions {
   /** When the job must be done (ms since the epoch, MAX_JOB_SECONDS); 0 or unset = never. */
   deadlineAt?: number;
   signal: AbortSignal;
+  /** Stored ZIPs only: continue a crashed run's upload (worker/stored-bundle.ts planResume). */
+  resume?: ResumePlan;
   onFileStart(index: number): void;
   onBytes(index: number, bytes: number): void;
-  onFileDone(index: number): void;
+  /** `crc` is the entry's CRC-32 (stored ZIPs). */
+  onFileDone(index: number, crc?: number): void;
+  /** Stored ZIPs only: the upload so far, once its parts are safe (crash-resume). */
+  onDurable?(state: UploadState): void;
+  /**
+   * Stored ZIPs only: whether a failed run leaves its multipart upload for a later run to
+   * continue (default: it aborts it). Given the failure, or the abort's reason.
+   */
+  keepUpload?(err: unknown): boolean;
 }
 
 export interface BundleResult {
+  /** The object written: the target's, or the resumed upload's. */
+  key: string;
   sizeBytes: number;
   sha256: string;
   read: ReadAheadStats;
+  /** Where in the archive this run began (0 unless it continued another's upload). */
+  resumedAt: number;
 }
 
 /** The whole-job deadline passed; the message names the file the job was on. */
@@ -54,7 +70,7 @@ export const DEFAULT_READ: Omit<ReadAheadOptions, "signal"> = {
 };
 
 /** Counts and (optionally) paces the bytes of one source on their way into the ZIP. */
-class Meter extends Transform {
+export class Meter extends Transform {
   private readonly started = Date.now();
   private seen = 0;
 
@@ -135,6 +151,33 @@ export async function bundleToS3(
         )
       : undefined;
   const signal = AbortSignal.any([opts.signal, deadline.signal]);
+  if (opts.zipLevel === 0) {
+    // Stored: the layout is known in advance, so the upload can be continued after a crash.
+    try {
+      return await bundleStored(storage, entries, target, {
+        partBytes: storage.opts.uploadPartBytes,
+        queueSize: storage.opts.uploadQueueSize,
+        read: { ...DEFAULT_READ, ...opts.read },
+        signal,
+        throttleBytesPerSecond: opts.throttleBytesPerSecond,
+        ...(opts.resume !== undefined ? { resume: opts.resume } : {}),
+        onFileStart: (i) => {
+          at = i;
+          opts.onFileStart(i);
+        },
+        onBytes: opts.onBytes,
+        onFileDone: opts.onFileDone,
+        onDurable: (state) => opts.onDurable?.(state),
+        keepUpload: (err) => opts.keepUpload?.(err) ?? false,
+      });
+    } catch (err) {
+      if (opts.signal.aborted) throw abortError(opts.signal);
+      if (deadline.signal.aborted) throw abortError(deadline.signal);
+      throw err;
+    } finally {
+      clearTimeout(deadlineTimer);
+    }
+  }
   const reader = new ReadAhead(
     entries,
     (source, range, s) => storage.getSourceRange(source.key, range, s),
@@ -203,9 +246,11 @@ export async function bundleToS3(
     await uploaded;
     if (zipError) throw zipError;
     return {
+      key: target.key,
       sizeBytes: digest.bytesWritten,
       sha256: digest.hash.digest("hex"),
       read: reader.stats,
+      resumedAt: 0,
     };
   } catch (err) {
     // A source that failed is the cause; the ZIP and upload errors it set off are not.

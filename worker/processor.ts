@@ -18,6 +18,7 @@ import {
   type JobProgress,
   type JobRecord,
   JobStateError,
+  type UploadState,
 } from "../core/jobs.js";
 import type { Logger } from "../core/logger.js";
 import type { JobMetrics, JobOutcome } from "../core/metrics.js";
@@ -28,6 +29,7 @@ import { extractContext, inSpan } from "../core/tracing.js";
 import { abortError, type BundleEntry, type BundleOptions, bundleToS3 } from "./bundle.js";
 import { BundleSpans } from "./bundle-spans.js";
 import { entryNames } from "./entry-names.js";
+import { planResume, type ResumePlan, storedLayout } from "./stored-bundle.js";
 
 // One BullMQ job = one bundle; one run of the processor = one attempt. The job record is
 // the truth, changed only through core/job-transitions.ts: the run claims the job
@@ -222,28 +224,15 @@ async function run(
       throw new UnrecoverableError(`job too large: ${totalBytes} > ${maxBytes} bytes`);
     }
     const entries = toEntries(sources as SourceInfo[]);
+    // A run that takes over a crashed one continues its upload where it can (stored ZIPs).
+    const { plan, prior } = await resumePlan(deps, jobId, entries, log);
+    const start = startingPoint(entries, totalBytes, plan);
 
     let rec: JobRecord;
     try {
       // PROCESSING too: a job whose run died or lost its lock comes back here through
       // stall detection, and this run takes it over.
-      rec = await markProcessing(store, attempt, {
-        progress: {
-          filesDone: 0,
-          filesTotal: entries.length,
-          bytesDone: 0,
-          bytesTotal: totalBytes,
-          bytesPerSecond: 0,
-        },
-        files: entries.map((e) => ({
-          fileId: e.fileId,
-          state: "PENDING",
-          sizeBytes: e.sizeBytes,
-          bytesDone: 0,
-          entryName: e.entryName,
-        })),
-        startedAt,
-      });
+      rec = await markProcessing(store, attempt, { ...start, startedAt });
     } catch (err) {
       if (err instanceof JobStateError || err instanceof JobNotFoundError) {
         log.info({ reason: err.message }, "job skipped");
@@ -252,8 +241,26 @@ async function run(
       throw err;
     }
     claimed = true;
-    key = storage.resultKey(jobId, rec.attempts);
-    log.info({ files: rec.fileIds.length, bytes: totalBytes, key }, "job started");
+    key = plan?.state.key ?? storage.resultKey(jobId, rec.attempts);
+    log.info(
+      {
+        files: rec.fileIds.length,
+        bytes: totalBytes,
+        key,
+        ...(plan !== undefined ? { resumedAt: plan.offset, parts: plan.state.parts.length } : {}),
+      },
+      plan !== undefined ? "job resumed from the last uploaded part" : "job started",
+    );
+    if (plan === undefined && prior !== undefined) {
+      // Not continued: nobody will finish that upload. Its object, should a run that lost
+      // the job still complete it, goes with retention.
+      void storage
+        .abortResultUpload(prior.key, prior.uploadId)
+        .catch((e: unknown) => log.debug({ err: e }, "could not abort the earlier upload"));
+      void store
+        .scheduleResultDeletion(jobId, prior.key, Date.now() + 3_600_000)
+        .catch((e: unknown) => log.debug({ err: e }, "could not register the earlier upload"));
+    }
 
     watch = setInterval(() => {
       store.ownership(jobId).then(
@@ -303,9 +310,19 @@ async function run(
           tracker.addBytes(i, n);
           deps.metrics?.bytesRead(n);
         },
-        onFileDone: (i) => {
-          tracker.fileDone(i);
+        onFileDone: (i, crc) => {
+          tracker.fileDone(i, crc);
           spans.fileDone(i);
+        },
+        ...(plan !== undefined ? { resume: plan } : {}),
+        onDurable: (state) => tracker.uploaded(state),
+        keepUpload: (err) => {
+          // Another run owns the job now and may be continuing this very upload.
+          if (fenced(err, cancel.signal)) return true;
+          if (cancel.signal.aborted) return false;
+          if (err instanceof SourceError && !err.retryable) return false;
+          // The worker is stopping, or another attempt follows: it continues from here.
+          return signal.aborted || !lastAttempt;
         },
       },
     );
@@ -319,6 +336,7 @@ async function run(
       },
     );
     spans.done(result.sizeBytes);
+    key = result.key;
     await tracker.stop();
     signal.throwIfAborted();
     const endedAt = Date.now();
@@ -330,7 +348,13 @@ async function run(
         endedAt,
         progress: tracker.final(),
         filesPatch: tracker.takeChanged(),
-        result: { key, fileName, sizeBytes: result.sizeBytes, sha256: result.sha256, expiresAt },
+        result: {
+          key: result.key,
+          fileName,
+          sizeBytes: result.sizeBytes,
+          sha256: result.sha256,
+          expiresAt,
+        },
       });
       if (!replicated)
         log.warn(
@@ -347,7 +371,12 @@ async function run(
       throw err;
     }
     log.info(
-      { ms: Date.now() - startedAt, bytes: result.sizeBytes, read: result.read },
+      {
+        ms: Date.now() - startedAt,
+        bytes: result.sizeBytes,
+        read: result.read,
+        ...(result.resumedAt > 0 ? { resumedAt: result.resumedAt } : {}),
+      },
       "job completed",
     );
     return "completed";
@@ -357,8 +386,9 @@ async function run(
     if (fenced(err, cancel.signal)) {
       // Another run owns the job: its record, its object and its webhook are its own.
       // This run only removes what it made; BullMQ refuses whatever it reports (the lock
-      // is gone), and the job goes on in the run that holds it.
-      await discardOwnResult(store, storage, attempt, key, bundling, log);
+      // is gone), and the job goes on in the run that holds it. A stored ZIP's upload is
+      // left alone: the run that took over may be continuing it (and removes it if not).
+      if (deps.zipLevel !== 0) await discardOwnResult(store, storage, attempt, key, bundling, log);
       log.warn({ ms: Date.now() - startedAt }, "run stopped: another run owns the job now");
       throw new Error(`job ${jobId}: this run lost the job to another run`);
     }
@@ -544,6 +574,79 @@ async function headAll(
   return out;
 }
 
+/**
+ * The upload an earlier run of the job left (in its record), and whether this run can
+ * continue it: stored ZIPs only (a deflated archive's bytes are not known in advance).
+ * Says in the log why not when it cannot.
+ */
+async function resumePlan(
+  deps: ProcessorDeps,
+  jobId: string,
+  entries: readonly BundleEntry[],
+  log: Logger,
+): Promise<{ plan?: ResumePlan; prior?: UploadState }> {
+  // One field first: only a job that has an upload to continue is read whole.
+  const kept = await deps.store.redis.hget(deps.store.key(jobId), "upload").catch(() => null);
+  if (kept === null || kept === undefined) return {};
+  const rec = await deps.store.get(jobId).catch(() => undefined);
+  const prior = rec?.upload;
+  if (rec === undefined || prior === undefined) return {};
+  if (deps.zipLevel !== 0) {
+    log.warn({ key: prior.key }, "starting over: a deflated ZIP (ZIP_LEVEL > 0) cannot be resumed");
+    return { prior };
+  }
+  const crcs = rec.files.map((f) => (f.state === "DONE" ? f.crc32 : undefined));
+  const plan = await planResume(
+    deps.storage,
+    entries,
+    prior,
+    crcs,
+    deps.storage.opts.uploadPartBytes,
+  );
+  if ("reason" in plan) {
+    log.warn({ key: prior.key, reason: plan.reason }, `starting over from byte 0: ${plan.reason}`);
+    return { prior };
+  }
+  return { plan, prior };
+}
+
+/** The progress and per-file state a run starts with: all pending, or as far as it resumes. */
+function startingPoint(
+  entries: readonly BundleEntry[],
+  totalBytes: number,
+  plan: ResumePlan | undefined,
+): { progress: JobProgress; files: FileProgress[] } {
+  const files: FileProgress[] = entries.map((e, i) => {
+    const crc = plan?.crcs[i];
+    return {
+      fileId: e.fileId,
+      state: crc !== undefined ? "DONE" : "PENDING",
+      sizeBytes: e.sizeBytes,
+      bytesDone: crc !== undefined ? e.sizeBytes : 0,
+      entryName: e.entryName,
+      ...(crc !== undefined ? { crc32: crc } : {}),
+    };
+  });
+  if (plan !== undefined) {
+    // The entry the upload stopped in: the bytes of it already uploaded.
+    const at = storedLayout(entries).locate(plan.offset);
+    const f = files[at.entry];
+    if (f !== undefined && f.state !== "DONE") {
+      f.bytesDone = at.part === "data" ? at.within : at.part === "descriptor" ? f.sizeBytes : 0;
+    }
+  }
+  return {
+    progress: {
+      filesDone: files.filter((f) => f.state === "DONE").length,
+      filesTotal: entries.length,
+      bytesDone: files.reduce((n, f) => n + f.bytesDone, 0),
+      bytesTotal: totalBytes,
+      bytesPerSecond: 0,
+    },
+    files,
+  };
+}
+
 /** ZIP entry names: the source's `filename` metadata when safe and unique, else file-<id>. */
 function toEntries(sources: readonly SourceInfo[]): BundleEntry[] {
   const names = entryNames(sources);
@@ -565,6 +668,8 @@ class ProgressTracker {
   files: FileProgress[];
   /** Files changed since the last write, by index. */
   private changed = new Set<number>();
+  /** The upload as far as it is safe, when it changed since the last write. */
+  private upload: UploadState | undefined;
   private progress: JobProgress;
   private timer: NodeJS.Timeout | undefined;
   private inFlight: Promise<void> | undefined;
@@ -580,10 +685,18 @@ class ProgressTracker {
     private readonly write: (patch: {
       progress: JobProgress;
       filesPatch: [number, FileProgress][];
+      upload?: UploadState;
     }) => Promise<boolean>,
   ) {
-    this.files = rec.files.map((f) => ({ ...f, state: "PENDING", bytesDone: 0 }));
-    this.progress = { ...rec.progress, filesDone: 0, bytesDone: 0, bytesPerSecond: 0 };
+    // As the run claimed the job: all pending, or as far as a resumed upload went.
+    this.files = rec.files.map((f) => ({ ...f }));
+    this.progress = { ...rec.progress, bytesPerSecond: 0 };
+  }
+
+  /** The upload's parts are safe up to here: written with the next tick. */
+  uploaded(state: UploadState): void {
+    this.upload = state;
+    this.touch();
   }
 
   fileStarted(i: number): void {
@@ -602,9 +715,12 @@ class ProgressTracker {
     this.touch();
   }
 
-  fileDone(i: number): void {
+  fileDone(i: number, crc?: number): void {
     const f = this.files[i];
-    if (f) f.state = "DONE";
+    if (f) {
+      f.state = "DONE";
+      if (crc !== undefined) f.crc32 = crc;
+    }
     this.changed.add(i);
     this.progress.filesDone += 1;
     this.touch();
@@ -636,7 +752,11 @@ class ProgressTracker {
     }, wait);
   }
 
-  private snapshot(): { progress: JobProgress; filesPatch: [number, FileProgress][] } {
+  private snapshot(): {
+    progress: JobProgress;
+    filesPatch: [number, FileProgress][];
+    upload?: UploadState;
+  } {
     const now = Date.now();
     const elapsed = (now - this.rateWindowStart) / 1000;
     if (elapsed >= 0.5) {
@@ -654,7 +774,13 @@ class ProgressTracker {
       this.progress.bytesPerSecond > 0 && this.progress.bytesTotal > 0
         ? { ...rest, etaSeconds: Math.ceil(left / this.progress.bytesPerSecond) }
         : rest;
-    return { progress: { ...this.progress }, filesPatch: this.takeChanged() };
+    const upload = this.upload;
+    this.upload = undefined;
+    return {
+      progress: { ...this.progress },
+      filesPatch: this.takeChanged(),
+      ...(upload !== undefined ? { upload } : {}),
+    };
   }
 
   private async flush(): Promise<void> {
@@ -667,7 +793,10 @@ class ProgressTracker {
       (written) => {
         this.inFlight = undefined;
         // Not written: those files go with the next write instead.
-        if (!written) for (const [i] of snap.filesPatch) this.changed.add(i);
+        if (!written) {
+          for (const [i] of snap.filesPatch) this.changed.add(i);
+          this.upload ??= snap.upload;
+        }
       },
       () => {
         this.inFlight = undefined;

@@ -31,6 +31,11 @@ export interface ReadAheadOptions {
   /** Base of the exponential backoff between tries (full jitter). */
   backoffMs: number;
   signal: AbortSignal;
+  /**
+   * Where to start (a run that continues a crashed one's upload): entries before `entry`
+   * are not read at all, and `entry` from byte `offset` on. Default: the first byte.
+   */
+  from?: { entry: number; offset: number };
   /** Something went wrong and is being retried (for logs and metrics). */
   onRetry?(info: { fileId: number; attempt: number; reason: string; throttled: boolean }): void;
 }
@@ -106,15 +111,20 @@ export class ReadAhead {
     this.stats.smallestWindow = this.limit;
     this.signal = AbortSignal.any([opts.signal, this.internal.signal]);
     const range = Math.max(1, opts.rangeBytes);
+    const from = opts.from ?? { entry: 0, offset: 0 };
     for (const [entry, s] of sources.entries()) {
       this.firstSegment.push(this.segments.length);
+      if (entry < from.entry) continue;
+      const first = entry === from.entry ? Math.min(from.offset, s.sizeBytes) : 0;
+      const size = s.sizeBytes - first;
+      if (size === 0) continue;
       // Small objects in one GET; large ones in ranges (the last may be up to 2x range).
-      const pieces = s.sizeBytes <= 2 * range ? 1 : Math.floor(s.sizeBytes / range);
+      const pieces = size <= 2 * range ? 1 : Math.floor(size / range);
       for (let i = 0; i < pieces; i++) {
         this.segments.push({
           entry,
-          start: i * range,
-          end: i === pieces - 1 ? s.sizeBytes : (i + 1) * range,
+          start: first + i * range,
+          end: i === pieces - 1 ? s.sizeBytes : first + (i + 1) * range,
           chunks: [],
           buffered: 0,
           done: false,

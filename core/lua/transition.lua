@@ -144,7 +144,7 @@ if ARGV[8] ~= '' and (ARGV[8] ~= state or (fence == 'claim' and lease ~= token))
   local entry = {}
   for i = 1, #flat, 2 do
     local k = flat[i]
-    if k ~= 'files' and k ~= 'lease' and k ~= 'callbackUrl' and k ~= 'webhook' then
+    if k ~= 'files' and k ~= 'lease' and k ~= 'callbackUrl' and k ~= 'webhook' and k ~= 'upload' then
       entry[#entry + 1] = k
       entry[#entry + 1] = flat[i + 1]
     end
