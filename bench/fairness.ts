@@ -1,10 +1,16 @@
+import http from "node:http";
+import type { AddressInfo, Socket } from "node:net";
 import { loadavg } from "node:os";
+import { pino } from "pino";
+import { loadConfig } from "../core/config.js";
 import { JobService } from "../core/job-service.js";
 import { JobStore } from "../core/job-store.js";
 import { createBundleQueue, QUEUE_NAME, type SchedulerOptions } from "../core/queue.js";
 import { createRedis, type RedisClient } from "../core/redis.js";
+import { checkWebhookUrl } from "../core/webhook-target.js";
 import { startRedis } from "../local/redis-server.js";
-import { fmt, percentile, procCpuMs, type Row, startNodeServer } from "./lib.js";
+import { startWorker } from "../worker/worker.js";
+import { fmt, percentile, procCpuMs, type Row, serviceEnv, startNodeServer } from "./lib.js";
 
 // Fair scheduling across owners (core/queue.ts) against plain FIFO (BullMQ's wait list,
 // the layout before priorities), side by side in one run:
@@ -20,6 +26,10 @@ import { fmt, percentile, procCpuMs, type Row, startNodeServer } from "./lib.js"
 //    loaded machine wall-clock rates swing by half between slices, so the CPU that every
 //    process of a side spent per job (this process with the API's work, the worker, Redis)
 //    is reported too: it moves much less with the load.
+//  - webhooks: owner A has 60 jobs whose receivers never answer; owner B's one webhook
+//    is then due. How long B's delivery takes with the per-owner cap on deliveries in
+//    flight (WEBHOOK_MAX_IN_FLIGHT_PER_OWNER=4) and without it (0), the worker in this
+//    process, WEBHOOK_TIMEOUT_MS=10000 (the default). Jobs end to make their webhooks due.
 
 type Mode = "fair" | "fifo";
 const MODES: Record<Mode, SchedulerOptions> = {
@@ -106,6 +116,78 @@ async function startDelay(
   }
 }
 
+const HUNG = 60;
+const WEBHOOK_TIMEOUT_MS = 10_000;
+
+/** One webhook measurement: B's delivery behind A's 60 hung receivers. */
+async function webhookDelay(url: string, cap: number, round: number): Promise<number> {
+  const sockets = new Set<Socket>();
+  let closing = false;
+  let hanging = 0;
+  let okAt = 0;
+  const receiver = http.createServer((req, res) => {
+    req.resume();
+    if (closing) {
+      req.socket.destroy();
+    } else if (req.url?.startsWith("/hang/")) {
+      hanging += 1;
+    } else {
+      req.on("end", () => {
+        okAt = performance.now();
+        res.writeHead(200).end();
+      });
+    }
+  });
+  receiver.on("connection", (c: Socket) => {
+    sockets.add(c);
+    c.once("close", () => sockets.delete(c));
+  });
+  await new Promise<void>((ok) => receiver.listen(0, "127.0.0.1", ok));
+  const base = `http://127.0.0.1:${(receiver.address() as AddressInfo).port}`;
+  const prefix = `fairhook${cap}x${round}`;
+  const cfg = loadConfig({
+    ...serviceEnv(url, "http://127.0.0.1:9", prefix),
+    WEBHOOK_SECRET: "bench-webhook-secret-0123456789",
+    WEBHOOK_ALLOWED_HOSTS: "127.0.0.1/32",
+    WEBHOOK_TIMEOUT_MS: String(WEBHOOK_TIMEOUT_MS),
+    WEBHOOK_MAX_IN_FLIGHT_PER_OWNER: String(cap),
+  });
+  const worker = await startWorker(cfg, pino({ level: "silent" }));
+  const s = stack(url, prefix, MODES.fair);
+  const jobs = new JobService({
+    store: s.jobs.store,
+    queue: s.queue,
+    redis: s.redis,
+    maxFilesPerJob: 10,
+    policy: { dedupInFlight: false, reuseResults: false },
+    checkCallbackUrl: async (u) =>
+      (await checkWebhookUrl(u, { allowPrivate: false, allowedHosts: ["127.0.0.1/32"] })).url.href,
+  });
+  try {
+    for (let i = 0; i < HUNG; i++) {
+      const { job } = await jobs.initiate("owner-a", {
+        fileIds: [i + 1],
+        callbackUrl: `${base}/hang/${i}`,
+      });
+      // Ended either way (the worker may fail it first, S3 being absent): its webhook is due.
+      await jobs.cancel("owner-a", job.id).catch(() => undefined);
+    }
+    // A's deliveries are in flight and hang.
+    await waitFor(async () => hanging >= (cap > 0 ? cap : 16));
+    const t0 = performance.now();
+    const { job } = await jobs.initiate("owner-b", { fileIds: [1], callbackUrl: `${base}/ok` });
+    await jobs.cancel("owner-b", job.id).catch(() => undefined);
+    await waitFor(async () => okAt > 0);
+    return okAt - t0;
+  } finally {
+    closing = true;
+    for (const c of sockets) c.destroy();
+    await worker.close();
+    await s.close();
+    await new Promise<void>((ok) => receiver.close(() => ok()));
+  }
+}
+
 export async function benchFairness(
   opts: { quick?: boolean } = {},
 ): Promise<{ rows: Row[]; data: unknown }> {
@@ -125,6 +207,13 @@ export async function benchFairness(
       for (const mode of ["fair", "fifo"] as const) {
         delays[mode].push(await startDelay(redis.url, mode, r));
       }
+    }
+
+    // ---- webhooks: B's delivery behind A's hung receivers, with and without the cap
+    const hooks: Record<"capped" | "uncapped", number[]> = { capped: [], uncapped: [] };
+    for (let r = 0; r < delayRounds; r++) {
+      hooks.capped.push(await webhookDelay(redis.url, 4, r));
+      hooks.uncapped.push(await webhookDelay(redis.url, 0, r));
     }
 
     // ---- throughput, fair against FIFO
@@ -237,6 +326,11 @@ export async function benchFairness(
       },
       {
         scenario,
+        metric: `B's webhook behind ${HUNG} hung receivers of A: ms, cap 4 / no cap (each run; timeout ${WEBHOOK_TIMEOUT_MS} ms)`,
+        value: `${hooks.capped.map((v) => fmt(v, 0)).join(", ")} / ${hooks.uncapped.map((v) => fmt(v, 0)).join(", ")}`,
+      },
+      {
+        scenario,
         metric: "load average (1 min) at start / end",
         value: `${fmt(loadAtStart, 2)} / ${fmt(loadAtEnd, 2)}`,
       },
@@ -250,6 +344,7 @@ export async function benchFairness(
         delays,
         rates,
         cpu,
+        hooks,
         perSlice,
         lanes: LANES,
         loadAtStart,
