@@ -29,7 +29,7 @@ import { fmt, percentile, procCpuMs, type Row, serviceEnv, startNodeServer } fro
 //  - webhooks: owner A has 60 jobs whose receivers never answer; owner B's one webhook
 //    is then due. How long B's delivery takes with the per-owner cap on deliveries in
 //    flight (WEBHOOK_MAX_IN_FLIGHT_PER_OWNER=4) and without it (0), the worker in this
-//    process, WEBHOOK_TIMEOUT_MS=10000 (the default). Jobs end to make their webhooks due.
+//    process, WEBHOOK_TIMEOUT_MS=10000 (the default). Jobs are cancelled (or fail) to end them.
 
 type Mode = "fair" | "fifo";
 const MODES: Record<Mode, SchedulerOptions> = {

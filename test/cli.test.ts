@@ -309,6 +309,21 @@ describe("download-jobs CLI", () => {
     expect(badServerLabel.stderr).toContain('key "Bad"');
   });
 
+  test("initiate --priority: above the token's maximum exits 1 naming it; not 0-9 is a usage error", async () => {
+    // The test owner's token states no max_priority: its maximum is DEFAULT_MAX_PRIORITY, 0.
+    const above = await cli("initiate", "81", "--priority", "3");
+    expect(above.code).toBe(1);
+    expect(above.stderr).toMatch(/priority 3 is above what you may use: your maximum is 0/);
+    const bad = await cli("initiate", "81", "--priority", "high");
+    expect(bad.code).toBe(2);
+    expect(bad.stderr).toMatch(/--priority takes a whole number from 0 to 9/);
+    const ok = await cli("--json", "initiate", "81", "--priority", "0");
+    expect(ok.code).toBe(0);
+    expect(JSON.parse(ok.stdout.trim()) as { state: string }).toMatchObject({
+      state: "JOB_STATE_QUEUED",
+    });
+  });
+
   test("sends the token from --token or DOWNLOAD_JOBS_TOKEN, and says which to set when it is missing", async () => {
     const noToken = { DOWNLOAD_JOBS_TOKEN: "" };
     const [missing, flag, wrong] = await Promise.all([

@@ -321,20 +321,36 @@ function program(result: { code: number }): Command {
       (v: string, prev: string[]) => [...prev, v],
       [],
     )
+    .option(
+      "-p, --priority <0-9>",
+      "how urgent the job is, 0 (default) to 9, up to what your token allows: higher starts sooner",
+    )
     .action(
       run(
         async (
           raw: string[],
-          o: { watch: boolean; cancelOnInterrupt: boolean; requestId?: string; label: string[] },
+          o: {
+            watch: boolean;
+            cancelOnInterrupt: boolean;
+            requestId?: string;
+            label: string[];
+            priority?: string;
+          },
           cmd: Command,
         ) => {
           const g = globals(cmd);
           const fileIds = parseFileIds(raw);
           const labels = parseLabelArgs(o.label, (m) => new UsageError(m));
+          const priority = o.priority === undefined ? 0 : Number(o.priority);
+          if (!/^\d$/.test(o.priority ?? "0"))
+            throw new UsageError(
+              `--priority takes a whole number from 0 to 9, got "${o.priority}"`,
+            );
           const client = clientFor(g);
           const { job, outcome } = await client.initiate({
             fileIds,
             labels,
+            priority,
             ...(o.requestId !== undefined ? { requestId: o.requestId } : {}),
           });
           if (job === undefined)
