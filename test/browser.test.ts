@@ -13,7 +13,11 @@ import {
   type Page,
 } from "playwright-core";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { createDownloadClient } from "../clients/lib/client.js";
 import { loadConfig } from "../core/config.js";
+import { recordRun } from "../core/forecast.js";
+import { JobStore } from "../core/job-store.js";
+import { newJobId, newJobRecord } from "../core/jobs.js";
 import { SAMPLE_FILES, sampleStream, seedSamples } from "../local/samples.js";
 import { buildWeb } from "../scripts/build-web.js";
 import { type ApiServer, startApiServer } from "../server/server.js";
@@ -54,6 +58,9 @@ const AUTH = {
   AUTH_DISABLED: "false",
 };
 
+/** Signs the stable download links (result.link_url) the page offers. */
+const LINK_SECRET = "browser-test-link-secret-0123456789abcdef";
+
 let st: ApiStack;
 let worker: RunningWorker;
 let browser: Browser;
@@ -78,6 +85,7 @@ beforeAll(async () => {
     WEB_ROOT: dist,
     THROTTLE_BYTES_PER_SECOND: THROTTLE,
     PROGRESS_INTERVAL_MS: "100",
+    DOWNLOAD_LINK_SECRET: LINK_SECRET,
   });
   await seedSamples(st.svc.storage, {
     files: [...USED, LONGER, LONGEST].filter((f) => f !== undefined),
@@ -127,6 +135,7 @@ function apiConfig(overrides: Record<string, string>) {
   return loadConfig({
     ...st.svc.env,
     ...AUTH,
+    DOWNLOAD_LINK_SECRET: LINK_SECRET,
     QUEUE_PREFIX: st.cfg.QUEUE_PREFIX,
     PORT: "0",
     HOST: "127.0.0.1",
@@ -457,5 +466,67 @@ describe("in Chromium", () => {
     expect(await page.getByRole("alert").count()).toBe(0);
     await expect.poll(() => attr(page.getByTestId("job-id"), "title"), PATIENCE).toBe(jobId);
     await shot(page, "6-recovered");
+  });
+});
+
+describe("queue position, predicted times and the stable link", () => {
+  test("a completed job offers a link to share that downloads its ZIP without the page", async () => {
+    const { ctx, page } = await newPage();
+    const first = USED[0];
+    if (first === undefined) throw new Error("no sample");
+    await startJob(page, [first.fileName]);
+    await expect.poll(() => stateText(page), { timeout: 60_000 }).toBe("Ready");
+    const box = page.getByRole("textbox", { name: "Link to share" });
+    await expect
+      .poll(() => box.inputValue({ timeout: 1_000 }).catch(() => ""), PATIENCE)
+      .toMatch(new RegExp(`^${st.server.url}/d/[0-9a-f-]{36}\\?exp=\\d+&sig=`));
+    const link = await box.inputValue();
+    expect(await text(page.locator(".stable-link"))).toContain("for whoever has it");
+    await shot(page, "7-stable-link");
+    await ctx.close();
+    // Anyone with the link, no token, no page: a redirect to the ZIP of the job's files.
+    const res = await fetch(link);
+    expect(res.status).toBe(200);
+    const entries = await readZip(Buffer.from(await res.arrayBuffer()));
+    expect(entries.get(first.fileName)?.equals(sources.get(first.fileName) as Buffer)).toBe(true);
+  });
+
+  test("a queued job shows its place in the queue and when it should start and be ready", async () => {
+    // An API on a queue of its own that no worker takes from: its jobs stay queued. Two
+    // runs measured there, as a worker records them, give the forecast its figures.
+    const prefix = `${st.cfg.QUEUE_PREFIX}-q`;
+    const cfg = apiConfig({ QUEUE_PREFIX: prefix, WEB_ROOT: dist });
+    const store = new JobStore(st.redis, { prefix, recordTtlSeconds: 600 });
+    for (const [n, mb] of [
+      [1, 2],
+      [3, 9],
+    ] as const) {
+      const rec = newJobRecord(newJobId(), "browser", [n], Date.now());
+      rec.progress.bytesTotal = mb * 1_000_000;
+      await recordRun(store, rec, mb * 1000);
+    }
+    const server = await startApiServer(cfg, silent);
+    extraServers.push(server);
+    const api = createDownloadClient({ baseUrl: server.url, token: TOKEN });
+    const ahead = [];
+    for (const f of USED.slice(0, 2))
+      ahead.push((await api.initiate({ fileIds: [f.fileId] })).job?.jobId ?? "");
+
+    const ctx = await browser.newContext();
+    const page = await ctx.newPage();
+    await page.goto(server.url);
+    await enterToken(page);
+    await startJob(page, [USED[2]?.fileName ?? ""]);
+    const estimate = page.getByTestId("queue-estimate");
+    await expect.poll(() => text(estimate), PATIENCE).toMatch(/^Number 3 in the queue/);
+    expect(await text(estimate)).toMatch(/starts in about .* · ready in about /);
+    expect(await stateText(page)).toBe("Queued");
+    await shot(page, "8-queued");
+    // A job ahead goes away: the page moves up without a reload.
+    await api.cancel({ jobId: ahead[0] ?? "" });
+    await expect.poll(() => text(estimate), { timeout: 30_000 }).toMatch(/^Number 2 in the queue/);
+    await api.cancel({ jobId: ahead[1] ?? "" });
+    await expect.poll(() => text(estimate), { timeout: 30_000 }).toMatch(/^Next in the queue/);
+    await ctx.close();
   });
 });

@@ -93,7 +93,8 @@ for await (const j of watchJob(client, job.jobId, { afterVersion: job.version })
 console.log(JSON.stringify({ jobId: job.jobId, states, url }));
 `;
 
-const PAGE = `import { createDownloadClient, JobState } from "@download-jobs/client";
+const PAGE = `import { Code } from "@connectrpc/connect";
+import { createDownloadClient, JobState } from "@download-jobs/client";
 import { useDownloadJob, useJobs } from "@download-jobs/react";
 import { useEffect, useMemo, useState } from "react";
 import { createRoot } from "react-dom/client";
@@ -110,7 +111,10 @@ function App() {
     const fileIds = (params.get("files") ?? "").split(",").map(Number);
     void client.initiate({ fileIds }).then((res) => setJobId(res.job?.jobId));
   }, [client]);
-  const { job, state, error } = useDownloadJob(client, jobId);
+  const [completedId, setCompletedId] = useState("");
+  const { job, state, error } = useDownloadJob(client, jobId, {
+    onComplete: (j) => setCompletedId(j.jobId),
+  });
   // The caller's completed jobs, listed again once this one has completed.
   const completed = useJobs(client, { states: [JobState.COMPLETED] });
   const { refresh } = completed;
@@ -132,8 +136,24 @@ function App() {
         </a>
       )}
       <p id="error">{error?.message}</p>
+      <output id="on-complete">{completedId}</output>
+      <Failing client={client} />
     </main>
   );
+}
+
+/** A job of a file that does not exist: it fails, and onError says so. */
+function Failing({ client }: { client: ReturnType<typeof createDownloadClient> }) {
+  const [jobId, setJobId] = useState<string>();
+  const [failure, setFailure] = useState("");
+  useEffect(() => {
+    void client.initiate({ fileIds: [999_999] }).then((res) => setJobId(res.job?.jobId));
+  }, [client]);
+  useDownloadJob(client, jobId, {
+    onError: (e, j) =>
+      setFailure(Code[e.code] + (j?.state === JobState.FAILED ? ": job failed" : ": watch")),
+  });
+  return <output id="on-error">{failure}</output>;
 }
 
 const root = document.getElementById("root");
@@ -321,6 +341,9 @@ describe("the client packages installed in another project", () => {
     await expect
       .poll(async () => page.$$eval("#completed li", (li) => li.map((l) => l.textContent)))
       .toContain(jobId);
+    // onComplete named the job once it completed; onError told of the job that failed.
+    expect(await page.textContent("#on-complete")).toBe(jobId);
+    await expect.poll(() => page.textContent("#on-error")).toBe("NotFound: job failed");
     expect(errors).toEqual([]);
     await expectZipOfSources((await page.getAttribute("#download", "href")) ?? "");
   });

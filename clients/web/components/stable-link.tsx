@@ -28,7 +28,7 @@ export function StableLink({ result }: { result: JobResult }) {
       <button type="button" onClick={copy}>
         Copy link
       </button>{" "}
-      <span className="muted" role="status">
+      <span className="muted" aria-live="polite">
         {copied === "yes"
           ? "Copied."
           : copied === "no"
