@@ -1,6 +1,6 @@
 import { execFile } from "node:child_process";
 import { mkdtempSync, rmSync } from "node:fs";
-import { tmpdir } from "node:os";
+import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
 import { crc32 } from "node:zlib";
@@ -37,7 +37,9 @@ import { fmt, MB, procMemory, type Row, startNodeServer } from "./lib.js";
 // and s3rver (BENCH_S3_AGGREGATE_MIB, default 48), so the ratio to it measures the
 // worker, not the machine; BENCH_S3_CONNECTION_MIB sets the per-connection cap (default
 // 40; keep it below the aggregate, as at S3, or ranged reads have nothing to win) and
-// BENCH_LARGE_MIB the size of the large files (default 512).
+// BENCH_LARGE_MIB the size of the large files (default 512). BENCH_BUNDLE_SMALL_ONLY=1
+// runs the small-files case alone (side by side as above), for quick profiling rounds;
+// every row says the load average at its start.
 
 const run = promisify(execFile);
 
@@ -247,7 +249,9 @@ export async function benchBundle(
   const rows: Row[] = [];
   const results: Record<string, unknown>[] = [];
   try {
-    for (const c of cases) {
+    const smallOnly = process.env.BENCH_BUNDLE_SMALL_ONLY === "1";
+    for (const c of smallOnly ? cases.slice(0, 1) : cases) {
+      const load = loadavg()[0] ?? 0;
       // Each case meets a fresh fixture: its pacers start empty.
       const runs: BundleRun[] = [];
       for (const mode of ["raw", "read-ahead", "sequential"] as const) {
@@ -269,7 +273,7 @@ export async function benchBundle(
       const [raw, ahead, seq] = runs as [BundleRun, BundleRun, BundleRun];
       const capMBps = aggregate / MB;
       results.push({ case: c.name, aggregateMBps: capMBps, runs });
-      const scenario = `bundle ${c.name}, realistic S3 (30 ms, ${fmt(perConnection / MB, 0)} MiB/s per connection, ${fmt(capMBps, 0)} MiB/s in all)`;
+      const scenario = `bundle ${c.name}, realistic S3 (30 ms, ${fmt(perConnection / MB, 0)} MiB/s per connection, ${fmt(capMBps, 0)} MiB/s in all), load ${fmt(load)}`;
       rows.push(
         { scenario, metric: "worker MB/s (read-ahead)", value: fmt(ahead.MBps) },
         { scenario, metric: "worker MB/s, sequential reads (before)", value: fmt(seq.MBps) },
@@ -308,6 +312,7 @@ export async function benchBundle(
       );
     }
 
+    if (smallOnly) return { rows, data: results };
     const { result: small } = await withFixture(realistic, (endpoint) =>
       bundle(flat, "worker (read-ahead)", endpoint, {}),
     );

@@ -165,8 +165,13 @@ export async function bundleStored(
   const open: OpenRange = (source, range, s) => storage.getSourceRange(source.key, range, s);
   const reader = new ReadAhead(entries, open, { ...opts.read, signal, from: readFrom });
 
-  // The part being filled, the parts in flight, and what is known at each boundary.
-  let chunks: Buffer[] = [];
+  // The part being filled, the parts in flight, and what is known at each boundary. A
+  // part is copied into a buffer of its own, reused once its upload is over: at most
+  // queueSize + 1 of them ever exist, and the sources' chunks are free at once (slices
+  // kept until a part is full would hold their sockets' larger buffers, and each part's
+  // concatenation would be 8 MiB of garbage).
+  const spare: Buffer[] = [];
+  let part: Buffer | undefined;
   let fill = 0;
   let offset = startAt;
   let crc = 0;
@@ -175,7 +180,8 @@ export async function bundleStored(
   const inFlight = new Set<Promise<void>>();
   let uploadFailure: unknown;
 
-  const sendPart = (n: number, body: Buffer) => {
+  const sendPart = (n: number, buffer: Buffer, length: number) => {
+    const body = length === buffer.length ? buffer : buffer.subarray(0, length);
     const p = storage.uploadResultPart(key, uploadId, n, body, signal).then(
       (etag) => {
         etags[n - 1] = etag;
@@ -204,20 +210,24 @@ export async function bundleStored(
         uploadFailure ??= err;
       },
     );
-    const tracked = p.finally(() => inFlight.delete(tracked));
+    const tracked = p.finally(() => {
+      inFlight.delete(tracked);
+      spare.push(buffer);
+    });
     inFlight.add(tracked);
   };
 
   /** Ends the part being filled (its number follows from the offset). */
   const endPart = async () => {
     const n = Math.ceil(offset / partSize);
-    const body = chunks.length === 1 ? (chunks[0] as Buffer) : Buffer.concat(chunks);
-    chunks = [];
+    const buffer = part as Buffer;
+    const length = fill;
+    part = undefined;
     fill = 0;
     if (offset % partSize === 0) {
       boundaries.set(n, { crc });
     }
-    sendPart(n, body);
+    sendPart(n, buffer, length);
     while (inFlight.size >= opts.queueSize) await Promise.race(inFlight);
     if (uploadFailure !== undefined) throw uploadFailure;
     signal.throwIfAborted();
@@ -232,7 +242,8 @@ export async function bundleStored(
       rest = rest.subarray(take);
       if (data) crc = crc32(slice, crc);
       hash?.update(slice);
-      chunks.push(slice);
+      part ??= spare.pop() ?? Buffer.allocUnsafeSlow(partSize);
+      slice.copy(part, fill);
       fill += take;
       offset += take;
       if (fill === partSize) await endPart();
