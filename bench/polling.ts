@@ -49,6 +49,9 @@ interface Measured {
   notModified: number;
 }
 
+/** Four servers compiling TypeScript at once on a loaded machine can take a while. */
+const STARTUP = { timeoutMs: 180_000 };
+
 type Init = { headers?: Record<string, string>; body?: Uint8Array };
 
 export async function benchPolling(
@@ -75,19 +78,27 @@ export async function benchPolling(
 
   try {
     const [api, plain, bare, hono] = await Promise.all([
-      startNodeServer("bench/api-server.ts", { ...env, PORT: "0" }),
-      startNodeServer("bench/api-server.ts", { ...env, PORT: "0", BENCH_FAST_PATHS: "0" }),
-      startNodeServer("bench/bare-status-server.ts", {
-        REDIS_URL: redis.url,
-        KEY_PREFIX: prefix,
-        PORT: "0",
-      }),
-      startNodeServer("bench/hono-status-server.ts", {
-        REDIS_URL: redis.url,
-        QUEUE_PREFIX: prefix,
-        QUEUE_NAME,
-        PORT: "0",
-      }),
+      startNodeServer("bench/api-server.ts", { ...env, PORT: "0" }, STARTUP),
+      startNodeServer("bench/api-server.ts", { ...env, PORT: "0", BENCH_FAST_PATHS: "0" }, STARTUP),
+      startNodeServer(
+        "bench/bare-status-server.ts",
+        {
+          REDIS_URL: redis.url,
+          KEY_PREFIX: prefix,
+          PORT: "0",
+        },
+        STARTUP,
+      ),
+      startNodeServer(
+        "bench/hono-status-server.ts",
+        {
+          REDIS_URL: redis.url,
+          QUEUE_PREFIX: prefix,
+          QUEUE_NAME,
+          PORT: "0",
+        },
+        STARTUP,
+      ),
     ]);
     servers.push(api, plain, bare, hono);
 
