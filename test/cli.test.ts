@@ -20,8 +20,9 @@ import { readZip } from "./helpers/zip.js";
 // real worker and real S3, judged by its output, its exit code and the file it saves.
 
 const CLI = join(import.meta.dirname, "..", "bin", "download-jobs.js");
-/** Small files finish in a blink; the big one takes ~10 s at this rate, long enough to interrupt. */
-const THROTTLE = 2_000_000;
+/** Small files finish in about a second; the big ones take ~40 s at this rate, long enough to
+ * interrupt even when each CLI process needs seconds to start on a loaded machine. */
+const THROTTLE = 500_000;
 const SMALL = [
   [81, 150_000, "alpha.bin"],
   [82, 250_000, "beta.bin"],
