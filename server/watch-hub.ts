@@ -97,6 +97,22 @@ interface Topic {
   heardAt: number;
 }
 
+/** One open stream, as watch() and follow() hold it. */
+interface Stream {
+  jobId: string;
+  w: Watcher;
+  signal: AbortSignal;
+  onAbort: () => void;
+  channel: string;
+  topic: Topic;
+}
+
+/** An event for a stream, and whether the stream ends after it. */
+interface Step {
+  event: WatchEvent;
+  end: boolean;
+}
+
 function wake(w: Watcher): void {
   const resolve = w.wake;
   w.wake = undefined;
@@ -192,6 +208,74 @@ export class WatchHub {
     signal: AbortSignal,
     owner?: string,
   ): AsyncGenerator<WatchEvent> {
+    const stream = this.enter(jobId, afterVersion, signal);
+    const { w } = stream;
+    try {
+      const first = await this.open(stream, owner);
+      if (first === undefined) return;
+      yield first.event;
+      if (first.end) return;
+      for (;;) {
+        if (w.failure !== undefined) throw w.failure;
+        if (signal.aborted) return;
+        const next = this.step(w);
+        if (next !== undefined) {
+          yield next.event;
+          if (next.end) return;
+          continue;
+        }
+        await new Promise<void>((resolve) => {
+          w.wake = resolve;
+        });
+      }
+    } finally {
+      this.exit(stream);
+    }
+  }
+
+  /**
+   * watch() handing each event straight to `sink` instead of through an async
+   * generator: the transport writes it in the same turn as the message that brought it,
+   * with no promise hop per event (the fan-out's hot path). `sink` returns a promise
+   * when it cannot take the next event yet (a full socket); the events due meanwhile are
+   * held and coalesced as for a slow reader. Resolves once the stream is over (its end
+   * sent, `signal` aborted); rejects as watch() throws.
+   *
+   * (Added for the lean transport; watch() stays as it was, for connect-node and the
+   * long-poll.)
+   */
+  async follow(
+    jobId: string,
+    afterVersion: number,
+    signal: AbortSignal,
+    owner: string | undefined,
+    sink: (event: WatchEvent) => undefined | Promise<unknown>,
+  ): Promise<void> {
+    const stream = this.enter(jobId, afterVersion, signal);
+    const { w } = stream;
+    try {
+      let next = await this.open(stream, owner);
+      while (next !== undefined) {
+        const busy = sink(next.event);
+        if (busy !== undefined) await busy;
+        if (next.end) return;
+        for (;;) {
+          if (w.failure !== undefined) throw w.failure;
+          if (signal.aborted) return;
+          next = this.step(w);
+          if (next !== undefined) break;
+          await new Promise<void>((resolve) => {
+            w.wake = resolve;
+          });
+        }
+      }
+    } finally {
+      this.exit(stream);
+    }
+  }
+
+  /** A new stream's watcher, joined to its job's topic (and so counted) at once. */
+  private enter(jobId: string, afterVersion: number, signal: AbortSignal): Stream {
     if (this.closedWith !== undefined) throw this.closedWith;
     const now = Date.now();
     const w: Watcher = {
@@ -207,52 +291,55 @@ export class WatchHub {
     const onAbort = () => wake(w);
     signal.addEventListener("abort", onAbort, { once: true });
     const channel = this.store.channel(jobId);
-    const topic = this.join(channel, jobId, w);
-    try {
-      // Subscribe before reading the snapshot, or a change between the two is lost.
-      await this.awaitSubscribed(topic);
-      const snapshot = await this.store.get(jobId);
-      topic.version = Math.max(topic.version, snapshot.version);
-      topic.files.base(snapshot);
-      // Someone else's job looks exactly like a missing one.
-      if (owner !== undefined && snapshot.owner !== owner) throw new JobNotFoundError(jobId);
-      if (w.failure !== undefined) throw w.failure;
-      if (signal.aborted) return;
-      w.version = snapshot.version;
-      if (snapshot.version > w.last) {
-        w.last = snapshot.version;
-        yield this.sent(w, { job: snapshot });
-      } else {
-        // The caller has seen this version: tell it at once that the stream is alive.
-        yield this.sent(w, { heartbeat: { time: Date.now(), version: snapshot.version } });
-      }
-      if (isTerminal(snapshot.state) || this.expired(w)) return;
-      for (;;) {
-        if (w.failure !== undefined) throw w.failure;
-        if (signal.aborted) return;
-        const rec = w.pending.shift();
-        if (rec !== undefined) {
-          if (rec.version <= w.last && !isTerminal(rec.state)) continue;
-          w.last = Math.max(w.last, rec.version);
-          w.version = rec.version;
-          yield this.sent(w, { job: rec });
-          if (isTerminal(rec.state) || this.expired(w)) return;
-          continue;
-        }
-        if (w.heartbeatDue) {
-          yield this.sent(w, { heartbeat: { time: Date.now(), version: w.version } });
-          // Ending right after a message: the client holds the latest version to resume from.
-          if (this.expired(w)) return;
-          continue;
-        }
-        await new Promise<void>((resolve) => {
-          w.wake = resolve;
-        });
-      }
-    } finally {
-      signal.removeEventListener("abort", onAbort);
-      this.leave(channel, topic, w);
+    return { jobId, w, signal, onAbort, channel, topic: this.join(channel, jobId, w) };
+  }
+
+  private exit(stream: Stream): void {
+    stream.signal.removeEventListener("abort", stream.onAbort);
+    this.leave(stream.channel, stream.topic, stream.w);
+  }
+
+  /**
+   * The stream's first event: its snapshot, or a heartbeat when the caller has seen
+   * that version; undefined when the caller left meanwhile.
+   */
+  private async open(stream: Stream, owner: string | undefined): Promise<Step | undefined> {
+    const { w, topic, jobId, signal } = stream;
+    // Subscribe before reading the snapshot, or a change between the two is lost.
+    await this.awaitSubscribed(topic);
+    const snapshot = await this.store.get(jobId);
+    topic.version = Math.max(topic.version, snapshot.version);
+    topic.files.base(snapshot);
+    // Someone else's job looks exactly like a missing one.
+    if (owner !== undefined && snapshot.owner !== owner) throw new JobNotFoundError(jobId);
+    if (w.failure !== undefined) throw w.failure;
+    if (signal.aborted) return undefined;
+    w.version = snapshot.version;
+    let event: WatchEvent;
+    if (snapshot.version > w.last) {
+      w.last = snapshot.version;
+      event = this.sent(w, { job: snapshot });
+    } else {
+      // The caller has seen this version: tell it at once that the stream is alive.
+      event = this.sent(w, { heartbeat: { time: Date.now(), version: snapshot.version } });
     }
+    return { event, end: isTerminal(snapshot.state) || this.expired(w) };
+  }
+
+  /** The stream's next event if one is due now (a change, or a heartbeat). */
+  private step(w: Watcher): Step | undefined {
+    for (let rec = w.pending.shift(); rec !== undefined; rec = w.pending.shift()) {
+      if (rec.version <= w.last && !isTerminal(rec.state)) continue;
+      w.last = Math.max(w.last, rec.version);
+      w.version = rec.version;
+      return { event: this.sent(w, { job: rec }), end: isTerminal(rec.state) || this.expired(w) };
+    }
+    if (w.heartbeatDue) {
+      // Ending right after a message: the client holds the latest version to resume from.
+      const event = this.sent(w, { heartbeat: { time: Date.now(), version: w.version } });
+      return { event, end: this.expired(w) };
+    }
+    return undefined;
   }
 
   /**

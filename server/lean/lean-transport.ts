@@ -431,9 +431,25 @@ class Responder {
   async message(reply: Reply<DescMessage>): Promise<boolean> {
     let frame = framed(0, reply.bytes(this.wire.binary), this.wire);
     if (frame instanceof Promise) frame = await frame;
+    return this.write(frame, reply.last);
+  }
+
+  /**
+   * message() in the same turn when it can be (no compression): undefined once written,
+   * or a promise to wait for (the compressed frame, or a full socket draining).
+   */
+  push(reply: Reply<DescMessage>, signal: AbortSignal): undefined | Promise<unknown> {
+    const frame = framed(0, reply.bytes(this.wire.binary), this.wire);
+    if (frame instanceof Promise) {
+      return frame.then((f) => this.write(f, reply.last) || reply.last || this.drained(signal));
+    }
+    return this.write(frame, reply.last) || reply.last ? undefined : this.drained(signal);
+  }
+
+  private write(frame: Buffer, last: boolean): boolean {
     if (this.gone) return true;
     const socket = this.h1?.socket;
-    if (reply.last && socket != null && this.headersSent) {
+    if (last && socket != null && this.headersSent) {
       // The stream ends right after: the last message and the end leave in one write.
       this.corked = socket;
       socket.cork();
@@ -602,11 +618,19 @@ async function serve(
     if (timeout.error !== undefined) throw timeout.error;
     const input = await readInput(req, route, wire, opts.readMaxBytes);
     responder.streaming = true;
-    for await (const reply of (route.row as StreamRow).run(call, input)) {
-      if (abort.signal.aborted) break;
-      // A caller that reads slowly is sent nothing more until it catches up; meanwhile
-      // the hub keeps only the latest record of each state for it.
-      if (!(await responder.message(reply)) && !reply.last) await responder.drained(abort.signal);
+    const row = route.row as StreamRow;
+    if (row.push !== undefined) {
+      // Each message written as it comes, with no async iterator in between.
+      await row.push(call, input, (reply) =>
+        abort.signal.aborted ? undefined : responder.push(reply, abort.signal),
+      );
+    } else {
+      for await (const reply of row.run(call, input)) {
+        if (abort.signal.aborted) break;
+        // A caller that reads slowly is sent nothing more until it catches up; meanwhile
+        // the hub keeps only the latest record of each state for it.
+        if (!(await responder.message(reply)) && !reply.last) await responder.drained(abort.signal);
+      }
     }
     if (abort.signal.aborted && !timedOut) {
       recordOutcome(req, "canceled", who.owner);
