@@ -219,16 +219,13 @@ export class JobStore {
 
   /** The record with its per-file state, read together (one MULTI: one version of both). */
   async get(id: string): Promise<JobRecord> {
-    const replies = await this.redis
-      .multi()
-      .hgetall(this.key(id))
-      .hgetall(this.keys.jobFiles(id))
-      .exec();
-    if (replies === null) throw new Error(`reading job ${id} was aborted`);
-    const [[e1, flat], [e2, files]] = replies as [[Error | null, Flat], [Error | null, Flat]];
-    if (e1 || e2) throw e1 ?? e2;
+    const [record, files] = (await this.scripts.djReadJob(
+      this.key(id),
+      this.keys.jobFiles(id),
+    )) as [string[], string[]];
+    const flat = pairs(record);
     if (flat.state === undefined) throw new JobNotFoundError(id);
-    return decodeJob(flat, files);
+    return decodeJob(flat, pairs(files));
   }
 
   /**
@@ -263,4 +260,11 @@ export class JobStore {
       ...(lease !== null && lease !== undefined ? { lease } : {}),
     };
   }
+}
+
+/** A field/value list as HGETALL sends it, as an object. */
+function pairs(list: string[]): Flat {
+  const flat: Flat = {};
+  for (let i = 0; i + 1 < list.length; i += 2) flat[list[i] as string] = list[i + 1] as string;
+  return flat;
 }

@@ -24,6 +24,8 @@ const SCRIPTS = {
   djListJobs: { file: "list-jobs.lua", keys: 1 },
   /** A completed run's duration into the queue forecast's measurements (core/forecast.ts). */
   djRecordRun: { file: "record-run.lua", keys: 2 },
+  /** A job's record and its per-file hash in one step (core/job-store.ts get). */
+  djReadJob: { file: "read-job.lua", keys: 2 },
 } as const;
 
 type ScriptName = keyof typeof SCRIPTS;
