@@ -16,7 +16,10 @@ import type { ScriptCommands } from "./redis-scripts.js";
 // priority (0-9) picks a band of BullMQ priorities (9 lowest, so first), and within a
 // band the owner's turn (its round, core/lua/fair-enqueue.lua) picks the place, so the
 // set's order is the start order: Initiate priority first, then owners in turn, then
-// arrival. A job's position is its ZRANK in `prioritized` plus the length of `wait`.
+// arrival. A job's position is its ZRANK in `prioritized` plus the length of `wait`
+// (core/forecast.ts, queuePosition). A position can grow while a job waits: a later job
+// of a higher priority, or of an owner with fewer jobs waiting (an earlier round), goes
+// ahead of it; an owner's own jobs never overtake each other within one priority.
 // Delayed retries come back into `prioritized` with the priority they had (ahead of
 // later rounds). With FAIR_SCHEDULING=false every job goes to the first round of its band:
 // priority first, then arrival (FIFO). Only jobs a stall handed back sit in `wait`.
