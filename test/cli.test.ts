@@ -320,9 +320,10 @@ describe("download-jobs CLI", () => {
     expect(bad.stderr).toMatch(/--priority takes a whole number from 0 to 9/);
     const ok = await cli("--json", "initiate", "81", "--priority", "0");
     expect(ok.code).toBe(0);
-    expect(JSON.parse(ok.stdout.trim()) as { state: string }).toMatchObject({
-      state: "JOB_STATE_QUEUED",
-    });
+    const made = JSON.parse(ok.stdout.trim()) as { state: string; jobId: string };
+    expect(made.state).toBe("JOB_STATE_QUEUED");
+    // Out of the way of the next tests' jobs.
+    await api().cancel({ jobId: made.jobId });
   });
 
   test("sends the token from --token or DOWNLOAD_JOBS_TOKEN, and says which to set when it is missing", async () => {
