@@ -128,9 +128,11 @@ describe("Redis errors seen during a failover are UNAVAILABLE with a retry delay
     const admin = client(primary.url);
     const slow = client(primary.url, { commandTimeout: 100 });
     await slow.ping();
-    // The server stops answering clients for a moment, as one does while it is stuck.
-    await admin.client("PAUSE", 1000, "ALL");
-    const err = await errorOf(slow.get("k"));
+    // The server stops answering clients, as one does while it is stuck: long enough that
+    // the GET is sure to be sent while the pause lasts, even on a loaded machine.
+    // WRITE mode leaves the admin's UNPAUSE free to end it as soon as the SET has timed out.
+    await admin.client("PAUSE", 30_000, "WRITE");
+    const err = await errorOf(slow.set("k", "v")).finally(() => admin.client("UNPAUSE"));
     expect(err.message).toBe("Command timed out");
     expectUnavailable(err);
   });
