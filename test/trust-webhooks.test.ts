@@ -66,6 +66,9 @@ beforeAll(async () => {
       WEBHOOK_ALLOWED_HOSTS: "127.0.0.1/32",
       WEBHOOK_ATTEMPTS: "3",
       WEBHOOK_BACKOFF_MS: "200",
+      // Bodies carry the stable download link, absolute with the API's public address.
+      DOWNLOAD_LINK_SECRET: "webhook-test-link-secret-0123456789abcdef",
+      PUBLIC_URL: "https://downloads.example.test/",
     },
     { services: svc },
   );
@@ -158,6 +161,17 @@ describe("delivery", () => {
     expect(posted.job.result.sha256).toBe(polled.job.result.sha256);
     // The posted download URL works.
     expect((await fetch(posted.job.result.downloadUrl as string)).status).toBe(200);
+    // So does the stable link, the same as GetStatus's: absolute at PUBLIC_URL, and
+    // answered by this API (the receiver would reach it at that address).
+    const link = posted.job.result.linkUrl as string;
+    expect(link).toBe(polled.job.result.linkUrl);
+    expect(link).toMatch(
+      new RegExp(`^https://downloads\\.example\\.test/d/${jobId}\\?exp=\\d+&sig=[\\w-]+$`),
+    );
+    const viaApi = await fetch(`${st.server.url}${new URL(link).pathname}${new URL(link).search}`, {
+      redirect: "manual",
+    });
+    expect(viaApi.status).toBe(302);
   });
 
   test("a receiver that fails is called again with backoff until it answers 2xx", async () => {
