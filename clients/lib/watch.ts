@@ -164,6 +164,13 @@ export async function* watchJob(
     if (signal?.aborted) throw aborted();
 
     if (mode === "poll") {
+      // Less than a second of the polling period left: a long-poll would not wait, so
+      // try the stream now rather than spend a plain poll.
+      if (longPollWaitMs > 0 && last > 0 && pollUntil - Date.now() < 1000) {
+        mode = "stream";
+        emit({ type: "streaming" });
+        continue;
+      }
       let job: Job | undefined;
       /** Whether the server waited for a change (a server before long-poll answers at once). */
       let waited = false;
