@@ -276,8 +276,11 @@ describe.concurrent("watchJob through nginx", () => {
         streamRetryMs: 4_000,
       });
       expectWholeJob(o);
-      expect(o.count("connected")).toBe(0);
-      expect(o.count("polling")).toBeGreaterThanOrEqual(1);
+      // The first stream gets no message in time and the watcher falls back to polling. A
+      // later stream may still connect: once it has held a whole buffer's worth of
+      // messages (more of them on a slow, loaded machine) nginx passes that buffer on.
+      const firstOutcome = o.events.find((e) => e.type === "connected" || e.type === "polling");
+      expect(firstOutcome?.type).toBe("polling");
       const reasons = o.events.flatMap((e) => (e.type === "polling" ? [e.reason.rawMessage] : []));
       expect(reasons.every((r) => r.includes("no message within"))).toBe(true);
       // It keeps checking whether streaming works again.
@@ -289,7 +292,9 @@ describe.concurrent("watchJob through nginx", () => {
       console.log(
         `[proxy] c: ${o.count("poll")} polls for ${changes} versions seen while polling, ${o.count("polling")} polling periods`,
       );
-      expect(o.count("poll")).toBeLessThanOrEqual(changes + o.count("polling") + 2);
+      // Each polling period adds at most two polls that bring no change: the one that
+      // opens it and the one its end cuts short.
+      expect(o.count("poll")).toBeLessThanOrEqual(changes + 2 * o.count("polling") + 1);
     },
     PROFILE_TIMEOUT_MS,
   );
