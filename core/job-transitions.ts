@@ -80,7 +80,7 @@ async function apply(
       ? filesArgs(files.map((f, i) => [i, f] as const))
       : change.filesPatch !== undefined
         ? filesArgs(change.filesPatch)
-        : [];
+        : ["", ""];
   const filesMode = files !== undefined ? "set" : change.filesPatch !== undefined ? "patch" : "";
   const keep = Object.entries(flatten(change.ifAbsent ?? {}));
   const state = change.set.state;
@@ -107,7 +107,6 @@ async function apply(
     (change.clear ?? []).join(","),
     filesMode,
     change.withFiles === true ? "1" : "0",
-    String(fileArgs.length / 2),
     ...fileArgs,
     ...keep.flat(),
     ...Object.entries(fields).flat(),

@@ -26,8 +26,11 @@ ARGV[14] fields to remove, comma-separated ("" = none)
 ARGV[15] per-file state: "" unchanged | "set" the entries below are all the files (the
          record's own `files` field goes) | "patch" only these entries changed
 ARGV[16] "1": the reply carries the per-file hash too (a third element, HGETALL)
-ARGV[17] how many file index/JSON pairs follow from ARGV[18] on, in index order
-ARGV[18 + 2n..] field/value pairs (n = ARGV[17])
+ARGV[17] the files' indices, comma-separated, in order
+ARGV[18] their entries' JSON, one a line (JSON text holds no raw newline), in that order:
+         two arguments however many files (a call of 140,000 arguments overflows the
+         client's stack)
+ARGV[19..] field/value pairs
 
 Returns {1, json[, files]} applied (or already applied by this attempt), {0} no such
 job, {2, state} not in an allowed state, {3, holder} the attempt does not own the job.
@@ -44,8 +47,19 @@ FilesFollower). "set" publishes the whole list as `files`, as a record read does
 if ARGV[9] ~= '' then redis.call('ZADD', KEYS[3], ARGV[10], ARGV[9]) end
 
 local filesMode, withFiles = ARGV[15], ARGV[16] == '1'
-local fileAt = 18
-local dataAt = fileAt + 2 * tonumber(ARGV[17])
+local dataAt = 19
+-- index, entry, index, entry, ... of the files this change writes
+local fileArgs = {}
+if filesMode ~= '' then
+  local entries = {}
+  for e in string.gmatch(ARGV[18], '[^\n]+') do entries[#entries + 1] = e end
+  local n = 0
+  for idx in string.gmatch(ARGV[17], '[^,]+') do
+    n = n + 1
+    fileArgs[#fileArgs + 1] = idx
+    fileArgs[#fileArgs + 1] = entries[n]
+  end
+end
 local function reply(json)
   if withFiles then return {1, json, redis.call('HGETALL', KEYS[6])} end
   return {1, json}
@@ -97,8 +111,8 @@ if filesMode == 'set' then
   redis.call('HDEL', KEYS[1], 'files')
 end
 -- In slices: unpack() of more than a few thousand values overflows Lua's C stack.
-for i = fileAt, dataAt - 1, 2000 do
-  redis.call('HSET', KEYS[6], unpack(ARGV, i, math.min(i + 1999, dataAt - 1)))
+for i = 1, #fileArgs, 2000 do
+  redis.call('HSET', KEYS[6], unpack(fileArgs, i, math.min(i + 1999, #fileArgs)))
 end
 -- A claim resent after a reconnect is the same run: it is counted once.
 if fence == 'claim' and lease ~= token then
@@ -128,10 +142,9 @@ json = cjson.encode(obj)
 -- entries are JSON already: spliced in as text, never decoded here.
 local changed = {}
 if filesMode == 'set' then
-  for i = fileAt + 1, dataAt - 1, 2 do changed[#changed + 1] = ARGV[i] end
-  obj.files = '[' .. table.concat(changed, ',') .. ']'
+  obj.files = '[' .. string.gsub(ARGV[18], '\n', ',') .. ']'
 elseif filesMode == 'patch' then
-  for i = fileAt, dataAt - 1, 2 do changed[#changed + 1] = '[' .. ARGV[i] .. ',' .. ARGV[i + 1] .. ']' end
+  for i = 1, #fileArgs, 2 do changed[#changed + 1] = '[' .. fileArgs[i] .. ',' .. fileArgs[i + 1] .. ']' end
   obj.filesPatch = '[' .. table.concat(changed, ',') .. ']'
 end
 redis.call('PUBLISH', ARGV[1], filesMode == '' and json or cjson.encode(obj))
