@@ -119,20 +119,13 @@ describe("REDIS_MIN_REPLICAS_ACK", () => {
   test("Initiate answers only once the replica holds the job", async () => {
     const svc = await startServices();
     const replica = await startRedis({
-      extraArgs: [
-        "--replicaof",
-        "127.0.0.1",
-        String(svc.redis.port),
-        "--enable-debug-command",
-        "yes",
-      ],
+      extraArgs: ["--replicaof", "127.0.0.1", String(svc.redis.port)],
     });
     const st = await startApiStack(
       { REDIS_MIN_REPLICAS_ACK: "1", REDIS_REPLICAS_ACK_TIMEOUT_MS: "30000" },
       { services: svc },
     );
     const onReplica = new Redis(replica.url);
-    const stalls = new Redis(replica.url);
     try {
       await waitUntil("replica in sync", async () =>
         (await onReplica.info("replication")).includes("master_link_status:up"),
@@ -147,19 +140,26 @@ describe("REDIS_MIN_REPLICAS_ACK", () => {
       );
       for (let i = 0; i < 3; i++) {
         // The replica stops for a moment (as one busy or behind would): Initiate must
-        // not answer before it is back and has the job.
+        // not answer before it is back and has the job. SIGSTOP holds it before Initiate
+        // is sent, whatever the machine's load (a DEBUG SLEEP sent first could still
+        // reach it after the job had).
         let replicaBack = false;
-        const stalled = stalls.call("DEBUG", "SLEEP", "0.5").then(() => {
+        process.kill(replica.pid, "SIGSTOP");
+        const resume = setTimeout(() => {
           replicaBack = true;
-        });
-        const { job } = await client.initiate({ fileIds: [1, i + 2] });
-        expect(replicaBack).toBe(true);
-        expect((await onReplica.hgetall(st.store.key(job?.jobId ?? ""))).id).toBe(job?.jobId);
-        await stalled;
+          process.kill(replica.pid, "SIGCONT");
+        }, 500);
+        try {
+          const { job } = await client.initiate({ fileIds: [1, i + 2] });
+          expect(replicaBack).toBe(true);
+          expect((await onReplica.hgetall(st.store.key(job?.jobId ?? ""))).id).toBe(job?.jobId);
+        } finally {
+          clearTimeout(resume);
+          if (!replicaBack) process.kill(replica.pid, "SIGCONT");
+        }
       }
     } finally {
       onReplica.disconnect();
-      stalls.disconnect();
       await st.stop();
       await replica.stop();
       await svc.stop();
@@ -169,18 +169,11 @@ describe("REDIS_MIN_REPLICAS_ACK", () => {
   test("a worker's completion returns only once the replica holds it, and says so when none does", async () => {
     const svc = await startServices();
     const replica = await startRedis({
-      extraArgs: [
-        "--replicaof",
-        "127.0.0.1",
-        String(svc.redis.port),
-        "--enable-debug-command",
-        "yes",
-      ],
+      extraArgs: ["--replicaof", "127.0.0.1", String(svc.redis.port)],
     });
     const primary = createRedis(svc.redis.url, { role: "worker" });
     const ackConn = createRedis(svc.redis.url, { role: "api" });
     const onReplica = new Redis(replica.url);
-    const stalls = new Redis(replica.url);
     const prefix = `ack${process.pid}`;
     const store = (timeoutMs: number) =>
       new JobStore(primary, {
@@ -221,29 +214,36 @@ describe("REDIS_MIN_REPLICAS_ACK", () => {
       );
       // The replica stops for a moment: the completion must not be reported before it
       // is back and holds it (else a failover now would lose it and rerun the job).
+      // SIGSTOP holds it before the completion is written, whatever the machine's load.
       let replicaBack = false;
-      const stalled = stalls.call("DEBUG", "SLEEP", "0.5").then(() => {
+      let stopped = true;
+      process.kill(replica.pid, "SIGSTOP");
+      const resume = setTimeout(() => {
         replicaBack = true;
-      });
-      const held = await finish(store(30_000));
-      expect(held.outcome).toEqual({ replicated: true });
-      expect(replicaBack).toBe(true);
-      expect((await onReplica.hgetall(store(1).key(held.id))).state).toBe("COMPLETED");
-      await stalled;
+        stopped = false;
+        process.kill(replica.pid, "SIGCONT");
+      }, 500);
+      try {
+        const held = await finish(store(30_000));
+        expect(held.outcome).toEqual({ replicated: true });
+        expect(replicaBack).toBe(true);
+        expect((await onReplica.hgetall(store(1).key(held.id))).state).toBe("COMPLETED");
 
-      // No replica answers in time: the job is COMPLETED all the same (watchers may
-      // have seen it), and the caller is told the completion is not yet safe.
-      await stalls.call("DEBUG", "SLEEP", "0");
-      const slow = stalls.call("DEBUG", "SLEEP", "1");
-      const unsafe = await finish(store(50));
-      expect(unsafe.outcome.replicated).toBe(false);
-      expect((await primary.hgetall(store(1).key(unsafe.id))).state).toBe("COMPLETED");
-      await slow;
+        // No replica answers in time: the job is COMPLETED all the same (watchers may
+        // have seen it), and the caller is told the completion is not yet safe.
+        process.kill(replica.pid, "SIGSTOP");
+        stopped = true;
+        const unsafe = await finish(store(50));
+        expect(unsafe.outcome.replicated).toBe(false);
+        expect((await primary.hgetall(store(1).key(unsafe.id))).state).toBe("COMPLETED");
+      } finally {
+        clearTimeout(resume);
+        if (stopped) process.kill(replica.pid, "SIGCONT");
+      }
     } finally {
       primary.disconnect();
       ackConn.disconnect();
       onReplica.disconnect();
-      stalls.disconnect();
       await replica.stop();
       await svc.stop();
     }
