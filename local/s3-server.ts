@@ -1,4 +1,5 @@
 import { mkdirSync, mkdtempSync, rmSync } from "node:fs";
+import { unlink } from "node:fs/promises";
 import { createRequire } from "node:module";
 import { tmpdir } from "node:os";
 import { join, resolve } from "node:path";
@@ -22,6 +23,32 @@ const s3rverAccount = (
     };
   }
 ).DUMMY_ACCOUNT;
+
+// s3rver's DeleteObject also removes the object's folder once it is empty. A PutObject of
+// another key under that folder which made the folder just before then opens its file in
+// a folder that is gone, and the write stream's ENOENT has no listener: the whole process
+// dies of an uncaught exception (seen when a cancelled job's ZIP is deleted while another
+// job's ZIP is being written under the same bundles/ prefix). Real S3 has no folders to
+// race on, so deleting here removes the object's three files and leaves folders alone.
+type ResourcePath = (bucket: string, key: string, kind: string) => string;
+const s3rverStore = (
+  createRequire(import.meta.url)("s3rver/lib/stores/filesystem.js") as {
+    prototype: {
+      getResourcePath: ResourcePath;
+      deleteObject(bucket: string, key: string): Promise<void>;
+    };
+  }
+).prototype;
+s3rverStore.deleteObject = async function deleteKeepingFolders(bucket: string, key: string) {
+  const path: ResourcePath = this.getResourcePath.bind(this);
+  await Promise.all(
+    ["object", "object.md5", "metadata.json"].map((kind) =>
+      unlink(path(bucket, key, kind)).catch((err: NodeJS.ErrnoException) => {
+        if (err.code !== "ENOENT") throw err;
+      }),
+    ),
+  );
+};
 
 /** Lets the embedded S3 servers of this process accept another access key. */
 export function addLocalS3AccessKey(accessKeyId: string, secretAccessKey: string): void {
