@@ -197,6 +197,11 @@ const schema = z.object({
   MAX_FILES_PER_JOB: int(1, 100_000).default(100),
   MAX_REQUEST_BYTES: int(1024).default(65_536),
   WATCH_HEARTBEAT_MS: int(100).default(15_000),
+  // A queued job's stream gets its fresh queue estimate this often (0: only with the
+  // ordinary heartbeats); never less often than WATCH_HEARTBEAT_MS.
+  WATCH_QUEUED_HEARTBEAT_MS: int(0)
+    .refine((v) => v === 0 || v >= 100, { error: "expected 0 (off) or at least 100" })
+    .default(2_000),
   // 0 is off; otherwise at least a second, or clients would spend their time reconnecting.
   WATCH_MAX_STREAM_MS: int(0)
     .refine((v) => v === 0 || v >= 1000, { error: "expected 0 (off) or at least 1000" })

@@ -112,7 +112,8 @@ export interface JobExtras {
   estimate?: JobEstimate | undefined;
 }
 
-function estimateOf(e: JobEstimate) {
+/** A job's estimate as the QueueEstimate message (in Job.estimate and Heartbeat.estimate). */
+export function toProtoEstimate(e: JobEstimate) {
   return {
     position: e.position,
     ...(e.predictedStartAt !== undefined
@@ -190,7 +191,7 @@ export function toProtoJob(
       : {}),
     ...(webhook !== undefined ? { webhook } : {}),
     ...(rec.labels !== undefined ? { labels: { ...rec.labels } } : {}),
-    ...(extras.estimate !== undefined ? { estimate: estimateOf(extras.estimate) } : {}),
+    ...(extras.estimate !== undefined ? { estimate: toProtoEstimate(extras.estimate) } : {}),
   });
 }
 

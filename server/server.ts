@@ -183,6 +183,7 @@ export async function startApiServer(
   });
   const hub = new WatchHub(sub, store, {
     heartbeatMs: cfg.WATCH_HEARTBEAT_MS,
+    queuedHeartbeatMs: cfg.WATCH_QUEUED_HEARTBEAT_MS,
     maxStreamMs: cfg.WATCH_MAX_STREAM_MS,
     log: log.child({ part: "watch-hub" }),
   });

@@ -43,11 +43,26 @@ const SILENT_REREADS_PER_TICK = 200;
 
 export type WatchEvent =
   | { job: JobRecord; heartbeat?: undefined }
-  | { heartbeat: { time: number; version: number }; job?: undefined };
+  | { heartbeat: Beat; job?: undefined };
+
+export interface Beat {
+  time: number;
+  version: number;
+  /**
+   * The stream's job as last sent, while it is queued: the queue moves on without a new
+   * version, so the transport adds the job's fresh estimate to the heartbeat.
+   */
+  queued?: JobRecord;
+}
 
 export interface WatchHubOptions {
   /** A heartbeat is sent on a stream after this long without a message. */
   heartbeatMs: number;
+  /**
+   * A stream whose job is queued gets its heartbeat this much sooner (0 or absent: no
+   * sooner), each one carrying the record, so the answer can say where the job stands.
+   */
+  queuedHeartbeatMs?: number;
   /**
    * A stream older than this ends cleanly (OK) right after a message, so the client
    * reconnects with the latest version before a proxy's hard request limit cuts it;
@@ -65,6 +80,8 @@ interface Watcher {
   last: number;
   /** The job's version as this stream knows it, reported in heartbeats. */
   version: number;
+  /** The job as last sent on this stream while it is QUEUED; undefined otherwise. */
+  queued: JobRecord | undefined;
   /** Records not yet sent, oldest first; consecutive ones in one state are coalesced. */
   pending: JobRecord[];
   sentAt: number;
@@ -164,6 +181,7 @@ export class WatchHub {
   private readonly subscribeTimeoutMs: number;
   private readonly maxStreamMs: number;
   private readonly tickMs: number;
+  private readonly queuedBeatMs: number;
   private ticker: NodeJS.Timeout | undefined;
   private closedWith: unknown;
   /**
@@ -185,7 +203,12 @@ export class WatchHub {
     // never more than a second).
     const shortest =
       this.maxStreamMs > 0 ? Math.min(opts.heartbeatMs, this.maxStreamMs) : opts.heartbeatMs;
-    this.tickMs = Math.max(10, Math.min(1000, Math.floor(shortest / 5)));
+    // A queued job's estimate may come up to half its interval late.
+    this.queuedBeatMs = Math.min(opts.heartbeatMs, opts.queuedHeartbeatMs || opts.heartbeatMs);
+    this.tickMs = Math.max(
+      10,
+      Math.min(1000, Math.floor(shortest / 5), Math.floor(this.queuedBeatMs / 2)),
+    );
     sub.on("message", (channel: string, message: string) => this.onMessage(channel, message));
     onSubscriptionsRestored(sub, () => this.resync());
   }
@@ -281,6 +304,7 @@ export class WatchHub {
     const w: Watcher = {
       last: afterVersion,
       version: 0,
+      queued: undefined,
       pending: [],
       sentAt: now,
       endAt: this.maxStreamMs > 0 ? now + this.maxStreamMs : Number.POSITIVE_INFINITY,
@@ -321,7 +345,8 @@ export class WatchHub {
       event = this.sent(w, { job: snapshot });
     } else {
       // The caller has seen this version: tell it at once that the stream is alive.
-      event = this.sent(w, { heartbeat: { time: Date.now(), version: snapshot.version } });
+      w.queued = snapshot.state === "QUEUED" ? snapshot : undefined;
+      event = this.sent(w, { heartbeat: this.beat(w) });
     }
     return { event, end: isTerminal(snapshot.state) || this.expired(w) };
   }
@@ -336,10 +361,16 @@ export class WatchHub {
     }
     if (w.heartbeatDue) {
       // Ending right after a message: the client holds the latest version to resume from.
-      const event = this.sent(w, { heartbeat: { time: Date.now(), version: w.version } });
+      const event = this.sent(w, { heartbeat: this.beat(w) });
       return { event, end: this.expired(w) };
     }
     return undefined;
+  }
+
+  private beat(w: Watcher): Beat {
+    const beat: Beat = { time: Date.now(), version: w.version };
+    if (w.queued !== undefined) beat.queued = w.queued;
+    return beat;
   }
 
   /**
@@ -363,6 +394,7 @@ export class WatchHub {
   private sent(w: Watcher, event: WatchEvent): WatchEvent {
     w.sentAt = Date.now();
     w.heartbeatDue = false;
+    if (event.job !== undefined) w.queued = event.job.state === "QUEUED" ? event.job : undefined;
     return event;
   }
 
@@ -593,9 +625,11 @@ export class WatchHub {
   private tick(): void {
     const now = Date.now();
     const due = now - this.opts.heartbeatMs;
+    const queuedDue = now - this.queuedBeatMs;
     for (const w of this.watchers) {
       // An expired stream idle right now gets a heartbeat, after which it ends.
-      if (!w.heartbeatDue && (w.sentAt <= due || now >= w.endAt) && w.pending.length === 0) {
+      const idle = w.sentAt <= (w.queued !== undefined ? queuedDue : due);
+      if (!w.heartbeatDue && (idle || now >= w.endAt) && w.pending.length === 0) {
         w.heartbeatDue = true;
         wake(w);
       }

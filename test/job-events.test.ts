@@ -45,7 +45,7 @@ const newJob = async () => (await client.initiate({ fileIds: [1, 2] })).job?.job
 const eventsUrl = (jobId: string) => `${st.server.url}/v1/jobs/${jobId}/events`;
 
 describe("the owner, with the bearer token", () => {
-  test("gets the snapshot, each change with id = version, heartbeats as comments, and the end", async () => {
+  test("gets the snapshot, each change with id = version, heartbeats (a queued job's with its estimate), and the end", async () => {
     const jobId = await newJob();
     const r = readEvents(eventsUrl(jobId), TEST_AUTH_HEADER);
     await expect.poll(() => r.jobs().length, { timeout: 30_000 }).toBe(1);
@@ -54,11 +54,21 @@ describe("the owner, with the bearer token", () => {
     expect(res?.headers.get("x-accel-buffering")).toBe("no");
     expect(res?.headers.get("cache-control")).toContain("no-transform");
     expect(res?.headers.get("access-control-allow-origin")).toBe("*");
+    // While queued, a heartbeat says where the job stands: `event: estimate`, no id.
+    await expect
+      .poll(() => r.events.find((e) => e.event === "estimate"), { timeout: 30_000 })
+      .toBeDefined();
+    const estimate = r.events.find((e) => e.event === "estimate");
+    expect(estimate?.id).toBeUndefined();
+    expect(JSON.parse(estimate?.data ?? "{}")).toMatchObject({
+      heartbeat: { version: 1, estimate: { position: expect.any(Number) } },
+    });
+
+    // Once running, heartbeats are comments.
+    await st.startJob(jobId);
     await expect
       .poll(() => r.events.some((e) => e.comment?.startsWith("heartbeat")), { timeout: 30_000 })
       .toBe(true);
-
-    await st.startJob(jobId);
     await st.progress(jobId, 500, 1000);
     await st.complete(jobId, Buffer.from("PK zip"));
     await r.done;

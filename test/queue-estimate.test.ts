@@ -3,12 +3,15 @@ import { join } from "node:path";
 import { promisify } from "node:util";
 import { timestampMs } from "@bufbuild/protobuf/wkt";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
+import { createDownloadClient } from "../clients/lib/client.js";
+import { watchJob } from "../clients/lib/watch.js";
 import { fitRunModel, predictRunMs, recordRun } from "../core/forecast.js";
 import { JobStore } from "../core/job-store.js";
 import { type JobRecord, newJobRecord } from "../core/jobs.js";
 import { type Job, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { type ApiStack, startApiStack, TEST_TOKEN, testClient } from "./helpers/api.js";
 import { uniquePrefix } from "./helpers/services.js";
+import { readEvents } from "./helpers/sse.js";
 import { spawnWorker, type WorkerProcess } from "./helpers/worker-process.js";
 
 // Queue position and predicted times, against a real worker process that bundles real S3
@@ -105,6 +108,66 @@ describe("queue position and predicted times", () => {
     await waitFor(last, (j) => j.state === JobState.COMPLETED, "completed");
     const done = await status(last);
     expect(done.estimate).toBeUndefined();
+  });
+});
+
+describe("following a queued job", () => {
+  test("its watchers see its place move up with no new version: WatchJob, watchJob and SSE", async () => {
+    // Two jobs ahead, about 3 s each; a queued job's heartbeat comes every 2 s
+    // (WATCH_QUEUED_HEARTBEAT_MS) with its estimate, so each place is seen at least once.
+    await client.initiate({ fileIds: [12] });
+    await client.initiate({ fileIds: [14] });
+    const mine = (await client.initiate({ fileIds: [13] })).job as Job;
+    expect(mine.state).toBe(JobState.QUEUED);
+
+    // The raw stream: heartbeats of the job's own version, carrying the estimate.
+    const ctl = new AbortController();
+    const beats: { version: number; position: number }[] = [];
+    const raw = (async () => {
+      for await (const m of client.watchJob({ jobId: mine.jobId }, { signal: ctl.signal })) {
+        if (m.event.case === "heartbeat" && m.event.value.estimate !== undefined)
+          beats.push({ version: m.event.value.version, position: m.event.value.estimate.position });
+        if (m.event.case === "job" && m.event.value.state !== JobState.QUEUED) return;
+      }
+    })();
+    // Server-sent events: the same heartbeats as `event: estimate`.
+    const sse = readEvents(`${st.server.url}/v1/jobs/${mine.jobId}/events`, {
+      authorization: `Bearer ${TEST_TOKEN}`,
+    });
+    // The client library: the queued snapshot again with each fresher estimate.
+    const lib = createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN });
+    const seen: Job[] = [];
+    for await (const job of watchJob(lib, mine.jobId)) {
+      seen.push(job);
+      if (job.state !== JobState.QUEUED) break;
+    }
+    await raw;
+    sse.abort();
+
+    const queued = seen.filter((j) => j.state === JobState.QUEUED);
+    const positions = queued.map((j) => j.estimate?.position ?? 0);
+    expect(new Set(queued.map((j) => j.version))).toEqual(new Set([mine.version]));
+    expect(positions.at(-1)).toBe(1);
+    expect(Math.max(...positions), `positions ${positions}`).toBeGreaterThan(1);
+    // Never back down the queue.
+    expect(positions).toEqual([...positions].sort((a, b) => b - a));
+    expect(seen.at(-1)?.state).not.toBe(JobState.QUEUED);
+
+    expect(beats.map((b) => b.version).every((v) => v === mine.version)).toBe(true);
+    expect(beats.map((b) => b.position)).toContain(1);
+
+    const estimates = sse.events
+      .filter((e) => e.event === "estimate")
+      .map(
+        (e) =>
+          JSON.parse(e.data ?? "{}") as {
+            heartbeat: { version: number; estimate: { position: number } };
+          },
+      );
+    expect(estimates.length).toBeGreaterThan(0);
+    expect(estimates.every((e) => e.heartbeat.version === mine.version)).toBe(true);
+    expect(estimates.map((e) => e.heartbeat.estimate.position)).toContain(1);
+    await waitFor(mine.jobId, (j) => j.state === JobState.COMPLETED, "completed");
   });
 });
 

@@ -98,9 +98,6 @@ function describeEvent(e: WatchEvent): string | undefined {
   }
 }
 
-/** How often a queued job being followed is read again for its place in the queue. */
-const QUEUE_REFRESH_MS = 2000;
-
 /**
  * Follows a job to its end on the terminal. Ctrl-C detaches (the job keeps running on
  * the server) unless cancelOnInterrupt; a second Ctrl-C exits at once.
@@ -137,25 +134,11 @@ async function follow(
   }
   let last: Job = initial;
   let lost = false;
-  // A queued job does not change while the queue moves, so the watch says nothing of its
-  // place: read it again every few seconds until the job starts.
-  // (Not with --json: there each line is a new version of the job.)
-  const queueTimer = setInterval(() => {
-    if (g.json || last.state !== JobState.QUEUED) return;
-    client.getStatus({ jobId }).then(
-      ({ job }) => {
-        if (job !== undefined && job.version === last.version && job.state === JobState.QUEUED) {
-          last = job;
-          view.show(job);
-        }
-      },
-      () => undefined,
-    );
-  }, QUEUE_REFRESH_MS);
   try {
     for await (const job of watchJob(client, jobId, {
       signal: abort.signal,
-      afterVersion: initial.version,
+      // While the job waits, it comes again with each fresher place in the queue.
+      since: initial,
       onEvent: (e) => {
         const text = describeEvent(e);
         if (text !== undefined) {
@@ -167,8 +150,11 @@ async function follow(
         }
       },
     })) {
+      // With --json each line is a new version of the job; a fresher queue estimate alone
+      // is not one.
+      const repeat = job.version === last.version;
       last = job;
-      view.show(job);
+      if (!(g.json && repeat)) view.show(job);
     }
   } catch (e) {
     view.stop();
@@ -189,7 +175,6 @@ async function follow(
     err(`resume with: download-jobs watch ${jobId}`);
     return { code: EXIT.interrupted };
   } finally {
-    clearInterval(queueTimer);
     process.off("SIGINT", onSigint);
     view.stop();
   }

@@ -1,5 +1,11 @@
+import { equals } from "@bufbuild/protobuf";
 import { Code, ConnectError } from "@connectrpc/connect";
-import { type Job, JobState } from "../../gen/downloads/v1/download_service_pb.js";
+import {
+  type Job,
+  JobState,
+  type QueueEstimate,
+  QueueEstimateSchema,
+} from "../../gen/downloads/v1/download_service_pb.js";
 import type { DownloadClient } from "./client.js";
 
 // watchJob: every state of a job, through any proxy, with no gap and no duplicate.
@@ -36,6 +42,11 @@ export interface WatchOptions {
   signal?: AbortSignal;
   /** The last version the caller has seen; only newer snapshots are yielded. */
   afterVersion?: number;
+  /**
+   * The snapshot the caller has (sets afterVersion to its version): while the job stays
+   * queued, it is yielded again with each fresher queue estimate.
+   */
+  since?: Job;
   /**
    * How long a new stream may stay silent before it is taken for buffered by a proxy
    * and the watch falls back to polling. The server answers at once, so a few seconds.
@@ -96,8 +107,10 @@ const UNCLEAR_FALLBACK_RETRY_MS = 5_000;
 const MAX_STREAM_RETRY_MS = 5 * 60_000;
 
 /**
- * Yields the job's snapshots with strictly increasing versions, ending with the
- * terminal one (COMPLETED, FAILED or CANCELLED). Throws a ConnectError: at once for
+ * Yields the job's snapshots with increasing versions, ending with the terminal one
+ * (COMPLETED, FAILED or CANCELLED). While the job is queued, its last snapshot comes
+ * again (same version) each time its queue estimate moves: the queue drains without
+ * the job itself changing. Throws a ConnectError: at once for
  * NotFound, InvalidArgument, Unauthenticated, PermissionDenied; for transient trouble
  * only after maxRetryTimeMs without an answer; Canceled when `signal` aborts.
  */
@@ -118,8 +131,10 @@ export async function* watchJob(
   const emit = (e: WatchEvent) => opts.onEvent?.(e);
 
   /** Highest version the caller has (yielded here, or given as afterVersion). */
-  let last = opts.afterVersion ?? 0;
+  let last = opts.since?.version ?? opts.afterVersion ?? 0;
   let yielded = false;
+  /** The last snapshot yielded (or given), for a queued job's fresher estimate. */
+  let lastJob: Job | undefined = opts.since;
   let mode = "stream" as "stream" | "poll";
   /** Failed attempts in a row, for the backoff. */
   let failures = 0;
@@ -135,6 +150,15 @@ export async function* watchJob(
   /** Whether to hand `job` to the caller: newer than what it has, or the end it must see. */
   const isNews = (job: Job) =>
     job.version > last || (!yielded && isTerminalJob(job) && job.version === last);
+
+  /** The last snapshot with `estimate`, if the job is still queued there and it moved. */
+  const reestimated = (version: number, estimate: QueueEstimate | undefined): Job | undefined => {
+    if (lastJob === undefined || estimate === undefined) return undefined;
+    if (lastJob.version !== version || lastJob.state !== JobState.QUEUED) return undefined;
+    if (lastJob.estimate !== undefined && equals(QueueEstimateSchema, lastJob.estimate, estimate))
+      return undefined;
+    return { ...lastJob, estimate };
+  };
 
   const healthy = () => {
     failures = 0;
@@ -203,7 +227,14 @@ export async function* watchJob(
       if (isNews(job)) {
         last = job.version;
         yielded = true;
+        lastJob = job;
         yield job;
+      } else {
+        const again = reestimated(job.version, job.estimate);
+        if (again !== undefined) {
+          lastJob = again;
+          yield again;
+        }
       }
       if (isTerminalJob(job) && job.version >= last) return;
       if (Date.now() >= pollUntil) {
@@ -258,11 +289,17 @@ export async function* watchJob(
           if (isNews(job)) {
             last = job.version;
             yielded = true;
+            lastJob = job;
             yield job;
           }
           if (isTerminalJob(job) && job.version >= last) return;
         } else if (msg.event.case === "heartbeat") {
           emit({ type: "heartbeat", version: msg.event.value.version });
+          const again = reestimated(msg.event.value.version, msg.event.value.estimate);
+          if (again !== undefined) {
+            lastJob = again;
+            yield again;
+          }
           // The server knows a version this stream never delivered: start over from ours.
           if (msg.event.value.version > last) {
             resync = true;

@@ -18,7 +18,9 @@ import { STREAM_HEADERS } from "../wire/stream-headers.js";
 // A job's WatchJob events as server-sent events (text/event-stream), for EventSource
 // and `curl -N`: GET /v1/jobs/<job id>/events. Each job event is the WatchJob message
 // in its JSON form, with `id:` its version, so a reconnecting EventSource resumes after
-// the last one it got (Last-Event-ID); heartbeats are comments; the stream ends right
+// the last one it got (Last-Event-ID); heartbeats are comments, except a queued job's,
+// which carry its fresh queue estimate as `event: estimate` (the same WatchJob message,
+// its heartbeat case; no `id:`, the job's version did not change); the stream ends right
 // after the terminal job with `event: end`, and a reconnect after the end gets 204 (an
 // EventSource stops there). The events come from the WatchJob row of the RPC table, so
 // they are the ones WatchJob sends.
@@ -197,6 +199,9 @@ async function serve(
         const data = Buffer.from(reply.bytes(false)).toString("utf8");
         text = `id: ${msg.event.value.version}\ndata: ${data}\n\n`;
         if (reply.last) text += "event: end\ndata: {}\n\n";
+      } else if (msg.event.value?.estimate !== undefined) {
+        const data = Buffer.from(reply.bytes(false)).toString("utf8");
+        text = `event: estimate\ndata: ${data}\n\n`;
       } else {
         text = `: heartbeat version=${msg.event.value?.version ?? 0}\n\n`;
       }

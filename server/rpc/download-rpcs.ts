@@ -194,11 +194,11 @@ export function downloadRpcs({
             ev.job !== undefined ? presenter.watch(ev.job) : presenter.heartbeat(ev.heartbeat),
         ),
       (call, req, send) =>
-        hub.follow(parseJobId(req.jobId), req.afterVersion, call.signal, call.owner, (ev) =>
-          ev.job !== undefined
-            ? presenter.watch(ev.job).then(send)
-            : send(presenter.heartbeat(ev.heartbeat)),
-        ),
+        hub.follow(parseJobId(req.jobId), req.afterVersion, call.signal, call.owner, (ev) => {
+          if (ev.job !== undefined) return presenter.watch(ev.job).then(send);
+          const beat = presenter.heartbeat(ev.heartbeat);
+          return beat instanceof Promise ? beat.then(send) : send(beat);
+        }),
     ),
     unary(m.cancel, { jobId: "string" }, async (call, req) => ({
       reply: await presenter.cancelled(await jobs.cancel(call.owner, req.jobId)),

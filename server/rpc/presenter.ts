@@ -9,7 +9,7 @@ import {
 import { timestampFromMs } from "@bufbuild/protobuf/wkt";
 import type { AdmissionOutcome } from "../../core/admission.js";
 import type { DownloadLinks } from "../../core/download-link.js";
-import type { QueueForecaster } from "../../core/forecast.js";
+import type { JobEstimate, QueueForecaster } from "../../core/forecast.js";
 import type { JobHead } from "../../core/job-store.js";
 import {
   hasLiveResult,
@@ -17,6 +17,7 @@ import {
   initiateOutcomeJson,
   type JobExtras,
   toJobJson,
+  toProtoEstimate,
   toProtoJob,
 } from "../../core/job-to-proto.js";
 import { isTerminal, type JobRecord } from "../../core/jobs.js";
@@ -30,6 +31,7 @@ import {
   RetryJobResponseSchema,
   WatchJobResponseSchema,
 } from "../../gen/downloads/v1/download_service_pb.js";
+import type { Beat } from "../watch-hub.js";
 
 // The job presenter: a JobRecord becomes the wire job with its freshly presigned
 // download link, once per answer, for both ways in. connect-node takes the message;
@@ -363,15 +365,28 @@ export class JobPresenter {
     return reply;
   }
 
-  heartbeat(beat: { time: number; version: number }): Reply<typeof WatchJobResponseSchema> {
-    return new Reply(WatchJobResponseSchema, () =>
-      create(WatchJobResponseSchema, {
-        event: {
-          case: "heartbeat",
-          value: { time: timestampFromMs(beat.time), version: beat.version },
-        },
-      }),
-    );
+  /**
+   * A watch stream's heartbeat; a queued job's also says where the job stands now (its
+   * estimate moves as the queue drains, with no new version of the job to carry it).
+   */
+  heartbeat(
+    beat: Beat,
+  ): Reply<typeof WatchJobResponseSchema> | Promise<Reply<typeof WatchJobResponseSchema>> {
+    const reply = (estimate?: JobEstimate) =>
+      new Reply(WatchJobResponseSchema, () =>
+        create(WatchJobResponseSchema, {
+          event: {
+            case: "heartbeat",
+            value: {
+              time: timestampFromMs(beat.time),
+              version: beat.version,
+              ...(estimate !== undefined ? { estimate: toProtoEstimate(estimate) } : {}),
+            },
+          },
+        }),
+      );
+    if (beat.queued === undefined) return reply();
+    return this.extras(beat.queued).then((extras) => reply(extras.estimate));
   }
 
   async initiated(

@@ -95,7 +95,7 @@ export function JobPanel({ jobId, watch, client, headingRef, onClose }: JobPanel
         </p>
       )}
 
-      {job !== undefined && <QueueEstimate job={job} client={client} />}
+      {job !== undefined && <QueueEstimate job={job} />}
       {job !== undefined && <Progress job={job} />}
 
       {job?.state === JobState.COMPLETED && job.result !== undefined && (
