@@ -12,6 +12,7 @@ import { deleteJob, markCancelled, markRequeued } from "./job-transitions.js";
 import {
   InvalidInputError,
   isTerminal,
+  JobBusyError,
   JobNotFoundError,
   type JobRecord,
   JobStateError,
@@ -101,6 +102,8 @@ const DEFAULT_OWNER: OwnerSettings = { maxPriority: 0, weight: 1 };
 const DEPTH_CACHE_MS = 250;
 /** The retry hint of a full queue: long enough for workers to make headway. */
 const QUEUE_FULL_RETRY_MS = 10_000;
+/** A cancelled run lets go of its job within a lock check or two (JOB_LOCK_MS / 2). */
+const STOPPING_RETRY_MS = 1_000;
 
 export class JobService {
   private readonly admission: Admission;
@@ -257,10 +260,10 @@ export class JobService {
       // A cancelled run may still be unwinding in its worker; BullMQ cannot take the id
       // back until it has.
       if ((await this.deps.queue.getJobState(id)) === "active") {
-        throw new JobStateError(
+        throw new JobBusyError(
           id,
-          rec.state,
-          "the job's last run is still stopping: retry in a few seconds",
+          "the job's last run is still stopping: retry in a second",
+          STOPPING_RETRY_MS,
         );
       }
     }

@@ -176,6 +176,20 @@ export class QuotaExceededError extends Error {
 export class PermissionDeniedError extends Error {
   override name = "PermissionDeniedError";
 }
+/**
+ * The job cannot take this call yet, and will shortly by itself: its last run is still
+ * stopping in a worker (RetryJob right after a cancel). Same call, a moment later.
+ */
+export class JobBusyError extends Error {
+  override name = "JobBusyError";
+  constructor(
+    readonly jobId: string,
+    message: string,
+    readonly retryAfterMs: number,
+  ) {
+    super(message);
+  }
+}
 /** The service as a whole is past its capacity (queue depth): come back later. */
 export class OverloadedError extends Error {
   override name = "OverloadedError";

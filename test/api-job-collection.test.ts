@@ -14,17 +14,21 @@ import {
   createGrpcWebTransport,
   Http2SessionManager,
 } from "@connectrpc/connect-node";
+import { Worker } from "bullmq";
 import { afterAll, beforeAll, describe, expect, test } from "vitest";
 import { listScanBudget } from "../core/job-index.js";
 import { markFailed, markProcessing } from "../core/job-transitions.js";
 import { newJobId } from "../core/jobs.js";
 import { MAX_LABELS } from "../core/labels.js";
+import { QUEUE_NAME } from "../core/queue.js";
+import { createRedis } from "../core/redis.js";
 import {
   DownloadService,
   InitiateOutcome,
   type Job,
   JobState,
 } from "../gen/downloads/v1/download_service_pb.js";
+import { RetryInfoSchema } from "../gen/google/rpc/error_details_pb.js";
 import { type ApiStack, startApiStack, TEST_AUTH_HEADER, TEST_TOKEN } from "./helpers/api.js";
 import { type Services, startServices, TEST_SERVER_ENV } from "./helpers/services.js";
 import { tamper } from "./helpers/tamper.js";
@@ -475,6 +479,39 @@ describe("RetryJob", () => {
       (await failure(mine.retryJob({ jobId: other?.jobId ?? "", requestId: "retry-key-1" }))).code,
     ).toBe(Code.InvalidArgument);
     expect((await failure(theirs.retryJob({ jobId }))).code).toBe(Code.NotFound);
+  });
+
+  test("right after a cancel, while the run still holds the job, is unavailable with a retry delay", async () => {
+    const busy = await startApiStack(ENV, { services: svc });
+    // A worker of our own that takes the run and has not let go of it yet.
+    const conn = createRedis(svc.redis.url, { role: "worker" });
+    const worker = new Worker(QUEUE_NAME, null, {
+      connection: conn,
+      prefix: busy.cfg.QUEUE_PREFIX,
+    });
+    try {
+      const client = connect(busy);
+      const { job } = await client.initiate({ fileIds: [631] });
+      const jobId = job?.jobId ?? "";
+      const taken = await worker.getNextJob("run-1");
+      expect(taken?.id).toBe(jobId);
+      await client.cancel({ jobId });
+
+      const err = await failure(client.retryJob({ jobId }));
+      expect(err.code).toBe(Code.Unavailable);
+      expect(err.rawMessage).toMatch(/still stopping/);
+      const info = err.findDetails(RetryInfoSchema)[0];
+      expect(Number(info?.retryDelay?.seconds ?? 0)).toBe(1);
+      expect((await client.getStatus({ jobId })).job?.state).toBe(JobState.CANCELLED);
+
+      // The run lets go: the same call now runs the job again.
+      await taken?.moveToFailed(new Error("cancelled"), "run-1");
+      expect((await client.retryJob({ jobId })).job?.state).toBe(JobState.QUEUED);
+    } finally {
+      await worker.close();
+      conn.disconnect();
+      await busy.stop();
+    }
   });
 
   test("is admitted like Initiate: the owner's active-job limit applies", async () => {

@@ -248,13 +248,18 @@ describe("end to end", () => {
   });
 });
 
-/** Calls RetryJob again while the job's last run is still stopping in its worker. */
+/**
+ * Calls RetryJob again while the job's last run is still stopping in its worker: the
+ * answer is then `unavailable` (14 in Connect and gRPC alike), which says to call again.
+ */
 async function retryWhileStopping<T>(call: () => Promise<T>): Promise<T> {
   for (let tries = 1; ; tries++) {
     try {
       return await call();
     } catch (err) {
-      if (tries >= 60 || !String(err).includes("still stopping")) throw err;
+      const stopping = String(err).includes("still stopping");
+      if (stopping) expect((err as { code?: unknown }).code).toBe(14);
+      if (tries >= 60 || !stopping) throw err;
       await new Promise((resolve) => setTimeout(resolve, 1000));
     }
   }

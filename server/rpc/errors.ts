@@ -4,6 +4,7 @@ import type { Logger } from "pino";
 import { HistoryOffError, HistoryUnavailableError } from "../../core/history-reader.js";
 import {
   InvalidInputError,
+  JobBusyError,
   JobNotFoundError,
   JobStateError,
   OverloadedError,
@@ -65,6 +66,9 @@ export function toConnectError(err: unknown): ConnectError | undefined {
   // This owner's quota: the same call succeeds later, at the time RetryInfo says.
   if (err instanceof QuotaExceededError)
     return retryLater(err.message, Code.ResourceExhausted, err.retryAfterMs, err);
+  // The job will take the call by itself in a moment (its last run is still stopping).
+  if (err instanceof JobBusyError)
+    return retryLater(err.message, Code.Unavailable, err.retryAfterMs, err);
   // The whole service is past capacity: not the caller's fault, and not for long.
   if (err instanceof OverloadedError)
     return retryLater(err.message, Code.Unavailable, err.retryAfterMs, err);
@@ -100,7 +104,8 @@ export function rpcFailure(
   } else if (
     mapped.code === Code.Unavailable &&
     mapped !== err &&
-    !(err instanceof OverloadedError)
+    !(err instanceof OverloadedError) &&
+    !(err instanceof JobBusyError)
   ) {
     // A ConnectError thrown on purpose (the shutdown) is not news, and neither is a full
     // queue turning callers away (it would flood the log).
