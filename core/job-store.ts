@@ -145,7 +145,16 @@ export interface JobStoreOptions {
    * completion (core/replica-ack.ts); unset, it answers once the primary has it.
    */
   replicaAck?: { wait(): Promise<void> } | undefined;
+  /**
+   * Keeps up to this many decoded records (the API's: the jobs being polled), so that a
+   * read of an unchanged job costs one version check in Redis and no decoding; 0 (the
+   * default) keeps none. Records handed out are shared: nobody may change them.
+   */
+  readCache?: number;
 }
+
+/** A record with more files than this is decoded at each read rather than kept. */
+const READ_CACHE_MAX_FILES = 10_000;
 
 export class JobStore {
   readonly prefix: string;
@@ -156,6 +165,9 @@ export class JobStore {
   readonly scripts: ScriptCommands;
   /** See JobStoreOptions.replicaAck. */
   readonly replicaAck: { wait(): Promise<void> } | undefined;
+  private readonly readCacheSize: number;
+  /** Decoded records by job id, least recently read first (see JobStoreOptions.readCache). */
+  private readonly recent = new Map<string, JobRecord>();
 
   constructor(
     readonly redis: RedisClient,
@@ -168,6 +180,7 @@ export class JobStore {
       opts.historyOutboxMaxEntries ?? DEFAULT_HISTORY_OUTBOX_MAX_ENTRIES;
     this.scripts = withScripts(redis);
     this.replicaAck = opts.replicaAck;
+    this.readCacheSize = opts.readCache ?? 0;
   }
 
   key(id: string): string {
@@ -216,15 +229,39 @@ export class JobStore {
     await this.redis.zrem(this.resultExpiryKey, member);
   }
 
-  /** The record with its per-file state, read together (one MULTI: one version of both). */
+  /**
+   * The record with its per-file state, read together (one script: one version of both).
+   * With a read cache, a record still at the version kept is not sent again.
+   */
   async get(id: string): Promise<JobRecord> {
-    const [record, files] = (await this.scripts.djReadJob(
+    const kept = this.readCacheSize > 0 ? this.recent.get(id) : undefined;
+    const reply = (await this.scripts.djReadJob(
       this.key(id),
       this.keys.jobFiles(id),
-    )) as [string[], string[]];
+      kept === undefined ? "" : String(kept.version),
+    )) as 1 | [string[], string[]];
+    if (reply === 1 && kept !== undefined) {
+      this.recent.delete(id);
+      this.recent.set(id, kept);
+      return kept;
+    }
+    const [record, files] = reply as [string[], string[]];
     const flat = pairs(record);
-    if (flat.state === undefined) throw new JobNotFoundError(id);
-    return decodeJob(flat, pairs(files));
+    if (flat.state === undefined) {
+      this.recent.delete(id);
+      throw new JobNotFoundError(id);
+    }
+    const rec = decodeJob(flat, pairs(files));
+    if (this.readCacheSize > 0) this.keep(rec);
+    return rec;
+  }
+
+  private keep(rec: JobRecord): void {
+    this.recent.delete(rec.id);
+    if ((rec.files?.length ?? 0) > READ_CACHE_MAX_FILES) return;
+    if (this.recent.size >= this.readCacheSize)
+      this.recent.delete(this.recent.keys().next().value as string);
+    this.recent.set(rec.id, rec);
   }
 
   /**

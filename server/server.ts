@@ -143,6 +143,8 @@ export async function startApiServer(
     prefix: cfg.QUEUE_PREFIX,
     recordTtlSeconds: cfg.JOB_RECORD_TTL_SECONDS,
     historyOutboxMaxEntries: cfg.HISTORY_OUTBOX_MAX_ENTRIES,
+    // The jobs being polled: an unchanged one is a version check, not a read and decode.
+    readCache: 5000,
   });
   const webhookPolicy = {
     allowPrivate: cfg.WEBHOOK_ALLOW_PRIVATE,

@@ -107,6 +107,43 @@ describe("job transitions", () => {
     }
   });
 
+  test("with a read cache, an unchanged record is the one kept; a change, another store's write or a delete is seen", async () => {
+    const prefix = uniquePrefix();
+    const api = new JobStore(redis, { prefix, recordTtlSeconds: 60, readCache: 2 });
+    // The workers write through stores of their own.
+    const worker = new JobStore(redis, { prefix, recordTtlSeconds: 60 });
+    const id = newJobId();
+    await createJob(worker, id, [1, 2], "owner-a");
+    const first = await api.get(id);
+    expect(await api.get(id)).toBe(first);
+
+    const run = runOf(id, "run-1");
+    const started = await markProcessing(worker, run, start(first));
+    const seen = await api.get(id);
+    expect(seen).not.toBe(first);
+    expect(seen).toMatchObject({ state: "PROCESSING", version: started.version });
+    expect(first.state).toBe("QUEUED");
+    const files: FileProgress[] = (started.files ?? []).map((f, i) =>
+      i === 0 ? { ...f, state: "DONE", bytesDone: 7 } : f,
+    );
+    await recordProgress(worker, run, { progress: started.progress, files });
+    expect((await api.get(id)).files?.[0]).toMatchObject({ state: "DONE", bytesDone: 7 });
+
+    // Two more jobs push the first out of a cache of two; it is read whole again.
+    const others = [newJobId(), newJobId()];
+    for (const other of others) {
+      await createJob(worker, other, [3], "owner-a");
+      await api.get(other);
+    }
+    const again = await api.get(id);
+    expect(again).toMatchObject({ state: "PROCESSING", files: [{ state: "DONE" }, {}] });
+    expect(await api.get(id)).toBe(again);
+
+    await markCancelled(worker, id);
+    await deleteJob(worker, await worker.get(id), undefined);
+    await expect(api.get(id)).rejects.toBeInstanceOf(JobNotFoundError);
+  });
+
   test("a second run's claim keeps the first start time and counts the run", async () => {
     const store = newStore();
     const id = newJobId();
