@@ -1,6 +1,9 @@
 import { mkdtempSync, rmSync } from "node:fs";
 import { loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
+import { fitRunModel } from "../core/forecast.js";
+import { RedisKeys } from "../core/keys.js";
+import { createRedis } from "../core/redis.js";
 import { S3_PROFILES } from "../local/realistic-s3.js";
 import { startRedis } from "../local/redis-server.js";
 import { LOCAL_S3_CREDENTIALS } from "../local/s3-server.js";
@@ -20,8 +23,16 @@ interface JobJson {
   jobId: string;
   state: string;
   createTime: string;
+  startTime?: string;
   endTime?: string;
-  estimate?: { position?: number; predictedEndTime?: string; predictedStartTime?: string };
+  estimate?: {
+    position?: number;
+    predictedEndTime?: string;
+    predictedStartTime?: string;
+    runningJobs?: number;
+    bytesPerSecond?: string;
+    samples?: number;
+  };
 }
 
 interface Sample {
@@ -152,6 +163,7 @@ export async function benchForecast(
       fileIds: number[];
       bytes: number;
       atInitiate?: number;
+      estimateAtInitiate?: JobJson["estimate"];
       samples: Sample[];
       job?: JobJson;
     }[] = [];
@@ -167,6 +179,7 @@ export async function benchForecast(
       const started = await call("Initiate", { fileIds });
       const first = started.estimate?.predictedEndTime;
       if (first !== undefined) entry.atInitiate = Date.parse(first);
+      entry.estimateAtInitiate = started.estimate;
       runs.push(
         untilEnded(started.jobId, entry.samples).then((j) => {
           entry.job = j;
@@ -176,6 +189,13 @@ export async function benchForecast(
     }
     await Promise.all(runs);
     load.end = loadavg();
+    // What the workers measured, and the fit the API made of it at the end.
+    const conn = createRedis(redis.url, { role: "api" });
+    const keys = new RedisKeys("benchforecast");
+    const stats = await conn.hgetall(keys.runStats);
+    const sizesKnown = await conn.hlen(keys.fileSizes);
+    conn.disconnect();
+    const model = fitRunModel(stats);
 
     const errors = { initiate: [] as number[], queued: [] as number[], running: [] as number[] };
     const waits: number[] = [];
@@ -236,6 +256,8 @@ export async function benchForecast(
       data: {
         warmup,
         count,
+        model,
+        sizesKnown,
         warmMs,
         gapMs,
         load,
@@ -245,8 +267,10 @@ export async function benchForecast(
           fileIds: j.fileIds,
           bytes: j.bytes,
           createTime: j.job?.createTime,
+          startTime: j.job?.startTime,
           endTime: j.job?.endTime,
           atInitiate: j.atInitiate,
+          estimateAtInitiate: j.estimateAtInitiate,
           samples: j.samples,
         })),
       },

@@ -29,6 +29,16 @@ export interface JobEstimate {
 export const RUN_DECAY = 0.8;
 /** File sizes remembered for sizing queued jobs (one hash field each). */
 const FILE_SIZES_CAP = 200_000;
+/**
+ * A running job's own read rate counts only once it has run this long: before, its rate
+ * still holds the time spent on first bytes and is far below what the job will do.
+ */
+const SETTLED_RATE_MS = 2000;
+/** At most this many never-seen files of a new job are sized at Initiate... */
+const SIZE_AT_INITIATE_MAX = 64;
+/** ...this many at a time, and Initiate waits at most this long for them. */
+const SIZE_AT_INITIATE_CONCURRENCY = 16;
+const SIZE_AT_INITIATE_WAIT_MS = 250;
 const MB = 1_000_000;
 
 /** A worker's record of one completed run: how long it took for how much. */
@@ -204,6 +214,11 @@ interface Snapshot {
 export interface ForecastOptions {
   /** How long one look at the queue serves every answer of this process. */
   refreshMs?: number;
+  /**
+   * A source file's size (a HEAD at S3), for the files of a new job that no worker has
+   * seen yet (sizeNewJob); undefined when it cannot be told.
+   */
+  sourceSize?: (fileId: number) => Promise<number | undefined>;
   /** Waiting jobs planned one by one; later ones are extrapolated from these. */
   detailLimit?: number;
   now?: () => number;
@@ -226,7 +241,7 @@ export class QueueForecaster {
 
   constructor(
     private readonly store: JobStore,
-    opts: ForecastOptions = {},
+    private readonly opts: ForecastOptions = {},
   ) {
     this.refreshMs = opts.refreshMs ?? 1000;
     this.detailLimit = opts.detailLimit ?? 200;
@@ -286,6 +301,42 @@ export class QueueForecaster {
     return { position, startAt, endAt: startAt + runMs };
   }
 
+  /**
+   * Sizes the files of a new job that no worker has seen yet, so that its first estimate
+   * (Initiate's answer) is made from its own files rather than the mean file: asks S3 for
+   * at most SIZE_AT_INITIATE_MAX of them and waits at most SIZE_AT_INITIATE_WAIT_MS
+   * (what is not known by then uses the mean; the sizes still land for later answers).
+   * Never fails: without sizes the estimate is only coarser.
+   */
+  async sizeNewJob(fileIds: readonly number[]): Promise<void> {
+    const sourceSize = this.opts.sourceSize;
+    if (sourceSize === undefined || fileIds.length === 0) return;
+    const { redis, keys } = this.store;
+    const learn = async () => {
+      const known = await knownSizes(redis, keys, fileIds);
+      const unknown = [...new Set(fileIds)].filter((id) => !known.has(id));
+      if (unknown.length === 0 || (await redis.hlen(keys.fileSizes)) >= FILE_SIZES_CAP) return;
+      const todo = unknown.slice(0, SIZE_AT_INITIATE_MAX);
+      const sizes: string[] = [];
+      const next = async (): Promise<void> => {
+        for (let id = todo.shift(); id !== undefined; id = todo.shift()) {
+          const size = await sourceSize(id).catch(() => undefined);
+          if (size !== undefined && size > 0) sizes.push(String(id), String(size));
+        }
+      };
+      await Promise.all(Array.from({ length: SIZE_AT_INITIATE_CONCURRENCY }, next));
+      if (sizes.length > 0) await redis.hset(keys.fileSizes, ...sizes);
+    };
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([
+      learn().catch(() => undefined),
+      new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, SIZE_AT_INITIATE_WAIT_MS);
+      }),
+    ]);
+    clearTimeout(timer);
+  }
+
   /** The generation of a plan no older than refreshMs (made now if need be). */
   async currentGeneration(): Promise<number> {
     return (await this.snapshot()).generation;
@@ -335,7 +386,8 @@ export class QueueForecaster {
           ...(startedAt !== null ? { startedAt: Number(startedAt) } : {}),
         } as Pick<JobRecord, "progress" | "startedAt">;
         free.push(now + remainingMs(model, rec, now));
-        if (rec.progress.bytesPerSecond > 0) rates.push(rec.progress.bytesPerSecond);
+        const settled = rec.startedAt !== undefined && now - rec.startedAt >= SETTLED_RATE_MS;
+        if (settled && rec.progress.bytesPerSecond > 0) rates.push(rec.progress.bytesPerSecond);
       }
       if (free.length === 0) free.push(now);
       // The jobs waiting will share what the running ones get now: the fit's rate is

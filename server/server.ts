@@ -237,7 +237,9 @@ export async function startApiServer(
     hub,
     presenter: new JobPresenter(storage, cfg.PRESIGN_EXPIRY_SECONDS, {
       links,
-      forecast: new QueueForecaster(store),
+      forecast: new QueueForecaster(store, {
+        sourceSize: async (fileId) => (await storage.headSource(fileId))?.sizeBytes,
+      }),
       onError: (err) => log.debug({ err }, "queue estimate failed"),
     }),
     statusMaxWaitMs: cfg.STATUS_MAX_WAIT_MS,

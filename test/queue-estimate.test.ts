@@ -197,6 +197,20 @@ describe("the CLI", () => {
   });
 });
 
+describe("sizing a new job", () => {
+  test("Initiate asks S3 for the sizes of files no worker has seen, for the job's first estimate", async () => {
+    await st.svc.putSource(21, 1 * MiB);
+    await st.svc.putSource(22, 5 * MiB);
+    const sizes = () => st.redis.hmget(st.store.keys.fileSizes, "21", "22");
+    expect(await sizes()).toEqual([null, null]);
+    const job = (await client.initiate({ fileIds: [21, 22] })).job as Job;
+    // Cancelled at once: no run completes, so no worker records these sizes.
+    await client.cancel({ jobId: job.jobId });
+    // Initiate waits a moment for them; on a slow machine they land just after.
+    await expect.poll(sizes, { timeout: 30_000 }).toEqual([String(MiB), String(5 * MiB)]);
+  });
+});
+
 describe("run measurements", () => {
   test("the fit recovers how run time grows with files and bytes", async () => {
     // Runs as a worker records them, made up so the truth is known:

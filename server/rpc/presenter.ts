@@ -393,6 +393,8 @@ export class JobPresenter {
     rec: JobRecord,
     outcome: AdmissionOutcome,
   ): Promise<Reply<typeof InitiateResponseSchema>> {
+    // A new job's files that no worker has seen are sized first, for its first estimate.
+    if (outcome === "created") await this.opts.forecast?.sizeNewJob(rec.fileIds);
     // Only a reused result is complete at once; its URL is made now, as on every read.
     const [download, extras] = await Promise.all([this.presign(rec), this.extras(rec)]);
     return new Reply(
