@@ -137,7 +137,7 @@ describe("following a queued job", () => {
     // The client library: the queued snapshot again with each fresher estimate.
     const lib = createDownloadClient({ baseUrl: st.server.url, token: TEST_TOKEN });
     const seen: Job[] = [];
-    for await (const job of watchJob(lib, mine.jobId)) {
+    for await (const job of watchJob(lib, mine.jobId, { queueEstimates: true })) {
       seen.push(job);
       if (job.state !== JobState.QUEUED) break;
     }

@@ -139,6 +139,7 @@ async function follow(
       signal: abort.signal,
       // While the job waits, it comes again with each fresher place in the queue.
       since: initial,
+      queueEstimates: true,
       onEvent: (e) => {
         const text = describeEvent(e);
         if (text !== undefined) {

@@ -43,10 +43,16 @@ export interface WatchOptions {
   /** The last version the caller has seen; only newer snapshots are yielded. */
   afterVersion?: number;
   /**
-   * The snapshot the caller has (sets afterVersion to its version): while the job stays
-   * queued, it is yielded again with each fresher queue estimate.
+   * The snapshot the caller has (sets afterVersion to its version, and is the one
+   * yielded again with a fresher estimate, see queueEstimates).
    */
   since?: Job;
+  /**
+   * While the job is queued, yield its last snapshot again (same version) each time its
+   * queue estimate moves: the queue drains without the job changing. Off by default, so
+   * that every snapshot yielded is a new version.
+   */
+  queueEstimates?: boolean;
   /**
    * How long a new stream may stay silent before it is taken for buffered by a proxy
    * and the watch falls back to polling. The server answers at once, so a few seconds.
@@ -107,10 +113,9 @@ const UNCLEAR_FALLBACK_RETRY_MS = 5_000;
 const MAX_STREAM_RETRY_MS = 5 * 60_000;
 
 /**
- * Yields the job's snapshots with increasing versions, ending with the terminal one
- * (COMPLETED, FAILED or CANCELLED). While the job is queued, its last snapshot comes
- * again (same version) each time its queue estimate moves: the queue drains without
- * the job itself changing. Throws a ConnectError: at once for
+ * Yields the job's snapshots with strictly increasing versions, ending with the
+ * terminal one (COMPLETED, FAILED or CANCELLED); with `queueEstimates`, a queued job's
+ * snapshot also comes again (same version) each time its queue estimate moves. Throws a ConnectError: at once for
  * NotFound, InvalidArgument, Unauthenticated, PermissionDenied; for transient trouble
  * only after maxRetryTimeMs without an answer; Canceled when `signal` aborts.
  */
@@ -153,6 +158,7 @@ export async function* watchJob(
 
   /** The last snapshot with `estimate`, if the job is still queued there and it moved. */
   const reestimated = (version: number, estimate: QueueEstimate | undefined): Job | undefined => {
+    if (opts.queueEstimates !== true) return undefined;
     if (lastJob === undefined || estimate === undefined) return undefined;
     if (lastJob.version !== version || lastJob.state !== JobState.QUEUED) return undefined;
     if (lastJob.estimate !== undefined && equals(QueueEstimateSchema, lastJob.estimate, estimate))

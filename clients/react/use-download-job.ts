@@ -144,6 +144,8 @@ export function useDownloadJob(
     void (async () => {
       try {
         for await (const job of watchJob(client, id, {
+          // A queued job's place in the queue moves without a new version: show it.
+          queueEstimates: true,
           ...watchOpts,
           signal: ctl.signal,
           onEvent: onWatchEvent,
