@@ -261,7 +261,6 @@ export class JobService {
       // back until it has.
       if ((await this.deps.queue.getJobState(id)) === "active") {
         throw new JobBusyError(
-          id,
           "the job's last run is still stopping: retry in a second",
           STOPPING_RETRY_MS,
         );

@@ -177,28 +177,29 @@ export class PermissionDeniedError extends Error {
   override name = "PermissionDeniedError";
 }
 /**
- * The job cannot take this call yet, and will shortly by itself: its last run is still
- * stopping in a worker (RetryJob right after a cancel). Same call, a moment later.
+ * Not now, but the same call will succeed shortly by itself (UNAVAILABLE with a retry
+ * delay): the caller did nothing wrong, so it is not logged as a backend failure either.
  */
-export class JobBusyError extends Error {
-  override name = "JobBusyError";
+export class RetryLaterError extends Error {
+  override name = "RetryLaterError";
   constructor(
-    readonly jobId: string,
     message: string,
+    /** When trying again may succeed. */
     readonly retryAfterMs: number,
   ) {
     super(message);
   }
 }
+/**
+ * The job cannot take this call yet: its last run is still stopping in a worker
+ * (RetryJob right after a cancel).
+ */
+export class JobBusyError extends RetryLaterError {
+  override name = "JobBusyError";
+}
 /** The service as a whole is past its capacity (queue depth): come back later. */
-export class OverloadedError extends Error {
+export class OverloadedError extends RetryLaterError {
   override name = "OverloadedError";
-  constructor(
-    message: string,
-    readonly retryAfterMs: number,
-  ) {
-    super(message);
-  }
 }
 
 // UUID v4: 122 random bits, never all digits and never a ':' (BullMQ rejects both).

@@ -4,12 +4,11 @@ import type { Logger } from "pino";
 import { HistoryOffError, HistoryUnavailableError } from "../../core/history-reader.js";
 import {
   InvalidInputError,
-  JobBusyError,
   JobNotFoundError,
   JobStateError,
-  OverloadedError,
   PermissionDeniedError,
   QuotaExceededError,
+  RetryLaterError,
 } from "../../core/jobs.js";
 import { unavailableRetryAfterMs } from "../../core/redis-errors.js";
 import { RetryInfoSchema } from "../../gen/google/rpc/error_details_pb.js";
@@ -66,11 +65,9 @@ export function toConnectError(err: unknown): ConnectError | undefined {
   // This owner's quota: the same call succeeds later, at the time RetryInfo says.
   if (err instanceof QuotaExceededError)
     return retryLater(err.message, Code.ResourceExhausted, err.retryAfterMs, err);
-  // The job will take the call by itself in a moment (its last run is still stopping).
-  if (err instanceof JobBusyError)
-    return retryLater(err.message, Code.Unavailable, err.retryAfterMs, err);
-  // The whole service is past capacity: not the caller's fault, and not for long.
-  if (err instanceof OverloadedError)
+  // The whole service past capacity, or a job whose last run is still stopping: not the
+  // caller's fault, and not for long.
+  if (err instanceof RetryLaterError)
     return retryLater(err.message, Code.Unavailable, err.retryAfterMs, err);
   // The server runs without job history: no retry helps until an operator turns it on.
   if (err instanceof HistoryOffError)
@@ -104,8 +101,7 @@ export function rpcFailure(
   } else if (
     mapped.code === Code.Unavailable &&
     mapped !== err &&
-    !(err instanceof OverloadedError) &&
-    !(err instanceof JobBusyError)
+    !(err instanceof RetryLaterError)
   ) {
     // A ConnectError thrown on purpose (the shutdown) is not news, and neither is a full
     // queue turning callers away (it would flood the log).
