@@ -175,6 +175,9 @@ export function etagMatches(ifNoneMatch: string | null, etag: string): boolean {
 /** Jobs whose GetStatus answer is kept (a few hundred bytes to a few KB each). */
 const STATUS_CACHE_SIZE = 10_000;
 
+/** How long one queued job's estimate serves the heartbeats of all its streams. */
+const QUEUED_ESTIMATE_SHARE_MS = 500;
+
 export class JobPresenter {
   // Every stream of a job receives the same record object from the hub: the record is
   // the key, and the entry goes with it once no stream holds it.
@@ -188,6 +191,12 @@ export class JobPresenter {
   // state, so an ended job's entry would stay until evicted (and a live result is
   // presigned anew on every read).
   private readonly statuses = new Map<string, StatusReply>();
+  // A queued job's estimate for its heartbeats: the streams of one job are due in the
+  // same tick of the hub and share the record object, so they share one estimate.
+  private readonly queuedEstimates = new WeakMap<
+    JobRecord,
+    { at: number; extras: Promise<JobExtras> }
+  >();
   private readonly completedMaxAge: number;
   /** A completed job's URL is signed as of the start of its window of this many ms. */
   private readonly urlWindowMs: number;
@@ -385,8 +394,14 @@ export class JobPresenter {
           },
         }),
       );
-    if (beat.queued === undefined) return reply();
-    return this.extras(beat.queued).then((extras) => reply(extras.estimate));
+    const rec = beat.queued;
+    if (rec === undefined) return reply();
+    let shared = this.queuedEstimates.get(rec);
+    if (shared === undefined || beat.time - shared.at >= QUEUED_ESTIMATE_SHARE_MS) {
+      shared = { at: beat.time, extras: this.extras(rec) };
+      this.queuedEstimates.set(rec, shared);
+    }
+    return shared.extras.then((extras) => reply(extras.estimate));
   }
 
   async initiated(
