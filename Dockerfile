@@ -1,7 +1,7 @@
 # syntax=docker/dockerfile:1
 # One image for the API and the worker; the command chooses which:
 #   API (default):  node --import tsx server/main.ts
-#   worker:         node --import tsx worker/main.ts
+#   worker:         node --max-semi-space-size=8 --import tsx worker/main.ts
 # TypeScript runs through tsx at run time (a production dependency), so there is no
 # compile step; the build stage only builds the browser page.
 

@@ -3,6 +3,7 @@ import { once } from "node:events";
 import { mkdirSync, readFileSync, writeFileSync } from "node:fs";
 import { cpus, totalmem } from "node:os";
 import { join } from "node:path";
+import { nodeFlagsFor } from "../local/service-process.js";
 
 // Shared bits of the benchmark scenarios: process memory readings, percentiles, the
 // printed table and the JSON written under bench/results/.
@@ -91,6 +92,7 @@ export async function startNodeServer(
     process.execPath,
     [
       ...profArgs,
+      ...nodeFlagsFor(script),
       ...(opts.args ?? []),
       "--import",
       "tsx",

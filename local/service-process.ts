@@ -5,6 +5,25 @@ import { createInterface } from "node:readline";
 // the same Node, for `npm start`, tests and benchmarks. Stopped by pid: SIGTERM first,
 // SIGKILL after a grace period.
 
+/**
+ * Node flags an entry point runs with, wherever it is started (npm start, tests,
+ * benchmarks; the Dockerfile and docker-compose.yml spell the same flags out).
+ *
+ * The worker gets a small young generation. Bundling allocates short-lived garbage at
+ * tens of MB/s (socket chunks, request objects); with V8's default semi-spaces (up to
+ * 16 MiB each on this Node, grown under load) a worker's RSS peaked at 345 MB on a
+ * 1,000-file job, against 210 MB with 8 MiB semi-spaces, at the same throughput
+ * (BENCHMARKS.md, "Worker memory").
+ */
+export function nodeFlagsFor(entry: string): string[] {
+  return entry === "worker/main.ts" ? ["--max-semi-space-size=8"] : [];
+}
+
+/** The arguments that run a TypeScript entry point under this Node. */
+export function nodeArgsFor(entry: string): string[] {
+  return [...nodeFlagsFor(entry), "--import", "tsx", entry];
+}
+
 export interface ProcessExit {
   code: number | null;
   signal: NodeJS.Signals | null;
@@ -38,7 +57,7 @@ export interface ServiceProcessOptions {
 }
 
 export function startServiceProcess(opts: ServiceProcessOptions): ServiceProcess {
-  const child = spawn(process.execPath, ["--import", "tsx", opts.entry], {
+  const child = spawn(process.execPath, nodeArgsFor(opts.entry), {
     cwd: opts.cwd,
     env: opts.env,
     stdio: ["ignore", "pipe", "pipe"],

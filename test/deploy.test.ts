@@ -6,6 +6,7 @@ import { parse } from "yaml";
 import { loadConfig } from "../core/config.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
+import { nodeArgsFor } from "../local/service-process.js";
 
 // No Docker engine and no Envoy binary run where we test, so the deploy files are
 // checked as data: each setting the README promises is read back from the file that
@@ -231,6 +232,17 @@ describe("docker-compose.yml", () => {
     ).toBe(envoyPort);
     expect(arr(service("envoy").volumes).map(str)).toContain(
       "./envoy/envoy.yaml:/etc/envoy/envoy.yaml:ro",
+    );
+  });
+
+  test("starts the worker with the Node flags every other launcher uses", () => {
+    // One list (local/service-process.ts); the deploy files spell it out.
+    const worker = ["node", ...nodeArgsFor("worker/main.ts")];
+    expect(arr(service("worker").command).map(str)).toEqual(worker);
+    expect(dockerfile).toContain(`#   worker:         ${worker.join(" ")}`);
+    expect(read("docs/deployment.md")).toContain(`download-jobs:0.1.0 ${worker.join(" ")}`);
+    expect((pkg as unknown as { scripts: Record<string, string> }).scripts.worker).toBe(
+      worker.join(" "),
     );
   });
 

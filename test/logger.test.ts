@@ -2,6 +2,7 @@ import { spawn } from "node:child_process";
 import { resolve } from "node:path";
 import { describe, expect, test } from "vitest";
 import { logFormatFor } from "../core/logger.js";
+import { nodeArgsFor } from "../local/service-process.js";
 
 // Logs as people and log shippers read them: one JSON object per line by default when
 // the output is not a terminal, readable lines with LOG_FORMAT=pretty. Each run is a
@@ -10,7 +11,7 @@ import { logFormatFor } from "../core/logger.js";
 const ROOT = resolve(import.meta.dirname, "..");
 
 function runWorker(env: Record<string, string>): Promise<{ code: number | null; out: string }> {
-  const child = spawn(process.execPath, ["--import", "tsx", "worker/main.ts"], {
+  const child = spawn(process.execPath, nodeArgsFor("worker/main.ts"), {
     cwd: ROOT,
     // No REDIS_URL nor S3_ENDPOINT: the worker logs one fatal line and exits 2.
     env: { PATH: process.env.PATH ?? "", ...env },

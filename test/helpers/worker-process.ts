@@ -1,6 +1,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
 import { createInterface } from "node:readline";
+import { nodeArgsFor } from "../../local/service-process.js";
 import { echoLine } from "./test-log.js";
 
 /** A worker as a separate process (`worker/main.ts`), for crash and cross-process tests. */
@@ -11,7 +12,7 @@ export interface WorkerProcess {
 }
 
 export function spawnWorker(env: Record<string, string>): WorkerProcess {
-  const child = spawn(process.execPath, ["--import", "tsx", "worker/main.ts"], {
+  const child = spawn(process.execPath, nodeArgsFor("worker/main.ts"), {
     env: { ...process.env, ...env },
     stdio: ["ignore", "pipe", "pipe"],
   });
