@@ -20,6 +20,7 @@ import type { RpcCall, RpcRow, StreamRow, UnaryRow } from "../rpc/download-rpcs.
 import { rpcFailure } from "../rpc/errors.js";
 import type { Answer, Reply } from "../rpc/presenter.js";
 import { recordOutcome } from "../rpc-log.js";
+import { envelope } from "../wire/envelope.js";
 import {
   BodyCollector,
   COMPRESS_MIN_BYTES,
@@ -275,22 +276,9 @@ async function withDeadline<T>(work: Promise<T>, ms: number | undefined): Promis
   }
 }
 
-/**
- * One envelope: flags, big-endian length, payload. Its own allocation: a frame kept with
- * its answer must not pin a slab of Node's shared Buffer pool outside the JS heap.
- */
-function envelope(flags: number, payload: Uint8Array): Buffer {
-  const buf = Buffer.allocUnsafeSlow(5 + payload.byteLength);
-  buf[0] = flags;
-  buf.writeUInt32BE(payload.byteLength, 1);
-  buf.set(payload, 5);
-  return buf;
-}
-
 // A shared answer (one job update for every watcher) is enveloped once, and for
 // HTTP/1.1 also chunk-framed once: `<size in hex>CRLF<data>CRLF`, what Node writes for
 // one res.write() of a chunked response.
-const envelopes = new WeakMap<Uint8Array, Buffer>();
 const chunks = new WeakMap<Buffer, Buffer>();
 
 function chunkOf(frame: Buffer): Buffer {
@@ -311,13 +299,7 @@ function framed(flags: number, payload: Uint8Array, wire: Wire): Buffer | Promis
   const c = wire.response;
   if (c !== null && payload.byteLength >= COMPRESS_MIN_BYTES)
     return c.compress(payload).then((packed) => envelope(flags | compressedFlag, packed));
-  if (flags !== 0) return envelope(flags, payload);
-  let frame = envelopes.get(payload);
-  if (frame === undefined) {
-    frame = envelope(0, payload);
-    envelopes.set(payload, frame);
-  }
-  return frame;
+  return envelope(flags, payload);
 }
 
 /** The ends of a call that went well, made once: every OK answer ends the same way. */

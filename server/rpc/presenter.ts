@@ -32,6 +32,7 @@ import {
   WatchJobResponseSchema,
 } from "../../gen/downloads/v1/download_service_pb.js";
 import type { Beat } from "../watch-hub.js";
+import { utf8InEnvelope } from "../wire/envelope.js";
 
 // The job presenter: a JobRecord becomes the wire job with its freshly presigned
 // download link, once per answer, for both ways in. connect-node takes the message;
@@ -64,11 +65,8 @@ export class Reply<Desc extends DescMessage> {
       return this.proto;
     }
     if (this.json === undefined) {
-      // Its own allocation, never a slice of Node's shared 8 KB Buffer pool: a kept
-      // answer of a few hundred bytes would pin its whole slab outside the JS heap.
-      const text = this.jsonText?.() ?? toJsonString(this.schema, this.message());
-      this.json = Buffer.allocUnsafeSlow(Buffer.byteLength(text));
-      (this.json as Buffer).write(text);
+      // With its envelope, for the streams that send it (wire/envelope.ts).
+      this.json = utf8InEnvelope(this.jsonText?.() ?? toJsonString(this.schema, this.message()));
     }
     return this.json;
   }
