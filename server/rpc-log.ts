@@ -28,7 +28,17 @@ export const rpcOutcomeKey = createContextKey<RpcOutcome | undefined>(undefined,
   description: "rpc outcome",
 });
 
-const outcomes = new WeakMap<NodeRequest, RpcOutcome>();
+// Each request carries its outcome under a symbol of ours. Not a WeakMap keyed by the
+// request: each call would add an ephemeron, which V8 walks in the pause of a full
+// collection (wire/envelope.ts).
+const OUTCOME = Symbol("rpc outcome");
+type WithOutcome = NodeRequest & { [OUTCOME]?: RpcOutcome };
+const outcomes = {
+  get: (req: NodeRequest): RpcOutcome | undefined => (req as WithOutcome)[OUTCOME],
+  set: (req: NodeRequest, outcome: RpcOutcome): void => {
+    (req as WithOutcome)[OUTCOME] = outcome;
+  },
+};
 
 /** For connectNodeAdapter's `contextValues`: links the request to its log line. */
 export function rpcContextValues(req: NodeRequest): ContextValues {

@@ -231,3 +231,17 @@ describe("toJobJson with read-time parts", () => {
     );
   });
 });
+
+describe("toJobJson's times", () => {
+  // Times are written from a cache of the text up to the second: every kind of fraction,
+  // second and year boundaries, before 1970, and the same second twice (a cache hit).
+  const times = [
+    0, 1, 999, 1000, 1001, -1, -999, -1000, -1001, 1795770000000, 1795770000007, 1795770000070,
+    1795770000700, 1795770000999, 1795770001000, 1798761599999, 1798761600000, 1795770000007,
+    253402300798999,
+  ];
+  test.each(times)("%d ms: the text protobuf-es writes", (ms) => {
+    const rec: JobRecord = { ...base, createdAt: ms, updatedAt: ms + 1, startedAt: ms + 500 };
+    expect(JSON.stringify(toJobJson(rec))).toBe(toJsonString(JobSchema, toProtoJob(rec)));
+  });
+});

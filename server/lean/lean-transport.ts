@@ -20,7 +20,7 @@ import type { RpcCall, RpcRow, StreamRow, UnaryRow } from "../rpc/download-rpcs.
 import { rpcFailure } from "../rpc/errors.js";
 import type { Answer, Reply } from "../rpc/presenter.js";
 import { recordOutcome } from "../rpc-log.js";
-import { envelope } from "../wire/envelope.js";
+import { envelope, httpChunk } from "../wire/envelope.js";
 import {
   BodyCollector,
   COMPRESS_MIN_BYTES,
@@ -276,30 +276,20 @@ async function withDeadline<T>(work: Promise<T>, ms: number | undefined): Promis
   }
 }
 
-// A shared answer (one job update for every watcher) is enveloped once, and for
-// HTTP/1.1 also chunk-framed once: `<size in hex>CRLF<data>CRLF`, what Node writes for
-// one res.write() of a chunked response.
-const chunks = new WeakMap<Buffer, Buffer>();
-
-function chunkOf(frame: Buffer): Buffer {
-  let chunk = chunks.get(frame);
-  if (chunk === undefined) {
-    const head = `${frame.length.toString(16)}\r\n`;
-    chunk = Buffer.allocUnsafeSlow(head.length + frame.length + 2);
-    chunk.write(head, "latin1");
-    frame.copy(chunk, head.length);
-    chunk.write("\r\n", head.length + frame.length, "latin1");
-    chunks.set(frame, chunk);
-  }
-  return chunk;
-}
-
 /** A payload as it goes out: compressed when the caller accepts it and it is large, as connect-node does. */
 function framed(flags: number, payload: Uint8Array, wire: Wire): Buffer | Promise<Buffer> {
   const c = wire.response;
   if (c !== null && payload.byteLength >= COMPRESS_MIN_BYTES)
     return c.compress(payload).then((packed) => envelope(flags | compressedFlag, packed));
   return envelope(flags, payload);
+}
+
+/** An answer's message as it goes out: its own kept envelope unless it is compressed. */
+function framedReply(reply: Reply<DescMessage>, wire: Wire): Buffer | Promise<Buffer> {
+  const payload = reply.bytes(wire.binary);
+  if (wire.response !== null && payload.byteLength >= COMPRESS_MIN_BYTES)
+    return framed(0, payload, wire);
+  return reply.enveloped(wire.binary);
 }
 
 /** The ends of a call that went well, made once: every OK answer ends the same way. */
@@ -411,9 +401,9 @@ class Responder {
 
   /** Writes one message; false when the caller should wait for `drained()`. */
   async message(reply: Reply<DescMessage>): Promise<boolean> {
-    let frame = framed(0, reply.bytes(this.wire.binary), this.wire);
+    let frame = framedReply(reply, this.wire);
     if (frame instanceof Promise) frame = await frame;
-    return this.write(frame, reply.last);
+    return this.write(frame, reply);
   }
 
   /**
@@ -421,24 +411,29 @@ class Responder {
    * or a promise to wait for (the compressed frame, or a full socket draining).
    */
   push(reply: Reply<DescMessage>, signal: AbortSignal): undefined | Promise<unknown> {
-    const frame = framed(0, reply.bytes(this.wire.binary), this.wire);
+    const frame = framedReply(reply, this.wire);
     if (frame instanceof Promise) {
-      return frame.then((f) => this.write(f, reply.last) || reply.last || this.drained(signal));
+      return frame.then((f) => this.write(f, reply) || reply.last || this.drained(signal));
     }
-    return this.write(frame, reply.last) || reply.last ? undefined : this.drained(signal);
+    return this.write(frame, reply) || reply.last ? undefined : this.drained(signal);
   }
 
-  private write(frame: Buffer, last: boolean): boolean {
+  /** `frame` is the reply's message as it goes out (its kept envelope unless compressed). */
+  private write(frame: Buffer, reply: Reply<DescMessage>): boolean {
     if (this.gone) return true;
     const socket = this.h1?.socket;
-    if (last && socket != null && this.headersSent) {
+    if (reply.last && socket != null && this.headersSent) {
       // The stream ends right after: the last message and the end leave in one write.
       this.corked = socket;
       socket.cork();
     }
     if (this.headersSent && this.h1?.chunkedEncoding === true && socket != null) {
       this.waitOn = socket;
-      return socket.write(chunkOf(frame));
+      // A shared answer is also chunk-framed once, for every HTTP/1.1 stream.
+      const { binary } = this.wire;
+      return socket.write(
+        frame === reply.enveloped(binary) ? reply.chunked(binary) : httpChunk(frame),
+      );
     }
     this.head();
     this.waitOn = this.res;

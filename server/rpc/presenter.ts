@@ -32,7 +32,7 @@ import {
   WatchJobResponseSchema,
 } from "../../gen/downloads/v1/download_service_pb.js";
 import type { Beat } from "../watch-hub.js";
-import { utf8InEnvelope } from "../wire/envelope.js";
+import { envelope, httpChunk, utf8InEnvelope } from "../wire/envelope.js";
 
 // The job presenter: a JobRecord becomes the wire job with its freshly presigned
 // download link, once per answer, for both ways in. connect-node takes the message;
@@ -42,8 +42,10 @@ import { utf8InEnvelope } from "../wire/envelope.js";
 /** One RPC answer: the response message, and its encodings made on first use. */
 export class Reply<Desc extends DescMessage> {
   private msg: MessageShape<Desc> | undefined;
-  private json: Uint8Array | undefined;
+  private json: { payload: Uint8Array; framed: Buffer } | undefined;
   private proto: Uint8Array | undefined;
+  private protoFramed: Buffer | undefined;
+  private readonly chunks: [Buffer | undefined, Buffer | undefined] = [undefined, undefined];
 
   constructor(
     readonly schema: Desc,
@@ -64,11 +66,26 @@ export class Reply<Desc extends DescMessage> {
       this.proto ??= toBinary(this.schema, this.message());
       return this.proto;
     }
-    if (this.json === undefined) {
-      // With its envelope, for the streams that send it (wire/envelope.ts).
-      this.json = utf8InEnvelope(this.jsonText?.() ?? toJsonString(this.schema, this.message()));
+    // Made in its envelope, for the streams that send it (wire/envelope.ts).
+    this.json ??= utf8InEnvelope(this.jsonText?.() ?? toJsonString(this.schema, this.message()));
+    return this.json.payload;
+  }
+
+  /** The bytes in a plain envelope (flags 0), made once for every stream that sends them. */
+  enveloped(binary: boolean): Buffer {
+    if (binary) {
+      this.protoFramed ??= envelope(0, this.bytes(true));
+      return this.protoFramed;
     }
-    return this.json;
+    this.bytes(false);
+    return (this.json as { framed: Buffer }).framed;
+  }
+
+  /** enveloped() as one HTTP/1.1 chunk (the lean transport's chunked streams). */
+  chunked(binary: boolean): Buffer {
+    const i = binary ? 1 : 0;
+    this.chunks[i] ??= httpChunk(this.enveloped(binary));
+    return this.chunks[i];
   }
 }
 
@@ -173,15 +190,21 @@ export function etagMatches(ifNoneMatch: string | null, etag: string): boolean {
 /** Jobs whose GetStatus answer is kept (a few hundred bytes to a few KB each). */
 const STATUS_CACHE_SIZE = 10_000;
 
+/** Watched jobs whose latest answer is kept for their streams (JobPresenter.watch). */
+const WATCHED_KEPT = 20_000;
+
 /** How long one queued job's estimate serves the heartbeats of all its streams. */
 const QUEUED_ESTIMATE_SHARE_MS = 500;
 
 export class JobPresenter {
-  // Every stream of a job receives the same record object from the hub: the record is
-  // the key, and the entry goes with it once no stream holds it.
-  private readonly watched = new WeakMap<
-    JobRecord,
-    Promise<Reply<typeof WatchJobResponseSchema>>
+  // Every stream of a job receives the same record object from the hub: the answer to
+  // each watched job's latest record is kept by job id, at most WATCHED_KEPT of them
+  // (the oldest go first; a stream still behind on an older record gets its answer made
+  // again). Not a WeakMap keyed by the record: each job update would add an ephemeron,
+  // and V8 walks those in the pause of a full collection (wire/envelope.ts).
+  private readonly watched = new Map<
+    string,
+    { rec: JobRecord; reply: Promise<Reply<typeof WatchJobResponseSchema>> }
   >();
   // Pollers read a job far more often than it changes, and an answer is a pure function
   // of the record, which every change gives a new version (job-store.ts): keep it per
@@ -353,7 +376,8 @@ export class JobPresenter {
 
   /** A watched record: presigned and encoded once for every stream of the job. */
   watch(rec: JobRecord): Promise<Reply<typeof WatchJobResponseSchema>> {
-    let reply = this.watched.get(rec);
+    const kept = this.watched.get(rec.id);
+    let reply = kept?.rec === rec ? kept.reply : undefined;
     if (reply === undefined) {
       reply = Promise.all([this.presign(rec), this.extras(rec)]).then(
         ([download, extras]) =>
@@ -367,7 +391,11 @@ export class JobPresenter {
             isTerminal(rec.state),
           ),
       );
-      this.watched.set(rec, reply);
+      if (kept === undefined && this.watched.size >= WATCHED_KEPT) {
+        const oldest = this.watched.keys().next().value;
+        if (oldest !== undefined) this.watched.delete(oldest);
+      }
+      this.watched.set(rec.id, { rec, reply });
     }
     return reply;
   }
