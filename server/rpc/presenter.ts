@@ -190,22 +190,18 @@ export function etagMatches(ifNoneMatch: string | null, etag: string): boolean {
 /** Jobs whose GetStatus answer is kept (a few hundred bytes to a few KB each). */
 const STATUS_CACHE_SIZE = 10_000;
 
-/** Watched jobs whose latest answer is kept for their streams (JobPresenter.watch). */
-const WATCHED_KEPT = 20_000;
+// Every stream of a job receives the same record object from the hub, and the answer
+// made for it rides on that object under a symbol of ours (not enumerable: no copy, no
+// JSON, no comparison sees it), so it goes when the record does. Not a WeakMap keyed by
+// the record: each job update would add an ephemeron, and V8 walks those in the pause
+// of a full collection (wire/envelope.ts).
+const WATCH_ANSWER = Symbol("watch answer");
+type Answered = JobRecord & { [WATCH_ANSWER]?: Promise<Reply<typeof WatchJobResponseSchema>> };
 
 /** How long one queued job's estimate serves the heartbeats of all its streams. */
 const QUEUED_ESTIMATE_SHARE_MS = 500;
 
 export class JobPresenter {
-  // Every stream of a job receives the same record object from the hub: the answer to
-  // each watched job's latest record is kept by job id, at most WATCHED_KEPT of them
-  // (the oldest go first; a stream still behind on an older record gets its answer made
-  // again). Not a WeakMap keyed by the record: each job update would add an ephemeron,
-  // and V8 walks those in the pause of a full collection (wire/envelope.ts).
-  private readonly watched = new Map<
-    string,
-    { rec: JobRecord; reply: Promise<Reply<typeof WatchJobResponseSchema>> }
-  >();
   // Pollers read a job far more often than it changes, and an answer is a pure function
   // of the record, which every change gives a new version (job-store.ts): keep it per
   // job and version. Only a job that can still change is kept: pollers stop at the end
@@ -376,8 +372,7 @@ export class JobPresenter {
 
   /** A watched record: presigned and encoded once for every stream of the job. */
   watch(rec: JobRecord): Promise<Reply<typeof WatchJobResponseSchema>> {
-    const kept = this.watched.get(rec.id);
-    let reply = kept?.rec === rec ? kept.reply : undefined;
+    let reply = (rec as Answered)[WATCH_ANSWER];
     if (reply === undefined) {
       reply = Promise.all([this.presign(rec), this.extras(rec)]).then(
         ([download, extras]) =>
@@ -391,11 +386,7 @@ export class JobPresenter {
             isTerminal(rec.state),
           ),
       );
-      if (kept === undefined && this.watched.size >= WATCHED_KEPT) {
-        const oldest = this.watched.keys().next().value;
-        if (oldest !== undefined) this.watched.delete(oldest);
-      }
-      this.watched.set(rec.id, { rec, reply });
+      Object.defineProperty(rec, WATCH_ANSWER, { value: reply });
     }
     return reply;
   }
