@@ -143,10 +143,21 @@ export function registerApiMetrics(registry: Registry, sources: ApiMetricsSource
       }
     },
   });
+  // Each call's series, looked up by a plain string key: prom-client hashes a labels
+  // object on every inc and observe (sorting its keys), which a poll would pay twice.
+  const series = new Map<string, { inc(): void; observe(seconds: number): void }>();
   return {
     rpc(method, code, seconds) {
-      requests.inc({ method, code });
-      duration.observe({ method }, seconds);
+      const key = `${method} ${code}`;
+      let s = series.get(key);
+      if (s === undefined) {
+        const count = requests.labels({ method, code });
+        const time = duration.labels({ method });
+        s = { inc: () => count.inc(), observe: (v) => time.observe(v) };
+        series.set(key, s);
+      }
+      s.inc();
+      s.observe(seconds);
     },
     http2Limit(event) {
       limits.inc({ event });
