@@ -139,13 +139,26 @@ const clusterNodes = z.string().transform((raw, ctx): string[] => {
   return nodes;
 });
 
-// Sentinels of a Redis primary/replica set: host:port, separated by commas.
+// Sentinels of a Redis primary/replica set: host:port, or redis://[user:password@]host:port
+// when the Sentinels require a password, separated by commas.
 const sentinels = z.string().transform((raw, ctx): string[] => {
   const nodes = raw.split(/[\s,]+/).filter((s) => s !== "");
-  if (nodes.length === 0 || nodes.some((n) => !/^[^\s:/]+:\d{1,5}$/.test(n))) {
+  if (nodes.some((n) => n.startsWith("rediss://"))) {
     ctx.addIssue({
       code: "custom",
-      message: "expected host:port of each Sentinel, separated by commas (e.g. 10.0.0.5:26379)",
+      message:
+        "TLS to Sentinels (rediss://) is not supported: reach them with redis:// on a private network",
+    });
+    return z.NEVER;
+  }
+  const bad = nodes.filter(
+    (n) => !/^redis:\/\/[^\s/]+:\d{1,5}\/?$/.test(n) && !/^[^\s:/]+:\d{1,5}$/.test(n),
+  );
+  if (nodes.length === 0 || bad.length > 0) {
+    ctx.addIssue({
+      code: "custom",
+      message:
+        "expected host:port of each Sentinel (or redis://:password@host:port when they require one), separated by commas (e.g. 10.0.0.5:26379)",
     });
     return z.NEVER;
   }
@@ -273,6 +286,10 @@ const schema = z.object({
       error: "expected the primary's name as the Sentinels know it (sentinel monitor <name> ...)",
     })
     .optional(),
+  // The primary's and replicas' credentials when they are found through the Sentinels
+  // (a REDIS_URL or REDIS_CLUSTER_NODES URL carries its own).
+  REDIS_USERNAME: z.string().min(1).optional(),
+  REDIS_PASSWORD: z.string().min(1).optional(),
   // 0 is off: Initiate answers once the primary has the job. Otherwise it also waits
   // until that many replicas hold it (WAIT), or fails with UNAVAILABLE.
   REDIS_MIN_REPLICAS_ACK: int(0, 100).default(0),
@@ -358,6 +375,14 @@ export function loadConfig(env: NodeJS.ProcessEnv = process.env): Config {
         "invalid configuration:\n  REDIS_SENTINEL_NAME: required with REDIS_SENTINELS (the name in the Sentinels' 'sentinel monitor <name>' line)",
       );
     }
+  }
+  if (
+    (cfg.REDIS_USERNAME !== undefined || cfg.REDIS_PASSWORD !== undefined) &&
+    cfg.REDIS_SENTINELS === undefined
+  ) {
+    throw new ConfigError(
+      "invalid configuration:\n  REDIS_USERNAME, REDIS_PASSWORD: only with REDIS_SENTINELS; put credentials in REDIS_URL (redis://user:password@host:port) or in each REDIS_CLUSTER_NODES URL",
+    );
   }
   if (cfg.REDIS_CLUSTER_NODES !== undefined) {
     if (cfg.REDIS_URL !== undefined) {

@@ -1,4 +1,4 @@
-import { Cluster, type ClusterNode, type ClusterOptions, Redis, type RedisOptions } from "ioredis";
+import { Cluster, type ClusterOptions, Redis, type RedisOptions } from "ioredis";
 
 /** One Redis server or a Redis Cluster: the commands we use behave the same on both. */
 export type RedisClient = Redis | Cluster;
@@ -10,7 +10,13 @@ export type RedisClient = Redis | Cluster;
 export type RedisTarget =
   | string
   | { clusterNodes: readonly string[] }
-  | { sentinels: readonly string[]; name: string };
+  | {
+      sentinels: readonly string[];
+      name: string;
+      /** Credentials of the primary and replicas (the Sentinels' own ride in their URLs). */
+      username?: string;
+      password?: string;
+    };
 
 type Role = "api" | "worker" | "subscriber";
 
@@ -20,9 +26,16 @@ export function redisTargetFrom(cfg: {
   REDIS_CLUSTER_NODES?: readonly string[] | undefined;
   REDIS_SENTINELS?: readonly string[] | undefined;
   REDIS_SENTINEL_NAME?: string | undefined;
+  REDIS_USERNAME?: string | undefined;
+  REDIS_PASSWORD?: string | undefined;
 }): RedisTarget | undefined {
   if (cfg.REDIS_SENTINELS !== undefined && cfg.REDIS_SENTINELS.length > 0) {
-    return { sentinels: cfg.REDIS_SENTINELS, name: cfg.REDIS_SENTINEL_NAME ?? "mymaster" };
+    return {
+      sentinels: cfg.REDIS_SENTINELS,
+      name: cfg.REDIS_SENTINEL_NAME ?? "mymaster",
+      ...(cfg.REDIS_USERNAME !== undefined ? { username: cfg.REDIS_USERNAME } : {}),
+      ...(cfg.REDIS_PASSWORD !== undefined ? { password: cfg.REDIS_PASSWORD } : {}),
+    };
   }
   if (cfg.REDIS_CLUSTER_NODES !== undefined && cfg.REDIS_CLUSTER_NODES.length > 0) {
     return { clusterNodes: cfg.REDIS_CLUSTER_NODES };
@@ -31,10 +44,11 @@ export function redisTargetFrom(cfg: {
 }
 
 /**
- * A seed node is `host:port` or a `redis://` / `rediss://` URL; a URL's user, password
- * and TLS apply to every node of the cluster (they share them in every managed offering).
+ * A seed node (or Sentinel) is `host:port` or a `redis://` / `rediss://` URL; a URL's
+ * user, password and TLS apply to every node of the cluster (they share them in every
+ * managed offering).
  */
-function seed(entry: string): { node: ClusterNode; options: RedisOptions } {
+function seed(entry: string): { node: { host: string; port: number }; options: RedisOptions } {
   if (!/^rediss?:\/\//.test(entry)) {
     const i = entry.lastIndexOf(":");
     return { node: { host: entry.slice(0, i), port: Number(entry.slice(i + 1)) }, options: {} };
@@ -45,6 +59,25 @@ function seed(entry: string): { node: ClusterNode; options: RedisOptions } {
   if (u.password !== "") options.password = decodeURIComponent(u.password);
   if (u.protocol === "rediss:") options.tls = {};
   return { node: { host: u.hostname, port: Number(u.port || 6379) }, options };
+}
+
+/**
+ * The Sentinels and every credential of a Sentinel target: the Sentinels' own from
+ * their URLs (they share one in practice: the first URL that has one), the primary's
+ * and replicas' from REDIS_USERNAME and REDIS_PASSWORD.
+ */
+function sentinelAuth(
+  target: Extract<RedisTarget, { sentinels: readonly string[] }>,
+): RedisOptions {
+  const seeds = target.sentinels.map(seed);
+  const own = seeds.find((s) => Object.keys(s.options).length > 0)?.options ?? {};
+  return {
+    sentinels: seeds.map((s) => s.node),
+    ...(own.username !== undefined ? { sentinelUsername: own.username } : {}),
+    ...(own.password !== undefined ? { sentinelPassword: own.password } : {}),
+    ...(target.username !== undefined ? { username: target.username } : {}),
+    ...(target.password !== undefined ? { password: target.password } : {}),
+  };
 }
 
 /**
@@ -78,10 +111,7 @@ export function createRedis(target: RedisTarget, opts: { role: Role; name?: stri
         ? new Redis(target, common)
         : new Redis({
             ...common,
-            sentinels: target.sentinels.map((s) => {
-              const i = s.lastIndexOf(":");
-              return { host: s.slice(0, i), port: Number(s.slice(i + 1)) };
-            }),
+            ...sentinelAuth(target),
             name: target.name,
             role: "master",
             sentinelRetryStrategy: retry,

@@ -13,7 +13,7 @@ import { ensureRedisBinary, type LocalRedis, startRedis } from "./redis-server.j
 const run = promisify(execFile);
 
 export interface LocalRedisSentinel {
-  /** host:port of every Sentinel, as REDIS_SENTINELS takes them. */
+  /** Every Sentinel as REDIS_SENTINELS takes them (host:port, or a URL with the password). */
   sentinels: string[];
   /** The name the Sentinels monitor, as REDIS_SENTINEL_NAME takes it. */
   name: string;
@@ -29,13 +29,33 @@ export interface LocalRedisSentinelOptions {
   sentinels?: number;
   /** Sentinel's down-after-milliseconds: how soon an unreachable primary is failed over. */
   downAfterMs?: number;
+  /** The primary and replicas require this password (requirepass, masterauth). */
+  password?: string;
+  /** The Sentinels require this password; `sentinels` are then redis://:<password>@ URLs. */
+  sentinelPassword?: string;
 }
 
 export async function startRedisSentinel(
   opts: LocalRedisSentinelOptions = {},
 ): Promise<LocalRedisSentinel> {
   const bin = ensureRedisBinary({ install: false });
-  const cli = bin.replace(/redis-server$/, "redis-cli");
+  const redisCli = bin.replace(/redis-server$/, "redis-cli");
+  const auth = (password: string | undefined) =>
+    password === undefined ? [] : ["--no-auth-warning", "-a", password];
+  // redis-cli against a Sentinel (its password) or a data node (theirs).
+  const cli = (port: number, ...args: string[]) => {
+    const isSentinel = sentinels.some((s) => s.port === port);
+    return run(redisCli, [
+      "-p",
+      String(port),
+      ...auth(isSentinel ? opts.sentinelPassword : opts.password),
+      ...args,
+    ]);
+  };
+  const dataAuth =
+    opts.password === undefined
+      ? []
+      : ["--requirepass", opts.password, "--masterauth", opts.password];
   const name = "dj-primary";
   const dir = mkdtempSync(join(tmpdir(), "dj-redis-sentinel-"));
   const nodes: LocalRedis[] = [];
@@ -57,11 +77,13 @@ export async function startRedisSentinel(
   };
 
   try {
-    const primary = await startRedis();
+    const primary = await startRedis({ extraArgs: dataAuth });
     nodes.push(primary);
     for (let i = 0; i < (opts.replicas ?? 1); i++) {
       nodes.push(
-        await startRedis({ extraArgs: ["--replicaof", "127.0.0.1", String(primary.port)] }),
+        await startRedis({
+          extraArgs: ["--replicaof", "127.0.0.1", String(primary.port), ...dataAuth],
+        }),
       );
     }
     const count = opts.sentinels ?? 1;
@@ -81,6 +103,8 @@ export async function startRedisSentinel(
           `sentinel down-after-milliseconds ${name} ${opts.downAfterMs ?? 1000}`,
           `sentinel failover-timeout ${name} 10000`,
           `sentinel parallel-syncs ${name} 1`,
+          ...(opts.password !== undefined ? [`sentinel auth-pass ${name} ${opts.password}`] : []),
+          ...(opts.sentinelPassword !== undefined ? [`requirepass ${opts.sentinelPassword}`] : []),
           "",
         ].join("\n"),
       );
@@ -93,9 +117,7 @@ export async function startRedisSentinel(
       sentinels.push({ port, child, exited });
       await waitUntil(`sentinel on port ${port}`, async () => {
         if (child.exitCode !== null) throw new Error(`sentinel exited: ${stderr.trim()}`);
-        const { stdout } = await run(cli, ["-p", String(port), "ping"]).catch(() => ({
-          stdout: "",
-        }));
+        const { stdout } = await cli(port, "ping").catch(() => ({ stdout: "" }));
         return stdout.trim() === "PONG";
       });
     }
@@ -105,7 +127,7 @@ export async function startRedisSentinel(
       await waitUntil(
         `sentinel on port ${s.port} sees the replicas`,
         async () => {
-          const { stdout } = await run(cli, ["-p", String(s.port), "sentinel", "replicas", name]);
+          const { stdout } = await cli(s.port, "sentinel", "replicas", name);
           return (stdout.match(/^flags$/gm) ?? []).length >= nodes.length - 1;
         },
         30_000,
@@ -115,9 +137,7 @@ export async function startRedisSentinel(
       await waitUntil(
         `replica on port ${n.port} in sync`,
         async () =>
-          (await run(cli, ["-p", String(n.port), "info", "replication"])).stdout.includes(
-            "master_link_status:up",
-          ),
+          (await cli(n.port, "info", "replication")).stdout.includes("master_link_status:up"),
         30_000,
       );
     }
@@ -127,19 +147,17 @@ export async function startRedisSentinel(
   }
 
   return {
-    sentinels: sentinels.map((s) => `127.0.0.1:${s.port}`),
+    sentinels: sentinels.map((s) =>
+      opts.sentinelPassword === undefined
+        ? `127.0.0.1:${s.port}`
+        : `redis://:${encodeURIComponent(opts.sentinelPassword)}@127.0.0.1:${s.port}`,
+    ),
     name,
     nodes,
     async primary() {
       for (const s of sentinels) {
         if (s.child.exitCode !== null) continue;
-        const { stdout } = await run(cli, [
-          "-p",
-          String(s.port),
-          "sentinel",
-          "get-master-addr-by-name",
-          name,
-        ]);
+        const { stdout } = await cli(s.port, "sentinel", "get-master-addr-by-name", name);
         const [host, port] = stdout.trim().split("\n");
         return `${host}:${port}`;
       }

@@ -86,7 +86,8 @@ function ping(port: number): Promise<boolean> {
       buf += d.toString();
       if (buf.includes("\r\n")) {
         sock.destroy();
-        resolveP(buf.startsWith("+PONG"));
+        // A server that requires a password answers NOAUTH: it is up all the same.
+        resolveP(buf.startsWith("+PONG") || buf.startsWith("-NOAUTH"));
       }
     });
     sock.once("error", () => resolveP(false));
