@@ -145,19 +145,20 @@ export function registerApiMetrics(registry: Registry, sources: ApiMetricsSource
   });
   // Each call's series, looked up by a plain string key: prom-client hashes a labels
   // object on every inc and observe (sorting its keys), which a poll would pay twice.
-  const series = new Map<string, { inc(): void; observe(seconds: number): void }>();
+  const series = new Map<
+    string,
+    { count: ReturnType<typeof requests.labels>; time: ReturnType<typeof duration.labels> }
+  >();
   return {
     rpc(method, code, seconds) {
       const key = `${method} ${code}`;
       let s = series.get(key);
       if (s === undefined) {
-        const count = requests.labels({ method, code });
-        const time = duration.labels({ method });
-        s = { inc: () => count.inc(), observe: (v) => time.observe(v) };
+        s = { count: requests.labels({ method, code }), time: duration.labels({ method }) };
         series.set(key, s);
       }
-      s.inc();
-      s.observe(seconds);
+      s.count.inc();
+      s.time.observe(seconds);
     },
     http2Limit(event) {
       limits.inc({ event });

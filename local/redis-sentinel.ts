@@ -40,18 +40,14 @@ export async function startRedisSentinel(
 ): Promise<LocalRedisSentinel> {
   const bin = ensureRedisBinary({ install: false });
   const redisCli = bin.replace(/redis-server$/, "redis-cli");
-  const auth = (password: string | undefined) =>
-    password === undefined ? [] : ["--no-auth-warning", "-a", password];
-  // redis-cli against a Sentinel (its password) or a data node (theirs).
-  const cli = (port: number, ...args: string[]) => {
-    const isSentinel = sentinels.some((s) => s.port === port);
-    return run(redisCli, [
+  // redis-cli with the password of what it asks: a Sentinel's or a data node's.
+  const cli = (port: number, password: string | undefined, ...args: string[]) =>
+    run(redisCli, [
       "-p",
       String(port),
-      ...auth(isSentinel ? opts.sentinelPassword : opts.password),
+      ...(password === undefined ? [] : ["--no-auth-warning", "-a", password]),
       ...args,
     ]);
-  };
   const dataAuth =
     opts.password === undefined
       ? []
@@ -117,7 +113,9 @@ export async function startRedisSentinel(
       sentinels.push({ port, child, exited });
       await waitUntil(`sentinel on port ${port}`, async () => {
         if (child.exitCode !== null) throw new Error(`sentinel exited: ${stderr.trim()}`);
-        const { stdout } = await cli(port, "ping").catch(() => ({ stdout: "" }));
+        const { stdout } = await cli(port, opts.sentinelPassword, "ping").catch(() => ({
+          stdout: "",
+        }));
         return stdout.trim() === "PONG";
       });
     }
@@ -127,7 +125,7 @@ export async function startRedisSentinel(
       await waitUntil(
         `sentinel on port ${s.port} sees the replicas`,
         async () => {
-          const { stdout } = await cli(s.port, "sentinel", "replicas", name);
+          const { stdout } = await cli(s.port, opts.sentinelPassword, "sentinel", "replicas", name);
           return (stdout.match(/^flags$/gm) ?? []).length >= nodes.length - 1;
         },
         30_000,
@@ -137,7 +135,9 @@ export async function startRedisSentinel(
       await waitUntil(
         `replica on port ${n.port} in sync`,
         async () =>
-          (await cli(n.port, "info", "replication")).stdout.includes("master_link_status:up"),
+          (await cli(n.port, opts.password, "info", "replication")).stdout.includes(
+            "master_link_status:up",
+          ),
         30_000,
       );
     }
@@ -157,7 +157,13 @@ export async function startRedisSentinel(
     async primary() {
       for (const s of sentinels) {
         if (s.child.exitCode !== null) continue;
-        const { stdout } = await cli(s.port, "sentinel", "get-master-addr-by-name", name);
+        const { stdout } = await cli(
+          s.port,
+          opts.sentinelPassword,
+          "sentinel",
+          "get-master-addr-by-name",
+          name,
+        );
         const [host, port] = stdout.trim().split("\n");
         return `${host}:${port}`;
       }

@@ -39,13 +39,18 @@ import { envelope, httpChunk, utf8InEnvelope } from "../wire/envelope.js";
 // the lean transport takes the bytes, which each answer serializes at most once per
 // encoding, so an answer shared by many watchers or polls is encoded once.
 
+/** One encoding of an answer: its bytes, and their envelope and HTTP/1.1 chunk once asked for. */
+interface Encoded {
+  payload: Uint8Array;
+  framed?: Buffer;
+  chunk?: Buffer;
+}
+
 /** One RPC answer: the response message, and its encodings made on first use. */
 export class Reply<Desc extends DescMessage> {
   private msg: MessageShape<Desc> | undefined;
-  private json: { payload: Uint8Array; framed: Buffer } | undefined;
-  private proto: Uint8Array | undefined;
-  private protoFramed: Buffer | undefined;
-  private readonly chunks: [Buffer | undefined, Buffer | undefined] = [undefined, undefined];
+  /** JSON, then binary. */
+  private readonly encodings: [Encoded | undefined, Encoded | undefined] = [undefined, undefined];
 
   constructor(
     readonly schema: Desc,
@@ -61,31 +66,31 @@ export class Reply<Desc extends DescMessage> {
     return this.msg;
   }
 
+  private encoded(binary: boolean): Encoded {
+    const i = binary ? 1 : 0;
+    // JSON is made inside its envelope, for the streams that send it (wire/envelope.ts).
+    this.encodings[i] ??= binary
+      ? { payload: toBinary(this.schema, this.message()) }
+      : utf8InEnvelope(this.jsonText?.() ?? toJsonString(this.schema, this.message()));
+    return this.encodings[i];
+  }
+
   bytes(binary: boolean): Uint8Array {
-    if (binary) {
-      this.proto ??= toBinary(this.schema, this.message());
-      return this.proto;
-    }
-    // Made in its envelope, for the streams that send it (wire/envelope.ts).
-    this.json ??= utf8InEnvelope(this.jsonText?.() ?? toJsonString(this.schema, this.message()));
-    return this.json.payload;
+    return this.encoded(binary).payload;
   }
 
   /** The bytes in a plain envelope (flags 0), made once for every stream that sends them. */
   enveloped(binary: boolean): Buffer {
-    if (binary) {
-      this.protoFramed ??= envelope(0, this.bytes(true));
-      return this.protoFramed;
-    }
-    this.bytes(false);
-    return (this.json as { framed: Buffer }).framed;
+    const e = this.encoded(binary);
+    e.framed ??= envelope(0, e.payload);
+    return e.framed;
   }
 
   /** enveloped() as one HTTP/1.1 chunk (the lean transport's chunked streams). */
   chunked(binary: boolean): Buffer {
-    const i = binary ? 1 : 0;
-    this.chunks[i] ??= httpChunk(this.enveloped(binary));
-    return this.chunks[i];
+    const e = this.encoded(binary);
+    e.chunk ??= httpChunk(this.enveloped(binary));
+    return e.chunk;
   }
 }
 
