@@ -224,6 +224,13 @@ export async function benchPolling(
       },
     ];
 
+    // BENCH_POLLING_ONLY=<a>,<b>: only the configurations whose "server client" contains
+    // one of these (for profiling one path; the ratios need their baselines kept in).
+    const only = (process.env.BENCH_POLLING_ONLY ?? "").split(",").filter((s) => s !== "");
+    if (only.length > 0) {
+      const keep = configs.filter((c) => only.some((s) => `${c.server} ${c.client}`.includes(s)));
+      configs.splice(0, configs.length, ...keep);
+    }
     // Warm every server's JIT before anything counts.
     for (const cfg of configs) await cfg.run(50, 1);
     const samples = new Map<string, Measured[]>();

@@ -1,7 +1,7 @@
 import { type ChildProcess, spawn } from "node:child_process";
 import { once } from "node:events";
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from "node:fs";
-import { loadavg, tmpdir } from "node:os";
+import { availableParallelism, loadavg, tmpdir } from "node:os";
 import { join } from "node:path";
 import { JobStore } from "../core/job-store.js";
 import { createJob, markProcessing, recordProgress } from "../core/job-transitions.js";
@@ -151,6 +151,7 @@ async function withServices<T>(
     conn: RedisClient;
     dir: string;
     children: ChildProcess[];
+    redisPid: number;
   }) => Promise<T>,
 ): Promise<T> {
   const redis = await startRedis();
@@ -167,7 +168,7 @@ async function withServices<T>(
     BENCH_MEMORY_FILE: join(dir, "api-memory.json"),
   };
   try {
-    return await run({ env, store, conn, dir, children });
+    return await run({ env, store, conn, dir, children, redisPid: redis.pid });
   } finally {
     for (const c of children) await stopChild(c);
     conn.disconnect();
@@ -359,7 +360,7 @@ export async function benchFanoutJobs(
   const ratePerJob = 5;
   const seconds = opts.quick ? 8 : 20;
   const loadAtStart = loadavg()[0] as number;
-  return withServices("benchfanout", async ({ env, store, dir, children }) => {
+  return withServices("benchfanout", async ({ env, store, dir, children, redisPid }) => {
     const api = await startNodeServer("bench/api-server.ts", { ...env, PORT: "0" });
     children.push(api.child);
     const pid = api.child.pid as number;
@@ -404,6 +405,15 @@ export async function benchFanoutJobs(
     // prom-client's event-loop delay figures cover the time since the last scrape.
     await eventLoopDelay(api.port);
     const cpu0 = procCpuMs(pid);
+    // Every process of the scenario shares the host's cores: their CPU says how much of
+    // the host the scenario needs (the writer is this process).
+    const clientPids = clients.children.map((c) => c.pid as number);
+    const othersCpu = () => ({
+      redis: procCpuMs(redisPid),
+      writer: process.cpuUsage().user / 1000 + process.cpuUsage().system / 1000,
+      clients: clientPids.reduce((n, p) => n + procCpuMs(p), 0),
+    });
+    const others0 = othersCpu();
     const t0 = performance.now();
     const second = (at: number) => Math.floor((at - (performance.timeOrigin + t0)) / 1000);
     for (let tick = 0; tick < rounds * ticksPerRound; tick++) {
@@ -434,6 +444,7 @@ export async function benchFanoutJobs(
     // Let the last writes reach every watcher.
     await new Promise((r) => setTimeout(r, 3000));
     const cpuMs = procCpuMs(pid) - cpu0;
+    const others1 = othersCpu();
     const apiLoop = await eventLoopDelay(api.port);
     const outputs = (await clients.finish()) as {
       offset: number;
@@ -478,7 +489,14 @@ export async function benchFanoutJobs(
       writeP50: percentile(writeMs, 50),
       writeP99: percentile(writeMs, 99),
       apiCpuPercent: (cpuMs / 10 / (writeSeconds + 3)) | 0,
+      cpuPercent: {
+        redis: ((others1.redis - others0.redis) / 10 / (writeSeconds + 3)) | 0,
+        writer: ((others1.writer - others0.writer) / 10 / (writeSeconds + 3)) | 0,
+        clients: ((others1.clients - others0.clients) / 10 / (writeSeconds + 3)) | 0,
+      },
     };
+    const hostPercent =
+      data.apiCpuPercent + data.cpuPercent.redis + data.cpuPercent.writer + data.cpuPercent.clients;
     const rows: Row[] = [
       {
         scenario: name,
@@ -525,6 +543,11 @@ export async function benchFanoutJobs(
         value: `${data.p99BySecond.filter((p) => p <= 100).length}/${data.p99BySecond.length}`,
       },
       { scenario: name, metric: "API CPU % of one core", value: String(data.apiCpuPercent) },
+      {
+        scenario: name,
+        metric: `CPU % of one core: API + Redis + writer + clients = all (of ${availableParallelism() * 100})`,
+        value: `${data.apiCpuPercent} + ${data.cpuPercent.redis} + ${data.cpuPercent.writer} + ${data.cpuPercent.clients} = ${hostPercent}`,
+      },
       {
         scenario: name,
         metric: "API CPU µs per delivered message",
