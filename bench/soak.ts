@@ -314,10 +314,10 @@ export async function benchSoak(
               ).then(() => void counts.cancelled++),
             )
           : Promise.resolve();
-      const follow =
-        i % 2 === 0
-          ? (counts.watched++, watch(jobId, useH2, i % 20 === 0))
-          : (counts.polled++, poll(jobId, useH2, i % 4 === 1));
+      const watched = i % 2 === 0;
+      if (watched) counts.watched++;
+      else counts.polled++;
+      const follow = watched ? watch(jobId, useH2, i % 20 === 0) : poll(jobId, useH2, i % 4 === 1);
       if (i % 20 === 0) counts.abandoned++;
       await Promise.all([cancel, follow, malformed(i)]);
       counts.done++;
