@@ -24,6 +24,14 @@ export function nodeArgsFor(entry: string): string[] {
   return [...nodeFlagsFor(entry), "--import", "tsx", entry];
 }
 
+/**
+ * The arguments that run an entry point as `npm run build` compiled it into `outDir`
+ * (scripts/build-server.ts): how the image runs the API and the worker.
+ */
+export function compiledArgsFor(entry: string, outDir = "dist"): string[] {
+  return [...nodeFlagsFor(entry), `${outDir}/${entry.replace(/\.ts$/, ".js")}`];
+}
+
 export interface ProcessExit {
   code: number | null;
   signal: NodeJS.Signals | null;
@@ -45,6 +53,8 @@ export interface ServiceProcessOptions {
   name: string;
   /** Path of the TypeScript entry point, relative to `cwd`. */
   entry: string;
+  /** Run the entry point compiled into this folder (relative to `cwd`) instead of through tsx. */
+  compiledIn?: string;
   cwd: string;
   env: NodeJS.ProcessEnv;
   /** Each line of the child's stdout and stderr; without it the lines are dropped. */
@@ -57,7 +67,11 @@ export interface ServiceProcessOptions {
 }
 
 export function startServiceProcess(opts: ServiceProcessOptions): ServiceProcess {
-  const child = spawn(process.execPath, nodeArgsFor(opts.entry), {
+  const args =
+    opts.compiledIn === undefined
+      ? nodeArgsFor(opts.entry)
+      : compiledArgsFor(opts.entry, opts.compiledIn);
+  const child = spawn(process.execPath, args, {
     cwd: opts.cwd,
     env: opts.env,
     stdio: ["ignore", "pipe", "pipe"],

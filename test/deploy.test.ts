@@ -6,7 +6,7 @@ import { parse } from "yaml";
 import { loadConfig } from "../core/config.js";
 import { DownloadService } from "../gen/downloads/v1/download_service_pb.js";
 import { Health } from "../gen/grpc/health/v1/health_pb.js";
-import { nodeArgsFor } from "../local/service-process.js";
+import { compiledArgsFor, nodeArgsFor } from "../local/service-process.js";
 
 // No Docker engine and no Envoy binary run where we test, so the deploy files are
 // checked as data: each setting the README promises is read back from the file that
@@ -73,6 +73,12 @@ describe("Dockerfile", () => {
     expect(dockerfile).toMatch(/rm -rf node_modules\/node\b/);
     expect(finalStage).toMatch(/COPY --from=deps \/app\/node_modules/);
     expect(dockerfile).toMatch(/npm run build:web --if-present/);
+    // The image runs the code `npm run build` compiles (test/compiled.test.ts runs it).
+    expect(dockerfile).toMatch(/&& npm run build$/m);
+    expect(finalStage).toMatch(/^COPY --from=build \/app\/dist \.\/dist$/m);
+    expect(dockerfile).toContain(
+      `#   API (default):  ${["node", ...compiledArgsFor("server/main.ts")].join(" ")}`,
+    );
   });
 
   test("every package the API and worker import at run time survives --omit=dev", () => {
@@ -81,7 +87,7 @@ describe("Dockerfile", () => {
       for (const file of readdirSync(resolve(ROOT, dir), { recursive: true, encoding: "utf8" })) {
         if (!file.endsWith(".ts")) continue;
         const src = readFileSync(join(ROOT, dir, file), "utf8");
-        // `import type` is erased; everything else is loaded by tsx at run time.
+        // `import type` is erased; everything else is loaded at run time.
         for (const m of src.matchAll(
           /^\s*(?:import|export)\s+(?!type\s)[^;]*?from\s+"([^".][^"]*)"/gm,
         )) {
@@ -106,7 +112,7 @@ describe("Dockerfile", () => {
     }
     expect(imported.size).toBeGreaterThan(5);
     expect([...imported].filter((p) => !(p in pkg.dependencies)).sort()).toEqual([]);
-    // The image runs TypeScript through tsx, so it must be a production dependency.
+    // The CLI (bin/download-jobs.js) runs TypeScript through tsx: a production dependency.
     expect(pkg.dependencies.tsx).toBeDefined();
   });
 
@@ -114,7 +120,9 @@ describe("Dockerfile", () => {
     const user = /^USER\s+(\S+)/m.exec(finalStage)?.[1];
     expect(user).toBeDefined();
     expect(["root", "0"]).not.toContain(user);
-    expect(finalStage).toMatch(/^CMD \["node", "--import", "tsx", "server\/main\.ts"\]$/m);
+    expect(finalStage).toContain(
+      `CMD ${JSON.stringify(["node", ...compiledArgsFor("server/main.ts")]).replaceAll(",", ", ")}`,
+    );
     const healthcheck = /^HEALTHCHECK .*\\\n\s+CMD (\[.*\])$/m.exec(finalStage)?.[1] ?? "[]";
     const [cmd, flag, script] = JSON.parse(healthcheck) as string[];
     expect([cmd, flag]).toEqual(["node", "-e"]);
@@ -236,13 +244,14 @@ describe("docker-compose.yml", () => {
   });
 
   test("starts the worker with the Node flags every other launcher uses", () => {
-    // One list (local/service-process.ts); the deploy files spell it out.
-    const worker = ["node", ...nodeArgsFor("worker/main.ts")];
+    // One list (local/service-process.ts); the deploy files spell it out, for the code
+    // the image compiles (npm run build), and `npm run worker` for the sources.
+    const worker = ["node", ...compiledArgsFor("worker/main.ts")];
     expect(arr(service("worker").command).map(str)).toEqual(worker);
     expect(dockerfile).toContain(`#   worker:         ${worker.join(" ")}`);
     expect(read("docs/deployment.md")).toContain(`download-jobs:0.1.0 ${worker.join(" ")}`);
     expect((pkg as unknown as { scripts: Record<string, string> }).scripts.worker).toBe(
-      worker.join(" "),
+      ["node", ...nodeArgsFor("worker/main.ts")].join(" "),
     );
   });
 

@@ -1,4 +1,3 @@
-import { resolve } from "node:path";
 import { HeadObjectCommand } from "@aws-sdk/client-s3";
 import { createClient } from "@connectrpc/connect";
 import { createConnectTransport } from "@connectrpc/connect-node";
@@ -9,22 +8,15 @@ import { type BundleJobData, createBundleQueue } from "../core/queue.js";
 import { createRedis } from "../core/redis.js";
 import { DownloadService, type Job, JobState } from "../gen/downloads/v1/download_service_pb.js";
 import { waitUntil } from "../local/ports.js";
-import { type ServiceProcess, startServiceProcess } from "../local/service-process.js";
 import { withTestToken } from "./helpers/api.js";
-import { STARTUP_MS } from "./helpers/deadline.js";
+import { type EntryProcess, startEntry, untilLogged } from "./helpers/entry-process.js";
 import { type Services, startServices, uniquePrefix } from "./helpers/services.js";
-import { echoLine } from "./helpers/test-log.js";
 
 // The scaled-out shape on one Redis: two API processes and two worker processes, all
 // started from their real entry points, none of them this test's process. Which worker
 // runs a job is BullMQ's choice; the test finds out from the workers' own log lines.
 
-const ROOT = resolve(import.meta.dirname, "..");
-
-interface Proc {
-  proc: ServiceProcess;
-  lines: Record<string, unknown>[];
-}
+type Proc = EntryProcess;
 
 let svc: Services;
 let queue: Queue<BundleJobData>;
@@ -32,22 +24,6 @@ let conn: Redis;
 const apis: (Proc & { url: string })[] = [];
 // api-a and api-b, in the order they were started.
 const workers: Proc[] = [];
-
-function start(name: string, entry: string, env: Record<string, string>): Proc {
-  const lines: Record<string, unknown>[] = [];
-  const echo = echoLine(name);
-  const proc = startServiceProcess({
-    name,
-    entry,
-    cwd: ROOT,
-    env: { ...process.env, ...env },
-    onLine: (line) => {
-      echo(line);
-      if (line.startsWith("{")) lines.push(JSON.parse(line) as Record<string, unknown>);
-    },
-  });
-  return { proc, lines };
-}
 
 beforeAll(async () => {
   svc = await startServices();
@@ -66,16 +42,8 @@ beforeAll(async () => {
     PROGRESS_INTERVAL_MS: "100",
   };
   // All four start at once; each is waited for by what it logs when it is ready.
-  const ready = (name: string, p: Proc, msg: string) =>
-    waitUntil(
-      `${name}: ${msg}`,
-      async () => {
-        if (!p.proc.running())
-          throw new Error(`${name} exited: ${JSON.stringify(p.lines.slice(-3))}`);
-        return p.lines.some((l) => l.msg === msg);
-      },
-      STARTUP_MS,
-    );
+  const ready = untilLogged;
+  const start = startEntry;
   const starting = [
     ...["api-a", "api-b"].map(async (name) => {
       const p = start(name, "server/main.ts", env);
