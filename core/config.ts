@@ -140,25 +140,26 @@ const clusterNodes = z.string().transform((raw, ctx): string[] => {
 });
 
 // Sentinels of a Redis primary/replica set: host:port, or redis://[user:password@]host:port
-// when the Sentinels require a password, separated by commas.
+// when the Sentinels require a password, separated by commas; rediss:// for TLS to the
+// Sentinels and to the primary and replicas they name (every Sentinel or none).
 const sentinels = z.string().transform((raw, ctx): string[] => {
   const nodes = raw.split(/[\s,]+/).filter((s) => s !== "");
-  if (nodes.some((n) => n.startsWith("rediss://"))) {
-    ctx.addIssue({
-      code: "custom",
-      message:
-        "TLS to Sentinels (rediss://) is not supported: reach them with redis:// on a private network",
-    });
-    return z.NEVER;
-  }
   const bad = nodes.filter(
-    (n) => !/^redis:\/\/[^\s/]+:\d{1,5}\/?$/.test(n) && !/^[^\s:/]+:\d{1,5}$/.test(n),
+    (n) => !/^rediss?:\/\/[^\s/]+:\d{1,5}\/?$/.test(n) && !/^[^\s:/]+:\d{1,5}$/.test(n),
   );
   if (nodes.length === 0 || bad.length > 0) {
     ctx.addIssue({
       code: "custom",
       message:
-        "expected host:port of each Sentinel (or redis://:password@host:port when they require one), separated by commas (e.g. 10.0.0.5:26379)",
+        "expected host:port of each Sentinel (or redis://:password@host:port when they require one, rediss:// for TLS), separated by commas (e.g. 10.0.0.5:26379)",
+    });
+    return z.NEVER;
+  }
+  const tls = nodes.filter((n) => n.startsWith("rediss://")).length;
+  if (tls > 0 && tls < nodes.length) {
+    ctx.addIssue({
+      code: "custom",
+      message: `${tls} of ${nodes.length} Sentinels are rediss:// URLs: TLS is for every Sentinel and every data node or for none, so write all of them as rediss:// (or none)`,
     });
     return z.NEVER;
   }

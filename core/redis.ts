@@ -64,19 +64,24 @@ function seed(entry: string): { node: { host: string; port: number }; options: R
 /**
  * The Sentinels and every credential of a Sentinel target: the Sentinels' own from
  * their URLs (they share one in practice: the first URL that has one), the primary's
- * and replicas' from REDIS_USERNAME and REDIS_PASSWORD.
+ * and replicas' from REDIS_USERNAME and REDIS_PASSWORD. rediss:// Sentinels (all of
+ * them, as the configuration checks) mean TLS to the Sentinels and to the data nodes
+ * they name, whose certificates are checked against Node's CAs (NODE_EXTRA_CA_CERTS
+ * adds a private one).
  */
 function sentinelAuth(
   target: Extract<RedisTarget, { sentinels: readonly string[] }>,
 ): RedisOptions {
   const seeds = target.sentinels.map(seed);
-  const own = seeds.find((s) => Object.keys(s.options).length > 0)?.options ?? {};
+  const own = seeds.find((s) => s.options.username ?? s.options.password)?.options ?? {};
+  const tls = seeds.some((s) => s.options.tls !== undefined);
   return {
     sentinels: seeds.map((s) => s.node),
     ...(own.username !== undefined ? { sentinelUsername: own.username } : {}),
     ...(own.password !== undefined ? { sentinelPassword: own.password } : {}),
     ...(target.username !== undefined ? { username: target.username } : {}),
     ...(target.password !== undefined ? { password: target.password } : {}),
+    ...(tls ? { sentinelTLS: {}, tls: {}, enableTLSForSentinelMode: true } : {}),
   };
 }
 

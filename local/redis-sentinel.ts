@@ -19,8 +19,10 @@ export interface LocalRedisSentinel {
   name: string;
   /** Every data node (the primary first, as started). */
   nodes: LocalRedis[];
-  /** The primary the Sentinels currently name (host:port). */
+  /** The primary the Sentinels currently name (host:port; its TLS port with `tls`). */
   primary(): Promise<string>;
+  /** A data node's TLS port (with `tls`). */
+  tlsPort(node: LocalRedis): number | undefined;
   stop(): Promise<void>;
 }
 
@@ -33,6 +35,12 @@ export interface LocalRedisSentinelOptions {
   password?: string;
   /** The Sentinels require this password; `sentinels` are then redis://:<password>@ URLs. */
   sentinelPassword?: string;
+  /**
+   * TLS with these PEM files: every data node and Sentinel also listens on a TLS port,
+   * replicas and Sentinels reach the primary over TLS (so the Sentinels name TLS ports),
+   * and `sentinels` are rediss:// URLs. The plain ports stay for this fixture's redis-cli.
+   */
+  tls?: { cert: string; key: string; ca: string };
 }
 
 export async function startRedisSentinel(
@@ -52,10 +60,35 @@ export async function startRedisSentinel(
     opts.password === undefined
       ? []
       : ["--requirepass", opts.password, "--masterauth", opts.password];
+  // The TLS settings of a data node (on its own TLS port) or of a Sentinel's file.
+  const tlsFiles = (t: NonNullable<LocalRedisSentinelOptions["tls"]>): [string, string][] => [
+    ["tls-cert-file", t.cert],
+    ["tls-key-file", t.key],
+    ["tls-ca-cert-file", t.ca],
+    ["tls-auth-clients", "no"],
+    ["tls-replication", "yes"],
+  ];
+  const tlsArgs = async () => {
+    if (opts.tls === undefined) return { port: undefined, args: [] };
+    const port = await freePort();
+    const args = [
+      "--tls-port",
+      String(port),
+      ...tlsFiles(opts.tls).flatMap(([k, v]) => [`--${k}`, v]),
+    ];
+    return { port, args };
+  };
+  /** Each data node's TLS port, by its plain port. */
+  const tlsPorts = new Map<number, number>();
   const name = "dj-primary";
   const dir = mkdtempSync(join(tmpdir(), "dj-redis-sentinel-"));
   const nodes: LocalRedis[] = [];
-  const sentinels: Array<{ port: number; child: ChildProcess; exited: Promise<void> }> = [];
+  const sentinels: Array<{
+    port: number;
+    tlsPort: number | undefined;
+    child: ChildProcess;
+    exited: Promise<void>;
+  }> = [];
 
   const stop = async () => {
     await Promise.all([
@@ -73,20 +106,26 @@ export async function startRedisSentinel(
   };
 
   try {
-    const primary = await startRedis({ extraArgs: dataAuth });
+    const primaryTls = await tlsArgs();
+    const primary = await startRedis({ extraArgs: [...dataAuth, ...primaryTls.args] });
     nodes.push(primary);
+    // Replicas and Sentinels reach the primary on its TLS port when there is one.
+    const primaryPort = primaryTls.port ?? primary.port;
+    if (primaryTls.port !== undefined) tlsPorts.set(primary.port, primaryTls.port);
     for (let i = 0; i < (opts.replicas ?? 1); i++) {
-      nodes.push(
-        await startRedis({
-          extraArgs: ["--replicaof", "127.0.0.1", String(primary.port), ...dataAuth],
-        }),
-      );
+      const t = await tlsArgs();
+      const replica = await startRedis({
+        extraArgs: ["--replicaof", "127.0.0.1", String(primaryPort), ...dataAuth, ...t.args],
+      });
+      if (t.port !== undefined) tlsPorts.set(replica.port, t.port);
+      nodes.push(replica);
     }
     const count = opts.sentinels ?? 1;
     // A majority of the Sentinels must agree that the primary is down.
     const quorum = Math.floor(count / 2) + 1;
     for (let i = 0; i < count; i++) {
       const port = await freePort();
+      const tlsPort = opts.tls === undefined ? undefined : await freePort();
       const conf = join(dir, `sentinel-${port}.conf`);
       // Sentinel rewrites its configuration file as it learns, so each has its own.
       writeFileSync(
@@ -95,12 +134,15 @@ export async function startRedisSentinel(
           `port ${port}`,
           "bind 127.0.0.1",
           `dir ${dir}`,
-          `sentinel monitor ${name} 127.0.0.1 ${primary.port} ${quorum}`,
+          `sentinel monitor ${name} 127.0.0.1 ${primaryPort} ${quorum}`,
           `sentinel down-after-milliseconds ${name} ${opts.downAfterMs ?? 1000}`,
           `sentinel failover-timeout ${name} 10000`,
           `sentinel parallel-syncs ${name} 1`,
           ...(opts.password !== undefined ? [`sentinel auth-pass ${name} ${opts.password}`] : []),
           ...(opts.sentinelPassword !== undefined ? [`requirepass ${opts.sentinelPassword}`] : []),
+          ...(opts.tls === undefined
+            ? []
+            : [`tls-port ${tlsPort}`, ...tlsFiles(opts.tls).map(([k, v]) => `${k} ${v}`)]),
           "",
         ].join("\n"),
       );
@@ -110,7 +152,7 @@ export async function startRedisSentinel(
       let stderr = "";
       child.stderr?.on("data", (d: Buffer) => (stderr += d.toString()));
       const exited = new Promise<void>((r) => child.once("exit", () => r()));
-      sentinels.push({ port, child, exited });
+      sentinels.push({ port, tlsPort, child, exited });
       await waitUntil(`sentinel on port ${port}`, async () => {
         if (child.exitCode !== null) throw new Error(`sentinel exited: ${stderr.trim()}`);
         const { stdout } = await cli(port, opts.sentinelPassword, "ping").catch(() => ({
@@ -147,11 +189,13 @@ export async function startRedisSentinel(
   }
 
   return {
-    sentinels: sentinels.map((s) =>
-      opts.sentinelPassword === undefined
-        ? `127.0.0.1:${s.port}`
-        : `redis://:${encodeURIComponent(opts.sentinelPassword)}@127.0.0.1:${s.port}`,
-    ),
+    sentinels: sentinels.map((s) => {
+      const auth =
+        opts.sentinelPassword === undefined ? "" : `:${encodeURIComponent(opts.sentinelPassword)}@`;
+      if (s.tlsPort !== undefined) return `rediss://${auth}127.0.0.1:${s.tlsPort}`;
+      return auth === "" ? `127.0.0.1:${s.port}` : `redis://${auth}127.0.0.1:${s.port}`;
+    }),
+    tlsPort: (node) => tlsPorts.get(node.port),
     name,
     nodes,
     async primary() {

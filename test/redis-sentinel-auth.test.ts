@@ -104,9 +104,11 @@ describe("Redis through Sentinels that require passwords", () => {
     expect(() => loadConfig({ REDIS_URL: "redis://127.0.0.1:6379", REDIS_PASSWORD: "x" })).toThrow(
       /only with REDIS_SENTINELS; put credentials in REDIS_URL/,
     );
-    expect(() =>
-      loadConfig({ REDIS_SENTINELS: "rediss://:p@10.0.0.5:26379", REDIS_SENTINEL_NAME: "m" }),
-    ).toThrow(/TLS to Sentinels \(rediss:\/\/\) is not supported/);
+    // A password and TLS together (test/redis-sentinel-tls.test.ts runs TLS).
+    expect(
+      loadConfig({ REDIS_SENTINELS: "rediss://:p@10.0.0.5:26379", REDIS_SENTINEL_NAME: "m" })
+        .REDIS_SENTINELS,
+    ).toEqual(["rediss://:p@10.0.0.5:26379"]);
     expect(() =>
       loadConfig({ REDIS_SENTINELS: "redis://10.0.0.5", REDIS_SENTINEL_NAME: "m" }),
     ).toThrow(/host:port of each Sentinel/);
