@@ -35,6 +35,18 @@ function bindable(port: number): Promise<number | undefined> {
   });
 }
 
+/**
+ * What a waitUntil probe throws when waiting longer is pointless (the process it waits
+ * for has exited): waitUntil gives up at once with it. Any other error of a probe (a
+ * refused connection) only means "not yet".
+ */
+export class StopWaiting extends Error {}
+
+/** Whether a server's output says the port it was given was taken before it could bind. */
+export function portTaken(output: string): boolean {
+  return /address already in use|EADDRINUSE/i.test(output);
+}
+
 /** Polls until `probe` resolves true or the deadline passes; never sleeps blindly. */
 export async function waitUntil(
   what: string,
@@ -44,7 +56,11 @@ export async function waitUntil(
   const deadline = Date.now() + timeoutMs;
   let delay = 10;
   while (Date.now() < deadline) {
-    if (await probe().catch(() => false)) return;
+    const ok = await probe().catch((err: unknown) => {
+      if (err instanceof StopWaiting) throw err;
+      return false;
+    });
+    if (ok) return;
     await new Promise((r) => setTimeout(r, delay));
     delay = Math.min(delay * 2, 200);
   }

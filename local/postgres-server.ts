@@ -11,7 +11,7 @@ import {
 import { tmpdir, userInfo } from "node:os";
 import { dirname, join, resolve } from "node:path";
 import pg from "pg";
-import { freePort, waitUntil } from "./ports.js";
+import { freePort, StopWaiting, waitUntil } from "./ports.js";
 
 // Starts Debian's PostgreSQL server (package `postgresql`) as a child process on a
 // loopback port, for the tests and `npm start`, as local/redis-server.ts does for Redis.
@@ -192,7 +192,7 @@ export async function startPostgres(opts: LocalPostgresOptions = {}): Promise<Lo
     await waitUntil(
       `postgres on port ${port}`,
       async () => {
-        if (child.exitCode !== null) throw new Error(`postgres exited: ${stderr.trim()}`);
+        if (child.exitCode !== null) throw new StopWaiting(`postgres exited: ${stderr.trim()}`);
         return canQuery(url);
       },
       120_000,

@@ -3,8 +3,8 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { freePort, waitUntil } from "./ports.js";
-import { ensureRedisBinary } from "./redis-server.js";
+import { freePort, portTaken, StopWaiting, waitUntil } from "./ports.js";
+import { ensureRedisBinary, outputOf } from "./redis-server.js";
 
 // A Redis Cluster from Debian's redis-server and redis-cli (redis-tools comes with
 // redis-server), on loopback ports, for the tests: masters only by default, or with
@@ -30,7 +30,7 @@ interface Node {
   port: number;
   child: ChildProcess;
   exited: Promise<void>;
-  stderr: () => string;
+  output: () => string;
 }
 
 export interface LocalRedisClusterOptions {
@@ -68,56 +68,74 @@ export async function startRedisCluster(
     rmSync(dir, { recursive: true, force: true });
   };
 
-  try {
-    for (let i = 0; i < count; i++) {
-      const port = await freePort();
-      // The cluster bus needs a second port; by default port + 10000, which may be taken.
-      const busPort = await freePort();
-      const child = spawn(
-        bin,
-        [
-          "--port",
-          String(port),
-          "--cluster-port",
-          String(busPort),
-          "--bind",
-          "127.0.0.1",
-          "--cluster-enabled",
-          "yes",
-          "--cluster-config-file",
-          join(dir, `nodes-${port}.conf`),
-          "--cluster-node-timeout",
-          String(opts.nodeTimeoutMs ?? 5000),
-          // A replica may always take over, however long its link was down.
-          "--cluster-replica-validity-factor",
-          "0",
-          "--dir",
-          dir,
-          "--save",
-          "",
-          "--appendonly",
-          "no",
-          // BullMQ loses jobs if Redis evicts keys under memory pressure.
-          "--maxmemory-policy",
-          "noeviction",
-          "--daemonize",
-          "no",
-          "--loglevel",
-          "warning",
-        ],
-        { stdio: ["ignore", "ignore", "pipe"] },
-      );
-      let stderr = "";
-      child.stderr?.on("data", (d: Buffer) => (stderr += d.toString()));
-      const exited = new Promise<void>((r) => child.once("exit", () => r()));
-      nodes.push({ port, child, exited, stderr: () => stderr });
-    }
-    for (const n of nodes) {
-      await waitUntil(`cluster node on port ${n.port}`, async () => {
-        if (n.child.exitCode !== null) throw new Error(`redis-server exited: ${n.stderr().trim()}`);
-        const { stdout } = await run(cli, ["-p", String(n.port), "ping"]);
+  /** One node on two ports that were free a moment ago, answering PING. */
+  const startNode = async (): Promise<Node> => {
+    const port = await freePort();
+    // The cluster bus needs a second port; by default port + 10000, which may be taken.
+    const busPort = await freePort();
+    const child = spawn(
+      bin,
+      [
+        "--port",
+        String(port),
+        "--cluster-port",
+        String(busPort),
+        "--bind",
+        "127.0.0.1",
+        "--cluster-enabled",
+        "yes",
+        "--cluster-config-file",
+        join(dir, `nodes-${port}.conf`),
+        "--cluster-node-timeout",
+        String(opts.nodeTimeoutMs ?? 5000),
+        // A replica may always take over, however long its link was down.
+        "--cluster-replica-validity-factor",
+        "0",
+        "--dir",
+        dir,
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        // BullMQ loses jobs if Redis evicts keys under memory pressure.
+        "--maxmemory-policy",
+        "noeviction",
+        "--daemonize",
+        "no",
+        "--loglevel",
+        "warning",
+      ],
+      { stdio: ["ignore", "pipe", "pipe"] },
+    );
+    const output = outputOf(child);
+    const exited = new Promise<void>((r) => child.once("exit", () => r()));
+    const node = { port, child, exited, output };
+    try {
+      await waitUntil(`cluster node on port ${port}`, async () => {
+        if (child.exitCode !== null) throw new StopWaiting(`redis-server exited: ${output()}`);
+        // A bounded ping: whatever else may hold the port must not hang the wait.
+        const { stdout } = await run(cli, ["-p", String(port), "ping"], { timeout: 2000 });
         return stdout.trim() === "PONG";
       });
+    } catch (err) {
+      child.kill("SIGKILL");
+      throw err;
+    }
+    return node;
+  };
+
+  try {
+    for (let i = 0; i < count; i++) {
+      // A port taken between freePort and the bind (another test file starting its
+      // servers) makes redis-server exit saying so: the node gets other ports.
+      for (let attempt = 1; ; attempt++) {
+        try {
+          nodes.push(await startNode());
+          break;
+        } catch (err) {
+          if (!(err instanceof StopWaiting && portTaken(err.message) && attempt < 3)) throw err;
+        }
+      }
     }
     await run(cli, [
       "--cluster",

@@ -3,8 +3,8 @@ import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { freePort, waitUntil } from "./ports.js";
-import { ensureRedisBinary, type LocalRedis, startRedis } from "./redis-server.js";
+import { freePort, StopWaiting, waitUntil } from "./ports.js";
+import { ensureRedisBinary, type LocalRedis, outputOf, startRedis } from "./redis-server.js";
 
 // A Redis primary, its replicas and Sentinels watching them, from Debian's
 // redis-server (which runs as a Sentinel with --sentinel, so the redis-sentinel package
@@ -147,14 +147,13 @@ export async function startRedisSentinel(
         ].join("\n"),
       );
       const child = spawn(bin, [conf, "--sentinel", "--loglevel", "warning"], {
-        stdio: ["ignore", "ignore", "pipe"],
+        stdio: ["ignore", "pipe", "pipe"],
       });
-      let stderr = "";
-      child.stderr?.on("data", (d: Buffer) => (stderr += d.toString()));
+      const output = outputOf(child);
       const exited = new Promise<void>((r) => child.once("exit", () => r()));
       sentinels.push({ port, tlsPort, child, exited });
       await waitUntil(`sentinel on port ${port}`, async () => {
-        if (child.exitCode !== null) throw new Error(`sentinel exited: ${stderr.trim()}`);
+        if (child.exitCode !== null) throw new StopWaiting(`sentinel exited: ${output()}`);
         const { stdout } = await cli(port, opts.sentinelPassword, "ping").catch(() => ({
           stdout: "",
         }));

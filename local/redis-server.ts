@@ -2,7 +2,7 @@ import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import { mkdirSync } from "node:fs";
 import { connect } from "node:net";
 import { resolve } from "node:path";
-import { freePort, waitUntil } from "./ports.js";
+import { freePort, portTaken, StopWaiting, waitUntil } from "./ports.js";
 
 // Starts Debian's redis-server as a child process on a loopback port, for the embedded
 // default and the tests. Stopped by pid, never by name.
@@ -94,12 +94,43 @@ function ping(port: number): Promise<boolean> {
   });
 }
 
+/**
+ * The last few KB a redis-server printed (it logs to stdout when it has no log file, and
+ * says there why it stopped: a port already in use, a bad option).
+ */
+export function outputOf(child: ChildProcess): () => string {
+  let out = "";
+  const keep = (d: Buffer) => {
+    out = (out + d.toString()).slice(-4000);
+  };
+  child.stdout?.on("data", keep);
+  child.stderr?.on("data", keep);
+  return () => out.trim();
+}
+
 export async function startRedis(opts: LocalRedisOptions = {}): Promise<LocalRedis> {
   const bin = ensureRedisBinary({
     install: opts.install ?? false,
     ...(opts.log ? { log: opts.log } : {}),
   });
-  const port = opts.port ?? (await freePort());
+  // A port freePort found free can be taken before redis-server binds it (another test
+  // file starting its servers): then it exits saying so, and gets another port.
+  for (let attempt = 1; ; attempt++) {
+    const port = opts.port ?? (await freePort());
+    try {
+      return await startRedisOn(bin, port, opts);
+    } catch (err) {
+      const retry = opts.port === undefined && attempt < 3 && err instanceof StopWaiting;
+      if (!retry || !portTaken(err.message)) throw err;
+    }
+  }
+}
+
+async function startRedisOn(
+  bin: string,
+  port: number,
+  opts: LocalRedisOptions,
+): Promise<LocalRedis> {
   const args = [
     "--port",
     String(port),
@@ -129,17 +160,14 @@ export async function startRedis(opts: LocalRedisOptions = {}): Promise<LocalRed
   }
   args.push(...(opts.extraArgs ?? []));
   const child: ChildProcess = spawn(bin, args, {
-    stdio: ["ignore", "ignore", "pipe"],
+    stdio: ["ignore", "pipe", "pipe"],
     detached: opts.detached ?? false,
   });
-  let stderr = "";
-  child.stderr?.on("data", (d: Buffer) => {
-    stderr += d.toString();
-  });
+  const output = outputOf(child);
   const exited = new Promise<void>((r) => child.once("exit", () => r()));
   try {
     await waitUntil(`redis-server on port ${port}`, async () => {
-      if (child.exitCode !== null) throw new Error(`redis-server exited: ${stderr.trim()}`);
+      if (child.exitCode !== null) throw new StopWaiting(`redis-server exited: ${output()}`);
       return ping(port);
     });
   } catch (err) {

@@ -7,7 +7,7 @@ import { promisify } from "node:util";
 import { afterEach, describe, expect, test } from "vitest";
 import { loadConfig } from "../core/config.js";
 import { Storage, storageOptionsFrom } from "../core/storage.js";
-import { canConnect, freePort, waitUntil } from "../local/ports.js";
+import { canConnect, freePort, StopWaiting, waitUntil } from "../local/ports.js";
 import { LOCAL_S3_CREDENTIALS } from "../local/s3-server.js";
 import { SAMPLE_FILES } from "../local/samples.js";
 import { STARTUP_MS } from "./helpers/deadline.js";
@@ -98,7 +98,7 @@ async function startStack(env: Record<string, string>): Promise<Stack> {
     await waitUntil(
       "npm start",
       async () => {
-        if (proc.exitCode !== null) throw new Error("exited");
+        if (proc.exitCode !== null) throw new StopWaiting(`npm start exited early:\n${out}`);
         return /download-jobs is ready at /.test(out);
       },
       STARTUP_MS,

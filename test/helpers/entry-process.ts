@@ -1,5 +1,5 @@
 import { resolve } from "node:path";
-import { waitUntil } from "../../local/ports.js";
+import { StopWaiting, waitUntil } from "../../local/ports.js";
 import { type ServiceProcess, startServiceProcess } from "../../local/service-process.js";
 import { STARTUP_MS } from "./deadline.js";
 import { echoLine } from "./test-log.js";
@@ -43,7 +43,7 @@ export function untilLogged(name: string, p: EntryProcess, msg: string): Promise
     `${name}: ${msg}`,
     async () => {
       if (!p.proc.running())
-        throw new Error(`${name} exited: ${JSON.stringify(p.lines.slice(-3))}`);
+        throw new StopWaiting(`${name} exited: ${JSON.stringify(p.lines.slice(-3))}`);
       return p.lines.some((l) => l.msg === msg);
     },
     STARTUP_MS,

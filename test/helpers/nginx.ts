@@ -2,7 +2,7 @@ import { type ChildProcess, spawn } from "node:child_process";
 import { mkdir, mkdtemp, readFile, rm, writeFile } from "node:fs/promises";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { canConnect, freePort, waitUntil } from "../../local/ports.js";
+import { canConnect, freePort, StopWaiting, waitUntil } from "../../local/ports.js";
 
 // A real nginx (Debian's nginx-light) in front of the API, as a child process with a
 // config of the test's own in a temporary folder: the proxy timeouts, buffering and
@@ -110,7 +110,7 @@ ${opts.upstreams.map((u) => `    server ${u} max_fails=1 fail_timeout=30s;`).joi
 
   try {
     await waitUntil("nginx", async () => {
-      if (!running()) throw new Error(`nginx exited: ${out}`);
+      if (!running()) throw new StopWaiting(`nginx exited: ${out}`);
       // nginx writes the pid file once it has bound its ports.
       return (
         (await readFile(join(dir, "nginx.pid"), "utf8").catch(() => "")) !== "" &&

@@ -3,7 +3,7 @@ import { once } from "node:events";
 import { mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
-import { freePort, waitUntil } from "../../local/ports.js";
+import { freePort, StopWaiting, waitUntil } from "../../local/ports.js";
 
 // Reads Prometheus' text exposition format the way a scraper would, for assertions on
 // /metrics: one sample per line, `name{label="value",...} number`.
@@ -125,7 +125,7 @@ async function startDaemon(
   const url = `http://127.0.0.1:${port}`;
   try {
     await waitUntil(bin, async () => {
-      if (child.exitCode !== null) throw new Error(`${bin} exited: ${out}`);
+      if (child.exitCode !== null) throw new StopWaiting(`${bin} exited: ${out}`);
       return (await fetch(`${url}/-/ready`)).ok;
     });
   } catch (err) {
