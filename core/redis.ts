@@ -1,3 +1,5 @@
+import { isIP } from "node:net";
+import { connect as tlsConnect } from "node:tls";
 import { Cluster, type ClusterOptions, Redis, type RedisOptions } from "ioredis";
 
 /** One Redis server or a Redis Cluster: the commands we use behave the same on both. */
@@ -85,6 +87,40 @@ function sentinelAuth(
   };
 }
 
+/** At most one TLS check of a Sentinel per this many ms per connection. */
+const TLS_CHECK_EVERY_MS = 30_000;
+
+/**
+ * ioredis reports a Sentinel whose TLS handshake failed (an untrusted certificate, a
+ * name that does not match) only as "All sentinels are unreachable … Connection is
+ * closed.". When that happens, one handshake of our own with the first Sentinel finds
+ * the reason, and the connection reports it as an error of its own, so the log says
+ * what to fix.
+ */
+function explainTls(conn: Redis): void {
+  let checkedAt = 0;
+  conn.on("error", (err: Error) => {
+    if (!err.message.startsWith("All sentinels are unreachable")) return;
+    if (Date.now() - checkedAt < TLS_CHECK_EVERY_MS) return;
+    checkedAt = Date.now();
+    const first = conn.options.sentinels?.[0];
+    if (first?.host === undefined || first.port === undefined) return;
+    const { host, port } = first;
+    const socket = tlsConnect({ host, port, servername: isIP(host) === 0 ? host : undefined });
+    socket.setTimeout(5000, () => socket.destroy());
+    socket.once("secureConnect", () => socket.destroy());
+    socket.once("error", (tlsErr: Error) => {
+      socket.destroy();
+      conn.emit(
+        "error",
+        new Error(
+          `TLS handshake with Sentinel ${host}:${port} failed: ${tlsErr.message} (a private CA goes in NODE_EXTRA_CA_CERTS)`,
+        ),
+      );
+    });
+  });
+}
+
 /**
  * A Redis connection for commands. `maxRetriesPerRequest: null` is what BullMQ wants on
  * worker connections; API connections give up on a command after one retry, so a
@@ -128,6 +164,7 @@ export function createRedis(target: RedisTarget, opts: { role: Role; name?: stri
             reconnectOnError: (err: Error) => err.message.startsWith("READONLY"),
           });
     if (opts.role !== "subscriber") coalesceWrites(conn);
+    if (typeof target !== "string" && conn.options.sentinelTLS !== undefined) explainTls(conn);
     return conn;
   }
   const seeds = target.clusterNodes.map(seed);
