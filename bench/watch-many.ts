@@ -408,11 +408,14 @@ export async function benchFanoutJobs(
     // Every process of the scenario shares the host's cores: their CPU says how much of
     // the host the scenario needs (the writer is this process).
     const clientPids = clients.children.map((c) => c.pid as number);
-    const othersCpu = () => ({
-      redis: procCpuMs(redisPid),
-      writer: process.cpuUsage().user / 1000 + process.cpuUsage().system / 1000,
-      clients: clientPids.reduce((n, p) => n + procCpuMs(p), 0),
-    });
+    const othersCpu = () => {
+      const own = process.cpuUsage();
+      return {
+        redis: procCpuMs(redisPid),
+        writer: (own.user + own.system) / 1000,
+        clients: clientPids.reduce((n, p) => n + procCpuMs(p), 0),
+      };
+    };
     const others0 = othersCpu();
     const t0 = performance.now();
     const second = (at: number) => Math.floor((at - (performance.timeOrigin + t0)) / 1000);
@@ -445,6 +448,8 @@ export async function benchFanoutJobs(
     await new Promise((r) => setTimeout(r, 3000));
     const cpuMs = procCpuMs(pid) - cpu0;
     const others1 = othersCpu();
+    // CPU ms over the writes and the settling after them, as % of one core.
+    const percentOfCore = (ms: number) => (ms / 10 / (writeSeconds + 3)) | 0;
     const apiLoop = await eventLoopDelay(api.port);
     const outputs = (await clients.finish()) as {
       offset: number;
@@ -488,11 +493,11 @@ export async function benchFanoutJobs(
       p99BySecond: d.bySecond.map((l) => Math.round(percentile(l ?? [], 99))),
       writeP50: percentile(writeMs, 50),
       writeP99: percentile(writeMs, 99),
-      apiCpuPercent: (cpuMs / 10 / (writeSeconds + 3)) | 0,
+      apiCpuPercent: percentOfCore(cpuMs),
       cpuPercent: {
-        redis: ((others1.redis - others0.redis) / 10 / (writeSeconds + 3)) | 0,
-        writer: ((others1.writer - others0.writer) / 10 / (writeSeconds + 3)) | 0,
-        clients: ((others1.clients - others0.clients) / 10 / (writeSeconds + 3)) | 0,
+        redis: percentOfCore(others1.redis - others0.redis),
+        writer: percentOfCore(others1.writer - others0.writer),
+        clients: percentOfCore(others1.clients - others0.clients),
       },
     };
     const hostPercent =

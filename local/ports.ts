@@ -43,8 +43,24 @@ function bindable(port: number): Promise<number | undefined> {
 export class StopWaiting extends Error {}
 
 /** Whether a server's output says the port it was given was taken before it could bind. */
-export function portTaken(output: string): boolean {
+function portTaken(output: string): boolean {
   return /address already in use|EADDRINUSE/i.test(output);
+}
+
+/**
+ * `start()` again (at most three times in all) while it fails because its server exited
+ * saying its port was taken: a port freePort found free can be bound by someone else
+ * (another test file starting its servers) before the server binds it. `start` picks
+ * its ports with freePort each time.
+ */
+export async function onFreshPorts<T>(start: () => Promise<T>): Promise<T> {
+  for (let attempt = 1; ; attempt++) {
+    try {
+      return await start();
+    } catch (err) {
+      if (!(err instanceof StopWaiting && portTaken(err.message) && attempt < 3)) throw err;
+    }
+  }
 }
 
 /** Polls until `probe` resolves true or the deadline passes; never sleeps blindly. */

@@ -3,7 +3,7 @@ import { mkdtempSync, rmSync } from "node:fs";
 import { tmpdir } from "node:os";
 import { join } from "node:path";
 import { promisify } from "node:util";
-import { freePort, portTaken, StopWaiting, waitUntil } from "./ports.js";
+import { freePort, onFreshPorts, StopWaiting, waitUntil } from "./ports.js";
 import { ensureRedisBinary, outputOf } from "./redis-server.js";
 
 // A Redis Cluster from Debian's redis-server and redis-cli (redis-tools comes with
@@ -125,18 +125,7 @@ export async function startRedisCluster(
   };
 
   try {
-    for (let i = 0; i < count; i++) {
-      // A port taken between freePort and the bind (another test file starting its
-      // servers) makes redis-server exit saying so: the node gets other ports.
-      for (let attempt = 1; ; attempt++) {
-        try {
-          nodes.push(await startNode());
-          break;
-        } catch (err) {
-          if (!(err instanceof StopWaiting && portTaken(err.message) && attempt < 3)) throw err;
-        }
-      }
-    }
+    for (let i = 0; i < count; i++) nodes.push(await onFreshPorts(startNode));
     await run(cli, [
       "--cluster",
       "create",

@@ -2,7 +2,7 @@ import { type ChildProcess, execFileSync, spawn } from "node:child_process";
 import { mkdirSync } from "node:fs";
 import { connect } from "node:net";
 import { resolve } from "node:path";
-import { freePort, portTaken, StopWaiting, waitUntil } from "./ports.js";
+import { freePort, onFreshPorts, StopWaiting, waitUntil } from "./ports.js";
 
 // Starts Debian's redis-server as a child process on a loopback port, for the embedded
 // default and the tests. Stopped by pid, never by name.
@@ -113,17 +113,10 @@ export async function startRedis(opts: LocalRedisOptions = {}): Promise<LocalRed
     install: opts.install ?? false,
     ...(opts.log ? { log: opts.log } : {}),
   });
-  // A port freePort found free can be taken before redis-server binds it (another test
-  // file starting its servers): then it exits saying so, and gets another port.
-  for (let attempt = 1; ; attempt++) {
-    const port = opts.port ?? (await freePort());
-    try {
-      return await startRedisOn(bin, port, opts);
-    } catch (err) {
-      const retry = opts.port === undefined && attempt < 3 && err instanceof StopWaiting;
-      if (!retry || !portTaken(err.message)) throw err;
-    }
-  }
+  const { port } = opts;
+  // A port asked for is that port or nothing; a free one is replaced if it was taken.
+  if (port !== undefined) return startRedisOn(bin, port, opts);
+  return onFreshPorts(async () => startRedisOn(bin, await freePort(), opts));
 }
 
 async function startRedisOn(

@@ -20,14 +20,12 @@ import { readZip } from "./helpers/zip.js";
 const ROOT = resolve(import.meta.dirname, "..");
 const OUT = `.test-dist-${process.pid}`;
 
-type Proc = EntryProcess;
-
 let svc: Services;
-const procs: Proc[] = [];
+const procs: EntryProcess[] = [];
 let apiUrl = "";
 const sources = new Map<number, Buffer>();
 
-function start(name: string, entry: string, env: Record<string, string>): Proc {
+function start(name: string, entry: string, env: Record<string, string>): EntryProcess {
   const p = startEntry(name, entry, env, OUT);
   procs.push(p);
   return p;
@@ -87,7 +85,7 @@ describe("the compiled build (npm run build), as the image runs it", () => {
     expect(last?.state).toBe(JobState.COMPLETED);
     // The compiled worker ran it (it logs once its completing write returns, so the line
     // may follow the watcher's COMPLETED by a moment).
-    const worker = procs[1] as Proc;
+    const worker = procs[1] as EntryProcess;
     await waitUntil(`the compiled worker's log of ${jobId} completed`, async () =>
       worker.lines.some((l) => l.msg === "job completed" && l.jobId === jobId),
     );
